@@ -1,0 +1,284 @@
+//! The Rust client: enqueue tasks by publishing one AMQP message each, with
+//! publisher confirms, exactly as the contract says any language may.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kairos_shared::client::ClientError> {
+//! use kairos_shared::client::{Client, NewTask};
+//! let client = Client::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "kairos").await?;
+//! let id = client
+//!     .enqueue(NewTask::new("email.send").queue("emails").json(&serde_json::json!({"to": "a@b.c"}))?.delay_ms(5_000))
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+use crate::contract::{
+    validate_id, Names, ProtocolError, H_DELAY_MS, H_MAX_RETRIES, H_RUN_AT, H_TIMEOUT_MS,
+};
+use crate::topology;
+use futures_util::future::try_join_all;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use std::collections::HashSet;
+use std::sync::Mutex;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("AMQP: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker refused the task (nack)")]
+    Nacked,
+    #[error("the broker returned the task as unroutable: {0}")]
+    Unroutable(String),
+    #[error("invalid task: {0}")]
+    Invalid(#[from] ProtocolError),
+    #[error("cannot serialize the body: {0}")]
+    Body(#[from] serde_json::Error),
+}
+
+/// A task to enqueue. Built with chained setters.
+#[derive(Clone, Debug)]
+pub struct NewTask {
+    pub name: String,
+    pub queue: String,
+    pub id: Option<String>,
+    pub priority: u8,
+    pub body: Vec<u8>,
+    pub content_type: Option<String>,
+    pub run_at: Option<i64>,
+    pub delay_ms: Option<i64>,
+    pub max_retries: Option<u32>,
+    pub timeout_ms: Option<u64>,
+    pub headers: FieldTable,
+}
+
+impl NewTask {
+    pub fn new(name: impl Into<String>) -> Self {
+        NewTask {
+            name: name.into(),
+            queue: "default".into(),
+            id: None,
+            priority: 0,
+            body: Vec::new(),
+            content_type: None,
+            run_at: None,
+            delay_ms: None,
+            max_retries: None,
+            timeout_ms: None,
+            headers: FieldTable::default(),
+        }
+    }
+    pub fn queue(mut self, q: impl Into<String>) -> Self {
+        self.queue = q.into();
+        self
+    }
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+    pub fn priority(mut self, p: u8) -> Self {
+        self.priority = p;
+        self
+    }
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = body.into();
+        self
+    }
+    /// Sets a JSON body and `content_type: application/json`.
+    pub fn json<T: serde::Serialize>(mut self, value: &T) -> Result<Self, ClientError> {
+        self.body = serde_json::to_vec(value)?;
+        self.content_type = Some("application/json".into());
+        Ok(self)
+    }
+    pub fn run_at(mut self, unix_ms: i64) -> Self {
+        self.run_at = Some(unix_ms);
+        self
+    }
+    pub fn delay_ms(mut self, ms: i64) -> Self {
+        self.delay_ms = Some(ms);
+        self
+    }
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = Some(n);
+        self
+    }
+    pub fn timeout_ms(mut self, ms: u64) -> Self {
+        self.timeout_ms = Some(ms);
+        self
+    }
+    pub fn header(mut self, name: &str, value: AMQPValue) -> Self {
+        self.headers.insert(name.into(), value);
+        self
+    }
+
+    fn is_delayed(&self) -> bool {
+        self.run_at.is_some() || self.delay_ms.is_some()
+    }
+
+    /// The message as the contract describes it; returns the id too.
+    pub fn to_message(&self) -> Result<(String, BasicProperties), ClientError> {
+        let id = match &self.id {
+            Some(id) => {
+                validate_id(id)?;
+                id.clone()
+            }
+            None => uuid::Uuid::now_v7().to_string(),
+        };
+        let mut headers = self.headers.clone();
+        let mut put = |k: &str, v: Option<i64>| {
+            if let Some(v) = v {
+                headers.insert(k.into(), AMQPValue::LongLongInt(v));
+            }
+        };
+        put(H_RUN_AT, self.run_at);
+        put(H_DELAY_MS, self.delay_ms);
+        put(H_MAX_RETRIES, self.max_retries.map(i64::from));
+        put(H_TIMEOUT_MS, self.timeout_ms.map(|t| t as i64));
+        let mut props = BasicProperties::default()
+            .with_type(self.name.as_str().into())
+            .with_message_id(id.as_str().into())
+            .with_priority(self.priority.min(crate::contract::MAX_PRIORITY))
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        if let Some(ct) = &self.content_type {
+            props = props.with_content_type(ct.as_str().into());
+        }
+        Ok((id, props))
+    }
+}
+
+/// A connection with one confirming channel. Cheap operations take `&self`,
+/// so one client can be shared across tasks (wrap it in an `Arc`).
+pub struct Client {
+    conn: Connection,
+    channel: Channel,
+    names: Names,
+    declared: Mutex<HashSet<String>>,
+}
+
+impl Client {
+    /// Connects and declares the namespace's exchanges (idempotent).
+    pub async fn connect(amqp_url: &str, namespace: &str) -> Result<Self, ClientError> {
+        let conn = crate::amqp::connect(amqp_url, "kairos-client").await?;
+        let channel = conn.create_channel().await?;
+        let names = Names::new(namespace);
+        topology::declare_base(&channel, &names).await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Client {
+            conn,
+            channel,
+            names,
+            declared: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// Enqueues one task and waits for the broker's confirm. Returns its id.
+    pub async fn enqueue(&self, task: NewTask) -> Result<String, ClientError> {
+        let mut ids = self.enqueue_many(std::slice::from_ref(&task)).await?;
+        Ok(ids.pop().unwrap_or_default())
+    }
+
+    /// Enqueues many tasks with all their confirms outstanding at once,
+    /// which is how a client reaches the broker's rate.
+    pub async fn enqueue_many(&self, tasks: &[NewTask]) -> Result<Vec<String>, ClientError> {
+        let mut ids = Vec::with_capacity(tasks.len());
+        let mut confirms = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            self.ensure_queue(&task.queue).await?;
+            let (id, props) = task.to_message()?;
+            let exchange = if task.is_delayed() {
+                self.names.delay()
+            } else {
+                self.names.tasks_exchange()
+            };
+            let confirm = self
+                .channel
+                .basic_publish(
+                    exchange.into(),
+                    task.queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: !task.is_delayed(),
+                        ..BasicPublishOptions::default()
+                    },
+                    &task.body,
+                    props,
+                )
+                .await?;
+            ids.push(id);
+            confirms.push(confirm);
+        }
+        for confirmation in try_join_all(confirms).await? {
+            check(confirmation)?;
+        }
+        Ok(ids)
+    }
+
+    /// Declares `NS.q.QUEUE` once per client, so a task for a queue no
+    /// worker has declared yet is not dropped by the broker.
+    async fn ensure_queue(&self, queue: &str) -> Result<(), ClientError> {
+        let known = self
+            .declared
+            .lock()
+            .map(|set| set.contains(queue))
+            .unwrap_or(false);
+        if !known {
+            topology::declare_task_queue(&self.channel, &self.names, queue).await?;
+            if let Ok(mut set) = self.declared.lock() {
+                set.insert(queue.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn close(self) -> Result<(), ClientError> {
+        self.conn.close(200, "bye".into()).await?;
+        Ok(())
+    }
+}
+
+/// Turns a publisher confirmation into a result.
+pub fn check(confirmation: Confirmation) -> Result<(), ClientError> {
+    match confirmation {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(returned)) => Err(ClientError::Unroutable(
+            returned.reply_text.to_string(),
+        )),
+        Confirmation::Nack(_) => Err(ClientError::Nacked),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::Task;
+
+    #[test]
+    fn new_task_becomes_a_contract_message() {
+        let t = NewTask::new("report.build")
+            .queue("reports")
+            .priority(12)
+            .delay_ms(500)
+            .max_retries(2)
+            .timeout_ms(1000)
+            .body(b"x".to_vec());
+        let (id, props) = t.to_message().unwrap();
+        let decoded = Task::decode("reports", &props, b"x").unwrap();
+        assert_eq!(decoded.id, id);
+        assert_eq!(decoded.name, "report.build");
+        assert_eq!(decoded.priority, 9);
+        assert_eq!(decoded.delay_ms, Some(500));
+        assert_eq!(decoded.max_retries, Some(2));
+        assert_eq!(decoded.timeout_ms, Some(1000));
+        assert!(t.is_delayed());
+    }
+
+    #[test]
+    fn bad_ids_are_refused_before_sending() {
+        assert!(NewTask::new("x").id("").to_message().is_err());
+    }
+}

@@ -1,0 +1,496 @@
+//! The wire contract (docs/CONTRACT.md): names, headers, and the mapping
+//! between an AMQP message and a [`Task`].
+//!
+//! Decoding is strict where the contract is strict (a task needs a `type`, an
+//! id is 1 to 128 printable ASCII characters, integer headers must be
+//! integers) and lenient where it says so (any AMQP integer width, decimal
+//! strings, priorities above 9 count as 9). Every rejection is a
+//! [`ProtocolError`] whose text becomes the dead letter's `x-error`.
+
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::BasicProperties;
+use thiserror::Error;
+
+/// Header: when the task falls due, Unix epoch milliseconds.
+pub const H_RUN_AT: &str = "x-run-at";
+/// Header: due this many milliseconds after the scheduler accepts it.
+pub const H_DELAY_MS: &str = "x-delay-ms";
+/// Header: retries after the first attempt.
+pub const H_MAX_RETRIES: &str = "x-max-retries";
+/// Header: time limit of one attempt, in milliseconds.
+pub const H_TIMEOUT_MS: &str = "x-timeout-ms";
+/// Header: this delivery's attempt number, 1 for the first (set by Kairos).
+pub const H_ATTEMPT: &str = "x-attempt";
+/// Dead-letter header: why the task failed.
+pub const H_ERROR: &str = "x-error";
+/// Dead-letter header: when it failed, Unix ms.
+pub const H_FAILED_AT: &str = "x-failed-at";
+/// Dead-letter header: the logical queue the task was meant for.
+pub const H_ORIGIN_QUEUE: &str = "x-origin-queue";
+/// Header set on tasks fired by a schedule.
+pub const H_SCHEDULE_ID: &str = "x-schedule-id";
+
+/// Highest priority the contract knows; queues are declared with it.
+pub const MAX_PRIORITY: u8 = 9;
+/// Longest task id the contract allows.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Every AMQP name of one namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    ns: String,
+}
+
+impl Names {
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            ns: namespace.into(),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    /// Direct exchange of ready tasks, routing key = logical queue.
+    pub fn tasks_exchange(&self) -> String {
+        format!("{}.tasks", self.ns)
+    }
+
+    /// The classic priority queue that workers consume for a logical queue.
+    pub fn queue(&self, logical: &str) -> String {
+        format!("{}.q.{}", self.ns, logical)
+    }
+
+    /// Fanout exchange of tasks to hold until a time; also the name of the
+    /// scheduler's queue bound to it.
+    pub fn delay(&self) -> String {
+        format!("{}.delay", self.ns)
+    }
+
+    /// Fanout exchange of rejected deliveries; also the scheduler's queue.
+    pub fn retry(&self) -> String {
+        format!("{}.retry", self.ns)
+    }
+
+    /// Fanout exchange and queue of final dead letters.
+    pub fn dead(&self) -> String {
+        format!("{}.dead", self.ns)
+    }
+
+    /// Topic exchange of lifecycle events.
+    pub fn events(&self) -> String {
+        format!("{}.events", self.ns)
+    }
+}
+
+/// Why a message cannot be used as a task.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("missing property `type` (the task name)")]
+    MissingType,
+    #[error("property `type` is empty")]
+    EmptyType,
+    #[error("invalid message_id: {0}")]
+    BadId(String),
+    #[error("invalid header `{name}`: {reason}")]
+    BadHeader { name: &'static str, reason: String },
+    #[error("invalid body: {0}")]
+    BadBody(String),
+    #[error("invalid stored task: {0}")]
+    BadRecord(String),
+}
+
+/// A task as the contract describes it: the AMQP properties travel along
+/// untouched so that headers and pass-through properties survive every hop.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Task {
+    pub id: String,
+    pub name: String,
+    /// Logical queue (the routing key on `NS.tasks`).
+    pub queue: String,
+    pub priority: u8,
+    /// The attempt this delivery is (1 for the first).
+    pub attempt: u32,
+    pub run_at: Option<i64>,
+    pub delay_ms: Option<i64>,
+    pub max_retries: Option<u32>,
+    pub timeout_ms: Option<u64>,
+    /// All properties as received, headers included.
+    pub properties: BasicProperties,
+    pub body: Vec<u8>,
+}
+
+impl Task {
+    /// Decodes a message received with `routing_key`. A missing id gets a
+    /// fresh UUIDv7, written into the properties so that every later hop
+    /// (retry, dead letter, events) names the same task.
+    pub fn decode(
+        routing_key: &str,
+        properties: &BasicProperties,
+        body: &[u8],
+    ) -> Result<Self, ProtocolError> {
+        let name = match properties.kind() {
+            None => return Err(ProtocolError::MissingType),
+            Some(kind) if kind.as_str().is_empty() => return Err(ProtocolError::EmptyType),
+            Some(kind) => kind.to_string(),
+        };
+        let id = match properties.message_id() {
+            None => uuid::Uuid::now_v7().to_string(),
+            Some(id) => {
+                validate_id(id.as_str())?;
+                id.to_string()
+            }
+        };
+        let headers = properties.headers().clone().unwrap_or_default();
+        let attempt = match int_header(&headers, H_ATTEMPT)? {
+            None => 1,
+            Some(n) if n >= 1 && n <= i64::from(u32::MAX) => n as u32,
+            Some(n) => return Err(bad(H_ATTEMPT, format!("{n} is not an attempt number"))),
+        };
+        let max_retries = match int_header(&headers, H_MAX_RETRIES)? {
+            None => None,
+            Some(n) if (0..=i64::from(u32::MAX)).contains(&n) => Some(n as u32),
+            Some(n) => return Err(bad(H_MAX_RETRIES, format!("{n} is negative"))),
+        };
+        let timeout_ms = match int_header(&headers, H_TIMEOUT_MS)? {
+            None => None,
+            Some(n) if n > 0 => Some(n as u64),
+            Some(n) => return Err(bad(H_TIMEOUT_MS, format!("{n} is not positive"))),
+        };
+        let priority = properties.priority().unwrap_or(0).min(MAX_PRIORITY);
+        let properties = properties
+            .clone()
+            .with_message_id(ShortString::from(id.clone()));
+        Ok(Task {
+            id,
+            name,
+            queue: routing_key.to_string(),
+            priority,
+            attempt,
+            run_at: int_header(&headers, H_RUN_AT)?,
+            delay_ms: int_header(&headers, H_DELAY_MS)?,
+            max_retries,
+            timeout_ms,
+            properties,
+            body: body.to_vec(),
+        })
+    }
+
+    /// The properties to publish this task with: its id, name and clamped
+    /// priority, persistent, and `x-attempt` set to the task's attempt.
+    pub fn publish_properties(&self) -> BasicProperties {
+        let mut headers = self.headers();
+        headers.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(self.attempt as i64));
+        self.properties
+            .clone()
+            .with_message_id(self.id.as_str().into())
+            .with_type(self.name.as_str().into())
+            .with_priority(self.priority)
+            .with_delivery_mode(2)
+            .with_headers(headers)
+    }
+
+    /// The properties of this task as a dead letter: the publish properties
+    /// plus `x-error`, `x-failed-at` and `x-origin-queue`.
+    pub fn dead_letter_properties(&self, error: &str, failed_at: i64) -> BasicProperties {
+        self.with_failure_headers(error, failed_at)
+    }
+
+    /// Publish properties with the failure headers added. Used for dead
+    /// letters and for failed attempts handed to `NS.retry`.
+    pub fn with_failure_headers(&self, error: &str, failed_at: i64) -> BasicProperties {
+        let props = self.publish_properties();
+        let mut headers = props.headers().clone().unwrap_or_default();
+        headers.insert(H_ERROR.into(), AMQPValue::LongString(truncate(error).into()));
+        headers.insert(H_FAILED_AT.into(), AMQPValue::LongLongInt(failed_at));
+        headers.insert(
+            H_ORIGIN_QUEUE.into(),
+            AMQPValue::LongString(self.queue.as_str().into()),
+        );
+        props.with_headers(headers)
+    }
+
+    /// The due time this task asks for, given the scheduler's `now`:
+    /// `x-run-at` wins over `x-delay-ms`; neither means now.
+    pub fn due_at(&self, now_ms: i64) -> i64 {
+        match (self.run_at, self.delay_ms) {
+            (Some(at), _) => at,
+            (None, Some(delay)) => now_ms.saturating_add(delay.max(0)),
+            (None, None) => now_ms,
+        }
+    }
+
+    /// A header value as text, for handlers and events.
+    pub fn header(&self, name: &str) -> Option<&AMQPValue> {
+        self.properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(name))
+    }
+
+    /// A copy of the headers (empty when the message had none).
+    pub fn headers(&self) -> FieldTable {
+        self.properties.headers().clone().unwrap_or_default()
+    }
+
+    /// Replaces one header.
+    pub fn set_header(&mut self, name: &str, value: AMQPValue) {
+        let mut headers = self.headers();
+        headers.insert(name.into(), value);
+        self.properties = self.properties.clone().with_headers(headers);
+    }
+
+    /// Removes the time headers, so that a task forwarded by the scheduler
+    /// is not held a second time if it travels through `NS.delay` again.
+    pub fn clear_time_headers(&mut self) {
+        let headers = self.headers();
+        let mut kept = FieldTable::default();
+        for (k, v) in headers.inner() {
+            if k.as_str() != H_RUN_AT && k.as_str() != H_DELAY_MS {
+                kept.insert(k.clone(), v.clone());
+            }
+        }
+        self.properties = self.properties.clone().with_headers(kept);
+        self.run_at = None;
+        self.delay_ms = None;
+    }
+}
+
+/// Error text in headers is capped so that a huge panic message cannot make
+/// a dead letter unpublishable.
+fn truncate(error: &str) -> String {
+    const MAX: usize = 4096;
+    if error.len() <= MAX {
+        return error.to_string();
+    }
+    let mut end = MAX;
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &error[..end])
+}
+
+fn bad(name: &'static str, reason: String) -> ProtocolError {
+    ProtocolError::BadHeader { name, reason }
+}
+
+/// Checks the contract's id rule: 1 to 128 printable ASCII characters.
+pub fn validate_id(id: &str) -> Result<(), ProtocolError> {
+    if id.is_empty() {
+        return Err(ProtocolError::BadId("empty".into()));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(ProtocolError::BadId(format!(
+            "{} characters, at most {MAX_ID_LEN}",
+            id.len()
+        )));
+    }
+    if let Some(c) = id.chars().find(|c| !(' '..='~').contains(c)) {
+        return Err(ProtocolError::BadId(format!(
+            "character {c:?} is not printable ASCII"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads an integer header: any AMQP integer type, or a decimal string.
+pub fn int_header(headers: &FieldTable, name: &'static str) -> Result<Option<i64>, ProtocolError> {
+    let Some(value) = headers.inner().get(name) else {
+        return Ok(None);
+    };
+    value_as_i64(value)
+        .map(Some)
+        .map_err(|reason| bad(name, reason))
+}
+
+fn value_as_i64(value: &AMQPValue) -> Result<i64, String> {
+    match value {
+        AMQPValue::ShortShortInt(v) => Ok(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Ok(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Ok(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Ok(i64::from(*v)),
+        AMQPValue::LongInt(v) => Ok(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Ok(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Ok(*v),
+        AMQPValue::Timestamp(v) => i64::try_from(*v).map_err(|_| format!("{v} is out of range")),
+        AMQPValue::ShortString(s) => parse_decimal(s.as_str()),
+        AMQPValue::LongString(s) => parse_decimal(&String::from_utf8_lossy(s.as_bytes())),
+        other => Err(format!("expected an integer, got {}", type_name(other))),
+    }
+}
+
+fn parse_decimal(text: &str) -> Result<i64, String> {
+    text.trim()
+        .parse::<i64>()
+        .map_err(|_| format!("{text:?} is not a decimal integer"))
+}
+
+fn type_name(value: &AMQPValue) -> &'static str {
+    match value {
+        AMQPValue::Boolean(_) => "a boolean",
+        AMQPValue::Float(_) | AMQPValue::Double(_) => "a floating-point number",
+        AMQPValue::DecimalValue(_) => "a decimal value",
+        AMQPValue::FieldArray(_) => "an array",
+        AMQPValue::FieldTable(_) => "a table",
+        AMQPValue::ByteArray(_) => "a byte array",
+        AMQPValue::Void => "void",
+        _ => "an unsupported type",
+    }
+}
+
+/// A header value rendered as text (strings as is, numbers in decimal).
+pub fn value_to_string(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => value_as_i64(other)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| format!("{other:?}")),
+    }
+}
+
+/// Convenience for building string header values.
+pub fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(kind: &str) -> BasicProperties {
+        BasicProperties::default().with_type(kind.into())
+    }
+
+    fn with_header(p: BasicProperties, name: &str, v: AMQPValue) -> BasicProperties {
+        let mut h = p.headers().clone().unwrap_or_default();
+        h.insert(name.into(), v);
+        p.with_headers(h)
+    }
+
+    #[test]
+    fn names_follow_the_contract() {
+        let n = Names::new("kairos");
+        assert_eq!(n.tasks_exchange(), "kairos.tasks");
+        assert_eq!(n.queue("emails"), "kairos.q.emails");
+        assert_eq!(n.delay(), "kairos.delay");
+        assert_eq!(n.retry(), "kairos.retry");
+        assert_eq!(n.dead(), "kairos.dead");
+        assert_eq!(n.events(), "kairos.events");
+    }
+
+    #[test]
+    fn missing_type_is_refused() {
+        let err = Task::decode("default", &BasicProperties::default(), b"").unwrap_err();
+        assert_eq!(err, ProtocolError::MissingType);
+    }
+
+    #[test]
+    fn missing_id_gets_a_uuid_v7_that_sticks() {
+        let t = Task::decode("default", &props("a.b"), b"x").unwrap();
+        let parsed = uuid::Uuid::parse_str(&t.id).unwrap();
+        assert_eq!(parsed.get_version_num(), 7);
+        assert_eq!(
+            t.publish_properties().message_id().as_ref().unwrap().as_str(),
+            t.id
+        );
+        assert_eq!(t.attempt, 1);
+        assert_eq!(t.priority, 0);
+    }
+
+    #[test]
+    fn ids_must_be_printable_ascii_up_to_128() {
+        assert!(validate_id("abc-123 x").is_ok());
+        assert!(validate_id(&"a".repeat(128)).is_ok());
+        assert!(validate_id(&"a".repeat(129)).is_err());
+        assert!(validate_id("").is_err());
+        assert!(validate_id("é").is_err());
+        assert!(validate_id("a\nb").is_err());
+    }
+
+    #[test]
+    fn integer_headers_accept_every_width_and_decimal_strings() {
+        let cases = [
+            AMQPValue::ShortShortInt(7),
+            AMQPValue::ShortShortUInt(7),
+            AMQPValue::ShortInt(7),
+            AMQPValue::ShortUInt(7),
+            AMQPValue::LongInt(7),
+            AMQPValue::LongUInt(7),
+            AMQPValue::LongLongInt(7),
+            AMQPValue::LongString("7".into()),
+            AMQPValue::ShortString("7".into()),
+        ];
+        for v in cases {
+            let p = with_header(props("t"), H_MAX_RETRIES, v.clone());
+            let t = Task::decode("q", &p, b"").unwrap();
+            assert_eq!(t.max_retries, Some(7), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn non_integer_run_at_is_a_bad_header() {
+        let p = with_header(props("t"), H_RUN_AT, text("abc"));
+        let err = Task::decode("q", &p, b"").unwrap_err();
+        assert!(matches!(err, ProtocolError::BadHeader { name: H_RUN_AT, .. }));
+        assert!(err.to_string().contains("x-run-at"));
+        let p = with_header(props("t"), H_DELAY_MS, AMQPValue::Double(1.5));
+        assert!(Task::decode("q", &p, b"").is_err());
+    }
+
+    #[test]
+    fn priority_above_nine_counts_as_nine() {
+        let t = Task::decode("q", &props("t").with_priority(200), b"").unwrap();
+        assert_eq!(t.priority, 9);
+        assert_eq!(t.publish_properties().priority(), &Some(9));
+    }
+
+    #[test]
+    fn run_at_wins_over_delay() {
+        let p = with_header(props("t"), H_RUN_AT, AMQPValue::LongLongInt(5_000));
+        let p = with_header(p, H_DELAY_MS, AMQPValue::LongLongInt(10));
+        let t = Task::decode("q", &p, b"").unwrap();
+        assert_eq!(t.due_at(1_000), 5_000);
+        let p = with_header(props("t"), H_DELAY_MS, AMQPValue::LongLongInt(10));
+        assert_eq!(Task::decode("q", &p, b"").unwrap().due_at(1_000), 1_010);
+        assert_eq!(Task::decode("q", &props("t"), b"").unwrap().due_at(1_000), 1_000);
+    }
+
+    #[test]
+    fn publish_properties_keep_pass_through_fields_and_set_attempt() {
+        let p = props("t")
+            .with_content_type("application/json".into())
+            .with_correlation_id("c-1".into())
+            .with_message_id("id-1".into());
+        let p = with_header(p, "custom", text("v"));
+        let mut t = Task::decode("q", &p, b"{}").unwrap();
+        t.attempt = 3;
+        let out = t.publish_properties();
+        assert_eq!(out.content_type().as_ref().unwrap().as_str(), "application/json");
+        assert_eq!(out.correlation_id().as_ref().unwrap().as_str(), "c-1");
+        assert_eq!(out.delivery_mode(), &Some(2));
+        let h = out.headers().as_ref().unwrap();
+        assert_eq!(h.inner().get(H_ATTEMPT), Some(&AMQPValue::LongLongInt(3)));
+        assert_eq!(h.inner().get("custom"), Some(&text("v")));
+    }
+
+    #[test]
+    fn dead_letter_headers_are_set() {
+        let t = Task::decode("emails", &props("t"), b"").unwrap();
+        let p = t.dead_letter_properties("boom", 42);
+        let h = p.headers().as_ref().unwrap();
+        assert_eq!(h.inner().get(H_ERROR), Some(&text("boom")));
+        assert_eq!(h.inner().get(H_FAILED_AT), Some(&AMQPValue::LongLongInt(42)));
+        assert_eq!(h.inner().get(H_ORIGIN_QUEUE), Some(&text("emails")));
+        assert_eq!(h.inner().get(H_ATTEMPT), Some(&AMQPValue::LongLongInt(1)));
+    }
+
+    #[test]
+    fn huge_errors_are_truncated_on_a_char_boundary() {
+        let long = "é".repeat(5000);
+        let cut = truncate(&long);
+        assert!(cut.len() < long.len());
+        assert!(cut.ends_with('…'));
+    }
+}

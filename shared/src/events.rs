@@ -1,0 +1,212 @@
+//! Lifecycle events on `NS.events` (routing key `task.EVENT`).
+//!
+//! Emitting never waits on the broker: [`EventSink::emit`] hands the event
+//! to a bounded channel and a background task publishes it on its own
+//! connection. When the broker falls behind, events are dropped (and
+//! counted in the log) rather than slowing tasks down: events are a view of
+//! the pipeline, not part of its guarantees.
+
+use crate::amqp::{connect_with_retry, now_ms, sleep_or_cancel, Backoff};
+use crate::contract::{Names, Task};
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// The lifecycle steps of the contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    Scheduled,
+    Published,
+    Started,
+    Succeeded,
+    Failed,
+    Retried,
+    Dead,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Scheduled => "scheduled",
+            EventKind::Published => "published",
+            EventKind::Started => "started",
+            EventKind::Succeeded => "succeeded",
+            EventKind::Failed => "failed",
+            EventKind::Retried => "retried",
+            EventKind::Dead => "dead",
+        }
+    }
+}
+
+/// One event, serialized exactly as the contract shows.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Event {
+    pub event: EventKind,
+    pub id: String,
+    pub name: String,
+    pub queue: String,
+    pub attempt: u32,
+    pub at: i64,
+    pub due_at: Option<i64>,
+    pub error: Option<String>,
+}
+
+impl Event {
+    pub fn for_task(kind: EventKind, task: &Task, due_at: Option<i64>, error: Option<String>) -> Self {
+        Event {
+            event: kind,
+            id: task.id.clone(),
+            name: task.name.clone(),
+            queue: task.queue.clone(),
+            attempt: task.attempt,
+            at: now_ms(),
+            due_at: due_at.or(task.run_at),
+            error,
+        }
+    }
+}
+
+/// Cheap to clone; a disabled sink drops everything at no cost.
+#[derive(Clone, Default)]
+pub struct EventSink {
+    tx: Option<mpsc::Sender<Event>>,
+    dropped: Arc<AtomicU64>,
+}
+
+const QUEUE_DEPTH: usize = 16_384;
+
+impl EventSink {
+    pub fn disabled() -> Self {
+        Self::default()
+    }
+
+    /// Starts the publisher task when `enabled`; it stops once `cancel`
+    /// fires and the queue is drained.
+    pub fn start(enabled: bool, amqp_url: &str, names: &Names, cancel: CancellationToken) -> Self {
+        if !enabled {
+            return Self::disabled();
+        }
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        tokio::spawn(publish_loop(
+            amqp_url.to_string(),
+            names.events(),
+            rx,
+            cancel,
+        ));
+        EventSink {
+            tx: Some(tx),
+            dropped: Arc::default(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    pub fn emit(&self, event: Event) {
+        let Some(tx) = &self.tx else { return };
+        if tx.try_send(event).is_err() {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(dropped = n, "event queue full; dropping events");
+            }
+        }
+    }
+
+    /// Shorthand for [`Event::for_task`] + [`emit`](Self::emit); builds
+    /// nothing when events are off.
+    pub fn task(&self, kind: EventKind, task: &Task, due_at: Option<i64>, error: Option<&str>) {
+        if self.enabled() {
+            self.emit(Event::for_task(kind, task, due_at, error.map(str::to_string)));
+        }
+    }
+}
+
+async fn publish_loop(
+    url: String,
+    exchange: String,
+    mut rx: mpsc::Receiver<Event>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Backoff::new();
+    let mut pending: Option<Event> = None;
+    'connect: loop {
+        let Some(conn) = connect_with_retry(&url, "kairos-events", &cancel).await else {
+            return;
+        };
+        let channel = match conn.create_channel().await {
+            Ok(c) => c,
+            Err(err) => {
+                tracing::warn!(cause = %err, "events: cannot open channel");
+                if !sleep_or_cancel(backoff.next_delay(), &cancel).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        backoff.reset();
+        loop {
+            let event = match pending.take() {
+                Some(e) => e,
+                None => match rx.recv().await {
+                    Some(e) => e,
+                    None => return,
+                },
+            };
+            let Ok(body) = serde_json::to_vec(&event) else {
+                continue;
+            };
+            let key = format!("task.{}", event.event.as_str());
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into());
+            let sent = channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    key.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await;
+            if let Err(err) = sent {
+                tracing::warn!(cause = %err, "events: publish failed; reconnecting");
+                pending = Some(event);
+                let _ = conn.close(200, "reconnect".into()).await;
+                if !sleep_or_cancel(Duration::from_millis(200), &cancel).await {
+                    return;
+                }
+                continue 'connect;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_json_matches_the_contract() {
+        let e = Event {
+            event: EventKind::Started,
+            id: "0193".into(),
+            name: "email.send".into(),
+            queue: "default".into(),
+            attempt: 1,
+            at: 1_764_000_000_123,
+            due_at: Some(1_764_000_000_100),
+            error: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"event":"started","id":"0193","name":"email.send","queue":"default","attempt":1,"at":1764000000123,"due_at":1764000000100,"error":null}"#
+        );
+    }
+}

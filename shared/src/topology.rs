@@ -1,0 +1,90 @@
+//! Declares the contract's AMQP names. Every Kairos process declares all of
+//! them (durable) at start, so a client that only publishes never hits a
+//! missing exchange, and a retry published before any scheduler ever ran
+//! still has a queue to wait in.
+
+use crate::contract::{Names, MAX_PRIORITY};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, ExchangeKind};
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    }
+}
+
+/// Exchanges, the dead-letter queue, and the scheduler's intake queues.
+pub async fn declare_base(channel: &Channel, names: &Names) -> lapin::Result<()> {
+    let exchanges = [
+        (names.tasks_exchange(), ExchangeKind::Direct),
+        (names.delay(), ExchangeKind::Fanout),
+        (names.retry(), ExchangeKind::Fanout),
+        (names.dead(), ExchangeKind::Fanout),
+        (names.events(), ExchangeKind::Topic),
+    ];
+    for (name, kind) in exchanges {
+        channel
+            .exchange_declare(name.into(), kind, durable_exchange(), FieldTable::default())
+            .await?;
+    }
+    // The scheduler's intake queues share their exchange's name, as the
+    // contract does for `NS.dead`.
+    for name in [names.delay(), names.retry(), names.dead()] {
+        channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                name.as_str().into(),
+                name.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// The arguments of a task queue, exactly as the contract states them.
+/// Integers go out as signed 32-bit, the type pika and most clients use, so
+/// a queue another client declared first is equivalent.
+pub fn task_queue_arguments(names: &Names) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-max-priority".into(),
+        AMQPValue::LongInt(i32::from(MAX_PRIORITY)),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(names.retry().into()),
+    );
+    args
+}
+
+/// `NS.q.QUEUE`, bound to `NS.tasks` with key `QUEUE`.
+pub async fn declare_task_queue(channel: &Channel, names: &Names, logical: &str) -> lapin::Result<()> {
+    let queue = names.queue(logical);
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            task_queue_arguments(names),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            names.tasks_exchange().into(),
+            logical.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
