@@ -1,1 +1,164 @@
-pub fn x(){}
+//! # kairos-scheduler
+//!
+//! The trigger service: holds delayed and retrying tasks in the sharded Redis
+//! delay queue and publishes them to RabbitMQ when they fall due.
+//!
+//! * `intake`: consumes `NS.delay` and `NS.retry` into the delay queue.
+//! * `retry`: the backoff policy and the retry-or-dead decision.
+//! * `delay_queue`: the Redis store (`scripts/*.lua`).
+//! * `pump`: claims due tasks, publishes with confirms, deletes.
+//! * `publisher`: the confirming AMQP channel.
+//! * `wake`: cross-instance wake-ups over Redis pub/sub.
+//! * `supervisor` (in this file): one AMQP session at a time, rebuilt on
+//!   failure.
+
+pub mod config;
+pub mod delay_queue;
+pub mod intake;
+pub mod publisher;
+pub mod pump;
+pub mod retry;
+pub mod wake;
+
+pub use config::Config;
+
+use delay_queue::RedisDelayQueue;
+use intake::{Intake, IntakeError, Source};
+use kairos_shared::amqp::{connect_with_retry, sleep_or_cancel, Backoff};
+use kairos_shared::events::EventSink;
+use kairos_shared::topology;
+use publisher::Publisher;
+use pump::{Pump, PumpError};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("AMQP: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("intake: {0}")]
+    Intake(#[from] IntakeError),
+    #[error("pump: {0}")]
+    Pump(#[from] PumpError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("KAIROS_REDIS_URL: {0}")]
+    Redis(String),
+    #[error("{0}")]
+    Queue(#[from] delay_queue::QueueError),
+}
+
+/// Runs the scheduler until `shutdown` completes. On shutdown, intake stops
+/// taking deliveries (unacked ones return to RabbitMQ) and the pump finishes
+/// the batches it claimed before returning.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), SchedulerError> {
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        trigger.cancel();
+    });
+    let names = config.common.names();
+    let pool = deadpool_redis::Config::from_url(&config.redis_url)
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .map_err(|e| SchedulerError::Redis(e.to_string()))?;
+    let queue = RedisDelayQueue::new(pool, &config.common.namespace, usize::from(config.shards));
+    // Redis may still be starting: wait for it like RabbitMQ, but stop on a
+    // configuration error.
+    let mut backoff = Backoff::new();
+    loop {
+        match queue.check_shard_count().await {
+            Ok(()) => break,
+            Err(delay_queue::QueueError::Config(msg)) => {
+                return Err(delay_queue::QueueError::Config(msg).into())
+            }
+            Err(err) => {
+                tracing::warn!(cause = %err, "waiting for Redis");
+                if !sleep_or_cancel(backoff.next_delay(), &cancel).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    let wake = Arc::new(Notify::new());
+    let redis_client =
+        redis::Client::open(config.redis_url.as_str()).map_err(|e| SchedulerError::Redis(e.to_string()))?;
+    let listener = tokio::spawn(wake::listen(
+        redis_client,
+        queue.wake_channel().to_string(),
+        wake.clone(),
+        cancel.clone(),
+    ));
+    let events = EventSink::start(config.common.events, &config.common.amqp_url, &names, cancel.clone());
+    let pump = Pump {
+        queue: queue.clone(),
+        events: events.clone(),
+        wake: wake.clone(),
+        batch: usize::from(config.batch),
+        lease_ms: config.lease_ms,
+        idle: Duration::from_millis(config.idle_ms),
+    };
+    tracing::info!(namespace = %names.namespace(), shards = config.shards, "scheduler starting");
+
+    let mut backoff = Backoff::new();
+    while !cancel.is_cancelled() {
+        let Some(conn) = connect_with_retry(&config.common.amqp_url, "kairos-scheduler", &cancel).await else {
+            break;
+        };
+        let session = async {
+            let channel = conn.create_channel().await?;
+            topology::declare_base(&channel, &names).await?;
+            let publisher = Arc::new(Publisher::open(&conn, names.clone()).await?);
+            let make = |source| Intake {
+                source,
+                names: names.clone(),
+                queue: queue.clone(),
+                publisher: publisher.clone(),
+                policy: config.retry_policy(),
+                events: events.clone(),
+                wake: wake.clone(),
+                prefetch: config.intake_prefetch,
+                batch: usize::from(config.batch),
+            };
+            let (delay, retry) = (make(Source::Delay), make(Source::Retry));
+            tracing::info!("connected to RabbitMQ");
+            // Each role stops on shutdown or when another role fails; the
+            // pump then still finishes the batches it claimed.
+            let session_cancel = cancel.child_token();
+            let stop_on_err = |r: Result<(), SessionError>| {
+                if r.is_err() {
+                    session_cancel.cancel();
+                }
+                r
+            };
+            let (a, b, c) = tokio::join!(
+                async { stop_on_err(delay.run(&conn, session_cancel.clone()).await.map_err(Into::into)) },
+                async { stop_on_err(retry.run(&conn, session_cancel.clone()).await.map_err(Into::into)) },
+                async { stop_on_err(pump.run(publisher.clone(), session_cancel.clone()).await.map_err(Into::into)) },
+            );
+            a.and(b).and(c)
+        };
+        let started = tokio::time::Instant::now();
+        match session.await {
+            Ok(()) => {}
+            Err(err) => {
+                if started.elapsed() > Duration::from_secs(10) {
+                    backoff.reset();
+                }
+                tracing::warn!(cause = %err, "AMQP session ended; reconnecting");
+                let _ = conn.close(200, "reconnecting".into()).await;
+                sleep_or_cancel(backoff.next_delay(), &cancel).await;
+                continue;
+            }
+        }
+        let _ = conn.close(200, "shutdown".into()).await;
+    }
+    listener.abort();
+    tracing::info!("scheduler stopped");
+    Ok(())
+}

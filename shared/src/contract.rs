@@ -257,6 +257,29 @@ impl Task {
     }
 }
 
+/// Dead-letter properties for a message that could not be decoded into a
+/// task: its own properties, untouched, plus the dead-letter headers.
+pub fn raw_dead_letter_properties(
+    properties: &BasicProperties,
+    origin_queue: &str,
+    error: &str,
+    failed_at: i64,
+) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    let attempt = match int_header(&headers, H_ATTEMPT) {
+        Ok(Some(n)) if n >= 1 => n,
+        _ => 1,
+    };
+    headers.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(attempt));
+    headers.insert(H_ERROR.into(), AMQPValue::LongString(truncate(error).into()));
+    headers.insert(H_FAILED_AT.into(), AMQPValue::LongLongInt(failed_at));
+    headers.insert(H_ORIGIN_QUEUE.into(), text(origin_queue));
+    properties
+        .clone()
+        .with_delivery_mode(2)
+        .with_headers(headers)
+}
+
 /// Error text in headers is capped so that a huge panic message cannot make
 /// a dead letter unpublishable.
 fn truncate(error: &str) -> String {
@@ -484,6 +507,17 @@ mod tests {
         assert_eq!(h.inner().get(H_FAILED_AT), Some(&AMQPValue::LongLongInt(42)));
         assert_eq!(h.inner().get(H_ORIGIN_QUEUE), Some(&text("emails")));
         assert_eq!(h.inner().get(H_ATTEMPT), Some(&AMQPValue::LongLongInt(1)));
+    }
+
+    #[test]
+    fn undecodable_messages_keep_their_properties_in_the_dead_letter() {
+        let p = with_header(BasicProperties::default(), H_RUN_AT, text("abc"));
+        let out = raw_dead_letter_properties(&p, "default", "bad x-run-at", 7);
+        let h = out.headers().as_ref().unwrap();
+        assert_eq!(h.inner().get(H_RUN_AT), Some(&text("abc")));
+        assert_eq!(h.inner().get(H_ERROR), Some(&text("bad x-run-at")));
+        assert_eq!(h.inner().get(H_ATTEMPT), Some(&AMQPValue::LongLongInt(1)));
+        assert_eq!(h.inner().get(H_ORIGIN_QUEUE), Some(&text("default")));
     }
 
     #[test]

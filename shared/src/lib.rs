@@ -16,6 +16,7 @@ pub mod config;
 pub mod contract;
 pub mod events;
 pub mod record;
+pub mod shutdown;
 pub mod topology;
 
 pub use lapin;

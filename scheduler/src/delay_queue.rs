@@ -1,0 +1,368 @@
+//! The sharded Redis delay queue.
+//!
+//! Each shard is three keys sharing one Redis Cluster hash tag, so every
+//! script touches a single slot:
+//!
+//! * `NS:dq{S}:due`: sorted set, member -> due time (Unix ms, Redis clock)
+//! * `NS:dq{S}:rec`: hash, member -> stored record ([`kairos_shared::record`])
+//! * `NS:dq{S}:lease`: sorted set, member -> lease expiry, for claimed tasks
+//!   on their way to RabbitMQ
+//!
+//! A member is the task id for a first attempt and `id\tN` for attempt N, so
+//! a retry never collides with the id of the attempt being published, while a
+//! repeated retry of the same attempt collapses into one. Every instance may
+//! serve every shard: the claim is one atomic script, so two instances never
+//! claim the same task.
+
+use deadpool_redis::{Connection, Pool};
+use redis::{RedisError, ServerErrorKind, Value};
+use std::sync::LazyLock;
+use thiserror::Error;
+
+static SCHEDULE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("scripts/schedule.lua")));
+static CLAIM: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("scripts/claim.lua")));
+static COMPLETE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("scripts/complete.lua")));
+static RELEASE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("scripts/release.lua")));
+
+#[derive(Debug, Error)]
+pub enum QueueError {
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+    #[error("redis pool: {0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    #[error("unexpected reply from a delay-queue script: {0}")]
+    Reply(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// One task to hold.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub member: String,
+    /// Absolute due time; `None` means `delay_ms` after Redis's now.
+    pub run_at: Option<i64>,
+    pub delay_ms: i64,
+    pub record: Vec<u8>,
+}
+
+/// What happened to one [`Entry`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scheduled {
+    /// False when the member was already waiting (first submission wins).
+    pub added: bool,
+    pub due: i64,
+    /// It became its shard's earliest task: a sleeping pump must wake.
+    pub head: bool,
+}
+
+/// A task claimed for publishing.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub shard: usize,
+    pub member: String,
+    pub due: i64,
+    pub record: Vec<u8>,
+}
+
+/// The result of one claim round over every shard.
+#[derive(Clone, Debug, Default)]
+pub struct Claim {
+    /// Redis's clock when the claim ran (ms).
+    pub now: i64,
+    /// Earliest due time still waiting in any shard.
+    pub next_due: Option<i64>,
+    pub tasks: Vec<Claimed>,
+    /// Some shard returned a full batch: more may be due already.
+    pub more: bool,
+}
+
+/// The member under which a task's attempt is held.
+pub fn member(id: &str, attempt: u32) -> String {
+    if attempt <= 1 {
+        id.to_string()
+    } else {
+        format!("{id}\t{attempt}")
+    }
+}
+
+/// FNV-1a: a stable hash, so every instance maps an id to the same shard.
+pub fn shard_of(id: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards as u64) as usize
+}
+
+#[derive(Clone, Debug)]
+struct ShardKeys {
+    due: String,
+    rec: String,
+    lease: String,
+}
+
+#[derive(Clone)]
+pub struct RedisDelayQueue {
+    pool: Pool,
+    shards: Vec<ShardKeys>,
+    wake_channel: String,
+    meta_key: String,
+}
+
+impl RedisDelayQueue {
+    pub fn new(pool: Pool, namespace: &str, shards: usize) -> Self {
+        let keys = (0..shards)
+            .map(|s| ShardKeys {
+                due: format!("{namespace}:dq{{{s}}}:due"),
+                rec: format!("{namespace}:dq{{{s}}}:rec"),
+                lease: format!("{namespace}:dq{{{s}}}:lease"),
+            })
+            .collect();
+        RedisDelayQueue {
+            pool,
+            shards: keys,
+            wake_channel: format!("{namespace}:dq:wake"),
+            meta_key: format!("{namespace}:dq:shards"),
+        }
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub fn wake_channel(&self) -> &str {
+        &self.wake_channel
+    }
+
+    /// Every key this queue uses, for tests and tooling that clean up.
+    pub fn all_keys(&self) -> Vec<String> {
+        let mut keys = vec![self.meta_key.clone()];
+        for s in &self.shards {
+            keys.extend([s.due.clone(), s.rec.clone(), s.lease.clone()]);
+        }
+        keys
+    }
+
+    /// Records the shard count on first start and refuses a different one
+    /// later: instances that disagree would map ids to different shards and
+    /// leave some shards unserved.
+    pub async fn check_shard_count(&self) -> Result<(), QueueError> {
+        let mut con = self.pool.get().await?;
+        let n = self.shards.len();
+        let _: bool = redis::cmd("SETNX")
+            .arg(&self.meta_key)
+            .arg(n)
+            .query_async(&mut con)
+            .await?;
+        let stored: usize = redis::cmd("GET")
+            .arg(&self.meta_key)
+            .query_async(&mut con)
+            .await?;
+        if stored != n {
+            return Err(QueueError::Config(format!(
+                "KAIROS_SHARDS is {n} but this namespace's delay queue was created with {stored} shards; every scheduler must use {stored}"
+            )));
+        }
+        load_scripts(&mut con).await
+    }
+
+    /// Holds the entries, one pipelined round trip for the whole batch.
+    pub async fn schedule(&self, entries: &[Entry]) -> Result<Vec<Scheduled>, QueueError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for e in entries {
+            let keys = &self.shards[self.shard_for(&e.member)];
+            pipe.add_command(evalsha(&SCHEDULE, &[&keys.due, &keys.rec]))
+                .arg(&e.member)
+                .arg(e.run_at.map(|t| t.to_string()).unwrap_or_default())
+                .arg(e.delay_ms)
+                .arg(&e.record[..])
+                .arg(&self.wake_channel);
+        }
+        let replies: Vec<(i64, i64, i64)> = self.query(&pipe).await?;
+        Ok(replies
+            .into_iter()
+            .map(|(added, due, head)| Scheduled {
+                added: added == 1,
+                due,
+                head: head == 1,
+            })
+            .collect())
+    }
+
+    /// Claims up to `batch` due tasks from every shard (one round trip).
+    pub async fn claim(&self, batch: usize, lease_ms: u64) -> Result<Claim, QueueError> {
+        let mut pipe = redis::pipe();
+        for keys in &self.shards {
+            pipe.add_command(evalsha(&CLAIM, &[&keys.due, &keys.rec, &keys.lease]))
+                .arg(batch)
+                .arg(lease_ms);
+        }
+        let replies: Vec<Vec<Value>> = self.query(&pipe).await?;
+        let mut claim = Claim::default();
+        for (shard, reply) in replies.into_iter().enumerate() {
+            let mut it = reply.into_iter();
+            let now = int(it.next())?;
+            let next = int(it.next())?;
+            claim.now = claim.now.max(now);
+            if next >= 0 {
+                claim.next_due = Some(claim.next_due.map_or(next, |n: i64| n.min(next)));
+            }
+            let before = claim.tasks.len();
+            while let Some(m) = it.next() {
+                let member = string(Some(m))?;
+                let due = int(it.next())?;
+                let record = bytes(it.next())?;
+                claim.tasks.push(Claimed {
+                    shard,
+                    member,
+                    due,
+                    record,
+                });
+            }
+            if claim.tasks.len() - before >= batch {
+                claim.more = true;
+            }
+        }
+        Ok(claim)
+    }
+
+    /// Forgets tasks whose publish the broker confirmed.
+    pub async fn complete(&self, done: &[&Claimed]) -> Result<(), QueueError> {
+        self.per_shard(&COMPLETE, done, |c, cmd| {
+            cmd.arg(&c.member);
+        })
+        .await
+    }
+
+    /// Puts tasks whose publish failed back into the due set at once.
+    pub async fn release(&self, failed: &[&Claimed]) -> Result<(), QueueError> {
+        self.per_shard(&RELEASE, failed, |c, cmd| {
+            cmd.arg(&c.member).arg(c.due);
+        })
+        .await
+    }
+
+    async fn per_shard(
+        &self,
+        script: &redis::Script,
+        items: &[&Claimed],
+        add: impl Fn(&Claimed, &mut redis::Cmd),
+    ) -> Result<(), QueueError> {
+        let mut by_shard: Vec<Vec<&Claimed>> = vec![Vec::new(); self.shards.len()];
+        for c in items {
+            by_shard[c.shard].push(c);
+        }
+        let mut pipe = redis::pipe();
+        for (shard, group) in by_shard.iter().enumerate() {
+            if group.is_empty() {
+                continue;
+            }
+            let keys = &self.shards[shard];
+            let mut cmd = evalsha(script, &[&keys.due, &keys.rec, &keys.lease]);
+            for c in group {
+                add(c, &mut cmd);
+            }
+            pipe.add_command(cmd);
+        }
+        if pipe.is_empty() {
+            return Ok(());
+        }
+        let _: Vec<Value> = self.query(&pipe).await?;
+        Ok(())
+    }
+
+    /// Tasks waiting or leased, over all shards.
+    pub async fn pending(&self) -> Result<u64, QueueError> {
+        let mut pipe = redis::pipe();
+        for keys in &self.shards {
+            pipe.cmd("HLEN").arg(&keys.rec);
+        }
+        let counts: Vec<u64> = self.query(&pipe).await?;
+        Ok(counts.into_iter().sum())
+    }
+
+    fn shard_for(&self, member: &str) -> usize {
+        // Shard by task id, not member, so all attempts of a task share one.
+        let id = member.split('\t').next().unwrap_or(member);
+        shard_of(id, self.shards.len())
+    }
+
+    /// Runs a pipeline, loading the scripts and trying once more if Redis
+    /// lost them (restart, SCRIPT FLUSH). Every script here is safe to run
+    /// twice.
+    async fn query<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, QueueError> {
+        let mut con = self.pool.get().await?;
+        match pipe.query_async(&mut con).await {
+            Ok(v) => Ok(v),
+            Err(e) if e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
+                load_scripts(&mut con).await?;
+                Ok(pipe.query_async(&mut con).await?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn evalsha(script: &redis::Script, keys: &[&str]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len());
+    for k in keys {
+        cmd.arg(*k);
+    }
+    cmd
+}
+
+async fn load_scripts(con: &mut Connection) -> Result<(), QueueError> {
+    for s in [&*SCHEDULE, &*CLAIM, &*COMPLETE, &*RELEASE] {
+        s.load_async(con).await?;
+    }
+    Ok(())
+}
+
+fn int(v: Option<Value>) -> Result<i64, QueueError> {
+    match v {
+        Some(Value::Int(n)) => Ok(n),
+        other => Err(QueueError::Reply(format!("expected an integer, got {other:?}"))),
+    }
+}
+
+fn bytes(v: Option<Value>) -> Result<Vec<u8>, QueueError> {
+    match v {
+        Some(Value::BulkString(b)) => Ok(b),
+        other => Err(QueueError::Reply(format!("expected a string, got {other:?}"))),
+    }
+}
+
+fn string(v: Option<Value>) -> Result<String, QueueError> {
+    String::from_utf8(bytes(v)?).map_err(|e| QueueError::Reply(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_separate_attempts() {
+        assert_eq!(member("a", 1), "a");
+        assert_eq!(member("a", 3), "a\t3");
+    }
+
+    #[test]
+    fn shards_are_stable_and_spread() {
+        assert_eq!(shard_of("task-1", 8), shard_of("task-1", 8));
+        let mut seen = [0usize; 8];
+        for i in 0..8000 {
+            seen[shard_of(&format!("task-{i}"), 8)] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 700), "{seen:?}");
+    }
+}

@@ -1,0 +1,89 @@
+//! Publishing from the scheduler: ready tasks to `NS.tasks` and dead letters
+//! to `NS.dead`, on one channel in confirm mode. Callers hold on to the
+//! returned [`PublisherConfirm`]s, so many confirms are outstanding at once.
+
+use kairos_shared::contract::{Names, Task};
+use kairos_shared::topology;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+pub struct Publisher {
+    channel: Channel,
+    names: Names,
+    /// Task queues declared on this connection. The scheduler declares a
+    /// queue before its first task goes out, so a task for a queue no worker
+    /// has declared yet waits in RabbitMQ instead of being dropped.
+    declared: Mutex<HashSet<String>>,
+}
+
+impl Publisher {
+    pub async fn open(conn: &Connection, names: Names) -> lapin::Result<Self> {
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Publisher {
+            channel,
+            names,
+            declared: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Publishes a due task, mandatory: a return means the queue vanished.
+    pub async fn publish_ready(&self, task: &Task) -> lapin::Result<PublisherConfirm> {
+        self.ensure_queue(&task.queue).await?;
+        self.channel
+            .basic_publish(
+                self.names.tasks_exchange().into(),
+                task.queue.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &task.body,
+                task.publish_properties(),
+            )
+            .await
+    }
+
+    /// Publishes a dead letter with its routing key set to the origin queue.
+    pub async fn publish_dead(
+        &self,
+        origin_queue: &str,
+        properties: BasicProperties,
+        body: &[u8],
+    ) -> lapin::Result<PublisherConfirm> {
+        self.channel
+            .basic_publish(
+                self.names.dead().into(),
+                origin_queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+    }
+
+    /// Forgets a queue whose publish came back unroutable, so the next
+    /// attempt declares it again.
+    pub fn forget_queue(&self, queue: &str) {
+        if let Ok(mut set) = self.declared.lock() {
+            set.remove(queue);
+        }
+    }
+
+    async fn ensure_queue(&self, queue: &str) -> lapin::Result<()> {
+        let known = self
+            .declared
+            .lock()
+            .map(|s| s.contains(queue))
+            .unwrap_or(false);
+        if !known {
+            topology::declare_task_queue(&self.channel, &self.names, queue).await?;
+            if let Ok(mut set) = self.declared.lock() {
+                set.insert(queue.to_string());
+            }
+        }
+        Ok(())
+    }
+}

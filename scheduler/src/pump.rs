@@ -1,0 +1,205 @@
+//! The pump: sleeps until the earliest due time of the shards (woken early
+//! by a newer, earlier task), claims due tasks into a lease, publishes them
+//! to `NS.tasks` with confirms, and deletes each after its confirm.
+//!
+//! If the process dies:
+//! * after the claim, before publishing: the lease expires and the next
+//!   claim (by any instance) returns the tasks to the due set;
+//! * after publishing, before the delete: the same, so the task is
+//!   published again: a duplicate, never a loss.
+//!
+//! Claims overlap with confirms: up to [`MAX_INFLIGHT`] batches wait for
+//! their confirms while the next batch is claimed and published.
+
+use crate::delay_queue::{Claimed, QueueError, RedisDelayQueue};
+use crate::publisher::Publisher;
+use futures_util::future::join_all;
+use kairos_shared::amqp::{sleep_or_cancel, Backoff};
+use kairos_shared::events::{EventKind, EventSink};
+use kairos_shared::record;
+use lapin::Confirmation;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const MAX_INFLIGHT: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    #[error("AMQP: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("delay queue: {0}")]
+    Queue(#[from] QueueError),
+}
+
+#[derive(Clone)]
+pub struct Pump {
+    pub queue: RedisDelayQueue,
+    pub events: EventSink,
+    pub wake: Arc<Notify>,
+    pub batch: usize,
+    pub lease_ms: u64,
+    /// Longest sleep with nothing due: also how often expired leases are
+    /// looked for when nothing else wakes the pump.
+    pub idle: Duration,
+}
+
+impl Pump {
+    /// Runs until `cancel`; then finishes the batches it claimed (publish,
+    /// confirm, delete) before returning. An AMQP error ends the run so the
+    /// supervisor can reconnect; Redis errors are retried here.
+    pub async fn run(&self, publisher: Arc<Publisher>, cancel: CancellationToken) -> Result<(), PumpError> {
+        let mut inflight: JoinSet<Result<(), PumpError>> = JoinSet::new();
+        let mut backoff = Backoff::new();
+        let result = loop {
+            if cancel.is_cancelled() {
+                break Ok(());
+            }
+            let claim = match self.queue.claim(self.batch, self.lease_ms).await {
+                Ok(c) => {
+                    backoff.reset();
+                    c
+                }
+                Err(err) => {
+                    tracing::warn!(cause = %err, "claim failed; retrying");
+                    if !sleep_or_cancel(backoff.next_delay(), &cancel).await {
+                        break Ok(());
+                    }
+                    continue;
+                }
+            };
+            // Where Redis's clock stood, on ours: due times become local
+            // deadlines without trusting this host's wall clock.
+            let claimed_at = Instant::now();
+            if !claim.tasks.is_empty() {
+                let published = match self.publish(&publisher, claim.tasks).await {
+                    Ok(p) => p,
+                    Err(e) => break Err(e),
+                };
+                inflight.spawn(published);
+                let mut failure = reap(&mut inflight);
+                while failure.is_none() && inflight.len() >= MAX_INFLIGHT {
+                    if let Some(Ok(Err(err))) = inflight.join_next().await {
+                        failure = Some(err);
+                    }
+                }
+                if let Some(err) = failure {
+                    break Err(err);
+                }
+            }
+            if claim.more {
+                continue;
+            }
+            let wait = claim
+                .next_due
+                .map(|due| Duration::from_millis(due.saturating_sub(claim.now).max(0) as u64))
+                .unwrap_or(self.idle)
+                .min(self.idle);
+            if wait.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break Ok(()),
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep_until(claimed_at + wait) => {}
+            }
+        };
+        // Finish what was claimed: confirms and deletes.
+        while let Some(done) = inflight.join_next().await {
+            if let Ok(Err(err)) = done {
+                tracing::warn!(cause = %err, "a batch did not complete; its lease will return it");
+            }
+        }
+        result
+    }
+
+    /// Publishes a claimed batch and returns the future that awaits its
+    /// confirms, then deletes the confirmed tasks and releases the rest.
+    async fn publish(
+        &self,
+        publisher: &Arc<Publisher>,
+        claimed: Vec<Claimed>,
+    ) -> Result<impl std::future::Future<Output = Result<(), PumpError>> + Send + 'static, PumpError> {
+        // settled[i]: task i may be deleted (confirmed, or unreadable).
+        let mut settled = vec![false; claimed.len()];
+        let mut sent = Vec::with_capacity(claimed.len());
+        let mut confirms = Vec::with_capacity(claimed.len());
+        let mut failed_publish = None;
+        for (i, c) in claimed.iter().enumerate() {
+            let task = match record::decode(&c.record) {
+                Ok(t) => t,
+                Err(err) => {
+                    // It can never be published; drop it loudly rather than
+                    // retry it forever.
+                    tracing::error!(member = %c.member, cause = %err, "dropping an unreadable delay-queue record");
+                    settled[i] = true;
+                    continue;
+                }
+            };
+            match publisher.publish_ready(&task).await {
+                Ok(confirm) => {
+                    sent.push((i, task));
+                    confirms.push(confirm);
+                }
+                Err(err) => {
+                    failed_publish = Some(err);
+                    break;
+                }
+            }
+        }
+        let this = self.clone();
+        let publisher = publisher.clone();
+        let finish = async move {
+            let outcomes = join_all(confirms).await;
+            let mut published = Vec::with_capacity(sent.len());
+            for ((i, task), outcome) in sent.into_iter().zip(outcomes) {
+                match outcome {
+                    Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => {
+                        settled[i] = true;
+                        published.push((task, claimed[i].due));
+                    }
+                    Ok(Confirmation::Ack(Some(_))) => {
+                        tracing::warn!(queue = %task.queue, "task queue vanished; declaring it again");
+                        publisher.forget_queue(&task.queue);
+                    }
+                    Ok(Confirmation::Nack(_)) | Err(_) => {}
+                }
+            }
+            let mut done = Vec::with_capacity(claimed.len());
+            let mut failed = Vec::new();
+            for (c, ok) in claimed.iter().zip(&settled) {
+                if *ok {
+                    done.push(c);
+                } else {
+                    failed.push(c);
+                }
+            }
+            this.queue.complete(&done).await?;
+            this.queue.release(&failed).await?;
+            for (task, due) in &published {
+                this.events.task(EventKind::Published, task, Some(*due), None);
+            }
+            Ok::<(), PumpError>(())
+        };
+        if let Some(err) = failed_publish {
+            // Settle what did go out, then let the supervisor reconnect.
+            let _ = finish.await;
+            return Err(err.into());
+        }
+        Ok(finish)
+    }
+}
+
+/// Collects finished batches without waiting; returns the first error.
+fn reap(inflight: &mut JoinSet<Result<(), PumpError>>) -> Option<PumpError> {
+    while let Some(done) = inflight.try_join_next() {
+        if let Ok(Err(err)) = done {
+            return Some(err);
+        }
+    }
+    None
+}
+

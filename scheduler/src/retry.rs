@@ -1,0 +1,140 @@
+//! Retry policy: how long a failed attempt waits, and when retries run out.
+//!
+//! The delay after failed attempt `n` is drawn below a ceiling of
+//! `base * 2^(n-1)`, capped at `max`. Jitter spreads a burst of failures so
+//! they do not return as a burst:
+//!
+//! * `equal` (default): uniform in `[ceiling/2, ceiling]`. Gaps still grow
+//!   from one attempt to the next, which users of Sidekiq and Celery expect.
+//! * `full`: uniform in `[0, ceiling]` (best spreading, but a later gap can
+//!   be shorter than an earlier one).
+//! * `none`: exactly the ceiling.
+
+use rand::Rng;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Jitter {
+    Full,
+    Equal,
+    None,
+}
+
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Retries when a task has no `x-max-retries` header.
+    pub default_max_retries: u32,
+    pub base_ms: u64,
+    pub max_ms: u64,
+    pub jitter: Jitter,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            default_max_retries: 3,
+            base_ms: 1_000,
+            max_ms: 3_600_000,
+            jitter: Jitter::Equal,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Hold the task again, then run attempt `next_attempt`.
+    Retry { next_attempt: u32, delay_ms: u64 },
+    /// Retries are used up: dead-letter it.
+    Exhausted,
+}
+
+impl RetryPolicy {
+    /// The upper bound of the delay after `failed_attempt` fails.
+    pub fn ceiling_ms(&self, failed_attempt: u32) -> u64 {
+        let shift = failed_attempt.saturating_sub(1).min(40);
+        self.base_ms.saturating_mul(1u64 << shift).min(self.max_ms)
+    }
+
+    pub fn delay_ms(&self, failed_attempt: u32, rng: &mut impl Rng) -> u64 {
+        let c = self.ceiling_ms(failed_attempt);
+        match self.jitter {
+            Jitter::None => c,
+            Jitter::Full => rng.random_range(0..=c),
+            Jitter::Equal => c / 2 + rng.random_range(0..=c - c / 2),
+        }
+    }
+
+    /// `max_retries` counts retries after the first attempt, so attempt
+    /// `max_retries + 1` is the last.
+    pub fn decide(&self, failed_attempt: u32, max_retries: Option<u32>, rng: &mut impl Rng) -> Decision {
+        let max = max_retries.unwrap_or(self.default_max_retries);
+        if failed_attempt > max {
+            Decision::Exhausted
+        } else {
+            Decision::Retry {
+                next_attempt: failed_attempt + 1,
+                delay_ms: self.delay_ms(failed_attempt, rng),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(jitter: Jitter) -> RetryPolicy {
+        RetryPolicy {
+            default_max_retries: 3,
+            base_ms: 100,
+            max_ms: 1_000,
+            jitter,
+        }
+    }
+
+    #[test]
+    fn ceilings_double_and_cap() {
+        let p = policy(Jitter::None);
+        let c: Vec<u64> = (1..=6).map(|a| p.ceiling_ms(a)).collect();
+        assert_eq!(c, vec![100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(p.ceiling_ms(u32::MAX), 1000);
+    }
+
+    #[test]
+    fn jitter_stays_in_its_window() {
+        let mut rng = rand::rng();
+        for attempt in 1..6 {
+            for _ in 0..200 {
+                let c = policy(Jitter::Full).ceiling_ms(attempt);
+                let full = policy(Jitter::Full).delay_ms(attempt, &mut rng);
+                assert!(full <= c);
+                let eq = policy(Jitter::Equal).delay_ms(attempt, &mut rng);
+                assert!(eq >= c / 2 && eq <= c, "{eq} not in [{}, {c}]", c / 2);
+            }
+        }
+    }
+
+    #[test]
+    fn equal_jitter_gaps_never_shrink_below_the_cap() {
+        let mut rng = rand::rng();
+        let p = policy(Jitter::Equal);
+        for _ in 0..500 {
+            let gaps: Vec<u64> = (1..=3).map(|a| p.delay_ms(a, &mut rng)).collect();
+            assert!(gaps[0] <= gaps[1] && gaps[1] <= gaps[2], "{gaps:?}");
+        }
+    }
+
+    #[test]
+    fn max_retries_counts_retries_after_the_first_attempt() {
+        let mut rng = rand::rng();
+        let p = policy(Jitter::None);
+        assert_eq!(
+            p.decide(1, Some(3), &mut rng),
+            Decision::Retry { next_attempt: 2, delay_ms: 100 }
+        );
+        assert!(matches!(p.decide(3, Some(3), &mut rng), Decision::Retry { next_attempt: 4, .. }));
+        assert_eq!(p.decide(4, Some(3), &mut rng), Decision::Exhausted);
+        assert_eq!(p.decide(1, Some(0), &mut rng), Decision::Exhausted);
+        // Without a header the deployment default (3) applies.
+        assert_eq!(p.decide(4, None, &mut rng), Decision::Exhausted);
+    }
+}

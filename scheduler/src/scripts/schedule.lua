@@ -1,0 +1,26 @@
+-- Holds one task in a delay-queue shard unless its key is already there.
+-- KEYS[1] due zset (member -> due ms), KEYS[2] record hash (member -> record)
+-- ARGV[1] member, ARGV[2] run_at ms or '' , ARGV[3] delay ms (used when no
+-- run_at), ARGV[4] record, ARGV[5] wake channel.
+-- Returns {added 0/1, due ms, head 0/1}: head = it is now the shard's earliest.
+-- Due times use Redis TIME so every scheduler shares one clock.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due
+if ARGV[2] ~= '' then
+  due = tonumber(ARGV[2])
+else
+  due = now + tonumber(ARGV[3])
+end
+-- First submission wins while the key waits (or is leased for publishing).
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[4]) == 0 then
+  return {0, due, 0}
+end
+local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+redis.call('ZADD', KEYS[1], due, ARGV[1])
+if head[2] == nil or due < tonumber(head[2]) then
+  -- Wake other scheduler instances sleeping past this due time.
+  redis.call('PUBLISH', ARGV[5], due)
+  return {1, due, 1}
+end
+return {1, due, 0}
