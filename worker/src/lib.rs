@@ -1,1 +1,187 @@
-pub fn x(){}
+//! # kairos-worker
+//!
+//! Runs tasks from the contract's priority queues. Use it as a library to
+//! register your own handlers:
+//!
+//! ```no_run
+//! use kairos_worker::{Config, TaskContext, TaskError, Worker};
+//!
+//! async fn send_email(ctx: TaskContext, body: Vec<u8>) -> Result<(), TaskError> {
+//!     let _ = (ctx.id, body);
+//!     Ok(())
+//! }
+//!
+//! # async fn demo() -> Result<(), kairos_worker::WorkerError> {
+//! Worker::new(Config::for_namespace("kairos"))
+//!     .with_builtins()
+//!     .handler("email.send", send_email)
+//!     .run(kairos_shared::shutdown::signal())
+//!     .await
+//! # }
+//! ```
+//!
+//! * `handler`: the handler trait, its context and errors, the registry.
+//! * `consumer`: one consumer per queue, bounded by the `slots`.
+//! * `disposition`: ack, retry or dead-letter, in one place.
+//! * `builtin`: `kairos.noop`, `kairos.sleep`, `kairos.fail`.
+
+pub mod builtin;
+pub mod config;
+pub mod consumer;
+pub mod disposition;
+pub mod handler;
+pub mod slots;
+
+pub use config::Config;
+pub use handler::{Handler, Registry, TaskContext, TaskError, TaskResult};
+
+use consumer::{consume, ConsumeError, Shared};
+use disposition::Disposition;
+use kairos_shared::amqp::{connect_with_retry, sleep_or_cancel, Backoff};
+use kairos_shared::events::EventSink;
+use kairos_shared::topology;
+use slots::Slots;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("no handler registered")]
+    NoHandlers,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("AMQP: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("{0}")]
+    Consume(#[from] ConsumeError),
+    #[error("a delivery could not be settled")]
+    Broken,
+}
+
+/// Runs `kairos-worker`: the built-in handlers only.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
+    Worker::new(config).with_builtins().run(shutdown).await
+}
+
+/// A worker being assembled: settings plus handlers.
+pub struct Worker {
+    config: Config,
+    registry: Registry,
+}
+
+impl Worker {
+    pub fn new(config: Config) -> Self {
+        Worker {
+            config,
+            registry: Registry::default(),
+        }
+    }
+
+    /// Registers `kairos.noop`, `kairos.sleep` and `kairos.fail`.
+    pub fn with_builtins(mut self) -> Self {
+        builtin::register(&mut self.registry);
+        self
+    }
+
+    pub fn handler(mut self, name: impl Into<String>, handler: impl Handler) -> Self {
+        self.registry.register(name, handler);
+        self
+    }
+
+    /// Runs until `shutdown` completes, reconnecting whenever the broker
+    /// connection drops. On shutdown: stop taking deliveries, give running
+    /// tasks the grace period, leave the rest unacked.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
+        if self.registry.names().next().is_none() {
+            return Err(WorkerError::NoHandlers);
+        }
+        let cancel = CancellationToken::new();
+        let trigger = cancel.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            trigger.cancel();
+        });
+        let config = self.config;
+        let names = config.common.names();
+        let events = EventSink::start(config.common.events, &config.common.amqp_url, &names, cancel.clone());
+        let slots = Slots::new(config.concurrency);
+        tokio::spawn(slots.clone().autoscale(Duration::from_millis(250), cancel.clone()));
+        let grace = Duration::from_millis(config.shutdown_grace_ms);
+        tracing::info!(namespace = %names.namespace(), queues = ?config.queues, concurrency = %config.concurrency, "worker starting");
+
+        let mut backoff = Backoff::new();
+        while !cancel.is_cancelled() {
+            let Some(conn) = connect_with_retry(&config.common.amqp_url, "kairos-worker", &cancel).await else {
+                break;
+            };
+            let tracker = TaskTracker::new();
+            let broken = CancellationToken::new();
+            let started = tokio::time::Instant::now();
+            let session = async {
+                let channel = conn.create_channel().await?;
+                topology::declare_base(&channel, &names).await?;
+                for q in &config.queues {
+                    topology::declare_task_queue(&channel, &names, q).await?;
+                }
+                let shared = Arc::new(Shared {
+                    names: names.clone(),
+                    registry: self.registry.clone(),
+                    disposition: Disposition::open(&conn, names.clone(), events.clone()).await?,
+                    events: events.clone(),
+                    slots: slots.clone(),
+                    default_timeout: config.task_timeout_ms.map(Duration::from_millis),
+                    broken: broken.clone(),
+                });
+                tracing::info!("connected to RabbitMQ");
+                let stop = CancellationToken::new();
+                let prefetch = config.prefetch();
+                let consumers = config.queues.iter().map(|q| {
+                    let stop = stop.clone();
+                    let shared = shared.clone();
+                    let tracker = &tracker;
+                    let conn = &conn;
+                    async move {
+                        let r = consume(conn, shared, q, prefetch, tracker, stop.clone()).await;
+                        stop.cancel();
+                        r
+                    }
+                });
+                let all = futures_util::future::join_all(consumers);
+                let watch = async {
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = broken.cancelled() => {}
+                    }
+                    stop.cancel();
+                };
+                let (results, ()) = tokio::join!(all, watch);
+                if broken.is_cancelled() {
+                    return Err(SessionError::Broken);
+                }
+                results.into_iter().collect::<Result<Vec<()>, _>>()?;
+                Ok::<(), SessionError>(())
+            };
+            let result = session.await;
+            // Let running tasks finish while the connection can still ack.
+            tracker.close();
+            if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+                tracing::warn!(running = tracker.len(), "grace period over; leaving running tasks unacked");
+            }
+            let _ = conn.close(200, "bye".into()).await;
+            if let Err(err) = result {
+                if started.elapsed() > Duration::from_secs(10) {
+                    backoff.reset();
+                }
+                tracing::warn!(cause = %err, "AMQP session ended; reconnecting");
+                sleep_or_cancel(backoff.next_delay(), &cancel).await;
+            }
+        }
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,72 @@
+//! Worker settings: environment variables, or the same as flags.
+
+use clap::Parser;
+use kairos_shared::config::{parse_queue_list, CommonConfig, Concurrency};
+
+#[derive(Parser, Clone, Debug)]
+#[command(name = "kairos-worker", version, about = "Kairos worker: runs tasks from RabbitMQ priority queues")]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonConfig,
+
+    /// Logical queues to consume, comma-separated.
+    #[arg(long, env = "KAIROS_QUEUES", default_value = "default", value_parser = parse_queue_list)]
+    pub queues: std::vec::Vec<String>,
+
+    /// Tasks run at once: `N`, or `MIN..MAX` to scale with the backlog.
+    #[arg(long, env = "KAIROS_CONCURRENCY", default_value = "4..64")]
+    pub concurrency: Concurrency,
+
+    /// Unacked deliveries per queue; defaults to the maximum concurrency, so
+    /// a later high-priority task waits behind at most that many prefetched
+    /// lower ones. Raise it for throughput of very short tasks.
+    #[arg(long, env = "KAIROS_PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: Option<u16>,
+
+    /// Time running tasks get to finish after SIGTERM/SIGINT (ms); what is
+    /// still running then is left unacked for RabbitMQ to redeliver.
+    #[arg(long, env = "KAIROS_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
+    pub shutdown_grace_ms: u64,
+
+    /// Time limit of one attempt when a task has no `x-timeout-ms` (ms).
+    #[arg(long, env = "KAIROS_TASK_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub task_timeout_ms: Option<u64>,
+}
+
+impl Config {
+    /// Defaults (ignoring the environment) for one namespace: for tests and
+    /// programs that embed the worker.
+    pub fn for_namespace(namespace: &str) -> Self {
+        let mut c = Config::parse_from(["kairos-worker"]);
+        c.common = CommonConfig::new(namespace);
+        c.queues = vec!["default".into()];
+        c.concurrency = Concurrency { min: 4, max: 64 };
+        c.prefetch = None;
+        c.task_timeout_ms = None;
+        c
+    }
+
+    pub fn prefetch(&self) -> u16 {
+        self.prefetch
+            .unwrap_or_else(|| u16::try_from(self.concurrency.max).unwrap_or(u16::MAX))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_concurrency_names_the_setting() {
+        let err = Config::try_parse_from(["w", "--concurrency", "ten"]).err().unwrap().to_string();
+        assert!(err.contains("--concurrency"), "{err}");
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::try_parse_from(["w"]).unwrap();
+        assert_eq!(c.queues, vec!["default"]);
+        assert_eq!(c.concurrency, Concurrency { min: 4, max: 64 });
+        assert_eq!(c.prefetch(), 64);
+    }
+}

@@ -1,0 +1,154 @@
+//! The consumer: takes deliveries from one task queue within the worker's
+//! concurrency and runs each through its handler.
+//!
+//! If the process dies while a handler runs, the delivery is unacked and
+//! RabbitMQ redelivers it to another consumer.
+
+use crate::disposition::{Disposition, DispositionError};
+use crate::handler::{Registry, TaskContext, TaskError};
+use crate::slots::Slots;
+use futures_util::StreamExt;
+use kairos_shared::contract::{Names, Task};
+use kairos_shared::events::{EventKind, EventSink};
+use lapin::message::Delivery;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+/// What every delivery of a session shares.
+pub struct Shared {
+    pub names: Names,
+    pub registry: Registry,
+    pub disposition: Disposition,
+    pub events: EventSink,
+    pub slots: Arc<Slots>,
+    pub default_timeout: Option<Duration>,
+    /// Fired when an ack or a replacement publish failed: the session must
+    /// reconnect (its channel is gone, deliveries will come back).
+    pub broken: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("AMQP: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker cancelled the consumer of {0}")]
+    Cancelled(String),
+}
+
+/// Consumes `NS.q.QUEUE` until `stop` fires, spawning each delivery onto
+/// `tracker` once a slot is free.
+pub async fn consume(
+    conn: &Connection,
+    shared: Arc<Shared>,
+    queue: &str,
+    prefetch: u16,
+    tracker: &TaskTracker,
+    stop: CancellationToken,
+) -> Result<(), ConsumeError> {
+    let channel = conn.create_channel().await?;
+    // Prefetch before consume: the broker never sends more than this many
+    // unacked deliveries, which bounds how far a low-priority backlog can
+    // get ahead of a later high-priority task.
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let queue_name = shared.names.queue(queue);
+    let mut consumer = channel
+        .basic_consume(
+            queue_name.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    loop {
+        let delivery = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            d = consumer.next() => d,
+        };
+        let delivery = match delivery {
+            Some(d) => d?,
+            None => return Err(ConsumeError::Cancelled(queue_name)),
+        };
+        let permit = tokio::select! {
+            // The delivery stays unacked and returns to the queue when the
+            // channel closes.
+            _ = stop.cancelled() => return Ok(()),
+            p = shared.slots.acquire() => p,
+        };
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            process(&shared, delivery).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn process(shared: &Shared, delivery: Delivery) {
+    let result = match Task::decode(delivery.routing_key.as_str(), &delivery.properties, &delivery.data) {
+        Err(err) => shared.disposition.unusable(&delivery, &err.to_string()).await,
+        Ok(task) => {
+            let span = tracing::info_span!("task", task_id = %task.id, kind = %task.name, attempt = task.attempt);
+            run_task(shared, &delivery, task).instrument(span).await
+        }
+    };
+    if let Err(err) = result {
+        tracing::warn!(cause = %err, "cannot settle a delivery; reconnecting so it is redelivered");
+        shared.broken.cancel();
+    }
+}
+
+async fn run_task(shared: &Shared, delivery: &Delivery, task: Task) -> Result<(), DispositionError> {
+    let Some(handler) = shared.registry.get(&task.name) else {
+        let error = format!("no handler for task name {:?}", task.name);
+        return shared.disposition.dead(delivery, &task, &error).await;
+    };
+    shared.events.task(EventKind::Started, &task, None, None);
+    let timeout = task
+        .timeout_ms
+        .map(Duration::from_millis)
+        .or(shared.default_timeout);
+    // The handler runs in its own task so that a panic is caught as a
+    // failed attempt and a timeout can abort it.
+    let mut handle = tokio::spawn(handler.call(TaskContext::from_task(&task), task.body.clone()));
+    let outcome = match timeout {
+        None => (&mut handle).await,
+        Some(limit) => match tokio::time::timeout(limit, &mut handle).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                handle.abort();
+                Ok(Err(TaskError::Retry(format!(
+                    "timed out after {} ms",
+                    limit.as_millis()
+                ))))
+            }
+        },
+    };
+    match outcome {
+        Ok(Ok(())) => shared.disposition.succeeded(delivery, &task).await,
+        Ok(Err(TaskError::Retry(error))) => shared.disposition.failed(delivery, &task, &error).await,
+        Ok(Err(TaskError::Permanent(error))) => shared.disposition.dead(delivery, &task, &error).await,
+        Err(join) => {
+            let error = if join.is_panic() {
+                format!("handler panicked: {}", panic_text(join.into_panic()))
+            } else {
+                "handler was cancelled".to_string()
+            };
+            shared.disposition.failed(delivery, &task, &error).await
+        }
+    }
+}
+
+fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-text panic payload".to_string()
+    }
+}

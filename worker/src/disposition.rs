@@ -1,0 +1,97 @@
+//! Disposition: what an attempt's outcome means for its delivery, decided
+//! in one place. Success acks. A failed attempt is handed to `NS.retry`
+//! (where the scheduler applies backoff or dead-letters it); a permanent
+//! failure or an unusable message goes to `NS.dead`. Either way the
+//! delivery is acked only after the broker confirmed the replacement.
+//!
+//! If the process dies after the replacement was confirmed and before the
+//! ack, the delivery comes back; the retry it produces again carries the same
+//! id and attempt, so the scheduler holds it once.
+
+use kairos_shared::amqp::now_ms;
+use kairos_shared::client::check;
+use kairos_shared::contract::{raw_dead_letter_properties, Names, Task};
+use kairos_shared::events::{EventKind, EventSink};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Connection};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispositionError {
+    #[error("AMQP: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("replacement not confirmed: {0}")]
+    NotConfirmed(String),
+}
+
+pub struct Disposition {
+    channel: Channel,
+    names: Names,
+    events: EventSink,
+}
+
+impl Disposition {
+    pub async fn open(conn: &Connection, names: Names, events: EventSink) -> lapin::Result<Self> {
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Disposition { channel, names, events })
+    }
+
+    pub async fn succeeded(&self, d: &Delivery, task: &Task) -> Result<(), DispositionError> {
+        d.acker.ack(BasicAckOptions::default()).await?;
+        self.events.task(EventKind::Succeeded, task, None, None);
+        Ok(())
+    }
+
+    /// A failed attempt: to `NS.retry` with `x-error`, then ack.
+    pub async fn failed(&self, d: &Delivery, task: &Task, error: &str) -> Result<(), DispositionError> {
+        tracing::warn!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "attempt failed");
+        let props = task.with_failure_headers(error, now_ms());
+        self.replace(&self.names.retry(), &task.queue, props, &task.body).await?;
+        d.acker.ack(BasicAckOptions::default()).await?;
+        self.events.task(EventKind::Failed, task, None, Some(error));
+        Ok(())
+    }
+
+    /// A permanent failure: to `NS.dead`, then ack.
+    pub async fn dead(&self, d: &Delivery, task: &Task, error: &str) -> Result<(), DispositionError> {
+        tracing::error!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "dead-lettered");
+        let props = task.dead_letter_properties(error, now_ms());
+        self.replace(&self.names.dead(), &task.queue, props, &task.body).await?;
+        d.acker.ack(BasicAckOptions::default()).await?;
+        self.events.task(EventKind::Dead, task, None, Some(error));
+        Ok(())
+    }
+
+    /// A message that is not a usable task: to `NS.dead` as it came, with
+    /// the reason, then ack.
+    pub async fn unusable(&self, d: &Delivery, error: &str) -> Result<(), DispositionError> {
+        let queue = d.routing_key.as_str();
+        tracing::error!(queue = %queue, error = %error, "unusable message dead-lettered");
+        let props = raw_dead_letter_properties(&d.properties, queue, error, now_ms());
+        self.replace(&self.names.dead(), queue, props, &d.data).await?;
+        d.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+
+    async fn replace(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        props: BasicProperties,
+        body: &[u8],
+    ) -> Result<(), DispositionError> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await?
+            .await?;
+        check(confirm).map_err(|e| DispositionError::NotConfirmed(e.to_string()))
+    }
+}

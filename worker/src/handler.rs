@@ -1,0 +1,100 @@
+//! What a handler sees and returns, and the registry that finds it by name.
+
+use futures_util::future::BoxFuture;
+use kairos_shared::contract::Task;
+use lapin::types::FieldTable;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+/// Everything about the delivery a handler may want, besides the body.
+#[derive(Clone, Debug)]
+pub struct TaskContext {
+    pub id: String,
+    pub name: String,
+    pub queue: String,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    pub priority: u8,
+    pub headers: FieldTable,
+    /// When the task was meant to run (`x-run-at`), Unix ms, where known.
+    pub due_at: Option<i64>,
+    pub max_retries: Option<u32>,
+    pub content_type: Option<String>,
+    pub correlation_id: Option<String>,
+}
+
+impl TaskContext {
+    pub fn from_task(task: &Task) -> Self {
+        TaskContext {
+            id: task.id.clone(),
+            name: task.name.clone(),
+            queue: task.queue.clone(),
+            attempt: task.attempt,
+            priority: task.priority,
+            headers: task.headers(),
+            due_at: task.run_at,
+            max_retries: task.max_retries,
+            content_type: task.properties.content_type().as_ref().map(|s| s.to_string()),
+            correlation_id: task.properties.correlation_id().as_ref().map(|s| s.to_string()),
+        }
+    }
+}
+
+/// How an attempt failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TaskError {
+    /// Worth another attempt (after a backoff) while retries remain.
+    #[error("{0}")]
+    Retry(String),
+    /// No attempt can succeed: dead-letter at once.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl TaskError {
+    pub fn retry(e: impl std::fmt::Display) -> Self {
+        TaskError::Retry(e.to_string())
+    }
+    pub fn permanent(e: impl std::fmt::Display) -> Self {
+        TaskError::Permanent(e.to_string())
+    }
+}
+
+pub type TaskResult = Result<(), TaskError>;
+
+/// A task handler. Any `async fn(TaskContext, Vec<u8>) -> TaskResult` (or
+/// closure returning such a future) is one.
+pub trait Handler: Send + Sync + 'static {
+    fn call(&self, ctx: TaskContext, body: Vec<u8>) -> BoxFuture<'static, TaskResult>;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(TaskContext, Vec<u8>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = TaskResult> + Send + 'static,
+{
+    fn call(&self, ctx: TaskContext, body: Vec<u8>) -> BoxFuture<'static, TaskResult> {
+        Box::pin(self(ctx, body))
+    }
+}
+
+/// Handlers by task name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<String, Arc<dyn Handler>>,
+}
+
+impl Registry {
+    pub fn register(&mut self, name: impl Into<String>, handler: impl Handler) {
+        self.handlers.insert(name.into(), Arc::new(handler));
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Handler>> {
+        self.handlers.get(name).cloned()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.handlers.keys().map(String::as_str)
+    }
+}

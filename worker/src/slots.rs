@@ -1,0 +1,130 @@
+//! Concurrency that follows the backlog: between `min` and `max` tasks run
+//! at once. The backlog signal is local: deliveries the broker already sent
+//! (up to the prefetch) that wait for a slot. While some wait, the pool
+//! doubles each tick up to `max`; when a tick sees no waiting and at most
+//! half the slots busy, it shrinks by a quarter, down to `min`.
+
+use kairos_shared::config::Concurrency;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+pub struct Slots {
+    semaphore: Arc<Semaphore>,
+    limits: Concurrency,
+    /// Current pool size (permits in circulation).
+    size: AtomicUsize,
+    waiting: AtomicUsize,
+}
+
+impl Slots {
+    pub fn new(limits: Concurrency) -> Arc<Self> {
+        Arc::new(Slots {
+            semaphore: Arc::new(Semaphore::new(limits.min)),
+            limits,
+            size: AtomicUsize::new(limits.min),
+            waiting: AtomicUsize::new(0),
+        })
+    }
+
+    /// Waits for a free slot, counting as backlog while it waits.
+    pub async fn acquire(&self) -> OwnedSemaphorePermit {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = self.semaphore.clone().acquire_owned().await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        // The semaphore is never closed, so acquiring cannot fail.
+        permit.unwrap_or_else(|_| unreachable!("slots semaphore closed"))
+    }
+
+    pub fn size(&self) -> usize {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    pub fn busy(&self) -> usize {
+        self.size().saturating_sub(self.semaphore.available_permits())
+    }
+
+    /// One scaling decision; returns the new size.
+    pub fn tick(&self) -> usize {
+        let size = self.size();
+        let waiting = self.waiting.load(Ordering::Relaxed);
+        if waiting > 0 && size < self.limits.max {
+            let grow = size.min(self.limits.max - size).max(1);
+            self.semaphore.add_permits(grow);
+            self.size.store(size + grow, Ordering::Relaxed);
+            return size + grow;
+        }
+        if waiting == 0 && size > self.limits.min && self.busy() * 2 <= size {
+            let shrink = (size / 4).max(1).min(size - self.limits.min);
+            // Only idle permits can be taken back; busy ones come back later.
+            if let Ok(permits) = self.semaphore.try_acquire_many(shrink as u32) {
+                permits.forget();
+                self.size.store(size - shrink, Ordering::Relaxed);
+                return size - shrink;
+            }
+        }
+        size
+    }
+
+    /// Runs [`tick`](Self::tick) periodically until cancelled.
+    pub async fn autoscale(self: Arc<Self>, every: Duration, cancel: CancellationToken) {
+        if self.limits.min == self.limits.max {
+            return;
+        }
+        let mut interval = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = interval.tick() => {
+                    let before = self.size();
+                    let after = self.tick();
+                    if before != after {
+                        tracing::debug!(from = before, to = after, "concurrency changed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn grows_with_backlog_and_shrinks_when_idle() {
+        let slots = Slots::new(Concurrency { min: 2, max: 16 });
+        let held: Vec<_> = vec![slots.acquire().await, slots.acquire().await];
+        // A third acquirer waits: that is backlog.
+        let s2 = slots.clone();
+        let waiter = tokio::spawn(async move { s2.acquire().await });
+        while slots.waiting.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(slots.tick(), 4);
+        let third = waiter.await.unwrap();
+        drop(held);
+        drop(third);
+        // Idle: shrink by a quarter per tick, never below min.
+        let mut sizes = vec![];
+        for _ in 0..6 {
+            sizes.push(slots.tick());
+        }
+        assert_eq!(sizes, vec![3, 2, 2, 2, 2, 2]);
+    }
+
+    #[tokio::test]
+    async fn never_exceeds_max() {
+        let slots = Slots::new(Concurrency { min: 3, max: 5 });
+        let _held: Vec<_> = vec![slots.acquire().await, slots.acquire().await, slots.acquire().await];
+        let s2 = slots.clone();
+        let _waiter = tokio::spawn(async move { s2.acquire().await });
+        while slots.waiting.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(slots.tick(), 5);
+        assert_eq!(slots.tick(), 5);
+    }
+}
