@@ -105,8 +105,11 @@ impl Intake {
     }
 
     async fn handle(&self, batch: Vec<Delivery>, cancel: &CancellationToken) -> Result<(), IntakeError> {
-        let mut rng = rand::rng();
-        let plans: Vec<Plan> = batch.iter().map(|d| self.plan(d, &mut rng)).collect();
+        let plans: Vec<Plan> = {
+            // ThreadRng is not Send: keep it out of the awaits below.
+            let mut rng = rand::rng();
+            batch.iter().map(|d| self.plan(d, &mut rng)).collect()
+        };
 
         // 1. Redis: every hold in one round trip. On failure the batch goes
         //    back to RabbitMQ untouched.

@@ -1,1 +1,623 @@
-pub fn x(){}
+//! Test harness for Kairos integration tests: every test gets its own
+//! namespace (AMQP names and Redis key prefix), so tests run in parallel on
+//! the shared servers, and cleans it up when the test ends, pass or fail.
+//!
+//! * [`TestEnv`]: namespace, settings, broker and Redis access, cleanup.
+//! * [`EventTap`]: a private queue on `NS.events` to await lifecycle events.
+//! * [`Proc`]: a real `kairos-scheduler` / `kairos-worker` process (for
+//!   kill -9 and signal tests).
+//! * [`InProcess`]: a scheduler or worker run in the test's runtime.
+
+use futures_util::StreamExt;
+use kairos_shared::config::Concurrency;
+use kairos_shared::contract::Names;
+use kairos_shared::events::EventKind;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, Consumer};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use kairos_scheduler::Config as SchedulerConfig;
+pub use kairos_worker::Config as WorkerConfig;
+
+pub const AMQP_URL: &str = kairos_shared::config::DEFAULT_AMQP_URL;
+pub const REDIS_URL: &str = kairos_shared::config::DEFAULT_REDIS_URL;
+
+/// Logs to the test's output when `RUST_LOG` is set.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Unix ms by this host's clock (the services run on the same host).
+pub fn now_ms() -> i64 {
+    kairos_shared::amqp::now_ms()
+}
+
+/// One test's namespace and connections.
+pub struct TestEnv {
+    pub ns: String,
+    pub names: Names,
+    pub conn: Connection,
+    pub channel: Channel,
+    pub redis: redis::aio::MultiplexedConnection,
+    queues: Arc<Mutex<Vec<String>>>,
+}
+
+impl TestEnv {
+    pub async fn new(prefix: &str) -> Self {
+        init_logging();
+        let ns = format!("kt-{prefix}-{}", &uuid::Uuid::now_v7().simple().to_string()[22..]);
+        let names = Names::new(&ns);
+        let conn = kairos_shared::amqp::connect(AMQP_URL, "kairos-test")
+            .await
+            .expect("RabbitMQ must run at 127.0.0.1:5672 (scripts/services.sh starts it)");
+        let channel = conn.create_channel().await.expect("channel");
+        kairos_shared::topology::declare_base(&channel, &names)
+            .await
+            .expect("declare topology");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        let redis = redis::Client::open(REDIS_URL)
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis must run at 127.0.0.1:6379 (scripts/services.sh starts it)");
+        let env = TestEnv {
+            ns,
+            names,
+            conn,
+            channel,
+            redis,
+            queues: Arc::new(Mutex::new(Vec::new())),
+        };
+        env.declare_queue("default").await;
+        env
+    }
+
+    /// Declares `NS.q.QUEUE` and remembers it for cleanup.
+    pub async fn declare_queue(&self, logical: &str) {
+        kairos_shared::topology::declare_task_queue(&self.channel, &self.names, logical)
+            .await
+            .expect("declare task queue");
+        self.queues.lock().expect("lock").push(self.names.queue(logical));
+    }
+
+    pub fn scheduler_config(&self) -> SchedulerConfig {
+        let mut c = SchedulerConfig::for_namespace(&self.ns);
+        c.common.events = true;
+        c.retry_base_ms = 100;
+        c
+    }
+
+    pub fn worker_config(&self) -> WorkerConfig {
+        let mut c = WorkerConfig::for_namespace(&self.ns);
+        c.common.events = true;
+        c.concurrency = Concurrency { min: 4, max: 32 };
+        c
+    }
+
+    /// Environment for a `kairos-*` process in this namespace.
+    pub fn process_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("KAIROS_NAMESPACE".into(), self.ns.clone()),
+            ("KAIROS_AMQP_URL".into(), AMQP_URL.into()),
+            ("KAIROS_REDIS_URL".into(), REDIS_URL.into()),
+            ("KAIROS_EVENTS".into(), "true".into()),
+            ("KAIROS_RETRY_BASE_MS".into(), "100".into()),
+            ("RUST_LOG".into(), std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())),
+        ]
+    }
+
+    /// Publishes one message with confirms.
+    pub async fn publish(&self, exchange: &str, routing_key: &str, props: BasicProperties, body: &[u8]) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack(), "broker did not confirm");
+    }
+
+    /// Publishes many messages with their confirms outstanding together.
+    pub async fn publish_many(&self, exchange: &str, messages: Vec<(String, BasicProperties, Vec<u8>)>) {
+        let mut confirms = Vec::with_capacity(messages.len());
+        for (key, props, body) in messages {
+            confirms.push(
+                self.channel
+                    .basic_publish(
+                        exchange.into(),
+                        key.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        props,
+                    )
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for c in futures_util::future::join_all(confirms).await {
+            assert!(c.expect("confirm").is_ack());
+        }
+    }
+
+    /// Waits until `n` messages arrived in `NS.dead`, and returns them.
+    pub async fn dead_letters(&self, n: usize, within: Duration) -> Vec<DeadLetter> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let got = self
+                .channel
+                .basic_get(self.names.dead().as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .expect("basic_get");
+            match got {
+                Some(m) => out.push(DeadLetter {
+                    routing_key: m.delivery.routing_key.to_string(),
+                    props: m.delivery.properties.clone(),
+                    body: m.delivery.data.clone(),
+                }),
+                None => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "only {} of {n} dead letters arrived",
+                        out.len()
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        out
+    }
+
+    /// Messages now in a queue.
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let q = self
+            .channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        q.message_count()
+    }
+
+    /// Redis keys of this namespace.
+    pub async fn redis_keys(&self) -> Vec<String> {
+        let mut con = self.redis.clone();
+        redis::cmd("KEYS")
+            .arg(format!("{}:*", self.ns))
+            .query_async(&mut con)
+            .await
+            .expect("KEYS")
+    }
+
+    /// A consumer on a task queue, for tests that read what the scheduler
+    /// publishes without a worker.
+    pub async fn consume_queue(&self, logical: &str, prefetch: u16) -> Consumer {
+        let ch = self.conn.create_channel().await.expect("channel");
+        ch.basic_qos(prefetch, lapin::options::BasicQosOptions::default())
+            .await
+            .expect("qos");
+        ch.basic_consume(
+            self.names.queue(logical).as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let ns = self.ns.clone();
+        let names = self.names.clone();
+        let queues = self.queues.lock().map(|q| q.clone()).unwrap_or_default();
+        // Cleanup needs I/O, and Drop is not async: do it on a thread with
+        // its own runtime, so it also runs when the test panicked.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(cleanup(ns, names, queues));
+        })
+        .join();
+    }
+}
+
+async fn cleanup(ns: String, names: Names, queues: Vec<String>) {
+    if let Ok(conn) = kairos_shared::amqp::connect(AMQP_URL, "kairos-test-cleanup").await {
+        if let Ok(ch) = conn.create_channel().await {
+            let all_queues = queues
+                .into_iter()
+                .chain([names.delay(), names.retry(), names.dead()]);
+            for q in all_queues {
+                let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+            }
+            for e in [
+                names.tasks_exchange(),
+                names.delay(),
+                names.retry(),
+                names.dead(),
+                names.events(),
+            ] {
+                let _ = ch
+                    .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+        }
+        let _ = conn.close(200, "cleanup".into()).await;
+    }
+    if let Ok(client) = redis::Client::open(REDIS_URL) {
+        if let Ok(mut con) = client.get_multiplexed_async_connection().await {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{ns}:*"))
+                .query_async(&mut con)
+                .await
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut con).await;
+            }
+        }
+    }
+}
+
+/// A message taken from `NS.dead`.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    pub routing_key: String,
+    pub props: BasicProperties,
+    pub body: Vec<u8>,
+}
+
+impl DeadLetter {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(name))
+            .map(kairos_shared::contract::value_to_string)
+    }
+
+    pub fn id(&self) -> Option<String> {
+        self.props.message_id().as_ref().map(|s| s.to_string())
+    }
+}
+
+/// A task message as the contract describes it, for tests that publish
+/// raw AMQP like a client in another language would.
+pub fn task_props(name: &str, id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_type(name.into())
+        .with_message_id(id.into())
+        .with_delivery_mode(2)
+}
+
+pub fn with_headers(props: BasicProperties, headers: &[(&str, lapin::types::AMQPValue)]) -> BasicProperties {
+    let mut table = props.headers().clone().unwrap_or_default();
+    for (k, v) in headers {
+        table.insert((*k).into(), v.clone());
+    }
+    props.with_headers(table)
+}
+
+/// One lifecycle event as received.
+#[derive(Clone, Debug)]
+pub struct SeenEvent {
+    pub kind: String,
+    pub id: String,
+    pub name: String,
+    pub attempt: u64,
+    pub at: i64,
+    pub due_at: Option<i64>,
+    pub error: Option<String>,
+    pub raw: Value,
+}
+
+/// A private queue bound to `NS.events`; collects events as they arrive.
+pub struct EventTap {
+    rx: tokio::sync::mpsc::UnboundedReceiver<SeenEvent>,
+    pub seen: Vec<SeenEvent>,
+    _task: JoinHandle<()>,
+}
+
+impl EventTap {
+    pub async fn new(env: &TestEnv) -> Self {
+        let ch = env.conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("event queue");
+        ch.queue_bind(
+            q.name().clone(),
+            env.names.events().into(),
+            "task.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind events");
+        let mut consumer = ch
+            .basic_consume(
+                q.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume events");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let _keep = ch;
+            while let Some(Ok(d)) = consumer.next().await {
+                let Ok(v) = serde_json::from_slice::<Value>(&d.data) else {
+                    continue;
+                };
+                let ev = SeenEvent {
+                    kind: v["event"].as_str().unwrap_or_default().to_string(),
+                    id: v["id"].as_str().unwrap_or_default().to_string(),
+                    name: v["name"].as_str().unwrap_or_default().to_string(),
+                    attempt: v["attempt"].as_u64().unwrap_or_default(),
+                    at: v["at"].as_i64().unwrap_or_default(),
+                    due_at: v["due_at"].as_i64(),
+                    error: v["error"].as_str().map(str::to_string),
+                    raw: v,
+                };
+                if tx.send(ev).is_err() {
+                    return;
+                }
+            }
+        });
+        EventTap {
+            rx,
+            seen: Vec::new(),
+            _task: task,
+        }
+    }
+
+    /// Waits until `done(seen)` holds, or panics after `within`.
+    pub async fn wait_until(&mut self, within: Duration, what: &str, done: impl Fn(&[SeenEvent]) -> bool) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !done(&self.seen) {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(ev)) => self.seen.push(ev),
+                Ok(None) => panic!("event stream ended while waiting for {what}"),
+                Err(_) => panic!(
+                    "timed out after {within:?} waiting for {what}; saw {} events",
+                    self.seen.len()
+                ),
+            }
+        }
+    }
+
+    /// Waits for `n` events of `kind` with distinct ids.
+    pub async fn wait_distinct(&mut self, kind: EventKind, n: usize, within: Duration) {
+        let k = kind.as_str();
+        self.wait_until(within, &format!("{n} distinct {k} events"), |seen| {
+            distinct_ids(seen, k) >= n
+        })
+        .await;
+    }
+
+    /// Events of one kind.
+    pub fn of(&self, kind: EventKind) -> Vec<&SeenEvent> {
+        self.seen.iter().filter(|e| e.kind == kind.as_str()).collect()
+    }
+}
+
+/// How many distinct task ids have an event of `kind`.
+pub fn distinct_ids(seen: &[SeenEvent], kind: &str) -> usize {
+    let mut ids: HashMap<&str, ()> = HashMap::new();
+    for e in seen.iter().filter(|e| e.kind == kind) {
+        ids.insert(&e.id, ());
+    }
+    ids.len()
+}
+
+/// Acks a delivery a test consumed.
+pub async fn ack(d: &lapin::message::Delivery) {
+    d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+}
+
+/// A scheduler or worker running in this test's runtime.
+pub struct InProcess {
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl InProcess {
+    pub fn scheduler(config: SchedulerConfig) -> Self {
+        Self::spawn(move |shutdown| async move {
+            kairos_scheduler::run(config, shutdown).await.expect("scheduler run");
+        })
+    }
+
+    pub fn worker(worker: kairos_worker::Worker) -> Self {
+        Self::spawn(move |shutdown| async move {
+            worker.run(shutdown).await.expect("worker run");
+        })
+    }
+
+    fn spawn<F, Fut>(f: F) -> Self
+    where
+        F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<()>();
+        let shutdown = Box::pin(async move {
+            let _ = rx.await;
+        });
+        InProcess {
+            stop: Some(tx),
+            handle: Some(tokio::spawn(f(shutdown))),
+        }
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.expect("service task");
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+        }
+    }
+}
+
+/// A `kairos-*` binary built by `cargo build` (the test command builds the
+/// workspace's binaries first).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A child process, killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, env: &[(String, String)]) -> Self {
+        let mut cmd = Command::new(binary(name));
+        cmd.envs(env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        Proc {
+            child: cmd.spawn().expect("spawn kairos binary"),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "process did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Percentile of a sorted slice (nearest rank).
+pub fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The Python interpreter with pika: `KAIROS_TEST_PYTHON`, else the venv
+/// `scripts/test.sh` makes (`target/py`), else `python3`.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("KAIROS_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = workspace_root().join("target/py/bin/python");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Runs the documented Python example (docs/examples/python/enqueue.py)
+/// and returns what it printed.
+pub fn python_enqueue(env: &TestEnv, args: &[&str]) -> Value {
+    let out = Command::new(python())
+        .arg(workspace_root().join("docs/examples/python/enqueue.py"))
+        .args(["--namespace", &env.ns, "--amqp-url", AMQP_URL])
+        .args(args)
+        .output()
+        .expect("run python (scripts/test.sh installs pika into target/py)");
+    assert!(
+        out.status.success(),
+        "enqueue.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("enqueue.py prints JSON")
+}
