@@ -12,50 +12,50 @@ pub struct Config {
     pub common: CommonConfig,
 
     /// Redis URL of the delay queue.
-    #[arg(long, env = "KAIROS_REDIS_URL", default_value = DEFAULT_REDIS_URL, value_parser = parse_redis_url)]
+    #[arg(long, env = "KAIROS_REDIS_URL", value_name = "KAIROS_REDIS_URL", default_value = DEFAULT_REDIS_URL, value_parser = parse_redis_url)]
     pub redis_url: String,
 
     /// Address of the HTTP API.
-    #[arg(long, env = "KAIROS_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "KAIROS_HTTP_ADDR", value_name = "KAIROS_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
 
     /// Delay-queue shards. Every scheduler of a namespace must use the same
     /// number; the first one to start records it.
-    #[arg(long, env = "KAIROS_SHARDS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, env = "KAIROS_SHARDS", value_name = "KAIROS_SHARDS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub shards: u16,
 
     /// Tasks claimed per shard per round, and deliveries per intake batch.
-    #[arg(long, env = "KAIROS_BATCH", default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=5000))]
+    #[arg(long, env = "KAIROS_BATCH", value_name = "KAIROS_BATCH", default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=5000))]
     pub batch: u16,
 
     /// How long a claimed task may take to be published before another
     /// instance takes it back (ms).
-    #[arg(long, env = "KAIROS_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..))]
+    #[arg(long, env = "KAIROS_LEASE_MS", value_name = "KAIROS_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..))]
     pub lease_ms: u64,
 
     /// Longest sleep of the pump when nothing wakes it (ms); bounds how late
     /// an expired lease is noticed.
-    #[arg(long, env = "KAIROS_IDLE_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    #[arg(long, env = "KAIROS_IDLE_MS", value_name = "KAIROS_IDLE_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub idle_ms: u64,
 
     /// Retries for tasks without an `x-max-retries` header.
-    #[arg(long, env = "KAIROS_MAX_RETRIES", default_value_t = 3)]
+    #[arg(long, env = "KAIROS_MAX_RETRIES", value_name = "KAIROS_MAX_RETRIES", default_value_t = 3)]
     pub max_retries: u32,
 
     /// Backoff ceiling of the first retry (ms); doubles per attempt.
-    #[arg(long, env = "KAIROS_RETRY_BASE_MS", default_value_t = 1_000)]
+    #[arg(long, env = "KAIROS_RETRY_BASE_MS", value_name = "KAIROS_RETRY_BASE_MS", default_value_t = 1_000)]
     pub retry_base_ms: u64,
 
     /// Longest backoff (ms).
-    #[arg(long, env = "KAIROS_RETRY_MAX_MS", default_value_t = 3_600_000)]
+    #[arg(long, env = "KAIROS_RETRY_MAX_MS", value_name = "KAIROS_RETRY_MAX_MS", default_value_t = 3_600_000)]
     pub retry_max_ms: u64,
 
     /// Backoff jitter: equal (ceiling/2 to ceiling), full (0 to ceiling), none.
-    #[arg(long, env = "KAIROS_RETRY_JITTER", value_enum, default_value = "equal")]
+    #[arg(long, env = "KAIROS_RETRY_JITTER", value_name = "KAIROS_RETRY_JITTER", value_enum, default_value = "equal")]
     pub retry_jitter: Jitter,
 
     /// Unacked deliveries per intake consumer.
-    #[arg(long, env = "KAIROS_INTAKE_PREFETCH", default_value_t = 1_000)]
+    #[arg(long, env = "KAIROS_INTAKE_PREFETCH", value_name = "KAIROS_INTAKE_PREFETCH", default_value_t = 1_000)]
     pub intake_prefetch: u16,
 }
 

@@ -14,15 +14,15 @@ pub const DEFAULT_NAMESPACE: &str = "kairos";
 #[derive(Args, Clone, Debug)]
 pub struct CommonConfig {
     /// RabbitMQ URL.
-    #[arg(long, env = "KAIROS_AMQP_URL", default_value = DEFAULT_AMQP_URL, value_parser = parse_amqp_url)]
+    #[arg(long, env = "KAIROS_AMQP_URL", value_name = "KAIROS_AMQP_URL", default_value = DEFAULT_AMQP_URL, value_parser = parse_amqp_url)]
     pub amqp_url: String,
 
     /// Prefix of every AMQP name and Redis key.
-    #[arg(long, env = "KAIROS_NAMESPACE", default_value = DEFAULT_NAMESPACE, value_parser = parse_namespace)]
+    #[arg(long, env = "KAIROS_NAMESPACE", value_name = "KAIROS_NAMESPACE", default_value = DEFAULT_NAMESPACE, value_parser = parse_namespace)]
     pub namespace: String,
 
     /// Publish lifecycle events to `NS.events` (true/false).
-    #[arg(long, env = "KAIROS_EVENTS", default_value = "false", value_parser = BoolishValueParser::new())]
+    #[arg(long, env = "KAIROS_EVENTS", value_name = "KAIROS_EVENTS", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub events: bool,
 }
 

@@ -621,3 +621,117 @@ pub fn python_enqueue(env: &TestEnv, args: &[&str]) -> Value {
     );
     serde_json::from_slice(&out.stdout).expect("enqueue.py prints JSON")
 }
+
+/// Records which task ids a handler ran, for tests whose completion signal
+/// must survive a broker restart (events travel through the broker).
+#[derive(Clone, Default)]
+pub struct RunLog {
+    runs: Arc<Mutex<HashMap<String, usize>>>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl RunLog {
+    pub fn record(&self, id: &str) {
+        if let Ok(mut runs) = self.runs.lock() {
+            *runs.entry(id.to_string()).or_default() += 1;
+        }
+        self.notify.notify_waiters();
+    }
+
+    pub fn distinct(&self) -> usize {
+        self.runs.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    pub fn runs_of(&self, id: &str) -> usize {
+        self.runs.lock().map(|r| r.get(id).copied().unwrap_or(0)).unwrap_or(0)
+    }
+
+    pub fn total(&self) -> usize {
+        self.runs.lock().map(|r| r.values().sum()).unwrap_or(0)
+    }
+
+    /// Waits until `n` distinct ids ran.
+    pub async fn wait_distinct(&self, n: usize, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.notify.notified();
+            if self.distinct() >= n {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("only {} of {n} tasks ran within {within:?}", self.distinct());
+            }
+        }
+    }
+
+    /// A handler that records the task id, then sleeps `ms`.
+    pub fn handler(&self, ms: u64) -> impl kairos_worker::Handler {
+        let log = self.clone();
+        move |ctx: kairos_worker::TaskContext, _body: Vec<u8>| {
+            let log = log.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                log.record(&ctx.id);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A private `redis-server` on a free port, with AOF so that a restart
+/// keeps its data; killed when dropped.
+pub struct OwnRedis {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!("kairos-redis-{port}"));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut r = OwnRedis { port, dir, child: None };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts (again) on the same port and data directory.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/services.sh installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "own redis did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -10,26 +10,26 @@ pub struct Config {
     pub common: CommonConfig,
 
     /// Logical queues to consume, comma-separated.
-    #[arg(long, env = "KAIROS_QUEUES", default_value = "default", value_parser = parse_queue_list)]
+    #[arg(long, env = "KAIROS_QUEUES", value_name = "KAIROS_QUEUES", default_value = "default", value_parser = parse_queue_list)]
     pub queues: std::vec::Vec<String>,
 
     /// Tasks run at once: `N`, or `MIN..MAX` to scale with the backlog.
-    #[arg(long, env = "KAIROS_CONCURRENCY", default_value = "4..64")]
+    #[arg(long, env = "KAIROS_CONCURRENCY", value_name = "KAIROS_CONCURRENCY", default_value = "4..64")]
     pub concurrency: Concurrency,
 
     /// Unacked deliveries per queue; defaults to the maximum concurrency, so
     /// a later high-priority task waits behind at most that many prefetched
     /// lower ones. Raise it for throughput of very short tasks.
-    #[arg(long, env = "KAIROS_PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "KAIROS_PREFETCH", value_name = "KAIROS_PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: Option<u16>,
 
     /// Time running tasks get to finish after SIGTERM/SIGINT (ms); what is
     /// still running then is left unacked for RabbitMQ to redeliver.
-    #[arg(long, env = "KAIROS_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
+    #[arg(long, env = "KAIROS_SHUTDOWN_GRACE_MS", value_name = "KAIROS_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
     pub shutdown_grace_ms: u64,
 
     /// Time limit of one attempt when a task has no `x-timeout-ms` (ms).
-    #[arg(long, env = "KAIROS_TASK_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "KAIROS_TASK_TIMEOUT_MS", value_name = "KAIROS_TASK_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub task_timeout_ms: Option<u64>,
 }
 

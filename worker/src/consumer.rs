@@ -11,9 +11,10 @@ use futures_util::StreamExt;
 use kairos_shared::contract::{Names, Task};
 use kairos_shared::events::{EventKind, EventSink};
 use lapin::message::Delivery;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use futures_util::FutureExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::Connection;
+use lapin::Channel;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -41,17 +42,19 @@ pub enum ConsumeError {
     Cancelled(String),
 }
 
-/// Consumes `NS.q.QUEUE` until `stop` fires, spawning each delivery onto
-/// `tracker` once a slot is free.
+/// Consumes `NS.q.QUEUE` on `channel` until `stop` fires, spawning each
+/// delivery onto `tracker` once a slot is free. On stop it cancels the
+/// consumer and hands back the deliveries it had not started, but leaves the
+/// channel open: running tasks still ack on it, and the session closes it
+/// after they finished.
 pub async fn consume(
-    conn: &Connection,
+    channel: &Channel,
     shared: Arc<Shared>,
     queue: &str,
     prefetch: u16,
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) -> Result<(), ConsumeError> {
-    let channel = conn.create_channel().await?;
     // Prefetch before consume: the broker never sends more than this many
     // unacked deliveries, which bounds how far a low-priority backlog can
     // get ahead of a later high-priority task.
@@ -67,7 +70,7 @@ pub async fn consume(
         .await?;
     loop {
         let delivery = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => break,
             d = consumer.next() => d,
         };
         let delivery = match delivery {
@@ -75,9 +78,10 @@ pub async fn consume(
             None => return Err(ConsumeError::Cancelled(queue_name)),
         };
         let permit = tokio::select! {
-            // The delivery stays unacked and returns to the queue when the
-            // channel closes.
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => {
+                requeue(&delivery).await;
+                break;
+            }
             p = shared.slots.acquire() => p,
         };
         let shared = shared.clone();
@@ -86,6 +90,25 @@ pub async fn consume(
             drop(permit);
         });
     }
+    channel
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await?;
+    // Whatever the broker had already sent goes back at once, so another
+    // worker can take it while this one finishes its running tasks.
+    while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
+        requeue(&d).await;
+    }
+    Ok(())
+}
+
+async fn requeue(d: &Delivery) {
+    let _ = d
+        .acker
+        .nack(BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        })
+        .await;
 }
 
 async fn process(shared: &Shared, delivery: Delivery) {

@@ -140,13 +140,16 @@ impl Worker {
                 tracing::info!("connected to RabbitMQ");
                 let stop = CancellationToken::new();
                 let prefetch = config.prefetch();
-                let consumers = config.queues.iter().map(|q| {
+                let mut channels = Vec::with_capacity(config.queues.len());
+                for _ in &config.queues {
+                    channels.push(conn.create_channel().await?);
+                }
+                let consumers = config.queues.iter().zip(&channels).map(|(q, channel)| {
                     let stop = stop.clone();
                     let shared = shared.clone();
                     let tracker = &tracker;
-                    let conn = &conn;
                     async move {
-                        let r = consume(conn, shared, q, prefetch, tracker, stop.clone()).await;
+                        let r = consume(channel, shared, q, prefetch, tracker, stop.clone()).await;
                         stop.cancel();
                         r
                     }
@@ -164,7 +167,8 @@ impl Worker {
                     return Err(SessionError::Broken);
                 }
                 results.into_iter().collect::<Result<Vec<()>, _>>()?;
-                Ok::<(), SessionError>(())
+                // The channels stay open until the running tasks are done.
+                Ok::<Vec<lapin::Channel>, SessionError>(channels)
             };
             let result = session.await;
             // Let running tasks finish while the connection can still ack.
@@ -173,7 +177,7 @@ impl Worker {
                 tracing::warn!(running = tracker.len(), "grace period over; leaving running tasks unacked");
             }
             let _ = conn.close(200, "bye".into()).await;
-            if let Err(err) = result {
+            if let Err(err) = result.map(drop) {
                 if started.elapsed() > Duration::from_secs(10) {
                     backoff.reset();
                 }
