@@ -6,7 +6,11 @@ use kairos_shared::config::{CommonConfig, DEFAULT_REDIS_URL};
 use std::net::SocketAddr;
 
 #[derive(Parser, Clone, Debug)]
-#[command(name = "kairos-scheduler", version, about = "Kairos trigger service: the Redis delay queue, retries, and promotion to RabbitMQ")]
+#[command(
+    name = "kairos-scheduler",
+    version,
+    about = "Kairos trigger service: the Redis delay queue, retries, and promotion to RabbitMQ"
+)]
 pub struct Config {
     #[command(flatten)]
     pub common: CommonConfig,
@@ -16,7 +20,12 @@ pub struct Config {
     pub redis_url: String,
 
     /// Address of the HTTP API.
-    #[arg(long, env = "KAIROS_HTTP_ADDR", value_name = "KAIROS_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "KAIROS_HTTP_ADDR",
+        value_name = "KAIROS_HTTP_ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
     pub http_addr: SocketAddr,
 
     /// Delay-queue shards. Every scheduler of a namespace must use the same
@@ -39,23 +48,49 @@ pub struct Config {
     pub idle_ms: u64,
 
     /// Retries for tasks without an `x-max-retries` header.
-    #[arg(long, env = "KAIROS_MAX_RETRIES", value_name = "KAIROS_MAX_RETRIES", default_value_t = 3)]
+    #[arg(
+        long,
+        env = "KAIROS_MAX_RETRIES",
+        value_name = "KAIROS_MAX_RETRIES",
+        default_value_t = 3
+    )]
     pub max_retries: u32,
 
     /// Backoff ceiling of the first retry (ms); doubles per attempt.
-    #[arg(long, env = "KAIROS_RETRY_BASE_MS", value_name = "KAIROS_RETRY_BASE_MS", default_value_t = 1_000)]
+    #[arg(
+        long,
+        env = "KAIROS_RETRY_BASE_MS",
+        value_name = "KAIROS_RETRY_BASE_MS",
+        default_value_t = 1_000
+    )]
     pub retry_base_ms: u64,
 
     /// Longest backoff (ms).
-    #[arg(long, env = "KAIROS_RETRY_MAX_MS", value_name = "KAIROS_RETRY_MAX_MS", default_value_t = 3_600_000)]
+    #[arg(
+        long,
+        env = "KAIROS_RETRY_MAX_MS",
+        value_name = "KAIROS_RETRY_MAX_MS",
+        default_value_t = 3_600_000
+    )]
     pub retry_max_ms: u64,
 
     /// Backoff jitter: equal (ceiling/2 to ceiling), full (0 to ceiling), none.
-    #[arg(long, env = "KAIROS_RETRY_JITTER", value_name = "KAIROS_RETRY_JITTER", value_enum, default_value = "equal")]
+    #[arg(
+        long,
+        env = "KAIROS_RETRY_JITTER",
+        value_name = "KAIROS_RETRY_JITTER",
+        value_enum,
+        default_value = "equal"
+    )]
     pub retry_jitter: Jitter,
 
     /// Unacked deliveries per intake consumer.
-    #[arg(long, env = "KAIROS_INTAKE_PREFETCH", value_name = "KAIROS_INTAKE_PREFETCH", default_value_t = 1_000)]
+    #[arg(
+        long,
+        env = "KAIROS_INTAKE_PREFETCH",
+        value_name = "KAIROS_INTAKE_PREFETCH",
+        default_value_t = 1_000
+    )]
     pub intake_prefetch: u16,
 }
 
@@ -91,11 +126,20 @@ mod tests {
 
     #[test]
     fn bad_settings_name_themselves() {
-        let err = Config::try_parse_from(["s", "--shards", "0"]).err().unwrap().to_string();
+        let err = Config::try_parse_from(["s", "--shards", "0"])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("--shards"), "{err}");
-        let err = Config::try_parse_from(["s", "--redis-url", "nope://x"]).err().unwrap().to_string();
+        let err = Config::try_parse_from(["s", "--redis-url", "nope://x"])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("--redis-url"), "{err}");
-        let err = Config::try_parse_from(["s", "--retry-jitter", "x"]).err().unwrap().to_string();
+        let err = Config::try_parse_from(["s", "--retry-jitter", "x"])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("--retry-jitter"), "{err}");
     }
 

@@ -299,7 +299,10 @@ impl RedisDelayQueue {
     /// Runs a pipeline, loading the scripts and trying once more if Redis
     /// lost them (restart, SCRIPT FLUSH). Every script here is safe to run
     /// twice.
-    async fn query<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, QueueError> {
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, QueueError> {
         let mut con = self.pool.get().await?;
         match pipe.query_async(&mut con).await {
             Ok(v) => Ok(v),
@@ -331,14 +334,18 @@ async fn load_scripts(con: &mut Connection) -> Result<(), QueueError> {
 fn int(v: Option<Value>) -> Result<i64, QueueError> {
     match v {
         Some(Value::Int(n)) => Ok(n),
-        other => Err(QueueError::Reply(format!("expected an integer, got {other:?}"))),
+        other => Err(QueueError::Reply(format!(
+            "expected an integer, got {other:?}"
+        ))),
     }
 }
 
 fn bytes(v: Option<Value>) -> Result<Vec<u8>, QueueError> {
     match v {
         Some(Value::BulkString(b)) => Ok(b),
-        other => Err(QueueError::Reply(format!("expected a string, got {other:?}"))),
+        other => Err(QueueError::Reply(format!(
+            "expected a string, got {other:?}"
+        ))),
     }
 }
 

@@ -17,9 +17,7 @@ use futures_util::future::join_all;
 use futures_util::{FutureExt, StreamExt};
 use kairos_shared::amqp::now_ms;
 use kairos_shared::client::check;
-use kairos_shared::contract::{
-    raw_dead_letter_properties, value_to_string, Names, Task, H_ERROR,
-};
+use kairos_shared::contract::{raw_dead_letter_properties, value_to_string, Names, Task, H_ERROR};
 use kairos_shared::events::{EventKind, EventSink};
 use kairos_shared::record;
 use lapin::message::Delivery;
@@ -62,12 +60,26 @@ pub struct Intake {
 
 /// What to do with one delivery.
 enum Plan {
-    Hold { task: Task, entry: Entry, kind: EventKind },
-    Dead { origin: String, props: BasicProperties, body: Vec<u8>, error: String, task: Option<Task> },
+    Hold {
+        task: Box<Task>,
+        entry: Entry,
+        kind: EventKind,
+    },
+    Dead {
+        origin: String,
+        props: Box<BasicProperties>,
+        body: Vec<u8>,
+        error: String,
+        task: Option<Box<Task>>,
+    },
 }
 
 impl Intake {
-    pub async fn run(&self, conn: &Connection, cancel: CancellationToken) -> Result<(), IntakeError> {
+    pub async fn run(
+        &self,
+        conn: &Connection,
+        cancel: CancellationToken,
+    ) -> Result<(), IntakeError> {
         let channel = conn.create_channel().await?;
         channel
             .basic_qos(self.prefetch, BasicQosOptions::default())
@@ -104,7 +116,11 @@ impl Intake {
         }
     }
 
-    async fn handle(&self, batch: Vec<Delivery>, cancel: &CancellationToken) -> Result<(), IntakeError> {
+    async fn handle(
+        &self,
+        batch: Vec<Delivery>,
+        cancel: &CancellationToken,
+    ) -> Result<(), IntakeError> {
         let plans: Vec<Plan> = {
             // ThreadRng is not Send: keep it out of the awaits below.
             let mut rng = rand::rng();
@@ -126,7 +142,10 @@ impl Intake {
                 tracing::warn!(cause = %err, count = batch.len(), "cannot write to the delay queue; returning the batch to RabbitMQ");
                 if let Some(last) = batch.last() {
                     last.acker
-                        .nack(BasicNackOptions { multiple: true, requeue: true })
+                        .nack(BasicNackOptions {
+                            multiple: true,
+                            requeue: true,
+                        })
                         .await?;
                 }
                 kairos_shared::amqp::sleep_or_cancel(Duration::from_millis(500), cancel).await;
@@ -137,8 +156,18 @@ impl Intake {
         // 2. Dead letters, confirmed before anything is acked.
         let mut confirms = Vec::new();
         for p in &plans {
-            if let Plan::Dead { origin, props, body, .. } = p {
-                confirms.push(self.publisher.publish_dead(origin, props.clone(), body).await?);
+            if let Plan::Dead {
+                origin,
+                props,
+                body,
+                ..
+            } = p
+            {
+                confirms.push(
+                    self.publisher
+                        .publish_dead(origin, (**props).clone(), body)
+                        .await?,
+                );
             }
         }
         for c in join_all(confirms).await {
@@ -165,7 +194,12 @@ impl Intake {
                         }
                     }
                 }
-                Plan::Dead { error, task, origin, .. } => {
+                Plan::Dead {
+                    error,
+                    task,
+                    origin,
+                    ..
+                } => {
                     tracing::error!(queue = %origin, error = %error, "dead-lettered");
                     if let Some(task) = task {
                         self.events.task(EventKind::Dead, task, None, Some(error));
@@ -182,7 +216,12 @@ impl Intake {
             Ok(t) => t,
             Err(err) => {
                 return Plan::Dead {
-                    props: raw_dead_letter_properties(&d.properties, &origin, &err.to_string(), now_ms()),
+                    props: Box::new(raw_dead_letter_properties(
+                        &d.properties,
+                        &origin,
+                        &err.to_string(),
+                        now_ms(),
+                    )),
                     origin,
                     body: d.data.clone(),
                     error: err.to_string(),
@@ -207,14 +246,17 @@ impl Intake {
                 match self.policy.decide(task.attempt, task.max_retries, rng) {
                     Decision::Exhausted => {
                         return Plan::Dead {
-                            props: task.dead_letter_properties(&error, now_ms()),
+                            props: Box::new(task.dead_letter_properties(&error, now_ms())),
                             origin,
                             body: task.body.clone(),
                             error,
-                            task: Some(task),
+                            task: Some(Box::new(task)),
                         }
                     }
-                    Decision::Retry { next_attempt, delay_ms } => {
+                    Decision::Retry {
+                        next_attempt,
+                        delay_ms,
+                    } => {
                         tracing::warn!(task_id = %task.id, kind = %task.name, attempt = task.attempt, retry_in_ms = delay_ms, error = %error, "retrying");
                         task.attempt = next_attempt;
                         task.set_header(H_ERROR, kairos_shared::contract::text(&error));
@@ -231,16 +273,19 @@ impl Intake {
         };
         match record::encode(&task) {
             Ok(rec) => Plan::Hold {
-                entry: Entry { record: rec, ..entry },
-                task,
+                entry: Entry {
+                    record: rec,
+                    ..entry
+                },
+                task: Box::new(task),
                 kind,
             },
             Err(err) => Plan::Dead {
-                props: task.dead_letter_properties(&err.to_string(), now_ms()),
+                props: Box::new(task.dead_letter_properties(&err.to_string(), now_ms())),
                 origin,
                 body: task.body.clone(),
                 error: err.to_string(),
-                task: Some(task),
+                task: Some(Box::new(task)),
             },
         }
     }

@@ -56,7 +56,10 @@ pub enum SchedulerError {
 /// Runs the scheduler until `shutdown` completes. On shutdown, intake stops
 /// taking deliveries (unacked ones return to RabbitMQ) and the pump finishes
 /// the batches it claimed before returning.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), SchedulerError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), SchedulerError> {
     let cancel = CancellationToken::new();
     let trigger = cancel.clone();
     tokio::spawn(async move {
@@ -86,15 +89,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         }
     }
     let wake = Arc::new(Notify::new());
-    let redis_client =
-        redis::Client::open(config.redis_url.as_str()).map_err(|e| SchedulerError::Redis(e.to_string()))?;
+    let redis_client = redis::Client::open(config.redis_url.as_str())
+        .map_err(|e| SchedulerError::Redis(e.to_string()))?;
     let listener = tokio::spawn(wake::listen(
         redis_client,
         queue.wake_channel().to_string(),
         wake.clone(),
         cancel.clone(),
     ));
-    let events = EventSink::start(config.common.events, &config.common.amqp_url, &names, cancel.clone());
+    let events = EventSink::start(
+        config.common.events,
+        &config.common.amqp_url,
+        &names,
+        cancel.clone(),
+    );
     let pump = Pump {
         queue: queue.clone(),
         events: events.clone(),
@@ -107,7 +115,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
 
     let mut backoff = Backoff::new();
     while !cancel.is_cancelled() {
-        let Some(conn) = connect_with_retry(&config.common.amqp_url, "kairos-scheduler", &cancel).await else {
+        let Some(conn) =
+            connect_with_retry(&config.common.amqp_url, "kairos-scheduler", &cancel).await
+        else {
             break;
         };
         let session = async {
@@ -137,9 +147,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
                 r
             };
             let (a, b, c) = tokio::join!(
-                async { stop_on_err(delay.run(&conn, session_cancel.clone()).await.map_err(Into::into)) },
-                async { stop_on_err(retry.run(&conn, session_cancel.clone()).await.map_err(Into::into)) },
-                async { stop_on_err(pump.run(publisher.clone(), session_cancel.clone()).await.map_err(Into::into)) },
+                async {
+                    stop_on_err(
+                        delay
+                            .run(&conn, session_cancel.clone())
+                            .await
+                            .map_err(Into::into),
+                    )
+                },
+                async {
+                    stop_on_err(
+                        retry
+                            .run(&conn, session_cancel.clone())
+                            .await
+                            .map_err(Into::into),
+                    )
+                },
+                async {
+                    stop_on_err(
+                        pump.run(publisher.clone(), session_cancel.clone())
+                            .await
+                            .map_err(Into::into),
+                    )
+                },
             );
             a.and(b).and(c)
         };

@@ -21,7 +21,9 @@ pub struct Publisher {
 impl Publisher {
     pub async fn open(conn: &Connection, names: Names) -> lapin::Result<Self> {
         let channel = conn.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         Ok(Publisher {
             channel,
             names,

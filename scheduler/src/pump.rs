@@ -51,7 +51,11 @@ impl Pump {
     /// Runs until `cancel`; then finishes the batches it claimed (publish,
     /// confirm, delete) before returning. An AMQP error ends the run so the
     /// supervisor can reconnect; Redis errors are retried here.
-    pub async fn run(&self, publisher: Arc<Publisher>, cancel: CancellationToken) -> Result<(), PumpError> {
+    pub async fn run(
+        &self,
+        publisher: Arc<Publisher>,
+        cancel: CancellationToken,
+    ) -> Result<(), PumpError> {
         let mut inflight: JoinSet<Result<(), PumpError>> = JoinSet::new();
         let mut backoff = Backoff::new();
         let result = loop {
@@ -122,7 +126,8 @@ impl Pump {
         &self,
         publisher: &Arc<Publisher>,
         claimed: Vec<Claimed>,
-    ) -> Result<impl std::future::Future<Output = Result<(), PumpError>> + Send + 'static, PumpError> {
+    ) -> Result<impl std::future::Future<Output = Result<(), PumpError>> + Send + 'static, PumpError>
+    {
         // settled[i]: task i may be deleted (confirmed, or unreadable).
         let mut settled = vec![false; claimed.len()];
         let mut sent = Vec::with_capacity(claimed.len());
@@ -180,7 +185,8 @@ impl Pump {
             this.queue.complete(&done).await?;
             this.queue.release(&failed).await?;
             for (task, due) in &published {
-                this.events.task(EventKind::Published, task, Some(*due), None);
+                this.events
+                    .task(EventKind::Published, task, Some(*due), None);
             }
             Ok::<(), PumpError>(())
         };
@@ -202,4 +208,3 @@ fn reap(inflight: &mut JoinSet<Result<(), PumpError>>) -> Option<PumpError> {
     }
     None
 }
-

@@ -65,7 +65,12 @@ impl RetryPolicy {
 
     /// `max_retries` counts retries after the first attempt, so attempt
     /// `max_retries + 1` is the last.
-    pub fn decide(&self, failed_attempt: u32, max_retries: Option<u32>, rng: &mut impl Rng) -> Decision {
+    pub fn decide(
+        &self,
+        failed_attempt: u32,
+        max_retries: Option<u32>,
+        rng: &mut impl Rng,
+    ) -> Decision {
         let max = max_retries.unwrap_or(self.default_max_retries);
         if failed_attempt > max {
             Decision::Exhausted
@@ -129,9 +134,18 @@ mod tests {
         let p = policy(Jitter::None);
         assert_eq!(
             p.decide(1, Some(3), &mut rng),
-            Decision::Retry { next_attempt: 2, delay_ms: 100 }
+            Decision::Retry {
+                next_attempt: 2,
+                delay_ms: 100
+            }
         );
-        assert!(matches!(p.decide(3, Some(3), &mut rng), Decision::Retry { next_attempt: 4, .. }));
+        assert!(matches!(
+            p.decide(3, Some(3), &mut rng),
+            Decision::Retry {
+                next_attempt: 4,
+                ..
+            }
+        ));
         assert_eq!(p.decide(4, Some(3), &mut rng), Decision::Exhausted);
         assert_eq!(p.decide(1, Some(0), &mut rng), Decision::Exhausted);
         // Without a header the deployment default (3) applies.

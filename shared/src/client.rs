@@ -164,7 +164,9 @@ impl Client {
         let channel = conn.create_channel().await?;
         let names = Names::new(namespace);
         topology::declare_base(&channel, &names).await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         Ok(Client {
             conn,
             channel,
@@ -245,9 +247,9 @@ impl Client {
 pub fn check(confirmation: Confirmation) -> Result<(), ClientError> {
     match confirmation {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-        Confirmation::Ack(Some(returned)) => Err(ClientError::Unroutable(
-            returned.reply_text.to_string(),
-        )),
+        Confirmation::Ack(Some(returned)) => {
+            Err(ClientError::Unroutable(returned.reply_text.to_string()))
+        }
         Confirmation::Nack(_) => Err(ClientError::Nacked),
     }
 }

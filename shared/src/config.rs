@@ -171,7 +171,10 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("KAIROS_NAMESPACE") || err.contains("--namespace"), "{err}");
+        assert!(
+            err.contains("KAIROS_NAMESPACE") || err.contains("--namespace"),
+            "{err}"
+        );
         let err = Cli::try_parse_from(["x", "--amqp-url", "http://nope"])
             .err()
             .unwrap()

@@ -181,7 +181,10 @@ impl Task {
     /// priority, persistent, and `x-attempt` set to the task's attempt.
     pub fn publish_properties(&self) -> BasicProperties {
         let mut headers = self.headers();
-        headers.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(self.attempt as i64));
+        headers.insert(
+            H_ATTEMPT.into(),
+            AMQPValue::LongLongInt(self.attempt as i64),
+        );
         self.properties
             .clone()
             .with_message_id(self.id.as_str().into())
@@ -202,7 +205,10 @@ impl Task {
     pub fn with_failure_headers(&self, error: &str, failed_at: i64) -> BasicProperties {
         let props = self.publish_properties();
         let mut headers = props.headers().clone().unwrap_or_default();
-        headers.insert(H_ERROR.into(), AMQPValue::LongString(truncate(error).into()));
+        headers.insert(
+            H_ERROR.into(),
+            AMQPValue::LongString(truncate(error).into()),
+        );
         headers.insert(H_FAILED_AT.into(), AMQPValue::LongLongInt(failed_at));
         headers.insert(
             H_ORIGIN_QUEUE.into(),
@@ -271,7 +277,10 @@ pub fn raw_dead_letter_properties(
         _ => 1,
     };
     headers.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(attempt));
-    headers.insert(H_ERROR.into(), AMQPValue::LongString(truncate(error).into()));
+    headers.insert(
+        H_ERROR.into(),
+        AMQPValue::LongString(truncate(error).into()),
+    );
     headers.insert(H_FAILED_AT.into(), AMQPValue::LongLongInt(failed_at));
     headers.insert(H_ORIGIN_QUEUE.into(), text(origin_queue));
     properties
@@ -415,7 +424,11 @@ mod tests {
         let parsed = uuid::Uuid::parse_str(&t.id).unwrap();
         assert_eq!(parsed.get_version_num(), 7);
         assert_eq!(
-            t.publish_properties().message_id().as_ref().unwrap().as_str(),
+            t.publish_properties()
+                .message_id()
+                .as_ref()
+                .unwrap()
+                .as_str(),
             t.id
         );
         assert_eq!(t.attempt, 1);
@@ -456,7 +469,10 @@ mod tests {
     fn non_integer_run_at_is_a_bad_header() {
         let p = with_header(props("t"), H_RUN_AT, text("abc"));
         let err = Task::decode("q", &p, b"").unwrap_err();
-        assert!(matches!(err, ProtocolError::BadHeader { name: H_RUN_AT, .. }));
+        assert!(matches!(
+            err,
+            ProtocolError::BadHeader { name: H_RUN_AT, .. }
+        ));
         assert!(err.to_string().contains("x-run-at"));
         let p = with_header(props("t"), H_DELAY_MS, AMQPValue::Double(1.5));
         assert!(Task::decode("q", &p, b"").is_err());
@@ -477,7 +493,10 @@ mod tests {
         assert_eq!(t.due_at(1_000), 5_000);
         let p = with_header(props("t"), H_DELAY_MS, AMQPValue::LongLongInt(10));
         assert_eq!(Task::decode("q", &p, b"").unwrap().due_at(1_000), 1_010);
-        assert_eq!(Task::decode("q", &props("t"), b"").unwrap().due_at(1_000), 1_000);
+        assert_eq!(
+            Task::decode("q", &props("t"), b"").unwrap().due_at(1_000),
+            1_000
+        );
     }
 
     #[test]
@@ -490,7 +509,10 @@ mod tests {
         let mut t = Task::decode("q", &p, b"{}").unwrap();
         t.attempt = 3;
         let out = t.publish_properties();
-        assert_eq!(out.content_type().as_ref().unwrap().as_str(), "application/json");
+        assert_eq!(
+            out.content_type().as_ref().unwrap().as_str(),
+            "application/json"
+        );
         assert_eq!(out.correlation_id().as_ref().unwrap().as_str(), "c-1");
         assert_eq!(out.delivery_mode(), &Some(2));
         let h = out.headers().as_ref().unwrap();
@@ -504,7 +526,10 @@ mod tests {
         let p = t.dead_letter_properties("boom", 42);
         let h = p.headers().as_ref().unwrap();
         assert_eq!(h.inner().get(H_ERROR), Some(&text("boom")));
-        assert_eq!(h.inner().get(H_FAILED_AT), Some(&AMQPValue::LongLongInt(42)));
+        assert_eq!(
+            h.inner().get(H_FAILED_AT),
+            Some(&AMQPValue::LongLongInt(42))
+        );
         assert_eq!(h.inner().get(H_ORIGIN_QUEUE), Some(&text("emails")));
         assert_eq!(h.inner().get(H_ATTEMPT), Some(&AMQPValue::LongLongInt(1)));
     }

@@ -58,7 +58,12 @@ pub struct Event {
 }
 
 impl Event {
-    pub fn for_task(kind: EventKind, task: &Task, due_at: Option<i64>, error: Option<String>) -> Self {
+    pub fn for_task(
+        kind: EventKind,
+        task: &Task,
+        due_at: Option<i64>,
+        error: Option<String>,
+    ) -> Self {
         Event {
             event: kind,
             id: task.id.clone(),
@@ -123,7 +128,12 @@ impl EventSink {
     /// nothing when events are off.
     pub fn task(&self, kind: EventKind, task: &Task, due_at: Option<i64>, error: Option<&str>) {
         if self.enabled() {
-            self.emit(Event::for_task(kind, task, due_at, error.map(str::to_string)));
+            self.emit(Event::for_task(
+                kind,
+                task,
+                due_at,
+                error.map(str::to_string),
+            ));
         }
     }
 }

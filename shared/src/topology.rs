@@ -69,7 +69,11 @@ pub fn task_queue_arguments(names: &Names) -> FieldTable {
 }
 
 /// `NS.q.QUEUE`, bound to `NS.tasks` with key `QUEUE`.
-pub async fn declare_task_queue(channel: &Channel, names: &Names, logical: &str) -> lapin::Result<()> {
+pub async fn declare_task_queue(
+    channel: &Channel,
+    names: &Names,
+    logical: &str,
+) -> lapin::Result<()> {
     let queue = names.queue(logical);
     channel
         .queue_declare(

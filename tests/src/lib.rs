@@ -13,8 +13,9 @@ use kairos_shared::config::Concurrency;
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventKind;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, Consumer};
@@ -59,7 +60,10 @@ pub struct TestEnv {
 impl TestEnv {
     pub async fn new(prefix: &str) -> Self {
         init_logging();
-        let ns = format!("kt-{prefix}-{}", &uuid::Uuid::now_v7().simple().to_string()[22..]);
+        let ns = format!(
+            "kt-{prefix}-{}",
+            &uuid::Uuid::now_v7().simple().to_string()[22..]
+        );
         let names = Names::new(&ns);
         let conn = kairos_shared::amqp::connect(AMQP_URL, "kairos-test")
             .await
@@ -94,7 +98,10 @@ impl TestEnv {
         kairos_shared::topology::declare_task_queue(&self.channel, &self.names, logical)
             .await
             .expect("declare task queue");
-        self.queues.lock().expect("lock").push(self.names.queue(logical));
+        self.queues
+            .lock()
+            .expect("lock")
+            .push(self.names.queue(logical));
     }
 
     pub fn scheduler_config(&self) -> SchedulerConfig {
@@ -119,12 +126,21 @@ impl TestEnv {
             ("KAIROS_REDIS_URL".into(), REDIS_URL.into()),
             ("KAIROS_EVENTS".into(), "true".into()),
             ("KAIROS_RETRY_BASE_MS".into(), "100".into()),
-            ("RUST_LOG".into(), std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())),
+            (
+                "RUST_LOG".into(),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
         ]
     }
 
     /// Publishes one message with confirms.
-    pub async fn publish(&self, exchange: &str, routing_key: &str, props: BasicProperties, body: &[u8]) {
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        props: BasicProperties,
+        body: &[u8],
+    ) {
         let confirm = self
             .channel
             .basic_publish(
@@ -142,7 +158,11 @@ impl TestEnv {
     }
 
     /// Publishes many messages with their confirms outstanding together.
-    pub async fn publish_many(&self, exchange: &str, messages: Vec<(String, BasicProperties, Vec<u8>)>) {
+    pub async fn publish_many(
+        &self,
+        exchange: &str,
+        messages: Vec<(String, BasicProperties, Vec<u8>)>,
+    ) {
         let mut confirms = Vec::with_capacity(messages.len());
         for (key, props, body) in messages {
             confirms.push(
@@ -170,7 +190,10 @@ impl TestEnv {
         while out.len() < n {
             let got = self
                 .channel
-                .basic_get(self.names.dead().as_str().into(), BasicGetOptions { no_ack: true })
+                .basic_get(
+                    self.names.dead().as_str().into(),
+                    BasicGetOptions { no_ack: true },
+                )
                 .await
                 .expect("basic_get");
             match got {
@@ -245,7 +268,10 @@ impl Drop for TestEnv {
         // Cleanup needs I/O, and Drop is not async: do it on a thread with
         // its own runtime, so it also runs when the test panicked.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(cleanup(ns, names, queues));
@@ -261,7 +287,9 @@ async fn cleanup(ns: String, names: Names, queues: Vec<String>) {
                 .into_iter()
                 .chain([names.delay(), names.retry(), names.dead()]);
             for q in all_queues {
-                let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                let _ = ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
             }
             for e in [
                 names.tasks_exchange(),
@@ -322,7 +350,10 @@ pub fn task_props(name: &str, id: &str) -> BasicProperties {
         .with_delivery_mode(2)
 }
 
-pub fn with_headers(props: BasicProperties, headers: &[(&str, lapin::types::AMQPValue)]) -> BasicProperties {
+pub fn with_headers(
+    props: BasicProperties,
+    headers: &[(&str, lapin::types::AMQPValue)],
+) -> BasicProperties {
     let mut table = props.headers().clone().unwrap_or_default();
     for (k, v) in headers {
         table.insert((*k).into(), v.clone());
@@ -416,7 +447,12 @@ impl EventTap {
     }
 
     /// Waits until `done(seen)` holds, or panics after `within`.
-    pub async fn wait_until(&mut self, within: Duration, what: &str, done: impl Fn(&[SeenEvent]) -> bool) {
+    pub async fn wait_until(
+        &mut self,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&[SeenEvent]) -> bool,
+    ) {
         let deadline = tokio::time::Instant::now() + within;
         while !done(&self.seen) {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
@@ -441,7 +477,10 @@ impl EventTap {
 
     /// Events of one kind.
     pub fn of(&self, kind: EventKind) -> Vec<&SeenEvent> {
-        self.seen.iter().filter(|e| e.kind == kind.as_str()).collect()
+        self.seen
+            .iter()
+            .filter(|e| e.kind == kind.as_str())
+            .collect()
     }
 }
 
@@ -468,7 +507,9 @@ pub struct InProcess {
 impl InProcess {
     pub fn scheduler(config: SchedulerConfig) -> Self {
         Self::spawn(move |shutdown| async move {
-            kairos_scheduler::run(config, shutdown).await.expect("scheduler run");
+            kairos_scheduler::run(config, shutdown)
+                .await
+                .expect("scheduler run");
         })
     }
 
@@ -517,10 +558,7 @@ impl Drop for InProcess {
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target dir");
+    let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -563,7 +601,10 @@ impl Proc {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "process did not exit after SIGTERM");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -643,7 +684,10 @@ impl RunLog {
     }
 
     pub fn runs_of(&self, id: &str) -> usize {
-        self.runs.lock().map(|r| r.get(id).copied().unwrap_or(0)).unwrap_or(0)
+        self.runs
+            .lock()
+            .map(|r| r.get(id).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     pub fn total(&self) -> usize {
@@ -659,7 +703,10 @@ impl RunLog {
                 return;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!("only {} of {n} tasks ran within {within:?}", self.distinct());
+                panic!(
+                    "only {} of {n} tasks ran within {within:?}",
+                    self.distinct()
+                );
             }
         }
     }
@@ -694,7 +741,11 @@ impl OwnRedis {
             .port();
         let dir = std::env::temp_dir().join(format!("kairos-redis-{port}"));
         std::fs::create_dir_all(&dir).expect("redis dir");
-        let mut r = OwnRedis { port, dir, child: None };
+        let mut r = OwnRedis {
+            port,
+            dir,
+            child: None,
+        };
         r.restart();
         r
     }
@@ -707,7 +758,14 @@ impl OwnRedis {
     pub fn restart(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -716,7 +774,10 @@ impl OwnRedis {
         self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "own redis did not start");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "own redis did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -17,18 +17,33 @@ async fn bad_input_is_dead_lettered_with_a_reason() {
     let tasks = env.names.tasks_exchange();
 
     // No `type`.
-    let no_type = BasicProperties::default().with_message_id("no-type".into()).with_delivery_mode(2);
+    let no_type = BasicProperties::default()
+        .with_message_id("no-type".into())
+        .with_delivery_mode(2);
     env.publish(&tasks, "default", no_type, b"{}").await;
     // `x-run-at` of "abc", to the scheduler.
     let bad_time = with_headers(
         task_props("kairos.noop", "bad-time"),
         &[("x-run-at", AMQPValue::LongString("abc".into()))],
     );
-    env.publish(&env.names.delay(), "default", bad_time, b"{}").await;
+    env.publish(&env.names.delay(), "default", bad_time, b"{}")
+        .await;
     // A body the built-in handler cannot read.
-    env.publish(&tasks, "default", task_props("kairos.sleep", "bad-body"), b"not json").await;
+    env.publish(
+        &tasks,
+        "default",
+        task_props("kairos.sleep", "bad-body"),
+        b"not json",
+    )
+    .await;
     // A task name no handler serves.
-    env.publish(&tasks, "default", task_props("nobody.home", "unknown"), b"{}").await;
+    env.publish(
+        &tasks,
+        "default",
+        task_props("nobody.home", "unknown"),
+        b"{}",
+    )
+    .await;
 
     let dead = env.dead_letters(4, Duration::from_secs(30)).await;
     let reason = |id: &str| {
@@ -39,21 +54,47 @@ async fn bad_input_is_dead_lettered_with_a_reason() {
             .unwrap_or_else(|| panic!("{id} has no x-error"))
     };
     assert!(reason("no-type").contains("type"), "{}", reason("no-type"));
-    assert!(reason("bad-time").contains("x-run-at"), "{}", reason("bad-time"));
-    assert!(reason("bad-body").contains("kairos.sleep"), "{}", reason("bad-body"));
-    assert!(reason("unknown").contains("no handler"), "{}", reason("unknown"));
+    assert!(
+        reason("bad-time").contains("x-run-at"),
+        "{}",
+        reason("bad-time")
+    );
+    assert!(
+        reason("bad-body").contains("kairos.sleep"),
+        "{}",
+        reason("bad-body")
+    );
+    assert!(
+        reason("unknown").contains("no handler"),
+        "{}",
+        reason("unknown")
+    );
 
     // Still running, and the next valid task runs.
-    assert!(scheduler.child.try_wait().expect("status").is_none(), "scheduler died");
-    assert!(worker.child.try_wait().expect("status").is_none(), "worker died");
-    env.publish(&tasks, "default", task_props("kairos.noop", "after"), b"").await;
-    let delayed = with_headers(task_props("kairos.noop", "after-delayed"), &[("x-delay-ms", AMQPValue::LongInt(100))]);
-    env.publish(&env.names.delay(), "default", delayed, b"").await;
+    assert!(
+        scheduler.child.try_wait().expect("status").is_none(),
+        "scheduler died"
+    );
+    assert!(
+        worker.child.try_wait().expect("status").is_none(),
+        "worker died"
+    );
+    env.publish(&tasks, "default", task_props("kairos.noop", "after"), b"")
+        .await;
+    let delayed = with_headers(
+        task_props("kairos.noop", "after-delayed"),
+        &[("x-delay-ms", AMQPValue::LongInt(100))],
+    );
+    env.publish(&env.names.delay(), "default", delayed, b"")
+        .await;
     tap.wait_until(Duration::from_secs(20), "valid tasks to succeed", |s| {
         ["after", "after-delayed"]
             .iter()
             .all(|id| s.iter().any(|e| e.id == *id && e.kind == "succeeded"))
     })
     .await;
-    assert!(tap.of(EventKind::Succeeded).iter().all(|e| e.id.starts_with("after")));
+    assert!(tap
+        .of(EventKind::Succeeded)
+        .iter()
+        .all(|e| e.id.starts_with("after")));
 }

@@ -34,7 +34,8 @@ async fn killed_scheduler_loses_no_task() {
     // Read what the schedulers publish, as a worker would.
     let mut consumer = env.consume_queue("default", 1000).await;
     let mut seen: HashMap<String, usize> = HashMap::new();
-    let kill_at = tokio::time::Instant::now() + Duration::from_millis((start - now_ms() + 300).max(0) as u64);
+    let kill_at =
+        tokio::time::Instant::now() + Duration::from_millis((start - now_ms() + 300).max(0) as u64);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut killed = false;
     while seen.len() < N {

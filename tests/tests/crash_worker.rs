@@ -28,17 +28,23 @@ async fn killed_worker_loses_no_task() {
     .await;
     first.kill9();
     let done_before_kill = tap.of(EventKind::Succeeded).len();
-    assert!(done_before_kill < 200, "the kill came too late to test anything");
+    assert!(
+        done_before_kill < 200,
+        "the kill came too late to test anything"
+    );
 
     let _second = Proc::spawn("kairos-worker", &penv);
-    tap.wait_distinct(EventKind::Succeeded, 200, Duration::from_secs(60)).await;
+    tap.wait_distinct(EventKind::Succeeded, 200, Duration::from_secs(60))
+        .await;
 
     let mut runs: HashMap<&str, usize> = HashMap::new();
     for e in tap.of(EventKind::Started) {
         *runs.entry(e.id.as_str()).or_default() += 1;
     }
     let twice = runs.values().filter(|&&n| n > 1).count();
-    println!("killed after {done_before_kill} succeeded; {twice} tasks started twice (redelivered)");
+    println!(
+        "killed after {done_before_kill} succeeded; {twice} tasks started twice (redelivered)"
+    );
     assert_eq!(tap.of(EventKind::Dead).len(), 0);
     assert_eq!(env.queue_depth(&env.names.queue("default")).await, 0);
 }

@@ -27,7 +27,8 @@ async fn delayed_tasks_start_on_time_never_early() {
         })
         .collect();
     env.publish_many(&env.names.delay(), tasks).await;
-    tap.wait_distinct(EventKind::Started, N, Duration::from_secs(30)).await;
+    tap.wait_distinct(EventKind::Started, N, Duration::from_secs(30))
+        .await;
 
     let mut lateness: Vec<i64> = tap
         .of(EventKind::Started)
@@ -56,23 +57,47 @@ async fn a_pending_id_is_unique_first_submission_wins() {
     let scheduler = InProcess::scheduler(env.scheduler_config());
     let worker = InProcess::worker(Worker::new(env.worker_config()).with_builtins());
     let delay = env.names.delay();
-    let first = with_headers(task_props("kairos.sleep", "once"), &[("x-delay-ms", AMQPValue::LongInt(400))]);
+    let first = with_headers(
+        task_props("kairos.sleep", "once"),
+        &[("x-delay-ms", AMQPValue::LongInt(400))],
+    );
     env.publish(&delay, "default", first, br#"{"ms": 1}"#).await;
-    let second = with_headers(task_props("kairos.sleep", "once"), &[("x-delay-ms", AMQPValue::LongInt(100))]);
-    env.publish(&delay, "default", second, br#"{"ms": 2}"#).await;
+    let second = with_headers(
+        task_props("kairos.sleep", "once"),
+        &[("x-delay-ms", AMQPValue::LongInt(100))],
+    );
+    env.publish(&delay, "default", second, br#"{"ms": 2}"#)
+        .await;
     // A sentinel due after both: once it ran, a duplicate would have too.
-    let sentinel = with_headers(task_props("kairos.noop", "sentinel"), &[("x-delay-ms", AMQPValue::LongInt(700))]);
+    let sentinel = with_headers(
+        task_props("kairos.noop", "sentinel"),
+        &[("x-delay-ms", AMQPValue::LongInt(700))],
+    );
     env.publish(&delay, "default", sentinel, b"").await;
     tap.wait_until(Duration::from_secs(20), "the sentinel", |s| {
-        s.iter().any(|e| e.id == "sentinel" && e.kind == "succeeded")
+        s.iter()
+            .any(|e| e.id == "sentinel" && e.kind == "succeeded")
     })
     .await;
-    let runs: Vec<_> = tap.of(EventKind::Started).into_iter().filter(|e| e.id == "once").collect();
+    let runs: Vec<_> = tap
+        .of(EventKind::Started)
+        .into_iter()
+        .filter(|e| e.id == "once")
+        .collect();
     assert_eq!(runs.len(), 1, "the second submission must be ignored");
-    let scheduled = tap.of(EventKind::Scheduled).into_iter().filter(|e| e.id == "once").count();
+    let scheduled = tap
+        .of(EventKind::Scheduled)
+        .into_iter()
+        .filter(|e| e.id == "once")
+        .count();
     assert_eq!(scheduled, 1);
     // The first submission won: it was due at +400 ms, not +100 ms.
-    let sched = tap.of(EventKind::Scheduled).into_iter().find(|e| e.id == "once").expect("scheduled").clone();
+    let sched = tap
+        .of(EventKind::Scheduled)
+        .into_iter()
+        .find(|e| e.id == "once")
+        .expect("scheduled")
+        .clone();
     assert!(runs[0].at >= sched.due_at.expect("due"));
     worker.stop().await;
     scheduler.stop().await;
@@ -83,7 +108,8 @@ async fn rust_client_enqueues_now_and_later() {
     let env = TestEnv::new("client").await;
     let log = RunLog::default();
     let scheduler = InProcess::scheduler(env.scheduler_config());
-    let worker = InProcess::worker(Worker::new(env.worker_config()).handler("report.build", log.handler(0)));
+    let worker =
+        InProcess::worker(Worker::new(env.worker_config()).handler("report.build", log.handler(0)));
     env.declare_queue("reports").await;
     let mut wc = env.worker_config();
     wc.queues = vec!["reports".into()];
@@ -91,15 +117,27 @@ async fn rust_client_enqueues_now_and_later() {
 
     let client = Client::connect(AMQP_URL, &env.ns).await.expect("client");
     let now_id = client
-        .enqueue(NewTask::new("report.build").json(&serde_json::json!({"n": 1})).expect("json"))
+        .enqueue(
+            NewTask::new("report.build")
+                .json(&serde_json::json!({"n": 1}))
+                .expect("json"),
+        )
         .await
         .expect("enqueue");
     let later_id = client
-        .enqueue(NewTask::new("report.build").queue("reports").id("later-1").delay_ms(300).priority(7))
+        .enqueue(
+            NewTask::new("report.build")
+                .queue("reports")
+                .id("later-1")
+                .delay_ms(300)
+                .priority(7),
+        )
         .await
         .expect("enqueue delayed");
     assert_eq!(later_id, "later-1");
-    let many: Vec<_> = (0..50).map(|i| NewTask::new("report.build").id(format!("m-{i}"))).collect();
+    let many: Vec<_> = (0..50)
+        .map(|i| NewTask::new("report.build").id(format!("m-{i}")))
+        .collect();
     client.enqueue_many(&many).await.expect("enqueue many");
     log.wait_distinct(52, Duration::from_secs(20)).await;
     assert_eq!(log.runs_of(&now_id), 1);
@@ -116,26 +154,44 @@ async fn events_have_the_contract_shape() {
     let mut tap = EventTap::new(&env).await;
     let scheduler = InProcess::scheduler(env.scheduler_config());
     let worker = InProcess::worker(Worker::new(env.worker_config()).with_builtins());
-    let p = with_headers(task_props("kairos.noop", "ev-1"), &[("x-delay-ms", AMQPValue::LongInt(50))]);
+    let p = with_headers(
+        task_props("kairos.noop", "ev-1"),
+        &[("x-delay-ms", AMQPValue::LongInt(50))],
+    );
     env.publish(&env.names.delay(), "default", p, b"").await;
-    tap.wait_until(Duration::from_secs(20), "scheduled, published, started, succeeded", |s| {
-        ["scheduled", "published", "started", "succeeded"]
-            .iter()
-            .all(|k| s.iter().any(|e| e.id == "ev-1" && e.kind == *k))
-    })
+    tap.wait_until(
+        Duration::from_secs(20),
+        "scheduled, published, started, succeeded",
+        |s| {
+            ["scheduled", "published", "started", "succeeded"]
+                .iter()
+                .all(|k| s.iter().any(|e| e.id == "ev-1" && e.kind == *k))
+        },
+    )
     .await;
     for e in tap.seen.iter().filter(|e| e.id == "ev-1") {
         let obj = e.raw.as_object().expect("object");
         let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
         keys.sort_unstable();
-        assert_eq!(keys, ["at", "attempt", "due_at", "error", "event", "id", "name", "queue"]);
+        assert_eq!(
+            keys,
+            ["at", "attempt", "due_at", "error", "event", "id", "name", "queue"]
+        );
         assert_eq!(e.name, "kairos.noop");
         assert_eq!(e.raw["queue"], "default");
         assert_eq!(e.attempt, 1);
         assert!(e.error.is_none());
     }
-    let published = tap.of(EventKind::Published).into_iter().find(|e| e.id == "ev-1").expect("published").clone();
-    assert!(published.due_at.is_some(), "the scheduler knows the due time");
+    let published = tap
+        .of(EventKind::Published)
+        .into_iter()
+        .find(|e| e.id == "ev-1")
+        .expect("published")
+        .clone();
+    assert!(
+        published.due_at.is_some(),
+        "the scheduler knows the due time"
+    );
     worker.stop().await;
     scheduler.stop().await;
 }

@@ -8,7 +8,10 @@ use std::process::Command;
 use std::time::Duration;
 
 fn rabbitmqctl(args: &[&str]) {
-    let status = Command::new("rabbitmqctl").args(args).status().expect("rabbitmqctl");
+    let status = Command::new("rabbitmqctl")
+        .args(args)
+        .status()
+        .expect("rabbitmqctl");
     assert!(status.success(), "rabbitmqctl {args:?} failed");
 }
 
@@ -18,7 +21,9 @@ struct BrokerGuard;
 impl Drop for BrokerGuard {
     fn drop(&mut self) {
         let _ = Command::new("rabbitmqctl").arg("start_app").status();
-        let _ = Command::new("rabbitmqctl").args(["await_startup", "--timeout", "60"]).status();
+        let _ = Command::new("rabbitmqctl")
+            .args(["await_startup", "--timeout", "60"])
+            .status();
     }
 }
 
@@ -31,12 +36,19 @@ async fn broker_restart_loses_no_acked_task() {
     let scheduler = InProcess::scheduler(env.scheduler_config());
     let mut wc = env.worker_config();
     wc.common.events = false;
-    let worker = InProcess::worker(kairos_worker::Worker::new(wc).handler("test.record", log.handler(20)));
+    let worker =
+        InProcess::worker(kairos_worker::Worker::new(wc).handler("test.record", log.handler(20)));
 
     const NOW: usize = 150;
     const LATER: usize = 150;
     let immediate: Vec<_> = (0..NOW)
-        .map(|i| ("default".to_string(), task_props("test.record", &format!("now-{i}")), Vec::new()))
+        .map(|i| {
+            (
+                "default".to_string(),
+                task_props("test.record", &format!("now-{i}")),
+                Vec::new(),
+            )
+        })
         .collect();
     let delayed: Vec<_> = (0..LATER)
         .map(|i| {
@@ -47,7 +59,8 @@ async fn broker_restart_loses_no_acked_task() {
             ("default".to_string(), p, Vec::new())
         })
         .collect();
-    env.publish_many(&env.names.tasks_exchange(), immediate).await;
+    env.publish_many(&env.names.tasks_exchange(), immediate)
+        .await;
     env.publish_many(&env.names.delay(), delayed).await;
 
     // Let some work happen, then take the broker away mid-run.
@@ -61,7 +74,8 @@ async fn broker_restart_loses_no_acked_task() {
     rabbitmqctl(&["await_startup", "--timeout", "60"]);
     drop(guard);
 
-    log.wait_distinct(NOW + LATER, Duration::from_secs(120)).await;
+    log.wait_distinct(NOW + LATER, Duration::from_secs(120))
+        .await;
     println!(
         "broker restarted after {during} runs; all {} tasks completed ({} runs in all)",
         NOW + LATER,

@@ -38,34 +38,66 @@ async fn timeouts_panics_and_permanent_errors() {
     let tasks = env.names.tasks_exchange();
     let timed = with_headers(
         task_props("test.slow", "timed"),
-        &[(H_TIMEOUT_MS, AMQPValue::LongInt(200)), (H_MAX_RETRIES, AMQPValue::LongInt(0))],
+        &[
+            (H_TIMEOUT_MS, AMQPValue::LongInt(200)),
+            (H_MAX_RETRIES, AMQPValue::LongInt(0)),
+        ],
     );
     env.publish(&tasks, "default", timed, b"").await;
-    let panicky = with_headers(task_props("test.panic", "panicky"), &[(H_MAX_RETRIES, AMQPValue::LongInt(1))]);
+    let panicky = with_headers(
+        task_props("test.panic", "panicky"),
+        &[(H_MAX_RETRIES, AMQPValue::LongInt(1))],
+    );
     env.publish(&tasks, "default", panicky, b"").await;
-    let closed = with_headers(task_props("test.permanent", "closed"), &[(H_MAX_RETRIES, AMQPValue::LongInt(5))]);
+    let closed = with_headers(
+        task_props("test.permanent", "closed"),
+        &[(H_MAX_RETRIES, AMQPValue::LongInt(5))],
+    );
     env.publish(&tasks, "default", closed, b"").await;
 
     let dead = env.dead_letters(3, Duration::from_secs(30)).await;
-    let find = |id: &str| dead.iter().find(|d| d.id().as_deref() == Some(id)).expect(id).clone();
+    let find = |id: &str| {
+        dead.iter()
+            .find(|d| d.id().as_deref() == Some(id))
+            .expect(id)
+            .clone()
+    };
 
     let timed = find("timed");
-    assert!(timed.header(H_ERROR).unwrap_or_default().contains("timed out after 200 ms"));
+    assert!(timed
+        .header(H_ERROR)
+        .unwrap_or_default()
+        .contains("timed out after 200 ms"));
     assert_eq!(timed.header(H_ATTEMPT).as_deref(), Some("1"));
 
     let panicky = find("panicky");
-    assert!(panicky.header(H_ERROR).unwrap_or_default().contains("boom on attempt 2"));
+    assert!(panicky
+        .header(H_ERROR)
+        .unwrap_or_default()
+        .contains("boom on attempt 2"));
     assert_eq!(panicky.header(H_ATTEMPT).as_deref(), Some("2"));
 
     let closed = find("closed");
-    assert_eq!(closed.header(H_ERROR).as_deref(), Some("the account is closed"));
-    assert_eq!(closed.header(H_ATTEMPT).as_deref(), Some("1"), "permanent errors are not retried");
+    assert_eq!(
+        closed.header(H_ERROR).as_deref(),
+        Some("the account is closed")
+    );
+    assert_eq!(
+        closed.header(H_ATTEMPT).as_deref(),
+        Some("1"),
+        "permanent errors are not retried"
+    );
 
     tap.wait_until(Duration::from_secs(10), "three dead events", |s| {
         s.iter().filter(|e| e.kind == "dead").count() >= 3
     })
     .await;
-    let started = |id: &str| tap.of(EventKind::Started).iter().filter(|e| e.id == id).count();
+    let started = |id: &str| {
+        tap.of(EventKind::Started)
+            .iter()
+            .filter(|e| e.id == id)
+            .count()
+    };
     assert_eq!(started("closed"), 1);
     assert_eq!(started("panicky"), 2);
     worker.stop().await;
@@ -79,8 +111,12 @@ async fn timeouts_panics_and_permanent_errors() {
 async fn foreign_consumer_rejects_are_retried_then_dead() {
     let env = TestEnv::new("reject").await;
     let scheduler = InProcess::scheduler(env.scheduler_config());
-    let props = with_headers(task_props("any.thing", "rej"), &[(H_MAX_RETRIES, AMQPValue::LongInt(1))]);
-    env.publish(&env.names.tasks_exchange(), "default", props, b"payload").await;
+    let props = with_headers(
+        task_props("any.thing", "rej"),
+        &[(H_MAX_RETRIES, AMQPValue::LongInt(1))],
+    );
+    env.publish(&env.names.tasks_exchange(), "default", props, b"payload")
+        .await;
 
     let mut consumer = env.consume_queue("default", 10).await;
     let mut attempts = Vec::new();
@@ -90,19 +126,25 @@ async fn foreign_consumer_rejects_are_retried_then_dead() {
             .expect("delivery in time")
             .expect("stream")
             .expect("delivery");
-        let attempt = d
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get(H_ATTEMPT).map(kairos_shared::contract::value_to_string));
+        let attempt = d.properties.headers().as_ref().and_then(|h| {
+            h.inner()
+                .get(H_ATTEMPT)
+                .map(kairos_shared::contract::value_to_string)
+        });
         attempts.push(attempt.unwrap_or_else(|| "none".into()));
         assert_eq!(d.data, b"payload");
-        d.acker.reject(BasicRejectOptions { requeue: false }).await.expect("reject");
+        d.acker
+            .reject(BasicRejectOptions { requeue: false })
+            .await
+            .expect("reject");
     }
     assert_eq!(attempts, vec!["none", "2"], "the retry carries x-attempt 2");
     let dead = env.dead_letters(1, Duration::from_secs(20)).await;
     assert_eq!(dead[0].id().as_deref(), Some("rej"));
-    assert_eq!(dead[0].header(H_ERROR).as_deref(), Some("rejected by consumer"));
+    assert_eq!(
+        dead[0].header(H_ERROR).as_deref(),
+        Some("rejected by consumer")
+    );
     assert_eq!(dead[0].header(H_ATTEMPT).as_deref(), Some("2"));
     assert_eq!(dead[0].body, b"payload");
     scheduler.stop().await;

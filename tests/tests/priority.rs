@@ -36,18 +36,29 @@ async fn high_priority_overtakes_a_low_backlog() {
         })
         .collect();
     env.publish_many(&env.names.tasks_exchange(), high).await;
-    tap.wait_distinct(EventKind::Started, 1020, Duration::from_secs(60)).await;
+    tap.wait_distinct(EventKind::Started, 1020, Duration::from_secs(60))
+        .await;
 
-    let starts: Vec<&str> = tap.of(EventKind::Started).iter().map(|e| e.id.as_str()).collect();
+    let starts: Vec<&str> = tap
+        .of(EventKind::Started)
+        .iter()
+        .map(|e| e.id.as_str())
+        .collect();
     let last_high = starts
         .iter()
         .rposition(|id| id.starts_with("high-"))
         .expect("high tasks started");
-    let lows_before_last_high = starts[..last_high].iter().filter(|id| id.starts_with("low-")).count();
+    let lows_before_last_high = starts[..last_high]
+        .iter()
+        .filter(|id| id.starts_with("low-"))
+        .count();
     println!("the last high-priority task started after {lows_before_last_high} low ones");
     assert!(
         lows_before_last_high < 500,
         "{lows_before_last_high} low tasks started before the last high one"
     );
-    assert_eq!(starts.iter().filter(|id| id.starts_with("high-")).count(), 20);
+    assert_eq!(
+        starts.iter().filter(|id| id.starts_with("high-")).count(),
+        20
+    );
 }

@@ -15,7 +15,13 @@ async fn sigterm_lets_running_tasks_finish_and_leaves_the_rest() {
     penv.push(("KAIROS_CONCURRENCY".into(), "3".into()));
     let mut worker = Proc::spawn("kairos-worker", &penv);
     let tasks: Vec<_> = (0..13)
-        .map(|i| ("default".to_string(), task_props("kairos.sleep", &format!("t-{i}")), br#"{"ms": 1000}"#.to_vec()))
+        .map(|i| {
+            (
+                "default".to_string(),
+                task_props("kairos.sleep", &format!("t-{i}")),
+                br#"{"ms": 1000}"#.to_vec(),
+            )
+        })
         .collect();
     env.publish_many(&env.names.tasks_exchange(), tasks).await;
     tap.wait_until(Duration::from_secs(20), "3 tasks to start", |s| {
@@ -28,7 +34,11 @@ async fn sigterm_lets_running_tasks_finish_and_leaves_the_rest() {
         s.iter().filter(|e| e.kind == "succeeded").count() >= 3
     })
     .await;
-    assert_eq!(tap.of(EventKind::Started).len(), 3, "no new task starts after SIGTERM");
+    assert_eq!(
+        tap.of(EventKind::Started).len(),
+        3,
+        "no new task starts after SIGTERM"
+    );
     // The 10 that never started wait in the queue for the next worker.
     assert_eq!(env.queue_depth(&env.names.queue("default")).await, 10);
 }
@@ -44,7 +54,10 @@ fn bad_settings_fail_at_start_naming_the_setting() {
         ("kairos-scheduler", "KAIROS_EVENTS", "perhaps"),
     ];
     for (bin, var, value) in cases {
-        let out = Command::new(binary(bin)).env(var, value).output().expect("run");
+        let out = Command::new(binary(bin))
+            .env(var, value)
+            .output()
+            .expect("run");
         assert!(!out.status.success(), "{bin} accepted {var}={value}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(var), "{bin} with {var}={value} said: {err}");
@@ -62,12 +75,16 @@ async fn scheduler_survives_a_redis_restart() {
     let scheduler = InProcess::scheduler(sc);
     let mut wc = env.worker_config();
     wc.common.events = false;
-    let worker = InProcess::worker(kairos_worker::Worker::new(wc).handler("test.record", log.handler(0)));
+    let worker =
+        InProcess::worker(kairos_worker::Worker::new(wc).handler("test.record", log.handler(0)));
 
     // Held in Redis before it dies...
     let before: Vec<_> = (0..50)
         .map(|i| {
-            let p = with_headers(task_props("test.record", &format!("b-{i}")), &[("x-delay-ms", AMQPValue::LongInt(1500))]);
+            let p = with_headers(
+                task_props("test.record", &format!("b-{i}")),
+                &[("x-delay-ms", AMQPValue::LongInt(1500))],
+            );
             ("default".to_string(), p, Vec::new())
         })
         .collect();
@@ -75,14 +92,20 @@ async fn scheduler_survives_a_redis_restart() {
     // The intake acks only after Redis has them: wait for the queue to drain.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while env.queue_depth(&env.names.delay()).await > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "intake did not take the tasks");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "intake did not take the tasks"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     redis.kill9();
     // ...and submitted while it is down: the intake must not ack these.
     let during: Vec<_> = (0..10)
         .map(|i| {
-            let p = with_headers(task_props("test.record", &format!("d-{i}")), &[("x-delay-ms", AMQPValue::LongInt(10))]);
+            let p = with_headers(
+                task_props("test.record", &format!("d-{i}")),
+                &[("x-delay-ms", AMQPValue::LongInt(10))],
+            );
             ("default".to_string(), p, Vec::new())
         })
         .collect();

@@ -23,11 +23,21 @@ async fn python_tasks_run_now_and_delayed_on_time() {
     // Delayed by 1500 ms through NS.delay.
     let sent = python_enqueue(
         &env,
-        &["--name", "kairos.sleep", "--id", "py-later", "--body", r#"{"ms": 5}"#, "--delay-ms", "1500"],
+        &[
+            "--name",
+            "kairos.sleep",
+            "--id",
+            "py-later",
+            "--body",
+            r#"{"ms": 5}"#,
+            "--delay-ms",
+            "1500",
+        ],
     );
     let sent_at = sent["sent_at"].as_i64().expect("sent_at");
     tap.wait_until(Duration::from_secs(20), "py-later to succeed", |s| {
-        s.iter().any(|e| e.id == "py-later" && e.kind == "succeeded")
+        s.iter()
+            .any(|e| e.id == "py-later" && e.kind == "succeeded")
     })
     .await;
     let scheduled = tap
@@ -43,7 +53,11 @@ async fn python_tasks_run_now_and_delayed_on_time() {
         .expect("started event")
         .clone();
     let due = scheduled.due_at.expect("due_at on scheduled");
-    assert!(due >= sent_at + 1500, "due {due} is before sent+1500 {}", sent_at + 1500);
+    assert!(
+        due >= sent_at + 1500,
+        "due {due} is before sent+1500 {}",
+        sent_at + 1500
+    );
     let lateness = started.at - due;
     println!("x-delay-ms 1500: started {lateness} ms after due");
     assert!(lateness >= 0, "started {} ms early", -lateness);

@@ -30,7 +30,9 @@ struct SleepBody {
 fn parse_sleep(body: &[u8]) -> Result<Duration, TaskError> {
     serde_json::from_slice::<SleepBody>(body)
         .map(|b| Duration::from_millis(b.ms))
-        .map_err(|e| TaskError::permanent(format!("kairos.sleep needs a JSON body {{\"ms\": N}}: {e}")))
+        .map_err(|e| {
+            TaskError::permanent(format!("kairos.sleep needs a JSON body {{\"ms\": N}}: {e}"))
+        })
 }
 
 async fn sleep(_: TaskContext, body: Vec<u8>) -> TaskResult {
@@ -39,7 +41,10 @@ async fn sleep(_: TaskContext, body: Vec<u8>) -> TaskResult {
 }
 
 async fn fail(ctx: TaskContext, _: Vec<u8>) -> TaskResult {
-    Err(TaskError::retry(format!("kairos.fail fails every attempt (attempt {})", ctx.attempt)))
+    Err(TaskError::retry(format!(
+        "kairos.fail fails every attempt (attempt {})",
+        ctx.attempt
+    )))
 }
 
 #[cfg(test)]
@@ -49,8 +54,16 @@ mod tests {
     #[test]
     fn sleep_body_is_checked() {
         assert_eq!(parse_sleep(br#"{"ms": 25}"#), Ok(Duration::from_millis(25)));
-        for bad in [&b"not json"[..], br#"{"ms": -1}"#, br#"{"seconds": 1}"#, b""] {
-            assert!(matches!(parse_sleep(bad), Err(TaskError::Permanent(_))), "{bad:?}");
+        for bad in [
+            &b"not json"[..],
+            br#"{"ms": -1}"#,
+            br#"{"seconds": 1}"#,
+            b"",
+        ] {
+            assert!(
+                matches!(parse_sleep(bad), Err(TaskError::Permanent(_))),
+                "{bad:?}"
+            );
         }
     }
 }

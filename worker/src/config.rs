@@ -4,7 +4,11 @@ use clap::Parser;
 use kairos_shared::config::{parse_queue_list, CommonConfig, Concurrency};
 
 #[derive(Parser, Clone, Debug)]
-#[command(name = "kairos-worker", version, about = "Kairos worker: runs tasks from RabbitMQ priority queues")]
+#[command(
+    name = "kairos-worker",
+    version,
+    about = "Kairos worker: runs tasks from RabbitMQ priority queues"
+)]
 pub struct Config {
     #[command(flatten)]
     pub common: CommonConfig,
@@ -14,7 +18,12 @@ pub struct Config {
     pub queues: std::vec::Vec<String>,
 
     /// Tasks run at once: `N`, or `MIN..MAX` to scale with the backlog.
-    #[arg(long, env = "KAIROS_CONCURRENCY", value_name = "KAIROS_CONCURRENCY", default_value = "4..64")]
+    #[arg(
+        long,
+        env = "KAIROS_CONCURRENCY",
+        value_name = "KAIROS_CONCURRENCY",
+        default_value = "4..64"
+    )]
     pub concurrency: Concurrency,
 
     /// Unacked deliveries per queue; defaults to the maximum concurrency, so
@@ -25,7 +34,12 @@ pub struct Config {
 
     /// Time running tasks get to finish after SIGTERM/SIGINT (ms); what is
     /// still running then is left unacked for RabbitMQ to redeliver.
-    #[arg(long, env = "KAIROS_SHUTDOWN_GRACE_MS", value_name = "KAIROS_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
+    #[arg(
+        long,
+        env = "KAIROS_SHUTDOWN_GRACE_MS",
+        value_name = "KAIROS_SHUTDOWN_GRACE_MS",
+        default_value_t = 30_000
+    )]
     pub shutdown_grace_ms: u64,
 
     /// Time limit of one attempt when a task has no `x-timeout-ms` (ms).
@@ -58,7 +72,10 @@ mod tests {
 
     #[test]
     fn bad_concurrency_names_the_setting() {
-        let err = Config::try_parse_from(["w", "--concurrency", "ten"]).err().unwrap().to_string();
+        let err = Config::try_parse_from(["w", "--concurrency", "ten"])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("--concurrency"), "{err}");
     }
 

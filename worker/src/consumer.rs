@@ -7,11 +7,11 @@
 use crate::disposition::{Disposition, DispositionError};
 use crate::handler::{Registry, TaskContext, TaskError};
 use crate::slots::Slots;
+use futures_util::FutureExt;
 use futures_util::StreamExt;
 use kairos_shared::contract::{Names, Task};
 use kairos_shared::events::{EventKind, EventSink};
 use lapin::message::Delivery;
-use futures_util::FutureExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Channel;
@@ -58,7 +58,9 @@ pub async fn consume(
     // Prefetch before consume: the broker never sends more than this many
     // unacked deliveries, which bounds how far a low-priority backlog can
     // get ahead of a later high-priority task.
-    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
     let queue_name = shared.names.queue(queue);
     let mut consumer = channel
         .basic_consume(
@@ -112,8 +114,17 @@ async fn requeue(d: &Delivery) {
 }
 
 async fn process(shared: &Shared, delivery: Delivery) {
-    let result = match Task::decode(delivery.routing_key.as_str(), &delivery.properties, &delivery.data) {
-        Err(err) => shared.disposition.unusable(&delivery, &err.to_string()).await,
+    let result = match Task::decode(
+        delivery.routing_key.as_str(),
+        &delivery.properties,
+        &delivery.data,
+    ) {
+        Err(err) => {
+            shared
+                .disposition
+                .unusable(&delivery, &err.to_string())
+                .await
+        }
         Ok(task) => {
             let span = tracing::info_span!("task", task_id = %task.id, kind = %task.name, attempt = task.attempt);
             run_task(shared, &delivery, task).instrument(span).await
@@ -125,7 +136,11 @@ async fn process(shared: &Shared, delivery: Delivery) {
     }
 }
 
-async fn run_task(shared: &Shared, delivery: &Delivery, task: Task) -> Result<(), DispositionError> {
+async fn run_task(
+    shared: &Shared,
+    delivery: &Delivery,
+    task: Task,
+) -> Result<(), DispositionError> {
     let Some(handler) = shared.registry.get(&task.name) else {
         let error = format!("no handler for task name {:?}", task.name);
         return shared.disposition.dead(delivery, &task, &error).await;
@@ -153,8 +168,12 @@ async fn run_task(shared: &Shared, delivery: &Delivery, task: Task) -> Result<()
     };
     match outcome {
         Ok(Ok(())) => shared.disposition.succeeded(delivery, &task).await,
-        Ok(Err(TaskError::Retry(error))) => shared.disposition.failed(delivery, &task, &error).await,
-        Ok(Err(TaskError::Permanent(error))) => shared.disposition.dead(delivery, &task, &error).await,
+        Ok(Err(TaskError::Retry(error))) => {
+            shared.disposition.failed(delivery, &task, &error).await
+        }
+        Ok(Err(TaskError::Permanent(error))) => {
+            shared.disposition.dead(delivery, &task, &error).await
+        }
         Err(join) => {
             let error = if join.is_panic() {
                 format!("handler panicked: {}", panic_text(join.into_panic()))

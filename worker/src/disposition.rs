@@ -33,8 +33,14 @@ pub struct Disposition {
 impl Disposition {
     pub async fn open(conn: &Connection, names: Names, events: EventSink) -> lapin::Result<Self> {
         let channel = conn.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Disposition { channel, names, events })
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Disposition {
+            channel,
+            names,
+            events,
+        })
     }
 
     pub async fn succeeded(&self, d: &Delivery, task: &Task) -> Result<(), DispositionError> {
@@ -44,20 +50,32 @@ impl Disposition {
     }
 
     /// A failed attempt: to `NS.retry` with `x-error`, then ack.
-    pub async fn failed(&self, d: &Delivery, task: &Task, error: &str) -> Result<(), DispositionError> {
+    pub async fn failed(
+        &self,
+        d: &Delivery,
+        task: &Task,
+        error: &str,
+    ) -> Result<(), DispositionError> {
         tracing::warn!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "attempt failed");
         let props = task.with_failure_headers(error, now_ms());
-        self.replace(&self.names.retry(), &task.queue, props, &task.body).await?;
+        self.replace(&self.names.retry(), &task.queue, props, &task.body)
+            .await?;
         d.acker.ack(BasicAckOptions::default()).await?;
         self.events.task(EventKind::Failed, task, None, Some(error));
         Ok(())
     }
 
     /// A permanent failure: to `NS.dead`, then ack.
-    pub async fn dead(&self, d: &Delivery, task: &Task, error: &str) -> Result<(), DispositionError> {
+    pub async fn dead(
+        &self,
+        d: &Delivery,
+        task: &Task,
+        error: &str,
+    ) -> Result<(), DispositionError> {
         tracing::error!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "dead-lettered");
         let props = task.dead_letter_properties(error, now_ms());
-        self.replace(&self.names.dead(), &task.queue, props, &task.body).await?;
+        self.replace(&self.names.dead(), &task.queue, props, &task.body)
+            .await?;
         d.acker.ack(BasicAckOptions::default()).await?;
         self.events.task(EventKind::Dead, task, None, Some(error));
         Ok(())
@@ -69,7 +87,8 @@ impl Disposition {
         let queue = d.routing_key.as_str();
         tracing::error!(queue = %queue, error = %error, "unusable message dead-lettered");
         let props = raw_dead_letter_properties(&d.properties, queue, error, now_ms());
-        self.replace(&self.names.dead(), queue, props, &d.data).await?;
+        self.replace(&self.names.dead(), queue, props, &d.data)
+            .await?;
         d.acker.ack(BasicAckOptions::default()).await?;
         Ok(())
     }

@@ -35,8 +35,16 @@ impl TaskContext {
             headers: task.headers(),
             due_at: task.run_at,
             max_retries: task.max_retries,
-            content_type: task.properties.content_type().as_ref().map(|s| s.to_string()),
-            correlation_id: task.properties.correlation_id().as_ref().map(|s| s.to_string()),
+            content_type: task
+                .properties
+                .content_type()
+                .as_ref()
+                .map(|s| s.to_string()),
+            correlation_id: task
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|s| s.to_string()),
         }
     }
 }

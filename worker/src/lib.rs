@@ -64,7 +64,10 @@ enum SessionError {
 }
 
 /// Runs `kairos-worker`: the built-in handlers only.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
     Worker::new(config).with_builtins().run(shutdown).await
 }
 
@@ -96,7 +99,10 @@ impl Worker {
     /// Runs until `shutdown` completes, reconnecting whenever the broker
     /// connection drops. On shutdown: stop taking deliveries, give running
     /// tasks the grace period, leave the rest unacked.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), WorkerError> {
         if self.registry.names().next().is_none() {
             return Err(WorkerError::NoHandlers);
         }
@@ -108,15 +114,26 @@ impl Worker {
         });
         let config = self.config;
         let names = config.common.names();
-        let events = EventSink::start(config.common.events, &config.common.amqp_url, &names, cancel.clone());
+        let events = EventSink::start(
+            config.common.events,
+            &config.common.amqp_url,
+            &names,
+            cancel.clone(),
+        );
         let slots = Slots::new(config.concurrency);
-        tokio::spawn(slots.clone().autoscale(Duration::from_millis(250), cancel.clone()));
+        tokio::spawn(
+            slots
+                .clone()
+                .autoscale(Duration::from_millis(250), cancel.clone()),
+        );
         let grace = Duration::from_millis(config.shutdown_grace_ms);
         tracing::info!(namespace = %names.namespace(), queues = ?config.queues, concurrency = %config.concurrency, "worker starting");
 
         let mut backoff = Backoff::new();
         while !cancel.is_cancelled() {
-            let Some(conn) = connect_with_retry(&config.common.amqp_url, "kairos-worker", &cancel).await else {
+            let Some(conn) =
+                connect_with_retry(&config.common.amqp_url, "kairos-worker", &cancel).await
+            else {
                 break;
             };
             let tracker = TaskTracker::new();
@@ -144,25 +161,31 @@ impl Worker {
                 for _ in &config.queues {
                     channels.push(conn.create_channel().await?);
                 }
-                let consumers = config.queues.iter().zip(&channels).map(|(q, channel)| {
-                    let stop = stop.clone();
-                    let shared = shared.clone();
-                    let tracker = &tracker;
-                    async move {
-                        let r = consume(channel, shared, q, prefetch, tracker, stop.clone()).await;
-                        stop.cancel();
-                        r
-                    }
-                });
+                let consumers = config
+                    .queues
+                    .iter()
+                    .zip(channels.clone())
+                    .map(|(q, channel)| {
+                        let stop = stop.clone();
+                        let shared = shared.clone();
+                        let tracker = &tracker;
+                        async move {
+                            let r =
+                                consume(&channel, shared, q, prefetch, tracker, stop.clone()).await;
+                            stop.cancel();
+                            r
+                        }
+                    });
                 let all = futures_util::future::join_all(consumers);
-                let watch = async {
-                    tokio::select! {
-                        _ = cancel.cancelled() => {}
-                        _ = broken.cancelled() => {}
-                    }
-                    stop.cancel();
+                tokio::pin!(all);
+                // Consumers end on their own (connection lost, consumer
+                // cancelled) or when told to: shutdown, or a delivery that
+                // could not be settled.
+                let results = tokio::select! {
+                    r = &mut all => r,
+                    _ = cancel.cancelled() => { stop.cancel(); all.await }
+                    _ = broken.cancelled() => { stop.cancel(); all.await }
                 };
-                let (results, ()) = tokio::join!(all, watch);
                 if broken.is_cancelled() {
                     return Err(SessionError::Broken);
                 }
@@ -174,7 +197,10 @@ impl Worker {
             // Let running tasks finish while the connection can still ack.
             tracker.close();
             if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-                tracing::warn!(running = tracker.len(), "grace period over; leaving running tasks unacked");
+                tracing::warn!(
+                    running = tracker.len(),
+                    "grace period over; leaving running tasks unacked"
+                );
             }
             let _ = conn.close(200, "bye".into()).await;
             if let Err(err) = result.map(drop) {

@@ -43,7 +43,8 @@ impl Slots {
     }
 
     pub fn busy(&self) -> usize {
-        self.size().saturating_sub(self.semaphore.available_permits())
+        self.size()
+            .saturating_sub(self.semaphore.available_permits())
     }
 
     /// One scaling decision; returns the new size.
@@ -118,7 +119,11 @@ mod tests {
     #[tokio::test]
     async fn never_exceeds_max() {
         let slots = Slots::new(Concurrency { min: 3, max: 5 });
-        let _held: Vec<_> = vec![slots.acquire().await, slots.acquire().await, slots.acquire().await];
+        let _held: Vec<_> = vec![
+            slots.acquire().await,
+            slots.acquire().await,
+            slots.acquire().await,
+        ];
         let s2 = slots.clone();
         let _waiter = tokio::spawn(async move { s2.acquire().await });
         while slots.waiting.load(Ordering::Relaxed) == 0 {
