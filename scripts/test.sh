@@ -8,12 +8,29 @@ cd "$(dirname "$0")/.."
 
 scripts/services.sh
 
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+need_pkg() { # command package...
+  local cmd=$1; shift
+  command -v "$cmd" >/dev/null && return 0
+  echo "[test] installing $*" >&2
+  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+need_pkg python3 python3 python3-venv
+need_pkg npm nodejs npm
+
 # Python with pika for the cross-language contract tests.
 if ! target/py/bin/python -c 'import pika' 2>/dev/null; then
   echo "[test] installing pika into target/py" >&2
   mkdir -p target
   python3 -m venv target/py
   target/py/bin/pip install -q pika
+fi
+
+# Node with amqplib for the same tests.
+if [ ! -d target/node/node_modules/amqplib ]; then
+  echo "[test] installing amqplib into target/node" >&2
+  mkdir -p target/node
+  (cd target/node && npm install --silent --no-audit --no-fund amqplib@0.10 >/dev/null)
 fi
 
 cargo build --workspace --bins

@@ -796,3 +796,21 @@ impl Drop for OwnRedis {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Runs the documented Node example (docs/examples/node/enqueue.js) with
+/// the amqplib that `scripts/test.sh` installs into `target/node`.
+pub fn node_enqueue(env: &TestEnv, args: &[&str]) -> Value {
+    let out = Command::new("node")
+        .arg(workspace_root().join("docs/examples/node/enqueue.js"))
+        .args(["--namespace", &env.ns, "--amqp-url", AMQP_URL])
+        .args(args)
+        .env("NODE_PATH", workspace_root().join("target/node/node_modules"))
+        .output()
+        .expect("run node (scripts/test.sh installs amqplib into target/node)");
+    assert!(
+        out.status.success(),
+        "enqueue.js failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("enqueue.js prints JSON")
+}
