@@ -1,0 +1,12 @@
+# Builds the Kairos binaries; docker-compose.yml runs them.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --bins
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/kairos-scheduler /src/target/release/kairos-worker /usr/local/bin/
+# kairosctl is added here once the workspace builds it.
+USER nobody
