@@ -804,7 +804,10 @@ pub fn node_enqueue(env: &TestEnv, args: &[&str]) -> Value {
         .arg(workspace_root().join("docs/examples/node/enqueue.js"))
         .args(["--namespace", &env.ns, "--amqp-url", AMQP_URL])
         .args(args)
-        .env("NODE_PATH", workspace_root().join("target/node/node_modules"))
+        .env(
+            "NODE_PATH",
+            workspace_root().join("target/node/node_modules"),
+        )
         .output()
         .expect("run node (scripts/test.sh installs amqplib into target/node)");
     assert!(

@@ -12,10 +12,24 @@ async fn node_tasks_run_now_and_delayed() {
     let _scheduler = Proc::spawn("kairos-scheduler", &env.process_env());
     let _worker = Proc::spawn("kairos-worker", &env.process_env());
 
-    node_enqueue(&env, &["--name", "kairos.noop", "--id", "js-now", "--priority", "3"]);
+    node_enqueue(
+        &env,
+        &["--name", "kairos.noop", "--id", "js-now", "--priority", "3"],
+    );
     let sent = node_enqueue(
         &env,
-        &["--name", "kairos.sleep", "--id", "js-later", "--body", r#"{"ms": 1}"#, "--delay-ms", "700", "--max-retries", "2"],
+        &[
+            "--name",
+            "kairos.sleep",
+            "--id",
+            "js-later",
+            "--body",
+            r#"{"ms": 1}"#,
+            "--delay-ms",
+            "700",
+            "--max-retries",
+            "2",
+        ],
     );
     let sent_at = sent["sent_at"].as_i64().expect("sent_at");
     tap.wait_until(Duration::from_secs(20), "both node tasks to succeed", |s| {
@@ -30,5 +44,9 @@ async fn node_tasks_run_now_and_delayed() {
         .find(|e| e.id == "js-later")
         .expect("started")
         .clone();
-    assert!(started.at >= sent_at + 700, "ran {} ms early", sent_at + 700 - started.at);
+    assert!(
+        started.at >= sent_at + 700,
+        "ran {} ms early",
+        sent_at + 700 - started.at
+    );
 }

@@ -1,0 +1,195 @@
+//! The delay queue's Lua scripts against the real Redis: what each promises.
+
+use kairos_scheduler::delay_queue::{member, Claimed, Entry, RedisDelayQueue};
+use kairos_tests::*;
+
+async fn queue(env: &TestEnv, shards: usize) -> RedisDelayQueue {
+    let pool = deadpool_redis::Config::from_url(REDIS_URL)
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .expect("pool");
+    let q = RedisDelayQueue::new(pool, &env.ns, shards);
+    q.check_shard_count().await.expect("shard count");
+    q
+}
+
+fn entry(id: &str, run_at: Option<i64>, delay_ms: i64) -> Entry {
+    Entry {
+        member: member(id, 1),
+        run_at,
+        delay_ms,
+        record: format!("record of {id}").into_bytes(),
+    }
+}
+
+async fn redis_now(env: &TestEnv) -> i64 {
+    let mut con = env.redis.clone();
+    let (s, us): (i64, i64) = redis::cmd("TIME")
+        .query_async(&mut con)
+        .await
+        .expect("TIME");
+    s * 1000 + us / 1000
+}
+
+#[tokio::test]
+async fn schedule_first_submission_wins_and_reports_the_head() {
+    let env = TestEnv::new("dq-sched").await;
+    let q = queue(&env, 1).await;
+    let now = redis_now(&env).await;
+    let r = q
+        .schedule(&[entry("a", Some(now + 10_000), 0)])
+        .await
+        .expect("schedule");
+    assert!(r[0].added && r[0].head);
+    assert_eq!(r[0].due, now + 10_000);
+    // Later due: added, not the head. Same id again: ignored, whatever its time.
+    let r = q
+        .schedule(&[
+            entry("b", Some(now + 20_000), 0),
+            entry("a", Some(now + 1), 0),
+        ])
+        .await
+        .expect("schedule");
+    assert!(r[0].added && !r[0].head);
+    assert!(
+        !r[1].added,
+        "a second submission of a pending id is ignored"
+    );
+    // x-delay-ms is counted from Redis's clock.
+    let r = q
+        .schedule(&[entry("c", None, 5_000)])
+        .await
+        .expect("schedule");
+    assert!(r[0].added && r[0].head);
+    assert!(
+        (now + 5_000..now + 6_000).contains(&r[0].due),
+        "{} vs {now}",
+        r[0].due
+    );
+    assert_eq!(q.pending().await.expect("pending"), 3);
+}
+
+#[tokio::test]
+async fn claim_takes_only_due_tasks_and_leases_them() {
+    let env = TestEnv::new("dq-claim").await;
+    let q = queue(&env, 4).await;
+    let now = redis_now(&env).await;
+    let mut entries: Vec<Entry> = (0..20)
+        .map(|i| entry(&format!("due-{i}"), Some(now - 10), 0))
+        .collect();
+    entries.push(entry("future", Some(now + 60_000), 0));
+    q.schedule(&entries).await.expect("schedule");
+
+    let claim = q.claim(100, 30_000).await.expect("claim");
+    assert_eq!(claim.tasks.len(), 20);
+    assert!(!claim.more);
+    assert_eq!(claim.next_due, Some(now + 60_000));
+    assert!(claim.now >= now);
+    assert!(claim
+        .tasks
+        .iter()
+        .all(|t| t.record == format!("record of {}", t.member).into_bytes()));
+    // Leased tasks are not claimed twice, and still count as pending.
+    assert!(q.claim(100, 30_000).await.expect("claim").tasks.is_empty());
+    assert_eq!(q.pending().await.expect("pending"), 21);
+    // A pending id stays unique while leased.
+    assert!(
+        !q.schedule(&[entry("due-0", None, 0)])
+            .await
+            .expect("schedule")[0]
+            .added
+    );
+
+    let done: Vec<&Claimed> = claim.tasks.iter().collect();
+    q.complete(&done).await.expect("complete");
+    assert_eq!(q.pending().await.expect("pending"), 1);
+    // Once published and deleted, the id may be used again.
+    assert!(
+        q.schedule(&[entry("due-0", None, 0)])
+            .await
+            .expect("schedule")[0]
+            .added
+    );
+}
+
+#[tokio::test]
+async fn claim_batches_report_more() {
+    let env = TestEnv::new("dq-more").await;
+    let q = queue(&env, 1).await;
+    let entries: Vec<Entry> = (0..25).map(|i| entry(&format!("t-{i}"), None, 0)).collect();
+    q.schedule(&entries).await.expect("schedule");
+    let first = q.claim(10, 30_000).await.expect("claim");
+    assert_eq!(first.tasks.len(), 10);
+    assert!(first.more);
+    let second = q.claim(10, 30_000).await.expect("claim");
+    let third = q.claim(10, 30_000).await.expect("claim");
+    assert_eq!(second.tasks.len() + third.tasks.len(), 15);
+    assert!(!third.more);
+}
+
+#[tokio::test]
+async fn expired_leases_return_and_released_tasks_come_back_at_once() {
+    let env = TestEnv::new("dq-lease").await;
+    let q = queue(&env, 2).await;
+    q.schedule(&[entry("x", None, 0), entry("y", None, 0)])
+        .await
+        .expect("schedule");
+    // A claimer that "dies": a lease of 100 ms that is never completed.
+    let claim = q.claim(10, 100).await.expect("claim");
+    assert_eq!(claim.tasks.len(), 2);
+    assert!(q.claim(10, 100).await.expect("claim").tasks.is_empty());
+    // Past the lease, the next claim by anyone takes them back.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let again = loop {
+        let c = q.claim(10, 30_000).await.expect("claim");
+        if !c.tasks.is_empty() {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lease never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(again.tasks.len(), 2);
+    // A failed publish releases them: claimable again right away.
+    let failed: Vec<&Claimed> = again.tasks.iter().collect();
+    q.release(&failed).await.expect("release");
+    assert_eq!(q.claim(10, 30_000).await.expect("claim").tasks.len(), 2);
+}
+
+#[tokio::test]
+async fn a_completed_task_is_not_published_again_after_its_lease_expired() {
+    let env = TestEnv::new("dq-late").await;
+    let q = queue(&env, 1).await;
+    q.schedule(&[entry("slow", None, 0)])
+        .await
+        .expect("schedule");
+    let first = q.claim(10, 100).await.expect("claim");
+    // The lease expires and another claim takes the task back...
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await; // let the 100 ms lease pass
+    let second = q.claim(10, 30_000).await.expect("claim");
+    assert_eq!(second.tasks.len(), 1);
+    // ...and both claimers complete it: it is gone, not resurrected.
+    q.complete(&first.tasks.iter().collect::<Vec<_>>())
+        .await
+        .expect("complete");
+    q.complete(&second.tasks.iter().collect::<Vec<_>>())
+        .await
+        .expect("complete");
+    assert_eq!(q.pending().await.expect("pending"), 0);
+    assert!(q.claim(10, 30_000).await.expect("claim").tasks.is_empty());
+}
+
+#[tokio::test]
+async fn shard_count_is_fixed_per_namespace() {
+    let env = TestEnv::new("dq-shards").await;
+    queue(&env, 4).await;
+    let pool = deadpool_redis::Config::from_url(REDIS_URL)
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .expect("pool");
+    let err = RedisDelayQueue::new(pool, &env.ns, 8)
+        .check_shard_count()
+        .await
+        .expect_err("a different shard count must be refused");
+    assert!(err.to_string().contains("KAIROS_SHARDS"), "{err}");
+}
