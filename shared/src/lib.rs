@@ -14,6 +14,7 @@ pub mod amqp;
 pub mod client;
 pub mod config;
 pub mod contract;
+pub mod dead;
 pub mod events;
 pub mod record;
 pub mod shutdown;
