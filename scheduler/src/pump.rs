@@ -16,7 +16,9 @@ use crate::publisher::Publisher;
 use futures_util::future::join_all;
 use kairos_shared::amqp::{sleep_or_cancel, Backoff};
 use kairos_shared::events::{EventKind, EventSink};
+use kairos_shared::contract::H_RUN_AT;
 use kairos_shared::record;
+use lapin::types::AMQPValue;
 use lapin::Confirmation;
 use std::sync::Arc;
 use std::time::Duration;
@@ -134,7 +136,7 @@ impl Pump {
         let mut confirms = Vec::with_capacity(claimed.len());
         let mut failed_publish = None;
         for (i, c) in claimed.iter().enumerate() {
-            let task = match record::decode(&c.record) {
+            let mut task = match record::decode(&c.record) {
                 Ok(t) => t,
                 Err(err) => {
                     // It can never be published; drop it loudly rather than
@@ -144,6 +146,11 @@ impl Pump {
                     continue;
                 }
             };
+            // `x-run-at` tells the worker (and its `started` event) when this
+            // attempt fell due: for `x-delay-ms` tasks and retries that is the
+            // time computed here, not anything the client sent.
+            task.set_header(H_RUN_AT, AMQPValue::LongLongInt(c.due));
+            task.run_at = Some(c.due);
             match publisher.publish_ready(&task).await {
                 Ok(confirm) => {
                     sent.push((i, task));
