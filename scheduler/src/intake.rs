@@ -17,7 +17,9 @@ use futures_util::future::join_all;
 use futures_util::{FutureExt, StreamExt};
 use kairos_shared::amqp::now_ms;
 use kairos_shared::client::check;
-use kairos_shared::contract::{raw_dead_letter_properties, value_to_string, Names, Task, H_ERROR};
+use kairos_shared::contract::{
+    raw_dead_letter_properties, value_to_string, Names, ProtocolError, Task, H_ERROR,
+};
 use kairos_shared::events::{EventKind, EventSink};
 use kairos_shared::record;
 use lapin::message::Delivery;
@@ -212,7 +214,12 @@ impl Intake {
 
     fn plan(&self, d: &Delivery, rng: &mut impl rand::Rng) -> Plan {
         let origin = d.routing_key.to_string();
-        let mut task = match Task::decode(&origin, &d.properties, &d.data) {
+        let decoded = if origin.is_empty() {
+            Err(ProtocolError::NoQueue)
+        } else {
+            Task::decode(&origin, &d.properties, &d.data)
+        };
+        let mut task = match decoded {
             Ok(t) => t,
             Err(err) => {
                 return Plan::Dead {

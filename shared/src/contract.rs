@@ -97,6 +97,8 @@ pub enum ProtocolError {
     BadHeader { name: &'static str, reason: String },
     #[error("invalid body: {0}")]
     BadBody(String),
+    #[error("no routing key: it must name the target queue")]
+    NoQueue,
     #[error("invalid stored task: {0}")]
     BadRecord(String),
 }

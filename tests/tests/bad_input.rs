@@ -98,3 +98,50 @@ async fn bad_input_is_dead_lettered_with_a_reason() {
         .iter()
         .all(|e| e.id.starts_with("after")));
 }
+
+/// A client that publishes straight to `NS.q.QUEUE` through the default
+/// exchange still gets retries on the right queue, and a delayed task
+/// without a routing key is refused with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_exchange_publishes_and_missing_routing_keys() {
+    let env = TestEnv::new("defx").await;
+    let mut tap = EventTap::new(&env).await;
+    let scheduler = InProcess::scheduler(env.scheduler_config());
+    let worker = InProcess::worker(kairos_worker::Worker::new(env.worker_config()).with_builtins());
+    let props = with_headers(
+        task_props("kairos.fail", "direct"),
+        &[(
+            kairos_shared::contract::H_MAX_RETRIES,
+            AMQPValue::LongInt(1),
+        )],
+    );
+    env.publish("", &env.names.queue("default"), props, b"")
+        .await;
+    let no_key = with_headers(
+        task_props("kairos.noop", "no-key"),
+        &[("x-delay-ms", AMQPValue::LongInt(10))],
+    );
+    env.publish(&env.names.delay(), "", no_key, b"").await;
+
+    let dead = env.dead_letters(2, Duration::from_secs(30)).await;
+    let find = |id: &str| {
+        dead.iter()
+            .find(|d| d.id().as_deref() == Some(id))
+            .expect(id)
+            .clone()
+    };
+    assert!(find("no-key")
+        .header(H_ERROR)
+        .unwrap_or_default()
+        .contains("routing key"));
+    let direct = find("direct");
+    assert_eq!(direct.header("x-attempt").as_deref(), Some("2"));
+    assert_eq!(direct.routing_key, "default");
+    tap.wait_until(Duration::from_secs(10), "the retry's start", |s| {
+        s.iter()
+            .any(|e| e.id == "direct" && e.kind == "started" && e.attempt == 2)
+    })
+    .await;
+    worker.stop().await;
+    scheduler.stop().await;
+}

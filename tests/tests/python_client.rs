@@ -63,5 +63,9 @@ async fn python_tasks_run_now_and_delayed_on_time() {
     assert!(lateness >= 0, "started {} ms early", -lateness);
     assert!(lateness <= 50, "started {lateness} ms late");
     assert_eq!(started.attempt, 1);
-    assert_eq!(started.due_at, Some(due), "the worker knows when the task fell due");
+    assert_eq!(
+        started.due_at,
+        Some(due),
+        "the worker knows when the task fell due"
+    );
 }

@@ -87,8 +87,9 @@ pub async fn consume(
             p = shared.slots.acquire() => p,
         };
         let shared = shared.clone();
+        let queue = queue.to_string();
         tracker.spawn(async move {
-            process(&shared, delivery).await;
+            process(&shared, &queue, delivery).await;
             drop(permit);
         });
     }
@@ -113,16 +114,15 @@ async fn requeue(d: &Delivery) {
         .await;
 }
 
-async fn process(shared: &Shared, delivery: Delivery) {
-    let result = match Task::decode(
-        delivery.routing_key.as_str(),
-        &delivery.properties,
-        &delivery.data,
-    ) {
+/// `queue` is the logical queue this consumer serves. It names the task's
+/// queue rather than the routing key, which differs when a client published
+/// straight to `NS.q.QUEUE` through the default exchange.
+async fn process(shared: &Shared, queue: &str, delivery: Delivery) {
+    let result = match Task::decode(queue, &delivery.properties, &delivery.data) {
         Err(err) => {
             shared
                 .disposition
-                .unusable(&delivery, &err.to_string())
+                .unusable(&delivery, queue, &err.to_string())
                 .await
         }
         Ok(task) => {

@@ -83,8 +83,12 @@ impl Disposition {
 
     /// A message that is not a usable task: to `NS.dead` as it came, with
     /// the reason, then ack.
-    pub async fn unusable(&self, d: &Delivery, error: &str) -> Result<(), DispositionError> {
-        let queue = d.routing_key.as_str();
+    pub async fn unusable(
+        &self,
+        d: &Delivery,
+        queue: &str,
+        error: &str,
+    ) -> Result<(), DispositionError> {
         tracing::error!(queue = %queue, error = %error, "unusable message dead-lettered");
         let props = raw_dead_letter_properties(&d.properties, queue, error, now_ms());
         self.replace(&self.names.dead(), queue, props, &d.data)
