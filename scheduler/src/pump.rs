@@ -99,11 +99,7 @@ impl Pump {
             if claim.more {
                 continue;
             }
-            let wait = claim
-                .next_due
-                .map(|due| Duration::from_millis(due.saturating_sub(claim.now).max(0) as u64))
-                .unwrap_or(self.idle)
-                .min(self.idle);
+            let wait = sleep_for(claim.now, claim.next_due, self.idle);
             if wait.is_zero() {
                 continue;
             }
@@ -206,6 +202,17 @@ impl Pump {
     }
 }
 
+/// How long to sleep after a claim that ran at `now` (Redis clock) and saw
+/// `next_due` as the earliest waiting task: until it falls due, but never
+/// longer than `idle`, so expired leases are noticed even when nothing wakes
+/// the pump.
+fn sleep_for(now: i64, next_due: Option<i64>, idle: Duration) -> Duration {
+    match next_due {
+        Some(due) => Duration::from_millis(due.saturating_sub(now).max(0) as u64).min(idle),
+        None => idle,
+    }
+}
+
 /// Collects finished batches without waiting; returns the first error.
 fn reap(inflight: &mut JoinSet<Result<(), PumpError>>) -> Option<PumpError> {
     while let Some(done) = inflight.try_join_next() {
@@ -214,4 +221,20 @@ fn reap(inflight: &mut JoinSet<Result<(), PumpError>>) -> Option<PumpError> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sleeps_until_the_next_due_time_within_the_idle_bound() {
+        let idle = Duration::from_millis(1000);
+        assert_eq!(sleep_for(10_000, Some(10_250), idle), Duration::from_millis(250));
+        assert_eq!(sleep_for(10_000, Some(99_999), idle), idle);
+        assert_eq!(sleep_for(10_000, None, idle), idle);
+        // Already due (claimed by another instance meanwhile, or a full
+        // batch): look again at once.
+        assert_eq!(sleep_for(10_000, Some(9_000), idle), Duration::ZERO);
+    }
 }
