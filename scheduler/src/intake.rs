@@ -183,6 +183,14 @@ impl Intake {
         }
 
         // 4. Wake the pump and report.
+        let source = match self.source {
+            Source::Delay => "delay",
+            Source::Retry => "retry",
+        };
+        let held = scheduled.iter().filter(|s| s.added).count();
+        metrics::counter!("kairos_scheduler_held_total", "source" => source).increment(held as u64);
+        let dead = plans.len() - entries.len();
+        metrics::counter!("kairos_scheduler_dead_total", "source" => source).increment(dead as u64);
         if scheduled.iter().any(|s| s.head) {
             self.wake.notify_one();
         }

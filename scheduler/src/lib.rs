@@ -51,6 +51,8 @@ pub enum SchedulerError {
     Redis(String),
     #[error("{0}")]
     Queue(#[from] delay_queue::QueueError),
+    #[error("{0}")]
+    Metrics(String),
 }
 
 /// Runs the scheduler until `shutdown` completes. On shutdown, intake stops
@@ -60,6 +62,9 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SchedulerError> {
+    if let Some(addr) = config.common.metrics_addr {
+        kairos_shared::metrics::install(addr).map_err(SchedulerError::Metrics)?;
+    }
     let cancel = CancellationToken::new();
     let trigger = cancel.clone();
     tokio::spawn(async move {
@@ -88,6 +93,7 @@ pub async fn run(
             }
         }
     }
+    tokio::spawn(report_pending(queue.clone(), cancel.clone()));
     let wake = Arc::new(Notify::new());
     let redis_client = redis::Client::open(config.redis_url.as_str())
         .map_err(|e| SchedulerError::Redis(e.to_string()))?;
@@ -191,4 +197,17 @@ pub async fn run(
     listener.abort();
     tracing::info!("scheduler stopped");
     Ok(())
+}
+
+/// Keeps the `kairos_scheduler_pending` gauge (tasks waiting or leased in
+/// the delay queue) fresh.
+async fn report_pending(queue: RedisDelayQueue, cancel: CancellationToken) {
+    loop {
+        if let Ok(n) = queue.pending().await {
+            metrics::gauge!("kairos_scheduler_pending").set(n as f64);
+        }
+        if !sleep_or_cancel(Duration::from_secs(5), &cancel).await {
+            return;
+        }
+    }
 }

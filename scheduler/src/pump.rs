@@ -187,7 +187,11 @@ impl Pump {
             }
             this.queue.complete(&done).await?;
             this.queue.release(&failed).await?;
+            let now = kairos_shared::amqp::now_ms();
+            metrics::counter!("kairos_scheduler_published_total").increment(published.len() as u64);
             for (task, due) in &published {
+                metrics::histogram!("kairos_scheduler_publish_lateness_seconds")
+                    .record(kairos_shared::metrics::seconds_between(*due, now));
                 this.events
                     .task(EventKind::Published, task, Some(*due), None);
             }
@@ -230,7 +234,10 @@ mod tests {
     #[test]
     fn sleeps_until_the_next_due_time_within_the_idle_bound() {
         let idle = Duration::from_millis(1000);
-        assert_eq!(sleep_for(10_000, Some(10_250), idle), Duration::from_millis(250));
+        assert_eq!(
+            sleep_for(10_000, Some(10_250), idle),
+            Duration::from_millis(250)
+        );
         assert_eq!(sleep_for(10_000, Some(99_999), idle), idle);
         assert_eq!(sleep_for(10_000, None, idle), idle);
         // Already due (claimed by another instance meanwhile, or a full

@@ -24,6 +24,10 @@ pub struct CommonConfig {
     /// Publish lifecycle events to `NS.events` (true/false).
     #[arg(long, env = "KAIROS_EVENTS", value_name = "KAIROS_EVENTS", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub events: bool,
+
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (off when unset).
+    #[arg(long, env = "KAIROS_METRICS_ADDR", value_name = "KAIROS_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl CommonConfig {
@@ -33,6 +37,7 @@ impl CommonConfig {
             amqp_url: DEFAULT_AMQP_URL.to_string(),
             namespace: namespace.to_string(),
             events: false,
+            metrics_addr: None,
         }
     }
 

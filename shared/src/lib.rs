@@ -8,6 +8,7 @@
 //! * `topology`: declaring the contract's exchanges and queues.
 //! * `amqp`: connecting with retry, reconnect pacing.
 //! * `events`: lifecycle events on `NS.events`.
+//! * `metrics`: the optional Prometheus exporter.
 //! * `client`: the Rust client for enqueueing.
 
 pub mod amqp;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod contract;
 pub mod dead;
 pub mod events;
+pub mod metrics;
 pub mod record;
 pub mod shutdown;
 pub mod topology;

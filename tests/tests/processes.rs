@@ -116,3 +116,56 @@ async fn scheduler_survives_a_redis_restart() {
     worker.stop().await;
     scheduler.stop().await;
 }
+
+/// `KAIROS_METRICS_ADDR` serves Prometheus metrics from both binaries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_when_asked_for() {
+    let env = TestEnv::new("metrics").await;
+    let mut tap = EventTap::new(&env).await;
+    let (wport, sport) = (free_port(), free_port());
+    let mut wenv = env.process_env();
+    wenv.push(("KAIROS_METRICS_ADDR".into(), format!("127.0.0.1:{wport}")));
+    let mut senv = env.process_env();
+    senv.push(("KAIROS_METRICS_ADDR".into(), format!("127.0.0.1:{sport}")));
+    let _worker = Proc::spawn("kairos-worker", &wenv);
+    let _scheduler = Proc::spawn("kairos-scheduler", &senv);
+    let tasks: Vec<_> = (0..5)
+        .map(|i| {
+            let p = with_headers(
+                task_props("kairos.noop", &format!("m-{i}")),
+                &[("x-delay-ms", AMQPValue::LongInt(10))],
+            );
+            ("default".to_string(), p, Vec::new())
+        })
+        .collect();
+    env.publish_many(&env.names.delay(), tasks).await;
+    tap.wait_distinct(EventKind::Succeeded, 5, Duration::from_secs(20))
+        .await;
+
+    let scrape = |port: u16, needle: &'static str| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some((200, body)) = http_get(port, "/metrics") {
+                if body.lines().any(|l| l == needle) {
+                    return body;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{needle} never appeared on port {port}: {:?}",
+                http_get(port, "/metrics")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let body = scrape(
+        wport,
+        r#"kairos_worker_finished_total{queue="default",outcome="succeeded"} 5"#,
+    )
+    .await;
+    assert!(
+        body.contains("kairos_worker_lateness_seconds_bucket"),
+        "{body}"
+    );
+    scrape(sport, "kairos_scheduler_published_total 5").await;
+}

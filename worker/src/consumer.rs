@@ -9,8 +9,10 @@ use crate::handler::{Registry, TaskContext, TaskError};
 use crate::slots::Slots;
 use futures_util::FutureExt;
 use futures_util::StreamExt;
+use kairos_shared::amqp::now_ms;
 use kairos_shared::contract::{Names, Task};
 use kairos_shared::events::{EventKind, EventSink};
+use kairos_shared::metrics::seconds_between;
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -146,6 +148,12 @@ async fn run_task(
         return shared.disposition.dead(delivery, &task, &error).await;
     };
     shared.events.task(EventKind::Started, &task, None, None);
+    let started_ms = now_ms();
+    metrics::counter!("kairos_worker_started_total", "queue" => task.queue.clone()).increment(1);
+    if let Some(due) = task.run_at {
+        metrics::histogram!("kairos_worker_lateness_seconds", "queue" => task.queue.clone())
+            .record(seconds_between(due, started_ms));
+    }
     let timeout = task
         .timeout_ms
         .map(Duration::from_millis)
@@ -166,6 +174,8 @@ async fn run_task(
             }
         },
     };
+    metrics::histogram!("kairos_worker_task_seconds", "queue" => task.queue.clone())
+        .record(seconds_between(started_ms, now_ms()));
     match outcome {
         Ok(Ok(())) => shared.disposition.succeeded(delivery, &task).await,
         Ok(Err(TaskError::Retry(error))) => {

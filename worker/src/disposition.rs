@@ -45,6 +45,7 @@ impl Disposition {
 
     pub async fn succeeded(&self, d: &Delivery, task: &Task) -> Result<(), DispositionError> {
         d.acker.ack(BasicAckOptions::default()).await?;
+        finished(&task.queue, "succeeded");
         self.events.task(EventKind::Succeeded, task, None, None);
         Ok(())
     }
@@ -61,6 +62,7 @@ impl Disposition {
         self.replace(&self.names.retry(), &task.queue, props, &task.body)
             .await?;
         d.acker.ack(BasicAckOptions::default()).await?;
+        finished(&task.queue, "failed");
         self.events.task(EventKind::Failed, task, None, Some(error));
         Ok(())
     }
@@ -77,6 +79,7 @@ impl Disposition {
         self.replace(&self.names.dead(), &task.queue, props, &task.body)
             .await?;
         d.acker.ack(BasicAckOptions::default()).await?;
+        finished(&task.queue, "dead");
         self.events.task(EventKind::Dead, task, None, Some(error));
         Ok(())
     }
@@ -94,9 +97,18 @@ impl Disposition {
         self.replace(&self.names.dead(), queue, props, &d.data)
             .await?;
         d.acker.ack(BasicAckOptions::default()).await?;
+        finished(queue, "unusable");
         Ok(())
     }
+}
 
+/// Counts a settled delivery by outcome.
+fn finished(queue: &str, outcome: &'static str) {
+    metrics::counter!("kairos_worker_finished_total", "queue" => queue.to_string(), "outcome" => outcome)
+        .increment(1);
+}
+
+impl Disposition {
     async fn replace(
         &self,
         exchange: &str,

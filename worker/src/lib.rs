@@ -51,6 +51,8 @@ use tokio_util::task::TaskTracker;
 pub enum WorkerError {
     #[error("no handler registered")]
     NoHandlers,
+    #[error("{0}")]
+    Metrics(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +107,9 @@ impl Worker {
     ) -> Result<(), WorkerError> {
         if self.registry.names().next().is_none() {
             return Err(WorkerError::NoHandlers);
+        }
+        if let Some(addr) = self.config.common.metrics_addr {
+            kairos_shared::metrics::install(addr).map_err(WorkerError::Metrics)?;
         }
         let cancel = CancellationToken::new();
         let trigger = cancel.clone();

@@ -69,21 +69,22 @@ impl Slots {
         size
     }
 
-    /// Runs [`tick`](Self::tick) periodically until cancelled.
+    /// Runs [`tick`](Self::tick) periodically until cancelled (a fixed
+    /// concurrency only reports its gauges).
     pub async fn autoscale(self: Arc<Self>, every: Duration, cancel: CancellationToken) {
-        if self.limits.min == self.limits.max {
-            return;
-        }
         let mut interval = tokio::time::interval(every);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = interval.tick() => {
                     let before = self.size();
-                    let after = self.tick();
+                    let after = if self.limits.min == self.limits.max { before } else { self.tick() };
                     if before != after {
                         tracing::debug!(from = before, to = after, "concurrency changed");
                     }
+                    metrics::gauge!("kairos_worker_concurrency").set(after as f64);
+                    metrics::gauge!("kairos_worker_busy").set(self.busy() as f64);
+                    metrics::gauge!("kairos_worker_waiting").set(self.waiting.load(Ordering::Relaxed) as f64);
                 }
             }
         }

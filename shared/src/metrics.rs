@@ -1,0 +1,28 @@
+//! Prometheus metrics. Off unless `KAIROS_METRICS_ADDR` is set; then the
+//! process serves `GET /metrics` on that address. Recording a metric when
+//! no exporter is installed costs next to nothing, so the hot paths record
+//! unconditionally.
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+use std::net::SocketAddr;
+
+/// Buckets for lateness and durations, in seconds: fine below 10 ms, where
+/// Kairos aims, coarse above.
+const BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Starts the exporter on `addr`. Must run inside the tokio runtime.
+pub fn install(addr: SocketAddr) -> Result<(), String> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets(BUCKETS)
+        .map_err(|e| e.to_string())?
+        .install()
+        .map_err(|e| format!("KAIROS_METRICS_ADDR {addr}: {e}"))
+}
+
+/// Seconds between two Unix-ms instants, for histograms (never negative).
+pub fn seconds_between(from_ms: i64, to_ms: i64) -> f64 {
+    (to_ms.saturating_sub(from_ms)).max(0) as f64 / 1000.0
+}
