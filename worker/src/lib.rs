@@ -199,21 +199,34 @@ impl Worker {
                 Ok::<Vec<lapin::Channel>, SessionError>(channels)
             };
             let result = session.await;
-            // Let running tasks finish while the connection can still ack.
             tracker.close();
-            if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-                tracing::warn!(
-                    running = tracker.len(),
-                    "grace period over; leaving running tasks unacked"
-                );
-            }
-            let _ = conn.close(200, "bye".into()).await;
-            if let Err(err) = result.map(drop) {
-                if started.elapsed() > Duration::from_secs(10) {
-                    backoff.reset();
+            let finish_running = async move {
+                // Let running tasks finish while the connection can still
+                // ack; the session's channels (in `result`) stay open too.
+                if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+                    tracing::warn!(
+                        running = tracker.len(),
+                        "grace period over; leaving running tasks unacked"
+                    );
                 }
-                tracing::warn!(cause = %err, "AMQP session ended; reconnecting");
-                sleep_or_cancel(backoff.next_delay(), &cancel).await;
+                let _ = conn.close(200, "bye".into()).await;
+            };
+            match result {
+                Ok(channels) => {
+                    finish_running.await;
+                    drop(channels);
+                }
+                Err(err) => {
+                    // Reconnect at once; tasks still running finish on the
+                    // old connection in the background (their acks fail if
+                    // it is gone, and RabbitMQ redelivers them).
+                    tokio::spawn(finish_running);
+                    if started.elapsed() > Duration::from_secs(10) {
+                        backoff.reset();
+                    }
+                    tracing::warn!(cause = %err, "AMQP session ended; reconnecting");
+                    sleep_or_cancel(backoff.next_delay(), &cancel).await;
+                }
             }
         }
         tracing::info!("worker stopped");
