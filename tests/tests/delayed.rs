@@ -195,3 +195,56 @@ async fn events_have_the_contract_shape() {
     worker.stop().await;
     scheduler.stop().await;
 }
+
+/// Pass-through properties, headers, priority and body reach the handler
+/// unchanged after a stay in the delay queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_reach_the_handler_unchanged() {
+    use kairos_worker::{TaskContext, TaskError};
+    let env = TestEnv::new("props").await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(TaskContext, Vec<u8>)>();
+    let handler = move |ctx: TaskContext, body: Vec<u8>| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send((ctx, body));
+            Ok::<(), TaskError>(())
+        }
+    };
+    let scheduler = InProcess::scheduler(env.scheduler_config());
+    let worker = InProcess::worker(Worker::new(env.worker_config()).handler("test.props", handler));
+    let props = with_headers(
+        task_props("test.props", "p-1")
+            .with_priority(7)
+            .with_content_type("application/json".into())
+            .with_content_encoding("gzip".into())
+            .with_correlation_id("corr-9".into()),
+        &[
+            ("x-delay-ms", AMQPValue::LongInt(50)),
+            ("tenant", AMQPValue::LongString("acme".into())),
+            ("x-max-retries", AMQPValue::ShortShortUInt(4)),
+        ],
+    );
+    env.publish(&env.names.delay(), "default", props, br#"{"k": [1, 2]}"#)
+        .await;
+    let (ctx, body) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("test.props ran in time")
+        .expect("handler channel");
+    assert_eq!(body, br#"{"k": [1, 2]}"#);
+    assert_eq!(ctx.id, "p-1");
+    assert_eq!(ctx.name, "test.props");
+    assert_eq!(ctx.queue, "default");
+    assert_eq!(ctx.priority, 7);
+    assert_eq!(ctx.attempt, 1);
+    assert_eq!(ctx.max_retries, Some(4));
+    assert_eq!(ctx.content_type.as_deref(), Some("application/json"));
+    assert_eq!(ctx.content_encoding.as_deref(), Some("gzip"));
+    assert_eq!(ctx.correlation_id.as_deref(), Some("corr-9"));
+    assert!(ctx.due_at.is_some(), "the scheduler sets x-run-at");
+    assert_eq!(
+        ctx.headers.inner().get("tenant"),
+        Some(&AMQPValue::LongString("acme".into()))
+    );
+    worker.stop().await;
+    scheduler.stop().await;
+}

@@ -21,6 +21,7 @@ pub struct TaskContext {
     pub due_at: Option<i64>,
     pub max_retries: Option<u32>,
     pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
     pub correlation_id: Option<String>,
 }
 
@@ -38,6 +39,11 @@ impl TaskContext {
             content_type: task
                 .properties
                 .content_type()
+                .as_ref()
+                .map(|s| s.to_string()),
+            content_encoding: task
+                .properties
+                .content_encoding()
                 .as_ref()
                 .map(|s| s.to_string()),
             correlation_id: task
