@@ -3,19 +3,14 @@
 //! returned [`PublisherConfirm`]s, so many confirms are outstanding at once.
 
 use kairos_shared::contract::{Names, Task};
-use kairos_shared::topology;
+use kairos_shared::topology::QueueCache;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
-use std::collections::HashSet;
-use std::sync::Mutex;
 
 pub struct Publisher {
     channel: Channel,
     names: Names,
-    /// Task queues declared on this connection. The scheduler declares a
-    /// queue before its first task goes out, so a task for a queue no worker
-    /// has declared yet waits in RabbitMQ instead of being dropped.
-    declared: Mutex<HashSet<String>>,
+    declared: QueueCache,
 }
 
 impl Publisher {
@@ -27,13 +22,15 @@ impl Publisher {
         Ok(Publisher {
             channel,
             names,
-            declared: Mutex::new(HashSet::new()),
+            declared: QueueCache::default(),
         })
     }
 
     /// Publishes a due task, mandatory: a return means the queue vanished.
     pub async fn publish_ready(&self, task: &Task) -> lapin::Result<PublisherConfirm> {
-        self.ensure_queue(&task.queue).await?;
+        self.declared
+            .ensure(&self.channel, &self.names, &task.queue)
+            .await?;
         self.channel
             .basic_publish(
                 self.names.tasks_exchange().into(),
@@ -69,23 +66,6 @@ impl Publisher {
     /// Forgets a queue whose publish came back unroutable, so the next
     /// attempt declares it again.
     pub fn forget_queue(&self, queue: &str) {
-        if let Ok(mut set) = self.declared.lock() {
-            set.remove(queue);
-        }
-    }
-
-    async fn ensure_queue(&self, queue: &str) -> lapin::Result<()> {
-        let known = self
-            .declared
-            .lock()
-            .map(|s| s.contains(queue))
-            .unwrap_or(false);
-        if !known {
-            topology::declare_task_queue(&self.channel, &self.names, queue).await?;
-            if let Ok(mut set) = self.declared.lock() {
-                set.insert(queue.to_string());
-            }
-        }
-        Ok(())
+        self.declared.forget(queue);
     }
 }

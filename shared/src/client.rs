@@ -19,8 +19,6 @@ use futures_util::future::try_join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
-use std::collections::HashSet;
-use std::sync::Mutex;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -154,7 +152,7 @@ pub struct Client {
     conn: Connection,
     channel: Channel,
     names: Names,
-    declared: Mutex<HashSet<String>>,
+    declared: topology::QueueCache,
 }
 
 impl Client {
@@ -171,7 +169,7 @@ impl Client {
             conn,
             channel,
             names,
-            declared: Mutex::new(HashSet::new()),
+            declared: topology::QueueCache::default(),
         })
     }
 
@@ -191,7 +189,9 @@ impl Client {
         let mut ids = Vec::with_capacity(tasks.len());
         let mut confirms = Vec::with_capacity(tasks.len());
         for task in tasks {
-            self.ensure_queue(&task.queue).await?;
+            self.declared
+                .ensure(&self.channel, &self.names, &task.queue)
+                .await?;
             let (id, props) = task.to_message()?;
             let exchange = if task.is_delayed() {
                 self.names.delay()
@@ -218,23 +218,6 @@ impl Client {
             check(confirmation)?;
         }
         Ok(ids)
-    }
-
-    /// Declares `NS.q.QUEUE` once per client, so a task for a queue no
-    /// worker has declared yet is not dropped by the broker.
-    async fn ensure_queue(&self, queue: &str) -> Result<(), ClientError> {
-        let known = self
-            .declared
-            .lock()
-            .map(|set| set.contains(queue))
-            .unwrap_or(false);
-        if !known {
-            topology::declare_task_queue(&self.channel, &self.names, queue).await?;
-            if let Ok(mut set) = self.declared.lock() {
-                set.insert(queue.to_string());
-            }
-        }
-        Ok(())
     }
 
     pub async fn close(self) -> Result<(), ClientError> {

@@ -92,3 +92,37 @@ pub async fn declare_task_queue(
         )
         .await
 }
+
+/// Task queues already declared on one connection, so that publishers
+/// declare `NS.q.QUEUE` before the first task for it and only once: a task
+/// for a queue no worker has declared yet then waits in RabbitMQ instead of
+/// being dropped.
+#[derive(Default)]
+pub struct QueueCache {
+    declared: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl QueueCache {
+    pub async fn ensure(&self, channel: &Channel, names: &Names, queue: &str) -> lapin::Result<()> {
+        let known = self
+            .declared
+            .lock()
+            .map(|set| set.contains(queue))
+            .unwrap_or(false);
+        if !known {
+            declare_task_queue(channel, names, queue).await?;
+            if let Ok(mut set) = self.declared.lock() {
+                set.insert(queue.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets a queue (it came back unroutable: deleted by an operator),
+    /// so the next publish declares it again.
+    pub fn forget(&self, queue: &str) {
+        if let Ok(mut set) = self.declared.lock() {
+            set.remove(queue);
+        }
+    }
+}
