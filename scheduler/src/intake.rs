@@ -155,6 +155,11 @@ impl Intake {
             }
         };
 
+        // The tasks are durable now: a sleeping pump may need them at once.
+        if scheduled.iter().any(|s| s.head) {
+            self.wake.notify_one();
+        }
+
         // 2. Dead letters, confirmed before anything is acked.
         let mut confirms = Vec::new();
         for p in &plans {
@@ -182,7 +187,7 @@ impl Intake {
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
         }
 
-        // 4. Wake the pump and report.
+        // 4. Report.
         let source = match self.source {
             Source::Delay => "delay",
             Source::Retry => "retry",
@@ -191,9 +196,6 @@ impl Intake {
         metrics::counter!("kairos_scheduler_held_total", "source" => source).increment(held as u64);
         let dead = plans.len() - entries.len();
         metrics::counter!("kairos_scheduler_dead_total", "source" => source).increment(dead as u64);
-        if scheduled.iter().any(|s| s.head) {
-            self.wake.notify_one();
-        }
         let mut results = scheduled.iter();
         for p in &plans {
             match p {
