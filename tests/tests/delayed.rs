@@ -43,9 +43,10 @@ async fn delayed_tasks_start_on_time_never_early() {
         lateness[N - 1]
     );
     assert!(lateness[0] >= 0, "a task started {} ms early", -lateness[0]);
-    // Generous: tests run unoptimized next to other tests; kairos-bench
-    // measures precision properly.
-    assert!(percentile(&lateness, 99.0) <= 50, "{lateness:?}");
+    // Only a gross bound: tests run unoptimized, next to other tests, on a
+    // shared machine. Precision is measured by kairos-bench, not here; this
+    // catches a pump that polls instead of sleeping until the due time.
+    assert!(percentile(&lateness, 99.0) <= 1000, "{lateness:?}");
     worker.stop().await;
     scheduler.stop().await;
 }
