@@ -34,6 +34,6 @@ if [ ! -d target/node/node_modules/amqplib ]; then
 fi
 
 cargo build --workspace --bins
-cargo test --workspace
+cargo test --workspace --no-fail-fast
 # Tests that disturb the shared servers: alone, one at a time.
 cargo test -p kairos-tests --features disruptive --test disruptive -- --test-threads=1
