@@ -69,6 +69,18 @@ pub struct Claimed {
     pub record: Vec<u8>,
 }
 
+impl Claimed {
+    /// The task id (the member without its attempt suffix).
+    pub fn id(&self) -> &str {
+        id_of(&self.member)
+    }
+}
+
+/// The task id in a member (`id` or `id\tN`).
+pub fn id_of(member: &str) -> &str {
+    member.split('\t').next().unwrap_or(member)
+}
+
 /// The result of one claim round over every shard.
 #[derive(Clone, Debug, Default)]
 pub struct Claim {
@@ -292,8 +304,7 @@ impl RedisDelayQueue {
 
     fn shard_for(&self, member: &str) -> usize {
         // Shard by task id, not member, so all attempts of a task share one.
-        let id = member.split('\t').next().unwrap_or(member);
-        shard_of(id, self.shards.len())
+        shard_of(id_of(member), self.shards.len())
     }
 
     /// Runs a pipeline, loading the scripts and trying once more if Redis

@@ -132,7 +132,7 @@ impl Pump {
         let mut confirms = Vec::with_capacity(claimed.len());
         let mut failed_publish = None;
         for (i, c) in claimed.iter().enumerate() {
-            let mut task = match record::decode(&c.record) {
+            let mut task = match record::decode(c.id(), &c.record) {
                 Ok(t) => t,
                 Err(err) => {
                     // It can never be published; drop it loudly rather than

@@ -6,19 +6,52 @@
 //! at a few bytes of overhead:
 //!
 //! ```text
-//! b'K' 1 | queue len (u8) | queue | props len (u32 BE) | props | body
+//! b'K' 2 | attempt (u32 BE) | queue len (u8) | queue | props len (u32 BE) | props | body
 //! ```
+//!
+//! The task id is not stored in the record: it is the key the record is
+//! stored under, and each pending task costs Redis memory for every byte.
+//! For the same reason the attempt travels as four bytes, not as a header.
 
-use crate::contract::{ProtocolError, Task};
+use crate::contract::{ProtocolError, Task, H_ATTEMPT};
 use lapin::protocol::basic::{gen_properties, parse_properties};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
 
 const MAGIC: u8 = b'K';
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
-/// Encodes a task for storage.
+/// The properties to store: the task's publish properties without its id
+/// and `x-attempt`, which [`decode`] restores.
+fn stored_properties(task: &Task) -> BasicProperties {
+    let p = task.publish_properties();
+    let mut out = BasicProperties::default();
+    macro_rules! copy {
+        ($($get:ident => $set:ident),*) => {
+            $(if let Some(v) = p.$get() { out = out.$set(v.clone()); })*
+        };
+    }
+    copy!(content_type => with_content_type, content_encoding => with_content_encoding,
+        delivery_mode => with_delivery_mode, priority => with_priority,
+        correlation_id => with_correlation_id, reply_to => with_reply_to,
+        expiration => with_expiration, timestamp => with_timestamp, kind => with_type,
+        user_id => with_user_id, app_id => with_app_id, cluster_id => with_cluster_id);
+    if let Some(headers) = p.headers() {
+        let mut kept = FieldTable::default();
+        for (k, v) in headers.inner() {
+            if k.as_str() != H_ATTEMPT {
+                kept.insert(k.clone(), v.clone());
+            }
+        }
+        out = out.with_headers(kept);
+    }
+    out
+}
+
+/// Encodes a task for storage under its id.
 pub fn encode(task: &Task) -> Result<Vec<u8>, ProtocolError> {
     let props = cookie_factory::gen_simple(
-        gen_properties(&task.publish_properties()),
+        gen_properties(&stored_properties(task)),
         Vec::with_capacity(64),
     )
     .map_err(|e| ProtocolError::BadRecord(format!("cannot encode properties: {e:?}")))?;
@@ -27,8 +60,10 @@ pub fn encode(task: &Task) -> Result<Vec<u8>, ProtocolError> {
         .map_err(|_| ProtocolError::BadRecord("queue name longer than 255 bytes".into()))?;
     let props_len = u32::try_from(props.len())
         .map_err(|_| ProtocolError::BadRecord("properties too large".into()))?;
-    let mut out = Vec::with_capacity(7 + queue.len() + props.len() + task.body.len());
-    out.extend_from_slice(&[MAGIC, VERSION, queue_len]);
+    let mut out = Vec::with_capacity(11 + queue.len() + props.len() + task.body.len());
+    out.extend_from_slice(&[MAGIC, VERSION]);
+    out.extend_from_slice(&task.attempt.to_be_bytes());
+    out.push(queue_len);
     out.extend_from_slice(queue);
     out.extend_from_slice(&props_len.to_be_bytes());
     out.extend_from_slice(&props);
@@ -36,15 +71,16 @@ pub fn encode(task: &Task) -> Result<Vec<u8>, ProtocolError> {
     Ok(out)
 }
 
-/// Decodes a stored record back into a task.
-pub fn decode(bytes: &[u8]) -> Result<Task, ProtocolError> {
+/// Decodes the record stored under task `id` back into the task.
+pub fn decode(id: &str, bytes: &[u8]) -> Result<Task, ProtocolError> {
     let err = |what: &str| ProtocolError::BadRecord(what.to_string());
-    let [magic, version, queue_len, rest @ ..] = bytes else {
+    let [magic, version, a0, a1, a2, a3, queue_len, rest @ ..] = bytes else {
         return Err(err("too short"));
     };
     if *magic != MAGIC || *version != VERSION {
         return Err(err("unknown record format"));
     }
+    let attempt = u32::from_be_bytes([*a0, *a1, *a2, *a3]);
     let queue_len = usize::from(*queue_len);
     if rest.len() < queue_len + 4 {
         return Err(err("truncated queue"));
@@ -59,6 +95,9 @@ pub fn decode(bytes: &[u8]) -> Result<Task, ProtocolError> {
     let (props, body) = rest.split_at(props_len);
     let (_, properties) =
         parse_properties(props).map_err(|e| ProtocolError::BadRecord(format!("{e:?}")))?;
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(attempt)));
+    let properties = properties.with_message_id(id.into()).with_headers(headers);
     Task::decode(queue, &properties, body)
 }
 
@@ -90,7 +129,7 @@ mod tests {
             .with_correlation_id("corr".into())
             .with_headers(headers);
         let task = Task::decode("emails", &props, b"{\"to\":\"x\"}").unwrap();
-        let back = decode(&encode(&task).unwrap()).unwrap();
+        let back = decode("id-7", &encode(&task).unwrap()).unwrap();
         assert_eq!(back.id, "id-7");
         assert_eq!(back.name, "email.send");
         assert_eq!(back.queue, "emails");
@@ -101,10 +140,21 @@ mod tests {
     }
 
     #[test]
+    fn the_id_is_not_stored_twice() {
+        let props = BasicProperties::default()
+            .with_type("t".into())
+            .with_message_id("a-rather-long-task-identifier-0123456789".into());
+        let task = Task::decode("q", &props, b"").unwrap();
+        let rec = encode(&task).unwrap();
+        assert!(!rec.windows(10).any(|w| w == b"identifier"));
+        assert!(rec.len() < 40, "{} bytes", rec.len());
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
-        assert!(decode(b"").is_err());
-        assert!(decode(b"K\x01\xff").is_err());
-        assert!(decode(b"X\x01\x00\x00\x00\x00\x00").is_err());
-        assert!(decode(b"K\x01\x01q\x00\x00\x00\x09abc").is_err());
+        assert!(decode("x", b"").is_err());
+        assert!(decode("x", b"K\x02\x00\x00\x00\x01\xff").is_err());
+        assert!(decode("x", b"X\x02\x00\x00\x00\x01\x00\x00\x00\x00\x00").is_err());
+        assert!(decode("x", b"K\x02\x00\x00\x00\x01\x01q\x00\x00\x00\x09abc").is_err());
     }
 }
