@@ -10,6 +10,8 @@
 //! * `events`: lifecycle events on `NS.events`.
 //! * `metrics`: the optional Prometheus exporter.
 //! * `client`: the Rust client for enqueueing.
+//! * `request`: a task described in JSON (HTTP API, kairosctl).
+//! * `dead`: list, replay and purge dead letters.
 
 pub mod amqp;
 pub mod client;
@@ -19,6 +21,7 @@ pub mod dead;
 pub mod events;
 pub mod metrics;
 pub mod record;
+pub mod request;
 pub mod shutdown;
 pub mod topology;
 

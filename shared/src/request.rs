@@ -1,0 +1,188 @@
+//! A task described in JSON, as the HTTP API (`POST /v1/tasks`) and
+//! `kairosctl task add` accept it, checked and turned into a [`NewTask`].
+//!
+//! ```json
+//! {"name": "email.send", "queue": "emails", "id": "welcome-42", "priority": 5,
+//!  "body": {"to": "a@b.c"}, "delay_ms": 5000, "max_retries": 3,
+//!  "timeout_ms": 10000, "headers": {"tenant": "acme"}}
+//! ```
+//!
+//! `body` is any JSON value, sent as JSON bytes with `content_type:
+//! application/json`; `body_text` sends a string as UTF-8 bytes instead.
+//! `run_at` (Unix ms) or `delay_ms` make it a delayed task.
+
+use crate::client::NewTask;
+use crate::contract::{validate_id, MAX_PRIORITY};
+use lapin::types::{AMQPValue, LongString};
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRequest {
+    pub name: String,
+    #[serde(default = "default_queue")]
+    pub queue: String,
+    pub id: Option<String>,
+    #[serde(default)]
+    pub priority: u8,
+    pub body: Option<Value>,
+    pub body_text: Option<String>,
+    pub run_at: Option<i64>,
+    pub delay_ms: Option<i64>,
+    pub max_retries: Option<u32>,
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Value>,
+}
+
+fn default_queue() -> String {
+    "default".to_string()
+}
+
+/// What is wrong with a request, and in which field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct RequestError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn bad(field: &'static str, message: impl Into<String>) -> RequestError {
+    RequestError {
+        field,
+        message: message.into(),
+    }
+}
+
+impl TaskRequest {
+    /// Parses and checks a JSON request.
+    pub fn from_json(bytes: &[u8]) -> Result<NewTask, RequestError> {
+        let req: TaskRequest = serde_json::from_slice(bytes)
+            .map_err(|e| bad("body", format!("not a task request: {e}")))?;
+        req.into_task()
+    }
+
+    pub fn into_task(self) -> Result<NewTask, RequestError> {
+        if self.name.trim().is_empty() {
+            return Err(bad("name", "must not be empty"));
+        }
+        if self.name.len() > 255 {
+            return Err(bad("name", "at most 255 bytes"));
+        }
+        if self.queue.is_empty()
+            || self.queue.len() > 200
+            || self.queue.chars().any(char::is_control)
+        {
+            return Err(bad("queue", "1 to 200 characters, no control characters"));
+        }
+        if let Some(id) = &self.id {
+            validate_id(id).map_err(|e| bad("id", e.to_string()))?;
+        }
+        if self.priority > MAX_PRIORITY {
+            return Err(bad("priority", format!("0 to {MAX_PRIORITY}")));
+        }
+        if self.timeout_ms == Some(0) {
+            return Err(bad("timeout_ms", "must be positive"));
+        }
+        let mut task = NewTask::new(self.name)
+            .queue(self.queue)
+            .priority(self.priority);
+        task = match (self.body, self.body_text) {
+            (Some(_), Some(_)) => return Err(bad("body", "give body or body_text, not both")),
+            (Some(json), None) => task.json(&json).map_err(|e| bad("body", e.to_string()))?,
+            (None, Some(text)) => task.body(text.into_bytes()),
+            (None, None) => task,
+        };
+        if let Some(id) = self.id {
+            task = task.id(id);
+        }
+        if let Some(at) = self.run_at {
+            task = task.run_at(at);
+        }
+        if let Some(ms) = self.delay_ms {
+            task = task.delay_ms(ms);
+        }
+        if let Some(n) = self.max_retries {
+            task = task.max_retries(n);
+        }
+        if let Some(ms) = self.timeout_ms {
+            task = task.timeout_ms(ms);
+        }
+        for (name, value) in self.headers {
+            if name.starts_with("x-") {
+                return Err(bad(
+                    "headers",
+                    format!("{name}: x- headers are Kairos's; use the dedicated fields"),
+                ));
+            }
+            let value = match value {
+                Value::String(s) => AMQPValue::LongString(LongString::from(s)),
+                Value::Bool(b) => AMQPValue::Boolean(b),
+                Value::Number(n) => match n.as_i64() {
+                    Some(i) => AMQPValue::LongLongInt(i),
+                    None => AMQPValue::Double(n.as_f64().unwrap_or_default()),
+                },
+                other => {
+                    return Err(bad(
+                        "headers",
+                        format!("{name}: {other} is not a string, number or boolean"),
+                    ))
+                }
+            };
+            task = task.header(&name, value);
+        }
+        Ok(task)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_request_becomes_a_task() {
+        let t = TaskRequest::from_json(
+            br#"{"name":"email.send","queue":"emails","id":"w-1","priority":5,"body":{"to":"a"},
+                "delay_ms":5000,"max_retries":2,"timeout_ms":100,"headers":{"tenant":"acme","n":3}}"#,
+        )
+        .unwrap();
+        assert_eq!(t.name, "email.send");
+        assert_eq!(t.queue, "emails");
+        assert_eq!(t.id.as_deref(), Some("w-1"));
+        assert_eq!(t.priority, 5);
+        assert_eq!(t.body, br#"{"to":"a"}"#);
+        assert_eq!(t.content_type.as_deref(), Some("application/json"));
+        assert_eq!(t.delay_ms, Some(5000));
+        assert_eq!(t.max_retries, Some(2));
+        assert_eq!(t.timeout_ms, Some(100));
+        assert_eq!(t.headers.inner().get("n"), Some(&AMQPValue::LongLongInt(3)));
+    }
+
+    #[test]
+    fn defaults_are_the_default_queue_and_priority_zero() {
+        let t = TaskRequest::from_json(br#"{"name":"kairos.noop"}"#).unwrap();
+        assert_eq!(t.queue, "default");
+        assert_eq!(t.priority, 0);
+        assert!(t.body.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: [(&[u8], &str); 8] = [
+            (br#"{"name":""}"#, "name"),
+            (br#"{"name":"a","priority":10}"#, "priority"),
+            (br#"{"name":"a","id":""}"#, "id"),
+            (br#"{"name":"a","queue":""}"#, "queue"),
+            (br#"{"name":"a","headers":{"x-attempt":1}}"#, "headers"),
+            (br#"{"name":"a","headers":{"h":[1]}}"#, "headers"),
+            (br#"{"name":"a","body":1,"body_text":"x"}"#, "body"),
+            (br#"{"nam":"a"}"#, "body"),
+        ];
+        for (json, field) in cases {
+            let err = TaskRequest::from_json(json).unwrap_err();
+            assert_eq!(err.field, field, "{}", String::from_utf8_lossy(json));
+        }
+    }
+}
