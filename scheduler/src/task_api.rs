@@ -1,0 +1,188 @@
+//! The tasks and dead-letter part of the HTTP API, for clients that would
+//! rather speak HTTP than AMQP (docs/HTTP.md):
+//!
+//! * `POST /v1/tasks`: enqueue one task (JSON, see `kairos_shared::request`);
+//!   202 with its id once the broker confirmed it
+//! * `GET /v1/dead?limit=N`: the dead letters, oldest first
+//! * `POST /v1/dead/replay`: `{"ids": [...]}` replays those (all when empty)
+//! * `DELETE /v1/dead`: purge
+//! * `GET /healthz`: 200 while the process runs
+//!
+//! Errors are JSON `{"error": "...", "field": "..."}`: 400 for bad input, 503
+//! when the broker cannot be reached.
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kairos_shared::client::{Client, ClientError};
+use kairos_shared::contract::Names;
+use kairos_shared::dead;
+use kairos_shared::request::{RequestError, TaskRequest};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+use tokio::sync::Mutex;
+
+/// Shared by the handlers: one broker connection, made on first use and
+/// made again after it failed.
+#[derive(Clone)]
+pub struct TaskApi {
+    amqp_url: String,
+    names: Names,
+    client: Arc<Mutex<Option<Client>>>,
+}
+
+impl TaskApi {
+    pub fn new(amqp_url: &str, names: Names) -> Self {
+        TaskApi {
+            amqp_url: amqp_url.to_string(),
+            names,
+            client: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+pub fn router(api: TaskApi) -> Router {
+    Router::new()
+        .route("/v1/tasks", post(enqueue))
+        .route("/v1/dead", get(list_dead).delete(purge_dead))
+        .route("/v1/dead/replay", post(replay_dead))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .with_state(api)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Invalid(#[from] RequestError),
+    #[error("broker: {0}")]
+    Broker(String),
+}
+
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Invalid(p) => ApiError::Invalid(RequestError {
+                field: "task",
+                message: p.to_string(),
+            }),
+            other => ApiError::Broker(other.to_string()),
+        }
+    }
+}
+
+impl From<dead::DeadError> for ApiError {
+    fn from(e: dead::DeadError) -> Self {
+        ApiError::Broker(e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match &self {
+            ApiError::Invalid(e) => (
+                StatusCode::BAD_REQUEST,
+                json!({"error": e.to_string(), "field": e.field}),
+            ),
+            ApiError::Broker(e) => {
+                tracing::warn!(cause = %e, "task API: broker failed");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": self.to_string()}),
+                )
+            }
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// Runs `f` with a connected client; a broker failure drops the connection
+/// so the next request connects again.
+async fn with_client<T>(
+    api: &TaskApi,
+    f: impl AsyncFnOnce(&Client) -> Result<T, ClientError>,
+) -> Result<T, ApiError> {
+    let mut guard = api.client.lock().await;
+    if guard.is_none() {
+        *guard = Some(Client::connect(&api.amqp_url, api.names.namespace()).await?);
+    }
+    let client = guard
+        .as_ref()
+        .ok_or_else(|| ApiError::Broker("no connection".into()))?;
+    match f(client).await {
+        Ok(v) => Ok(v),
+        Err(e @ ClientError::Invalid(_)) => Err(e.into()),
+        Err(e) => {
+            *guard = None;
+            Err(e.into())
+        }
+    }
+}
+
+async fn enqueue(State(api): State<TaskApi>, body: Bytes) -> Result<Response, ApiError> {
+    let task = TaskRequest::from_json(&body)?;
+    let queue = task.queue.clone();
+    let delayed = task.run_at.is_some() || task.delay_ms.is_some();
+    let id = with_client(&api, async |c: &Client| c.enqueue(task).await).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "queue": queue, "delayed": delayed})),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+async fn list_dead(
+    State(api): State<TaskApi>,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let conn = broker(&api).await?;
+    let letters = dead::list(&conn, &api.names, limit).await;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(Json(json!({ "dead": letters? })).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    #[serde(default)]
+    ids: Vec<String>,
+    limit: Option<usize>,
+}
+
+async fn replay_dead(State(api): State<TaskApi>, body: Bytes) -> Result<Response, ApiError> {
+    let req: ReplayBody = if body.is_empty() {
+        ReplayBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| RequestError {
+            field: "body",
+            message: format!("expected {{\"ids\": [...]}}: {e}"),
+        })?
+    };
+    let conn = broker(&api).await?;
+    let replayed = dead::replay(&conn, &api.names, &req.ids, req.limit.unwrap_or(10_000)).await;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(Json(json!({ "replayed": replayed? })).into_response())
+}
+
+async fn purge_dead(State(api): State<TaskApi>) -> Result<Response, ApiError> {
+    let conn = broker(&api).await?;
+    let purged = dead::purge(&conn, &api.names).await;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(Json(json!({ "purged": purged? })).into_response())
+}
+
+/// Dead-letter operations are rare and administrative: a connection each.
+async fn broker(api: &TaskApi) -> Result<lapin::Connection, ApiError> {
+    kairos_shared::amqp::connect(&api.amqp_url, "kairos-http")
+        .await
+        .map_err(|e| ApiError::Broker(e.to_string()))
+}
