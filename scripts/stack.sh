@@ -10,8 +10,11 @@ scripts/services.sh
 cargo build --release --bins
 
 pids=()
+stopped=""
 stop() {
   trap - INT TERM
+  [ -n "$stopped" ] && return
+  stopped=1
   echo "[stack] stopping" >&2
   kill -TERM "${pids[@]}" 2>/dev/null || true
   wait "${pids[@]}" 2>/dev/null || true
