@@ -18,6 +18,7 @@ pub mod intake;
 pub mod publisher;
 pub mod pump;
 pub mod retry;
+pub mod schedule;
 pub mod wake;
 
 pub use config::Config;
