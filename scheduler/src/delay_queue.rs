@@ -140,6 +140,14 @@ impl RedisDelayQueue {
         &self.wake_channel
     }
 
+    /// The due set and record hash of a shard: schedules keep their own keys
+    /// under the same hash tag, so one script can write an occurrence.
+    pub fn shard_data_keys(&self, shard: usize) -> Option<(&str, &str)> {
+        self.shards
+            .get(shard)
+            .map(|k| (k.due.as_str(), k.rec.as_str()))
+    }
+
     /// Every key this queue uses, for tests and tooling that clean up.
     pub fn all_keys(&self) -> Vec<String> {
         let mut keys = vec![self.meta_key.clone()];
@@ -315,7 +323,7 @@ impl RedisDelayQueue {
     }
 }
 
-fn evalsha(script: &redis::Script, keys: &[&str]) -> redis::Cmd {
+pub(crate) fn evalsha(script: &redis::Script, keys: &[&str]) -> redis::Cmd {
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(script.get_hash()).arg(keys.len());
     for k in keys {
@@ -331,7 +339,7 @@ async fn load_scripts(con: &mut Connection) -> Result<(), QueueError> {
     Ok(())
 }
 
-fn int(v: Option<Value>) -> Result<i64, QueueError> {
+pub(crate) fn int(v: Option<Value>) -> Result<i64, QueueError> {
     match v {
         Some(Value::Int(n)) => Ok(n),
         other => Err(QueueError::Reply(format!(
@@ -340,7 +348,7 @@ fn int(v: Option<Value>) -> Result<i64, QueueError> {
     }
 }
 
-fn bytes(v: Option<Value>) -> Result<Vec<u8>, QueueError> {
+pub(crate) fn bytes(v: Option<Value>) -> Result<Vec<u8>, QueueError> {
     match v {
         Some(Value::BulkString(b)) => Ok(b),
         other => Err(QueueError::Reply(format!(
@@ -349,7 +357,7 @@ fn bytes(v: Option<Value>) -> Result<Vec<u8>, QueueError> {
     }
 }
 
-fn string(v: Option<Value>) -> Result<String, QueueError> {
+pub(crate) fn string(v: Option<Value>) -> Result<String, QueueError> {
     String::from_utf8(bytes(v)?).map_err(|e| QueueError::Reply(e.to_string()))
 }
 
