@@ -38,7 +38,7 @@ enum Command {
 #[derive(Subcommand)]
 enum ScheduleCmd {
     /// Create or replace a schedule.
-    Add(Add),
+    Add(Box<Add>),
     /// List schedules with their next fire, last fire and last outcome.
     List {
         /// Print the raw JSON.
@@ -124,7 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let reply = match cmd {
         ScheduleCmd::Add(add) => {
             let id = add.id.clone();
-            let spec = build_spec(add)?;
+            let spec = build_spec(*add)?;
             api.put(&id, &spec)
         }
         ScheduleCmd::List { json } => {

@@ -308,11 +308,8 @@ impl ScheduleStore {
             .arg(format!("{id}\tlast"))
             .arg(format!("{id}\toutcome"))
             .arg(format!("{id}\tskipped"));
-        let (json, next, st): (
-            Option<Vec<u8>>,
-            Option<f64>,
-            (Option<i64>, Option<Vec<u8>>, Option<i64>),
-        ) = self.query(&pipe).await?;
+        let (json, next, st): (Option<Vec<u8>>, Option<f64>, StateFields) =
+            self.query(&pipe).await?;
         Ok(json.map(|j| make_view(id, &j, next.map(|n| n as i64), st)))
     }
 
@@ -418,11 +415,14 @@ impl ScheduleStore {
     }
 }
 
+/// A schedule's state: last fired tick, last outcome JSON, last skipped tick.
+type StateFields = (Option<i64>, Option<Vec<u8>>, Option<i64>);
+
 fn make_view(
     id: &str,
     json: &[u8],
     next: Option<i64>,
-    (last, outcome, skipped): (Option<i64>, Option<Vec<u8>>, Option<i64>),
+    (last, outcome, skipped): StateFields,
 ) -> View {
     let mut spec: serde_json::Value =
         serde_json::from_slice(json).unwrap_or(serde_json::Value::Null);
