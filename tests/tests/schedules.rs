@@ -430,3 +430,94 @@ async fn the_seed_example_fires_each_at_its_interval() {
     worker.stop().await;
     scheduler.stop().await;
 }
+
+/// Runs `kairosctl` against one scheduler; returns (success, stdout, stderr).
+fn ctl(api: &ScheduleApi, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(binary("kairosctl"))
+        .env("KAIROS_HTTP_ADDR", &api.addr)
+        .args(args)
+        .output()
+        .expect("run kairosctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kairosctl_manages_schedules() {
+    let env = TestEnv::new("schctl").await;
+    let (scheduler, api) = scheduler_with_api(&env).await;
+    let a = api.clone();
+    tokio::task::spawn_blocking(move || {
+        let (ok, out, err) = ctl(
+            &a,
+            &[
+                "schedule",
+                "add",
+                "--id",
+                "rep",
+                "--cron",
+                "0 6 * * 1-5",
+                "--tz",
+                "Europe/Berlin",
+                "--task",
+                "report.build",
+                "--priority",
+                "5",
+                "--body",
+                r#"{"kind":"daily"}"#,
+                "--header",
+                "x-max-retries=3",
+                "--header",
+                "team=ops",
+                "--overlap",
+                "skip",
+            ],
+        );
+        assert!(ok, "{out}{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+        assert_eq!(v["task"]["headers"]["x-max-retries"], 3);
+        assert_eq!(v["timezone"], "Europe/Berlin");
+        assert!(v["next_fire_at"].is_i64());
+
+        let (ok, out, _) = ctl(&a, &["schedule", "list"]);
+        assert!(
+            ok && out.contains("rep") && out.contains("cron 0 6 * * 1-5") && out.contains("active"),
+            "{out}"
+        );
+        let (ok, out, _) = ctl(&a, &["schedule", "pause", "rep"]);
+        assert!(ok && out.contains("\"enabled\": false"), "{out}");
+        let (ok, out, _) = ctl(&a, &["schedule", "list"]);
+        assert!(ok && out.contains("paused"), "{out}");
+        let (ok, out, _) = ctl(&a, &["schedule", "resume", "rep"]);
+        assert!(ok && out.contains("\"enabled\": true"), "{out}");
+        let (ok, out, _) = ctl(&a, &["schedule", "show", "rep"]);
+        assert!(ok && out.contains("report.build"), "{out}");
+
+        let (ok, _, err) = ctl(
+            &a,
+            &[
+                "schedule",
+                "add",
+                "--id",
+                "bad",
+                "--cron",
+                "0 25 * * *",
+                "--task",
+                "x",
+            ],
+        );
+        assert!(!ok);
+        assert!(err.contains("400") && err.contains("cron"), "{err}");
+
+        let (ok, _, err) = ctl(&a, &["schedule", "rm", "rep"]);
+        assert!(ok, "{err}");
+        let (ok, _, err) = ctl(&a, &["schedule", "show", "rep"]);
+        assert!(!ok && err.contains("404"), "{err}");
+    })
+    .await
+    .expect("kairosctl checks");
+    scheduler.stop().await;
+}
