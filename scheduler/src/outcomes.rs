@@ -15,7 +15,7 @@
 
 use crate::schedule::occurrence::parse_occurrence_id;
 use crate::schedule_store::ScheduleStore;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use kairos_shared::amqp::{connect_with_retry, sleep_or_cancel, Backoff};
 use kairos_shared::contract::Names;
 use kairos_shared::topology;
@@ -28,6 +28,8 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Deliveries handled per acknowledgement.
+const BATCH: usize = 100;
 /// Most events the outcomes queue holds.
 const MAX_BACKLOG: i32 = 100_000;
 
@@ -101,7 +103,7 @@ async fn consume(
         )
         .await?;
     }
-    ch.basic_qos(200, BasicQosOptions::default()).await?;
+    ch.basic_qos(500, BasicQosOptions::default()).await?;
     let mut consumer = ch
         .basic_consume(
             queue.as_str().into(),
@@ -111,34 +113,52 @@ async fn consume(
         )
         .await?;
     loop {
-        let delivery = tokio::select! {
+        let first = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             d = consumer.next() => d,
         };
-        let Some(delivery) = delivery else {
+        let Some(first) = first else {
             return Ok(()); // cancelled by the broker: declare and consume again
         };
-        let delivery = delivery?;
-        let event: Option<Value> = serde_json::from_slice(&delivery.data).ok();
-        if let Some((schedule, task_id, tick, over, outcome)) = event.as_ref().and_then(interpret) {
+        // Take what is already there too: one ack (multiple) per batch keeps
+        // this consumer cheap next to the task traffic it watches.
+        let mut batch = vec![first?];
+        while batch.len() < BATCH {
+            match consumer.next().now_or_never() {
+                Some(Some(d)) => batch.push(d?),
+                _ => break,
+            }
+        }
+        let mut failed = false;
+        for delivery in &batch {
+            let event: Option<Value> = serde_json::from_slice(&delivery.data).ok();
+            let Some((schedule, task_id, tick, over, outcome)) = event.as_ref().and_then(interpret)
+            else {
+                continue;
+            };
             if let Err(err) = store
                 .record_outcome(&schedule, &task_id, tick, over, &outcome)
                 .await
             {
-                // Leave it for another try (or another scheduler).
                 tracing::warn!(cause = %err, "schedule outcomes: Redis failed");
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await?;
-                sleep_or_cancel(Duration::from_millis(200), cancel).await;
-                continue;
+                failed = true;
+                break;
             }
         }
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        let Some(last) = batch.last() else { continue };
+        if failed {
+            // Leave the batch for another try (or another scheduler);
+            // recording an outcome twice is harmless.
+            last.acker
+                .nack(BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                })
+                .await?;
+            sleep_or_cancel(Duration::from_millis(200), cancel).await;
+        } else {
+            last.acker.ack(BasicAckOptions { multiple: true }).await?;
+        }
     }
 }
 
