@@ -521,3 +521,22 @@ async fn kairosctl_manages_schedules() {
     .expect("kairosctl checks");
     scheduler.stop().await;
 }
+
+#[test]
+fn a_taken_or_bad_http_address_fails_at_start_naming_kairos_http_addr() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    for value in [addr.as_str(), "not-an-address"] {
+        let out = std::process::Command::new(binary("kairos-scheduler"))
+            .env("KAIROS_HTTP_ADDR", value)
+            .env("KAIROS_NAMESPACE", "kt-httpaddr")
+            .output()
+            .expect("run");
+        assert!(
+            !out.status.success(),
+            "started with KAIROS_HTTP_ADDR={value}"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("KAIROS_HTTP_ADDR"), "{value}: {err}");
+    }
+}
