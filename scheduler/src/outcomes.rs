@@ -114,7 +114,12 @@ async fn consume(
         .await?;
     loop {
         let first = tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
+            _ = cancel.cancelled() => {
+                // Close the channel before the connection goes, so its
+                // consumer ends cleanly.
+                let _ = ch.close(200, "shutdown".into()).await;
+                return Ok(());
+            }
             d = consumer.next() => d,
         };
         let Some(first) = first else {

@@ -99,8 +99,14 @@ impl Ticker {
         if due.more {
             return Ok(Duration::ZERO);
         }
-        let wait = due
-            .next_tick
+        // The next ticks just stored count too: `next_tick` was read before
+        // them, and a fast interval's next tick may come before it.
+        let earliest = fires
+            .iter()
+            .filter_map(|f| f.new_next)
+            .chain(due.next_tick)
+            .min();
+        let wait = earliest
             .map(|t| t - self.lookahead_ms - due.now)
             .unwrap_or(i64::MAX)
             .clamp(0, self.idle.as_millis() as i64);

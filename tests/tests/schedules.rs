@@ -540,3 +540,28 @@ fn a_taken_or_bad_http_address_fails_at_start_naming_kairos_http_addr() {
         assert!(err.contains("KAIROS_HTTP_ADDR"), "{value}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_intervals_fire_on_time() {
+    let env = TestEnv::new("schfast").await;
+    let mut tap = EventTap::new(&env).await;
+    let (scheduler, api) = scheduler_with_api(&env).await;
+    let worker = InProcess::worker(Worker::new(env.worker_config()).with_builtins());
+    // Faster than the ticker's idle sleep: it must wake for each tick.
+    assert_eq!(api.put("fast", every(300, "kairos.noop")).await.status, 201);
+    tap.wait_distinct(EventKind::Started, 8, Duration::from_secs(10))
+        .await;
+    let mut late: Vec<i64> = tap
+        .of(EventKind::Started)
+        .iter()
+        .filter_map(|e| Some(e.at - e.due_at?))
+        .collect();
+    late.sort_unstable();
+    println!("every 300 ms: lateness {late:?}");
+    assert!(late[0] >= 0, "{late:?}");
+    // Generous for unoptimized builds next to other tests; the point is
+    // that no tick waits for the ticker's 1 s idle sleep.
+    assert!(percentile(&late, 50.0) < 100, "{late:?}");
+    worker.stop().await;
+    scheduler.stop().await;
+}
