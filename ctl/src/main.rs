@@ -239,7 +239,7 @@ fn print_table(body: &Value) {
     let empty = Vec::new();
     let rows = body["schedules"].as_array().unwrap_or(&empty);
     println!(
-        "{:<28} {:<22} {:<8} {:<15} {:<15} OUTCOME",
+        "{:<28} {:<22} {:<8} {:<24} {:<24} OUTCOME",
         "ID", "TRIGGER", "STATE", "NEXT_FIRE_AT", "LAST_FIRE_AT"
     );
     for s in rows {
@@ -255,14 +255,10 @@ fn print_table(body: &Value) {
         } else {
             "paused"
         };
-        let show = |v: &Value| {
-            v.as_i64()
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| "-".into())
-        };
+        let show = |v: &Value| v.as_i64().map(utc).unwrap_or_else(|| "-".into());
         let outcome = s["last_outcome"]["outcome"].as_str().unwrap_or("-");
         println!(
-            "{:<28} {:<22} {:<8} {:<15} {:<15} {}",
+            "{:<28} {:<22} {:<8} {:<24} {:<24} {}",
             s["id"].as_str().unwrap_or_default(),
             trigger,
             state,
@@ -271,4 +267,11 @@ fn print_table(body: &Value) {
             outcome
         );
     }
+}
+
+/// Unix ms as UTC, to the millisecond.
+fn utc(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .unwrap_or_else(|| ms.to_string())
 }
