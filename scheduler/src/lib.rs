@@ -139,17 +139,7 @@ pub async fn run(
         lease_ms: config.lease_ms,
         idle: Duration::from_millis(config.idle_ms),
     };
-    let schedules = start_schedules(
-        &config,
-        &names,
-        pool,
-        &queue,
-        &events,
-        &wake,
-        http_listener,
-        &cancel,
-    )
-    .await;
+    let schedules = start_schedules(&config, &names, pool, &pump, http_listener, &cancel).await;
     tracing::info!(namespace = %names.namespace(), shards = config.shards, "scheduler starting");
 
     let mut backoff = Backoff::new();
@@ -236,19 +226,17 @@ pub async fn run(
 }
 
 /// Syncs the schedule file, then starts the ticker, the HTTP API and the
-/// outcomes consumer; each stops on `cancel`.
-#[allow(clippy::too_many_arguments)]
+/// outcomes consumer; each stops on `cancel`. Occurrences go to the pump's
+/// delay queue, and the pump is woken when one is handed over.
 async fn start_schedules(
     config: &Config,
     names: &kairos_shared::contract::Names,
     pool: deadpool_redis::Pool,
-    queue: &RedisDelayQueue,
-    events: &EventSink,
-    pump_wake: &Arc<Notify>,
+    pump: &Pump,
     http_listener: tokio::net::TcpListener,
     cancel: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let store = schedule_store::ScheduleStore::new(pool, names.namespace(), queue);
+    let store = schedule_store::ScheduleStore::new(pool, names.namespace(), &pump.queue);
     let changed = Arc::new(Notify::new());
     let admin = schedule_admin::Admin {
         store: store.clone(),
@@ -259,8 +247,8 @@ async fn start_schedules(
     }
     let ticker = ticker::Ticker {
         store: store.clone(),
-        events: events.clone(),
-        pump_wake: pump_wake.clone(),
+        events: pump.events.clone(),
+        pump_wake: pump.wake.clone(),
         changed,
         lookahead_ms: config.schedule_lookahead_ms as i64,
         grace_ms: config.schedule_grace_ms as i64,
