@@ -904,3 +904,21 @@ impl RunLog {
         }
     }
 }
+
+/// `n` `kairos-scheduler` processes in the test's namespace, each with its
+/// API on its own address; returns once every API answers.
+pub async fn scheduler_processes(env: &TestEnv, n: usize) -> (Vec<Proc>, Vec<ScheduleApi>) {
+    let mut procs = Vec::new();
+    let mut apis = Vec::new();
+    for _ in 0..n {
+        let addr = free_addr();
+        let mut penv = env.process_env();
+        penv.push(("KAIROS_HTTP_ADDR".into(), addr.to_string()));
+        procs.push(Proc::spawn("kairos-scheduler", &penv));
+        apis.push(ScheduleApi::new(addr));
+    }
+    for api in &apis {
+        api.wait_ready(Duration::from_secs(20)).await;
+    }
+    (procs, apis)
+}

@@ -30,18 +30,7 @@ async fn three_scheduler_processes_fire_each_tick_once() {
     let log = RunLog::default();
     let worker =
         InProcess::worker(Worker::new(env.worker_config()).handler("test.tick", log.handler(0)));
-    let mut apis = Vec::new();
-    let mut procs = Vec::new();
-    for _ in 0..3 {
-        let addr = free_addr();
-        let mut penv = env.process_env();
-        penv.push(("KAIROS_HTTP_ADDR".into(), addr.to_string()));
-        procs.push(Proc::spawn("kairos-scheduler", &penv));
-        apis.push(ScheduleApi::new(addr));
-    }
-    for api in &apis {
-        api.wait_ready(Duration::from_secs(20)).await;
-    }
+    let (mut procs, apis) = scheduler_processes(&env, 3).await;
     let r = apis[1].put("every-second", every(1000, "test.tick")).await;
     assert_eq!(r.status, 201, "{:?}", r.body);
     let start = now_ms();

@@ -24,18 +24,7 @@ async fn measure(schedulers: usize, aligned: bool) {
     let mut wc = env.worker_config();
     wc.concurrency = kairos_shared::config::Concurrency { min: 64, max: 256 };
     let worker = InProcess::worker(Worker::new(wc).with_builtins());
-    let mut procs = Vec::new();
-    let mut apis = Vec::new();
-    for _ in 0..schedulers {
-        let addr = free_addr();
-        let mut penv = env.process_env();
-        penv.push(("KAIROS_HTTP_ADDR".into(), addr.to_string()));
-        procs.push(Proc::spawn("kairos-scheduler", &penv));
-        apis.push(ScheduleApi::new(addr));
-    }
-    for api in &apis {
-        api.wait_ready(Duration::from_secs(20)).await;
-    }
+    let (mut procs, apis) = scheduler_processes(&env, schedulers).await;
     let api = apis[0].clone();
     api.call(move |a| {
         for i in 0..SCHEDULES {
