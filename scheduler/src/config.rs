@@ -4,6 +4,7 @@ use crate::retry::{Jitter, RetryPolicy};
 use clap::Parser;
 use kairos_shared::config::{CommonConfig, DEFAULT_REDIS_URL};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 #[derive(Parser, Clone, Debug)]
 #[command(
@@ -92,6 +93,25 @@ pub struct Config {
         default_value_t = 1_000
     )]
     pub intake_prefetch: u16,
+
+    /// Schedules to load at start and sync idempotently (TOML; see
+    /// docs/SCHEDULES.md).
+    #[arg(
+        long,
+        env = "KAIROS_SCHEDULE_FILE",
+        value_name = "KAIROS_SCHEDULE_FILE"
+    )]
+    pub schedule_file: Option<PathBuf>,
+
+    /// How long before its tick an occurrence is handed to the delay queue
+    /// (ms): ticks then fire with the delay queue's precision.
+    #[arg(long, env = "KAIROS_SCHEDULE_LOOKAHEAD_MS", value_name = "KAIROS_SCHEDULE_LOOKAHEAD_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub schedule_lookahead_ms: u64,
+
+    /// A schedule whose next tick is older than this (ms) missed ticks
+    /// while no scheduler ran: its misfire policy applies.
+    #[arg(long, env = "KAIROS_SCHEDULE_GRACE_MS", value_name = "KAIROS_SCHEDULE_GRACE_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub schedule_grace_ms: u64,
 }
 
 impl Config {

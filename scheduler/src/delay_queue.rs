@@ -152,6 +152,14 @@ impl RedisDelayQueue {
         &self.wake_channel
     }
 
+    /// The due set and record hash of a shard: schedules keep their own keys
+    /// under the same hash tag, so one script can write an occurrence.
+    pub fn shard_data_keys(&self, shard: usize) -> Option<(&str, &str)> {
+        self.shards
+            .get(shard)
+            .map(|k| (k.due.as_str(), k.rec.as_str()))
+    }
+
     /// Every key this queue uses, for tests and tooling that clean up.
     pub fn all_keys(&self) -> Vec<String> {
         let mut keys = vec![self.meta_key.clone()];
@@ -326,7 +334,7 @@ impl RedisDelayQueue {
     }
 }
 
-fn evalsha(script: &redis::Script, keys: &[&str]) -> redis::Cmd {
+pub(crate) fn evalsha(script: &redis::Script, keys: &[&str]) -> redis::Cmd {
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(script.get_hash()).arg(keys.len());
     for k in keys {
@@ -342,7 +350,7 @@ async fn load_scripts(con: &mut Connection) -> Result<(), QueueError> {
     Ok(())
 }
 
-fn int(v: Option<Value>) -> Result<i64, QueueError> {
+pub(crate) fn int(v: Option<Value>) -> Result<i64, QueueError> {
     match v {
         Some(Value::Int(n)) => Ok(n),
         other => Err(QueueError::Reply(format!(
@@ -351,7 +359,7 @@ fn int(v: Option<Value>) -> Result<i64, QueueError> {
     }
 }
 
-fn bytes(v: Option<Value>) -> Result<Vec<u8>, QueueError> {
+pub(crate) fn bytes(v: Option<Value>) -> Result<Vec<u8>, QueueError> {
     match v {
         Some(Value::BulkString(b)) => Ok(b),
         other => Err(QueueError::Reply(format!(
@@ -360,7 +368,7 @@ fn bytes(v: Option<Value>) -> Result<Vec<u8>, QueueError> {
     }
 }
 
-fn string(v: Option<Value>) -> Result<String, QueueError> {
+pub(crate) fn string(v: Option<Value>) -> Result<String, QueueError> {
     String::from_utf8(bytes(v)?).map_err(|e| QueueError::Reply(e.to_string()))
 }
 

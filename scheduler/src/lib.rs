@@ -9,16 +9,27 @@
 //! * `pump`: claims due tasks, publishes with confirms, deletes.
 //! * `publisher`: the confirming AMQP channel.
 //! * `wake`: cross-instance wake-ups over Redis pub/sub.
+//! * `schedule`: timed triggers (model, ticks, DST, misfire plan), pure;
+//!   `schedule_store` keeps them in Redis, `ticker` fires them through the
+//!   delay queue, `schedule_admin` / `http` / `schedule_file` change them,
+//!   `outcomes` learns what became of their occurrences.
 //! * `supervisor` (in this file): one AMQP session at a time, rebuilt on
 //!   failure.
 
 pub mod config;
 pub mod delay_queue;
+pub mod http;
 pub mod intake;
+pub mod outcomes;
 pub mod publisher;
 pub mod pump;
 pub mod retry;
+pub mod schedule;
+pub mod schedule_admin;
+pub mod schedule_file;
+pub mod schedule_store;
 pub mod task_api;
+pub mod ticker;
 pub mod wake;
 
 pub use config::Config;
@@ -54,6 +65,11 @@ pub enum SchedulerError {
     Queue(#[from] delay_queue::QueueError),
     #[error("{0}")]
     Metrics(String),
+    #[error("KAIROS_HTTP_ADDR: cannot listen on {addr}: {cause}")]
+    Http {
+        addr: std::net::SocketAddr,
+        cause: std::io::Error,
+    },
 }
 
 /// Runs the scheduler until `shutdown` completes. On shutdown, intake stops
@@ -73,10 +89,22 @@ pub async fn run(
         trigger.cancel();
     });
     let names = config.common.names();
+    // Bind first: a taken address is a configuration error, reported at
+    // once rather than after waiting for Redis.
+    let http_listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .map_err(|cause| SchedulerError::Http {
+            addr: config.http_addr,
+            cause,
+        })?;
     let pool = deadpool_redis::Config::from_url(&config.redis_url)
         .create_pool(Some(deadpool_redis::Runtime::Tokio1))
         .map_err(|e| SchedulerError::Redis(e.to_string()))?;
-    let queue = RedisDelayQueue::new(pool, &config.common.namespace, usize::from(config.shards));
+    let queue = RedisDelayQueue::new(
+        pool.clone(),
+        &config.common.namespace,
+        usize::from(config.shards),
+    );
     // Redis may still be starting: wait for it like RabbitMQ, but stop on a
     // configuration error.
     let mut backoff = Backoff::new();
@@ -118,6 +146,7 @@ pub async fn run(
         lease_ms: config.lease_ms,
         idle: Duration::from_millis(config.idle_ms),
     };
+    let schedules = start_schedules(&config, &names, pool, &pump, http_listener, &cancel).await;
     tracing::info!(namespace = %names.namespace(), shards = config.shards, "scheduler starting");
 
     let mut backoff = Backoff::new();
@@ -196,6 +225,9 @@ pub async fn run(
         let _ = conn.close(200, "shutdown".into()).await;
     }
     listener.abort();
+    for task in schedules {
+        let _ = task.await;
+    }
     tracing::info!("scheduler stopped");
     Ok(())
 }
@@ -211,4 +243,60 @@ async fn report_pending(queue: RedisDelayQueue, cancel: CancellationToken) {
             return;
         }
     }
+}
+
+/// Syncs the schedule file, then starts the ticker, the HTTP API and the
+/// outcomes consumer; each stops on `cancel`. Occurrences go to the pump's
+/// delay queue, and the pump is woken when one is handed over.
+async fn start_schedules(
+    config: &Config,
+    names: &kairos_shared::contract::Names,
+    pool: deadpool_redis::Pool,
+    pump: &Pump,
+    http_listener: tokio::net::TcpListener,
+    cancel: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let store = schedule_store::ScheduleStore::new(pool, names.namespace(), &pump.queue);
+    let changed = Arc::new(Notify::new());
+    let admin = schedule_admin::Admin {
+        store: store.clone(),
+        changed: changed.clone(),
+    };
+    if let Some(path) = &config.schedule_file {
+        schedule_file::sync(&admin, path).await;
+    }
+    let ticker = ticker::Ticker {
+        store: store.clone(),
+        events: pump.events.clone(),
+        pump_wake: pump.wake.clone(),
+        changed,
+        lookahead_ms: config.schedule_lookahead_ms as i64,
+        grace_ms: config.schedule_grace_ms as i64,
+        batch: usize::from(config.batch),
+        idle: Duration::from_millis(config.idle_ms),
+    };
+    let tick_cancel = cancel.clone();
+    let http_cancel = cancel.clone();
+    let (http_amqp_url, http_names) = (config.common.amqp_url.clone(), names.clone());
+    let addr = http_listener.local_addr().ok();
+    tracing::info!(addr = ?addr, "schedules HTTP API listening");
+    vec![
+        tokio::spawn(async move { ticker.run(tick_cancel).await }),
+        tokio::spawn(async move {
+            let api = task_api::TaskApi::new(&http_amqp_url, http_names);
+            let router = http::router(admin).merge(task_api::router(api));
+            let served = axum::serve(http_listener, router)
+                .with_graceful_shutdown(http_cancel.cancelled_owned())
+                .await;
+            if let Err(err) = served {
+                tracing::error!(cause = %err, "schedules HTTP API stopped");
+            }
+        }),
+        tokio::spawn(outcomes::run(
+            config.common.amqp_url.clone(),
+            names.clone(),
+            store,
+            cancel.clone(),
+        )),
+    ]
 }

@@ -108,6 +108,8 @@ impl TestEnv {
         let mut c = SchedulerConfig::for_namespace(&self.ns);
         c.common.events = true;
         c.retry_base_ms = 100;
+        // Many schedulers share a test process: each takes a free port.
+        c.http_addr = ([127, 0, 0, 1], 0).into();
         c
     }
 
@@ -126,6 +128,7 @@ impl TestEnv {
             ("KAIROS_REDIS_URL".into(), REDIS_URL.into()),
             ("KAIROS_EVENTS".into(), "true".into()),
             ("KAIROS_RETRY_BASE_MS".into(), "100".into()),
+            ("KAIROS_HTTP_ADDR".into(), "127.0.0.1:0".into()),
             (
                 "RUST_LOG".into(),
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -285,7 +288,8 @@ async fn cleanup(ns: String, names: Names, queues: Vec<String>) {
         if let Ok(ch) = conn.create_channel().await {
             let all_queues = queues
                 .into_iter()
-                .chain([names.delay(), names.retry(), names.dead()]);
+                .chain([names.delay(), names.retry(), names.dead()])
+                .chain([kairos_scheduler::outcomes::queue_name(&names)]);
             for q in all_queues {
                 let _ = ch
                     .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
@@ -841,4 +845,126 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Some((status, body))
+}
+
+/// A free local address for a scheduler's HTTP API (bound, then released).
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
+/// The schedules HTTP API of one scheduler, through kairosctl's client
+/// (blocking, so each call runs on the blocking pool).
+#[derive(Clone)]
+pub struct ScheduleApi {
+    pub addr: String,
+}
+
+impl ScheduleApi {
+    pub fn new(addr: std::net::SocketAddr) -> Self {
+        ScheduleApi {
+            addr: addr.to_string(),
+        }
+    }
+
+    pub async fn call(
+        &self,
+        f: impl FnOnce(&kairosctl::Api) -> Result<kairosctl::Reply, String> + Send + 'static,
+    ) -> kairosctl::Reply {
+        let addr = self.addr.clone();
+        tokio::task::spawn_blocking(move || f(&kairosctl::Api::new(&addr)))
+            .await
+            .expect("api task")
+            .expect("scheduler HTTP API")
+    }
+
+    pub async fn put(&self, id: &str, spec: Value) -> kairosctl::Reply {
+        let id = id.to_string();
+        self.call(move |a| a.put(&id, &spec)).await
+    }
+
+    pub async fn get(&self, id: &str) -> kairosctl::Reply {
+        let id = id.to_string();
+        self.call(move |a| a.get(&id)).await
+    }
+
+    /// Waits until the API answers (a process scheduler is starting).
+    pub async fn wait_ready(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let addr = self.addr.clone();
+            let ok = tokio::task::spawn_blocking(move || kairosctl::Api::new(&addr).list())
+                .await
+                .map(|r| r.is_ok_and(|r| r.ok()))
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "scheduler API at {} did not answer",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl RunLog {
+    /// Every id that ran, with its run count.
+    pub fn snapshot(&self) -> HashMap<String, usize> {
+        self.runs.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Ticks of schedule `id` that ran (task ids `id@tick`), sorted.
+    pub fn ticks_of(&self, schedule: &str) -> Vec<i64> {
+        let mut ticks: Vec<i64> = self
+            .snapshot()
+            .keys()
+            .filter_map(|k| {
+                let (s, t) = k.rsplit_once('@')?;
+                (s == schedule).then(|| t.parse().ok()).flatten()
+            })
+            .collect();
+        ticks.sort_unstable();
+        ticks
+    }
+
+    /// Waits until `done(self)` holds.
+    pub async fn wait_for(&self, within: Duration, what: &str, done: impl Fn(&RunLog) -> bool) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if done(self) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!(
+                    "timed out after {within:?} waiting for {what}; ran: {:?}",
+                    self.snapshot()
+                );
+            }
+        }
+    }
+}
+
+/// `n` `kairos-scheduler` processes in the test's namespace, each with its
+/// API on its own address; returns once every API answers.
+pub async fn scheduler_processes(env: &TestEnv, n: usize) -> (Vec<Proc>, Vec<ScheduleApi>) {
+    let mut procs = Vec::new();
+    let mut apis = Vec::new();
+    for _ in 0..n {
+        let addr = free_addr();
+        let mut penv = env.process_env();
+        penv.push(("KAIROS_HTTP_ADDR".into(), addr.to_string()));
+        procs.push(Proc::spawn("kairos-scheduler", &penv));
+        apis.push(ScheduleApi::new(addr));
+    }
+    for api in &apis {
+        api.wait_ready(Duration::from_secs(20)).await;
+    }
+    (procs, apis)
 }

@@ -1,0 +1,277 @@
+//! `kairosctl schedule add|list|show|pause|resume|rm`.
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use kairosctl::{Api, Reply};
+use serde_json::{json, Map, Value};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "kairosctl",
+    version,
+    about = "Manage Kairos schedules through a scheduler's HTTP API"
+)]
+struct Cli {
+    /// Address of a scheduler's HTTP API.
+    #[arg(
+        long,
+        env = "KAIROS_HTTP_ADDR",
+        value_name = "KAIROS_HTTP_ADDR",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    http_addr: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Timed triggers.
+    #[command(subcommand)]
+    Schedule(ScheduleCmd),
+}
+
+#[derive(Subcommand)]
+enum ScheduleCmd {
+    /// Create or replace a schedule.
+    Add(Box<Add>),
+    /// List schedules with their next fire, last fire and last outcome.
+    List {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one schedule as JSON.
+    Show { id: String },
+    /// Stop firing until resumed.
+    Pause { id: String },
+    /// Fire again from the next tick (no catch-up burst).
+    Resume { id: String },
+    /// Delete a schedule.
+    Rm { id: String },
+}
+
+#[derive(Args)]
+struct Add {
+    /// Schedule id: 1 to 80 of A-Z a-z 0-9 . _ : -
+    #[arg(long)]
+    id: String,
+    /// Whole definition as JSON (as `PUT /v1/schedules/{id}` takes it);
+    /// `-` reads standard input. Other flags are then ignored.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Cron expression: 5 fields, or 6 with seconds first.
+    #[arg(long, conflicts_with_all = ["every_ms", "at"])]
+    cron: Option<String>,
+    /// Fixed interval in ms.
+    #[arg(long, conflicts_with = "at")]
+    every_ms: Option<u64>,
+    /// First tick of an interval (Unix ms).
+    #[arg(long, requires = "every_ms")]
+    start_at: Option<i64>,
+    /// One-shot time (Unix ms).
+    #[arg(long)]
+    at: Option<i64>,
+    /// IANA time zone of the cron expression.
+    #[arg(long, default_value = "UTC")]
+    tz: String,
+    /// Task name.
+    #[arg(long)]
+    task: Option<String>,
+    #[arg(long, default_value = "default")]
+    queue: String,
+    #[arg(long, default_value_t = 0)]
+    priority: u8,
+    /// Task body, JSON.
+    #[arg(long)]
+    body: Option<String>,
+    /// Header `k=v` (repeatable); integers and true/false become typed.
+    #[arg(long = "header", value_name = "K=V")]
+    headers: Vec<String>,
+    #[arg(long)]
+    max_retries: Option<u32>,
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// fire_once, skip or fire_all.
+    #[arg(long, default_value = "fire_once")]
+    misfire: String,
+    /// allow or skip.
+    #[arg(long, default_value = "allow")]
+    overlap: String,
+    /// Create it paused.
+    #[arg(long)]
+    paused: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kairosctl: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&cli.http_addr);
+    let Command::Schedule(cmd) = cli.command;
+    let reply = match cmd {
+        ScheduleCmd::Add(add) => {
+            let id = add.id.clone();
+            let spec = build_spec(*add)?;
+            api.put(&id, &spec)
+        }
+        ScheduleCmd::List { json } => {
+            let r = api.list().map_err(anyhow::Error::msg)?;
+            if r.ok() && !json {
+                print_table(&r.body);
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(r)
+        }
+        ScheduleCmd::Show { id } => api.get(&id),
+        ScheduleCmd::Pause { id } => api.pause(&id),
+        ScheduleCmd::Resume { id } => api.resume(&id),
+        ScheduleCmd::Rm { id } => api.delete(&id),
+    }
+    .map_err(anyhow::Error::msg)?;
+    Ok(print_reply(&reply))
+}
+
+fn print_reply(r: &Reply) -> ExitCode {
+    if r.ok() {
+        if !r.body.is_null() {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&r.body).unwrap_or_default()
+            );
+        }
+        ExitCode::SUCCESS
+    } else {
+        let msg = r
+            .body
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        eprintln!(
+            "kairosctl: HTTP {}: {}",
+            r.status,
+            msg.unwrap_or_else(|| r.body.to_string())
+        );
+        ExitCode::FAILURE
+    }
+}
+
+fn build_spec(add: Add) -> anyhow::Result<Value> {
+    if let Some(path) = add.file {
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+        } else {
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
+        };
+        return serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()));
+    }
+    let Some(name) = add.task else {
+        bail!("--task NAME is required (or --file)");
+    };
+    let mut task = Map::new();
+    task.insert("name".into(), name.into());
+    task.insert("queue".into(), add.queue.into());
+    task.insert("priority".into(), add.priority.into());
+    if let Some(body) = add.body {
+        let v: Value = serde_json::from_str(&body).context("--body is not JSON")?;
+        task.insert("body".into(), v);
+    }
+    let mut headers = Map::new();
+    for h in add.headers {
+        let Some((k, v)) = h.split_once('=') else {
+            bail!("--header {h:?}: use K=V");
+        };
+        let value = if let Ok(n) = v.parse::<i64>() {
+            json!(n)
+        } else if let Ok(b) = v.parse::<bool>() {
+            json!(b)
+        } else {
+            json!(v)
+        };
+        headers.insert(k.to_string(), value);
+    }
+    if !headers.is_empty() {
+        task.insert("headers".into(), headers.into());
+    }
+    if let Some(n) = add.max_retries {
+        task.insert("max_retries".into(), n.into());
+    }
+    if let Some(n) = add.timeout_ms {
+        task.insert("timeout_ms".into(), n.into());
+    }
+    let mut spec = Map::new();
+    if let Some(c) = add.cron {
+        spec.insert("cron".into(), c.into());
+    }
+    if let Some(e) = add.every_ms {
+        spec.insert("every_ms".into(), e.into());
+    }
+    if let Some(s) = add.start_at {
+        spec.insert("start_at".into(), s.into());
+    }
+    if let Some(a) = add.at {
+        spec.insert("at".into(), a.into());
+    }
+    spec.insert("timezone".into(), add.tz.into());
+    spec.insert("task".into(), task.into());
+    spec.insert("misfire".into(), add.misfire.into());
+    spec.insert("overlap".into(), add.overlap.into());
+    if add.paused {
+        spec.insert("enabled".into(), false.into());
+    }
+    Ok(spec.into())
+}
+
+fn print_table(body: &Value) {
+    let empty = Vec::new();
+    let rows = body["schedules"].as_array().unwrap_or(&empty);
+    println!(
+        "{:<28} {:<22} {:<8} {:<24} {:<24} OUTCOME",
+        "ID", "TRIGGER", "STATE", "NEXT_FIRE_AT", "LAST_FIRE_AT"
+    );
+    for s in rows {
+        let trigger = if let Some(c) = s["cron"].as_str() {
+            format!("cron {c}")
+        } else if let Some(e) = s["every_ms"].as_u64() {
+            format!("every {e} ms")
+        } else {
+            format!("at {}", s["at"])
+        };
+        let state = if s["enabled"].as_bool().unwrap_or(true) {
+            "active"
+        } else {
+            "paused"
+        };
+        let show = |v: &Value| v.as_i64().map(utc).unwrap_or_else(|| "-".into());
+        let outcome = s["last_outcome"]["outcome"].as_str().unwrap_or("-");
+        println!(
+            "{:<28} {:<22} {:<8} {:<24} {:<24} {}",
+            s["id"].as_str().unwrap_or_default(),
+            trigger,
+            state,
+            show(&s["next_fire_at"]),
+            show(&s["last_fire_at"]),
+            outcome
+        );
+    }
+}
+
+/// Unix ms as UTC, to the millisecond.
+fn utc(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .unwrap_or_else(|| ms.to_string())
+}

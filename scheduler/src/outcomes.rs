@@ -1,0 +1,188 @@
+//! Occurrence outcomes, from the workers' lifecycle events.
+//!
+//! Workers do not talk to Redis, so the scheduler learns what became of an
+//! occurrence from `NS.events` (when workers run with `KAIROS_EVENTS=true`):
+//! a durable queue `NS.schedules.outcomes`, shared by every scheduler of the
+//! namespace (each event is handled once, by any of them), bound to
+//! `task.started`, `task.succeeded`, `task.failed` and `task.dead`. Events
+//! of tasks a schedule fired (id `schedule@tick`) set the schedule's
+//! `last_outcome`; `succeeded` and `dead` end the occurrence's overlap hold.
+//!
+//! Without events the outcome stays unknown and an overlap hold ends after
+//! the schedule's `max_run_ms`. The queue is capped (newest kept) so that a
+//! namespace with many non-schedule tasks and no scheduler cannot grow it
+//! without bound.
+
+use crate::schedule::occurrence::parse_occurrence_id;
+use crate::schedule_store::ScheduleStore;
+use futures_util::{FutureExt, StreamExt};
+use kairos_shared::amqp::{connect_with_retry, sleep_or_cancel, Backoff};
+use kairos_shared::contract::Names;
+use kairos_shared::topology;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Deliveries handled per acknowledgement.
+const BATCH: usize = 100;
+/// Most events the outcomes queue holds.
+const MAX_BACKLOG: i32 = 100_000;
+
+pub fn queue_name(names: &Names) -> String {
+    format!("{}.schedules.outcomes", names.namespace())
+}
+
+/// What an event means for its schedule: (schedule id, task id, tick,
+/// occurrence over, outcome JSON). `None` for other tasks' events.
+pub fn interpret(event: &Value) -> Option<(String, String, i64, bool, Value)> {
+    let id = event.get("id")?.as_str()?;
+    let (schedule, tick) = parse_occurrence_id(id)?;
+    let kind = event.get("event")?.as_str()?;
+    let over = match kind {
+        "succeeded" | "dead" => true,
+        "started" | "failed" => false,
+        _ => return None,
+    };
+    let outcome = json!({
+        "outcome": kind,
+        "id": id,
+        "tick": tick,
+        "attempt": event.get("attempt"),
+        "at": event.get("at"),
+        "error": event.get("error"),
+    });
+    Some((schedule.to_string(), id.to_string(), tick, over, outcome))
+}
+
+pub async fn run(url: String, names: Names, store: ScheduleStore, cancel: CancellationToken) {
+    let mut backoff = Backoff::new();
+    while !cancel.is_cancelled() {
+        let Some(conn) = connect_with_retry(&url, "kairos-scheduler-outcomes", &cancel).await
+        else {
+            return;
+        };
+        let started = tokio::time::Instant::now();
+        if let Err(err) = consume(&conn, &names, &store, &cancel).await {
+            tracing::warn!(cause = %err, "schedule outcomes: consumer ended; reconnecting");
+        }
+        let _ = conn.close(200, "outcomes".into()).await;
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff.reset();
+        }
+        if !sleep_or_cancel(backoff.next_delay(), &cancel).await {
+            return;
+        }
+    }
+}
+
+async fn consume(
+    conn: &lapin::Connection,
+    names: &Names,
+    store: &ScheduleStore,
+    cancel: &CancellationToken,
+) -> lapin::Result<()> {
+    let ch = conn.create_channel().await?;
+    topology::declare_base(&ch, names).await?;
+    let queue = queue_name(names);
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(MAX_BACKLOG));
+    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
+        .await?;
+    for key in ["task.started", "task.succeeded", "task.failed", "task.dead"] {
+        ch.queue_bind(
+            queue.as_str().into(),
+            names.events().into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    ch.basic_qos(500, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    loop {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => {
+                // Close the channel before the connection goes, so its
+                // consumer ends cleanly.
+                let _ = ch.close(200, "shutdown".into()).await;
+                return Ok(());
+            }
+            d = consumer.next() => d,
+        };
+        let Some(first) = first else {
+            return Ok(()); // cancelled by the broker: declare and consume again
+        };
+        // Take what is already there too: one ack (multiple) per batch keeps
+        // this consumer cheap next to the task traffic it watches.
+        let mut batch = vec![first?];
+        while batch.len() < BATCH {
+            match consumer.next().now_or_never() {
+                Some(Some(d)) => batch.push(d?),
+                _ => break,
+            }
+        }
+        let mut failed = false;
+        for delivery in &batch {
+            let event: Option<Value> = serde_json::from_slice(&delivery.data).ok();
+            let Some((schedule, task_id, tick, over, outcome)) = event.as_ref().and_then(interpret)
+            else {
+                continue;
+            };
+            if let Err(err) = store
+                .record_outcome(&schedule, &task_id, tick, over, &outcome)
+                .await
+            {
+                tracing::warn!(cause = %err, "schedule outcomes: Redis failed");
+                failed = true;
+                break;
+            }
+        }
+        let Some(last) = batch.last() else { continue };
+        if failed {
+            // Leave the batch for another try (or another scheduler);
+            // recording an outcome twice is harmless.
+            last.acker
+                .nack(BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                })
+                .await?;
+            sleep_or_cancel(Duration::from_millis(200), cancel).await;
+        } else {
+            last.acker.ack(BasicAckOptions { multiple: true }).await?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_schedule_events_count() {
+        let e = json!({"event":"succeeded","id":"rep@1000","name":"x","queue":"default","attempt":1,"at":1010,"due_at":1000,"error":null});
+        let (s, id, tick, over, o) = interpret(&e).unwrap();
+        assert_eq!(
+            (s.as_str(), id.as_str(), tick, over),
+            ("rep", "rep@1000", 1000, true)
+        );
+        assert_eq!(o["outcome"], "succeeded");
+        let started = json!({"event":"started","id":"rep@1000"});
+        assert!(!interpret(&started).unwrap().3);
+        assert!(interpret(&json!({"event":"succeeded","id":"plain"})).is_none());
+        assert!(interpret(&json!({"event":"published","id":"rep@1"})).is_none());
+    }
+}

@@ -1,0 +1,88 @@
+//! The task an occurrence becomes: the template, with a derived id, the
+//! tick as `x-run-at` and the schedule id as `x-schedule-id`.
+
+use super::{Schedule, TaskTemplate};
+use kairos_shared::contract::{
+    text, ProtocolError, Task, H_MAX_RETRIES, H_RUN_AT, H_SCHEDULE_ID, H_TIMEOUT_MS,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use serde_json::Value;
+
+/// The task id of one tick: the same on every scheduler, so a repeated or
+/// concurrent fire of one tick is one task.
+pub fn occurrence_id(schedule_id: &str, tick: i64) -> String {
+    format!("{schedule_id}@{tick}")
+}
+
+/// The schedule id and tick of a task id, if a schedule fired it.
+pub fn parse_occurrence_id(task_id: &str) -> Option<(&str, i64)> {
+    let (id, tick) = task_id.rsplit_once('@')?;
+    Some((id, tick.parse().ok()?))
+}
+
+pub fn task(schedule: &Schedule, tick: i64) -> Result<Task, ProtocolError> {
+    let t: &TaskTemplate = &schedule.spec.task;
+    let mut headers = FieldTable::default();
+    for (k, v) in &t.headers {
+        let value = match v {
+            Value::String(s) => text(s),
+            Value::Bool(b) => AMQPValue::Boolean(*b),
+            Value::Number(n) => AMQPValue::LongLongInt(n.as_i64().unwrap_or_default()),
+            _ => continue, // refused by validation
+        };
+        headers.insert(k.as_str().into(), value);
+    }
+    if let Some(n) = t.max_retries {
+        headers.insert(H_MAX_RETRIES.into(), AMQPValue::LongLongInt(i64::from(n)));
+    }
+    if let Some(n) = t.timeout_ms {
+        headers.insert(
+            H_TIMEOUT_MS.into(),
+            AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX)),
+        );
+    }
+    headers.insert(H_RUN_AT.into(), AMQPValue::LongLongInt(tick));
+    headers.insert(H_SCHEDULE_ID.into(), text(&schedule.id));
+    let mut props = BasicProperties::default()
+        .with_type(t.name.as_str().into())
+        .with_message_id(occurrence_id(&schedule.id, tick).into())
+        .with_priority(t.priority)
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    let body = if t.body.is_null() {
+        Vec::new()
+    } else {
+        props = props.with_content_type("application/json".into());
+        serde_json::to_vec(&t.body).map_err(|e| ProtocolError::BadBody(e.to_string()))?
+    };
+    Task::decode(&t.queue, &props, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::ScheduleSpec;
+    use kairos_shared::contract::value_to_string;
+
+    #[test]
+    fn occurrence_carries_template_tick_and_schedule() {
+        let s = ScheduleSpec::from_json(
+            br#"{"every_ms":1000,"task":{"name":"report.build","queue":"q","priority":5,"body":{"a":1},"headers":{"x-max-retries":3,"h":"v"}}}"#,
+        )
+        .unwrap()
+        .validate("rep")
+        .unwrap();
+        let t = task(&s, 1_764_000_000_000).unwrap();
+        assert_eq!(t.id, "rep@1764000000000");
+        assert_eq!(t.name, "report.build");
+        assert_eq!(t.queue, "q");
+        assert_eq!(t.priority, 5);
+        assert_eq!(t.run_at, Some(1_764_000_000_000));
+        assert_eq!(t.max_retries, Some(3));
+        assert_eq!(t.body, br#"{"a":1}"#);
+        assert_eq!(value_to_string(t.header(H_SCHEDULE_ID).unwrap()), "rep");
+        assert_eq!(parse_occurrence_id(&t.id), Some(("rep", 1_764_000_000_000)));
+        assert_eq!(parse_occurrence_id("plain-task"), None);
+    }
+}

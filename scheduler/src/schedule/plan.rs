@@ -1,0 +1,174 @@
+//! Which ticks to fire now. Pure: the ticker feeds it the stored next tick
+//! and Redis's clock.
+//!
+//! A healthy ticker reads a schedule `lookahead` before its tick and hands
+//! the occurrence to the delay queue, due at the tick, so ticks fire with
+//! the delay queue's precision. A stored next tick older than `grace` means
+//! no scheduler ran when it fell due: every tick up to now is then missed,
+//! and the misfire policy decides what runs:
+//!
+//! * `fire_once`: one occurrence, for the latest missed tick;
+//! * `skip`: none;
+//! * `fire_all`: one per missed tick, at most [`MAX_CATCH_UP`] (the latest).
+//!
+//! Catch-up occurrences keep their tick as due time, so they run at once and
+//! their lateness stays visible.
+
+use super::{Misfire, Trigger};
+use std::collections::VecDeque;
+
+/// Most catch-up runs `fire_all` makes for one outage.
+pub const MAX_CATCH_UP: usize = 100;
+/// Most missed ticks counted before jumping ahead (a 10 ms cron... an
+/// interval of 100 ms down for a day has 864,000).
+const MAX_SCAN: usize = 100_000;
+/// Most ticks fired in one plan without misfire (fast intervals with a long
+/// lookahead).
+const MAX_AHEAD: usize = 1_000;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Ticks to fire, in order.
+    pub fire: Vec<i64>,
+    /// Ticks missed while no scheduler ran (counted, not all fired).
+    pub missed: u64,
+    /// The following tick; `None` when the trigger is exhausted.
+    pub next: Option<i64>,
+}
+
+pub fn plan(
+    trigger: &Trigger,
+    misfire: Misfire,
+    next: i64,
+    now: i64,
+    lookahead: i64,
+    grace: i64,
+) -> Plan {
+    let mut out = Plan::default();
+    let mut tick = Some(next);
+    if next < now - grace {
+        let mut latest: VecDeque<i64> = VecDeque::new();
+        let mut scanned = 0;
+        while let Some(t) = tick.filter(|t| *t <= now) {
+            out.missed += 1;
+            if latest.len() == MAX_CATCH_UP {
+                latest.pop_front();
+            }
+            latest.push_back(t);
+            scanned += 1;
+            tick = if scanned >= MAX_SCAN {
+                // Too many to count: jump to now; keep the latest.
+                out.missed += 1;
+                trigger.next_after(now)
+            } else {
+                trigger.next_after(t)
+            };
+        }
+        match misfire {
+            Misfire::Skip => {}
+            Misfire::FireOnce => out.fire.extend(latest.back()),
+            Misfire::FireAll => out.fire.extend(latest),
+        }
+    }
+    while let Some(t) = tick.filter(|t| *t <= now + lookahead) {
+        if out.fire.len() >= MAX_AHEAD {
+            break;
+        }
+        out.fire.push(t);
+        tick = trigger.next_after(t);
+    }
+    out.next = tick;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EVERY_S: Trigger = Trigger::Every {
+        every_ms: 1000,
+        start_at: 0,
+    };
+
+    #[test]
+    fn on_time_fires_within_the_lookahead() {
+        let p = plan(&EVERY_S, Misfire::FireOnce, 10_000, 9_900, 100, 1000);
+        assert_eq!(
+            p,
+            Plan {
+                fire: vec![10_000],
+                missed: 0,
+                next: Some(11_000)
+            }
+        );
+        let p = plan(&EVERY_S, Misfire::Skip, 10_000, 9_800, 100, 1000);
+        assert_eq!(p.fire, Vec::<i64>::new());
+        assert_eq!(p.next, Some(10_000));
+        // A little late is still on time.
+        let p = plan(&EVERY_S, Misfire::Skip, 10_000, 10_300, 100, 1000);
+        assert_eq!(p.fire, vec![10_000]);
+    }
+
+    #[test]
+    fn five_missed_seconds_by_policy() {
+        // Next tick 11 s, restarted at 15.2 s: 11..15 missed.
+        let run = |m| plan(&EVERY_S, m, 11_000, 15_200, 100, 1000);
+        assert_eq!(run(Misfire::FireOnce).fire, vec![15_000]);
+        assert_eq!(run(Misfire::Skip).fire, Vec::<i64>::new());
+        assert_eq!(
+            run(Misfire::FireAll).fire,
+            vec![11_000, 12_000, 13_000, 14_000, 15_000]
+        );
+        for m in [Misfire::FireOnce, Misfire::Skip, Misfire::FireAll] {
+            assert_eq!(run(m).missed, 5);
+            assert_eq!(run(m).next, Some(16_000));
+        }
+        // The lookahead still applies after a catch-up.
+        let p = plan(&EVERY_S, Misfire::FireOnce, 11_000, 15_950, 100, 1000);
+        assert_eq!(p.fire, vec![15_000, 16_000]);
+    }
+
+    #[test]
+    fn fire_all_is_bounded() {
+        let p = plan(&EVERY_S, Misfire::FireAll, 1_000, 1_000_000, 0, 1000);
+        assert_eq!(p.fire.len(), MAX_CATCH_UP);
+        assert_eq!(p.fire.last(), Some(&1_000_000));
+        assert_eq!(p.missed, 1000);
+        let fast = Trigger::Every {
+            every_ms: 100,
+            start_at: 0,
+        };
+        let p = plan(&fast, Misfire::FireOnce, 100, 86_400_000, 0, 1000);
+        assert_eq!(p.fire.len(), 1);
+        assert_eq!(p.next, Some(86_400_100));
+    }
+
+    #[test]
+    fn a_one_shot_fires_once_then_ends() {
+        let p = plan(
+            &Trigger::At(5_000),
+            Misfire::FireOnce,
+            5_000,
+            4_950,
+            100,
+            1000,
+        );
+        assert_eq!(
+            p,
+            Plan {
+                fire: vec![5_000],
+                missed: 0,
+                next: None
+            }
+        );
+        let p = plan(&Trigger::At(5_000), Misfire::Skip, 5_000, 60_000, 100, 1000);
+        assert_eq!(
+            p,
+            Plan {
+                fire: vec![],
+                missed: 1,
+                next: None
+            }
+        );
+    }
+}

@@ -1,0 +1,385 @@
+//! The schedule a user declares, and its validation. A [`ScheduleSpec`] is
+//! the stored form too (JSON in Redis): it is validated on every way in
+//! (HTTP, file) and again, cheaply, when the ticker reads it.
+
+use super::trigger::Trigger;
+use chrono_tz::Tz;
+use kairos_shared::contract::MAX_PRIORITY;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use thiserror::Error;
+
+/// Longest schedule id: with `@` and a 13-digit tick the task id stays well
+/// inside the contract's 128 characters.
+pub const MAX_SCHEDULE_ID_LEN: usize = 80;
+/// Shortest interval: below this a schedule is a busy loop, not a timer.
+pub const MIN_EVERY_MS: u64 = 100;
+/// Default for how long an occurrence may count as running for overlap
+/// `skip` when its outcome never arrives (one hour).
+pub const DEFAULT_MAX_RUN_MS: u64 = 3_600_000;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    /// The offending field, as the user wrote it (`cron`, `task.priority`...).
+    pub field: String,
+    pub message: String,
+}
+
+fn err(field: &str, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// What to do with ticks that fell due while no scheduler ran.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Misfire {
+    /// One catch-up run for all missed ticks (the latest of them).
+    #[default]
+    FireOnce,
+    /// No catch-up: the schedule resumes at its next tick.
+    Skip,
+    /// One run per missed tick, the latest [`super::plan::MAX_CATCH_UP`].
+    FireAll,
+}
+
+/// Whether a tick fires while the previous occurrence still runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlap {
+    #[default]
+    Allow,
+    Skip,
+}
+
+/// The task each occurrence becomes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskTemplate {
+    /// Task name (AMQP `type`).
+    pub name: String,
+    /// Logical queue.
+    #[serde(default = "default_queue")]
+    pub queue: String,
+    /// 0 to 9.
+    #[serde(default)]
+    pub priority: u8,
+    /// Any JSON; sent JSON-encoded with content type `application/json`.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub body: Value,
+    /// AMQP headers: strings, integers, booleans.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub headers: Map<String, Value>,
+    /// Shorthand for the `x-max-retries` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    /// Shorthand for the `x-timeout-ms` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+fn default_queue() -> String {
+    "default".into()
+}
+
+fn default_timezone() -> String {
+    "UTC".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+fn is_utc(tz: &String) -> bool {
+    tz == "UTC"
+}
+
+/// A schedule as declared. Exactly one of `cron`, `every_ms` and `at`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    /// Set from the URL for HTTP; required in the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_ms: Option<u64>,
+    /// First tick of an `every_ms` schedule (Unix ms); ticks fall at
+    /// `start_at + k * every_ms`. Default 0, so intervals align to the epoch
+    /// (every 5 s fires at :00, :05, ...), the same on every scheduler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at: Option<i64>,
+    /// One-shot time, Unix ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<i64>,
+    /// IANA zone for `cron`.
+    #[serde(default = "default_timezone", skip_serializing_if = "is_utc")]
+    pub timezone: String,
+    pub task: TaskTemplate,
+    #[serde(default)]
+    pub misfire: Misfire,
+    #[serde(default)]
+    pub overlap: Overlap,
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub enabled: bool,
+    /// Overlap `skip`: after this long an occurrence whose outcome never
+    /// arrived stops blocking the schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_run_ms: Option<u64>,
+}
+
+/// A validated schedule, ready for tick arithmetic.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    pub id: String,
+    pub trigger: Trigger,
+    pub spec: ScheduleSpec,
+}
+
+impl Schedule {
+    pub fn max_run_ms(&self) -> u64 {
+        self.spec.max_run_ms.unwrap_or(DEFAULT_MAX_RUN_MS)
+    }
+}
+
+/// Schedule ids become part of task ids and Redis hash fields: keep them to
+/// a safe alphabet (no `@`, which separates id and tick in task ids).
+pub fn validate_schedule_id(id: &str) -> Result<(), SpecError> {
+    if id.is_empty() || id.len() > MAX_SCHEDULE_ID_LEN {
+        return Err(err(
+            "id",
+            format!("must be 1 to {MAX_SCHEDULE_ID_LEN} characters"),
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    {
+        return Err(err(
+            "id",
+            format!("character {c:?} is not allowed (use A-Z a-z 0-9 . _ : -)"),
+        ));
+    }
+    Ok(())
+}
+
+impl ScheduleSpec {
+    /// Parses a JSON body, naming the first problem.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, SpecError> {
+        serde_json::from_slice(bytes).map_err(|e| err("body", e.to_string()))
+    }
+
+    /// Validates under `id` (the URL's, or the file entry's).
+    pub fn validate(mut self, id: &str) -> Result<Schedule, SpecError> {
+        validate_schedule_id(id)?;
+        if let Some(own) = &self.id {
+            if own != id {
+                return Err(err(
+                    "id",
+                    format!("{own:?} in the body differs from {id:?} in the URL"),
+                ));
+            }
+        }
+        self.id = Some(id.to_string());
+        let tz: Tz = self.timezone.parse().map_err(|_| {
+            err(
+                "timezone",
+                format!(
+                    "unknown time zone {:?} (use an IANA name such as Europe/Berlin)",
+                    self.timezone
+                ),
+            )
+        })?;
+        let trigger = match (&self.cron, self.every_ms, self.at) {
+            (Some(expr), None, None) => Trigger::cron(expr, tz).map_err(|m| err("cron", m))?,
+            (None, Some(every), None) => {
+                if every < MIN_EVERY_MS {
+                    return Err(err(
+                        "every_ms",
+                        format!("{every} is below the minimum of {MIN_EVERY_MS}"),
+                    ));
+                }
+                Trigger::Every {
+                    every_ms: every as i64,
+                    start_at: self.start_at.unwrap_or(0),
+                }
+            }
+            (None, None, Some(at)) => Trigger::At(at),
+            (None, None, None) => {
+                return Err(err("trigger", "one of cron, every_ms or at is required"))
+            }
+            _ => return Err(err("trigger", "give only one of cron, every_ms and at")),
+        };
+        if self.start_at.is_some() && self.every_ms.is_none() {
+            return Err(err("start_at", "only applies to every_ms"));
+        }
+        if self.at.is_some_and(|a| a < 0) || self.start_at.is_some_and(|a| a < 0) {
+            return Err(err("at", "times are Unix milliseconds, not negative"));
+        }
+        if self.max_run_ms == Some(0) {
+            return Err(err("max_run_ms", "must be positive"));
+        }
+        validate_template(&self.task)?;
+        Ok(Schedule {
+            id: id.to_string(),
+            trigger,
+            spec: self,
+        })
+    }
+}
+
+fn validate_template(t: &TaskTemplate) -> Result<(), SpecError> {
+    if t.name.trim().is_empty() {
+        return Err(err("task.name", "is required"));
+    }
+    if t.name.len() > 255 {
+        return Err(err("task.name", "longer than 255 bytes"));
+    }
+    if t.queue.is_empty() || t.queue.len() > 200 || t.queue.chars().any(char::is_control) {
+        return Err(err(
+            "task.queue",
+            format!("{:?} is not a usable queue name", t.queue),
+        ));
+    }
+    if t.priority > MAX_PRIORITY {
+        return Err(err(
+            "task.priority",
+            format!("{} is above {MAX_PRIORITY}", t.priority),
+        ));
+    }
+    if t.timeout_ms == Some(0) {
+        return Err(err("task.timeout_ms", "must be positive"));
+    }
+    for (k, v) in &t.headers {
+        let field = format!("task.headers.{k}");
+        match v {
+            Value::String(_) | Value::Bool(_) => {}
+            Value::Number(n) if n.is_i64() => {}
+            Value::Number(n) if n.is_u64() => {
+                return Err(err(
+                    &field,
+                    format!("{n} does not fit a signed 64-bit integer"),
+                ))
+            }
+            other => {
+                return Err(err(
+                    &field,
+                    format!("{other} is not a string, an integer or a boolean"),
+                ))
+            }
+        }
+        let int = v.as_i64();
+        match k.as_str() {
+            "x-max-retries" if int.is_none_or(|n| n < 0) => {
+                return Err(err(&field, "must be a non-negative integer"))
+            }
+            "x-timeout-ms" if int.is_none_or(|n| n <= 0) => {
+                return Err(err(&field, "must be a positive integer"))
+            }
+            "x-run-at" | "x-delay-ms" | "x-attempt" | "x-schedule-id" => {
+                return Err(err(&field, "is set by the scheduler"))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(v: Value) -> Result<Schedule, SpecError> {
+        ScheduleSpec::from_json(v.to_string().as_bytes())?.validate("s1")
+    }
+
+    #[test]
+    fn the_issue_example_is_accepted() {
+        let s = spec(json!({"cron": "*/2 * * * * *", "timezone": "Europe/Berlin",
+            "task": {"name": "report.build", "queue": "default", "priority": 5,
+                     "body": {"any": "json"}, "headers": {"x-max-retries": 3}},
+            "misfire": "fire_once", "overlap": "allow"}))
+        .unwrap();
+        assert_eq!(s.id, "s1");
+        assert_eq!(s.spec.misfire, Misfire::FireOnce);
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        let field = |v: Value| spec(v).unwrap_err().field;
+        let task = json!({"name": "t"});
+        assert_eq!(field(json!({"cron": "61 * * * *", "task": task})), "cron");
+        assert_eq!(
+            field(json!({"cron": "* * * * *", "timezone": "Mars/Base", "task": task})),
+            "timezone"
+        );
+        assert_eq!(field(json!({"every_ms": 5, "task": task})), "every_ms");
+        assert_eq!(field(json!({"task": task})), "trigger");
+        assert_eq!(
+            field(json!({"every_ms": 1000, "at": 5, "task": task})),
+            "trigger"
+        );
+        assert_eq!(
+            field(json!({"every_ms": 1000, "task": {"name": ""}})),
+            "task.name"
+        );
+        assert_eq!(
+            field(json!({"every_ms": 1000, "task": {"name": "t", "priority": 12}})),
+            "task.priority"
+        );
+        assert_eq!(
+            field(
+                json!({"every_ms": 1000, "task": {"name": "t", "headers": {"x-max-retries": "x"}}})
+            ),
+            "task.headers.x-max-retries"
+        );
+        assert_eq!(
+            field(json!({"every_ms": 1000, "task": {"name": "t", "headers": {"h": [1]}}})),
+            "task.headers.h"
+        );
+        assert_eq!(
+            field(json!({"every_ms": 1000, "task": task, "misfire": "sometimes"})),
+            "body"
+        );
+        assert_eq!(
+            field(json!({"every_ms": 1000, "task": task, "colour": 1})),
+            "body"
+        );
+        let e =
+            spec(json!({"cron": "* * * * *", "timezone": "Mars/Base", "task": task})).unwrap_err();
+        assert!(e.to_string().contains("Mars/Base"), "{e}");
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(validate_schedule_id("report.daily:eu-1_x").is_ok());
+        assert!(validate_schedule_id("").is_err());
+        assert!(validate_schedule_id("a@b").is_err());
+        assert!(validate_schedule_id(&"x".repeat(81)).is_err());
+        let body =
+            ScheduleSpec::from_json(br#"{"id":"other","every_ms":1000,"task":{"name":"t"}}"#)
+                .unwrap();
+        assert_eq!(body.validate("s1").unwrap_err().field, "id");
+    }
+
+    #[test]
+    fn stored_form_round_trips_and_omits_defaults() {
+        let s = spec(json!({"every_ms": 1000, "task": {"name": "t"}})).unwrap();
+        let text = serde_json::to_string(&s.spec).unwrap();
+        assert_eq!(
+            text,
+            r#"{"id":"s1","every_ms":1000,"task":{"name":"t","queue":"default","priority":0},"misfire":"fire_once","overlap":"allow"}"#
+        );
+        let back: ScheduleSpec = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, s.spec);
+    }
+}

@@ -1,0 +1,138 @@
+//! Creating, replacing, pausing, resuming and deleting schedules: the one
+//! place the HTTP API and the schedule file go through, so both validate
+//! and compute the first tick the same way.
+
+use crate::delay_queue::QueueError;
+use crate::schedule::{Schedule, ScheduleSpec, SpecError, Trigger};
+use crate::schedule_store::{ScheduleStore, View};
+use std::sync::Arc;
+use thiserror::Error;
+use tokio::sync::Notify;
+
+#[derive(Debug, Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Invalid(#[from] SpecError),
+    #[error("no schedule {0:?}")]
+    NotFound(String),
+    #[error("{0}")]
+    Store(#[from] QueueError),
+}
+
+/// What a put did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Put {
+    Created,
+    Replaced,
+    Unchanged,
+}
+
+#[derive(Clone)]
+pub struct Admin {
+    pub store: ScheduleStore,
+    /// Wakes the local ticker so a new tick is not slept through.
+    pub changed: Arc<Notify>,
+}
+
+/// The first tick of a (re)started schedule: after now and after the last
+/// tick it fired, so no tick fires twice and a resume makes no burst. A
+/// one-shot whose time has passed still fires (as a misfire) unless it did.
+pub fn first_tick(trigger: &Trigger, now: i64, last: Option<i64>) -> Option<i64> {
+    match trigger {
+        Trigger::At(at) => last.is_none_or(|l| *at > l).then_some(*at),
+        t => t.next_after(now.max(last.unwrap_or(i64::MIN))),
+    }
+}
+
+impl Admin {
+    /// Creates or replaces `id`. `keep_paused`: an existing schedule keeps
+    /// its enabled flag (the file must not resume what an operator paused),
+    /// and a definition equal but for that flag is left alone.
+    pub async fn put(
+        &self,
+        id: &str,
+        spec: ScheduleSpec,
+        keep_paused: bool,
+    ) -> Result<(Put, Schedule), AdminError> {
+        let mut schedule = spec.validate(id)?;
+        let existing = self.store.get_spec(id).await?;
+        let (mut put, last) = match &existing {
+            None => (Put::Created, None),
+            Some((_, last)) => (Put::Replaced, *last),
+        };
+        if let Some((old, _)) = &existing {
+            if keep_paused {
+                schedule.spec.enabled = old.enabled;
+            }
+            if *old == schedule.spec {
+                put = Put::Unchanged;
+            }
+        }
+        if put != Put::Unchanged {
+            self.write(&schedule, last, false).await?;
+        }
+        Ok((put, schedule))
+    }
+
+    pub async fn set_enabled(&self, id: &str, enabled: bool) -> Result<(), AdminError> {
+        let Some((spec, last)) = self.store.get_spec(id).await? else {
+            return Err(AdminError::NotFound(id.to_string()));
+        };
+        let mut schedule = spec.validate(id)?;
+        schedule.spec.enabled = enabled;
+        // Pausing withdraws occurrences handed to the delay queue ahead of
+        // their tick, so a paused schedule fires nothing more.
+        self.write(&schedule, last, !enabled).await
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<(), AdminError> {
+        if self.store.delete(id).await? {
+            Ok(())
+        } else {
+            Err(AdminError::NotFound(id.to_string()))
+        }
+    }
+
+    pub async fn view(&self, id: &str) -> Result<View, AdminError> {
+        self.store
+            .view(id)
+            .await?
+            .ok_or_else(|| AdminError::NotFound(id.to_string()))
+    }
+
+    async fn write(
+        &self,
+        schedule: &Schedule,
+        last: Option<i64>,
+        withdraw: bool,
+    ) -> Result<(), AdminError> {
+        let next = if schedule.spec.enabled {
+            let now = self.store.now().await?;
+            first_tick(&schedule.trigger, now, last)
+        } else {
+            None
+        };
+        self.store
+            .put(&schedule.spec, &schedule.id, next, withdraw)
+            .await?;
+        self.changed.notify_one();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_tick_never_repeats_a_fired_tick() {
+        let every = Trigger::Every {
+            every_ms: 1000,
+            start_at: 0,
+        };
+        assert_eq!(first_tick(&every, 5_500, None), Some(6_000));
+        assert_eq!(first_tick(&every, 5_500, Some(6_000)), Some(7_000));
+        assert_eq!(first_tick(&Trigger::At(100), 5_000, None), Some(100));
+        assert_eq!(first_tick(&Trigger::At(100), 5_000, Some(100)), None);
+    }
+}

@@ -1,0 +1,147 @@
+//! The schedule file (`KAIROS_SCHEDULE_FILE`, TOML), loaded at start and
+//! synced idempotently, like Celery's `beat_schedule`:
+//!
+//! ```toml
+//! [[schedule]]
+//! id = "report.hourly"
+//! cron = "0 * * * *"
+//! timezone = "Europe/Berlin"
+//! task = { name = "report.build", priority = 5, body = { kind = "hourly" } }
+//! ```
+//!
+//! Each entry is a schedule as the HTTP API takes it, plus its `id`. An
+//! entry equal to the stored schedule changes nothing (its next tick stays);
+//! a different one replaces it; a schedule paused through the API stays
+//! paused. A bad entry is logged with its reason and skipped: the others
+//! load, and the scheduler runs. Schedules missing from the file are left
+//! alone (delete them through the API or `kairosctl`).
+
+use crate::schedule::ScheduleSpec;
+use crate::schedule_admin::{Admin, Put};
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    schedule: Vec<toml::Value>,
+}
+
+/// Parsed entries, and one message per entry that is not a schedule.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub schedules: Vec<(String, ScheduleSpec)>,
+    pub errors: Vec<String>,
+}
+
+/// Parses the file's text. A file that is not TOML at all is one error.
+pub fn parse(text: &str) -> Result<Loaded, String> {
+    let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+    let mut out = Loaded::default();
+    for (i, entry) in file.schedule.into_iter().enumerate() {
+        let label = match entry.get("id").and_then(|v| v.as_str()) {
+            Some(id) => format!("schedule #{} ({id:?})", i + 1),
+            None => format!("schedule #{}", i + 1),
+        };
+        let parsed = serde_json::to_value(&entry)
+            .map_err(|e| e.to_string())
+            .and_then(|v| serde_json::from_value::<ScheduleSpec>(v).map_err(|e| e.to_string()));
+        match parsed {
+            Err(e) => out.errors.push(format!("{label}: {e}")),
+            Ok(spec) => match spec.id.clone() {
+                None => out.errors.push(format!("{label}: id is required")),
+                Some(id) => match spec.clone().validate(&id) {
+                    Ok(s) => out.schedules.push((id, s.spec)),
+                    Err(e) => out.errors.push(format!("{label}: {e}")),
+                },
+            },
+        }
+    }
+    Ok(out)
+}
+
+/// Loads and syncs the file; every problem is logged, none is fatal.
+pub async fn sync(admin: &Admin, path: &Path) -> Loaded {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(file = %path.display(), cause = %e, "KAIROS_SCHEDULE_FILE: cannot read; no schedules loaded from it");
+            return Loaded::default();
+        }
+    };
+    let loaded = match parse(&text) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(file = %path.display(), cause = %e, "KAIROS_SCHEDULE_FILE: not a schedule file; no schedules loaded from it");
+            return Loaded::default();
+        }
+    };
+    for e in &loaded.errors {
+        tracing::error!(file = %path.display(), "KAIROS_SCHEDULE_FILE: {e}; skipped");
+    }
+    for (id, spec) in &loaded.schedules {
+        match admin.put(id, spec.clone(), true).await {
+            Ok((Put::Unchanged, _)) => tracing::debug!(schedule = %id, "schedule file: unchanged"),
+            Ok((put, _)) => tracing::info!(schedule = %id, ?put, "schedule file: synced"),
+            Err(e) => tracing::error!(schedule = %id, cause = %e, "schedule file: cannot sync"),
+        }
+    }
+    loaded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn good_entries_load_and_bad_ones_say_why() {
+        let text = r#"
+[[schedule]]
+id = "a"
+every_ms = 5000
+task = { name = "job.a", priority = 1, body = { resources = 1 } }
+
+[[schedule]]
+id = "b"
+cron = "99 * * * *"
+task = { name = "job.b" }
+
+[[schedule]]
+id = "c"
+cron = "* * * * *"
+timezone = "Nowhere/Land"
+task = { name = "job.c" }
+
+[[schedule]]
+every_ms = 1000
+task = { name = "job.d" }
+
+[[schedule]]
+id = "e"
+every_ms = 1000
+task = { name = "job.e", colour = "red" }
+"#;
+        let l = parse(text).unwrap();
+        assert_eq!(l.schedules.len(), 1);
+        assert_eq!(l.schedules[0].0, "a");
+        assert_eq!(l.errors.len(), 4, "{:?}", l.errors);
+        assert!(
+            l.errors[0].contains("\"b\"") && l.errors[0].contains("cron"),
+            "{}",
+            l.errors[0]
+        );
+        assert!(l.errors[1].contains("Nowhere/Land"), "{}", l.errors[1]);
+        assert!(l.errors[2].contains("id is required"), "{}", l.errors[2]);
+        assert!(l.errors[3].contains("colour"), "{}", l.errors[3]);
+        assert!(parse("not toml [").is_err());
+    }
+
+    #[test]
+    fn the_seed_example_file_loads() {
+        let text = include_str!("../../examples/seed/schedules.toml");
+        let l = parse(text).unwrap();
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+        assert_eq!(l.schedules.len(), 3);
+    }
+}

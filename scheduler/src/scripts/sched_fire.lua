@@ -1,0 +1,77 @@
+-- Fires schedules of one shard: for each, a compare-and-set on its next
+-- tick and definition, then its occurrences into the delay queue and the
+-- next tick, all in one atomic step. Of N schedulers that read the same
+-- tick, exactly one passes the compare; the others change nothing.
+-- KEYS[1] next zset, KEYS[2] definition hash, KEYS[3] state hash,
+-- KEYS[4] delay-queue due zset, KEYS[5] delay-queue record hash (same slot).
+-- ARGV[1] wake channel, ARGV[2] item count, then per item:
+--   id, expected next, the definition as read, new next ('' = none),
+--   overlap skip '1'/'0', max run ms, n, then n x (member, tick, record).
+-- Returns per item {fired 0/1, enqueued, skipped for overlap}.
+local head = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+local head_due = tonumber(head[2] or '-1')
+local earliest = nil
+local out = {}
+local i = 3
+for _ = 1, tonumber(ARGV[2]) do
+  local id, expected, def_read, new_next = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local skip_overlap, run_ms, n = ARGV[i + 4] == '1', tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
+  local first = i + 7
+  i = first + 3 * n
+  local cur = redis.call('ZSCORE', KEYS[1], id)
+  local def = redis.call('HGET', KEYS[2], id)
+  if cur and tonumber(cur) == tonumber(expected) and (not def) and def_read == '' then
+    -- A next tick without a definition (deleted meanwhile): drop it.
+    redis.call('ZREM', KEYS[1], id)
+    out[#out + 1] = {1, 0, 0}
+  elseif (not cur) or tonumber(cur) ~= tonumber(expected) or def ~= def_read then
+    out[#out + 1] = {0, 0, 0}
+  else
+    local f = id .. '\t'
+    local last = tonumber(redis.call('HGET', KEYS[3], f .. 'last') or '-1')
+    local running = redis.call('HGET', KEYS[3], f .. 'run')
+    local run_until = tonumber(redis.call('HGET', KEYS[3], f .. 'run_until') or '0')
+    -- Occurrences handed over earlier and still waiting: pause removes them.
+    local pending = {}
+    for m in string.gmatch(redis.call('HGET', KEYS[3], f .. 'pending') or '', '%S+') do
+      if redis.call('HEXISTS', KEYS[5], m) == 1 then
+        pending[#pending + 1] = m
+      end
+    end
+    local added, skipped = 0, 0
+    for j = first, first + 3 * n - 1, 3 do
+      local member, tick, record = ARGV[j], tonumber(ARGV[j + 1]), ARGV[j + 2]
+      -- Never fire a tick twice, even after the schedule was replaced.
+      if tick > last then
+        last = tick
+        if skip_overlap and running and run_until > tick then
+          skipped = skipped + 1
+          redis.call('HSET', KEYS[3], f .. 'skipped', string.format('%d', tick))
+        elseif redis.call('HSETNX', KEYS[5], member, record) == 1 then
+          redis.call('ZADD', KEYS[4], tick, member)
+          added = added + 1
+          pending[#pending + 1] = member
+          if earliest == nil or tick < earliest then
+            earliest = tick
+          end
+          if skip_overlap then
+            running, run_until = member, tick + run_ms
+            redis.call('HSET', KEYS[3], f .. 'run', member, f .. 'run_until', string.format('%d', run_until))
+          end
+        end
+      end
+    end
+    redis.call('HSET', KEYS[3], f .. 'last', string.format('%d', last), f .. 'pending', table.concat(pending, ' '))
+    if new_next == '' then
+      redis.call('ZREM', KEYS[1], id)
+    else
+      redis.call('ZADD', KEYS[1], new_next, id)
+    end
+    out[#out + 1] = {1, added, skipped}
+  end
+end
+if earliest ~= nil and (head_due < 0 or earliest < head_due) then
+  -- Wake every scheduler's pump: a new earliest task in this shard.
+  redis.call('PUBLISH', ARGV[1], string.format('%d', earliest))
+end
+return out

@@ -1,0 +1,31 @@
+-- Creates, replaces, pauses, resumes or deletes one schedule.
+-- KEYS[1] next zset, KEYS[2] definition hash, KEYS[3] state hash,
+-- KEYS[4] delay-queue due zset, KEYS[5] delay-queue record hash.
+-- ARGV[1] id, ARGV[2] definition JSON ('' = delete), ARGV[3] next tick
+-- ('' = none), ARGV[4] '1' to withdraw occurrences handed to the delay
+-- queue ahead of their tick and not yet claimed for publishing.
+-- The last fired tick is kept even on delete, so a schedule deleted and
+-- created again never fires a tick twice.
+local id = ARGV[1]
+local f = id .. '\t'
+if ARGV[4] == '1' then
+  for m in string.gmatch(redis.call('HGET', KEYS[3], f .. 'pending') or '', '%S+') do
+    if redis.call('ZREM', KEYS[4], m) == 1 then
+      redis.call('HDEL', KEYS[5], m)
+    end
+  end
+  redis.call('HDEL', KEYS[3], f .. 'pending')
+end
+if ARGV[2] == '' then
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[3], f .. 'outcome', f .. 'skipped', f .. 'run', f .. 'run_until', f .. 'pending')
+  return redis.call('HDEL', KEYS[2], id)
+end
+local existed = redis.call('HSET', KEYS[2], id, ARGV[2]) == 0
+if ARGV[3] == '' then
+  redis.call('ZREM', KEYS[1], id)
+else
+  redis.call('ZADD', KEYS[1], ARGV[3], id)
+end
+if existed then return 0 end
+return 1

@@ -1,0 +1,186 @@
+//! The firing loop. Each round reads the schedules whose next tick falls
+//! within the lookahead, plans their ticks in Rust (croner), and hands the
+//! occurrences to the delay queue through one compare-and-set script per
+//! shard (`scripts/sched_fire.lua`). The pump then publishes them at their
+//! tick with the delay queue's precision.
+//!
+//! Every scheduler runs this loop for every schedule; the compare-and-set
+//! on the stored next tick lets exactly one of them fire each tick, and the
+//! derived task id (`schedule@tick`) plus the stored last-fired tick make a
+//! repeat harmless.
+
+use crate::delay_queue::QueueError;
+use crate::schedule::{occurrence, plan, Overlap, Schedule, ScheduleSpec};
+use crate::schedule_store::{DueItem, Fire, Occurrence, ScheduleStore};
+use kairos_shared::amqp::{sleep_or_cancel, Backoff};
+use kairos_shared::contract::Task;
+use kairos_shared::events::{EventKind, EventSink};
+use kairos_shared::record;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+pub struct Ticker {
+    pub store: ScheduleStore,
+    pub events: EventSink,
+    /// The local pump: woken when an occurrence is handed over.
+    pub pump_wake: Arc<Notify>,
+    /// Notified when a schedule changed through this instance.
+    pub changed: Arc<Notify>,
+    pub lookahead_ms: i64,
+    pub grace_ms: i64,
+    pub batch: usize,
+    pub idle: Duration,
+}
+
+impl Ticker {
+    pub async fn run(&self, cancel: CancellationToken) {
+        let mut backoff = Backoff::new();
+        while !cancel.is_cancelled() {
+            let started = Instant::now();
+            let wait = match self.round().await {
+                Ok(w) => {
+                    backoff.reset();
+                    w
+                }
+                Err(err) => {
+                    tracing::warn!(cause = %err, "schedule round failed; retrying");
+                    if !sleep_or_cancel(backoff.next_delay(), &cancel).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if wait.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.changed.notified() => {}
+                _ = tokio::time::sleep_until(started + wait) => {}
+            }
+        }
+    }
+
+    /// One round; returns how long to sleep before the next.
+    async fn round(&self) -> Result<Duration, QueueError> {
+        let due = self.store.due(self.lookahead_ms, self.batch).await?;
+        let mut fires = Vec::with_capacity(due.items.len());
+        let mut tasks: Vec<Vec<Task>> = Vec::with_capacity(due.items.len());
+        for item in due.items {
+            let (fire, t) = self.prepare(item, due.now);
+            fires.push(fire);
+            tasks.push(t);
+        }
+        if !fires.is_empty() {
+            let results = self.store.fire(&fires).await?;
+            let mut woke = false;
+            for ((fire, fired), tasks) in fires.iter().zip(&results).zip(&tasks) {
+                if !fired.won {
+                    continue;
+                }
+                if fired.skipped > 0 {
+                    tracing::info!(schedule = %fire.id, skipped = fired.skipped, "tick skipped: the previous occurrence still runs");
+                }
+                if fired.enqueued > 0 {
+                    woke = true;
+                    for t in tasks {
+                        self.events.task(EventKind::Scheduled, t, t.run_at, None);
+                    }
+                }
+            }
+            if woke {
+                self.pump_wake.notify_one();
+            }
+        }
+        if due.more {
+            return Ok(Duration::ZERO);
+        }
+        // The next ticks just stored count too: `next_tick` was read before
+        // them, and a fast interval's next tick may come before it.
+        let earliest = fires
+            .iter()
+            .filter_map(|f| f.new_next)
+            .chain(due.next_tick)
+            .min();
+        let wait = earliest
+            .map(|t| t - self.lookahead_ms - due.now)
+            .unwrap_or(i64::MAX)
+            .clamp(0, self.idle.as_millis() as i64);
+        Ok(Duration::from_millis(wait as u64))
+    }
+
+    /// Plans one due schedule into its compare-and-set.
+    fn prepare(&self, item: DueItem, now: i64) -> (Fire, Vec<Task>) {
+        let mut fire = Fire {
+            shard: item.shard,
+            id: item.id.clone(),
+            expected_next: item.next,
+            def: item.def.clone(),
+            new_next: None,
+            overlap_skip: false,
+            max_run_ms: 0,
+            occurrences: Vec::new(),
+        };
+        if item.def.is_empty() {
+            return (fire, Vec::new());
+        }
+        let schedule = match parse(&item) {
+            Ok(s) => s,
+            Err(reason) => {
+                // Validation keeps these out; a definition written by hand
+                // or by a newer version may still be unreadable: stop it
+                // rather than retry it every round.
+                tracing::error!(schedule = %item.id, %reason, "unreadable schedule definition; it will not fire until replaced");
+                return (fire, Vec::new());
+            }
+        };
+        if !schedule.spec.enabled {
+            return (fire, Vec::new());
+        }
+        let p = plan::plan(
+            &schedule.trigger,
+            schedule.spec.misfire,
+            item.next,
+            now,
+            self.lookahead_ms,
+            self.grace_ms,
+        );
+        if p.missed > 0 {
+            tracing::warn!(schedule = %item.id, missed = p.missed, policy = ?schedule.spec.misfire, "ticks missed while no scheduler ran");
+        }
+        fire.new_next = p.next;
+        fire.overlap_skip = schedule.spec.overlap == Overlap::Skip;
+        fire.max_run_ms = schedule.max_run_ms();
+        let mut tasks = Vec::new();
+        for tick in p.fire {
+            if item.last.is_some_and(|l| tick <= l) {
+                continue;
+            }
+            let encoded =
+                occurrence::task(&schedule, tick).and_then(|t| record::encode(&t).map(|r| (t, r)));
+            match encoded {
+                Ok((task, rec)) => {
+                    fire.occurrences.push(Occurrence {
+                        member: task.id.clone(),
+                        tick,
+                        record: rec,
+                    });
+                    tasks.push(task);
+                }
+                Err(err) => {
+                    tracing::error!(schedule = %item.id, tick, cause = %err, "cannot build the occurrence; tick dropped");
+                }
+            }
+        }
+        (fire, tasks)
+    }
+}
+
+fn parse(item: &DueItem) -> Result<Schedule, String> {
+    let spec = ScheduleSpec::from_json(&item.def).map_err(|e| e.to_string())?;
+    spec.validate(&item.id).map_err(|e| e.to_string())
+}
