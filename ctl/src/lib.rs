@@ -1,11 +1,11 @@
-//! kairosctl: manage Kairos schedules through a scheduler's HTTP API
-//! (`KAIROS_HTTP_ADDR`). The library part is the small blocking client the
-//! binary and the tests share.
+//! kairosctl: manage Kairos schedules, enqueue tasks and handle dead letters
+//! through a scheduler's HTTP API (`KAIROS_HTTP_ADDR`). The library part is
+//! the small blocking client the binary and the tests share.
 
 use serde_json::Value;
 use std::time::Duration;
 
-/// A blocking client for `/v1/schedules`.
+/// A blocking client for `/v1/schedules`, `/v1/tasks` and `/v1/dead`.
 pub struct Api {
     base: String,
     agent: ureq::Agent,
@@ -44,6 +44,41 @@ impl Api {
 
     fn url(&self, path: &str) -> String {
         format!("{}/v1/schedules{path}", self.base)
+    }
+
+    /// Enqueues a task (`POST /v1/tasks`, the JSON of
+    /// `kairos_shared::request::TaskRequest`).
+    pub fn enqueue(&self, task: &Value) -> Result<Reply, String> {
+        let r = self
+            .agent
+            .post(&format!("{}/v1/tasks", self.base))
+            .header("content-type", "application/json")
+            .send(task.to_string().as_bytes());
+        reply(r)
+    }
+
+    /// Up to `limit` dead letters, oldest first; nothing is removed.
+    pub fn dead_list(&self, limit: usize) -> Result<Reply, String> {
+        reply(
+            self.agent
+                .get(&format!("{}/v1/dead?limit={limit}", self.base))
+                .call(),
+        )
+    }
+
+    /// Replays the dead letters with these ids (all when empty).
+    pub fn dead_replay(&self, ids: &[String]) -> Result<Reply, String> {
+        let body = serde_json::json!({ "ids": ids }).to_string();
+        let r = self
+            .agent
+            .post(&format!("{}/v1/dead/replay", self.base))
+            .header("content-type", "application/json")
+            .send(body.as_bytes());
+        reply(r)
+    }
+
+    pub fn dead_purge(&self) -> Result<Reply, String> {
+        reply(self.agent.delete(&format!("{}/v1/dead", self.base)).call())
     }
 
     pub fn put(&self, id: &str, spec: &Value) -> Result<Reply, String> {

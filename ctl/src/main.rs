@@ -1,4 +1,5 @@
-//! `kairosctl schedule add|list|show|pause|resume|rm`.
+//! `kairosctl schedule add|list|show|pause|resume|rm`,
+//! `kairosctl task add`, `kairosctl dead list|replay|purge`.
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -11,7 +12,7 @@ use std::process::ExitCode;
 #[command(
     name = "kairosctl",
     version,
-    about = "Manage Kairos schedules through a scheduler's HTTP API"
+    about = "Manage Kairos schedules, tasks and dead letters through a scheduler's HTTP API"
 )]
 struct Cli {
     /// Address of a scheduler's HTTP API.
@@ -33,6 +34,68 @@ enum Command {
     /// Timed triggers.
     #[command(subcommand)]
     Schedule(ScheduleCmd),
+    /// Enqueue tasks.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// The dead-letter queue.
+    #[command(subcommand)]
+    Dead(DeadCmd),
+}
+
+#[derive(Subcommand)]
+enum TaskCmd {
+    /// Enqueue one task; prints its id.
+    Add(Box<TaskAdd>),
+}
+
+#[derive(Args)]
+struct TaskAdd {
+    /// Task name, e.g. email.send.
+    #[arg(long)]
+    name: String,
+    #[arg(long, default_value = "default")]
+    queue: String,
+    /// Task id (default: a new UUIDv7).
+    #[arg(long)]
+    id: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    priority: u8,
+    /// Body, JSON (sent with content_type application/json).
+    #[arg(long, conflicts_with = "body_text")]
+    body: Option<String>,
+    /// Body, sent as UTF-8 text.
+    #[arg(long)]
+    body_text: Option<String>,
+    /// Run this many ms after the scheduler accepts it.
+    #[arg(long, conflicts_with = "run_at")]
+    delay_ms: Option<i64>,
+    /// Run at this Unix time in ms.
+    #[arg(long)]
+    run_at: Option<i64>,
+    #[arg(long)]
+    max_retries: Option<u32>,
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Header `k=v` (repeatable); integers and true/false become typed.
+    #[arg(long = "header", value_name = "K=V")]
+    headers: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum DeadCmd {
+    /// Show dead letters (nothing is removed).
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters back to their queues with fresh retries: the ids
+    /// given, or all.
+    Replay { ids: Vec<String> },
+    /// Delete every dead letter.
+    Purge,
 }
 
 #[derive(Subcommand)]
@@ -120,7 +183,20 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let api = Api::new(&cli.http_addr);
-    let Command::Schedule(cmd) = cli.command;
+    let cmd = match cli.command {
+        Command::Schedule(cmd) => cmd,
+        Command::Task(TaskCmd::Add(add)) => {
+            let reply = api
+                .enqueue(&task_request(*add)?)
+                .map_err(anyhow::Error::msg)?;
+            if reply.ok() {
+                println!("{}", reply.body["id"].as_str().unwrap_or_default());
+                return Ok(ExitCode::SUCCESS);
+            }
+            return Ok(print_reply(&reply));
+        }
+        Command::Dead(cmd) => return dead(&api, cmd),
+    };
     let reply = match cmd {
         ScheduleCmd::Add(add) => {
             let id = add.id.clone();
@@ -168,6 +244,99 @@ fn print_reply(r: &Reply) -> ExitCode {
     }
 }
 
+fn dead(api: &Api, cmd: DeadCmd) -> anyhow::Result<ExitCode> {
+    let reply = match cmd {
+        DeadCmd::List { limit, json } => {
+            let r = api.dead_list(limit).map_err(anyhow::Error::msg)?;
+            if r.ok() && !json {
+                print_dead(&r.body);
+                return Ok(ExitCode::SUCCESS);
+            }
+            r
+        }
+        DeadCmd::Replay { ids } => api.dead_replay(&ids).map_err(anyhow::Error::msg)?,
+        DeadCmd::Purge => api.dead_purge().map_err(anyhow::Error::msg)?,
+    };
+    Ok(print_reply(&reply))
+}
+
+fn print_dead(body: &Value) {
+    let empty = Vec::new();
+    let rows = body["dead"].as_array().unwrap_or(&empty);
+    println!(
+        "{:<38} {:<20} {:<12} {:<7} {:<24} ERROR",
+        "ID", "NAME", "QUEUE", "ATTEMPT", "FAILED_AT"
+    );
+    for d in rows {
+        let text = |k: &str| d[k].as_str().unwrap_or("-").to_string();
+        println!(
+            "{:<38} {:<20} {:<12} {:<7} {:<24} {}",
+            text("id"),
+            text("name"),
+            text("queue"),
+            text("attempt"),
+            d["failed_at"]
+                .as_i64()
+                .map(utc)
+                .unwrap_or_else(|| "-".into()),
+            text("error")
+        );
+    }
+}
+
+/// The JSON of `POST /v1/tasks` from the flags.
+fn task_request(add: TaskAdd) -> anyhow::Result<Value> {
+    let mut task = Map::new();
+    task.insert("name".into(), add.name.into());
+    task.insert("queue".into(), add.queue.into());
+    task.insert("priority".into(), add.priority.into());
+    if let Some(id) = add.id {
+        task.insert("id".into(), id.into());
+    }
+    if let Some(body) = add.body {
+        let v: Value = serde_json::from_str(&body).context("--body is not JSON")?;
+        task.insert("body".into(), v);
+    }
+    if let Some(text) = add.body_text {
+        task.insert("body_text".into(), text.into());
+    }
+    let numbers = [
+        ("delay_ms", add.delay_ms.map(Value::from)),
+        ("run_at", add.run_at.map(Value::from)),
+        ("max_retries", add.max_retries.map(Value::from)),
+        ("timeout_ms", add.timeout_ms.map(Value::from)),
+    ];
+    for (k, v) in numbers {
+        if let Some(v) = v {
+            task.insert(k.into(), v);
+        }
+    }
+    let headers = parse_headers(&add.headers)?;
+    if !headers.is_empty() {
+        task.insert("headers".into(), headers.into());
+    }
+    Ok(task.into())
+}
+
+/// `K=V` pairs; integers and booleans become typed JSON.
+fn parse_headers(pairs: &[String]) -> anyhow::Result<Map<String, Value>> {
+    let mut headers = Map::new();
+    for h in pairs {
+        let Some((k, v)) = h.split_once('=') else {
+            bail!("--header {h:?}: use K=V");
+        };
+        let value = if let Ok(n) = v.parse::<i64>() {
+            json!(n)
+        } else if let Ok(b) = v.parse::<bool>() {
+            json!(b)
+        } else {
+            json!(v)
+        };
+        headers.insert(k.to_string(), value);
+    }
+    Ok(headers)
+}
+
 fn build_spec(add: Add) -> anyhow::Result<Value> {
     if let Some(path) = add.file {
         let text = if path.as_os_str() == "-" {
@@ -189,20 +358,7 @@ fn build_spec(add: Add) -> anyhow::Result<Value> {
         let v: Value = serde_json::from_str(&body).context("--body is not JSON")?;
         task.insert("body".into(), v);
     }
-    let mut headers = Map::new();
-    for h in add.headers {
-        let Some((k, v)) = h.split_once('=') else {
-            bail!("--header {h:?}: use K=V");
-        };
-        let value = if let Ok(n) = v.parse::<i64>() {
-            json!(n)
-        } else if let Ok(b) = v.parse::<bool>() {
-            json!(b)
-        } else {
-            json!(v)
-        };
-        headers.insert(k.to_string(), value);
-    }
+    let headers = parse_headers(&add.headers)?;
     if !headers.is_empty() {
         task.insert("headers".into(), headers.into());
     }
