@@ -7,6 +7,5 @@ RUN cargo build --release --bins
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/kairos-scheduler /src/target/release/kairos-worker /usr/local/bin/
-# kairosctl is added here once the workspace builds it.
+COPY --from=build /src/target/release/kairos-scheduler /src/target/release/kairos-worker /src/target/release/kairosctl /usr/local/bin/
 USER nobody
