@@ -5,10 +5,21 @@
 use serde_json::Value;
 use std::time::Duration;
 
-/// A blocking client for `/v1/schedules`, `/v1/tasks` and `/v1/dead`.
+/// A blocking client for `/v1/schedules`, `/v1/tasks` and `/v1/dead`: over
+/// HTTP to a scheduler, or in process straight to Redis and RabbitMQ.
 pub struct Api {
-    base: String,
-    agent: ureq::Agent,
+    transport: Transport,
+}
+
+enum Transport {
+    Http {
+        base: String,
+        agent: ureq::Agent,
+    },
+    Local {
+        runtime: tokio::runtime::Runtime,
+        router: axum::Router,
+    },
 }
 
 /// An HTTP answer: status and JSON body (`null` when empty).
@@ -25,7 +36,7 @@ impl Reply {
 }
 
 impl Api {
-    /// `addr` is `host:port`, or a URL starting with `http://`.
+    /// Over HTTP; `addr` is `host:port`, or a URL starting with `http://`.
     pub fn new(addr: &str) -> Self {
         let base = if addr.starts_with("http://") || addr.starts_with("https://") {
             addr.trim_end_matches('/').to_string()
@@ -37,48 +48,66 @@ impl Api {
             .timeout_global(Some(Duration::from_secs(10)))
             .build();
         Api {
-            base,
-            agent: config.into(),
+            transport: Transport::Http {
+                base,
+                agent: config.into(),
+            },
         }
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}/v1/schedules{path}", self.base)
+    /// In process: the scheduler's own routes over `config`'s Redis and
+    /// RabbitMQ, so no scheduler needs to listen anywhere.
+    pub fn local(config: &kairos_scheduler::Config) -> Result<Self, String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start a runtime: {e}"))?;
+        let router = runtime
+            .block_on(kairos_scheduler::local_api(config))
+            .map_err(|e| e.to_string())?;
+        Ok(Api {
+            transport: Transport::Local { runtime, router },
+        })
     }
 
-    /// Enqueues a task (`POST /v1/tasks`, the JSON of
-    /// `kairos_shared::request::TaskRequest`).
-    pub fn enqueue(&self, task: &Value) -> Result<Reply, String> {
-        let r = self
-            .agent
-            .post(&format!("{}/v1/tasks", self.base))
-            .header("content-type", "application/json")
-            .send(task.to_string().as_bytes());
-        reply(r)
-    }
-
-    /// Up to `limit` dead letters, oldest first; nothing is removed.
-    pub fn dead_list(&self, limit: usize) -> Result<Reply, String> {
-        reply(
-            self.agent
-                .get(&format!("{}/v1/dead?limit={limit}", self.base))
-                .call(),
-        )
-    }
-
-    /// Replays the dead letters with these ids (all when empty).
-    pub fn dead_replay(&self, ids: &[String]) -> Result<Reply, String> {
-        let body = serde_json::json!({ "ids": ids }).to_string();
-        let r = self
-            .agent
-            .post(&format!("{}/v1/dead/replay", self.base))
-            .header("content-type", "application/json")
-            .send(body.as_bytes());
-        reply(r)
-    }
-
-    pub fn dead_purge(&self) -> Result<Reply, String> {
-        reply(self.agent.delete(&format!("{}/v1/dead", self.base)).call())
+    /// One request; `path` starts with `/v1/` or `/healthz`.
+    pub fn send(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Reply, String> {
+        match &self.transport {
+            Transport::Http { base, agent } => {
+                let url = format!("{base}{path}");
+                let req = ureq::http::Request::builder()
+                    .method(method)
+                    .uri(&url)
+                    .header("content-type", "application/json")
+                    .body(body.unwrap_or_default().to_vec())
+                    .map_err(|e| format!("bad request {method} {path}: {e}"))?;
+                reply(agent.run(req))
+            }
+            Transport::Local { runtime, router } => {
+                use tower::ServiceExt;
+                let req = axum::http::Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .header("content-type", "application/json")
+                    .body(axum::body::Body::from(body.unwrap_or_default().to_vec()))
+                    .map_err(|e| format!("bad request {method} {path}: {e}"))?;
+                runtime.block_on(async {
+                    let resp = router
+                        .clone()
+                        .oneshot(req)
+                        .await
+                        .map_err(|e| format!("{method} {path}: {e}"))?;
+                    let status = resp.status().as_u16();
+                    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
+                        .await
+                        .map_err(|e| format!("reading the answer: {e}"))?;
+                    Ok(Reply {
+                        status,
+                        body: parse_body(&String::from_utf8_lossy(&bytes)),
+                    })
+                })
+            }
+        }
     }
 
     pub fn put(&self, id: &str, spec: &Value) -> Result<Reply, String> {
@@ -87,48 +116,60 @@ impl Api {
 
     /// Sends a body as is (tests send malformed JSON through this).
     pub fn put_raw(&self, id: &str, body: &[u8]) -> Result<Reply, String> {
-        let r = self
-            .agent
-            .put(&self.url(&format!("/{}", encode(id))))
-            .header("content-type", "application/json")
-            .send(body);
-        reply(r)
+        self.send("PUT", &format!("/v1/schedules/{}", encode(id)), Some(body))
     }
 
     pub fn list(&self) -> Result<Reply, String> {
-        reply(self.agent.get(&self.url("")).call())
+        self.send("GET", "/v1/schedules", None)
     }
 
     pub fn get(&self, id: &str) -> Result<Reply, String> {
-        reply(
-            self.agent
-                .get(&self.url(&format!("/{}", encode(id))))
-                .call(),
-        )
+        self.send("GET", &format!("/v1/schedules/{}", encode(id)), None)
     }
 
     pub fn pause(&self, id: &str) -> Result<Reply, String> {
-        reply(
-            self.agent
-                .post(&self.url(&format!("/{}/pause", encode(id))))
-                .send_empty(),
-        )
+        self.send("POST", &format!("/v1/schedules/{}/pause", encode(id)), None)
     }
 
     pub fn resume(&self, id: &str) -> Result<Reply, String> {
-        reply(
-            self.agent
-                .post(&self.url(&format!("/{}/resume", encode(id))))
-                .send_empty(),
+        self.send(
+            "POST",
+            &format!("/v1/schedules/{}/resume", encode(id)),
+            None,
         )
     }
 
     pub fn delete(&self, id: &str) -> Result<Reply, String> {
-        reply(
-            self.agent
-                .delete(&self.url(&format!("/{}", encode(id))))
-                .call(),
-        )
+        self.send("DELETE", &format!("/v1/schedules/{}", encode(id)), None)
+    }
+
+    /// Enqueues a task (`POST /v1/tasks`, the JSON of
+    /// `kairos_shared::request::TaskRequest`).
+    pub fn enqueue(&self, task: &Value) -> Result<Reply, String> {
+        self.send("POST", "/v1/tasks", Some(task.to_string().as_bytes()))
+    }
+
+    /// Up to `limit` dead letters, oldest first; nothing is removed.
+    pub fn dead_list(&self, limit: usize) -> Result<Reply, String> {
+        self.send("GET", &format!("/v1/dead?limit={limit}"), None)
+    }
+
+    /// Replays the dead letters with these ids (all when empty).
+    pub fn dead_replay(&self, ids: &[String]) -> Result<Reply, String> {
+        let body = serde_json::json!({ "ids": ids }).to_string();
+        self.send("POST", "/v1/dead/replay", Some(body.as_bytes()))
+    }
+
+    pub fn dead_purge(&self) -> Result<Reply, String> {
+        self.send("DELETE", "/v1/dead", None)
+    }
+}
+
+fn parse_body(text: &str) -> Value {
+    if text.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(text).unwrap_or(Value::String(text.to_string()))
     }
 }
 
@@ -139,12 +180,10 @@ fn reply(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Rep
         .body_mut()
         .read_to_string()
         .map_err(|e| format!("reading the answer: {e}"))?;
-    let body = if text.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or(Value::String(text))
-    };
-    Ok(Reply { status, body })
+    Ok(Reply {
+        status,
+        body: parse_body(&text),
+    })
 }
 
 /// Percent-encodes what a schedule id may hold that a path may not; valid

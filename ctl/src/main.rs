@@ -3,6 +3,9 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use kairos_shared::config::{
+    parse_amqp_url, parse_namespace, DEFAULT_AMQP_URL, DEFAULT_NAMESPACE, DEFAULT_REDIS_URL,
+};
 use kairosctl::{Api, Reply};
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
@@ -15,15 +18,37 @@ use std::process::ExitCode;
     about = "Manage Kairos schedules, tasks and dead letters through a scheduler's HTTP API"
 )]
 struct Cli {
-    /// Address of a scheduler's HTTP API.
+    /// Address of a scheduler's HTTP API. Without it, kairosctl works on
+    /// Redis and RabbitMQ directly, with the settings below.
     #[arg(
         long,
         env = "KAIROS_HTTP_ADDR",
         value_name = "KAIROS_HTTP_ADDR",
-        default_value = "127.0.0.1:8080",
         global = true
     )]
-    http_addr: String,
+    http_addr: Option<String>,
+
+    /// Namespace (direct mode).
+    #[arg(long, env = "KAIROS_NAMESPACE", value_name = "KAIROS_NAMESPACE", default_value = DEFAULT_NAMESPACE, value_parser = parse_namespace, global = true)]
+    namespace: String,
+
+    /// Redis of the delay queue and schedules (direct mode).
+    #[arg(long, env = "KAIROS_REDIS_URL", value_name = "KAIROS_REDIS_URL", default_value = DEFAULT_REDIS_URL, global = true)]
+    redis_url: String,
+
+    /// RabbitMQ (direct mode).
+    #[arg(long, env = "KAIROS_AMQP_URL", value_name = "KAIROS_AMQP_URL", default_value = DEFAULT_AMQP_URL, value_parser = parse_amqp_url, global = true)]
+    amqp_url: String,
+
+    /// Delay-queue shards, as the schedulers use (direct mode).
+    #[arg(
+        long,
+        env = "KAIROS_SHARDS",
+        value_name = "KAIROS_SHARDS",
+        default_value_t = 8,
+        global = true
+    )]
+    shards: u16,
 
     #[command(subcommand)]
     command: Command,
@@ -182,7 +207,16 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let api = Api::new(&cli.http_addr);
+    let api = match &cli.http_addr {
+        Some(addr) => Api::new(addr),
+        None => {
+            let mut config = kairos_scheduler::Config::for_namespace(&cli.namespace);
+            config.redis_url = cli.redis_url.clone();
+            config.common.amqp_url = cli.amqp_url.clone();
+            config.shards = cli.shards;
+            Api::local(&config).map_err(anyhow::Error::msg)?
+        }
+    };
     let cmd = match cli.command {
         Command::Schedule(cmd) => cmd,
         Command::Task(TaskCmd::Add(add)) => {

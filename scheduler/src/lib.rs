@@ -300,3 +300,23 @@ async fn start_schedules(
         )),
     ]
 }
+
+/// The scheduler's HTTP API without a server or a running scheduler: the
+/// same routes over the same Redis and RabbitMQ, for `kairosctl` to call in
+/// process when no scheduler address is given. Schedules changed this way
+/// are picked up by running schedulers on their next look at Redis (within
+/// `KAIROS_IDLE_MS`).
+pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> {
+    let names = config.common.names();
+    let pool = deadpool_redis::Config::from_url(&config.redis_url)
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .map_err(|e| SchedulerError::Redis(e.to_string()))?;
+    let queue = RedisDelayQueue::new(pool.clone(), names.namespace(), usize::from(config.shards));
+    queue.check_shard_count().await?;
+    let admin = schedule_admin::Admin {
+        store: schedule_store::ScheduleStore::new(pool, names.namespace(), &queue),
+        changed: Arc::new(Notify::new()),
+    };
+    let tasks = task_api::TaskApi::new(&config.common.amqp_url, names);
+    Ok(http::router(admin).merge(task_api::router(tasks)))
+}
