@@ -77,6 +77,8 @@ impl Row {
 pub struct Report {
     pub machine: Machine,
     pub rows: Vec<Row>,
+    /// Count checks made.
+    pub checks: usize,
     /// Count checks that failed: the run exits non-zero when any did.
     pub failures: Vec<String>,
 }
@@ -102,6 +104,7 @@ impl Report {
     /// Records a count check; a failed one is printed and remembered.
     pub fn check(&mut self, ok: bool, what: impl Into<String>) {
         let what = what.into();
+        self.checks += 1;
         if !ok {
             println!("  COUNT CHECK FAILED: {what}");
             self.failures.push(what);
