@@ -24,4 +24,14 @@ process.on('message', () => {
   for (const c of runs.values()) if (c > 1) duplicated++;
   process.send({ distinct: runs.size, duplicated, lastDone, lateness });
 });
-process.on('SIGTERM', () => worker.close().then(() => process.exit(0)));
+process.on('SIGTERM', () => {
+  // Exit even if closing hangs (e.g. Redis gone): never leave a stray worker.
+  setTimeout(() => process.exit(1), 5000).unref();
+  worker.close().then(() => process.exit(0));
+});
+// A worker that cannot start must not linger: BullMQ retries forever.
+worker.on('error', (e) => {
+  console.error('[bullmq worker]', e.message);
+  process.exit(1);
+});
+process.on('disconnect', () => process.exit(0));
