@@ -96,6 +96,42 @@ impl BenchEnv {
         Ok(counts.into_iter().sum())
     }
 
+    /// Bytes of the delay queue's sorted sets and record hashes (over the
+    /// default 8 shards; `MEMORY USAGE` sampling 1,000 members each), and
+    /// the size of one stored record: where the memory per task goes.
+    pub async fn delay_queue_breakdown(&self) -> Result<(u64, u64, u64)> {
+        let mut con = self.redis.clone();
+        let (mut zsets, mut hashes) = (0, 0);
+        for s in 0..8 {
+            for (key, total) in [("due", &mut zsets), ("rec", &mut hashes)] {
+                let used: Option<u64> = redis::cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(format!("{}:dq{{{s}}}:{key}", self.ns))
+                    .arg("SAMPLES")
+                    .arg(1000)
+                    .query_async(&mut con)
+                    .await?;
+                *total += used.unwrap_or(0);
+            }
+        }
+        let rec = format!("{}:dq{{0}}:rec", self.ns);
+        let member: Option<String> = redis::cmd("HRANDFIELD")
+            .arg(&rec)
+            .query_async(&mut con)
+            .await?;
+        let record_len: u64 = match member {
+            Some(m) => {
+                redis::cmd("HSTRLEN")
+                    .arg(&rec)
+                    .arg(m)
+                    .query_async(&mut con)
+                    .await?
+            }
+            None => 0,
+        };
+        Ok((zsets, hashes, record_len))
+    }
+
     /// Redis's `used_memory`, bytes.
     pub async fn redis_used_memory(&self) -> Result<u64> {
         let mut con = self.redis.clone();

@@ -58,6 +58,7 @@ async fn stages(ctx: &mut Ctx<'_>, env: &BenchEnv, w3: bool, w6: bool) -> Result
     );
     let insert_rate = n as f64 / insert_secs;
     let per_task = mem_after.saturating_sub(mem_before) as f64 / n as f64;
+    let (zsets, hashes, record_len) = env.delay_queue_breakdown().await?;
     if w3 {
         ctx.report.push(
             Row::new("W3 backlog", "insert", insert_rate, "tasks/s")
@@ -75,7 +76,10 @@ async fn stages(ctx: &mut Ctx<'_>, env: &BenchEnv, w3: bool, w6: bool) -> Result
             )
             .at_most(200.0)
             .note(format!(
-                "{per_task:.0} bytes per task in all, body {bytes} bytes (INFO used_memory)"
+                "{per_task:.0} bytes per task in all (INFO used_memory), body {bytes} bytes; \
+                 due sets {:.0} + record hashes {:.0} bytes per task; a record is {record_len} bytes",
+                zsets as f64 / n as f64,
+                hashes as f64 / n as f64
             )),
         );
     }
