@@ -133,26 +133,28 @@ impl Pump {
         let mut sent = Vec::with_capacity(claimed.len());
         let mut confirms = Vec::with_capacity(claimed.len());
         let mut failed_publish = None;
+        let mut decoded = Vec::with_capacity(claimed.len());
         for (i, c) in claimed.iter().enumerate() {
-            let task = match record::decode(&c.record) {
-                Ok(t) => t,
+            match record::decode(&c.record) {
+                Ok(t) => decoded.push((i, t)),
                 Err(err) => {
                     // It can never be published; drop it loudly rather than
                     // retry it forever.
                     tracing::error!(member = %c.member, cause = %err, "dropping an unreadable delay-queue record");
                     settled[i] = true;
-                    continue;
                 }
-            };
-            match publisher.publish_ready(&task).await {
+            }
+        }
+        let tasks: Vec<&kairos_shared::contract::Task> = decoded.iter().map(|(_, t)| t).collect();
+        let results = publisher.publish_ready_many(&tasks).await;
+        for ((i, task), result) in decoded.into_iter().zip(results) {
+            match result {
                 Ok(confirm) => {
                     sent.push((i, task));
                     confirms.push(confirm);
                 }
-                Err(err) => {
-                    failed_publish = Some(err);
-                    break;
-                }
+                // Not sent: left unsettled, so it is released below.
+                Err(err) => failed_publish = Some(err),
             }
         }
         let this = self.clone();
