@@ -5,9 +5,11 @@
 
 use anyhow::{Context, Result};
 use kairos_shared::contract::Names;
-use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicConsumeOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
+use lapin::{Channel, Connection, Consumer};
 use std::time::Duration;
 
 pub struct BenchEnv {
@@ -66,6 +68,24 @@ impl BenchEnv {
         let mut c = kairos_worker::Config::for_namespace(&self.ns);
         c.common.amqp_url = self.amqp_url.clone();
         c
+    }
+
+    /// A consumer on `queue` that takes messages without acks, on its own
+    /// channel (returned too: it must stay open while consuming).
+    pub async fn consume_no_ack(&self, queue: &str) -> Result<(Channel, Consumer)> {
+        let ch = self.conn.create_channel().await?;
+        let consumer = ch
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((ch, consumer))
     }
 
     /// Ready messages in a queue (unacked ones are not counted).

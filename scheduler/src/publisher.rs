@@ -34,18 +34,7 @@ impl Publisher {
     /// Publishes a due task, mandatory: a return means the queue vanished.
     pub async fn publish_ready(&self, task: &Task) -> lapin::Result<PublisherConfirm> {
         self.ensure_queue(&task.queue).await?;
-        self.channel
-            .basic_publish(
-                self.names.tasks_exchange().into(),
-                task.queue.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &task.body,
-                task.publish_properties(),
-            )
-            .await
+        self.send_ready(task).await
     }
 
     /// Publishes many due tasks, all handed to lapin together: each publish
@@ -61,8 +50,12 @@ impl Publisher {
                 return tasks.iter().map(|_| Err(err.clone())).collect();
             }
         }
-        let publishes = tasks.iter().map(|task| {
-            self.channel.basic_publish(
+        futures_util::future::join_all(tasks.iter().map(|t| self.send_ready(t))).await
+    }
+
+    async fn send_ready(&self, task: &Task) -> lapin::Result<PublisherConfirm> {
+        self.channel
+            .basic_publish(
                 self.names.tasks_exchange().into(),
                 task.queue.as_str().into(),
                 BasicPublishOptions {
@@ -72,8 +65,7 @@ impl Publisher {
                 &task.body,
                 task.publish_properties(),
             )
-        });
-        futures_util::future::join_all(publishes).await
+            .await
     }
 
     /// Publishes a dead letter with its routing key set to the origin queue.

@@ -12,7 +12,7 @@ use anyhow::Result;
 use futures_util::StreamExt;
 use kairos_shared::client::{Client, NewTask};
 use kairos_worker::Worker;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -142,21 +142,11 @@ impl EventCounter {
             FieldTable::default(),
         )
         .await?;
-        let mut consumer = ch
-            .basic_consume(
-                q.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let (consume_ch, mut consumer) = env.consume_no_ack(q.name().as_str()).await?;
         let count = Arc::new(AtomicU64::new(0));
         let c = count.clone();
         tokio::spawn(async move {
-            let _keep = ch;
+            let _keep = (ch, consume_ch);
             while let Some(Ok(_)) = consumer.next().await {
                 c.fetch_add(1, Ordering::Relaxed);
             }

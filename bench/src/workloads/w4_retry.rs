@@ -11,8 +11,6 @@ use anyhow::Result;
 use futures_util::StreamExt;
 use kairos_shared::client::{Client, NewTask};
 use kairos_worker::Worker;
-use lapin::options::BasicConsumeOptions;
-use lapin::types::FieldTable;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -85,18 +83,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv) -> Result<()> {
 
 /// Takes `n` messages off a queue (auto-ack) and counts them per task id.
 async fn drain_ids(env: &BenchEnv, queue: &str, n: usize) -> Result<HashMap<String, u32>> {
-    let ch = env.conn.create_channel().await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let (ch, mut consumer) = env.consume_no_ack(queue).await?;
     let mut ids: HashMap<String, u32> = HashMap::new();
     let mut got = 0;
     while got < n {
