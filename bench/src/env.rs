@@ -174,8 +174,17 @@ impl BenchEnv {
         Ok(keys)
     }
 
-    /// Deletes every queue, exchange and Redis key of the namespace.
+    /// Deletes every queue, exchange and Redis key of the namespace. It
+    /// connects afresh: the workload's own connection may have died with
+    /// the broker (a restart by another user of the shared servers), and
+    /// the namespace must go all the same.
     pub async fn cleanup(self) {
+        let fresh = kairos_shared::amqp::connect(&self.amqp_url, "kairos-bench-cleanup").await;
+        let channel = match &fresh {
+            Ok(conn) => conn.create_channel().await.ok(),
+            Err(_) => None,
+        };
+        let channel = channel.as_ref().unwrap_or(&self.channel);
         let queues = [
             self.names.queue("default"),
             self.names.delay(),
@@ -183,8 +192,7 @@ impl BenchEnv {
             self.names.dead(),
         ];
         for q in queues.iter().chain(&self.extra_queues) {
-            let _ = self
-                .channel
+            let _ = channel
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
@@ -195,8 +203,7 @@ impl BenchEnv {
             self.names.dead(),
             self.names.events(),
         ] {
-            let _ = self
-                .channel
+            let _ = channel
                 .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
                 .await;
         }
@@ -208,10 +215,10 @@ impl BenchEnv {
                 let _: Result<(), _> = redis::cmd("UNLINK").arg(&k).query_async(&mut con).await;
             }
         }
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            self.conn.close(200, "bench done".into()),
-        )
-        .await;
+        for conn in fresh.iter().chain([&self.conn]) {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), conn.close(200, "bench done".into()))
+                    .await;
+        }
     }
 }
