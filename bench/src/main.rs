@@ -74,6 +74,12 @@ pub struct Args {
     pub w3_burst: usize,
     #[arg(long, default_value_t = 10_000)]
     pub w4_tasks: usize,
+    /// Interval schedules in W5 (each fires every second).
+    #[arg(long, default_value_t = 10_000)]
+    pub w5_schedules: usize,
+    /// Seconds W5 lets the schedules fire.
+    #[arg(long, default_value_t = 30)]
+    pub w5_secs: u64,
     /// Seconds W6 measures the idle processes.
     #[arg(long, default_value_t = 10)]
     pub w6_secs: u64,
@@ -95,6 +101,8 @@ impl Args {
         self.w3_pending = 2_000;
         self.w3_burst = 1_000;
         self.w4_tasks = 200;
+        self.w5_schedules = 50;
+        self.w5_secs = 3;
         self.w6_secs = 2;
         self.peer_w1_tasks = 500;
         self.peer_w2_tasks = 100;
@@ -184,10 +192,7 @@ async fn main() -> Result<()> {
             "w2" => workloads::w2_precision::run(&mut ctx).await,
             "w3" => workloads::w3_backlog::run(&mut ctx, args.wants("w3"), args.wants("w6")).await,
             "w4" => workloads::w4_retry::run(&mut ctx).await,
-            _ => {
-                workloads::w5_schedules::run(&mut ctx);
-                Ok(())
-            }
+            _ => workloads::w5_schedules::run(&mut ctx).await,
         };
         if let Err(err) = result {
             ctx.report.check(false, format!("{title} failed: {err:#}"));

@@ -47,6 +47,32 @@ impl Recorder {
         }
     }
 
+    /// A handler for schedule fires: records per occurrence, keyed by
+    /// `x-schedule-id` and `x-run-at` (the occurrence's instant), so a
+    /// schedule that fires the same instant twice counts as duplicated
+    /// whatever task ids the two fires got.
+    pub fn occurrence_handler(&self) -> impl Handler {
+        let rec = self.clone();
+        move |ctx: TaskContext, _body: Vec<u8>| {
+            let rec = rec.clone();
+            async move {
+                let started = kairos_shared::amqp::now_ms();
+                let schedule = ctx
+                    .headers
+                    .inner()
+                    .get(kairos_shared::contract::H_SCHEDULE_ID)
+                    .map(kairos_shared::contract::value_to_string)
+                    .unwrap_or_default();
+                let at = ctx.due_at.unwrap_or_default();
+                rec.record(
+                    &format!("{schedule}@{at}"),
+                    ctx.due_at.map(|due| started - due),
+                );
+                Ok(())
+            }
+        }
+    }
+
     fn record(&self, id: &str, late: Option<i64>) {
         if let Ok(mut inner) = self.inner.lock() {
             let n = inner.runs.entry(id.to_string()).or_default();
