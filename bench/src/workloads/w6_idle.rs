@@ -62,20 +62,17 @@ pub async fn measure(ctx: &mut Ctx<'_>, env: &BenchEnv, pending: usize) -> Resul
 fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("process {pid} is gone"))?;
-    // The command name (field 2) may contain spaces: count from after ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("unexpected /proc stat")?;
+    parse_cpu_ticks(&stat).context("unexpected /proc/PID/stat")
+}
+
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) may contain spaces and parentheses: count
+    // from after the last ')'. Field 3 is then index 0, so utime (14) and
+    // stime (15) are 11 and 12.
+    let (_, rest) = stat.rsplit_once(')')?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After ')': field 3 is index 0, so utime (14) and stime (15) are 11, 12.
-    let num = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
-            .and_then(|v| v.parse().ok())
-            .context("unexpected /proc stat")
-    };
-    Ok(num(11)? + num(12)?)
+    let num = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some(num(11)? + num(12)?)
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
@@ -85,4 +82,16 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmRSS")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_past_an_odd_command_name() {
+        let stat = "4242 (kairos (x) y) S 1 2 3 4 5 6 7 8 9 10 17 25 0 0 20 0 8 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(42));
+        assert_eq!(parse_cpu_ticks("garbage"), None);
+    }
 }
