@@ -114,10 +114,12 @@ def purge():
         pass
     r.delete(KEY + ":done", KEY + ":late")
     with tasks.app.connection_for_write() as conn:
-        try:
-            conn.default_channel.queue_delete(KEY)
-        except Exception:
-            pass
+        # The queue and the direct exchange Celery declared under its name.
+        for delete in (conn.default_channel.queue_delete, conn.default_channel.exchange_delete):
+            try:
+                delete(KEY)
+            except Exception:
+                pass
 
 
 def main():
