@@ -37,3 +37,7 @@ cargo build --workspace --bins
 cargo test --workspace --no-fail-fast
 # Tests that disturb the shared servers: alone, one at a time.
 cargo test -p kairos-tests --features disruptive --test disruptive -- --test-threads=1
+# The benchmark harness at a tiny size: it checks counts (nothing lost,
+# everything ran), never timings. The debug build is already there.
+scripts/services.sh # the disruptive tests restarted them
+cargo run -q -p kairos-bench -- --quick --json target/bench/quick.json

@@ -131,31 +131,36 @@ impl Pump {
         let mut sent = Vec::with_capacity(claimed.len());
         let mut confirms = Vec::with_capacity(claimed.len());
         let mut failed_publish = None;
+        let mut decoded = Vec::with_capacity(claimed.len());
         for (i, c) in claimed.iter().enumerate() {
-            let mut task = match record::decode(c.id(), &c.record) {
-                Ok(t) => t,
+            match record::decode(c.id(), &c.record) {
+                Ok(mut task) => {
+                    // `x-run-at` tells the worker (and its `started` event)
+                    // when this attempt fell due: for `x-delay-ms` tasks and
+                    // retries that is the time computed here, not anything
+                    // the client sent.
+                    task.set_header(H_RUN_AT, AMQPValue::LongLongInt(c.due));
+                    task.run_at = Some(c.due);
+                    decoded.push((i, task));
+                }
                 Err(err) => {
                     // It can never be published; drop it loudly rather than
                     // retry it forever.
                     tracing::error!(member = %c.member, cause = %err, "dropping an unreadable delay-queue record");
                     settled[i] = true;
-                    continue;
                 }
-            };
-            // `x-run-at` tells the worker (and its `started` event) when this
-            // attempt fell due: for `x-delay-ms` tasks and retries that is the
-            // time computed here, not anything the client sent.
-            task.set_header(H_RUN_AT, AMQPValue::LongLongInt(c.due));
-            task.run_at = Some(c.due);
-            match publisher.publish_ready(&task).await {
+            }
+        }
+        let tasks: Vec<&kairos_shared::contract::Task> = decoded.iter().map(|(_, t)| t).collect();
+        let results = publisher.publish_ready_many(&tasks).await;
+        for ((i, task), result) in decoded.into_iter().zip(results) {
+            match result {
                 Ok(confirm) => {
                     sent.push((i, task));
                     confirms.push(confirm);
                 }
-                Err(err) => {
-                    failed_publish = Some(err);
-                    break;
-                }
+                // Not sent: left unsettled, so it is released below.
+                Err(err) => failed_publish = Some(err),
             }
         }
         let this = self.clone();

@@ -187,33 +187,40 @@ impl Client {
     /// which is how a client reaches the broker's rate.
     pub async fn enqueue_many(&self, tasks: &[NewTask]) -> Result<Vec<String>, ClientError> {
         let mut ids = Vec::with_capacity(tasks.len());
-        let mut confirms = Vec::with_capacity(tasks.len());
+        let mut messages = Vec::with_capacity(tasks.len());
         for task in tasks {
             self.declared
                 .ensure(&self.channel, &self.names, &task.queue)
                 .await?;
             let (id, props) = task.to_message()?;
+            ids.push(id);
+            messages.push((task, props));
+        }
+        // All publishes are handed to lapin together: each resolves only
+        // once lapin's I/O thread wrote it, so awaiting them one by one
+        // costs a thread hand-off per task (about a third of the rate).
+        let publishes = messages.into_iter().map(|(task, props)| {
             let exchange = if task.is_delayed() {
                 self.names.delay()
             } else {
                 self.names.tasks_exchange()
             };
-            let confirm = self
-                .channel
-                .basic_publish(
-                    exchange.into(),
-                    task.queue.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: !task.is_delayed(),
-                        ..BasicPublishOptions::default()
-                    },
-                    &task.body,
-                    props,
-                )
-                .await?;
-            ids.push(id);
-            confirms.push(confirm);
-        }
+            async move {
+                self.channel
+                    .basic_publish(
+                        exchange.into(),
+                        task.queue.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: !task.is_delayed(),
+                            ..BasicPublishOptions::default()
+                        },
+                        &task.body,
+                        props,
+                    )
+                    .await
+            }
+        });
+        let confirms = try_join_all(publishes).await?;
         for confirmation in try_join_all(confirms).await? {
             check(confirmation)?;
         }

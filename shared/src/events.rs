@@ -138,6 +138,12 @@ impl EventSink {
     }
 }
 
+/// Events handed to lapin together: each `basic_publish` resolves only once
+/// lapin's I/O thread wrote it, so publishing one event at a time costs a
+/// thread hand-off per event and, at a few thousand tasks a second, fell so
+/// far behind that the queue overflowed and most events were dropped.
+const PUBLISH_BATCH: usize = 256;
+
 async fn publish_loop(
     url: String,
     exchange: String,
@@ -145,7 +151,8 @@ async fn publish_loop(
     cancel: CancellationToken,
 ) {
     let mut backoff = Backoff::new();
-    let mut pending: Option<Event> = None;
+    // Events whose publish failed, sent again first after reconnecting.
+    let mut pending: Vec<Event> = Vec::new();
     'connect: loop {
         let Some(conn) = connect_with_retry(&url, "kairos-events", &cancel).await else {
             return;
@@ -162,32 +169,39 @@ async fn publish_loop(
         };
         backoff.reset();
         loop {
-            let event = match pending.take() {
-                Some(e) => e,
-                None => match rx.recv().await {
-                    Some(e) => e,
-                    None => return,
-                },
-            };
-            let Ok(body) = serde_json::to_vec(&event) else {
-                continue;
-            };
-            let key = format!("task.{}", event.event.as_str());
-            let props = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into());
-            let sent = channel
-                .basic_publish(
+            let mut batch = std::mem::take(&mut pending);
+            if batch.is_empty() && rx.recv_many(&mut batch, PUBLISH_BATCH).await == 0 {
+                return;
+            }
+            let encoded: Vec<(Event, String, Vec<u8>)> = batch
+                .into_iter()
+                .filter_map(|e| {
+                    let body = serde_json::to_vec(&e).ok()?;
+                    let key = format!("task.{}", e.event.as_str());
+                    Some((e, key, body))
+                })
+                .collect();
+            let sends = encoded.iter().map(|(_, key, body)| {
+                channel.basic_publish(
                     exchange.as_str().into(),
-                    key.into(),
+                    key.as_str().into(),
                     BasicPublishOptions::default(),
-                    &body,
-                    props,
+                    body,
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_content_type("application/json".into()),
                 )
-                .await;
-            if let Err(err) = sent {
+            });
+            let results = futures_util::future::join_all(sends).await;
+            let mut failure = None;
+            for ((event, _, _), result) in encoded.into_iter().zip(results) {
+                if let Err(err) = result {
+                    failure = Some(err);
+                    pending.push(event);
+                }
+            }
+            if let Some(err) = failure {
                 tracing::warn!(cause = %err, "events: publish failed; reconnecting");
-                pending = Some(event);
                 let _ = conn.close(200, "reconnect".into()).await;
                 if !sleep_or_cancel(Duration::from_millis(200), &cancel).await {
                     return;

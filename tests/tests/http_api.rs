@@ -138,25 +138,62 @@ async fn kairosctl_works_without_a_scheduler() {
             .env("KAIROS_AMQP_URL", AMQP_URL)
             .output()
             .expect("run kairosctl");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
-    let (ok, _, err) = ctl(&["schedule", "add", "--id", "direct.every", "--every-ms", "1000", "--task", "test.record"]);
+    let (ok, _, err) = ctl(&[
+        "schedule",
+        "add",
+        "--id",
+        "direct.every",
+        "--every-ms",
+        "1000",
+        "--task",
+        "test.record",
+    ]);
     assert!(ok, "{err}");
     let (ok, table, err) = ctl(&["schedule", "list"]);
     assert!(ok, "{err}");
-    assert!(table.lines().any(|l| l.starts_with("direct.every")), "{table}");
-    let (ok, id, err) = ctl(&["task", "add", "--name", "test.record", "--id", "direct-task"]);
+    assert!(
+        table.lines().any(|l| l.starts_with("direct.every")),
+        "{table}"
+    );
+    let (ok, id, err) = ctl(&[
+        "task",
+        "add",
+        "--name",
+        "test.record",
+        "--id",
+        "direct-task",
+    ]);
     assert!(ok, "{err}");
     assert_eq!(id.trim(), "direct-task");
-    assert_eq!(env.queue_depth(&env.names.queue("default")).await, 1, "the task waits for a worker");
-    let (ok, _, err) = ctl(&["schedule", "add", "--id", "bad", "--cron", "61 * * * *", "--task", "x"]);
+    assert_eq!(
+        env.queue_depth(&env.names.queue("default")).await,
+        1,
+        "the task waits for a worker"
+    );
+    let (ok, _, err) = ctl(&[
+        "schedule",
+        "add",
+        "--id",
+        "bad",
+        "--cron",
+        "61 * * * *",
+        "--task",
+        "x",
+    ]);
     assert!(!ok, "an invalid cron expression is refused");
     assert!(err.contains("400"), "{err}");
 
     // A scheduler and a worker come up: the task runs, the schedule fires.
     let log = RunLog::default();
     let scheduler = InProcess::scheduler(env.scheduler_config());
-    let worker = InProcess::worker(Worker::new(env.worker_config()).handler("test.record", log.handler(0)));
+    let worker =
+        InProcess::worker(Worker::new(env.worker_config()).handler("test.record", log.handler(0)));
     log.wait_distinct(2, Duration::from_secs(20)).await;
     assert_eq!(log.runs_of("direct-task"), 1);
     let (ok, _, err) = ctl(&["schedule", "rm", "direct.every"]);

@@ -1,0 +1,186 @@
+//! The ceiling, measured in the same run: raw lapin against the same broker,
+//! with what Kairos itself needs (persistent messages, publisher confirms
+//! pipelined in a window, manual acks one by one with a prefetch), on a plain
+//! classic queue and on one declared like a Kairos task queue
+//! (`x-max-priority` 9). Every Kairos figure is divided by the matching one.
+
+use crate::env::BenchEnv;
+use anyhow::{bail, Result};
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use std::time::Instant;
+
+/// Publisher confirms kept in flight: the same as the bench's Rust client
+/// keeps (4 calls of 1,000), so the baseline is never the weaker publisher.
+pub const CONFIRM_WINDOW: usize = 4_000;
+/// Publishes handed to lapin together (see `publish`).
+const PUBLISH_SLICE: usize = 200;
+/// Consumer prefetch of the baseline (CRATES.md: above ~300 gains nothing).
+pub const PREFETCH: u16 = 300;
+
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Rates {
+    /// Publish alone, msg/s (first publish to last confirm).
+    pub publish: f64,
+    /// Consume alone from a full queue, msg/s (first delivery to last ack).
+    pub consume: f64,
+    /// Publish while consuming, msg/s (first publish to last ack).
+    pub concurrent: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Baseline {
+    pub classic: Rates,
+    pub priority: Rates,
+    pub messages: usize,
+    pub body_bytes: usize,
+}
+
+pub async fn measure(env: &mut BenchEnv, n: usize, body_bytes: usize) -> Result<Baseline> {
+    let body = vec![b'x'; body_bytes];
+    let publisher = kairos_shared::amqp::connect(&env.amqp_url, "bench-base-pub").await?;
+    let consumer = kairos_shared::amqp::connect(&env.amqp_url, "bench-base-sub").await?;
+    let mut out = Baseline {
+        messages: n,
+        body_bytes,
+        ..Baseline::default()
+    };
+    for priority in [false, true] {
+        let queue = format!(
+            "{}.base.{}",
+            env.ns,
+            if priority { "prio" } else { "classic" }
+        );
+        env.forget_on_cleanup(&queue);
+        let mut args = FieldTable::default();
+        if priority {
+            args.insert(
+                "x-max-priority".into(),
+                AMQPValue::LongInt(i32::from(kairos_shared::contract::MAX_PRIORITY)),
+            );
+        }
+        let pch = publisher.create_channel().await?;
+        pch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
+            .await?;
+        pch.confirm_select(ConfirmSelectOptions::default()).await?;
+
+        let t = Instant::now();
+        publish(&pch, &queue, n, &body).await?;
+        let publish_rate = n as f64 / t.elapsed().as_secs_f64();
+
+        let consume_rate = n as f64 / consume(&consumer, &queue, n).await?;
+
+        pch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+            .await?;
+        let t = Instant::now();
+        let sub = consume(&consumer, &queue, n);
+        let (secs, published) = tokio::join!(sub, publish(&pch, &queue, n, &body));
+        published?;
+        let _ = secs?;
+        let concurrent_rate = n as f64 / t.elapsed().as_secs_f64();
+        let rates = Rates {
+            publish: publish_rate,
+            consume: consume_rate,
+            concurrent: concurrent_rate,
+        };
+        if priority {
+            out.priority = rates;
+        } else {
+            out.classic = rates;
+        }
+        let _ = pch.close(200, "done".into()).await;
+    }
+    let _ = publisher.close(200, "done".into()).await;
+    let _ = consumer.close(200, "done".into()).await;
+    Ok(out)
+}
+
+/// Publishes `n` persistent messages to `queue` through the default
+/// exchange with a window of confirms in flight; fails on any nack.
+async fn publish(ch: &Channel, queue: &str, n: usize, body: &[u8]) -> Result<()> {
+    // Publishes go out a slice at a time, all of a slice's `basic_publish`
+    // futures polled together: lapin resolves each only once the I/O thread
+    // wrote its frames, so awaiting them one by one costs a thread hand-off
+    // per message and caps the rate far below the broker's.
+    let mut inflight = FuturesUnordered::new();
+    let mut sent = 0;
+    while sent < n {
+        while inflight.len() + PUBLISH_SLICE > CONFIRM_WINDOW {
+            match inflight.next().await {
+                Some(c) => confirm_ok(c)?,
+                None => break,
+            }
+        }
+        let slice = PUBLISH_SLICE.min(n - sent);
+        let publishes = (0..slice).map(|_| {
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+        });
+        for confirm in futures_util::future::join_all(publishes).await {
+            inflight.push(confirm?);
+        }
+        sent += slice;
+    }
+    while let Some(c) = inflight.next().await {
+        confirm_ok(c)?;
+    }
+    Ok(())
+}
+
+fn confirm_ok(c: lapin::Result<lapin::Confirmation>) -> Result<()> {
+    if !c?.is_ack() {
+        bail!("the broker nacked a baseline message");
+    }
+    Ok(())
+}
+
+/// Consumes and acks `n` messages one by one; returns the seconds from
+/// subscribing to the last ack.
+async fn consume(conn: &Connection, queue: &str, n: usize) -> Result<f64> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let t = Instant::now();
+    // Acks go out while the next deliveries are taken, as the Kairos worker
+    // does from its concurrent tasks: awaiting each ack before the next
+    // delivery would make the baseline slower than Kairos.
+    let mut acks = FuturesUnordered::new();
+    let mut got = 0;
+    while got < n {
+        tokio::select! {
+            Some(acked) = acks.next(), if !acks.is_empty() => { acked?; }
+            d = consumer.next() => match d {
+                Some(d) => {
+                    let d = d?;
+                    acks.push(async move { d.acker.ack(BasicAckOptions::default()).await });
+                    got += 1;
+                }
+                None => bail!("baseline consumer ended after {got} of {n}"),
+            },
+        }
+    }
+    while let Some(acked) = acks.next().await {
+        acked?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let _ = ch.close(200, "done".into()).await;
+    Ok(secs)
+}

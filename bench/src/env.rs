@@ -1,0 +1,224 @@
+//! One workload's namespace on the shared servers: its own AMQP names and
+//! Redis keys, so workloads never see each other's messages, and a cleanup
+//! that removes all of it. Cleanup needs async I/O, so it is an explicit
+//! call that every workload makes on every path, pass or fail.
+
+use anyhow::{Context, Result};
+use kairos_shared::contract::Names;
+use lapin::options::{
+    BasicConsumeOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use std::time::Duration;
+
+pub struct BenchEnv {
+    pub ns: String,
+    pub names: Names,
+    pub amqp_url: String,
+    pub redis_url: String,
+    pub conn: Connection,
+    pub channel: Channel,
+    pub redis: redis::aio::MultiplexedConnection,
+    /// Extra queues to delete on cleanup (baseline queues, event taps).
+    extra_queues: Vec<String>,
+}
+
+impl BenchEnv {
+    pub async fn new(label: &str, amqp_url: &str, redis_url: &str) -> Result<Self> {
+        let ns = format!(
+            "kb-{label}-{}",
+            &uuid::Uuid::now_v7().simple().to_string()[24..]
+        );
+        let names = Names::new(&ns);
+        let conn = kairos_shared::amqp::connect(amqp_url, "kairos-bench")
+            .await
+            .with_context(|| format!("RabbitMQ at {amqp_url} (scripts/services.sh starts it)"))?;
+        let channel = conn.create_channel().await?;
+        kairos_shared::topology::declare_base(&channel, &names).await?;
+        kairos_shared::topology::declare_task_queue(&channel, &names, "default").await?;
+        let redis = redis::Client::open(redis_url)?
+            .get_multiplexed_async_connection()
+            .await
+            .with_context(|| format!("Redis at {redis_url} (scripts/services.sh starts it)"))?;
+        Ok(BenchEnv {
+            ns,
+            names,
+            amqp_url: amqp_url.to_string(),
+            redis_url: redis_url.to_string(),
+            conn,
+            channel,
+            redis,
+            extra_queues: Vec::new(),
+        })
+    }
+
+    pub fn forget_on_cleanup(&mut self, queue: &str) {
+        self.extra_queues.push(queue.to_string());
+    }
+
+    pub fn scheduler_config(&self) -> kairos_scheduler::Config {
+        let mut c = kairos_scheduler::Config::for_namespace(&self.ns);
+        c.common.amqp_url = self.amqp_url.clone();
+        c.redis_url = self.redis_url.clone();
+        c
+    }
+
+    pub fn worker_config(&self) -> kairos_worker::Config {
+        let mut c = kairos_worker::Config::for_namespace(&self.ns);
+        c.common.amqp_url = self.amqp_url.clone();
+        c
+    }
+
+    /// A consumer on `queue` that takes messages without acks, on its own
+    /// channel (returned too: it must stay open while consuming).
+    pub async fn consume_no_ack(&self, queue: &str) -> Result<(Channel, Consumer)> {
+        let ch = self.conn.create_channel().await?;
+        let consumer = ch
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((ch, consumer))
+    }
+
+    /// Ready messages in a queue (unacked ones are not counted).
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32> {
+        let q = self
+            .channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(q.message_count())
+    }
+
+    /// Tasks held in this namespace's delay queue (waiting or leased),
+    /// over the scheduler's default 8 shards.
+    pub async fn pending(&self) -> Result<u64> {
+        let mut con = self.redis.clone();
+        let mut pipe = redis::pipe();
+        for s in 0..8 {
+            pipe.cmd("HLEN").arg(format!("{}:dq{{{s}}}:rec", self.ns));
+        }
+        let counts: Vec<u64> = pipe.query_async(&mut con).await?;
+        Ok(counts.into_iter().sum())
+    }
+
+    /// Bytes of the delay queue's sorted sets and record hashes (over the
+    /// default 8 shards; `MEMORY USAGE` sampling 1,000 members each), and
+    /// the size of one stored record: where the memory per task goes.
+    pub async fn delay_queue_breakdown(&self) -> Result<(u64, u64, u64)> {
+        let mut con = self.redis.clone();
+        let (mut zsets, mut hashes) = (0, 0);
+        for s in 0..8 {
+            for (key, total) in [("due", &mut zsets), ("rec", &mut hashes)] {
+                let used: Option<u64> = redis::cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(format!("{}:dq{{{s}}}:{key}", self.ns))
+                    .arg("SAMPLES")
+                    .arg(1000)
+                    .query_async(&mut con)
+                    .await?;
+                *total += used.unwrap_or(0);
+            }
+        }
+        let rec = format!("{}:dq{{0}}:rec", self.ns);
+        let member: Option<String> = redis::cmd("HRANDFIELD")
+            .arg(&rec)
+            .query_async(&mut con)
+            .await?;
+        let record_len: u64 = match member {
+            Some(m) => {
+                redis::cmd("HSTRLEN")
+                    .arg(&rec)
+                    .arg(m)
+                    .query_async(&mut con)
+                    .await?
+            }
+            None => 0,
+        };
+        Ok((zsets, hashes, record_len))
+    }
+
+    /// Redis's `used_memory`, bytes.
+    pub async fn redis_used_memory(&self) -> Result<u64> {
+        let mut con = self.redis.clone();
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut con)
+            .await?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("INFO memory has no used_memory")
+    }
+
+    async fn redis_keys(&self) -> Result<Vec<String>> {
+        let mut con = self.redis.clone();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.ns))
+            .query_async(&mut con)
+            .await?;
+        Ok(keys)
+    }
+
+    /// Deletes every queue, exchange and Redis key of the namespace. It
+    /// connects afresh: the workload's own connection may have died with
+    /// the broker (a restart by another user of the shared servers), and
+    /// the namespace must go all the same.
+    pub async fn cleanup(self) {
+        let fresh = kairos_shared::amqp::connect(&self.amqp_url, "kairos-bench-cleanup").await;
+        let channel = match &fresh {
+            Ok(conn) => conn.create_channel().await.ok(),
+            Err(_) => None,
+        };
+        let channel = channel.as_ref().unwrap_or(&self.channel);
+        let queues = [
+            self.names.queue("default"),
+            self.names.delay(),
+            self.names.retry(),
+            self.names.dead(),
+        ];
+        for q in queues.iter().chain(&self.extra_queues) {
+            let _ = channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for e in [
+            self.names.tasks_exchange(),
+            self.names.delay(),
+            self.names.retry(),
+            self.names.dead(),
+            self.names.events(),
+        ] {
+            let _ = channel
+                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        if let Ok(keys) = self.redis_keys().await {
+            let mut con = self.redis.clone();
+            // UNLINK frees big hashes in the background instead of blocking
+            // Redis for the second a million-member DEL takes.
+            for k in keys {
+                let _: Result<(), _> = redis::cmd("UNLINK").arg(&k).query_async(&mut con).await;
+            }
+        }
+        for conn in fresh.iter().chain([&self.conn]) {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), conn.close(200, "bench done".into()))
+                    .await;
+        }
+    }
+}

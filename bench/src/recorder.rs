@@ -1,0 +1,125 @@
+//! A recording handler: notes, per task id, when each run started and how
+//! late it was (`now - x-run-at`). Cheaper than events, which travel through
+//! the broker the benchmark is loading, and it sees exactly what a handler
+//! sees.
+
+use kairos_worker::{Handler, TaskContext};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::Notify;
+
+#[derive(Default)]
+struct Inner {
+    /// Runs per id.
+    runs: HashMap<String, u32>,
+    /// Lateness of each first run, ms (only tasks with a due time).
+    lateness: Vec<i64>,
+    /// When the last run ended (its ack follows at once).
+    last_done: Option<Instant>,
+}
+
+#[derive(Clone, Default)]
+pub struct Recorder {
+    inner: Arc<Mutex<Inner>>,
+    notify: Arc<Notify>,
+}
+
+/// What a recorder saw, for the report.
+pub struct Seen {
+    pub distinct: usize,
+    pub duplicated: usize,
+    pub lateness: Vec<i64>,
+    pub last_done: Option<Instant>,
+}
+
+impl Recorder {
+    /// The handler to register (under `kairos.noop` or a bench task name).
+    pub fn handler(&self) -> impl Handler {
+        let rec = self.clone();
+        move |ctx: TaskContext, _body: Vec<u8>| {
+            let rec = rec.clone();
+            async move {
+                let started = kairos_shared::amqp::now_ms();
+                rec.record(&ctx.id, ctx.due_at.map(|due| started - due));
+                Ok(())
+            }
+        }
+    }
+
+    /// A handler for schedule fires: records per occurrence, keyed by
+    /// `x-schedule-id` and `x-run-at` (the occurrence's instant), so a
+    /// schedule that fires the same instant twice counts as duplicated
+    /// whatever task ids the two fires got.
+    pub fn occurrence_handler(&self) -> impl Handler {
+        let rec = self.clone();
+        move |ctx: TaskContext, _body: Vec<u8>| {
+            let rec = rec.clone();
+            async move {
+                let started = kairos_shared::amqp::now_ms();
+                let schedule = ctx
+                    .headers
+                    .inner()
+                    .get(kairos_shared::contract::H_SCHEDULE_ID)
+                    .map(kairos_shared::contract::value_to_string)
+                    .unwrap_or_default();
+                let at = ctx.due_at.unwrap_or_default();
+                rec.record(
+                    &format!("{schedule}@{at}"),
+                    ctx.due_at.map(|due| started - due),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn record(&self, id: &str, late: Option<i64>) {
+        if let Ok(mut inner) = self.inner.lock() {
+            let n = inner.runs.entry(id.to_string()).or_default();
+            *n += 1;
+            let first = *n == 1;
+            if let (true, Some(late)) = (first, late) {
+                inner.lateness.push(late);
+            }
+            inner.last_done = Some(Instant::now());
+        }
+        self.notify.notify_waiters();
+    }
+
+    pub fn distinct(&self) -> usize {
+        self.inner.lock().map(|i| i.runs.len()).unwrap_or(0)
+    }
+
+    /// Waits until `n` distinct ids ran or `until` passes; returns whether
+    /// all ran.
+    pub async fn wait_distinct(&self, n: usize, until: tokio::time::Instant) -> bool {
+        loop {
+            let notified = self.notify.notified();
+            if self.distinct() >= n {
+                return true;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return self.distinct() >= n;
+            }
+        }
+    }
+
+    pub fn seen(&self) -> Seen {
+        let Ok(inner) = self.inner.lock() else {
+            return Seen {
+                distinct: 0,
+                duplicated: 0,
+                lateness: Vec::new(),
+                last_done: None,
+            };
+        };
+        let mut lateness = inner.lateness.clone();
+        lateness.sort_unstable();
+        Seen {
+            distinct: inner.runs.len(),
+            duplicated: inner.runs.values().filter(|&&n| n > 1).count(),
+            lateness,
+            last_done: inner.last_done,
+        }
+    }
+}

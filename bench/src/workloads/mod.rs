@@ -1,0 +1,55 @@
+//! The workloads, one module each. Each runs in its own namespace, adds
+//! its rows and count checks to the report, and cleans up on every path.
+
+pub mod w1_burst;
+pub mod w2_precision;
+pub mod w3_backlog;
+pub mod w4_retry;
+pub mod w5_schedules;
+pub mod w6_idle;
+
+use crate::baseline::Baseline;
+use crate::report::Report;
+use crate::Args;
+use anyhow::Result;
+use futures_util::{StreamExt, TryStreamExt};
+use kairos_shared::client::{Client, NewTask};
+use std::sync::Arc;
+
+/// What every workload gets.
+pub struct Ctx<'a> {
+    pub args: &'a Args,
+    pub base: Baseline,
+    pub report: &'a mut Report,
+}
+
+/// Tasks per `enqueue_many` call, and calls in flight: 4 x 1,000 confirms
+/// outstanding keeps the broker busy without a gap between chunks.
+const CHUNK: usize = 1_000;
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// Enqueues `n` tasks made by `make(i)` with the Rust client, pipelining
+/// confirms. Tasks are built chunk by chunk, so a million of them never sit
+/// in memory at once.
+pub async fn enqueue_all(
+    client: &Arc<Client>,
+    n: usize,
+    make: impl Fn(usize) -> NewTask,
+) -> Result<usize> {
+    let make = &make;
+    let counts: Vec<usize> = futures_util::stream::iter((0..n).step_by(CHUNK))
+        .map(|from| {
+            let client = client.clone();
+            let chunk: Vec<NewTask> = (from..(from + CHUNK).min(n)).map(make).collect();
+            async move { client.enqueue_many(&chunk).await.map(|ids| ids.len()) }
+        })
+        .buffer_unordered(CHUNKS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    Ok(counts.into_iter().sum())
+}
+
+/// The body every bench task carries (the baseline uses the same size).
+pub fn body(bytes: usize) -> Vec<u8> {
+    vec![b'x'; bytes]
+}

@@ -1,0 +1,156 @@
+//! W1 burst: N immediate `kairos.noop` tasks enqueued with the Rust client
+//! while a worker runs. The worker's `kairos.noop` is replaced by a noop that
+//! records each run, so the bench knows when the last one finished (its ack
+//! follows at once) and that none was lost or run twice.
+
+use super::{body, enqueue_all, Ctx};
+use crate::env::BenchEnv;
+use crate::recorder::Recorder;
+use crate::report::Row;
+use crate::service::InProcess;
+use anyhow::Result;
+use futures_util::StreamExt;
+use kairos_shared::client::{Client, NewTask};
+use kairos_worker::Worker;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
+    for events in [false, true] {
+        let mut env = BenchEnv::new("w1", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
+        let result = once(ctx, &mut env, events).await;
+        env.cleanup().await;
+        result?;
+    }
+    Ok(())
+}
+
+async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool) -> Result<()> {
+    let n = ctx.args.w1_tasks;
+    let label = if events { "events on" } else { "events off" };
+    let tap = if events {
+        Some(EventCounter::start(env).await?)
+    } else {
+        None
+    };
+    let rec = Recorder::default();
+    let mut config = env.worker_config();
+    config.common.events = events;
+    config.concurrency = ctx.args.w1_concurrency;
+    config.prefetch = Some(ctx.args.w1_prefetch);
+    let worker = InProcess::worker(
+        Worker::new(config)
+            .with_builtins()
+            .handler(kairos_worker::builtin::NOOP, rec.handler()),
+    );
+    let client = Arc::new(Client::connect(&env.amqp_url, &env.ns).await?);
+    // Let the worker connect and subscribe before the clock starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let bytes = ctx.args.body_bytes;
+    let t0 = Instant::now();
+    let sent = enqueue_all(&client, n, |_| {
+        NewTask::new(kairos_worker::builtin::NOOP).body(body(bytes))
+    })
+    .await?;
+    let enqueued = t0.elapsed();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60 + n as u64 / 500);
+    rec.wait_distinct(n, deadline).await;
+    let seen = rec.seen();
+    worker.stop().await;
+    if let Ok(c) = Arc::try_unwrap(client) {
+        let _ = c.close().await;
+    }
+
+    let base = ctx.base.priority;
+    let enqueue_rate = sent as f64 / enqueued.as_secs_f64();
+    ctx.report.push(
+        Row::new(
+            "W1 burst",
+            &format!("enqueue ({label})"),
+            enqueue_rate,
+            "tasks/s",
+        )
+        .ratio(base.publish)
+        .note(format!("{n} tasks; x raw publish, priority queue")),
+    );
+    let e2e = seen
+        .last_done
+        .map(|t| seen.distinct as f64 / (t - t0).as_secs_f64())
+        .unwrap_or(0.0);
+    let target = if events { 0.6 } else { 0.8 };
+    ctx.report.push(
+        Row::new("W1 burst", &format!("end to end ({label})"), e2e, "tasks/s")
+            .ratio(base.concurrent)
+            .ratio_at_least(target)
+            .note(format!(
+                "x raw publish+consume, priority queue; concurrency {}, prefetch {}",
+                ctx.args.w1_concurrency, ctx.args.w1_prefetch
+            )),
+    );
+    ctx.report.check(
+        sent == n && seen.distinct == n,
+        format!(
+            "W1 ({label}): {n} enqueued, {} confirmed, {} ran",
+            sent, seen.distinct
+        ),
+    );
+    if seen.duplicated > 0 {
+        println!("  note: W1 ({label}): {} tasks ran twice", seen.duplicated);
+    }
+    if let Some(tap) = tap {
+        // Events are best effort by design (dropped, never blocking, when
+        // the broker falls behind): report how many arrived.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let got = tap.count.load(Ordering::Relaxed);
+        println!(
+            "  W1 (events on): {got} events received of {} expected (started + succeeded)",
+            2 * n
+        );
+    }
+    Ok(())
+}
+
+/// A private queue on `NS.events` that counts what arrives, so events are
+/// really consumed (routed and delivered), as when someone listens.
+struct EventCounter {
+    count: Arc<AtomicU64>,
+}
+
+impl EventCounter {
+    async fn start(env: &BenchEnv) -> Result<Self> {
+        let ch = env.conn.create_channel().await?;
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        ch.queue_bind(
+            q.name().clone(),
+            env.names.events().into(),
+            "task.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        let (consume_ch, mut consumer) = env.consume_no_ack(q.name().as_str()).await?;
+        let count = Arc::new(AtomicU64::new(0));
+        let c = count.clone();
+        tokio::spawn(async move {
+            let _keep = (ch, consume_ch);
+            while let Some(Ok(_)) = consumer.next().await {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Ok(EventCounter { count })
+    }
+}

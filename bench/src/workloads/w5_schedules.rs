@@ -1,0 +1,86 @@
+//! W5 schedules: S interval schedules firing every second for D seconds
+//! (10,000 and 30 s in a full run): ticks/s, tick lateness p99, double fires,
+//! missed fires.
+//!
+//! Schedules (issue 3) are not in this build: [`create_interval_schedules`]
+//! is the one piece to wire, and until it is, the rows say "not available"
+//! rather than a number. Everything else runs as it will then:
+//!
+//! 1. create S schedules `every 1 s` in a fresh namespace, each firing
+//!    `kairos.noop` with `x-schedule-id` and the occurrence's instant as
+//!    `x-run-at`;
+//! 2. run the scheduler and a worker whose `kairos.noop` records each fire
+//!    by (schedule id, `x-run-at`) for D s;
+//! 3. ticks/s = fires / D; lateness = start - `x-run-at`; double fires =
+//!    occurrences run twice; missed = S x D - distinct occurrences (with one
+//!    second of slack at each end of the window).
+
+use super::Ctx;
+use crate::env::BenchEnv;
+use crate::recorder::Recorder;
+use crate::report::{percentile, Row};
+use crate::service::InProcess;
+use anyhow::Result;
+use kairos_worker::Worker;
+use std::time::Duration;
+
+pub const NOT_AVAILABLE: &str = "not available: schedules not in this build";
+
+/// Creates `count` schedules firing `kairos.noop` every `every_ms` in the
+/// namespace. Returns `Ok(false)` while this build has no schedules.
+async fn create_interval_schedules(env: &BenchEnv, count: usize, every_ms: u64) -> Result<bool> {
+    let _ = (env, count, every_ms);
+    Ok(false)
+}
+
+pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
+    let env = BenchEnv::new("w5", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
+    let result = once(ctx, &env).await;
+    env.cleanup().await;
+    result
+}
+
+async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv) -> Result<()> {
+    let w = "W5 schedules";
+    let (s, secs) = (ctx.args.w5_schedules, ctx.args.w5_secs);
+    if !create_interval_schedules(env, s, 1_000).await? {
+        for metric in ["ticks", "tick lateness p99", "double fires"] {
+            ctx.report.push(Row::unavailable(w, metric, NOT_AVAILABLE));
+        }
+        return Ok(());
+    }
+    let rec = Recorder::default();
+    let scheduler = InProcess::scheduler(env.scheduler_config());
+    let worker = InProcess::worker(
+        Worker::new(env.worker_config())
+            .with_builtins()
+            .handler(kairos_worker::builtin::NOOP, rec.occurrence_handler()),
+    );
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let seen = rec.seen();
+    worker.stop().await;
+    scheduler.stop().await;
+
+    let l = &seen.lateness;
+    let expected = s * secs as usize;
+    // One second of slack at each end: the window does not start or stop
+    // on a tick.
+    let missed = expected.saturating_sub(seen.distinct + 2 * s);
+    ctx.report.push(
+        Row::new(w, "ticks", seen.distinct as f64 / secs as f64, "fires/s")
+            .note(format!("{s} schedules every 1 s for {secs} s")),
+    );
+    ctx.report
+        .push(Row::new(w, "tick lateness p99", percentile(l, 99.0) as f64, "ms").at_most(20.0));
+    ctx.report
+        .push(Row::new(w, "double fires", seen.duplicated as f64, "fires").at_most(0.0));
+    ctx.report.check(
+        missed == 0,
+        format!("W5: {missed} of {expected} fires missed"),
+    );
+    ctx.report.check(
+        seen.duplicated == 0,
+        format!("W5: {} occurrences fired twice", seen.duplicated),
+    );
+    Ok(())
+}
