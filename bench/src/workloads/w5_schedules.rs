@@ -2,11 +2,11 @@
 //! (10,000 and 30 s in a full run): ticks/s, tick lateness p99, double fires,
 //! missed fires.
 //!
-//! Schedules (issue 3) are not in this build: [`create_interval_schedules`]
-//! is the one piece to wire, and until it is, the rows say "not available"
-//! rather than a number. Everything else runs as it will then:
+//! The schedules are created in process through the scheduler's HTTP
+//! routes, then:
 //!
-//! 1. create S schedules `every 1 s` in a fresh namespace, each firing
+//! 1. create S schedules `every 1 s` with phases spread over the second, in
+//!    a fresh namespace, each firing
 //!    `kairos.noop` with `x-schedule-id` and the occurrence's instant as
 //!    `x-run-at`;
 //! 2. run the scheduler and a worker whose `kairos.noop` records each fire
@@ -27,10 +27,34 @@ use std::time::Duration;
 pub const NOT_AVAILABLE: &str = "not available: schedules not in this build";
 
 /// Creates `count` schedules firing `kairos.noop` every `every_ms` in the
-/// namespace. Returns `Ok(false)` while this build has no schedules.
+/// namespace, through the scheduler's own HTTP routes called in process
+/// (what `kairosctl` does without a scheduler address).
 async fn create_interval_schedules(env: &BenchEnv, count: usize, every_ms: u64) -> Result<bool> {
-    let _ = (env, count, every_ms);
-    Ok(false)
+    use tower::ServiceExt;
+    let router = kairos_scheduler::local_api(&env.scheduler_config()).await?;
+    for i in 0..count {
+        // Phases spread over the interval, as schedules created at different
+        // times are: 10,000 ticks on the same instant would measure a
+        // 10,000-task burst (W1's subject), not the tick machinery.
+        let start_at = (i as u64 * every_ms / count.max(1) as u64) as i64;
+        let spec = serde_json::json!({
+            "every_ms": every_ms,
+            "start_at": start_at,
+            "task": {"name": kairos_worker::builtin::NOOP, "queue": "default"},
+        });
+        let req = axum::http::Request::builder()
+            .method("PUT")
+            .uri(format!("/v1/schedules/w5.{i}"))
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(spec.to_string()))?;
+        let resp = router.clone().oneshot(req).await?;
+        anyhow::ensure!(
+            resp.status().is_success(),
+            "creating schedule w5.{i}: HTTP {}",
+            resp.status()
+        );
+    }
+    Ok(true)
 }
 
 pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
