@@ -315,22 +315,33 @@ impl RedisDelayQueue {
         shard_of(id_of(member), self.shards.len())
     }
 
-    /// Runs a pipeline, loading the scripts and trying once more if Redis
-    /// lost them (restart, SCRIPT FLUSH). Every script here is safe to run
-    /// twice.
+    /// Runs a pipeline of this queue's scripts (see [`query_scripts`]).
     async fn query<T: redis::FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, QueueError> {
-        let mut con = self.pool.get().await?;
-        match pipe.query_async(&mut con).await {
-            Ok(v) => Ok(v),
-            Err(e) if e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
-                load_scripts(&mut con).await?;
-                Ok(pipe.query_async(&mut con).await?)
+        query_scripts(&self.pool, pipe, &[&SCHEDULE, &CLAIM, &COMPLETE, &RELEASE]).await
+    }
+}
+
+/// Runs a pipeline of `EVALSHA`s, loading `scripts` and trying once more if
+/// Redis lost them (restart, SCRIPT FLUSH). Every Kairos script is safe to
+/// run twice.
+pub(crate) async fn query_scripts<T: redis::FromRedisValue>(
+    pool: &Pool,
+    pipe: &redis::Pipeline,
+    scripts: &[&redis::Script],
+) -> Result<T, QueueError> {
+    let mut con = pool.get().await?;
+    match pipe.query_async(&mut con).await {
+        Ok(v) => Ok(v),
+        Err(e) if e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
+            for s in scripts {
+                s.load_async(&mut con).await?;
             }
-            Err(e) => Err(e.into()),
+            Ok(pipe.query_async(&mut con).await?)
         }
+        Err(e) => Err(e.into()),
     }
 }
 

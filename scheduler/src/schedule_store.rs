@@ -15,10 +15,12 @@
 //! task id): the pump serves every shard, and the claimed task remembers
 //! its shard, so nothing else needs to know.
 
-use crate::delay_queue::{bytes, evalsha, int, shard_of, string, QueueError, RedisDelayQueue};
+use crate::delay_queue::{
+    bytes, evalsha, int, query_scripts, shard_of, string, QueueError, RedisDelayQueue,
+};
 use crate::schedule::ScheduleSpec;
 use deadpool_redis::{Connection, Pool};
-use redis::{ServerErrorKind, Value};
+use redis::Value;
 use serde::Serialize;
 use std::sync::LazyLock;
 
@@ -380,15 +382,7 @@ impl ScheduleStore {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, QueueError> {
-        let mut con = self.pool.get().await?;
-        match pipe.query_async(&mut con).await {
-            Ok(v) => Ok(v),
-            Err(e) if e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
-                load_scripts(&mut con).await?;
-                Ok(pipe.query_async(&mut con).await?)
-            }
-            Err(e) => Err(e.into()),
-        }
+        query_scripts(&self.pool, pipe, &[&DUE, &FIRE, &PUT, &OUTCOME]).await
     }
 
     /// Like [`query`](Self::query), grouping replies three by three.
