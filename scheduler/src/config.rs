@@ -29,6 +29,13 @@ pub struct Config {
     )]
     pub http_addr: SocketAddr,
 
+    /// Whether `http_addr` was asked for (flag or environment) rather than
+    /// defaulted. When it was only defaulted and is taken (another scheduler
+    /// on this host), the scheduler runs without its HTTP API instead of
+    /// refusing to start; an address asked for must bind.
+    #[arg(skip)]
+    pub http_addr_required: bool,
+
     /// Delay-queue shards. Every scheduler of a namespace must use the same
     /// number; the first one to start records it.
     #[arg(long, env = "KAIROS_SHARDS", value_name = "KAIROS_SHARDS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]

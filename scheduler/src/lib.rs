@@ -90,13 +90,21 @@ pub async fn run(
     });
     let names = config.common.names();
     // Bind first: a taken address is a configuration error, reported at
-    // once rather than after waiting for Redis.
-    let http_listener = tokio::net::TcpListener::bind(config.http_addr)
-        .await
-        .map_err(|cause| SchedulerError::Http {
-            addr: config.http_addr,
-            cause,
-        })?;
+    // once rather than after waiting for Redis. Only the default address may
+    // be taken (a second scheduler on one host): then run without the API.
+    let http_listener = match tokio::net::TcpListener::bind(config.http_addr).await {
+        Ok(l) => Some(l),
+        Err(cause) if config.http_addr_required => {
+            return Err(SchedulerError::Http {
+                addr: config.http_addr,
+                cause,
+            })
+        }
+        Err(cause) => {
+            tracing::warn!(addr = %config.http_addr, %cause, "default KAIROS_HTTP_ADDR is taken; running without the HTTP API (set KAIROS_HTTP_ADDR to serve it)");
+            None
+        }
+    };
     let pool = deadpool_redis::Config::from_url(&config.redis_url)
         .create_pool(Some(deadpool_redis::Runtime::Tokio1))
         .map_err(|e| SchedulerError::Redis(e.to_string()))?;
@@ -253,7 +261,7 @@ async fn start_schedules(
     names: &kairos_shared::contract::Names,
     pool: deadpool_redis::Pool,
     pump: &Pump,
-    http_listener: tokio::net::TcpListener,
+    http_listener: Option<tokio::net::TcpListener>,
     cancel: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let store = schedule_store::ScheduleStore::new(pool, names.namespace(), &pump.queue);
@@ -278,27 +286,28 @@ async fn start_schedules(
     let tick_cancel = cancel.clone();
     let http_cancel = cancel.clone();
     let (http_amqp_url, http_names) = (config.common.amqp_url.clone(), names.clone());
-    let addr = http_listener.local_addr().ok();
-    tracing::info!(addr = ?addr, "schedules HTTP API listening");
-    vec![
-        tokio::spawn(async move { ticker.run(tick_cancel).await }),
-        tokio::spawn(async move {
+    let mut tasks = vec![tokio::spawn(async move { ticker.run(tick_cancel).await })];
+    if let Some(http_listener) = http_listener {
+        let addr = http_listener.local_addr().ok();
+        tracing::info!(addr = ?addr, "HTTP API listening");
+        tasks.push(tokio::spawn(async move {
             let api = task_api::TaskApi::new(&http_amqp_url, http_names);
             let router = http::router(admin).merge(task_api::router(api));
             let served = axum::serve(http_listener, router)
                 .with_graceful_shutdown(http_cancel.cancelled_owned())
                 .await;
             if let Err(err) = served {
-                tracing::error!(cause = %err, "schedules HTTP API stopped");
+                tracing::error!(cause = %err, "HTTP API stopped");
             }
-        }),
-        tokio::spawn(outcomes::run(
-            config.common.amqp_url.clone(),
-            names.clone(),
-            store,
-            cancel.clone(),
-        )),
-    ]
+        }));
+    }
+    tasks.push(tokio::spawn(outcomes::run(
+        config.common.amqp_url.clone(),
+        names.clone(),
+        store,
+        cancel.clone(),
+    )));
+    tasks
 }
 
 /// The scheduler's HTTP API without a server or a running scheduler: the

@@ -1,9 +1,12 @@
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use kairos_scheduler::{run, Config};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let matches = Config::command().get_matches();
+    let mut config = Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    config.http_addr_required =
+        matches.value_source("http_addr") != Some(clap::parser::ValueSource::DefaultValue);
     init_tracing();
     run(config, kairos_shared::shutdown::signal()).await?;
     Ok(())

@@ -169,3 +169,36 @@ async fn metrics_are_served_when_asked_for() {
     );
     scrape(sport, "kairos_scheduler_published_total 5").await;
 }
+
+/// Two schedulers on one host with the default `KAIROS_HTTP_ADDR`: the
+/// second cannot have the port, and runs without the HTTP API rather than
+/// refusing to start (an address asked for explicitly must bind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_scheduler_on_the_default_http_address_still_runs() {
+    let env = TestEnv::new("twohttp").await;
+    let mut tap = EventTap::new(&env).await;
+    let penv: Vec<(String, String)> = env
+        .process_env()
+        .into_iter()
+        .filter(|(k, _)| k != "KAIROS_HTTP_ADDR")
+        .collect();
+    let mut a = Proc::spawn("kairos-scheduler", &penv);
+    let mut b = Proc::spawn("kairos-scheduler", &penv);
+    let p = with_headers(
+        task_props("kairos.noop", "two"),
+        &[("x-delay-ms", AMQPValue::LongInt(10))],
+    );
+    env.publish(&env.names.delay(), "default", p, b"").await;
+    tap.wait_until(Duration::from_secs(20), "the task to be published", |s| {
+        s.iter().any(|e| e.id == "two" && e.kind == "published")
+    })
+    .await;
+    assert!(
+        a.child.try_wait().expect("status").is_none(),
+        "first scheduler exited"
+    );
+    assert!(
+        b.child.try_wait().expect("status").is_none(),
+        "second scheduler exited"
+    );
+}
