@@ -12,7 +12,10 @@
 //! `run_at` (Unix ms) or `delay_ms` make it a delayed task.
 
 use crate::client::NewTask;
-use crate::contract::{validate_id, MAX_PRIORITY};
+use crate::contract::{
+    validate_id, H_ATTEMPT, H_DELAY_MS, H_ERROR, H_FAILED_AT, H_MAX_RETRIES, H_ORIGIN_QUEUE,
+    H_RUN_AT, H_SCHEDULE_ID, H_TIMEOUT_MS, MAX_PRIORITY,
+};
 use lapin::types::{AMQPValue, LongString};
 use serde::Deserialize;
 use serde_json::Value;
@@ -111,27 +114,49 @@ impl TaskRequest {
             task = task.timeout_ms(ms);
         }
         for (name, value) in self.headers {
-            if name.starts_with("x-") {
-                return Err(bad(
-                    "headers",
-                    format!("{name}: x- headers are Kairos's; use the dedicated fields"),
-                ));
-            }
-            let value = match value {
-                Value::String(s) => AMQPValue::LongString(LongString::from(s)),
-                Value::Bool(b) => AMQPValue::Boolean(b),
-                Value::Number(n) => match n.as_i64() {
-                    Some(i) => AMQPValue::LongLongInt(i),
-                    None => AMQPValue::Double(n.as_f64().unwrap_or_default()),
-                },
-                other => {
-                    return Err(bad(
-                        "headers",
-                        format!("{name}: {other} is not a string, number or boolean"),
-                    ))
-                }
+            // The contract's own headers may be given here too (as schedule
+            // templates allow); they set the same thing as their fields.
+            let as_int = |v: &Value| {
+                v.as_i64()
+                    .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+                    .ok_or_else(|| bad("headers", format!("{name}: {v} is not an integer")))
             };
-            task = task.header(&name, value);
+            match name.as_str() {
+                H_RUN_AT => task = task.run_at(as_int(&value)?),
+                H_DELAY_MS => task = task.delay_ms(as_int(&value)?),
+                H_MAX_RETRIES => {
+                    let n = u32::try_from(as_int(&value)?)
+                        .map_err(|_| bad("headers", format!("{name}: not a retry count")))?;
+                    task = task.max_retries(n);
+                }
+                H_TIMEOUT_MS => {
+                    let n = u64::try_from(as_int(&value)?)
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| bad("headers", format!("{name}: must be positive")))?;
+                    task = task.timeout_ms(n);
+                }
+                H_ATTEMPT | H_ERROR | H_FAILED_AT | H_ORIGIN_QUEUE | H_SCHEDULE_ID => {
+                    return Err(bad("headers", format!("{name} is set by Kairos")));
+                }
+                _ => {
+                    let value = match value {
+                        Value::String(s) => AMQPValue::LongString(LongString::from(s)),
+                        Value::Bool(b) => AMQPValue::Boolean(b),
+                        Value::Number(n) => match n.as_i64() {
+                            Some(i) => AMQPValue::LongLongInt(i),
+                            None => AMQPValue::Double(n.as_f64().unwrap_or_default()),
+                        },
+                        other => {
+                            return Err(bad(
+                                "headers",
+                                format!("{name}: {other} is not a string, number or boolean"),
+                            ))
+                        }
+                    };
+                    task = task.header(&name, value);
+                }
+            }
         }
         Ok(task)
     }
@@ -158,6 +183,18 @@ mod tests {
         assert_eq!(t.max_retries, Some(2));
         assert_eq!(t.timeout_ms, Some(100));
         assert_eq!(t.headers.inner().get("n"), Some(&AMQPValue::LongLongInt(3)));
+    }
+
+    #[test]
+    fn contract_headers_set_their_fields() {
+        let t = TaskRequest::from_json(
+            br#"{"name":"a","headers":{"x-max-retries":3,"x-delay-ms":"250","x-timeout-ms":9}}"#,
+        )
+        .unwrap();
+        assert_eq!(t.max_retries, Some(3));
+        assert_eq!(t.delay_ms, Some(250));
+        assert_eq!(t.timeout_ms, Some(9));
+        assert!(t.headers.inner().is_empty(), "set through the fields, once");
     }
 
     #[test]
