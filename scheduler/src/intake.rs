@@ -14,8 +14,8 @@ use crate::delay_queue::{member, Entry, RedisDelayQueue};
 use crate::publisher::Publisher;
 use crate::retry::{Decision, RetryPolicy};
 use futures_util::future::join_all;
-use futures_util::{FutureExt, StreamExt};
-use kairos_shared::amqp::now_ms;
+use futures_util::StreamExt;
+use kairos_shared::amqp::{now_ms, take_ready};
 use kairos_shared::client::check;
 use kairos_shared::contract::{
     raw_dead_letter_properties, value_to_string, Names, ProtocolError, Task, H_ERROR,
@@ -107,12 +107,8 @@ impl Intake {
                 return Err(IntakeError::Cancelled(self.source));
             };
             let mut batch = vec![first?];
-            while batch.len() < self.batch {
-                match consumer.next().now_or_never() {
-                    Some(Some(d)) => batch.push(d?),
-                    Some(None) => return Err(IntakeError::Cancelled(self.source)),
-                    None => break,
-                }
+            if !take_ready(&mut consumer, &mut batch, self.batch)? {
+                return Err(IntakeError::Cancelled(self.source));
             }
             self.handle(batch, &cancel).await?;
         }

@@ -15,7 +15,7 @@
 
 use crate::schedule::occurrence::parse_occurrence_id;
 use crate::schedule_store::ScheduleStore;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use kairos_shared::amqp::{connect_with_retry, sleep_or_cancel, Backoff};
 use kairos_shared::contract::Names;
 use kairos_shared::topology;
@@ -128,12 +128,8 @@ async fn consume(
         // Take what is already there too: one ack (multiple) per batch keeps
         // this consumer cheap next to the task traffic it watches.
         let mut batch = vec![first?];
-        while batch.len() < BATCH {
-            match consumer.next().now_or_never() {
-                Some(Some(d)) => batch.push(d?),
-                _ => break,
-            }
-        }
+        // An ended consumer shows on the next `next()`.
+        kairos_shared::amqp::take_ready(&mut consumer, &mut batch, BATCH)?;
         let mut failed = false;
         for delivery in &batch {
             let event: Option<Value> = serde_json::from_slice(&delivery.data).ok();

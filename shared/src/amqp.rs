@@ -86,6 +86,26 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Adds to `batch`, without waiting, the deliveries `consumer` already
+/// holds, up to `max` in the batch. Consumers handle what is ready as one
+/// batch (one Redis round trip, one multiple-ack). Returns `false` when the
+/// consumer ended (the broker cancelled it).
+pub fn take_ready(
+    consumer: &mut lapin::Consumer,
+    batch: &mut Vec<lapin::message::Delivery>,
+    max: usize,
+) -> lapin::Result<bool> {
+    use futures_util::{FutureExt, StreamExt};
+    while batch.len() < max {
+        match consumer.next().now_or_never() {
+            Some(Some(d)) => batch.push(d?),
+            Some(None) => return Ok(false),
+            None => break,
+        }
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
