@@ -190,6 +190,7 @@ impl BenchEnv {
             self.names.delay(),
             self.names.retry(),
             self.names.dead(),
+            kairos_scheduler::outcomes::queue_name(&self.names),
         ];
         for q in queues.iter().chain(&self.extra_queues) {
             let _ = channel
