@@ -16,7 +16,7 @@ use lapin::options::{
     QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
 /// One dead letter, as `kairosctl dead list` shows it.
@@ -79,6 +79,17 @@ pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
     props.clone().with_headers(kept).with_delivery_mode(2)
 }
 
+/// The next dead letter, held unacked on `channel` (so closing the channel
+/// or a nack puts it back).
+async fn next_dead(channel: &Channel, names: &Names) -> Result<Option<BasicGetMessage>, DeadError> {
+    Ok(channel
+        .basic_get(
+            names.dead().as_str().into(),
+            BasicGetOptions { no_ack: false },
+        )
+        .await?)
+}
+
 /// Reads up to `limit` dead letters without removing them.
 pub async fn list(
     conn: &Connection,
@@ -89,13 +100,7 @@ pub async fn list(
     let mut out = Vec::new();
     let mut last_tag = None;
     while out.len() < limit {
-        let Some(m) = channel
-            .basic_get(
-                names.dead().as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
+        let Some(m) = next_dead(&channel, names).await? else {
             break;
         };
         last_tag = Some(m.delivery.acker.clone());
@@ -131,13 +136,7 @@ pub async fn replay(
     let mut kept = Vec::new();
     let mut seen = 0usize;
     while replayed.len() < limit {
-        let Some(m) = channel
-            .basic_get(
-                names.dead().as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
+        let Some(m) = next_dead(&channel, names).await? else {
             break;
         };
         seen += 1;
