@@ -10,6 +10,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
+use redis::AsyncCommands;
 use std::time::Duration;
 
 pub struct BenchEnv {
@@ -116,23 +117,37 @@ impl BenchEnv {
         Ok(counts.into_iter().sum())
     }
 
-    /// Bytes of the delay queue's sorted sets and record hashes (over the
-    /// default 8 shards; `MEMORY USAGE` sampling 1,000 members each), and
-    /// the size of one stored record: where the memory per task goes.
+    /// Bytes of the delay queue's due index (the bucket sorted sets and
+    /// the index over them) and record hashes (over the default 8 shards;
+    /// `MEMORY USAGE` sampling 1,000 members of each record hash), and the
+    /// size of one stored record: where the memory per task goes.
     pub async fn delay_queue_breakdown(&self) -> Result<(u64, u64, u64)> {
         let mut con = self.redis.clone();
         let (mut zsets, mut hashes) = (0, 0);
+        let mut index_keys: Vec<String> = Vec::new();
         for s in 0..8 {
-            for (key, total) in [("due", &mut zsets), ("rec", &mut hashes)] {
-                let used: Option<u64> = redis::cmd("MEMORY")
-                    .arg("USAGE")
-                    .arg(format!("{}:dq{{{s}}}:{key}", self.ns))
-                    .arg("SAMPLES")
-                    .arg(1000)
-                    .query_async(&mut con)
-                    .await?;
-                *total += used.unwrap_or(0);
+            let pattern = format!("{}:dq{{{s}}}:idx*", self.ns);
+            let mut scan = self.redis.clone();
+            let mut iter: redis::AsyncIter<String> = scan.scan_match(&pattern).await?;
+            while let Some(k) = iter.next_item().await {
+                index_keys.push(k?);
             }
+            let used: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(format!("{}:dq{{{s}}}:rec", self.ns))
+                .arg("SAMPLES")
+                .arg(1000)
+                .query_async(&mut con)
+                .await?;
+            hashes += used.unwrap_or(0);
+        }
+        for chunk in index_keys.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for k in chunk {
+                pipe.cmd("MEMORY").arg("USAGE").arg(k).arg("SAMPLES").arg(0);
+            }
+            let used: Vec<Option<u64>> = pipe.query_async(&mut con).await?;
+            zsets += used.into_iter().flatten().sum::<u64>();
         }
         let rec = format!("{}:dq{{0}}:rec", self.ns);
         let member: Option<String> = redis::cmd("HRANDFIELD")

@@ -11,6 +11,8 @@ use tokio::sync::Notify;
 
 #[derive(Default)]
 struct Inner {
+    /// Occurrences due outside [from, to) are not recorded (W5's window).
+    window: Option<(i64, i64)>,
     /// Runs per id.
     runs: HashMap<String, u32>,
     /// Lateness of each first run, ms (only tasks with a due time).
@@ -64,12 +66,29 @@ impl Recorder {
                     .map(kairos_shared::contract::value_to_string)
                     .unwrap_or_default();
                 let at = ctx.due_at.unwrap_or_default();
+                let outside = rec
+                    .inner
+                    .lock()
+                    .ok()
+                    .and_then(|i| i.window)
+                    .is_some_and(|(from, to)| at < from || at >= to);
+                if outside {
+                    return Ok(());
+                }
                 rec.record(
                     &format!("{schedule}@{at}"),
                     ctx.due_at.map(|due| started - due),
                 );
                 Ok(())
             }
+        }
+    }
+
+    /// From now on, [`occurrence_handler`](Self::occurrence_handler)
+    /// records only occurrences due in [from, to) (Unix ms).
+    pub fn only_due_in(&self, from: i64, to: i64) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.window = Some((from, to));
         }
     }
 

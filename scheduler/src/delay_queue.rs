@@ -1,12 +1,20 @@
 //! The sharded Redis delay queue.
 //!
-//! Each shard is three keys sharing one Redis Cluster hash tag, so every
-//! script touches a single slot:
+//! Each shard's keys share one Redis Cluster hash tag, so every script
+//! touches a single slot:
 //!
-//! * `NS:dq{S}:due`: sorted set, member -> due time (Unix ms, Redis clock)
+//! * `NS:dq{S}:idx:B` (B in 0..2039): small sorted sets, member -> due time
+//!   (Unix ms, Redis clock), the bucket chosen by a hash of the member
+//! * `NS:dq{S}:idx`: sorted set, bucket -> its earliest due time
 //! * `NS:dq{S}:rec`: hash, member -> stored record ([`kairos_shared::record`])
 //! * `NS:dq{S}:lease`: sorted set, member -> lease expiry, for claimed tasks
 //!   on their way to RabbitMQ
+//!
+//! The due times are split into buckets for memory: a sorted set of at most
+//! 128 members is stored as one compact listpack (about 50 bytes a member
+//! here, against 145 in one big sorted set), and a million pending tasks
+//! leave about 60 in each of a shard's buckets. `scripts/due_index.lua`
+//! holds the index logic and is prepended to every script that uses it.
 //!
 //! A member is the task id for a first attempt and `id\tN` for attempt N, so
 //! a retry never collides with the id of the attempt being published, while a
@@ -19,14 +27,23 @@ use redis::{RedisError, ServerErrorKind, Value};
 use std::sync::LazyLock;
 use thiserror::Error;
 
-static SCHEDULE: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("scripts/schedule.lua")));
-static CLAIM: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("scripts/claim.lua")));
-static COMPLETE: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("scripts/complete.lua")));
-static RELEASE: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("scripts/release.lua")));
+/// A script that uses the due index: `scripts/due_index.lua` + its own file.
+macro_rules! indexed_script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            redis::Script::new(concat!(
+                include_str!("scripts/due_index.lua"),
+                include_str!($file)
+            ))
+        })
+    };
+}
+pub(crate) use indexed_script;
+
+static SCHEDULE: LazyLock<redis::Script> = indexed_script!("scripts/schedule.lua");
+static CLAIM: LazyLock<redis::Script> = indexed_script!("scripts/claim.lua");
+static COMPLETE: LazyLock<redis::Script> = indexed_script!("scripts/complete.lua");
+static RELEASE: LazyLock<redis::Script> = indexed_script!("scripts/release.lua");
 
 #[derive(Debug, Error)]
 pub enum QueueError {
@@ -117,6 +134,9 @@ struct ShardKeys {
     due: String,
     rec: String,
     lease: String,
+    /// The single due sorted set of versions before the index; claims
+    /// drain it into the index.
+    legacy_due: String,
 }
 
 #[derive(Clone)]
@@ -131,9 +151,10 @@ impl RedisDelayQueue {
     pub fn new(pool: Pool, namespace: &str, shards: usize) -> Self {
         let keys = (0..shards)
             .map(|s| ShardKeys {
-                due: format!("{namespace}:dq{{{s}}}:due"),
+                due: format!("{namespace}:dq{{{s}}}:idx"),
                 rec: format!("{namespace}:dq{{{s}}}:rec"),
                 lease: format!("{namespace}:dq{{{s}}}:lease"),
+                legacy_due: format!("{namespace}:dq{{{s}}}:due"),
             })
             .collect();
         RedisDelayQueue {
@@ -152,21 +173,12 @@ impl RedisDelayQueue {
         &self.wake_channel
     }
 
-    /// The due set and record hash of a shard: schedules keep their own keys
+    /// The due index and record hash of a shard: schedules keep their own keys
     /// under the same hash tag, so one script can write an occurrence.
     pub fn shard_data_keys(&self, shard: usize) -> Option<(&str, &str)> {
         self.shards
             .get(shard)
             .map(|k| (k.due.as_str(), k.rec.as_str()))
-    }
-
-    /// Every key this queue uses, for tests and tooling that clean up.
-    pub fn all_keys(&self) -> Vec<String> {
-        let mut keys = vec![self.meta_key.clone()];
-        for s in &self.shards {
-            keys.extend([s.due.clone(), s.rec.clone(), s.lease.clone()]);
-        }
-        keys
     }
 
     /// Records the shard count on first start and refuses a different one
@@ -222,7 +234,8 @@ impl RedisDelayQueue {
     pub async fn claim(&self, batch: usize, lease_ms: u64) -> Result<Claim, QueueError> {
         let mut pipe = redis::pipe();
         for keys in &self.shards {
-            pipe.add_command(evalsha(&CLAIM, &[&keys.due, &keys.rec, &keys.lease]))
+            let keys = [&keys.due, &keys.rec, &keys.lease, &keys.legacy_due];
+            pipe.add_command(evalsha(&CLAIM, &keys.map(String::as_str)))
                 .arg(batch)
                 .arg(lease_ms);
         }
@@ -263,7 +276,7 @@ impl RedisDelayQueue {
         .await
     }
 
-    /// Puts tasks whose publish failed back into the due set at once.
+    /// Puts tasks whose publish failed back into the due index at once.
     pub async fn release(&self, failed: &[&Claimed]) -> Result<(), QueueError> {
         self.per_shard(&RELEASE, failed, |c, cmd| {
             cmd.arg(&c.member).arg(c.due);

@@ -4,7 +4,7 @@
 //!
 //! If the process dies:
 //! * after the claim, before publishing: the lease expires and the next
-//!   claim (by any instance) returns the tasks to the due set;
+//!   claim (by any instance) returns the tasks to the due index;
 //! * after publishing, before the delete: the same, so the task is
 //!   published again: a duplicate, never a loss.
 //!

@@ -16,7 +16,8 @@
 //! its shard, so nothing else needs to know.
 
 use crate::delay_queue::{
-    bytes, evalsha, int, query_scripts, shard_of, string, QueueError, RedisDelayQueue,
+    bytes, evalsha, indexed_script, int, query_scripts, shard_of, string, QueueError,
+    RedisDelayQueue,
 };
 use crate::schedule::ScheduleSpec;
 use deadpool_redis::{Connection, Pool};
@@ -26,10 +27,8 @@ use std::sync::LazyLock;
 
 static DUE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_due.lua")));
-static FIRE: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_fire.lua")));
-static PUT: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_put.lua")));
+static FIRE: LazyLock<redis::Script> = indexed_script!("scripts/sched_fire.lua");
+static PUT: LazyLock<redis::Script> = indexed_script!("scripts/sched_put.lua");
 static OUTCOME: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_outcome.lua")));
 

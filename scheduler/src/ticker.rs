@@ -109,8 +109,18 @@ impl Ticker {
         let wait = earliest
             .map(|t| t - self.lookahead_ms - due.now)
             .unwrap_or(i64::MAX)
-            .clamp(0, self.idle.as_millis() as i64);
+            .clamp(self.min_gap_ms(), self.idle.as_millis() as i64);
         Ok(Duration::from_millis(wait as u64))
+    }
+
+    /// The shortest pause between rounds. With many schedules some tick
+    /// is always about to enter the lookahead, and a round for each would
+    /// run thousands of tiny rounds a second (each costs a script per
+    /// shard). Rounds at most a fifth of the lookahead apart still hand
+    /// every occurrence over at least four fifths of it ahead of its tick;
+    /// a schedule changed through this instance wakes the loop at once.
+    fn min_gap_ms(&self) -> i64 {
+        (self.lookahead_ms / 5).min(self.idle.as_millis() as i64)
     }
 
     /// Plans one due schedule into its compare-and-set.

@@ -6,23 +6,31 @@
 //! at a few bytes of overhead:
 //!
 //! ```text
-//! b'K' 2 | attempt (u32 BE) | queue len (u8) | queue | props len (u32 BE) | props | body
+//! b'k' | attempt (varint) | queue len (u8) | queue | props | body
 //! ```
 //!
-//! The task id is not stored in the record: it is the key the record is
-//! stored under, and each pending task costs Redis memory for every byte.
-//! For the same reason the attempt travels as four bytes, not as a header.
+//! The properties encoding knows its own length, so the body is what
+//! follows it. Each pending task costs Redis memory for every byte, so
+//! nothing is stored that can be restored: not the task id (it is the key
+//! the record is stored under), not `x-attempt` (the varint), not `x-run-at`
+//! (the due time the record is held at, which the scheduler writes back
+//! into `x-run-at` when it publishes), not the delivery mode (always
+//! persistent) nor a priority of 0 (the default). Format 2 (`K` 2,
+//! fixed-width attempt and length, all properties) is still read, for
+//! records written before an upgrade.
 
-use crate::contract::{ProtocolError, Task, H_ATTEMPT};
+use crate::contract::{ProtocolError, Task, H_ATTEMPT, H_RUN_AT};
 use lapin::protocol::basic::{gen_properties, parse_properties};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 
-const MAGIC: u8 = b'K';
-const VERSION: u8 = 2;
+/// Format 3.
+const MAGIC: u8 = b'k';
+/// Format 2: `K` followed by the version byte 2.
+const MAGIC_2: [u8; 2] = [b'K', 2];
 
-/// The properties to store: the task's publish properties without its id
-/// and `x-attempt`, which [`decode`] restores.
+/// The properties to store: the task's publish properties without its id,
+/// `x-attempt` and `x-run-at` (see the module comment).
 fn stored_properties(task: &Task) -> BasicProperties {
     let p = task.publish_properties();
     let mut out = BasicProperties::default();
@@ -32,20 +40,45 @@ fn stored_properties(task: &Task) -> BasicProperties {
         };
     }
     copy!(content_type => with_content_type, content_encoding => with_content_encoding,
-        delivery_mode => with_delivery_mode, priority => with_priority,
         correlation_id => with_correlation_id, reply_to => with_reply_to,
         expiration => with_expiration, timestamp => with_timestamp, kind => with_type,
         user_id => with_user_id, app_id => with_app_id, cluster_id => with_cluster_id);
+    if task.priority > 0 {
+        out = out.with_priority(task.priority);
+    }
     if let Some(headers) = p.headers() {
         let mut kept = FieldTable::default();
         for (k, v) in headers.inner() {
-            if k.as_str() != H_ATTEMPT {
+            if k.as_str() != H_ATTEMPT && k.as_str() != H_RUN_AT {
                 kept.insert(k.clone(), v.clone());
             }
         }
-        out = out.with_headers(kept);
+        // No table at all rather than an empty one: four bytes a task.
+        if !kept.inner().is_empty() {
+            out = out.with_headers(kept);
+        }
     }
     out
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: u32) {
+    while n >= 0x80 {
+        out.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// Reads a varint from the front of `bytes`; None when truncated or too long.
+fn take_varint(bytes: &[u8]) -> Option<(u32, &[u8])> {
+    let mut n: u64 = 0;
+    for (i, b) in bytes.iter().enumerate().take(5) {
+        n |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((u32::try_from(n).ok()?, &bytes[i + 1..]));
+        }
+    }
+    None
 }
 
 /// Encodes a task for storage under its id.
@@ -58,14 +91,11 @@ pub fn encode(task: &Task) -> Result<Vec<u8>, ProtocolError> {
     let queue = task.queue.as_bytes();
     let queue_len = u8::try_from(queue.len())
         .map_err(|_| ProtocolError::BadRecord("queue name longer than 255 bytes".into()))?;
-    let props_len = u32::try_from(props.len())
-        .map_err(|_| ProtocolError::BadRecord("properties too large".into()))?;
-    let mut out = Vec::with_capacity(11 + queue.len() + props.len() + task.body.len());
-    out.extend_from_slice(&[MAGIC, VERSION]);
-    out.extend_from_slice(&task.attempt.to_be_bytes());
+    let mut out = Vec::with_capacity(7 + queue.len() + props.len() + task.body.len());
+    out.push(MAGIC);
+    put_varint(&mut out, task.attempt);
     out.push(queue_len);
     out.extend_from_slice(queue);
-    out.extend_from_slice(&props_len.to_be_bytes());
     out.extend_from_slice(&props);
     out.extend_from_slice(&task.body);
     Ok(out)
@@ -74,31 +104,43 @@ pub fn encode(task: &Task) -> Result<Vec<u8>, ProtocolError> {
 /// Decodes the record stored under task `id` back into the task.
 pub fn decode(id: &str, bytes: &[u8]) -> Result<Task, ProtocolError> {
     let err = |what: &str| ProtocolError::BadRecord(what.to_string());
-    let [magic, version, a0, a1, a2, a3, queue_len, rest @ ..] = bytes else {
-        return Err(err("too short"));
+    let (attempt, queue, props, body) = match bytes {
+        [MAGIC, rest @ ..] => split_v3(rest).ok_or_else(|| err("truncated record"))?,
+        [a, b, rest @ ..] if [*a, *b] == MAGIC_2 => {
+            split_v2(rest).ok_or_else(|| err("truncated record"))?
+        }
+        _ => return Err(err("unknown record format")),
     };
-    if *magic != MAGIC || *version != VERSION {
-        return Err(err("unknown record format"));
-    }
-    let attempt = u32::from_be_bytes([*a0, *a1, *a2, *a3]);
-    let queue_len = usize::from(*queue_len);
-    if rest.len() < queue_len + 4 {
-        return Err(err("truncated queue"));
-    }
-    let (queue, rest) = rest.split_at(queue_len);
     let queue = std::str::from_utf8(queue).map_err(|_| err("queue is not UTF-8"))?;
-    let (len, rest) = rest.split_at(4);
-    let props_len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    if rest.len() < props_len {
-        return Err(err("truncated properties"));
-    }
-    let (props, body) = rest.split_at(props_len);
-    let (_, properties) =
+    let (rest, properties) =
         parse_properties(props).map_err(|e| ProtocolError::BadRecord(format!("{e:?}")))?;
+    // Format 3 leaves the body to follow the properties; format 2 measured
+    // the properties, and a well-formed one has nothing left over.
+    let body = if rest.is_empty() { body } else { rest };
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(attempt)));
     let properties = properties.with_message_id(id.into()).with_headers(headers);
     Task::decode(queue, &properties, body)
+}
+
+/// The parts of a record: attempt, queue, properties, body (format 3:
+/// properties and body together, the parser finds where they meet).
+type Parts<'a> = (u32, &'a [u8], &'a [u8], &'a [u8]);
+
+fn split_v3(rest: &[u8]) -> Option<Parts<'_>> {
+    let (attempt, rest) = take_varint(rest)?;
+    let (&queue_len, rest) = rest.split_first()?;
+    let (queue, rest) = rest.split_at_checked(usize::from(queue_len))?;
+    Some((attempt, queue, rest, &[]))
+}
+
+fn split_v2(rest: &[u8]) -> Option<Parts<'_>> {
+    let (attempt, rest) = rest.split_first_chunk::<4>()?;
+    let (&queue_len, rest) = rest.split_first()?;
+    let (queue, rest) = rest.split_at_checked(usize::from(queue_len))?;
+    let (props_len, rest) = rest.split_first_chunk::<4>()?;
+    let (props, body) = rest.split_at_checked(u32::from_be_bytes(*props_len) as usize)?;
+    Some((u32::from_be_bytes(*attempt), queue, props, body))
 }
 
 #[cfg(test)]
@@ -151,10 +193,58 @@ mod tests {
     }
 
     #[test]
+    fn run_at_is_not_stored_and_small_tasks_stay_small() {
+        let mut headers = FieldTable::default();
+        headers.insert(H_RUN_AT.into(), AMQPValue::LongLongInt(1_764_000_000_000));
+        let props = BasicProperties::default()
+            .with_type("kairos.noop".into())
+            .with_headers(headers);
+        let task = Task::decode("default", &props, b"").unwrap();
+        let rec = encode(&task).unwrap();
+        // magic, attempt, queue, property flags, type.
+        assert_eq!(rec.len(), 1 + 1 + 8 + 2 + 12, "{rec:?}");
+        let back = decode("x", &rec).unwrap();
+        assert_eq!(back.run_at, None);
+        assert_eq!(back.attempt, 1);
+    }
+
+    #[test]
+    fn varints_round_trip() {
+        for n in [0, 1, 127, 128, 300, 16_383, 16_384, u32::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, n);
+            assert_eq!(take_varint(&out), Some((n, &[][..])), "{n}");
+        }
+        assert_eq!(take_varint(&[0x80, 0x80]), None);
+        assert_eq!(take_varint(&[0xff; 6]), None);
+    }
+
+    #[test]
+    fn format_2_records_are_still_read() {
+        // Written by the previous version: attempt 2, queue "q", properties
+        // with only a type ("t"), body "b".
+        let props = cookie_factory::gen_simple(
+            gen_properties(&BasicProperties::default().with_type("t".into())),
+            Vec::new(),
+        )
+        .unwrap();
+        let mut rec = vec![b'K', 2, 0, 0, 0, 2, 1, b'q'];
+        rec.extend_from_slice(&(props.len() as u32).to_be_bytes());
+        rec.extend_from_slice(&props);
+        rec.push(b'b');
+        let task = decode("id-1", &rec).unwrap();
+        assert_eq!((task.attempt, task.queue.as_str()), (2, "q"));
+        assert_eq!((task.name.as_str(), &task.body[..]), ("t", &b"b"[..]));
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(decode("x", b"").is_err());
         assert!(decode("x", b"K\x02\x00\x00\x00\x01\xff").is_err());
         assert!(decode("x", b"X\x02\x00\x00\x00\x01\x00\x00\x00\x00\x00").is_err());
         assert!(decode("x", b"K\x02\x00\x00\x00\x01\x01q\x00\x00\x00\x09abc").is_err());
+        assert!(decode("x", b"k\x01\x01q\x09abc").is_err());
+        assert!(decode("x", b"k\xff\xff").is_err());
+        assert!(decode("x", b"k\x01\x05q").is_err());
     }
 }

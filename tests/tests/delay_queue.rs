@@ -193,3 +193,90 @@ async fn shard_count_is_fixed_per_namespace() {
         .expect_err("a different shard count must be refused");
     assert!(err.to_string().contains("KAIROS_SHARDS"), "{err}");
 }
+
+#[tokio::test]
+async fn due_times_sit_in_compact_buckets_and_come_out_in_time_order() {
+    let env = TestEnv::new("dq-buckets").await;
+    let q = queue(&env, 1).await;
+    let now = redis_now(&env).await;
+    // 3,000 tasks, one a millisecond: half already due, half in the next
+    // 1.5 s.
+    let entries: Vec<Entry> = (0..3000)
+        .map(|i| entry(&format!("t-{i}"), Some(now - 1500 + i), 0))
+        .collect();
+    q.schedule(&entries).await.expect("schedule");
+    let mut con = env.redis.clone();
+    let buckets: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:dq{{0}}:idx:*", env.ns))
+        .query_async(&mut con)
+        .await
+        .expect("KEYS");
+    assert!(buckets.len() > 1000, "{} buckets", buckets.len());
+    for b in buckets.iter().take(50) {
+        let enc: String = redis::cmd("OBJECT")
+            .arg("ENCODING")
+            .arg(b)
+            .query_async(&mut con)
+            .await
+            .expect("OBJECT ENCODING");
+        assert_eq!(enc, "listpack", "{b}");
+    }
+    // Claims take the earliest buckets first and report the true next due
+    // time once everything due is out.
+    let mut claimed = 0;
+    let mut more = true;
+    while more {
+        let c = q.claim(500, 30_000).await.expect("claim");
+        claimed += c.tasks.len();
+        assert!(c.tasks.iter().all(|t| t.due <= c.now));
+        more = !c.tasks.is_empty();
+        if !more {
+            // Due ones all claimed; the next is one of the later ones.
+            let next = c.next_due.expect("next due");
+            assert!(next > c.now && next < now + 1500, "{next} vs {}", c.now);
+        }
+    }
+    assert!((1500..3000).contains(&claimed), "{claimed}");
+    assert_eq!(q.pending().await.expect("pending"), 3000);
+}
+
+#[tokio::test]
+async fn due_times_left_by_the_previous_layout_are_still_published() {
+    let env = TestEnv::new("dq-legacy").await;
+    let q = queue(&env, 1).await;
+    let now = redis_now(&env).await;
+    // What a scheduler before the bucketed index left behind: one sorted set
+    // of due times next to the record hash.
+    let mut con = env.redis.clone();
+    let legacy = format!("{}:dq{{0}}:due", env.ns);
+    let rec = format!("{}:dq{{0}}:rec", env.ns);
+    let _: () = redis::pipe()
+        .cmd("ZADD")
+        .arg(&legacy)
+        .arg(now - 5)
+        .arg("old-due")
+        .cmd("ZADD")
+        .arg(&legacy)
+        .arg(now + 60_000)
+        .arg("old-later")
+        .cmd("HSET")
+        .arg(&rec)
+        .arg("old-due")
+        .arg("r1")
+        .arg("old-later")
+        .arg("r2")
+        .query_async(&mut con)
+        .await
+        .expect("legacy layout");
+    let c = q.claim(100, 30_000).await.expect("claim");
+    let ids: Vec<&str> = c.tasks.iter().map(|t| t.member.as_str()).collect();
+    assert_eq!(ids, ["old-due"]);
+    assert_eq!(c.tasks[0].record, b"r1");
+    assert_eq!(c.next_due, Some(now + 60_000), "the later one moved too");
+    let left: u64 = redis::cmd("EXISTS")
+        .arg(&legacy)
+        .query_async(&mut con)
+        .await
+        .expect("EXISTS");
+    assert_eq!(left, 0);
+}

@@ -77,7 +77,7 @@ async fn stages(ctx: &mut Ctx<'_>, env: &BenchEnv, w3: bool, w6: bool) -> Result
             .at_most(200.0)
             .note(format!(
                 "{per_task:.0} bytes per task in all (INFO used_memory), body {bytes} bytes; \
-                 due sets {:.0} + record hashes {:.0} bytes per task; a record is {record_len} bytes",
+                 due index {:.0} + record hashes {:.0} bytes per task; a record is {record_len} bytes",
                 zsets as f64 / n as f64,
                 hashes as f64 / n as f64
             )),

@@ -1,36 +1,41 @@
 -- Claims a batch of due tasks from one shard into its lease set.
--- KEYS[1] due zset, KEYS[2] record hash, KEYS[3] lease zset (member -> expiry)
+-- KEYS[1] due index, KEYS[2] record hash, KEYS[3] lease zset (member ->
+-- expiry), KEYS[4] the single due zset of Kairos before the index (drained)
 -- ARGV[1] batch size, ARGV[2] lease ms
 -- Returns {now, next due or -1, member1, due1, record1, member2, ...}.
 -- Expired leases (an instance died between claim and delete) go back to the
--- due set first, so they are claimed again right here.
+-- due index first, so they are claimed again right here.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local batch = tonumber(ARGV[1])
+-- Due times an older version left in one sorted set move into the index, a
+-- batch per claim, so an upgrade (even a rolling one) loses nothing.
+local legacy = redis.call('ZRANGE', KEYS[4], 0, batch - 1, 'WITHSCORES')
+if #legacy > 0 then
+  local members = {}
+  for i = 1, #legacy, 2 do
+    dq_add(KEYS[1], legacy[i], legacy[i + 1])
+    members[#members + 1] = legacy[i]
+  end
+  redis.call('ZREM', KEYS[4], unpack(members))
+end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, batch)
 if #expired > 0 then
-  local args = {}
-  for i, m in ipairs(expired) do
-    args[#args + 1] = now
-    args[#args + 1] = m
+  for _, m in ipairs(expired) do
+    dq_add(KEYS[1], m, now)
   end
-  redis.call('ZADD', KEYS[1], unpack(args))
   redis.call('ZREM', KEYS[3], unpack(expired))
 end
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, batch)
+local due = dq_take(KEYS[1], now, batch)
 local out = {now, -1}
 if #due > 0 then
   local members = {}
-  local lease = {}
-  local until_ms = now + tonumber(ARGV[2])
   for i = 1, #due, 2 do
     members[#members + 1] = due[i]
-    lease[#lease + 1] = until_ms
-    lease[#lease + 1] = due[i]
   end
-  redis.call('ZREM', KEYS[1], unpack(members))
   local records = redis.call('HMGET', KEYS[2], unpack(members))
   local live = {}
+  local until_ms = now + tonumber(ARGV[2])
   for i, m in ipairs(members) do
     -- A member without a record was already published and deleted by an
     -- instance whose lease had expired: nothing left to do for it.
@@ -46,8 +51,8 @@ if #due > 0 then
     redis.call('ZADD', KEYS[3], unpack(live))
   end
 end
-local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if head[2] ~= nil then
-  out[2] = tonumber(head[2])
+local head = dq_head(KEYS[1])
+if head ~= nil then
+  out[2] = head
 end
 return out

@@ -1,7 +1,10 @@
 -- Forgets tasks whose publish was confirmed by the broker.
--- KEYS[1] due zset, KEYS[2] record hash, KEYS[3] lease zset; ARGV members.
--- Removing from the due set too covers a lease that expired and was
--- returned there while the confirm was on its way.
-redis.call('ZREM', KEYS[3], unpack(ARGV))
-redis.call('ZREM', KEYS[1], unpack(ARGV))
+-- KEYS[1] due index, KEYS[2] record hash, KEYS[3] lease zset; ARGV members.
+-- A member is either leased or in the index: one whose lease expired went
+-- back to the index while the confirm was on its way, and leaves it here.
+for _, m in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[3], m) == 0 then
+    dq_remove(KEYS[1], m)
+  end
+end
 return redis.call('HDEL', KEYS[2], unpack(ARGV))

@@ -3,13 +3,12 @@
 -- next tick, all in one atomic step. Of N schedulers that read the same
 -- tick, exactly one passes the compare; the others change nothing.
 -- KEYS[1] next zset, KEYS[2] definition hash, KEYS[3] state hash,
--- KEYS[4] delay-queue due zset, KEYS[5] delay-queue record hash (same slot).
+-- KEYS[4] delay-queue due index, KEYS[5] delay-queue record hash (same slot).
 -- ARGV[1] wake channel, ARGV[2] item count, then per item:
 --   id, expected next, the definition as read, new next ('' = none),
 --   overlap skip '1'/'0', max run ms, n, then n x (member, tick, record).
 -- Returns per item {fired 0/1, enqueued, skipped for overlap}.
-local head = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-local head_due = tonumber(head[2] or '-1')
+local head_due = dq_head(KEYS[4]) or -1
 local earliest = nil
 local out = {}
 local i = 3
@@ -48,7 +47,7 @@ for _ = 1, tonumber(ARGV[2]) do
           skipped = skipped + 1
           redis.call('HSET', KEYS[3], f .. 'skipped', string.format('%d', tick))
         elseif redis.call('HSETNX', KEYS[5], member, record) == 1 then
-          redis.call('ZADD', KEYS[4], tick, member)
+          dq_add(KEYS[4], member, tick)
           added = added + 1
           pending[#pending + 1] = member
           if earliest == nil or tick < earliest then

@@ -1,6 +1,6 @@
 -- Creates, replaces, pauses, resumes or deletes one schedule.
 -- KEYS[1] next zset, KEYS[2] definition hash, KEYS[3] state hash,
--- KEYS[4] delay-queue due zset, KEYS[5] delay-queue record hash.
+-- KEYS[4] delay-queue due index, KEYS[5] delay-queue record hash.
 -- ARGV[1] id, ARGV[2] definition JSON ('' = delete), ARGV[3] next tick
 -- ('' = none), ARGV[4] '1' to withdraw occurrences handed to the delay
 -- queue ahead of their tick and not yet claimed for publishing.
@@ -10,7 +10,7 @@ local id = ARGV[1]
 local f = id .. '\t'
 if ARGV[4] == '1' then
   for m in string.gmatch(redis.call('HGET', KEYS[3], f .. 'pending') or '', '%S+') do
-    if redis.call('ZREM', KEYS[4], m) == 1 then
+    if dq_remove(KEYS[4], m) == 1 then
       redis.call('HDEL', KEYS[5], m)
     end
   end

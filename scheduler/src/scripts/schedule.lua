@@ -1,5 +1,5 @@
 -- Holds one task in a delay-queue shard unless its key is already there.
--- KEYS[1] due zset (member -> due ms), KEYS[2] record hash (member -> record)
+-- KEYS[1] due index, KEYS[2] record hash (member -> record)
 -- ARGV[1] member, ARGV[2] run_at ms or '' , ARGV[3] delay ms (used when no
 -- run_at), ARGV[4] record, ARGV[5] wake channel.
 -- Returns {added 0/1, due ms, head 0/1}: head = it is now the shard's earliest.
@@ -16,9 +16,9 @@ end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[4]) == 0 then
   return {0, due, 0}
 end
-local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-redis.call('ZADD', KEYS[1], due, ARGV[1])
-if head[2] == nil or due < tonumber(head[2]) then
+local head = dq_head(KEYS[1])
+dq_add(KEYS[1], ARGV[1], due)
+if head == nil or due < head then
   -- Wake other scheduler instances sleeping past this due time.
   redis.call('PUBLISH', ARGV[5], due)
   return {1, due, 1}
