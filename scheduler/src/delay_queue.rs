@@ -230,14 +230,21 @@ impl RedisDelayQueue {
             .collect())
     }
 
-    /// Claims up to `batch` due tasks from every shard (one round trip).
-    pub async fn claim(&self, batch: usize, lease_ms: u64) -> Result<Claim, QueueError> {
+    /// Claims up to `batch` tasks from every shard (one round trip): those
+    /// due now, and those due within `ahead_ms` after now.
+    pub async fn claim(
+        &self,
+        batch: usize,
+        lease_ms: u64,
+        ahead_ms: u64,
+    ) -> Result<Claim, QueueError> {
         let mut pipe = redis::pipe();
         for keys in &self.shards {
             let keys = [&keys.due, &keys.rec, &keys.lease, &keys.legacy_due];
             pipe.add_command(evalsha(&CLAIM, &keys.map(String::as_str)))
                 .arg(batch)
-                .arg(lease_ms);
+                .arg(lease_ms)
+                .arg(ahead_ms);
         }
         let replies: Vec<Vec<Value>> = self.query(&pipe).await?;
         let mut claim = Claim::default();

@@ -10,6 +10,12 @@
 //!
 //! Claims overlap with confirms: up to [`MAX_INFLIGHT`] batches wait for
 //! their confirms while the next batch is claimed and published.
+//!
+//! A claim also takes the tasks due within [`CLAIM_AHEAD_MS`], which a
+//! local timer publishes at their due time. Under a steady stream of due
+//! tasks (thousands of schedule ticks a second, each at its own
+//! millisecond) the pump otherwise claims a task or two per round trip,
+//! and the round trips, not the broker, set how late tasks leave.
 
 use crate::delay_queue::{Claimed, QueueError, RedisDelayQueue};
 use crate::publisher::Publisher;
@@ -28,6 +34,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 const MAX_INFLIGHT: usize = 4;
+
+/// How far ahead of their due time tasks are claimed. Short next to the
+/// lease, so a task claimed early is never at risk of its lease expiring.
+const CLAIM_AHEAD_MS: i64 = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PumpError {
@@ -64,7 +74,11 @@ impl Pump {
             if cancel.is_cancelled() {
                 break Ok(());
             }
-            let claim = match self.queue.claim(self.batch, self.lease_ms).await {
+            let claim = match self
+                .queue
+                .claim(self.batch, self.lease_ms, CLAIM_AHEAD_MS as u64)
+                .await
+            {
                 Ok(c) => {
                     backoff.reset();
                     c
@@ -81,11 +95,23 @@ impl Pump {
             // deadlines without trusting this host's wall clock.
             let claimed_at = Instant::now();
             if !claim.tasks.is_empty() {
-                let published = match self.publish(&publisher, claim.tasks).await {
-                    Ok(p) => p,
-                    Err(e) => break Err(e),
-                };
-                inflight.spawn(published);
+                let (due, ahead): (Vec<Claimed>, Vec<Claimed>) =
+                    claim.tasks.into_iter().partition(|c| c.due <= claim.now);
+                if !ahead.is_empty() {
+                    let (this, publisher) = (self.clone(), publisher.clone());
+                    inflight.spawn(async move {
+                        this.publish_at_due(publisher, ahead, claimed_at, claim.now)
+                            .await
+                    });
+                }
+                if !due.is_empty() {
+                    match self.publish(&publisher, due).await {
+                        Ok(finish) => {
+                            inflight.spawn(finish);
+                        }
+                        Err(e) => break Err(e),
+                    }
+                }
                 let mut failure = reap(&mut inflight);
                 while failure.is_none() && inflight.len() >= MAX_INFLIGHT {
                     if let Some(Ok(Err(err))) = inflight.join_next().await {
@@ -99,7 +125,8 @@ impl Pump {
             if claim.more {
                 continue;
             }
-            let wait = sleep_for(claim.now, claim.next_due, self.idle);
+            // Wake when the next task enters the claim-ahead window.
+            let wait = sleep_for(claim.now + CLAIM_AHEAD_MS, claim.next_due, self.idle);
             if wait.is_zero() {
                 continue;
             }
@@ -116,6 +143,43 @@ impl Pump {
             }
         }
         result
+    }
+
+    /// Publishes tasks claimed ahead of their due time, each at its due
+    /// time (`claimed_at` is when the claim ran at Redis time `now`), then
+    /// settles them all.
+    async fn publish_at_due(
+        self,
+        publisher: Arc<Publisher>,
+        mut tasks: Vec<Claimed>,
+        claimed_at: Instant,
+        now: i64,
+    ) -> Result<(), PumpError> {
+        tasks.sort_by_key(|c| c.due);
+        let mut finishes = Vec::new();
+        while let Some(first) = tasks.first() {
+            let due = first.due;
+            let group: Vec<Claimed> = tasks
+                .drain(..tasks.partition_point(|c| c.due <= due))
+                .collect();
+            let at = claimed_at + Duration::from_millis(due.saturating_sub(now).max(0) as u64);
+            tokio::time::sleep_until(at).await;
+            match self.publish(&publisher, group).await {
+                Ok(finish) => finishes.push(finish),
+                Err(err) => {
+                    // The rest goes back to the due index now rather than
+                    // when its lease expires.
+                    let rest: Vec<&Claimed> = tasks.iter().collect();
+                    let _ = self.queue.release(&rest).await;
+                    let _ = join_all(finishes).await;
+                    return Err(err);
+                }
+            }
+        }
+        for done in join_all(finishes).await {
+            done?;
+        }
+        Ok(())
     }
 
     /// Publishes a claimed batch and returns the future that awaits its

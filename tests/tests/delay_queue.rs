@@ -79,7 +79,7 @@ async fn claim_takes_only_due_tasks_and_leases_them() {
     entries.push(entry("future", Some(now + 60_000), 0));
     q.schedule(&entries).await.expect("schedule");
 
-    let claim = q.claim(100, 30_000).await.expect("claim");
+    let claim = q.claim(100, 30_000, 0).await.expect("claim");
     assert_eq!(claim.tasks.len(), 20);
     assert!(!claim.more);
     assert_eq!(claim.next_due, Some(now + 60_000));
@@ -89,7 +89,12 @@ async fn claim_takes_only_due_tasks_and_leases_them() {
         .iter()
         .all(|t| t.record == format!("record of {}", t.member).into_bytes()));
     // Leased tasks are not claimed twice, and still count as pending.
-    assert!(q.claim(100, 30_000).await.expect("claim").tasks.is_empty());
+    assert!(q
+        .claim(100, 30_000, 0)
+        .await
+        .expect("claim")
+        .tasks
+        .is_empty());
     assert_eq!(q.pending().await.expect("pending"), 21);
     // A pending id stays unique while leased.
     assert!(
@@ -117,11 +122,11 @@ async fn claim_batches_report_more() {
     let q = queue(&env, 1).await;
     let entries: Vec<Entry> = (0..25).map(|i| entry(&format!("t-{i}"), None, 0)).collect();
     q.schedule(&entries).await.expect("schedule");
-    let first = q.claim(10, 30_000).await.expect("claim");
+    let first = q.claim(10, 30_000, 0).await.expect("claim");
     assert_eq!(first.tasks.len(), 10);
     assert!(first.more);
-    let second = q.claim(10, 30_000).await.expect("claim");
-    let third = q.claim(10, 30_000).await.expect("claim");
+    let second = q.claim(10, 30_000, 0).await.expect("claim");
+    let third = q.claim(10, 30_000, 0).await.expect("claim");
     assert_eq!(second.tasks.len() + third.tasks.len(), 15);
     assert!(!third.more);
 }
@@ -134,13 +139,13 @@ async fn expired_leases_return_and_released_tasks_come_back_at_once() {
         .await
         .expect("schedule");
     // A claimer that "dies": a lease of 100 ms that is never completed.
-    let claim = q.claim(10, 100).await.expect("claim");
+    let claim = q.claim(10, 100, 0).await.expect("claim");
     assert_eq!(claim.tasks.len(), 2);
-    assert!(q.claim(10, 100).await.expect("claim").tasks.is_empty());
+    assert!(q.claim(10, 100, 0).await.expect("claim").tasks.is_empty());
     // Past the lease, the next claim by anyone takes them back.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
     let again = loop {
-        let c = q.claim(10, 30_000).await.expect("claim");
+        let c = q.claim(10, 30_000, 0).await.expect("claim");
         if !c.tasks.is_empty() {
             break c;
         }
@@ -154,7 +159,7 @@ async fn expired_leases_return_and_released_tasks_come_back_at_once() {
     // A failed publish releases them: claimable again right away.
     let failed: Vec<&Claimed> = again.tasks.iter().collect();
     q.release(&failed).await.expect("release");
-    assert_eq!(q.claim(10, 30_000).await.expect("claim").tasks.len(), 2);
+    assert_eq!(q.claim(10, 30_000, 0).await.expect("claim").tasks.len(), 2);
 }
 
 #[tokio::test]
@@ -164,10 +169,10 @@ async fn a_completed_task_is_not_published_again_after_its_lease_expired() {
     q.schedule(&[entry("slow", None, 0)])
         .await
         .expect("schedule");
-    let first = q.claim(10, 100).await.expect("claim");
+    let first = q.claim(10, 100, 0).await.expect("claim");
     // The lease expires and another claim takes the task back...
     tokio::time::sleep(std::time::Duration::from_millis(150)).await; // let the 100 ms lease pass
-    let second = q.claim(10, 30_000).await.expect("claim");
+    let second = q.claim(10, 30_000, 0).await.expect("claim");
     assert_eq!(second.tasks.len(), 1);
     // ...and both claimers complete it: it is gone, not resurrected.
     q.complete(&first.tasks.iter().collect::<Vec<_>>())
@@ -177,7 +182,12 @@ async fn a_completed_task_is_not_published_again_after_its_lease_expired() {
         .await
         .expect("complete");
     assert_eq!(q.pending().await.expect("pending"), 0);
-    assert!(q.claim(10, 30_000).await.expect("claim").tasks.is_empty());
+    assert!(q
+        .claim(10, 30_000, 0)
+        .await
+        .expect("claim")
+        .tasks
+        .is_empty());
 }
 
 #[tokio::test]
@@ -226,7 +236,7 @@ async fn due_times_sit_in_compact_buckets_and_come_out_in_time_order() {
     let mut claimed = 0;
     let mut more = true;
     while more {
-        let c = q.claim(500, 30_000).await.expect("claim");
+        let c = q.claim(500, 30_000, 0).await.expect("claim");
         claimed += c.tasks.len();
         assert!(c.tasks.iter().all(|t| t.due <= c.now));
         more = !c.tasks.is_empty();
@@ -268,7 +278,7 @@ async fn due_times_left_by_the_previous_layout_are_still_published() {
         .query_async(&mut con)
         .await
         .expect("legacy layout");
-    let c = q.claim(100, 30_000).await.expect("claim");
+    let c = q.claim(100, 30_000, 0).await.expect("claim");
     let ids: Vec<&str> = c.tasks.iter().map(|t| t.member.as_str()).collect();
     assert_eq!(ids, ["old-due"]);
     assert_eq!(c.tasks[0].record, b"r1");

@@ -1,7 +1,8 @@
 -- Claims a batch of due tasks from one shard into its lease set.
 -- KEYS[1] due index, KEYS[2] record hash, KEYS[3] lease zset (member ->
 -- expiry), KEYS[4] the single due zset of Kairos before the index (drained)
--- ARGV[1] batch size, ARGV[2] lease ms
+-- ARGV[1] batch size, ARGV[2] lease ms, ARGV[3] ahead ms: tasks due up to
+-- this long after now are claimed too (the pump holds them until due).
 -- Returns {now, next due or -1, member1, due1, record1, member2, ...}.
 -- Expired leases (an instance died between claim and delete) go back to the
 -- due index first, so they are claimed again right here.
@@ -26,7 +27,7 @@ if #expired > 0 then
   end
   redis.call('ZREM', KEYS[3], unpack(expired))
 end
-local due = dq_take(KEYS[1], now, batch)
+local due = dq_take(KEYS[1], now + tonumber(ARGV[3]), batch)
 local out = {now, -1}
 if #due > 0 then
   local members = {}
