@@ -280,7 +280,7 @@ async fn start_schedules(
         changed,
         lookahead_ms: config.schedule_lookahead_ms as i64,
         grace_ms: config.schedule_grace_ms as i64,
-        batch: usize::from(config.batch),
+        batch: usize::from(config.batch).min(ticker::MAX_SCHEDULES_PER_SHARD),
         idle: Duration::from_millis(config.idle_ms),
     };
     let tick_cancel = cancel.clone();

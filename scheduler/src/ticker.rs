@@ -22,6 +22,14 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// Schedules planned per shard in one round. A round's two pipelines (read,
+/// then compare-and-set) carry every definition twice; a scheduler that
+/// fell behind at 500 per shard (the task batch) sent pipelines that an
+/// overloaded Redis did not answer within the client's 500 ms response
+/// timeout, and the whole round was retried. Smaller rounds, run back to
+/// back while more is due, keep every pipeline short.
+pub const MAX_SCHEDULES_PER_SHARD: usize = 100;
+
 #[derive(Clone)]
 pub struct Ticker {
     pub store: ScheduleStore,
