@@ -14,8 +14,8 @@
 //! A claim also takes the tasks due within [`CLAIM_AHEAD_MS`], which a
 //! local timer publishes at their due time. Under a steady stream of due
 //! tasks (thousands of schedule ticks a second, each at its own
-//! millisecond) the pump otherwise claims a task or two per round trip,
-//! and the round trips, not the broker, set how late tasks leave.
+//! millisecond) the pump otherwise ran a claim (a script per shard) for
+//! every task or two.
 
 use crate::delay_queue::{Claimed, QueueError, RedisDelayQueue};
 use crate::publisher::Publisher;
