@@ -104,7 +104,7 @@ pub fn encode(task: &Task) -> Result<Vec<u8>, ProtocolError> {
 /// Decodes the record stored under task `id` back into the task.
 pub fn decode(id: &str, bytes: &[u8]) -> Result<Task, ProtocolError> {
     let err = |what: &str| ProtocolError::BadRecord(what.to_string());
-    let (attempt, queue, props, body) = match bytes {
+    let (attempt, queue, props_and_body) = match bytes {
         [MAGIC, rest @ ..] => split_v3(rest).ok_or_else(|| err("truncated record"))?,
         [a, b, rest @ ..] if [*a, *b] == MAGIC_2 => {
             split_v2(rest).ok_or_else(|| err("truncated record"))?
@@ -112,35 +112,34 @@ pub fn decode(id: &str, bytes: &[u8]) -> Result<Task, ProtocolError> {
         _ => return Err(err("unknown record format")),
     };
     let queue = std::str::from_utf8(queue).map_err(|_| err("queue is not UTF-8"))?;
-    let (rest, properties) =
-        parse_properties(props).map_err(|e| ProtocolError::BadRecord(format!("{e:?}")))?;
-    // Format 3 leaves the body to follow the properties; format 2 measured
-    // the properties, and a well-formed one has nothing left over.
-    let body = if rest.is_empty() { body } else { rest };
+    // The parser stops where the properties end: the rest is the body.
+    let (body, properties) = parse_properties(props_and_body)
+        .map_err(|e| ProtocolError::BadRecord(format!("{e:?}")))?;
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(attempt)));
     let properties = properties.with_message_id(id.into()).with_headers(headers);
     Task::decode(queue, &properties, body)
 }
 
-/// The parts of a record: attempt, queue, properties, body (format 3:
-/// properties and body together, the parser finds where they meet).
-type Parts<'a> = (u32, &'a [u8], &'a [u8], &'a [u8]);
+/// The parts of a record: attempt, queue, then the properties followed by
+/// the body.
+type Parts<'a> = (u32, &'a [u8], &'a [u8]);
 
 fn split_v3(rest: &[u8]) -> Option<Parts<'_>> {
     let (attempt, rest) = take_varint(rest)?;
     let (&queue_len, rest) = rest.split_first()?;
     let (queue, rest) = rest.split_at_checked(usize::from(queue_len))?;
-    Some((attempt, queue, rest, &[]))
+    Some((attempt, queue, rest))
 }
 
+/// Format 2 also stored the properties' length; it is only checked.
 fn split_v2(rest: &[u8]) -> Option<Parts<'_>> {
     let (attempt, rest) = rest.split_first_chunk::<4>()?;
     let (&queue_len, rest) = rest.split_first()?;
     let (queue, rest) = rest.split_at_checked(usize::from(queue_len))?;
     let (props_len, rest) = rest.split_first_chunk::<4>()?;
-    let (props, body) = rest.split_at_checked(u32::from_be_bytes(*props_len) as usize)?;
-    Some((u32::from_be_bytes(*attempt), queue, props, body))
+    (u32::from_be_bytes(*props_len) as usize <= rest.len()).then_some(())?;
+    Some((u32::from_be_bytes(*attempt), queue, rest))
 }
 
 #[cfg(test)]
