@@ -248,21 +248,6 @@ impl Task {
         headers.insert(name.into(), value);
         self.properties = self.properties.clone().with_headers(headers);
     }
-
-    /// Removes the time headers, so that a task forwarded by the scheduler
-    /// is not held a second time if it travels through `NS.delay` again.
-    pub fn clear_time_headers(&mut self) {
-        let headers = self.headers();
-        let mut kept = FieldTable::default();
-        for (k, v) in headers.inner() {
-            if k.as_str() != H_RUN_AT && k.as_str() != H_DELAY_MS {
-                kept.insert(k.clone(), v.clone());
-            }
-        }
-        self.properties = self.properties.clone().with_headers(kept);
-        self.run_at = None;
-        self.delay_ms = None;
-    }
 }
 
 /// Dead-letter properties for a message that could not be decoded into a
