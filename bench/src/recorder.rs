@@ -21,6 +21,17 @@ struct Inner {
     last_done: Option<Instant>,
 }
 
+impl Inner {
+    fn note(&mut self, id: &str, late: Option<i64>) {
+        let n = self.runs.entry(id.to_string()).or_default();
+        *n += 1;
+        if let (1, Some(late)) = (*n, late) {
+            self.lateness.push(late);
+        }
+        self.last_done = Some(Instant::now());
+    }
+}
+
 #[derive(Clone, Default)]
 pub struct Recorder {
     inner: Arc<Mutex<Inner>>,
@@ -66,19 +77,7 @@ impl Recorder {
                     .map(kairos_shared::contract::value_to_string)
                     .unwrap_or_default();
                 let at = ctx.due_at.unwrap_or_default();
-                let outside = rec
-                    .inner
-                    .lock()
-                    .ok()
-                    .and_then(|i| i.window)
-                    .is_some_and(|(from, to)| at < from || at >= to);
-                if outside {
-                    return Ok(());
-                }
-                rec.record(
-                    &format!("{schedule}@{at}"),
-                    ctx.due_at.map(|due| started - due),
-                );
+                rec.record_due(&format!("{schedule}@{at}"), at, started - at);
                 Ok(())
             }
         }
@@ -92,15 +91,22 @@ impl Recorder {
         }
     }
 
+    /// Records an occurrence due at `due` unless it is outside the window.
+    fn record_due(&self, id: &str, due: i64, late: i64) {
+        if let Ok(mut inner) = self.inner.lock() {
+            if inner
+                .window
+                .is_none_or(|(from, to)| (from..to).contains(&due))
+            {
+                inner.note(id, Some(late));
+            }
+        }
+        self.notify.notify_waiters();
+    }
+
     fn record(&self, id: &str, late: Option<i64>) {
         if let Ok(mut inner) = self.inner.lock() {
-            let n = inner.runs.entry(id.to_string()).or_default();
-            *n += 1;
-            let first = *n == 1;
-            if let (true, Some(late)) = (first, late) {
-                inner.lateness.push(late);
-            }
-            inner.last_done = Some(Instant::now());
+            inner.note(id, late);
         }
         self.notify.notify_waiters();
     }

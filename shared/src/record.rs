@@ -113,8 +113,8 @@ pub fn decode(id: &str, bytes: &[u8]) -> Result<Task, ProtocolError> {
     };
     let queue = std::str::from_utf8(queue).map_err(|_| err("queue is not UTF-8"))?;
     // The parser stops where the properties end: the rest is the body.
-    let (body, properties) = parse_properties(props_and_body)
-        .map_err(|e| ProtocolError::BadRecord(format!("{e:?}")))?;
+    let (body, properties) =
+        parse_properties(props_and_body).map_err(|e| ProtocolError::BadRecord(format!("{e:?}")))?;
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(attempt)));
     let properties = properties.with_message_id(id.into()).with_headers(headers);
