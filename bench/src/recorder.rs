@@ -77,7 +77,11 @@ impl Recorder {
                     .map(kairos_shared::contract::value_to_string)
                     .unwrap_or_default();
                 let at = ctx.due_at.unwrap_or_default();
-                rec.record_due(&format!("{schedule}@{at}"), at, started - at);
+                rec.record_due(
+                    &format!("{schedule}@{at}"),
+                    at,
+                    ctx.due_at.map(|due| started - due),
+                );
                 Ok(())
             }
         }
@@ -92,13 +96,13 @@ impl Recorder {
     }
 
     /// Records an occurrence due at `due` unless it is outside the window.
-    fn record_due(&self, id: &str, due: i64, late: i64) {
+    fn record_due(&self, id: &str, due: i64, late: Option<i64>) {
         if let Ok(mut inner) = self.inner.lock() {
             if inner
                 .window
                 .is_none_or(|(from, to)| (from..to).contains(&due))
             {
-                inner.note(id, Some(late));
+                inner.note(id, late);
             }
         }
         self.notify.notify_waiters();
