@@ -290,3 +290,36 @@ async fn due_times_left_by_the_previous_layout_are_still_published() {
         .expect("EXISTS");
     assert_eq!(left, 0);
 }
+
+#[tokio::test]
+async fn claim_ahead_takes_tasks_due_soon_and_a_lost_claimer_gives_them_back() {
+    let env = TestEnv::new("dq-ahead").await;
+    let q = queue(&env, 1).await;
+    let now = redis_now(&env).await;
+    q.schedule(&[
+        entry("soon", Some(now + 2_000), 0),
+        entry("later", Some(now + 60_000), 0),
+    ])
+    .await
+    .expect("schedule");
+    // Within 5 s ahead: "soon" is claimed with its own due time, "later"
+    // stays and is the next due.
+    let c = q.claim(10, 200, 5_000).await.expect("claim");
+    let ids: Vec<&str> = c.tasks.iter().map(|t| t.member.as_str()).collect();
+    assert_eq!(ids, ["soon"]);
+    assert_eq!(c.tasks[0].due, now + 2_000);
+    assert_eq!(c.next_due, Some(now + 60_000));
+    // The claimer dies before publishing: once its 200 ms lease expired,
+    // the next claim takes "soon" again.
+    let mut retaken = Vec::new();
+    for _ in 0..50 {
+        let c = q.claim(10, 30_000, 5_000).await.expect("claim");
+        retaken.extend(c.tasks.into_iter().map(|t| t.member));
+        if !retaken.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(retaken, ["soon"]);
+    assert_eq!(q.pending().await.expect("pending"), 2);
+}
