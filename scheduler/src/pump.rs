@@ -21,11 +21,12 @@ use crate::delay_queue::{Claimed, QueueError, RedisDelayQueue};
 use crate::publisher::Publisher;
 use futures_util::future::join_all;
 use kairos_shared::amqp::{sleep_or_cancel, Backoff};
+use kairos_shared::contract::Task;
 use kairos_shared::contract::H_RUN_AT;
 use kairos_shared::events::{EventKind, EventSink};
 use kairos_shared::record;
 use lapin::types::AMQPValue;
-use lapin::Confirmation;
+use lapin::{Confirmation, PublisherConfirm};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -105,11 +106,13 @@ impl Pump {
                     });
                 }
                 if !due.is_empty() {
-                    match self.publish(&publisher, due).await {
-                        Ok(finish) => {
-                            inflight.spawn(finish);
-                        }
-                        Err(e) => break Err(e),
+                    let (sent, failure) = self.send(&publisher, due).await;
+                    let (this, publisher) = (self.clone(), publisher.clone());
+                    inflight.spawn(async move { this.settle(&publisher, vec![sent]).await });
+                    if let Some(err) = failure {
+                        // What did go out is settled above; the supervisor
+                        // reconnects.
+                        break Err(err.into());
                     }
                 }
                 let mut failure = reap(&mut inflight);
@@ -147,7 +150,7 @@ impl Pump {
 
     /// Publishes tasks claimed ahead of their due time, each at its due
     /// time (`claimed_at` is when the claim ran at Redis time `now`), then
-    /// settles them all.
+    /// settles them all at once.
     async fn publish_at_due(
         self,
         publisher: Arc<Publisher>,
@@ -156,7 +159,7 @@ impl Pump {
         now: i64,
     ) -> Result<(), PumpError> {
         tasks.sort_by_key(|c| c.due);
-        let mut finishes = Vec::new();
+        let mut batches = Vec::new();
         while let Some(first) = tasks.first() {
             let due = first.due;
             let group: Vec<Claimed> = tasks
@@ -164,37 +167,30 @@ impl Pump {
                 .collect();
             let at = claimed_at + Duration::from_millis(due.saturating_sub(now).max(0) as u64);
             tokio::time::sleep_until(at).await;
-            match self.publish(&publisher, group).await {
-                Ok(finish) => finishes.push(finish),
-                Err(err) => {
-                    // The rest goes back to the due index now rather than
-                    // when its lease expires.
-                    let rest: Vec<&Claimed> = tasks.iter().collect();
-                    let _ = self.queue.release(&rest).await;
-                    let _ = join_all(finishes).await;
-                    return Err(err);
-                }
+            let (sent, failure) = self.send(&publisher, group).await;
+            batches.push(sent);
+            if let Some(err) = failure {
+                // The rest goes back to the due index now rather than when
+                // its lease expires.
+                let rest: Vec<&Claimed> = tasks.iter().collect();
+                let _ = self.queue.release(&rest).await;
+                let _ = self.settle(&publisher, batches).await;
+                return Err(err.into());
             }
         }
-        for done in join_all(finishes).await {
-            done?;
-        }
-        Ok(())
+        self.settle(&publisher, batches).await
     }
 
-    /// Publishes a claimed batch and returns the future that awaits its
-    /// confirms, then deletes the confirmed tasks and releases the rest.
-    async fn publish(
+    /// Hands a claimed batch to the broker. A publish that fails leaves its
+    /// task unsettled (released by [`settle`](Self::settle)) and is
+    /// returned, so the caller can reconnect.
+    async fn send(
         &self,
-        publisher: &Arc<Publisher>,
+        publisher: &Publisher,
         claimed: Vec<Claimed>,
-    ) -> Result<impl std::future::Future<Output = Result<(), PumpError>> + Send + 'static, PumpError>
-    {
+    ) -> (Sent, Option<lapin::Error>) {
         // settled[i]: task i may be deleted (confirmed, or unreadable).
         let mut settled = vec![false; claimed.len()];
-        let mut sent = Vec::with_capacity(claimed.len());
-        let mut confirms = Vec::with_capacity(claimed.len());
-        let mut failed_publish = None;
         let mut decoded = Vec::with_capacity(claimed.len());
         for (i, c) in claimed.iter().enumerate() {
             match record::decode(c.id(), &c.record) {
@@ -215,28 +211,41 @@ impl Pump {
                 }
             }
         }
-        let tasks: Vec<&kairos_shared::contract::Task> = decoded.iter().map(|(_, t)| t).collect();
+        let tasks: Vec<&Task> = decoded.iter().map(|(_, t)| t).collect();
         let results = publisher.publish_ready_many(&tasks).await;
+        let mut sent = Vec::with_capacity(decoded.len());
+        let mut failure = None;
         for ((i, task), result) in decoded.into_iter().zip(results) {
             match result {
-                Ok(confirm) => {
-                    sent.push((i, task));
-                    confirms.push(confirm);
-                }
-                // Not sent: left unsettled, so it is released below.
-                Err(err) => failed_publish = Some(err),
+                Ok(confirm) => sent.push((i, task, confirm)),
+                // Not sent: left unsettled, so it is released.
+                Err(err) => failure = Some(err),
             }
         }
-        let this = self.clone();
-        let publisher = publisher.clone();
-        let finish = async move {
-            let outcomes = join_all(confirms).await;
-            let mut published = Vec::with_capacity(sent.len());
-            for ((i, task), outcome) in sent.into_iter().zip(outcomes) {
+        (
+            Sent {
+                claimed,
+                settled,
+                sent,
+            },
+            failure,
+        )
+    }
+
+    /// Awaits the confirms of sent batches, then deletes the confirmed
+    /// tasks and releases the rest: one delete and one release for all.
+    async fn settle(&self, publisher: &Publisher, mut batches: Vec<Sent>) -> Result<(), PumpError> {
+        let mut published = Vec::new();
+        for b in &mut batches {
+            let (tasks, confirms): (Vec<_>, Vec<_>) = std::mem::take(&mut b.sent)
+                .into_iter()
+                .map(|(i, task, confirm)| ((i, task), confirm))
+                .unzip();
+            for ((i, task), outcome) in tasks.into_iter().zip(join_all(confirms).await) {
                 match outcome {
                     Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => {
-                        settled[i] = true;
-                        published.push((task, claimed[i].due));
+                        b.settled[i] = true;
+                        published.push((task, b.claimed[i].due));
                     }
                     Ok(Confirmation::Ack(Some(_))) => {
                         tracing::warn!(queue = %task.queue, "task queue vanished; declaring it again");
@@ -245,34 +254,38 @@ impl Pump {
                     Ok(Confirmation::Nack(_)) | Err(_) => {}
                 }
             }
-            let mut done = Vec::with_capacity(claimed.len());
-            let mut failed = Vec::new();
-            for (c, ok) in claimed.iter().zip(&settled) {
+        }
+        let (mut done, mut failed) = (Vec::new(), Vec::new());
+        for b in &batches {
+            for (c, ok) in b.claimed.iter().zip(&b.settled) {
                 if *ok {
                     done.push(c);
                 } else {
                     failed.push(c);
                 }
             }
-            this.queue.complete(&done).await?;
-            this.queue.release(&failed).await?;
-            let now = kairos_shared::amqp::now_ms();
-            metrics::counter!("kairos_scheduler_published_total").increment(published.len() as u64);
-            for (task, due) in &published {
-                metrics::histogram!("kairos_scheduler_publish_lateness_seconds")
-                    .record(kairos_shared::metrics::seconds_between(*due, now));
-                this.events
-                    .task(EventKind::Published, task, Some(*due), None);
-            }
-            Ok::<(), PumpError>(())
-        };
-        if let Some(err) = failed_publish {
-            // Settle what did go out, then let the supervisor reconnect.
-            let _ = finish.await;
-            return Err(err.into());
         }
-        Ok(finish)
+        self.queue.complete(&done).await?;
+        self.queue.release(&failed).await?;
+        let now = kairos_shared::amqp::now_ms();
+        metrics::counter!("kairos_scheduler_published_total").increment(published.len() as u64);
+        for (task, due) in &published {
+            metrics::histogram!("kairos_scheduler_publish_lateness_seconds")
+                .record(kairos_shared::metrics::seconds_between(*due, now));
+            self.events
+                .task(EventKind::Published, task, Some(*due), None);
+        }
+        Ok(())
     }
+}
+
+/// A batch handed to the broker, waiting to be settled.
+struct Sent {
+    claimed: Vec<Claimed>,
+    /// Per claimed task: it may be deleted (confirmed, or unreadable).
+    settled: Vec<bool>,
+    /// (index in `claimed`, task, its confirm).
+    sent: Vec<(usize, Task, PublisherConfirm)>,
 }
 
 /// How long to sleep after a claim that ran at `now` (Redis clock) and saw
