@@ -75,6 +75,9 @@ pub enum SchedulerError {
 /// Runs the scheduler until `shutdown` completes. On shutdown, intake stops
 /// taking deliveries (unacked ones return to RabbitMQ) and the pump finishes
 /// the batches it claimed before returning.
+/// How long a stopping scheduler waits for its last events to go out.
+const EVENTS_FLUSH: Duration = Duration::from_secs(5);
+
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -236,6 +239,8 @@ pub async fn run(
     for task in schedules {
         let _ = task.await;
     }
+    drop(pump);
+    events.close(EVENTS_FLUSH).await;
     tracing::info!("scheduler stopped");
     Ok(())
 }

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// The lifecycle steps of the contract.
@@ -82,6 +83,8 @@ impl Event {
 pub struct EventSink {
     tx: Option<mpsc::Sender<Event>>,
     dropped: Arc<AtomicU64>,
+    /// The publisher task, for [`close`](Self::close).
+    publisher: Option<Arc<std::sync::Mutex<Option<JoinHandle<()>>>>>,
 }
 
 const QUEUE_DEPTH: usize = 16_384;
@@ -98,7 +101,7 @@ impl EventSink {
             return Self::disabled();
         }
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(publish_loop(
+        let publisher = tokio::spawn(publish_loop(
             amqp_url.to_string(),
             names.events(),
             rx,
@@ -107,6 +110,21 @@ impl EventSink {
         EventSink {
             tx: Some(tx),
             dropped: Arc::default(),
+            publisher: Some(Arc::new(std::sync::Mutex::new(Some(publisher)))),
+        }
+    }
+
+    /// Waits, at most `within`, until the events emitted so far are handed
+    /// to the broker, so a process that exits after its last task does not
+    /// take that task's `succeeded` with it. Call it once every other clone
+    /// of the sink is gone: the publisher drains until then.
+    pub async fn close(self, within: Duration) {
+        let handle = self.publisher.as_ref().and_then(|p| p.lock().ok()?.take());
+        drop(self);
+        if let Some(handle) = handle {
+            if tokio::time::timeout(within, handle).await.is_err() {
+                tracing::warn!("events not all published before shutdown");
+            }
         }
     }
 
@@ -171,6 +189,9 @@ async fn publish_loop(
         loop {
             let mut batch = std::mem::take(&mut pending);
             if batch.is_empty() && rx.recv_many(&mut batch, PUBLISH_BATCH).await == 0 {
+                // Every sink is gone: close cleanly, so the broker takes
+                // what was written before the process exits.
+                let _ = conn.close(200, "done".into()).await;
                 return;
             }
             let encoded: Vec<(Event, String, Vec<u8>)> = batch

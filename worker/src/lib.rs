@@ -229,6 +229,9 @@ impl Worker {
                 }
             }
         }
+        // The last tasks' `succeeded` events go out before the process
+        // exits (bounded: a task left running past the grace holds a sink).
+        events.close(Duration::from_secs(5)).await;
         tracing::info!("worker stopped");
         Ok(())
     }
