@@ -23,6 +23,7 @@ pub mod intake;
 pub mod outcomes;
 pub mod publisher;
 pub mod pump;
+pub mod redis_clock;
 pub mod retry;
 pub mod schedule;
 pub mod schedule_admin;

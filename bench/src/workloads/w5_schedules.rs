@@ -74,8 +74,13 @@ async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv) -> Result<()> {
     // Nothing counts until the window below is set.
     rec.only_due_in(i64::MAX, i64::MAX);
     let scheduler = InProcess::scheduler(env.scheduler_config());
+    // The worker is sized as in W1: W5 measures the tick machinery, and
+    // 10,000 no-op tasks a second need more than the default prefetch.
+    let mut wconfig = env.worker_config();
+    wconfig.concurrency = ctx.args.w1_concurrency;
+    wconfig.prefetch = Some(ctx.args.w1_prefetch);
     let worker = InProcess::worker(
-        Worker::new(env.worker_config())
+        Worker::new(wconfig)
             .with_builtins()
             .handler(kairos_worker::builtin::NOOP, rec.occurrence_handler()),
     );

@@ -1,0 +1,133 @@
+//! Redis's clock on this host's monotonic clock. Every due time is Redis
+//! time (all schedulers share that one clock), but a publish is timed
+//! locally. A reading of Redis's clock (`TIME` inside a script) happened
+//! somewhere between sending the request and receiving the reply, so
+//! `redis_now - received_at` is a lower bound of the offset between the
+//! two clocks; the largest bound seen lately is the best estimate that never
+//! maps a due time before it is reached. Taking each reply's arrival alone
+//! made every timer late by however long a busy Redis queued the request;
+//! the midpoint of the round trip published tasks early.
+//!
+//! Bounds expire after [`WINDOW`], so a stepped wall clock on the Redis
+//! host is followed within it.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const WINDOW: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub struct RedisClock {
+    base: Instant,
+    /// (when observed, offset ms) with offsets strictly decreasing from the
+    /// front: the front is the largest bound within the window.
+    bounds: VecDeque<(Instant, i64)>,
+}
+
+/// A fixed mapping from Redis time to local instants, copied into the
+/// tasks that publish on timers.
+#[derive(Clone, Copy, Debug)]
+pub struct ClockMap {
+    base: Instant,
+    offset_ms: i64,
+}
+
+impl RedisClock {
+    pub fn new() -> Self {
+        Self::starting_at(Instant::now())
+    }
+
+    fn starting_at(base: Instant) -> Self {
+        RedisClock {
+            base,
+            bounds: VecDeque::new(),
+        }
+    }
+
+    /// Records that Redis's clock read `redis_now_ms` before `received_at`;
+    /// returns the mapping with it.
+    pub fn observe(&mut self, redis_now_ms: i64, received_at: Instant) -> ClockMap {
+        let offset = redis_now_ms - self.local_ms(received_at);
+        while self.bounds.back().is_some_and(|&(_, o)| o <= offset) {
+            self.bounds.pop_back();
+        }
+        self.bounds.push_back((received_at, offset));
+        while self
+            .bounds
+            .front()
+            .is_some_and(|&(at, _)| received_at.saturating_duration_since(at) > WINDOW)
+        {
+            self.bounds.pop_front();
+        }
+        ClockMap {
+            base: self.base,
+            // The bound just pushed stays in, so the front is never empty.
+            offset_ms: self.bounds.front().map_or(offset, |&(_, o)| o),
+        }
+    }
+
+    fn local_ms(&self, at: Instant) -> i64 {
+        at.saturating_duration_since(self.base).as_millis() as i64
+    }
+}
+
+impl Default for RedisClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ClockMap {
+    /// The local instant at which Redis's clock reads `redis_ms` (at the
+    /// earliest: the estimate errs late, never early).
+    pub fn instant_of(&self, redis_ms: i64) -> Instant {
+        let local = redis_ms - self.offset_ms;
+        self.base + Duration::from_millis(local.max(0) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_tightest_bound_and_never_maps_early() {
+        let t0 = Instant::now();
+        let mut clock = RedisClock::starting_at(t0);
+        // Redis reads 1,000,000 at local 0..10 ms; the reply arrives at 10.
+        let m = clock.observe(1_000_000, t0 + Duration::from_millis(10));
+        // Taken at face value: Redis reaches 1,000,010 at local 20 at the
+        // latest (if it read its clock at the very end of the round trip).
+        assert_eq!(m.instant_of(1_000_010), t0 + Duration::from_millis(20));
+        // A faster round trip later tightens it: the reading 1,000,100 came
+        // back at local 101, so the offset is at least 999,999.
+        let m = clock.observe(1_000_100, t0 + Duration::from_millis(101));
+        assert_eq!(
+            m.instant_of(1_000_010),
+            t0 + Duration::from_millis(11)
+        );
+        // A slow round trip (a looser bound) changes nothing.
+        let m = clock.observe(1_000_150, t0 + Duration::from_millis(190));
+        assert_eq!(
+            m.instant_of(1_000_010),
+            t0 + Duration::from_millis(11)
+        );
+    }
+
+    #[test]
+    fn forgets_bounds_older_than_the_window() {
+        let t0 = Instant::now();
+        let mut clock = RedisClock::starting_at(t0);
+        clock.observe(1_000_000, t0 + Duration::from_millis(1));
+        // Redis's clock stepped back by a second.
+        let later = t0 + WINDOW + Duration::from_secs(1);
+        let local = later.duration_since(t0).as_millis() as i64;
+        let m = clock.observe(1_000_000 + local - 1_000, later);
+        assert_eq!(
+            m.instant_of(1_000_000 + local - 1_000),
+            later,
+            "the stale, larger bound is gone"
+        );
+    }
+}
