@@ -14,7 +14,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
-use std::time::Instant;
+use futures_util::FutureExt;
+use std::time::{Duration, Instant};
 
 /// Publisher confirms kept in flight: the same as the bench's Rust client
 /// keeps (4 calls of 1,000), so the baseline is never the weaker publisher.
@@ -183,4 +184,128 @@ async fn consume(conn: &Connection, queue: &str, n: usize) -> Result<f64> {
     let secs = t.elapsed().as_secs_f64();
     let _ = ch.close(200, "done".into()).await;
     Ok(secs)
+}
+
+/// The broker's own latency at a steady rate, the floor under W5's tick
+/// lateness: raw lapin publishes `rate` persistent messages a second for
+/// `secs` seconds on a Kairos-like priority queue, each at its own instant
+/// (spread evenly, as W5's ticks are), confirms pipelined, while a consumer
+/// with the baseline's prefetch acks them. Returns each message's lateness
+/// (delivery time minus its instant), ms, sorted.
+pub async fn paced(env: &mut BenchEnv, rate: usize, secs: u64, body_bytes: usize) -> Result<Vec<i64>> {
+    let queue = format!("{}.base.paced", env.ns);
+    env.forget_on_cleanup(&queue);
+    let publisher = kairos_shared::amqp::connect(&env.amqp_url, "bench-paced-pub").await?;
+    let consumer = kairos_shared::amqp::connect(&env.amqp_url, "bench-paced-sub").await?;
+    let pch = publisher.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-max-priority".into(),
+        AMQPValue::LongInt(i32::from(kairos_shared::contract::MAX_PRIORITY)),
+    );
+    pch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
+        .await?;
+    pch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let n = rate * secs as usize;
+    let sub = paced_consume(&consumer, &queue, n);
+    let (lateness, published) = tokio::join!(sub, paced_publish(&pch, &queue, rate, n, body_bytes));
+    published?;
+    let mut lateness = lateness?;
+    lateness.sort_unstable();
+    let _ = pch.close(200, "done".into()).await;
+    let _ = publisher.close(200, "done".into()).await;
+    let _ = consumer.close(200, "done".into()).await;
+    Ok(lateness)
+}
+
+/// Publishes message i at `start + i / rate`, its instant (Unix µs) in the
+/// first 8 bytes of the body.
+async fn paced_publish(
+    ch: &Channel,
+    queue: &str,
+    rate: usize,
+    n: usize,
+    body_bytes: usize,
+) -> Result<()> {
+    let start_us = now_us() + 100_000;
+    let due_us = |i: usize| start_us + (i as u64 * 1_000_000 / rate as u64) as i64;
+    let started = tokio::time::Instant::now() + Duration::from_millis(100);
+    let mut inflight = FuturesUnordered::new();
+    let mut sent = 0;
+    while sent < n {
+        // Wait for the next message's instant, then send all that are due.
+        let wait_us = (due_us(sent) - start_us).max(0) as u64;
+        tokio::time::sleep_until(started + Duration::from_micros(wait_us)).await;
+        let now = now_us();
+        let mut slice = Vec::new();
+        while sent < n && due_us(sent) <= now {
+            let mut body = vec![b'x'; body_bytes.max(8)];
+            body[..8].copy_from_slice(&due_us(sent).to_be_bytes());
+            slice.push(body);
+            sent += 1;
+        }
+        let publishes = slice.iter().map(|body| {
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+        });
+        for confirm in futures_util::future::join_all(publishes).await {
+            inflight.push(confirm?);
+        }
+        while let Some(Some(c)) = inflight.next().now_or_never() {
+            confirm_ok(c)?;
+        }
+    }
+    while let Some(c) = inflight.next().await {
+        confirm_ok(c)?;
+    }
+    Ok(())
+}
+
+/// Consumes `n` messages, acking each; returns their lateness, ms.
+async fn paced_consume(conn: &Connection, queue: &str, n: usize) -> Result<Vec<i64>> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut lateness = Vec::with_capacity(n);
+    let mut acks = FuturesUnordered::new();
+    while lateness.len() < n {
+        tokio::select! {
+            Some(acked) = acks.next(), if !acks.is_empty() => { acked?; }
+            d = consumer.next() => match d {
+                Some(d) => {
+                    let d = d?;
+                    let now = now_us();
+                    let due = d.data.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(i64::from_be_bytes);
+                    let Some(due) = due else { bail!("a paced baseline message lost its instant") };
+                    lateness.push((now - due) / 1_000);
+                    acks.push(async move { d.acker.ack(BasicAckOptions::default()).await });
+                }
+                None => bail!("paced consumer ended after {} of {n}", lateness.len()),
+            },
+        }
+    }
+    while let Some(acked) = acks.next().await {
+        acked?;
+    }
+    let _ = ch.close(200, "done".into()).await;
+    Ok(lateness)
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }

@@ -61,10 +61,37 @@ async fn create_interval_schedules(env: &BenchEnv, count: usize, every_ms: u64) 
 }
 
 pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
-    let env = BenchEnv::new("w5", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
-    let result = once(ctx, &env).await;
+    let mut env = BenchEnv::new("w5", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
+    let result = floor(ctx, &mut env).await;
+    let result = match result {
+        Ok(()) => once(ctx, &env).await,
+        Err(err) => Err(err),
+    };
     env.cleanup().await;
     result
+}
+
+/// The broker's latency at W5's rate with nothing of Kairos in the way:
+/// the floor under the tick lateness.
+async fn floor(ctx: &mut Ctx<'_>, env: &mut BenchEnv) -> Result<()> {
+    let rate = ctx.args.w5_schedules;
+    let secs = ctx.args.w5_secs.min(10);
+    let l = crate::baseline::paced(env, rate, secs, ctx.args.body_bytes).await?;
+    ctx.report.check(
+        l.len() == rate * secs as usize,
+        format!("W5 floor: {} of {} paced messages consumed", l.len(), rate * secs as usize),
+    );
+    ctx.report.push(
+        Row::new("W5 schedules", "raw paced lateness p99", percentile(&l, 99.0) as f64, "ms").note(
+            format!(
+                "raw lapin, {rate} msg/s for {secs} s, each at its instant: p50 {} ms, p90 {} ms, max {} ms",
+                percentile(&l, 50.0),
+                percentile(&l, 90.0),
+                l.last().copied().unwrap_or(0)
+            ),
+        ),
+    );
+    Ok(())
 }
 
 async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv) -> Result<()> {
