@@ -7,6 +7,7 @@
 use crate::env::BenchEnv;
 use anyhow::{bail, Result};
 use futures_util::stream::FuturesUnordered;
+use futures_util::FutureExt;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -14,7 +15,6 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
-use futures_util::FutureExt;
 use std::time::{Duration, Instant};
 
 /// Publisher confirms kept in flight: the same as the bench's Rust client
@@ -192,7 +192,12 @@ async fn consume(conn: &Connection, queue: &str, n: usize) -> Result<f64> {
 /// (spread evenly, as W5's ticks are), confirms pipelined, while a consumer
 /// with the baseline's prefetch acks them. Returns each message's lateness
 /// (delivery time minus its instant), ms, sorted.
-pub async fn paced(env: &mut BenchEnv, rate: usize, secs: u64, body_bytes: usize) -> Result<Vec<i64>> {
+pub async fn paced(
+    env: &mut BenchEnv,
+    rate: usize,
+    secs: u64,
+    body_bytes: usize,
+) -> Result<Vec<i64>> {
     let queue = format!("{}.base.paced", env.ns);
     env.forget_on_cleanup(&queue);
     let publisher = kairos_shared::amqp::connect(&env.amqp_url, "bench-paced-pub").await?;

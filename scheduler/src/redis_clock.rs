@@ -103,16 +103,10 @@ mod tests {
         // A faster round trip later tightens it: the reading 1,000,100 came
         // back at local 101, so the offset is at least 999,999.
         let m = clock.observe(1_000_100, t0 + Duration::from_millis(101));
-        assert_eq!(
-            m.instant_of(1_000_010),
-            t0 + Duration::from_millis(11)
-        );
+        assert_eq!(m.instant_of(1_000_010), t0 + Duration::from_millis(11));
         // A slow round trip (a looser bound) changes nothing.
         let m = clock.observe(1_000_150, t0 + Duration::from_millis(190));
-        assert_eq!(
-            m.instant_of(1_000_010),
-            t0 + Duration::from_millis(11)
-        );
+        assert_eq!(m.instant_of(1_000_010), t0 + Duration::from_millis(11));
     }
 
     #[test]

@@ -79,7 +79,11 @@ async fn floor(ctx: &mut Ctx<'_>, env: &mut BenchEnv) -> Result<()> {
     let l = crate::baseline::paced(env, rate, secs, ctx.args.body_bytes).await?;
     ctx.report.check(
         l.len() == rate * secs as usize,
-        format!("W5 floor: {} of {} paced messages consumed", l.len(), rate * secs as usize),
+        format!(
+            "W5 floor: {} of {} paced messages consumed",
+            l.len(),
+            rate * secs as usize
+        ),
     );
     ctx.report.push(
         Row::new("W5 schedules", "raw paced lateness p99", percentile(&l, 99.0) as f64, "ms").note(

@@ -27,12 +27,14 @@ for _ = 1, tonumber(ARGV[2]) do
     out[#out + 1] = {0, 0, 0}
   else
     local f = id .. '\t'
-    local last = tonumber(redis.call('HGET', KEYS[3], f .. 'last') or '-1')
-    local running = redis.call('HGET', KEYS[3], f .. 'run')
-    local run_until = tonumber(redis.call('HGET', KEYS[3], f .. 'run_until') or '0')
+    -- One call for the state: this runs for every tick of every schedule.
+    local st = redis.call('HMGET', KEYS[3], f .. 'last', f .. 'pending', f .. 'run', f .. 'run_until')
+    local last = tonumber(st[1] or '-1')
+    local running = st[3]
+    local run_until = tonumber(st[4] or '0')
     -- Occurrences handed over earlier and still waiting: pause removes them.
     local pending = {}
-    for m in string.gmatch(redis.call('HGET', KEYS[3], f .. 'pending') or '', '%S+') do
+    for m in string.gmatch(st[2] or '', '%S+') do
       if redis.call('HEXISTS', KEYS[5], m) == 1 then
         pending[#pending + 1] = m
       end
