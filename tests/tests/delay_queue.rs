@@ -205,19 +205,23 @@ async fn shard_count_is_fixed_per_namespace() {
 }
 
 #[tokio::test]
-async fn due_times_sit_in_compact_buckets_and_come_out_in_time_order() {
+async fn due_times_sit_in_compact_buckets_or_the_near_set_and_come_out_when_due() {
     let env = TestEnv::new("dq-buckets").await;
     let q = queue(&env, 1).await;
     let now = redis_now(&env).await;
-    // 3,000 tasks, one a millisecond: half already due, half in the next
-    // 1.5 s.
-    let entries: Vec<Entry> = (0..3000)
-        .map(|i| entry(&format!("t-{i}"), Some(now - 1500 + i), 0))
+    // 3,000 tasks due later (one a millisecond from 20 s on) and 1,500 due
+    // within the near horizon (10 s), all of which are due already.
+    let later: Vec<Entry> = (0..3000)
+        .map(|i| entry(&format!("t-{i}"), Some(now + 20_000 + i), 0))
         .collect();
-    q.schedule(&entries).await.expect("schedule");
+    let soon: Vec<Entry> = (0..1500)
+        .map(|i| entry(&format!("s-{i}"), Some(now - 1500 + i), 0))
+        .collect();
+    q.schedule(&later).await.expect("schedule later");
+    q.schedule(&soon).await.expect("schedule soon");
     let mut con = env.redis.clone();
     let buckets: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:dq{{0}}:idx:*", env.ns))
+        .arg(format!("{}:dq{{0}}:idx:[0-9]*", env.ns))
         .query_async(&mut con)
         .await
         .expect("KEYS");
@@ -231,23 +235,41 @@ async fn due_times_sit_in_compact_buckets_and_come_out_in_time_order() {
             .expect("OBJECT ENCODING");
         assert_eq!(enc, "listpack", "{b}");
     }
-    // Claims take the earliest buckets first and report the true next due
-    // time once everything due is out.
+    let near: u64 = redis::cmd("ZCARD")
+        .arg(format!("{}:dq{{0}}:idx:near", env.ns))
+        .query_async(&mut con)
+        .await
+        .expect("ZCARD");
+    assert_eq!(near, 1500, "tasks due soon skip the buckets");
+    // Claims take every due task and then report the earliest later one.
     let mut claimed = 0;
-    let mut more = true;
-    while more {
+    loop {
         let c = q.claim(500, 30_000, 0).await.expect("claim");
-        claimed += c.tasks.len();
         assert!(c.tasks.iter().all(|t| t.due <= c.now));
-        more = !c.tasks.is_empty();
-        if !more {
-            // Due ones all claimed; the next is one of the later ones.
-            let next = c.next_due.expect("next due");
-            assert!(next > c.now && next < now + 1500, "{next} vs {}", c.now);
+        assert!(c.tasks.iter().all(|t| t.member.starts_with("s-")));
+        claimed += c.tasks.len();
+        if c.tasks.is_empty() {
+            assert_eq!(c.next_due, Some(now + 20_000));
+            break;
         }
     }
-    assert!((1500..3000).contains(&claimed), "{claimed}");
-    assert_eq!(q.pending().await.expect("pending"), 3000);
+    assert_eq!(claimed, 1500);
+    // Claimed 25 s ahead, the later ones come out of their buckets.
+    let mut later_claimed = 0;
+    loop {
+        let c = q.claim(500, 30_000, 25_000).await.expect("claim ahead");
+        later_claimed += c.tasks.len();
+        if c.tasks.is_empty() {
+            assert_eq!(c.next_due, None);
+            break;
+        }
+    }
+    assert_eq!(later_claimed, 3000);
+    assert_eq!(
+        q.pending().await.expect("pending"),
+        4500,
+        "leased, not deleted"
+    );
 }
 
 #[tokio::test]

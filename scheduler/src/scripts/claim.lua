@@ -6,8 +6,7 @@
 -- Returns {now, next due or -1, member1, due1, record1, member2, ...}.
 -- Expired leases (an instance died between claim and delete) go back to the
 -- due index first, so they are claimed again right here.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = dq_now()
 local batch = tonumber(ARGV[1])
 -- Due times an older version left in one sorted set move into the index, a
 -- batch per claim, so an upgrade (even a rolling one) loses nothing.
@@ -48,8 +47,10 @@ if #due > 0 then
       out[#out + 1] = records[i]
     end
   end
-  if #live > 0 then
-    redis.call('ZADD', KEYS[3], unpack(live))
+  -- In slices: Lua unpacks at most about 8,000 values, and a full batch
+  -- of 5,000 leases is 10,000.
+  for i = 1, #live, 4000 do
+    redis.call('ZADD', KEYS[3], unpack(live, i, math.min(i + 3999, #live)))
   end
 end
 local head = dq_head(KEYS[1])

@@ -8,9 +8,28 @@
 -- index `IDX` holds, per non-empty bucket, a due time no later than the
 -- bucket's earliest: lower only while a removal has not been noticed yet,
 -- which dq_take repairs. All the keys share the shard's hash tag.
+--
+-- Tasks due within DQ_NEAR_MS of being added skip the buckets: they go to
+-- one plain sorted set, `IDX:near`, which a claim empties with one range
+-- and one removal for a whole batch. Through the buckets a stream of tasks
+-- due soon (schedule ticks, short delays, retries) cost each task its own
+-- bucket read, removal and index update, since a small backlog leaves about
+-- one task per bucket; the buckets are for memory, which a large backlog
+-- due later needs, and a backlog due within seconds does not.
 -- A prime, as is the modulus below: a power of two would keep only the
 -- low bits, which for ids made of hex digits and dashes use half the buckets.
 local DQ_BUCKETS = 2039
+local DQ_NEAR_MS = 10000
+
+-- Redis's clock (ms), read once per script run.
+local dq_time = nil
+local function dq_now()
+  if dq_time == nil then
+    local t = redis.call('TIME')
+    dq_time = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return dq_time
+end
 
 local function dq_bucket(member)
   local h = 5381
@@ -21,8 +40,12 @@ local function dq_bucket(member)
   return h % DQ_BUCKETS
 end
 
--- Holds member at due (or moves it there).
+-- Holds member (not held yet) at due.
 local function dq_add(idx, member, due)
+  if tonumber(due) <= dq_now() + DQ_NEAR_MS then
+    redis.call('ZADD', idx .. ':near', due, member)
+    return
+  end
   local b = dq_bucket(member)
   redis.call('ZADD', idx .. ':' .. b, due, member)
   redis.call('ZADD', idx, 'LT', due, b)
@@ -30,19 +53,42 @@ end
 
 -- Forgets member's due time; returns 1 when it was there.
 local function dq_remove(idx, member)
+  if redis.call('ZREM', idx .. ':near', member) == 1 then
+    return 1
+  end
   return redis.call('ZREM', idx .. ':' .. dq_bucket(member), member)
 end
 
 -- The shard's earliest due time, or nil.
 local function dq_head(idx)
-  local head = redis.call('ZRANGE', idx, 0, 0, 'WITHSCORES')
-  return tonumber(head[2])
+  local far = tonumber(redis.call('ZRANGE', idx, 0, 0, 'WITHSCORES')[2])
+  local near = tonumber(redis.call('ZRANGE', idx .. ':near', 0, 0, 'WITHSCORES')[2])
+  if far == nil or (near ~= nil and near < far) then
+    return near
+  end
+  return far
 end
 
 -- Removes and returns up to limit members due by now, as a flat list
--- {member1, due1, member2, due2, ...}, earliest buckets first.
+-- {member1, due1, member2, due2, ...}: the near set's first, then the
+-- earliest buckets'. (Only a claimer that falls behind a stream of tasks due
+-- soon leaves tasks in the buckets waiting behind later ones.)
 local function dq_take(idx, now, limit)
   local out = {}
+  local near = idx .. ':near'
+  local soon = redis.call('ZRANGEBYSCORE', near, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
+  if #soon > 0 then
+    local members = {}
+    for i = 1, #soon, 2 do
+      members[#members + 1] = soon[i]
+      out[#out + 1] = soon[i]
+      out[#out + 1] = soon[i + 1]
+    end
+    redis.call('ZREM', near, unpack(members))
+  end
+  if #out / 2 >= limit then
+    return out
+  end
   local buckets = redis.call('ZRANGEBYSCORE', idx, '-inf', now, 'LIMIT', 0, limit)
   for _, b in ipairs(buckets) do
     local left = limit - #out / 2

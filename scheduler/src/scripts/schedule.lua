@@ -4,8 +4,7 @@
 -- run_at), ARGV[4] record, ARGV[5] wake channel.
 -- Returns {added 0/1, due ms, head 0/1}: head = it is now the shard's earliest.
 -- Due times use Redis TIME so every scheduler shares one clock.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = dq_now()
 local due
 if ARGV[2] ~= '' then
   due = tonumber(ARGV[2])
