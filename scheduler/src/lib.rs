@@ -288,6 +288,7 @@ async fn start_schedules(
         grace_ms: config.schedule_grace_ms as i64,
         batch: usize::from(config.batch).min(ticker::MAX_SCHEDULES_PER_SHARD),
         idle: Duration::from_millis(config.idle_ms),
+        parsed: Default::default(),
     };
     let tick_cancel = cancel.clone();
     let http_cancel = cancel.clone();

@@ -16,7 +16,8 @@ use kairos_shared::amqp::{sleep_or_cancel, Backoff};
 use kairos_shared::contract::Task;
 use kairos_shared::events::{EventKind, EventSink};
 use kairos_shared::record;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -42,6 +43,37 @@ pub struct Ticker {
     pub grace_ms: i64,
     pub batch: usize,
     pub idle: Duration,
+    /// Definitions parsed in earlier rounds.
+    pub parsed: Arc<Mutex<ParsedCache>>,
+}
+
+/// Parsed definitions by schedule id, with the bytes they were parsed from.
+/// A schedule that fires every second is read every second; parsing and
+/// validating its JSON each time cost more than planning its tick.
+#[derive(Default)]
+pub struct ParsedCache {
+    by_id: HashMap<String, (Vec<u8>, Arc<Schedule>)>,
+}
+
+/// Entries kept before the cache starts over (deleted schedules leave
+/// theirs behind until then).
+const MAX_PARSED: usize = 100_000;
+
+impl ParsedCache {
+    fn get(&mut self, item: &DueItem) -> Result<Arc<Schedule>, String> {
+        if let Some((def, schedule)) = self.by_id.get(&item.id) {
+            if *def == item.def {
+                return Ok(schedule.clone());
+            }
+        }
+        let schedule = Arc::new(parse(item)?);
+        if self.by_id.len() >= MAX_PARSED {
+            self.by_id.clear();
+        }
+        self.by_id
+            .insert(item.id.clone(), (item.def.clone(), schedule.clone()));
+        Ok(schedule)
+    }
 }
 
 impl Ticker {
@@ -146,7 +178,14 @@ impl Ticker {
         if item.def.is_empty() {
             return (fire, Vec::new());
         }
-        let schedule = match parse(&item) {
+        // Only this loop uses the cache; a poisoned lock still holds
+        // nothing but parsed definitions.
+        let parsed = self
+            .parsed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&item);
+        let schedule = match parsed {
             Ok(s) => s,
             Err(reason) => {
                 // Validation keeps these out; a definition written by hand
@@ -201,4 +240,32 @@ impl Ticker {
 fn parse(item: &DueItem) -> Result<Schedule, String> {
     let spec = ScheduleSpec::from_json(&item.def).map_err(|e| e.to_string())?;
     spec.validate(&item.id).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(def: &str) -> DueItem {
+        DueItem {
+            shard: 0,
+            id: "s".into(),
+            next: 0,
+            def: def.as_bytes().to_vec(),
+            last: None,
+        }
+    }
+
+    #[test]
+    fn a_definition_is_parsed_once_until_it_changes() {
+        let mut cache = ParsedCache::default();
+        let every_second = item(r#"{"every_ms":1000,"task":{"name":"t"}}"#);
+        let a = cache.get(&every_second).unwrap();
+        let b = cache.get(&every_second).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "the same bytes reuse the parse");
+        let replaced = item(r#"{"every_ms":2000,"task":{"name":"t"}}"#);
+        let c = cache.get(&replaced).unwrap();
+        assert!(!Arc::ptr_eq(&a, &c), "new bytes are parsed again");
+        assert!(cache.get(&item("{not json")).is_err());
+    }
 }
