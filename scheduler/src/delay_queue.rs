@@ -6,6 +6,8 @@
 //! * `NS:dq{S}:idx:B` (B in 0..2039): small sorted sets, member -> due time
 //!   (Unix ms, Redis clock), the bucket chosen by a hash of the member
 //! * `NS:dq{S}:idx`: sorted set, bucket -> its earliest due time
+//! * `NS:dq{S}:idx:near`: sorted set, member -> due time, for tasks due
+//!   within 10 s of being added (a claim takes a batch of them at once)
 //! * `NS:dq{S}:rec`: hash, member -> stored record ([`kairos_shared::record`])
 //! * `NS:dq{S}:lease`: sorted set, member -> lease expiry, for claimed tasks
 //!   on their way to RabbitMQ
