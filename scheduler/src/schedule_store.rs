@@ -29,6 +29,8 @@ static DUE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_due.lua")));
 static FIRE: LazyLock<redis::Script> = indexed_script!("scripts/sched_fire.lua");
 static PUT: LazyLock<redis::Script> = indexed_script!("scripts/sched_put.lua");
+static DEFS: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_defs.lua")));
 static OUTCOME: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_outcome.lua")));
 
@@ -54,8 +56,10 @@ pub struct DueItem {
     pub shard: usize,
     pub id: String,
     pub next: i64,
-    /// Stored definition bytes (empty when the definition vanished).
-    pub def: Vec<u8>,
+    /// SHA-1 (hex) of the stored definition; empty when it vanished.
+    pub digest: String,
+    /// The definition's bytes, when the caller did not know this digest.
+    pub def: Option<Vec<u8>>,
     pub last: Option<i64>,
 }
 
@@ -84,9 +88,9 @@ pub struct Fire {
     pub shard: usize,
     pub id: String,
     pub expected_next: i64,
-    /// The definition as read: the compare-and-set also catches a
+    /// The definition's digest as read: the compare-and-set also catches a
     /// replaced or paused schedule.
-    pub def: Vec<u8>,
+    pub digest: String,
     pub new_next: Option<i64>,
     pub overlap_skip: bool,
     pub max_run_ms: u64,
@@ -153,8 +157,21 @@ impl ScheduleStore {
         Ok(s * 1000 + us / 1000)
     }
 
-    /// Schedules due before now + `lookahead`, up to `batch` per shard.
+    /// Schedules due before now + `lookahead`, up to `batch` per shard, each
+    /// with its definition.
     pub async fn due(&self, lookahead: i64, batch: usize) -> Result<DueBatch, QueueError> {
+        self.due_known(lookahead, batch, |_, _| false).await
+    }
+
+    /// Like [`due`](Self::due), but the definition is read only for the
+    /// schedules where `known(id, digest)` is false: a schedule that fires
+    /// every second is otherwise sent over every second.
+    pub async fn due_known(
+        &self,
+        lookahead: i64,
+        batch: usize,
+        known: impl Fn(&str, &str) -> bool,
+    ) -> Result<DueBatch, QueueError> {
         let mut pipe = redis::pipe();
         for s in 0..self.shards.len() {
             let [next, def, state, ..] = self.keys(s);
@@ -175,18 +192,67 @@ impl ScheduleStore {
             while let Some(id) = it.next() {
                 let id = string(Some(id))?;
                 let next = int(it.next())?;
-                let def = bytes(it.next())?;
+                let digest = string(it.next())?;
                 let last = int(it.next())?;
                 out.items.push(DueItem {
                     shard,
                     id,
                     next,
-                    def,
+                    digest,
+                    def: None,
                     last: (last >= 0).then_some(last),
                 });
             }
         }
+        let unknown: Vec<usize> = (0..out.items.len())
+            .filter(|&i| {
+                let item = &out.items[i];
+                !item.digest.is_empty() && !known(&item.id, &item.digest)
+            })
+            .collect();
+        self.read_definitions(&mut out.items, &unknown).await?;
         Ok(out)
+    }
+
+    /// Reads the definitions of `items[i]` for each i in `which`, with the
+    /// digest they have now (which replaces the one read before: the pair
+    /// must match, and a changed definition fails its compare-and-set
+    /// anyway).
+    async fn read_definitions(
+        &self,
+        items: &mut [DueItem],
+        which: &[usize],
+    ) -> Result<(), QueueError> {
+        if which.is_empty() {
+            return Ok(());
+        }
+        let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); self.shards.len()];
+        for &i in which {
+            by_shard[items[i].shard].push(i);
+        }
+        let mut pipe = redis::pipe();
+        let mut order = Vec::new();
+        for (shard, group) in by_shard.iter().enumerate() {
+            if group.is_empty() {
+                continue;
+            }
+            let [_, def, ..] = self.keys(shard);
+            let mut cmd = evalsha(&DEFS, &[def]);
+            for &i in group {
+                cmd.arg(&items[i].id);
+            }
+            pipe.add_command(cmd);
+            order.extend(group.iter().copied());
+        }
+        let replies: Vec<Vec<Value>> = self.query(&pipe).await?;
+        let mut it = replies.into_iter().flatten();
+        for i in order {
+            let digest = string(it.next())?;
+            let def = bytes(it.next())?;
+            items[i].def = (!digest.is_empty()).then_some(def);
+            items[i].digest = digest;
+        }
+        Ok(())
     }
 
     /// Compare-and-set of each schedule plus its occurrences; one script
@@ -208,7 +274,7 @@ impl ScheduleStore {
                 let f = &fires[i];
                 cmd.arg(&f.id)
                     .arg(f.expected_next)
-                    .arg(&f.def[..])
+                    .arg(&f.digest)
                     .arg(f.new_next.map(|n| n.to_string()).unwrap_or_default())
                     .arg(if f.overlap_skip { "1" } else { "0" })
                     .arg(f.max_run_ms)
@@ -381,7 +447,7 @@ impl ScheduleStore {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, QueueError> {
-        query_scripts(&self.pool, pipe, &[&DUE, &FIRE, &PUT, &OUTCOME]).await
+        query_scripts(&self.pool, pipe, &[&DUE, &DEFS, &FIRE, &PUT, &OUTCOME]).await
     }
 
     /// Like [`query`](Self::query), grouping replies three by three.
@@ -435,7 +501,7 @@ fn make_view(
 }
 
 pub async fn load_scripts(con: &mut Connection) -> Result<(), QueueError> {
-    for s in [&*DUE, &*FIRE, &*PUT, &*OUTCOME] {
+    for s in [&*DUE, &*DEFS, &*FIRE, &*PUT, &*OUTCOME] {
         s.load_async(con).await?;
     }
     Ok(())

@@ -5,9 +5,10 @@
 //! tick with the delay queue's precision.
 //!
 //! Every scheduler runs this loop for every schedule; the compare-and-set
-//! on the stored next tick lets exactly one of them fire each tick, and the
-//! derived task id (`schedule@tick`) plus the stored last-fired tick make a
-//! repeat harmless.
+//! on the stored next tick (and the definition's SHA-1 digest) lets exactly
+//! one of them fire each tick, and the derived task id (`schedule@tick`)
+//! plus the stored last-fired tick make a repeat harmless. A definition
+//! travels to the scheduler only when its digest is new to it.
 
 use crate::delay_queue::QueueError;
 use crate::schedule::{occurrence, plan, Overlap, Schedule, ScheduleSpec};
@@ -24,7 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Schedules planned per shard in one round. A round's two pipelines (read,
-/// then compare-and-set) carry every definition twice; a scheduler that
+/// then compare-and-set) once carried every definition twice; a scheduler that
 /// fell behind at 500 per shard (the task batch) sent pipelines that an
 /// overloaded Redis did not answer within the client's 500 ms response
 /// timeout, and the whole round was retried. Smaller rounds, run back to
@@ -47,32 +48,58 @@ pub struct Ticker {
     pub parsed: Arc<Mutex<ParsedCache>>,
 }
 
-/// Parsed definitions by schedule id, with the bytes they were parsed from.
-/// A schedule that fires every second is read every second; parsing and
-/// validating its JSON each time cost more than planning its tick.
+/// Parsed definitions by schedule id, with the digest of the bytes they were
+/// parsed from. A schedule that fires every second is read every second;
+/// parsing and validating its JSON each time cost more than planning its
+/// tick, and sending it over cost Redis more than the compare-and-set.
 #[derive(Default)]
 pub struct ParsedCache {
-    by_id: HashMap<String, (Vec<u8>, Arc<Schedule>)>,
+    by_id: HashMap<String, (String, Arc<Schedule>)>,
 }
 
 /// Entries kept before the cache starts over (deleted schedules leave
 /// theirs behind until then).
 const MAX_PARSED: usize = 100_000;
 
+/// What became of a due schedule's definition.
+enum Parsed {
+    Ready(Arc<Schedule>),
+    Unreadable(String),
+    /// Neither cached nor read (the cache started over in between): the
+    /// next round reads it.
+    Unknown,
+}
+
 impl ParsedCache {
-    fn get(&mut self, item: &DueItem) -> Result<Arc<Schedule>, String> {
-        if let Some((def, schedule)) = self.by_id.get(&item.id) {
-            if *def == item.def {
-                return Ok(schedule.clone());
-            }
-        }
-        let schedule = Arc::new(parse(item)?);
+    fn knows(&self, id: &str, digest: &str) -> bool {
+        self.by_id.get(id).is_some_and(|(d, _)| d == digest)
+    }
+
+    /// Called between rounds, so a round never loses what it relies on.
+    fn trim(&mut self) {
         if self.by_id.len() >= MAX_PARSED {
             self.by_id.clear();
         }
-        self.by_id
-            .insert(item.id.clone(), (item.def.clone(), schedule.clone()));
-        Ok(schedule)
+    }
+
+    fn get(&mut self, item: &DueItem) -> Parsed {
+        let Some(def) = &item.def else {
+            return match self.by_id.get(&item.id) {
+                Some((digest, schedule)) if *digest == item.digest => {
+                    Parsed::Ready(schedule.clone())
+                }
+                _ => Parsed::Unknown,
+            };
+        };
+        match parse(&item.id, def) {
+            Ok(schedule) => {
+                let schedule = Arc::new(schedule);
+                self.by_id
+                    .insert(item.id.clone(), (item.digest.clone(), schedule.clone()));
+                Parsed::Ready(schedule)
+            }
+            Err(reason) => Parsed::Unreadable(reason),
+        }
     }
 }
 
@@ -107,13 +134,24 @@ impl Ticker {
 
     /// One round; returns how long to sleep before the next.
     async fn round(&self) -> Result<Duration, QueueError> {
-        let due = self.store.due(self.lookahead_ms, self.batch).await?;
+        self.cache().trim();
+        let due = self
+            .store
+            .due_known(self.lookahead_ms, self.batch, |id, digest| {
+                self.cache().knows(id, digest)
+            })
+            .await?;
         let mut fires = Vec::with_capacity(due.items.len());
         let mut tasks: Vec<Vec<Task>> = Vec::with_capacity(due.items.len());
+        let mut unknown = false;
         for item in due.items {
-            let (fire, t) = self.prepare(item, due.now);
-            fires.push(fire);
-            tasks.push(t);
+            match self.prepare(item, due.now) {
+                Some((fire, t)) => {
+                    fires.push(fire);
+                    tasks.push(t);
+                }
+                None => unknown = true,
+            }
         }
         if !fires.is_empty() {
             let results = self.store.fire(&fires).await?;
@@ -136,7 +174,7 @@ impl Ticker {
                 self.pump_wake.notify_one();
             }
         }
-        if due.more {
+        if due.more || unknown {
             return Ok(Duration::ZERO);
         }
         // The next ticks just stored count too: `next_tick` was read before
@@ -163,40 +201,45 @@ impl Ticker {
         (self.lookahead_ms / 5).min(self.idle.as_millis() as i64)
     }
 
-    /// Plans one due schedule into its compare-and-set.
-    fn prepare(&self, item: DueItem, now: i64) -> (Fire, Vec<Task>) {
+    /// Only this loop uses the cache; a poisoned lock still holds nothing
+    /// but parsed definitions.
+    fn cache(&self) -> std::sync::MutexGuard<'_, ParsedCache> {
+        self.parsed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Plans one due schedule into its compare-and-set; `None` when its
+    /// definition is not at hand this round.
+    fn prepare(&self, item: DueItem, now: i64) -> Option<(Fire, Vec<Task>)> {
         let mut fire = Fire {
             shard: item.shard,
             id: item.id.clone(),
             expected_next: item.next,
-            def: item.def.clone(),
+            digest: item.digest.clone(),
             new_next: None,
             overlap_skip: false,
             max_run_ms: 0,
             occurrences: Vec::new(),
         };
-        if item.def.is_empty() {
-            return (fire, Vec::new());
+        if item.digest.is_empty() {
+            // The definition vanished: the compare-and-set drops the tick.
+            return Some((fire, Vec::new()));
         }
-        // Only this loop uses the cache; a poisoned lock still holds
-        // nothing but parsed definitions.
-        let parsed = self
-            .parsed
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(&item);
+        let parsed = self.cache().get(&item);
         let schedule = match parsed {
-            Ok(s) => s,
-            Err(reason) => {
+            Parsed::Ready(s) => s,
+            Parsed::Unknown => return None,
+            Parsed::Unreadable(reason) => {
                 // Validation keeps these out; a definition written by hand
                 // or by a newer version may still be unreadable: stop it
                 // rather than retry it every round.
                 tracing::error!(schedule = %item.id, %reason, "unreadable schedule definition; it will not fire until replaced");
-                return (fire, Vec::new());
+                return Some((fire, Vec::new()));
             }
         };
         if !schedule.spec.enabled {
-            return (fire, Vec::new());
+            return Some((fire, Vec::new()));
         }
         let p = plan::plan(
             &schedule.trigger,
@@ -233,39 +276,59 @@ impl Ticker {
                 }
             }
         }
-        (fire, tasks)
+        Some((fire, tasks))
     }
 }
 
-fn parse(item: &DueItem) -> Result<Schedule, String> {
-    let spec = ScheduleSpec::from_json(&item.def).map_err(|e| e.to_string())?;
-    spec.validate(&item.id).map_err(|e| e.to_string())
+fn parse(id: &str, def: &[u8]) -> Result<Schedule, String> {
+    let spec = ScheduleSpec::from_json(def).map_err(|e| e.to_string())?;
+    spec.validate(id).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn item(def: &str) -> DueItem {
+    fn item(digest: &str, def: Option<&str>) -> DueItem {
         DueItem {
             shard: 0,
             id: "s".into(),
             next: 0,
-            def: def.as_bytes().to_vec(),
+            digest: digest.into(),
+            def: def.map(|d| d.as_bytes().to_vec()),
             last: None,
         }
     }
 
+    fn ready(p: Parsed) -> Arc<Schedule> {
+        match p {
+            Parsed::Ready(s) => s,
+            Parsed::Unreadable(r) => panic!("unreadable: {r}"),
+            Parsed::Unknown => panic!("unknown"),
+        }
+    }
+
     #[test]
-    fn a_definition_is_parsed_once_until_it_changes() {
+    fn a_definition_is_parsed_once_until_its_digest_changes() {
         let mut cache = ParsedCache::default();
-        let every_second = item(r#"{"every_ms":1000,"task":{"name":"t"}}"#);
-        let a = cache.get(&every_second).unwrap();
-        let b = cache.get(&every_second).unwrap();
-        assert!(Arc::ptr_eq(&a, &b), "the same bytes reuse the parse");
-        let replaced = item(r#"{"every_ms":2000,"task":{"name":"t"}}"#);
-        let c = cache.get(&replaced).unwrap();
-        assert!(!Arc::ptr_eq(&a, &c), "new bytes are parsed again");
-        assert!(cache.get(&item("{not json")).is_err());
+        let every_second = r#"{"every_ms":1000,"task":{"name":"t"}}"#;
+        assert!(!cache.knows("s", "d1"));
+        let a = ready(cache.get(&item("d1", Some(every_second))));
+        assert!(cache.knows("s", "d1"));
+        // Known: the round reads the digest only, and gets the same parse.
+        let b = ready(cache.get(&item("d1", None)));
+        assert!(Arc::ptr_eq(&a, &b));
+        // A new digest is not known, so its bytes come along and are parsed.
+        assert!(!cache.knows("s", "d2"));
+        let c = ready(cache.get(&item(
+            "d2",
+            Some(r#"{"every_ms":2000,"task":{"name":"t"}}"#),
+        )));
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert!(matches!(cache.get(&item("d1", None)), Parsed::Unknown));
+        assert!(matches!(
+            cache.get(&item("d3", Some("{not json"))),
+            Parsed::Unreadable(_)
+        ));
     }
 }

@@ -12,7 +12,7 @@ fn fire_of(item: &kairos_scheduler::schedule_store::DueItem, tick: i64, new_next
         shard: item.shard,
         id: item.id.clone(),
         expected_next: item.next,
-        def: item.def.clone(),
+        digest: item.digest.clone(),
         new_next: Some(new_next),
         overlap_skip: false,
         max_run_ms: 1000,

@@ -1,29 +1,31 @@
 -- Fires schedules of one shard: for each, a compare-and-set on its next
--- tick and definition, then its occurrences into the delay queue and the
--- next tick, all in one atomic step. Of N schedulers that read the same
+-- tick and definition (by its SHA-1 digest), then its occurrences into the
+-- delay queue and the next tick, all in one atomic step. Of N schedulers that read the same
 -- tick, exactly one passes the compare; the others change nothing.
 -- KEYS[1] next zset, KEYS[2] definition hash, KEYS[3] state hash,
 -- KEYS[4] delay-queue due index, KEYS[5] delay-queue record hash (same slot).
 -- ARGV[1] wake channel, ARGV[2] item count, then per item:
---   id, expected next, the definition as read, new next ('' = none),
---   overlap skip '1'/'0', max run ms, n, then n x (member, tick, record).
+--   id, expected next, the definition's digest as read ('' = it was
+--   missing), new next ('' = none), overlap skip '1'/'0', max run ms, n,
+--   then n x (member, tick, record).
 -- Returns per item {fired 0/1, enqueued, skipped for overlap}.
 local head_due = dq_head(KEYS[4]) or -1
 local earliest = nil
 local out = {}
 local i = 3
 for _ = 1, tonumber(ARGV[2]) do
-  local id, expected, def_read, new_next = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local id, expected, digest_read, new_next = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local skip_overlap, run_ms, n = ARGV[i + 4] == '1', tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
   local first = i + 7
   i = first + 3 * n
   local cur = redis.call('ZSCORE', KEYS[1], id)
   local def = redis.call('HGET', KEYS[2], id)
-  if cur and tonumber(cur) == tonumber(expected) and (not def) and def_read == '' then
+  local digest = def and redis.sha1hex(def) or ''
+  if cur and tonumber(cur) == tonumber(expected) and (not def) and digest_read == '' then
     -- A next tick without a definition (deleted meanwhile): drop it.
     redis.call('ZREM', KEYS[1], id)
     out[#out + 1] = {1, 0, 0}
-  elseif (not cur) or tonumber(cur) ~= tonumber(expected) or def ~= def_read then
+  elseif (not cur) or tonumber(cur) ~= tonumber(expected) or digest ~= digest_read then
     out[#out + 1] = {0, 0, 0}
   else
     local f = id .. '\t'
