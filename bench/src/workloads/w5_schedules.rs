@@ -2,10 +2,14 @@
 //! (10,000 and 30 s in a full run): ticks/s, tick lateness p99, double fires,
 //! missed fires.
 //!
-//! As in production, the schedules are created while the scheduler runs:
+//! First the floor: raw lapin at the same rate, each message published at
+//! its own instant ([`crate::baseline::paced`]).
 //!
-//! 1. start the scheduler and a worker whose `kairos.noop` records each fire
-//!    by (schedule id, `x-run-at`), in a fresh namespace;
+//! Then, as in production, the schedules are created while the scheduler
+//! runs:
+//!
+//! 1. start the scheduler and a worker (sized as W1's) whose `kairos.noop`
+//!    records each fire by (schedule id, `x-run-at`), in a fresh namespace;
 //! 2. create S schedules `every 1 s` through the scheduler's HTTP routes
 //!    (called in process, what `kairosctl` does without a scheduler
 //!    address), each firing `kairos.noop` with `x-schedule-id` and the
