@@ -47,6 +47,18 @@ pub struct Seen {
 }
 
 impl Recorder {
+    /// A recorder with room for `n` runs: growing its map while tasks run
+    /// would stall every recording handler for the rehash, inside the
+    /// measurement.
+    pub fn with_capacity(n: usize) -> Self {
+        let rec = Recorder::default();
+        if let Ok(mut inner) = rec.inner.lock() {
+            inner.runs.reserve(n);
+            inner.lateness.reserve(n);
+        }
+        rec
+    }
+
     /// The handler to register (under `kairos.noop` or a bench task name).
     pub fn handler(&self) -> impl Handler {
         let rec = self.clone();

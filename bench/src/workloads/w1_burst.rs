@@ -36,7 +36,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool) -> Result<()>
     } else {
         None
     };
-    let rec = Recorder::default();
+    let rec = Recorder::with_capacity(n);
     let mut config = env.worker_config();
     config.common.events = events;
     config.concurrency = ctx.args.w1_concurrency;

@@ -60,7 +60,7 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
 async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv, shape: &Shape) -> Result<()> {
     let n = shape.tasks;
     let scheduler = InProcess::scheduler(env.scheduler_config());
-    let rec = Recorder::default();
+    let rec = Recorder::with_capacity(n);
     let worker = InProcess::worker(
         Worker::new(env.worker_config())
             .with_builtins()

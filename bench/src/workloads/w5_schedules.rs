@@ -105,7 +105,7 @@ async fn floor(ctx: &mut Ctx<'_>, env: &mut BenchEnv) -> Result<()> {
 async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv) -> Result<()> {
     let w = "W5 schedules";
     let (s, secs) = (ctx.args.w5_schedules, ctx.args.w5_secs);
-    let rec = Recorder::default();
+    let rec = Recorder::with_capacity(s * secs as usize);
     // Nothing counts until the window below is set.
     rec.only_due_in(i64::MAX, i64::MAX);
     let scheduler = InProcess::scheduler(env.scheduler_config());
