@@ -69,23 +69,28 @@ local function dq_head(idx)
   return far
 end
 
+-- Moves up to limit members of sorted set key due by now onto out, as
+-- member, due, member, due...
+local function dq_pop(key, now, limit, out)
+  local due = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
+  if #due > 0 then
+    local members = {}
+    for i = 1, #due, 2 do
+      members[#members + 1] = due[i]
+      out[#out + 1] = due[i]
+      out[#out + 1] = due[i + 1]
+    end
+    redis.call('ZREM', key, unpack(members))
+  end
+end
+
 -- Removes and returns up to limit members due by now, as a flat list
 -- {member1, due1, member2, due2, ...}: the near set's first, then the
 -- earliest buckets'. (Only a claimer that falls behind a stream of tasks due
 -- soon leaves tasks in the buckets waiting behind later ones.)
 local function dq_take(idx, now, limit)
   local out = {}
-  local near = idx .. ':near'
-  local soon = redis.call('ZRANGEBYSCORE', near, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
-  if #soon > 0 then
-    local members = {}
-    for i = 1, #soon, 2 do
-      members[#members + 1] = soon[i]
-      out[#out + 1] = soon[i]
-      out[#out + 1] = soon[i + 1]
-    end
-    redis.call('ZREM', near, unpack(members))
-  end
+  dq_pop(idx .. ':near', now, limit, out)
   if #out / 2 >= limit then
     return out
   end
@@ -96,16 +101,7 @@ local function dq_take(idx, now, limit)
       break
     end
     local key = idx .. ':' .. b
-    local due = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, left)
-    if #due > 0 then
-      local members = {}
-      for i = 1, #due, 2 do
-        members[#members + 1] = due[i]
-        out[#out + 1] = due[i]
-        out[#out + 1] = due[i + 1]
-      end
-      redis.call('ZREM', key, unpack(members))
-    end
+    dq_pop(key, now, left, out)
     local head = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
     if head[2] then
       redis.call('ZADD', idx, head[2], b)
