@@ -9,12 +9,13 @@ use anyhow::{bail, Result};
 use futures_util::stream::FuturesUnordered;
 use futures_util::FutureExt;
 use futures_util::StreamExt;
+use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
 use std::time::{Duration, Instant};
 
 /// Publisher confirms kept in flight: the same as the bench's Rust client
@@ -59,16 +60,13 @@ pub async fn measure(env: &mut BenchEnv, n: usize, body_bytes: usize) -> Result<
             if priority { "prio" } else { "classic" }
         );
         env.forget_on_cleanup(&queue);
-        let mut args = FieldTable::default();
-        if priority {
-            args.insert(
-                "x-max-priority".into(),
-                AMQPValue::LongInt(i32::from(kairos_shared::contract::MAX_PRIORITY)),
-            );
-        }
         let pch = publisher.create_channel().await?;
-        pch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
-            .await?;
+        pch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            queue_args(priority),
+        )
+        .await?;
         pch.confirm_select(ConfirmSelectOptions::default()).await?;
 
         let t = Instant::now();
@@ -119,15 +117,7 @@ async fn publish(ch: &Channel, queue: &str, n: usize, body: &[u8]) -> Result<()>
             }
         }
         let slice = PUBLISH_SLICE.min(n - sent);
-        let publishes = (0..slice).map(|_| {
-            ch.basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-        });
+        let publishes = (0..slice).map(|_| send(ch, queue, body));
         for confirm in futures_util::future::join_all(publishes).await {
             inflight.push(confirm?);
         }
@@ -137,6 +127,31 @@ async fn publish(ch: &Channel, queue: &str, n: usize, body: &[u8]) -> Result<()>
         confirm_ok(c)?;
     }
     Ok(())
+}
+
+/// The declare arguments of a baseline queue: with `priority`, those of a
+/// Kairos task queue.
+fn queue_args(priority: bool) -> FieldTable {
+    let mut args = FieldTable::default();
+    if priority {
+        args.insert(
+            "x-max-priority".into(),
+            AMQPValue::LongInt(i32::from(kairos_shared::contract::MAX_PRIORITY)),
+        );
+    }
+    args
+}
+
+/// One persistent message to `queue` through the default exchange.
+async fn send(ch: &Channel, queue: &str, body: &[u8]) -> lapin::Result<PublisherConfirm> {
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
 }
 
 fn confirm_ok(c: lapin::Result<lapin::Confirmation>) -> Result<()> {
@@ -149,6 +164,17 @@ fn confirm_ok(c: lapin::Result<lapin::Confirmation>) -> Result<()> {
 /// Consumes and acks `n` messages one by one; returns the seconds from
 /// subscribing to the last ack.
 async fn consume(conn: &Connection, queue: &str, n: usize) -> Result<f64> {
+    consume_each(conn, queue, n, |_| Ok(())).await
+}
+
+/// Consumes `n` messages, handing each to `on` as it arrives and acking it;
+/// returns the seconds from subscribing to the last ack.
+async fn consume_each(
+    conn: &Connection,
+    queue: &str,
+    n: usize,
+    mut on: impl FnMut(&Delivery) -> Result<()>,
+) -> Result<f64> {
     let ch = conn.create_channel().await?;
     ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let mut consumer = ch
@@ -171,6 +197,7 @@ async fn consume(conn: &Connection, queue: &str, n: usize) -> Result<f64> {
             d = consumer.next() => match d {
                 Some(d) => {
                     let d = d?;
+                    on(&d)?;
                     acks.push(async move { d.acker.ack(BasicAckOptions::default()).await });
                     got += 1;
                 }
@@ -203,13 +230,12 @@ pub async fn paced(
     let publisher = kairos_shared::amqp::connect(&env.amqp_url, "bench-paced-pub").await?;
     let consumer = kairos_shared::amqp::connect(&env.amqp_url, "bench-paced-sub").await?;
     let pch = publisher.create_channel().await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-max-priority".into(),
-        AMQPValue::LongInt(i32::from(kairos_shared::contract::MAX_PRIORITY)),
-    );
-    pch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
-        .await?;
+    pch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::durable(),
+        queue_args(true),
+    )
+    .await?;
     pch.confirm_select(ConfirmSelectOptions::default()).await?;
     let n = rate * secs as usize;
     let sub = paced_consume(&consumer, &queue, n);
@@ -249,15 +275,7 @@ async fn paced_publish(
             slice.push(body);
             sent += 1;
         }
-        let publishes = slice.iter().map(|body| {
-            ch.basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-        });
+        let publishes = slice.iter().map(|body| send(ch, queue, body));
         for confirm in futures_util::future::join_all(publishes).await {
             inflight.push(confirm?);
         }
@@ -273,38 +291,21 @@ async fn paced_publish(
 
 /// Consumes `n` messages, acking each; returns their lateness, ms.
 async fn paced_consume(conn: &Connection, queue: &str, n: usize) -> Result<Vec<i64>> {
-    let ch = conn.create_channel().await?;
-    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
     let mut lateness = Vec::with_capacity(n);
-    let mut acks = FuturesUnordered::new();
-    while lateness.len() < n {
-        tokio::select! {
-            Some(acked) = acks.next(), if !acks.is_empty() => { acked?; }
-            d = consumer.next() => match d {
-                Some(d) => {
-                    let d = d?;
-                    let now = now_us();
-                    let due = d.data.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(i64::from_be_bytes);
-                    let Some(due) = due else { bail!("a paced baseline message lost its instant") };
-                    lateness.push((now - due) / 1_000);
-                    acks.push(async move { d.acker.ack(BasicAckOptions::default()).await });
-                }
-                None => bail!("paced consumer ended after {} of {n}", lateness.len()),
-            },
-        }
-    }
-    while let Some(acked) = acks.next().await {
-        acked?;
-    }
-    let _ = ch.close(200, "done".into()).await;
+    consume_each(conn, queue, n, |d| {
+        let now = now_us();
+        let due = d
+            .data
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(i64::from_be_bytes);
+        let Some(due) = due else {
+            bail!("a paced baseline message lost its instant")
+        };
+        lateness.push((now - due) / 1_000);
+        Ok(())
+    })
+    .await?;
     Ok(lateness)
 }
 

@@ -66,11 +66,11 @@ async fn create_interval_schedules(env: &BenchEnv, count: usize, every_ms: u64) 
 
 pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let mut env = BenchEnv::new("w5", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
-    let result = floor(ctx, &mut env).await;
-    let result = match result {
-        Ok(()) => once(ctx, &env).await,
-        Err(err) => Err(err),
-    };
+    let result = async {
+        floor(ctx, &mut env).await?;
+        once(ctx, &env).await
+    }
+    .await;
     env.cleanup().await;
     result
 }
