@@ -345,3 +345,21 @@ async fn claim_ahead_takes_tasks_due_soon_and_a_lost_claimer_gives_them_back() {
     assert_eq!(retaken, ["soon"]);
     assert_eq!(q.pending().await.expect("pending"), 2);
 }
+
+#[tokio::test]
+async fn a_claim_of_the_largest_batch_takes_it_whole() {
+    // KAIROS_BATCH allows 5,000: the claim then leases 5,000 tasks at once,
+    // more values than Lua unpacks in one call.
+    let env = TestEnv::new("dq-big-batch").await;
+    let q = queue(&env, 1).await;
+    let now = redis_now(&env).await;
+    let entries: Vec<Entry> = (0..5000)
+        .map(|i| entry(&format!("b-{i}"), Some(now - 10), 0))
+        .collect();
+    q.schedule(&entries).await.expect("schedule");
+    let c = q.claim(5000, 30_000, 0).await.expect("claim of 5,000");
+    assert_eq!(c.tasks.len(), 5000);
+    assert!(c.more, "a full batch says more may be due");
+    let again = q.claim(5000, 30_000, 0).await.expect("claim");
+    assert!(again.tasks.is_empty(), "all 5,000 are leased");
+}
