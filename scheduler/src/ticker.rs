@@ -65,8 +65,10 @@ const MAX_PARSED: usize = 100_000;
 enum Parsed {
     Ready(Arc<Schedule>),
     Unreadable(String),
-    /// Neither cached nor read (the cache started over in between): the
-    /// next round reads it.
+    /// Neither cached nor read. The cache is trimmed only between rounds,
+    /// so a round that found a digest known still has it; should that ever
+    /// fail, the schedule waits for the next round (its tick is still a
+    /// lookahead away) rather than lose its next tick to an empty fire.
     Unknown,
 }
 
@@ -143,15 +145,13 @@ impl Ticker {
             .await?;
         let mut fires = Vec::with_capacity(due.items.len());
         let mut tasks: Vec<Vec<Task>> = Vec::with_capacity(due.items.len());
-        let mut unknown = false;
-        for item in due.items {
-            match self.prepare(item, due.now) {
-                Some((fire, t)) => {
-                    fires.push(fire);
-                    tasks.push(t);
-                }
-                None => unknown = true,
-            }
+        for (fire, t) in due
+            .items
+            .into_iter()
+            .filter_map(|item| self.prepare(item, due.now))
+        {
+            fires.push(fire);
+            tasks.push(t);
         }
         if !fires.is_empty() {
             let results = self.store.fire(&fires).await?;
@@ -174,7 +174,7 @@ impl Ticker {
                 self.pump_wake.notify_one();
             }
         }
-        if due.more || unknown {
+        if due.more {
             return Ok(Duration::ZERO);
         }
         // The next ticks just stored count too: `next_tick` was read before
