@@ -4,6 +4,7 @@
 //! If the process dies while a handler runs, the delivery is unacked and
 //! RabbitMQ redelivers it to another consumer.
 
+use crate::acks::Acks;
 use crate::disposition::{Disposition, DispositionError};
 use crate::handler::{Registry, TaskContext, TaskError};
 use crate::slots::Slots;
@@ -53,6 +54,7 @@ pub enum ConsumeError {
 pub async fn consume(
     channel: &Channel,
     shared: Arc<Shared>,
+    acks: Arc<Acks>,
     queue: &str,
     prefetch: u16,
     tracker: &TaskTracker,
@@ -89,10 +91,13 @@ pub async fn consume(
             }
             p = shared.slots.acquire() => p,
         };
-        let shared = shared.clone();
+        // Registered in delivery order, once it is sure to run: a
+        // delivery handed back above never holds back the acks.
+        acks.register(delivery.delivery_tag);
+        let (shared, acks) = (shared.clone(), acks.clone());
         let queue = queue.to_string();
         tracker.spawn(async move {
-            process(&shared, &queue, delivery).await;
+            process(&shared, &acks, &queue, delivery).await;
             drop(permit);
         });
     }
@@ -120,33 +125,38 @@ async fn requeue(d: &Delivery) {
 /// `queue` is the logical queue this consumer serves. It names the task's
 /// queue rather than the routing key, which differs when a client published
 /// straight to `NS.q.QUEUE` through the default exchange.
-async fn process(shared: &Shared, queue: &str, delivery: Delivery) {
+async fn process(shared: &Shared, acks: &Acks, queue: &str, delivery: Delivery) {
     let result = match Task::decode(queue, &delivery.properties, &delivery.data) {
         Err(err) => {
             shared
                 .disposition
-                .unusable(&delivery, queue, &err.to_string())
+                .unusable(&delivery, acks, queue, &err.to_string())
                 .await
         }
         Ok(task) => {
             let span = tracing::info_span!("task", task_id = %task.id, kind = %task.name, attempt = task.attempt);
-            run_task(shared, &delivery, task).instrument(span).await
+            run_task(shared, acks, &delivery, task)
+                .instrument(span)
+                .await
         }
     };
     if let Err(err) = result {
         tracing::warn!(cause = %err, "cannot settle a delivery; reconnecting so it is redelivered");
+        acks.abandon(delivery.delivery_tag);
         shared.broken.cancel();
     }
 }
 
 async fn run_task(
     shared: &Shared,
+    acks: &Acks,
     delivery: &Delivery,
     task: Task,
 ) -> Result<(), DispositionError> {
+    let d = &shared.disposition;
     let Some(handler) = shared.registry.get(&task.name) else {
         let error = format!("no handler for task name {:?}", task.name);
-        return shared.disposition.dead(delivery, &task, &error).await;
+        return d.dead(delivery, acks, &task, &error).await;
     };
     shared.events.task(EventKind::Started, &task, None, None);
     let started_ms = now_ms();
@@ -177,16 +187,12 @@ async fn run_task(
     metrics::histogram!("kairos_worker_task_seconds", "queue" => task.queue.clone())
         .record(seconds_between(started_ms, now_ms()));
     match outcome {
-        Ok(Ok(())) => shared.disposition.succeeded(delivery, &task).await,
-        Ok(Err(TaskError::Retry(error))) => {
-            shared.disposition.failed(delivery, &task, &error).await
-        }
-        Ok(Err(TaskError::Permanent(error))) => {
-            shared.disposition.dead(delivery, &task, &error).await
-        }
+        Ok(Ok(())) => d.succeeded(delivery, acks, &task).await,
+        Ok(Err(TaskError::Retry(error))) => d.failed(delivery, acks, &task, &error).await,
+        Ok(Err(TaskError::Permanent(error))) => d.dead(delivery, acks, &task, &error).await,
         Err(payload) => {
             let error = format!("handler panicked: {}", panic_text(payload));
-            shared.disposition.failed(delivery, &task, &error).await
+            d.failed(delivery, acks, &task, &error).await
         }
     }
 }

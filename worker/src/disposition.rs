@@ -2,18 +2,20 @@
 //! in one place. Success acks. A failed attempt is handed to `NS.retry`
 //! (where the scheduler applies backoff or dead-letters it); a permanent
 //! failure or an unusable message goes to `NS.dead`. Either way the
-//! delivery is acked only after the broker confirmed the replacement.
+//! delivery is settled (handed to [`Acks`] to be acked) only after the
+//! broker confirmed the replacement.
 //!
 //! If the process dies after the replacement was confirmed and before the
 //! ack, the delivery comes back; the retry it produces again carries the same
 //! id and attempt, so the scheduler holds it once.
 
+use crate::acks::Acks;
 use kairos_shared::amqp::now_ms;
 use kairos_shared::client::check;
 use kairos_shared::contract::{raw_dead_letter_properties, Names, Task};
 use kairos_shared::events::{EventKind, EventSink};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +45,13 @@ impl Disposition {
         })
     }
 
-    pub async fn succeeded(&self, d: &Delivery, task: &Task) -> Result<(), DispositionError> {
-        d.acker.ack(BasicAckOptions::default()).await?;
+    pub async fn succeeded(
+        &self,
+        d: &Delivery,
+        acks: &Acks,
+        task: &Task,
+    ) -> Result<(), DispositionError> {
+        acks.settle(d.delivery_tag);
         finished(&task.queue, "succeeded");
         self.events.task(EventKind::Succeeded, task, None, None);
         Ok(())
@@ -54,6 +61,7 @@ impl Disposition {
     pub async fn failed(
         &self,
         d: &Delivery,
+        acks: &Acks,
         task: &Task,
         error: &str,
     ) -> Result<(), DispositionError> {
@@ -61,7 +69,7 @@ impl Disposition {
         let props = task.with_failure_headers(error, now_ms());
         self.replace(&self.names.retry(), &task.queue, props, &task.body)
             .await?;
-        d.acker.ack(BasicAckOptions::default()).await?;
+        acks.settle(d.delivery_tag);
         finished(&task.queue, "failed");
         self.events.task(EventKind::Failed, task, None, Some(error));
         Ok(())
@@ -71,6 +79,7 @@ impl Disposition {
     pub async fn dead(
         &self,
         d: &Delivery,
+        acks: &Acks,
         task: &Task,
         error: &str,
     ) -> Result<(), DispositionError> {
@@ -78,7 +87,7 @@ impl Disposition {
         let props = task.dead_letter_properties(error, now_ms());
         self.replace(&self.names.dead(), &task.queue, props, &task.body)
             .await?;
-        d.acker.ack(BasicAckOptions::default()).await?;
+        acks.settle(d.delivery_tag);
         finished(&task.queue, "dead");
         self.events.task(EventKind::Dead, task, None, Some(error));
         Ok(())
@@ -89,6 +98,7 @@ impl Disposition {
     pub async fn unusable(
         &self,
         d: &Delivery,
+        acks: &Acks,
         queue: &str,
         error: &str,
     ) -> Result<(), DispositionError> {
@@ -96,7 +106,7 @@ impl Disposition {
         let props = raw_dead_letter_properties(&d.properties, queue, error, now_ms());
         self.replace(&self.names.dead(), queue, props, &d.data)
             .await?;
-        d.acker.ack(BasicAckOptions::default()).await?;
+        acks.settle(d.delivery_tag);
         finished(queue, "unusable");
         Ok(())
     }

@@ -25,6 +25,7 @@
 //! * `disposition`: ack, retry or dead-letter, in one place.
 //! * `builtin`: `kairos.noop`, `kairos.sleep`, `kairos.fail`.
 
+pub mod acks;
 pub mod builtin;
 pub mod config;
 pub mod consumer;
@@ -35,6 +36,7 @@ pub mod slots;
 pub use config::Config;
 pub use handler::{Handler, Registry, TaskContext, TaskError, TaskResult};
 
+use acks::Acks;
 use consumer::{consume, ConsumeError, Shared};
 use disposition::Disposition;
 use kairos_shared::amqp::{connect_with_retry, sleep_or_cancel, Backoff};
@@ -144,6 +146,9 @@ impl Worker {
             let tracker = TaskTracker::new();
             let broken = CancellationToken::new();
             let started = tokio::time::Instant::now();
+            // One per consumer channel; closed (the last acks flushed) once
+            // the running tasks are done, however the session ended.
+            let mut acks: Vec<Arc<Acks>> = Vec::new();
             let session = async {
                 let channel = conn.create_channel().await?;
                 topology::declare_base(&channel, &names).await?;
@@ -164,19 +169,23 @@ impl Worker {
                 let prefetch = config.prefetch();
                 let mut channels = Vec::with_capacity(config.queues.len());
                 for _ in &config.queues {
-                    channels.push(conn.create_channel().await?);
+                    let channel = conn.create_channel().await?;
+                    acks.push(Acks::start(channel.clone(), broken.clone()));
+                    channels.push(channel);
                 }
                 let consumers = config
                     .queues
                     .iter()
                     .zip(channels.clone())
-                    .map(|(q, channel)| {
+                    .zip(acks.clone())
+                    .map(|((q, channel), acks)| {
                         let stop = stop.clone();
                         let shared = shared.clone();
                         let tracker = &tracker;
                         async move {
                             let r =
-                                consume(&channel, shared, q, prefetch, tracker, stop.clone()).await;
+                                consume(&channel, shared, acks, q, prefetch, tracker, stop.clone())
+                                    .await;
                             stop.cancel();
                             r
                         }
@@ -208,6 +217,11 @@ impl Worker {
                         running = tracker.len(),
                         "grace period over; leaving running tasks unacked"
                     );
+                }
+                for a in acks {
+                    if let Err(err) = a.close().await {
+                        tracing::warn!(cause = %err, "cannot ack the last settled deliveries; RabbitMQ redelivers them");
+                    }
                 }
                 let _ = conn.close(200, "bye".into()).await;
             };
