@@ -26,6 +26,11 @@ use report::{Report, Row};
 use std::path::PathBuf;
 use workloads::Ctx;
 
+/// The allocator of the `kairos-scheduler` and `kairos-worker` binaries, so
+/// the services embedded here allocate as they do in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "kairos-bench",
