@@ -67,8 +67,12 @@ impl RedisClock {
         }
     }
 
+    /// Rounded up: rounding down made the bound up to a millisecond too
+    /// large, and a task could start that much before its due time.
     fn local_ms(&self, at: Instant) -> i64 {
-        at.saturating_duration_since(self.base).as_millis() as i64
+        at.saturating_duration_since(self.base)
+            .as_micros()
+            .div_ceil(1000) as i64
     }
 }
 
@@ -107,6 +111,17 @@ mod tests {
         // A slow round trip (a looser bound) changes nothing.
         let m = clock.observe(1_000_150, t0 + Duration::from_millis(190));
         assert_eq!(m.instant_of(1_000_010), t0 + Duration::from_millis(11));
+    }
+
+    #[test]
+    fn a_reply_between_two_milliseconds_counts_as_the_later_one() {
+        let t0 = Instant::now();
+        let mut clock = RedisClock::starting_at(t0);
+        // Redis read 1,000,000 at the latest when the reply arrived at local
+        // 10.9 ms, so it reaches 1,000,005 at local 15.9 at the latest; the
+        // mapping may say 16, never 15.
+        let m = clock.observe(1_000_000, t0 + Duration::from_micros(10_900));
+        assert_eq!(m.instant_of(1_000_005), t0 + Duration::from_millis(16));
     }
 
     #[test]
