@@ -37,7 +37,7 @@ pub use config::Config;
 
 use delay_queue::RedisDelayQueue;
 use intake::{Intake, IntakeError, Source};
-use kairos_shared::amqp::{connect_with_retry, sleep_or_cancel, Backoff};
+use kairos_shared::amqp::{close_connection, connect_with_retry, sleep_or_cancel, Backoff};
 use kairos_shared::events::EventSink;
 use kairos_shared::topology;
 use publisher::Publisher;
@@ -78,6 +78,9 @@ pub enum SchedulerError {
 /// the batches it claimed before returning.
 /// How long a stopping scheduler waits for its last events to go out.
 const EVENTS_FLUSH: Duration = Duration::from_secs(5);
+
+/// The longest wait for the broker to confirm a connection close.
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
 pub async fn run(
     config: Config,
@@ -229,12 +232,12 @@ pub async fn run(
                     backoff.reset();
                 }
                 tracing::warn!(cause = %err, "AMQP session ended; reconnecting");
-                let _ = conn.close(200, "reconnecting".into()).await;
+                close_connection(&conn, "reconnecting", CLOSE_WITHIN).await;
                 sleep_or_cancel(backoff.next_delay(), &cancel).await;
                 continue;
             }
         }
-        let _ = conn.close(200, "shutdown".into()).await;
+        close_connection(&conn, "shutdown", CLOSE_WITHIN).await;
     }
     listener.abort();
     for task in schedules {

@@ -43,6 +43,9 @@ pub struct Acks {
     /// name a tag already acked, which closes the channel.
     sending: tokio::sync::Mutex<()>,
     closed: CancellationToken,
+    /// The flusher, awaited by [`close`](Self::close): nothing of it may
+    /// touch the channel once the connection closes.
+    flusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Default)]
@@ -101,8 +104,10 @@ impl Acks {
             wake: Notify::new(),
             sending: tokio::sync::Mutex::new(()),
             closed: CancellationToken::new(),
+            flusher: Mutex::new(None),
         });
-        tokio::spawn(acks.clone().flush_loop(broken));
+        let flusher = tokio::spawn(acks.clone().flush_loop(broken));
+        *acks.flusher.lock().unwrap_or_else(|p| p.into_inner()) = Some(flusher);
         acks
     }
 
@@ -132,6 +137,14 @@ impl Acks {
     /// flusher. Called once the running tasks are done.
     pub async fn close(&self) -> lapin::Result<()> {
         self.closed.cancel();
+        let flusher = self
+            .flusher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(flusher) = flusher {
+            let _ = flusher.await;
+        }
         self.flush(true).await.map(|_| ())
     }
 
@@ -141,7 +154,10 @@ impl Acks {
                 _ = self.closed.cancelled() => return,
                 _ = self.wake.notified() => {}
             }
-            tokio::time::sleep(WINDOW).await;
+            tokio::select! {
+                _ = self.closed.cancelled() => return,
+                _ = tokio::time::sleep(WINDOW) => {}
+            }
             // Deliveries held behind a running one are flushed when their
             // hold is over, even when nothing else settles meanwhile.
             loop {

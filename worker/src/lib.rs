@@ -39,7 +39,7 @@ pub use handler::{Handler, Registry, TaskContext, TaskError, TaskResult};
 use acks::Acks;
 use consumer::{consume, ConsumeError, Shared};
 use disposition::Disposition;
-use kairos_shared::amqp::{connect_with_retry, sleep_or_cancel, Backoff};
+use kairos_shared::amqp::{close_connection, connect_with_retry, sleep_or_cancel, Backoff};
 use kairos_shared::events::EventSink;
 use kairos_shared::topology;
 use slots::Slots;
@@ -48,6 +48,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// The longest wait for the broker to confirm a connection close.
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -149,8 +152,12 @@ impl Worker {
             // One per consumer channel; closed (the last acks flushed) once
             // the running tasks are done, however the session ended.
             let mut acks: Vec<Arc<Acks>> = Vec::new();
+            // The session's other channels (through `Shared`), kept open
+            // until the connection closes: see `finish_running`.
+            let mut keep: (Vec<Arc<Shared>>, Vec<lapin::Channel>) = Default::default();
             let session = async {
                 let channel = conn.create_channel().await?;
+                keep.1.push(channel.clone());
                 topology::declare_base(&channel, &names).await?;
                 for q in &config.queues {
                     topology::declare_task_queue(&channel, &names, q).await?;
@@ -164,6 +171,7 @@ impl Worker {
                     default_timeout: config.task_timeout_ms.map(Duration::from_millis),
                     broken: broken.clone(),
                 });
+                keep.0.push(shared.clone());
                 tracing::info!("connected to RabbitMQ");
                 let stop = CancellationToken::new();
                 let prefetch = config.prefetch();
@@ -218,12 +226,15 @@ impl Worker {
                         "grace period over; leaving running tasks unacked"
                     );
                 }
-                for a in acks {
+                for a in &acks {
                     if let Err(err) = a.close().await {
                         tracing::warn!(cause = %err, "cannot ack the last settled deliveries; RabbitMQ redelivers them");
                     }
                 }
-                let _ = conn.close(200, "bye".into()).await;
+                close_connection(&conn, "bye", CLOSE_WITHIN).await;
+                // Only now: a channel dropped while the connection closes
+                // closes itself at that moment, which lapin can trip over.
+                drop((acks, keep));
             };
             match result {
                 Ok(channels) => {
