@@ -100,3 +100,30 @@ async fn a_graceful_stop_acks_every_settled_delivery() {
     assert_eq!(again.total(), 1, "only the marker ran on the second worker");
     assert_eq!(log.total(), 2000, "each task ran once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_right_after_its_last_task_stops_promptly() {
+    // A stop races the last task's ack and the session's channels closing:
+    // lapin once lost the connection close in that race and the worker
+    // never finished stopping (now also bounded to 5 s, hence the 4 s here).
+    let env = TestEnv::new("acks-cycle").await;
+    env.declare_queue("default").await;
+    for round in 0..50 {
+        let log = RunLog::default();
+        let worker = InProcess::worker(
+            Worker::new(env.worker_config()).handler("test.quick", log.handler(0)),
+        );
+        let p = task_props("test.quick", &format!("r-{round}"));
+        env.publish(&env.names.tasks_exchange(), "default", p, b"")
+            .await;
+        log.wait_distinct(1, Duration::from_secs(30)).await;
+        tokio::time::timeout(Duration::from_secs(4), worker.stop())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the worker did not stop within 4 s"));
+    }
+    assert_eq!(
+        env.queue_depth(&env.names.queue("default")).await,
+        0,
+        "every task was acked"
+    );
+}
