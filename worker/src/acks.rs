@@ -149,32 +149,26 @@ impl Acks {
     }
 
     async fn flush_loop(self: Arc<Self>, broken: CancellationToken) {
+        // When the oldest delivery held behind a running one is due for an
+        // ack of its own, even if nothing else settles meanwhile.
+        let mut held: Option<Instant> = None;
         loop {
+            let due = async {
+                tokio::select! {
+                    _ = self.wake.notified() => tokio::time::sleep(WINDOW).await,
+                    _ = tokio::time::sleep_until(held.unwrap_or_else(Instant::now)), if held.is_some() => {}
+                }
+            };
             tokio::select! {
                 _ = self.closed.cancelled() => return,
-                _ = self.wake.notified() => {}
+                _ = due => {}
             }
-            tokio::select! {
-                _ = self.closed.cancelled() => return,
-                _ = tokio::time::sleep(WINDOW) => {}
-            }
-            // Deliveries held behind a running one are flushed when their
-            // hold is over, even when nothing else settles meanwhile.
-            loop {
-                match self.flush(false).await {
-                    Ok(None) => break,
-                    Ok(Some(next)) => {
-                        tokio::select! {
-                            _ = self.closed.cancelled() => return,
-                            _ = tokio::time::sleep_until(next) => {}
-                            _ = self.wake.notified() => tokio::time::sleep(WINDOW).await,
-                        }
-                    }
-                    Err(err) => {
-                        tracing::warn!(cause = %err, "cannot ack; reconnecting so the deliveries come back");
-                        broken.cancel();
-                        return;
-                    }
+            match self.flush(false).await {
+                Ok(next) => held = next,
+                Err(err) => {
+                    tracing::warn!(cause = %err, "cannot ack; reconnecting so the deliveries come back");
+                    broken.cancel();
+                    return;
                 }
             }
         }
