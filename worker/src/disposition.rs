@@ -45,6 +45,12 @@ impl Disposition {
         })
     }
 
+    /// The channel replacements go out on, for the session to keep open
+    /// until its connection closed.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
     pub async fn succeeded(
         &self,
         d: &Delivery,

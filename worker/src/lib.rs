@@ -152,12 +152,13 @@ impl Worker {
             // One per consumer channel; closed (the last acks flushed) once
             // the running tasks are done, however the session ended.
             let mut acks: Vec<Arc<Acks>> = Vec::new();
-            // The session's other channels (through `Shared`), kept open
-            // until the connection closes: see `finish_running`.
-            let mut keep: (Vec<Arc<Shared>>, Vec<lapin::Channel>) = Default::default();
+            // Every channel of the session, kept open until the connection
+            // closed (see `finish_running`) and until the running tasks are
+            // done (they ack and publish replacements on them).
+            let mut channels: Vec<lapin::Channel> = Vec::new();
             let session = async {
                 let channel = conn.create_channel().await?;
-                keep.1.push(channel.clone());
+                channels.push(channel.clone());
                 topology::declare_base(&channel, &names).await?;
                 for q in &config.queues {
                     topology::declare_task_queue(&channel, &names, q).await?;
@@ -171,20 +172,21 @@ impl Worker {
                     default_timeout: config.task_timeout_ms.map(Duration::from_millis),
                     broken: broken.clone(),
                 });
-                keep.0.push(shared.clone());
+                channels.push(shared.disposition.channel().clone());
                 tracing::info!("connected to RabbitMQ");
                 let stop = CancellationToken::new();
                 let prefetch = config.prefetch();
-                let mut channels = Vec::with_capacity(config.queues.len());
+                let mut consumer_channels = Vec::with_capacity(config.queues.len());
                 for _ in &config.queues {
                     let channel = conn.create_channel().await?;
                     acks.push(Acks::start(channel.clone(), broken.clone()));
-                    channels.push(channel);
+                    channels.push(channel.clone());
+                    consumer_channels.push(channel);
                 }
                 let consumers = config
                     .queues
                     .iter()
-                    .zip(channels.clone())
+                    .zip(consumer_channels)
                     .zip(acks.clone())
                     .map(|((q, channel), acks)| {
                         let stop = stop.clone();
@@ -212,14 +214,13 @@ impl Worker {
                     return Err(SessionError::Broken);
                 }
                 results.into_iter().collect::<Result<Vec<()>, _>>()?;
-                // The channels stay open until the running tasks are done.
-                Ok::<Vec<lapin::Channel>, SessionError>(channels)
+                Ok::<(), SessionError>(())
             };
             let result = session.await;
             tracker.close();
             let finish_running = async move {
                 // Let running tasks finish while the connection can still
-                // ack; the session's channels (in `result`) stay open too.
+                // ack; the session's channels stay open too.
                 if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
                     tracing::warn!(
                         running = tracker.len(),
@@ -234,13 +235,10 @@ impl Worker {
                 close_connection(&conn, "bye", CLOSE_WITHIN).await;
                 // Only now: a channel dropped while the connection closes
                 // closes itself at that moment, which lapin can trip over.
-                drop((acks, keep));
+                drop((acks, channels));
             };
             match result {
-                Ok(channels) => {
-                    finish_running.await;
-                    drop(channels);
-                }
+                Ok(()) => finish_running.await,
                 Err(err) => {
                     // Reconnect at once; tasks still running finish on the
                     // old connection in the background (their acks fail if
