@@ -111,7 +111,11 @@ pub struct Config {
     pub schedule_file: Option<PathBuf>,
 
     /// How long before its tick an occurrence is handed to the delay queue
-    /// (ms): ticks then fire with the delay queue's precision.
+    /// (ms): ticks then fire with the delay queue's precision. An occurrence
+    /// handed over before an outage runs after it whatever the misfire
+    /// policy, so the default stays short; with thousands of ticks a second
+    /// on a loaded machine, a second leaves room for stalls (W5 of the
+    /// benchmarks).
     #[arg(long, env = "KAIROS_SCHEDULE_LOOKAHEAD_MS", value_name = "KAIROS_SCHEDULE_LOOKAHEAD_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub schedule_lookahead_ms: u64,
 

@@ -24,7 +24,9 @@
 //! serve every shard: the claim is one atomic script, so two instances never
 //! claim the same task.
 
-use deadpool_redis::{Connection, Pool};
+use crate::redis_conn::RedisConn;
+use deadpool_redis::Pool;
+use redis::aio::MultiplexedConnection;
 use redis::{RedisError, ServerErrorKind, Value};
 use std::sync::LazyLock;
 use thiserror::Error;
@@ -143,7 +145,7 @@ struct ShardKeys {
 
 #[derive(Clone)]
 pub struct RedisDelayQueue {
-    pool: Pool,
+    redis: RedisConn,
     shards: Vec<ShardKeys>,
     wake_channel: String,
     meta_key: String,
@@ -160,10 +162,19 @@ impl RedisDelayQueue {
             })
             .collect();
         RedisDelayQueue {
-            pool,
+            redis: RedisConn::new(pool),
             shards: keys,
             wake_channel: format!("{namespace}:dq:wake"),
             meta_key: format!("{namespace}:dq:shards"),
+        }
+    }
+
+    /// The same queue over a connection of its own (see
+    /// [`RedisConn::separate`]).
+    pub fn with_own_connection(&self) -> Self {
+        RedisDelayQueue {
+            redis: self.redis.separate(),
+            ..self.clone()
         }
     }
 
@@ -187,7 +198,7 @@ impl RedisDelayQueue {
     /// later: instances that disagree would map ids to different shards and
     /// leave some shards unserved.
     pub async fn check_shard_count(&self) -> Result<(), QueueError> {
-        let mut con = self.pool.get().await?;
+        let mut con = self.redis.get().await?;
         let n = self.shards.len();
         let _: bool = redis::cmd("SETNX")
             .arg(&self.meta_key)
@@ -342,7 +353,7 @@ impl RedisDelayQueue {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, QueueError> {
-        query_scripts(&self.pool, pipe, &[&SCHEDULE, &CLAIM, &COMPLETE, &RELEASE]).await
+        query_scripts(&self.redis, pipe, &[&SCHEDULE, &CLAIM, &COMPLETE, &RELEASE]).await
     }
 }
 
@@ -350,21 +361,27 @@ impl RedisDelayQueue {
 /// Redis lost them (restart, SCRIPT FLUSH). Every Kairos script is safe to
 /// run twice.
 pub(crate) async fn query_scripts<T: redis::FromRedisValue>(
-    pool: &Pool,
+    redis: &RedisConn,
     pipe: &redis::Pipeline,
     scripts: &[&redis::Script],
 ) -> Result<T, QueueError> {
-    let mut con = pool.get().await?;
-    match pipe.query_async(&mut con).await {
-        Ok(v) => Ok(v),
+    let mut con = redis.get().await?;
+    let reply = match pipe.query_async(&mut con).await {
         Err(e) if e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
+            let mut loaded = Ok(());
             for s in scripts {
-                s.load_async(&mut con).await?;
+                loaded = loaded.and(s.load_async(&mut con).await.map(|_| ()));
             }
-            Ok(pipe.query_async(&mut con).await?)
+            loaded.and(pipe.query_async(&mut con).await)
         }
-        Err(e) => Err(e.into()),
-    }
+        other => other,
+    };
+    reply.map_err(|e| {
+        if !matches!(e.kind(), redis::ErrorKind::Server(_)) {
+            redis.forget();
+        }
+        e.into()
+    })
 }
 
 pub(crate) fn evalsha(script: &redis::Script, keys: &[&str]) -> redis::Cmd {
@@ -376,7 +393,7 @@ pub(crate) fn evalsha(script: &redis::Script, keys: &[&str]) -> redis::Cmd {
     cmd
 }
 
-async fn load_scripts(con: &mut Connection) -> Result<(), QueueError> {
+async fn load_scripts(con: &mut MultiplexedConnection) -> Result<(), QueueError> {
     for s in [&*SCHEDULE, &*CLAIM, &*COMPLETE, &*RELEASE] {
         s.load_async(con).await?;
     }

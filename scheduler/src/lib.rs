@@ -24,6 +24,7 @@ pub mod outcomes;
 pub mod publisher;
 pub mod pump;
 pub mod redis_clock;
+pub mod redis_conn;
 pub mod retry;
 pub mod schedule;
 pub mod schedule_admin;
@@ -154,7 +155,9 @@ pub async fn run(
         cancel.clone(),
     );
     let pump = Pump {
-        queue: queue.clone(),
+        // The claims and completions run every few ms under load: not
+        // behind an intake batch on the same socket.
+        queue: queue.with_own_connection(),
         events: events.clone(),
         wake: wake.clone(),
         batch: usize::from(config.batch),

@@ -19,8 +19,10 @@ use crate::delay_queue::{
     bytes, evalsha, indexed_script, int, query_scripts, shard_of, string, QueueError,
     RedisDelayQueue,
 };
+use crate::redis_conn::RedisConn;
 use crate::schedule::ScheduleSpec;
-use deadpool_redis::{Connection, Pool};
+use deadpool_redis::Pool;
+use redis::aio::MultiplexedConnection;
 use redis::Value;
 use serde::Serialize;
 use std::sync::LazyLock;
@@ -29,6 +31,8 @@ static DUE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_due.lua")));
 static FIRE: LazyLock<redis::Script> = indexed_script!("scripts/sched_fire.lua");
 static PUT: LazyLock<redis::Script> = indexed_script!("scripts/sched_put.lua");
+static META: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_meta.lua")));
 static DEFS: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_defs.lua")));
 static OUTCOME: LazyLock<redis::Script> =
@@ -45,7 +49,7 @@ struct Keys {
 
 #[derive(Clone)]
 pub struct ScheduleStore {
-    pool: Pool,
+    redis: RedisConn,
     shards: Vec<Keys>,
     wake_channel: String,
 }
@@ -91,6 +95,9 @@ pub struct Fire {
     /// The definition's digest as read: the compare-and-set also catches a
     /// replaced or paused schedule.
     pub digest: String,
+    /// The last tick fired, as read. Not sent: the script reads its own;
+    /// the caller remembers what the fire leaves.
+    pub last: Option<i64>,
     pub new_next: Option<i64>,
     pub overlap_skip: bool,
     pub max_run_ms: u64,
@@ -135,7 +142,7 @@ impl ScheduleStore {
             })
             .collect();
         ScheduleStore {
-            pool,
+            redis: RedisConn::new(pool),
             shards,
             wake_channel: queue.wake_channel().to_string(),
         }
@@ -152,7 +159,7 @@ impl ScheduleStore {
 
     /// Redis's clock, in Unix ms: all tick arithmetic uses it.
     pub async fn now(&self) -> Result<i64, QueueError> {
-        let mut con = self.pool.get().await?;
+        let mut con = self.redis.get().await?;
         let (s, us): (i64, i64) = redis::cmd("TIME").query_async(&mut con).await?;
         Ok(s * 1000 + us / 1000)
     }
@@ -160,27 +167,34 @@ impl ScheduleStore {
     /// Schedules due before now + `lookahead`, up to `batch` per shard, each
     /// with its definition.
     pub async fn due(&self, lookahead: i64, batch: usize) -> Result<DueBatch, QueueError> {
-        self.due_known(lookahead, batch, |_, _| false).await
+        self.due_known(lookahead, batch, |_, _| None, |_, _| false)
+            .await
     }
 
-    /// Like [`due`](Self::due), but the definition is read only for the
-    /// schedules where `known(id, digest)` is false: a schedule that fires
-    /// every second is otherwise sent over every second.
+    /// Like [`due`](Self::due), for a caller that remembers what it fired
+    /// and parsed. `fired(id, next)` gives the digest and last tick of a
+    /// schedule whose next tick `next` this caller stored itself; the others
+    /// are read. The definition is read only where `known(id, digest)` is
+    /// false. A schedule that fires every second is otherwise read and sent
+    /// over every second; a remembered digest that is out of date fails the
+    /// compare-and-set, and the caller must then forget it.
     pub async fn due_known(
         &self,
         lookahead: i64,
         batch: usize,
+        fired: impl Fn(&str, i64) -> Option<(String, Option<i64>)>,
         known: impl Fn(&str, &str) -> bool,
     ) -> Result<DueBatch, QueueError> {
         let mut pipe = redis::pipe();
         for s in 0..self.shards.len() {
-            let [next, def, state, ..] = self.keys(s);
-            pipe.add_command(evalsha(&DUE, &[next, def, state]))
+            let [next, ..] = self.keys(s);
+            pipe.add_command(evalsha(&DUE, &[next]))
                 .arg(lookahead)
                 .arg(batch);
         }
         let replies: Vec<Vec<Value>> = self.query(&pipe).await?;
         let mut out = DueBatch::default();
+        let mut unread = Vec::new();
         for (shard, reply) in replies.into_iter().enumerate() {
             let mut it = reply.into_iter();
             out.now = out.now.max(int(it.next())?);
@@ -192,18 +206,21 @@ impl ScheduleStore {
             while let Some(id) = it.next() {
                 let id = string(Some(id))?;
                 let next = int(it.next())?;
-                let digest = string(it.next())?;
-                let last = int(it.next())?;
+                let (digest, last) = fired(&id, next).unwrap_or_else(|| {
+                    unread.push(out.items.len());
+                    (String::new(), None)
+                });
                 out.items.push(DueItem {
                     shard,
                     id,
                     next,
                     digest,
                     def: None,
-                    last: (last >= 0).then_some(last),
+                    last,
                 });
             }
         }
+        self.read_meta(&mut out.items, &unread).await?;
         let unknown: Vec<usize> = (0..out.items.len())
             .filter(|&i| {
                 let item = &out.items[i];
@@ -214,17 +231,31 @@ impl ScheduleStore {
         Ok(out)
     }
 
-    /// Reads the definitions of `items[i]` for each i in `which`, with the
-    /// digest they have now (which replaces the one read before: the pair
-    /// must match, and a changed definition fails its compare-and-set
-    /// anyway).
-    async fn read_definitions(
+    /// Reads the digest and last tick of `items[i]` for each i in `which`.
+    async fn read_meta(&self, items: &mut [DueItem], which: &[usize]) -> Result<(), QueueError> {
+        let replies = self
+            .per_shard(&META, items, which, |k| [k[1], k[2]])
+            .await?;
+        for (i, mut reply) in replies {
+            items[i].digest = string(reply.next())?;
+            let last = int(reply.next())?;
+            items[i].last = (last >= 0).then_some(last);
+        }
+        Ok(())
+    }
+
+    /// Runs `script` once per shard over the ids of `items[i]`, i in
+    /// `which`, in one round trip; yields each i with its part of the
+    /// reply (the script answers with a fixed number of values per id).
+    async fn per_shard<const K: usize>(
         &self,
-        items: &mut [DueItem],
+        script: &redis::Script,
+        items: &[DueItem],
         which: &[usize],
-    ) -> Result<(), QueueError> {
+        keys: impl Fn([&str; 5]) -> [&str; K],
+    ) -> Result<Vec<(usize, std::vec::IntoIter<Value>)>, QueueError> {
         if which.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); self.shards.len()];
         for &i in which {
@@ -236,8 +267,7 @@ impl ScheduleStore {
             if group.is_empty() {
                 continue;
             }
-            let [_, def, ..] = self.keys(shard);
-            let mut cmd = evalsha(&DEFS, &[def]);
+            let mut cmd = evalsha(script, &keys(self.keys(shard)));
             for &i in group {
                 cmd.arg(&items[i].id);
             }
@@ -245,10 +275,30 @@ impl ScheduleStore {
             order.extend(group.iter().copied());
         }
         let replies: Vec<Vec<Value>> = self.query(&pipe).await?;
-        let mut it = replies.into_iter().flatten();
-        for i in order {
-            let digest = string(it.next())?;
-            let def = bytes(it.next())?;
+        let per_id = replies.iter().map(Vec::len).sum::<usize>() / order.len();
+        let mut values = replies.into_iter().flatten();
+        Ok(order
+            .into_iter()
+            .map(|i| {
+                let part: Vec<Value> = values.by_ref().take(per_id).collect();
+                (i, part.into_iter())
+            })
+            .collect())
+    }
+
+    /// Reads the definitions of `items[i]` for each i in `which`, with the
+    /// digest they have now (which replaces the one read before: the pair
+    /// must match, and a changed definition fails its compare-and-set
+    /// anyway).
+    async fn read_definitions(
+        &self,
+        items: &mut [DueItem],
+        which: &[usize],
+    ) -> Result<(), QueueError> {
+        let replies = self.per_shard(&DEFS, items, which, |k| [k[1]]).await?;
+        for (i, mut reply) in replies {
+            let digest = string(reply.next())?;
+            let def = bytes(reply.next())?;
             items[i].def = (!digest.is_empty()).then_some(def);
             items[i].digest = digest;
         }
@@ -447,7 +497,12 @@ impl ScheduleStore {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, QueueError> {
-        query_scripts(&self.pool, pipe, &[&DUE, &DEFS, &FIRE, &PUT, &OUTCOME]).await
+        query_scripts(
+            &self.redis,
+            pipe,
+            &[&DUE, &META, &DEFS, &FIRE, &PUT, &OUTCOME],
+        )
+        .await
     }
 
     /// Like [`query`](Self::query), grouping replies three by three.
@@ -500,8 +555,8 @@ fn make_view(
     }
 }
 
-pub async fn load_scripts(con: &mut Connection) -> Result<(), QueueError> {
-    for s in [&*DUE, &*DEFS, &*FIRE, &*PUT, &*OUTCOME] {
+pub async fn load_scripts(con: &mut MultiplexedConnection) -> Result<(), QueueError> {
+    for s in [&*DUE, &*META, &*DEFS, &*FIRE, &*PUT, &*OUTCOME] {
         s.load_async(con).await?;
     }
     Ok(())

@@ -49,12 +49,23 @@ pub struct Ticker {
 }
 
 /// Parsed definitions by schedule id, with the digest of the bytes they were
-/// parsed from. A schedule that fires every second is read every second;
-/// parsing and validating its JSON each time cost more than planning its
-/// tick, and sending it over cost Redis more than the compare-and-set.
+/// parsed from, and what this scheduler stored when it last fired each. A
+/// schedule that fires every second is read every second: parsing and
+/// validating its JSON each time cost more than planning its tick, sending
+/// it over cost Redis more than the compare-and-set, and reading its digest
+/// and last tick back cost Redis a third of the round.
 #[derive(Default)]
 pub struct ParsedCache {
-    by_id: HashMap<String, (String, Arc<Schedule>)>,
+    by_id: HashMap<String, Cached>,
+}
+
+struct Cached {
+    digest: String,
+    schedule: Arc<Schedule>,
+    /// The next tick this scheduler stored when it fired, and the last
+    /// tick fired then; `None` until it fires, and again once a
+    /// compare-and-set of it failed (another writer changed it).
+    fired: Option<(i64, Option<i64>)>,
 }
 
 /// Entries kept before the cache starts over (deleted schedules leave
@@ -74,7 +85,32 @@ enum Parsed {
 
 impl ParsedCache {
     fn knows(&self, id: &str, digest: &str) -> bool {
-        self.by_id.get(id).is_some_and(|(d, _)| d == digest)
+        self.by_id.get(id).is_some_and(|c| c.digest == digest)
+    }
+
+    /// The digest and last tick of a schedule whose stored next tick is
+    /// `next`, if this scheduler stored it.
+    fn fired(&self, id: &str, next: i64) -> Option<(String, Option<i64>)> {
+        let c = self.by_id.get(id)?;
+        match c.fired {
+            Some((n, last)) if n == next => Some((c.digest.clone(), last)),
+            _ => None,
+        }
+    }
+
+    /// After a compare-and-set: what this scheduler stored, or, when it
+    /// lost, that it knows nothing of the schedule's state any more.
+    fn note_fire(&mut self, fire: &Fire, won: bool) {
+        let Some(c) = self.by_id.get_mut(&fire.id) else {
+            return;
+        };
+        c.fired = match (won, fire.new_next) {
+            (true, Some(next)) if c.digest == fire.digest => {
+                let fired_last = fire.occurrences.iter().map(|o| o.tick).max();
+                Some((next, fire.last.max(fired_last)))
+            }
+            _ => None,
+        };
     }
 
     /// Called between rounds, so a round never loses what it relies on.
@@ -87,17 +123,19 @@ impl ParsedCache {
     fn get(&mut self, item: &DueItem) -> Parsed {
         let Some(def) = &item.def else {
             return match self.by_id.get(&item.id) {
-                Some((digest, schedule)) if *digest == item.digest => {
-                    Parsed::Ready(schedule.clone())
-                }
+                Some(c) if c.digest == item.digest => Parsed::Ready(c.schedule.clone()),
                 _ => Parsed::Unknown,
             };
         };
         match parse(&item.id, def) {
             Ok(schedule) => {
                 let schedule = Arc::new(schedule);
-                self.by_id
-                    .insert(item.id.clone(), (item.digest.clone(), schedule.clone()));
+                let cached = Cached {
+                    digest: item.digest.clone(),
+                    schedule: schedule.clone(),
+                    fired: None,
+                };
+                self.by_id.insert(item.id.clone(), cached);
                 Parsed::Ready(schedule)
             }
             Err(reason) => Parsed::Unreadable(reason),
@@ -139,9 +177,12 @@ impl Ticker {
         self.cache().trim();
         let due = self
             .store
-            .due_known(self.lookahead_ms, self.batch, |id, digest| {
-                self.cache().knows(id, digest)
-            })
+            .due_known(
+                self.lookahead_ms,
+                self.batch,
+                |id, next| self.cache().fired(id, next),
+                |id, digest| self.cache().knows(id, digest),
+            )
             .await?;
         let mut fires = Vec::with_capacity(due.items.len());
         let mut tasks: Vec<Vec<Task>> = Vec::with_capacity(due.items.len());
@@ -155,6 +196,12 @@ impl Ticker {
         }
         if !fires.is_empty() {
             let results = self.store.fire(&fires).await?;
+            {
+                let mut cache = self.cache();
+                for (fire, fired) in fires.iter().zip(&results) {
+                    cache.note_fire(fire, fired.won);
+                }
+            }
             let mut woke = false;
             for ((fire, fired), tasks) in fires.iter().zip(&results).zip(&tasks) {
                 if !fired.won {
@@ -217,6 +264,7 @@ impl Ticker {
             id: item.id.clone(),
             expected_next: item.next,
             digest: item.digest.clone(),
+            last: item.last,
             new_next: None,
             overlap_skip: false,
             max_run_ms: 0,
@@ -330,5 +378,51 @@ mod tests {
             cache.get(&item("d3", Some("{not json"))),
             Parsed::Unreadable(_)
         ));
+    }
+
+    fn fire(digest: &str, next: Option<i64>, ticks: &[i64]) -> Fire {
+        Fire {
+            shard: 0,
+            id: "s".into(),
+            expected_next: 0,
+            digest: digest.into(),
+            last: Some(5),
+            new_next: next,
+            overlap_skip: false,
+            max_run_ms: 0,
+            occurrences: ticks
+                .iter()
+                .map(|&tick| Occurrence {
+                    member: format!("s@{tick}"),
+                    tick,
+                    record: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn what_a_won_fire_stored_is_remembered_until_a_fire_is_lost() {
+        let mut cache = ParsedCache::default();
+        let def = r#"{"every_ms":1000,"task":{"name":"t"}}"#;
+        ready(cache.get(&item("d1", Some(def))));
+        // Parsed but never fired here: the state must be read.
+        assert_eq!(cache.fired("s", 2000), None);
+        cache.note_fire(&fire("d1", Some(2000), &[1000]), true);
+        assert_eq!(cache.fired("s", 2000), Some(("d1".into(), Some(1000))));
+        // Another next tick stored: someone else wrote it.
+        assert_eq!(cache.fired("s", 3000), None);
+        // A fire with nothing to hand over keeps the last tick read.
+        cache.note_fire(&fire("d1", Some(3000), &[]), true);
+        assert_eq!(cache.fired("s", 3000), Some(("d1".into(), Some(5))));
+        // A lost compare-and-set: the schedule changed under us.
+        cache.note_fire(&fire("d1", Some(4000), &[3000]), false);
+        assert_eq!(cache.fired("s", 4000), None);
+        assert_eq!(cache.fired("s", 3000), None);
+        // Won with a digest other than the parsed one, or exhausted.
+        cache.note_fire(&fire("d2", Some(5000), &[4000]), true);
+        assert_eq!(cache.fired("s", 5000), None);
+        cache.note_fire(&fire("d1", None, &[4000]), true);
+        assert!(cache.knows("s", "d1"));
     }
 }

@@ -13,6 +13,7 @@ fn fire_of(item: &kairos_scheduler::schedule_store::DueItem, tick: i64, new_next
         id: item.id.clone(),
         expected_next: item.next,
         digest: item.digest.clone(),
+        last: item.last,
         new_next: Some(new_next),
         overlap_skip: false,
         max_run_ms: 1000,

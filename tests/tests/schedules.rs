@@ -554,3 +554,52 @@ async fn fast_intervals_fire_on_time() {
     worker.stop().await;
     scheduler.stop().await;
 }
+
+/// A PUT that keeps the next tick (a cron schedule with a new template)
+/// changes only the definition: the scheduler that fired the last tick and
+/// remembers the old definition must lose its compare-and-set, read the new
+/// one and fire the next tick with it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_template_fires_from_the_next_tick_not_yet_handed_over() {
+    let env = TestEnv::new("schtpl").await;
+    let (old, new) = (RunLog::default(), RunLog::default());
+    let (scheduler, api) = scheduler_with_api(&env).await;
+    let worker = InProcess::worker(
+        Worker::new(env.worker_config())
+            .handler("test.old", old.handler(0))
+            .handler("test.new", new.handler(0)),
+    );
+    let cron = |name: &str| json!({"cron": "*/2 * * * * *", "task": {"name": name}});
+    assert_eq!(api.put("t", cron("test.old")).await.status, 201);
+    old.wait_for(Duration::from_secs(10), "2 ticks", |l| {
+        l.ticks_of("t").len() >= 2
+    })
+    .await;
+    let put_at = now_ms();
+    let r = api.put("t", cron("test.new")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    new.wait_for(
+        Duration::from_secs(10),
+        "2 ticks of the new template",
+        |l| l.ticks_of("t").len() >= 2,
+    )
+    .await;
+    let (a, b) = (old.ticks_of("t"), new.ticks_of("t"));
+    let lookahead = env.scheduler_config().schedule_lookahead_ms as i64;
+    // Only an occurrence already handed over (within the lookahead) may
+    // still run the old template.
+    assert!(
+        a.iter().all(|t| *t <= put_at + lookahead),
+        "old template after the PUT: {a:?}, PUT at {put_at}"
+    );
+    assert!(b.iter().all(|t| *t > put_at), "{b:?}");
+    let mut all: Vec<i64> = a.iter().chain(&b).copied().collect();
+    all.sort_unstable();
+    let steps: Vec<i64> = all.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        steps.iter().all(|s| *s == 2000),
+        "a tick missed or fired twice: old {a:?}, new {b:?}"
+    );
+    worker.stop().await;
+    scheduler.stop().await;
+}
