@@ -8,9 +8,9 @@
 //! * after publishing, before the delete: the same, so the task is
 //!   published again: a duplicate, never a loss.
 //!
-//! Claims overlap with confirms: batches holding up to [`MAX_INFLIGHT`]
-//! full claims' worth of tasks wait for their due time or their confirms
-//! while the next batch is claimed and published.
+//! Claims overlap with publishing and confirms: batches holding up to
+//! [`MAX_INFLIGHT`] full claims' worth of tasks are published, wait for
+//! their due time or their confirms, while the next batch is claimed.
 //!
 //! A claim also takes the tasks due within [`CLAIM_AHEAD_MS`], which a
 //! local timer publishes at their due time, and the pump claims again only
@@ -120,14 +120,21 @@ impl Pump {
                     inflight.spawn(async move { this.publish_at_due(publisher, ahead, map).await });
                 }
                 if !due.is_empty() {
-                    let (sent, failure) = self.send(&publisher, due).await;
+                    // Published while the next claim runs: a backlog that
+                    // fell due at once (a burst of retries, the end of an
+                    // outage) flows at the slower of Redis and the broker,
+                    // not at their sum.
                     let (this, publisher) = (self.clone(), publisher.clone());
-                    inflight.spawn(async move { this.settle(&publisher, vec![sent]).await });
-                    if let Some(err) = failure {
-                        // What did go out is settled above; the supervisor
-                        // reconnects.
-                        break Err(err.into());
-                    }
+                    inflight.spawn(async move {
+                        let (sent, failure) = this.send(&publisher, due).await;
+                        let settled = this.settle(&publisher, vec![sent]).await;
+                        match failure {
+                            // What did go out is settled; the supervisor
+                            // reconnects.
+                            Some(err) => Err(err.into()),
+                            None => settled,
+                        }
+                    });
                 }
                 let mut failure = reap(&mut inflight, &mut inflight_tasks);
                 while failure.is_none() && inflight_tasks >= max_inflight_tasks {
