@@ -144,18 +144,21 @@ impl Task {
                 id.to_string()
             }
         };
-        let headers = properties.headers().clone().unwrap_or_default();
-        let attempt = match int_header(&headers, H_ATTEMPT)? {
+        // Read in place: a clone of the table cost a task an allocation per
+        // header, and the properties are cloned whole below anyway.
+        let no_headers = FieldTable::default();
+        let headers = properties.headers().as_ref().unwrap_or(&no_headers);
+        let attempt = match int_header(headers, H_ATTEMPT)? {
             None => 1,
             Some(n) if n >= 1 && n <= i64::from(u32::MAX) => n as u32,
             Some(n) => return Err(bad(H_ATTEMPT, format!("{n} is not an attempt number"))),
         };
-        let max_retries = match int_header(&headers, H_MAX_RETRIES)? {
+        let max_retries = match int_header(headers, H_MAX_RETRIES)? {
             None => None,
             Some(n) if (0..=i64::from(u32::MAX)).contains(&n) => Some(n as u32),
             Some(n) => return Err(bad(H_MAX_RETRIES, format!("{n} is negative"))),
         };
-        let timeout_ms = match int_header(&headers, H_TIMEOUT_MS)? {
+        let timeout_ms = match int_header(headers, H_TIMEOUT_MS)? {
             None => None,
             Some(n) if n > 0 => Some(n as u64),
             Some(n) => return Err(bad(H_TIMEOUT_MS, format!("{n} is not positive"))),
@@ -170,8 +173,8 @@ impl Task {
             queue: routing_key.to_string(),
             priority,
             attempt,
-            run_at: int_header(&headers, H_RUN_AT)?,
-            delay_ms: int_header(&headers, H_DELAY_MS)?,
+            run_at: int_header(headers, H_RUN_AT)?,
+            delay_ms: int_header(headers, H_DELAY_MS)?,
             max_retries,
             timeout_ms,
             properties,
@@ -246,7 +249,9 @@ impl Task {
     pub fn set_header(&mut self, name: &str, value: AMQPValue) {
         let mut headers = self.headers();
         headers.insert(name.into(), value);
-        self.properties = self.properties.clone().with_headers(headers);
+        // Moved, not cloned: the old table would be copied only to be
+        // replaced (the pump sets `x-run-at` on every task it publishes).
+        self.properties = std::mem::take(&mut self.properties).with_headers(headers);
     }
 }
 
