@@ -200,21 +200,24 @@ impl RedisDelayQueue {
     pub async fn check_shard_count(&self) -> Result<(), QueueError> {
         let mut con = self.redis.get().await?;
         let n = self.shards.len();
-        let _: bool = redis::cmd("SETNX")
-            .arg(&self.meta_key)
-            .arg(n)
-            .query_async(&mut con)
-            .await?;
-        let stored: usize = redis::cmd("GET")
-            .arg(&self.meta_key)
-            .query_async(&mut con)
-            .await?;
+        let stored: usize = self.redis.watch(
+            redis::pipe()
+                .cmd("SETNX")
+                .arg(&self.meta_key)
+                .arg(n)
+                .ignore()
+                .cmd("GET")
+                .arg(&self.meta_key)
+                .query_async::<(usize,)>(&mut con)
+                .await
+                .map(|(stored,)| stored),
+        )?;
         if stored != n {
             return Err(QueueError::Config(format!(
                 "KAIROS_SHARDS is {n} but this namespace's delay queue was created with {stored} shards; every scheduler must use {stored}"
             )));
         }
-        load_scripts(&mut con).await
+        Ok(self.redis.watch(load_scripts(&mut con).await)?)
     }
 
     /// Holds the entries, one pipelined round trip for the whole batch.
@@ -366,22 +369,18 @@ pub(crate) async fn query_scripts<T: redis::FromRedisValue>(
     scripts: &[&redis::Script],
 ) -> Result<T, QueueError> {
     let mut con = redis.get().await?;
-    let reply = match pipe.query_async(&mut con).await {
-        Err(e) if e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
-            let mut loaded = Ok(());
-            for s in scripts {
-                loaded = loaded.and(s.load_async(&mut con).await.map(|_| ()));
+    let reply = async {
+        match pipe.query_async(&mut con).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
+                for s in scripts {
+                    s.load_async(&mut con).await?;
+                }
+                pipe.query_async(&mut con).await
             }
-            loaded.and(pipe.query_async(&mut con).await)
+            other => other,
         }
-        other => other,
     };
-    reply.map_err(|e| {
-        if !matches!(e.kind(), redis::ErrorKind::Server(_)) {
-            redis.forget();
-        }
-        e.into()
-    })
+    Ok(redis.watch(reply.await)?)
 }
 
 pub(crate) fn evalsha(script: &redis::Script, keys: &[&str]) -> redis::Cmd {
@@ -393,7 +392,7 @@ pub(crate) fn evalsha(script: &redis::Script, keys: &[&str]) -> redis::Cmd {
     cmd
 }
 
-async fn load_scripts(con: &mut MultiplexedConnection) -> Result<(), QueueError> {
+async fn load_scripts(con: &mut MultiplexedConnection) -> redis::RedisResult<()> {
     for s in [&*SCHEDULE, &*CLAIM, &*COMPLETE, &*RELEASE] {
         s.load_async(con).await?;
     }

@@ -42,10 +42,17 @@ impl RedisConn {
         Ok(con)
     }
 
-    /// After a failed call: the next [`get`](Self::get) checks out a fresh
-    /// connection. (A command error, e.g. NOSCRIPT, does not call for it.)
-    pub fn forget(&self) {
-        self.lock().take();
+    /// Passes on the result of a call on [`get`](Self::get)'s connection.
+    /// After a failure other than a command error (NOSCRIPT, a script's
+    /// own error), the connection may be dead: the next call checks out a
+    /// fresh one, or it would fail on the same dead socket for ever.
+    pub fn watch<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if let Err(e) = &result {
+            if !matches!(e.kind(), redis::ErrorKind::Server(_)) {
+                self.lock().take();
+            }
+        }
+        result
     }
 
     /// Holds only a connection handle; a poisoned lock is still usable.
