@@ -190,6 +190,59 @@ async fn a_completed_task_is_not_published_again_after_its_lease_expired() {
         .is_empty());
 }
 
+/// A confirm can arrive after its task's lease expired and the task went
+/// back to the due index. Completing a batch that mixes such a task with
+/// leased ones must remove it from the index too. (A release stands in
+/// for the expired lease: both put the task back in the index.)
+#[tokio::test]
+async fn completing_a_batch_removes_tasks_back_in_the_index_as_well_as_leased_ones() {
+    let env = TestEnv::new("dq-mixed").await;
+    let q = queue(&env, 1).await;
+    q.schedule(&[entry("back", None, 0), entry("leased", None, 0)])
+        .await
+        .expect("schedule");
+    let claim = q.claim(10, 30_000, 0).await.expect("claim");
+    assert_eq!(claim.tasks.len(), 2);
+    let back: Vec<&Claimed> = claim.tasks.iter().filter(|c| c.id() == "back").collect();
+    assert_eq!(back.len(), 1);
+    q.release(&back).await.expect("release");
+    q.complete(&claim.tasks.iter().collect::<Vec<_>>())
+        .await
+        .expect("complete");
+    assert_eq!(q.pending().await.expect("pending"), 0);
+    // No due time is left behind in the index (a claim would skip it, its
+    // record being gone, but it would cost every later claim a look).
+    let mut con = env.redis.clone();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:dq{{0}}:idx*", env.ns))
+        .query_async(&mut con)
+        .await
+        .expect("KEYS");
+    for k in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&k)
+            .query_async(&mut con)
+            .await
+            .expect("TYPE");
+        if kind == "zset" {
+            let members: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&k)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut con)
+                .await
+                .expect("ZRANGE");
+            assert!(members.is_empty(), "{k} still holds {members:?}");
+        }
+    }
+    assert!(q
+        .claim(10, 30_000, 0)
+        .await
+        .expect("claim")
+        .tasks
+        .is_empty());
+}
+
 #[tokio::test]
 async fn shard_count_is_fixed_per_namespace() {
     let env = TestEnv::new("dq-shards").await;
