@@ -22,7 +22,6 @@ use crate::delay_queue::{
 use crate::redis_conn::RedisConn;
 use crate::schedule::ScheduleSpec;
 use deadpool_redis::Pool;
-use redis::aio::MultiplexedConnection;
 use redis::Value;
 use serde::Serialize;
 use std::sync::LazyLock;
@@ -160,7 +159,9 @@ impl ScheduleStore {
     /// Redis's clock, in Unix ms: all tick arithmetic uses it.
     pub async fn now(&self) -> Result<i64, QueueError> {
         let mut con = self.redis.get().await?;
-        let (s, us): (i64, i64) = redis::cmd("TIME").query_async(&mut con).await?;
+        let (s, us): (i64, i64) = self
+            .redis
+            .watch(redis::cmd("TIME").query_async(&mut con).await)?;
         Ok(s * 1000 + us / 1000)
     }
 
@@ -234,7 +235,7 @@ impl ScheduleStore {
     /// Reads the digest and last tick of `items[i]` for each i in `which`.
     async fn read_meta(&self, items: &mut [DueItem], which: &[usize]) -> Result<(), QueueError> {
         let replies = self
-            .per_shard(&META, items, which, |k| [k[1], k[2]])
+            .per_shard(&META, items, which, 2, |k| [k[1], k[2]])
             .await?;
         for (i, mut reply) in replies {
             items[i].digest = string(reply.next())?;
@@ -246,12 +247,13 @@ impl ScheduleStore {
 
     /// Runs `script` once per shard over the ids of `items[i]`, i in
     /// `which`, in one round trip; yields each i with its part of the
-    /// reply (the script answers with a fixed number of values per id).
+    /// reply, the script's `per_id` values for that id.
     async fn per_shard<const K: usize>(
         &self,
         script: &redis::Script,
         items: &[DueItem],
         which: &[usize],
+        per_id: usize,
         keys: impl Fn([&str; 5]) -> [&str; K],
     ) -> Result<Vec<(usize, std::vec::IntoIter<Value>)>, QueueError> {
         if which.is_empty() {
@@ -275,7 +277,6 @@ impl ScheduleStore {
             order.extend(group.iter().copied());
         }
         let replies: Vec<Vec<Value>> = self.query(&pipe).await?;
-        let per_id = replies.iter().map(Vec::len).sum::<usize>() / order.len();
         let mut values = replies.into_iter().flatten();
         Ok(order
             .into_iter()
@@ -295,7 +296,7 @@ impl ScheduleStore {
         items: &mut [DueItem],
         which: &[usize],
     ) -> Result<(), QueueError> {
-        let replies = self.per_shard(&DEFS, items, which, |k| [k[1]]).await?;
+        let replies = self.per_shard(&DEFS, items, which, 2, |k| [k[1]]).await?;
         for (i, mut reply) in replies {
             let digest = string(reply.next())?;
             let def = bytes(reply.next())?;
@@ -553,11 +554,4 @@ fn make_view(
         last_outcome: outcome.and_then(|o| serde_json::from_slice(&o).ok()),
         last_skipped_at: skipped,
     }
-}
-
-pub async fn load_scripts(con: &mut MultiplexedConnection) -> Result<(), QueueError> {
-    for s in [&*DUE, &*META, &*DEFS, &*FIRE, &*PUT, &*OUTCOME] {
-        s.load_async(con).await?;
-    }
-    Ok(())
 }
