@@ -107,6 +107,10 @@ pub fn id_of(member: &str) -> &str {
 pub struct Claim {
     /// Redis's clock when the claim ran (ms).
     pub now: i64,
+    /// The same reading in microseconds: due times are mapped onto this
+    /// host's clock from it (whole milliseconds made every timer up to a
+    /// millisecond late).
+    pub now_us: i64,
     /// Earliest due time still waiting in any shard.
     pub next_due: Option<i64>,
     pub tasks: Vec<Claimed>,
@@ -266,9 +270,10 @@ impl RedisDelayQueue {
         let mut claim = Claim::default();
         for (shard, reply) in replies.into_iter().enumerate() {
             let mut it = reply.into_iter();
-            let now = int(it.next())?;
+            let now_us = int(it.next())?;
             let next = int(it.next())?;
-            claim.now = claim.now.max(now);
+            claim.now_us = claim.now_us.max(now_us);
+            claim.now = claim.now_us.div_euclid(1000);
             if next >= 0 {
                 claim.next_due = Some(claim.next_due.map_or(next, |n: i64| n.min(next)));
             }

@@ -21,6 +21,7 @@ pub mod delay_queue;
 pub mod http;
 pub mod intake;
 pub mod outcomes;
+pub mod precise_timer;
 pub mod publisher;
 pub mod pump;
 pub mod redis_clock;

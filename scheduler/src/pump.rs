@@ -110,7 +110,7 @@ impl Pump {
             };
             // Due times become local deadlines without trusting this host's
             // wall clock.
-            let map = clock.observe(claim.now, Instant::now());
+            let map = clock.observe(claim.now_us, Instant::now());
             if !claim.tasks.is_empty() {
                 inflight_tasks += claim.tasks.len();
                 let (due, ahead): (Vec<Claimed>, Vec<Claimed>) =
@@ -175,8 +175,8 @@ impl Pump {
     }
 
     /// Publishes tasks claimed ahead of their due time, each at its due
-    /// time (mapped onto this host's clock by `clock`), then settles them
-    /// all at once.
+    /// time (mapped onto this host's clock by `clock`, to the microsecond,
+    /// and waited for on the precise timer), then settles them all at once.
     async fn publish_at_due(
         self,
         publisher: Arc<Publisher>,
@@ -190,7 +190,7 @@ impl Pump {
             let group: Vec<Claimed> = tasks
                 .drain(..tasks.partition_point(|c| c.due <= due))
                 .collect();
-            tokio::time::sleep_until(clock.instant_of(due)).await;
+            crate::precise_timer::sleep_until(clock.instant_of(due)).await;
             let (sent, failure) = self.send(&publisher, group).await;
             batches.push(sent);
             if let Some(err) = failure {

@@ -10,6 +10,11 @@
 //!
 //! Bounds expire after [`WINDOW`], so a stepped wall clock on the Redis
 //! host is followed within it.
+//!
+//! Readings are in microseconds. In whole milliseconds both Redis's
+//! reading (truncated) and the arrival (rounded up, so as never to map
+//! early) cost up to a millisecond each, and every timer erred late by
+//! about one on average.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -20,7 +25,7 @@ const WINDOW: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct RedisClock {
     base: Instant,
-    /// (when observed, offset ms) with offsets strictly decreasing from the
+    /// (when observed, offset µs) with offsets strictly decreasing from the
     /// front: the front is the largest bound within the window.
     bounds: VecDeque<(Instant, i64)>,
 }
@@ -30,7 +35,7 @@ pub struct RedisClock {
 #[derive(Clone, Copy, Debug)]
 pub struct ClockMap {
     base: Instant,
-    offset_ms: i64,
+    offset_us: i64,
 }
 
 impl RedisClock {
@@ -45,10 +50,10 @@ impl RedisClock {
         }
     }
 
-    /// Records that Redis's clock read `redis_now_ms` before `received_at`;
-    /// returns the mapping with it.
-    pub fn observe(&mut self, redis_now_ms: i64, received_at: Instant) -> ClockMap {
-        let offset = redis_now_ms - self.local_ms(received_at);
+    /// Records that Redis's clock read `redis_now_us` (microseconds) before
+    /// `received_at`; returns the mapping with it.
+    pub fn observe(&mut self, redis_now_us: i64, received_at: Instant) -> ClockMap {
+        let offset = redis_now_us - self.local_us(received_at);
         while self.bounds.back().is_some_and(|&(_, o)| o <= offset) {
             self.bounds.pop_back();
         }
@@ -63,15 +68,15 @@ impl RedisClock {
         ClockMap {
             base: self.base,
             // The bound just pushed stays in, so the front is never empty.
-            offset_ms: self.bounds.front().map_or(offset, |&(_, o)| o),
+            offset_us: self.bounds.front().map_or(offset, |&(_, o)| o),
         }
     }
 
-    /// Rounded up: rounding down made the bound up to a millisecond too
-    /// large, and a task could start that much before its due time.
-    fn local_ms(&self, at: Instant) -> i64 {
+    /// Rounded up: rounding down would make the bound too large by up to
+    /// a microsecond, and a task could start that much before its due time.
+    fn local_us(&self, at: Instant) -> i64 {
         at.saturating_duration_since(self.base)
-            .as_micros()
+            .as_nanos()
             .div_ceil(1000) as i64
     }
 }
@@ -86,8 +91,8 @@ impl ClockMap {
     /// The local instant at which Redis's clock reads `redis_ms` (at the
     /// earliest: the estimate errs late, never early).
     pub fn instant_of(&self, redis_ms: i64) -> Instant {
-        let local = redis_ms - self.offset_ms;
-        self.base + Duration::from_millis(local.max(0) as u64)
+        let local = redis_ms.saturating_mul(1000) - self.offset_us;
+        self.base + Duration::from_micros(local.max(0) as u64)
     }
 }
 
@@ -95,44 +100,56 @@ impl ClockMap {
 mod tests {
     use super::*;
 
+    const MS: i64 = 1000;
+
     #[test]
     fn keeps_the_tightest_bound_and_never_maps_early() {
         let t0 = Instant::now();
         let mut clock = RedisClock::starting_at(t0);
-        // Redis reads 1,000,000 at local 0..10 ms; the reply arrives at 10.
-        let m = clock.observe(1_000_000, t0 + Duration::from_millis(10));
+        // Redis reads 1,000,000 ms at local 0..10 ms; the reply arrives at 10.
+        let m = clock.observe(1_000_000 * MS, t0 + Duration::from_millis(10));
         // Taken at face value: Redis reaches 1,000,010 at local 20 at the
         // latest (if it read its clock at the very end of the round trip).
         assert_eq!(m.instant_of(1_000_010), t0 + Duration::from_millis(20));
         // A faster round trip later tightens it: the reading 1,000,100 came
-        // back at local 101, so the offset is at least 999,999.
-        let m = clock.observe(1_000_100, t0 + Duration::from_millis(101));
+        // back at local 101, so the offset is at least 999,999 ms.
+        let m = clock.observe(1_000_100 * MS, t0 + Duration::from_millis(101));
         assert_eq!(m.instant_of(1_000_010), t0 + Duration::from_millis(11));
         // A slow round trip (a looser bound) changes nothing.
-        let m = clock.observe(1_000_150, t0 + Duration::from_millis(190));
+        let m = clock.observe(1_000_150 * MS, t0 + Duration::from_millis(190));
         assert_eq!(m.instant_of(1_000_010), t0 + Duration::from_millis(11));
     }
 
     #[test]
-    fn a_reply_between_two_milliseconds_counts_as_the_later_one() {
+    fn maps_to_the_microsecond() {
         let t0 = Instant::now();
         let mut clock = RedisClock::starting_at(t0);
-        // Redis read 1,000,000 at the latest when the reply arrived at local
-        // 10.9 ms, so it reaches 1,000,005 at local 15.9 at the latest; the
-        // mapping may say 16, never 15.
-        let m = clock.observe(1_000_000, t0 + Duration::from_micros(10_900));
-        assert_eq!(m.instant_of(1_000_005), t0 + Duration::from_millis(16));
+        // Redis read 1,000,000.250 ms; the reply arrived at local 10.400 ms.
+        // Redis then reaches 1,000,005 ms (4.750 ms later) at local 15.150
+        // at the latest. Whole milliseconds said 16.
+        let m = clock.observe(1_000_000 * MS + 250, t0 + Duration::from_micros(10_400));
+        assert_eq!(m.instant_of(1_000_005), t0 + Duration::from_micros(15_150));
+    }
+
+    #[test]
+    fn an_arrival_between_two_microseconds_counts_as_the_later_one() {
+        let t0 = Instant::now();
+        let mut clock = RedisClock::starting_at(t0);
+        // Arrival at 10,000.5 µs counts as 10,001: the mapping may be half
+        // a microsecond late, never early.
+        let m = clock.observe(1_000_000 * MS, t0 + Duration::from_nanos(10_000_500));
+        assert_eq!(m.instant_of(1_000_005), t0 + Duration::from_micros(15_001));
     }
 
     #[test]
     fn forgets_bounds_older_than_the_window() {
         let t0 = Instant::now();
         let mut clock = RedisClock::starting_at(t0);
-        clock.observe(1_000_000, t0 + Duration::from_millis(1));
+        clock.observe(1_000_000 * MS, t0 + Duration::from_millis(1));
         // Redis's clock stepped back by a second.
         let later = t0 + WINDOW + Duration::from_secs(1);
         let local = later.duration_since(t0).as_millis() as i64;
-        let m = clock.observe(1_000_000 + local - 1_000, later);
+        let m = clock.observe((1_000_000 + local - 1_000) * MS, later);
         assert_eq!(
             m.instant_of(1_000_000 + local - 1_000),
             later,

@@ -3,7 +3,8 @@
 -- expiry), KEYS[4] the single due zset of Kairos before the index (drained)
 -- ARGV[1] batch size, ARGV[2] lease ms, ARGV[3] ahead ms: tasks due up to
 -- this long after now are claimed too (the pump holds them until due).
--- Returns {now, next due or -1, member1, due1, record1, member2, ...}.
+-- Returns {now (microseconds), next due or -1, member1, due1, record1,
+-- member2, ...}: the pump times publishes from it to the microsecond.
 -- Expired leases (an instance died between claim and delete) go back to the
 -- due index first, so they are claimed again right here.
 local now = dq_now()
@@ -27,7 +28,7 @@ if #expired > 0 then
   redis.call('ZREM', KEYS[3], unpack(expired))
 end
 local due = dq_take(KEYS[1], now + tonumber(ARGV[3]), batch)
-local out = {now, -1}
+local out = {dq_time_us, -1}
 if #due > 0 then
   local members = {}
   for i = 1, #due, 2 do

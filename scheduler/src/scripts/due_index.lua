@@ -21,11 +21,14 @@
 local DQ_BUCKETS = 2039
 local DQ_NEAR_MS = 10000
 
--- Redis's clock (ms), read once per script run.
+-- Redis's clock (ms), read once per script run; dq_time_us is the same
+-- reading in microseconds (exact in a Lua double until the year 2255).
 local dq_time = nil
+local dq_time_us = nil
 local function dq_now()
   if dq_time == nil then
     local t = redis.call('TIME')
+    dq_time_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
     dq_time = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
   return dq_time
