@@ -14,9 +14,9 @@ use crate::delay_queue::QueueError;
 use crate::schedule::{occurrence, plan, Overlap, Schedule, ScheduleSpec};
 use crate::schedule_store::{DueItem, Fire, Occurrence, ScheduleStore};
 use kairos_shared::amqp::{sleep_or_cancel, Backoff};
+use kairos_shared::contract::ProtocolError;
 use kairos_shared::contract::Task;
 use kairos_shared::events::{EventKind, EventSink};
-use kairos_shared::record;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -63,6 +63,9 @@ pub struct ParsedCache {
 struct Cached {
     digest: String,
     schedule: Arc<Schedule>,
+    /// The record every occurrence of this definition stores, built at its
+    /// first fire (see [`occurrence::record`]).
+    record: Option<Vec<u8>>,
     /// The next tick this scheduler stored when it fired, and the last
     /// tick fired then; `None` until it fires, and again once a
     /// compare-and-set of it failed (another writer changed it).
@@ -114,6 +117,28 @@ impl ParsedCache {
         };
     }
 
+    /// The record of schedule `id`'s occurrences under definition
+    /// `digest`: built by `make` the first time, then copied. A failure is
+    /// not kept (each tick reports it).
+    fn record(
+        &mut self,
+        id: &str,
+        digest: &str,
+        make: impl FnOnce() -> Result<Vec<u8>, ProtocolError>,
+    ) -> Result<Vec<u8>, ProtocolError> {
+        match self.by_id.get_mut(id) {
+            Some(c) if c.digest == digest => {
+                if let Some(r) = &c.record {
+                    return Ok(r.clone());
+                }
+                let r = make()?;
+                c.record = Some(r.clone());
+                Ok(r)
+            }
+            _ => make(),
+        }
+    }
+
     /// Called between rounds, so a round never loses what it relies on.
     fn trim(&mut self) {
         if self.by_id.len() >= MAX_PARSED {
@@ -134,6 +159,7 @@ impl ParsedCache {
                 let cached = Cached {
                     digest: item.digest.clone(),
                     schedule: schedule.clone(),
+                    record: None,
                     fired: None,
                 };
                 self.by_id.insert(item.id.clone(), cached);
@@ -305,20 +331,31 @@ impl Ticker {
         fire.overlap_skip = schedule.spec.overlap == Overlap::Skip;
         fire.max_run_ms = schedule.max_run_ms();
         let mut tasks = Vec::new();
+        // The task itself is only needed for its `scheduled` event.
+        let events = self.events.enabled();
         for tick in p.fire {
             if item.last.is_some_and(|l| tick <= l) {
                 continue;
             }
-            let encoded =
-                occurrence::task(&schedule, tick).and_then(|t| record::encode(&t).map(|r| (t, r)));
+            let encoded = self
+                .cache()
+                .record(&item.id, &item.digest, || {
+                    occurrence::record(&schedule, tick)
+                })
+                .and_then(|rec| {
+                    let task = events
+                        .then(|| occurrence::task(&schedule, tick))
+                        .transpose()?;
+                    Ok((rec, task))
+                });
             match encoded {
-                Ok((task, rec)) => {
+                Ok((rec, task)) => {
                     fire.occurrences.push(Occurrence {
-                        member: task.id.clone(),
+                        member: occurrence::occurrence_id(&schedule.id, tick),
                         tick,
                         record: rec,
                     });
-                    tasks.push(task);
+                    tasks.extend(task);
                 }
                 Err(err) => {
                     tracing::error!(schedule = %item.id, tick, cause = %err, "cannot build the occurrence; tick dropped");
@@ -379,6 +416,38 @@ mod tests {
             cache.get(&item("d3", Some("{not json"))),
             Parsed::Unreadable(_)
         ));
+    }
+
+    #[test]
+    fn a_definition_builds_its_record_once_and_a_new_one_builds_afresh() {
+        let mut cache = ParsedCache::default();
+        ready(cache.get(&item(
+            "d1",
+            Some(r#"{"every_ms":1000,"task":{"name":"t"}}"#),
+        )));
+        let mut built = 0;
+        for _ in 0..3 {
+            let r = cache.record("s", "d1", || {
+                built += 1;
+                Ok(b"one".to_vec())
+            });
+            assert_eq!(r.unwrap(), b"one");
+        }
+        assert_eq!(built, 1, "built once for the definition");
+        // Another definition of the same schedule does not get the old
+        // record, and a failure is not kept.
+        let r = cache.record("s", "d2", || Ok(b"two".to_vec()));
+        assert_eq!(r.unwrap(), b"two");
+        ready(cache.get(&item(
+            "d3",
+            Some(r#"{"every_ms":2000,"task":{"name":"t"}}"#),
+        )));
+        let failed = cache.record("s", "d3", || Err(ProtocolError::BadRecord("no".into())));
+        assert!(failed.is_err());
+        assert_eq!(
+            cache.record("s", "d3", || Ok(b"three".to_vec())).unwrap(),
+            b"three"
+        );
     }
 
     fn fire(digest: &str, next: Option<i64>, ticks: &[i64]) -> Fire {

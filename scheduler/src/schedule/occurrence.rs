@@ -5,6 +5,7 @@ use super::{Schedule, TaskTemplate};
 use kairos_shared::contract::{
     text, ProtocolError, Task, H_MAX_RETRIES, H_RUN_AT, H_SCHEDULE_ID, H_TIMEOUT_MS,
 };
+use kairos_shared::record;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use serde_json::Value;
@@ -59,6 +60,14 @@ pub fn task(schedule: &Schedule, tick: i64) -> Result<Task, ProtocolError> {
     Task::decode(&t.queue, &props, &body)
 }
 
+/// What the delay queue stores for an occurrence of `schedule` at `tick`.
+/// A record keeps neither the task id (it is the member) nor `x-run-at`
+/// (the due time is), so every tick of one definition stores the same
+/// bytes and the ticker builds them once per definition.
+pub fn record(schedule: &Schedule, tick: i64) -> Result<Vec<u8>, ProtocolError> {
+    task(schedule, tick).and_then(|t| record::encode(&t))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +93,29 @@ mod tests {
         assert_eq!(value_to_string(t.header(H_SCHEDULE_ID).unwrap()), "rep");
         assert_eq!(parse_occurrence_id(&t.id), Some(("rep", 1_764_000_000_000)));
         assert_eq!(parse_occurrence_id("plain-task"), None);
+    }
+
+    #[test]
+    fn every_tick_of_a_definition_stores_the_same_record() {
+        let s = ScheduleSpec::from_json(
+            br#"{"every_ms":1000,"task":{"name":"report.build","queue":"q","priority":5,"body":{"a":1},"headers":{"x-max-retries":3,"h":"v"}}}"#,
+        )
+        .unwrap()
+        .validate("rep")
+        .unwrap();
+        let (a, b) = (1_764_000_000_000, 1_764_000_001_000);
+        let shared = record(&s, a).unwrap();
+        assert_eq!(shared, record(&s, b).unwrap());
+        // And the shared record, read back under a tick's id, is that
+        // tick's task (the pump sets `x-run-at` from the due time).
+        let back = record::decode(&occurrence_id("rep", b), &shared).unwrap();
+        let want = task(&s, b).unwrap();
+        assert_eq!(back.id, want.id);
+        assert_eq!(back.name, want.name);
+        assert_eq!(back.queue, want.queue);
+        assert_eq!(back.priority, want.priority);
+        assert_eq!(back.max_retries, want.max_retries);
+        assert_eq!(back.body, want.body);
+        assert_eq!(value_to_string(back.header(H_SCHEDULE_ID).unwrap()), "rep");
     }
 }
