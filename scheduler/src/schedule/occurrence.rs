@@ -74,14 +74,19 @@ mod tests {
     use crate::schedule::ScheduleSpec;
     use kairos_shared::contract::value_to_string;
 
-    #[test]
-    fn occurrence_carries_template_tick_and_schedule() {
-        let s = ScheduleSpec::from_json(
+    /// Schedule `rep`: every second, a template with every kind of field.
+    fn report_schedule() -> Schedule {
+        ScheduleSpec::from_json(
             br#"{"every_ms":1000,"task":{"name":"report.build","queue":"q","priority":5,"body":{"a":1},"headers":{"x-max-retries":3,"h":"v"}}}"#,
         )
         .unwrap()
         .validate("rep")
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn occurrence_carries_template_tick_and_schedule() {
+        let s = report_schedule();
         let t = task(&s, 1_764_000_000_000).unwrap();
         assert_eq!(t.id, "rep@1764000000000");
         assert_eq!(t.name, "report.build");
@@ -97,12 +102,7 @@ mod tests {
 
     #[test]
     fn every_tick_of_a_definition_stores_the_same_record() {
-        let s = ScheduleSpec::from_json(
-            br#"{"every_ms":1000,"task":{"name":"report.build","queue":"q","priority":5,"body":{"a":1},"headers":{"x-max-retries":3,"h":"v"}}}"#,
-        )
-        .unwrap()
-        .validate("rep")
-        .unwrap();
+        let s = report_schedule();
         let (a, b) = (1_764_000_000_000, 1_764_000_001_000);
         let shared = record(&s, a).unwrap();
         assert_eq!(shared, record(&s, b).unwrap());
