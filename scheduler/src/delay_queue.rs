@@ -273,7 +273,6 @@ impl RedisDelayQueue {
             let now_us = int(it.next())?;
             let next = int(it.next())?;
             claim.now_us = claim.now_us.max(now_us);
-            claim.now = claim.now_us.div_euclid(1000);
             if next >= 0 {
                 claim.next_due = Some(claim.next_due.map_or(next, |n: i64| n.min(next)));
             }
@@ -293,6 +292,7 @@ impl RedisDelayQueue {
                 claim.more = true;
             }
         }
+        claim.now = claim.now_us.div_euclid(1000);
         Ok(claim)
     }
 

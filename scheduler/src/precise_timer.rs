@@ -12,25 +12,36 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+
+/// How long after a deadline tokio's timer ends a wait the timer thread
+/// did not end: should that thread ever stop, a publish goes out this much
+/// late rather than never.
+const BACKSTOP: Duration = Duration::from_millis(5);
 
 /// Waits until `deadline` (at most a few tens of microseconds after it).
 /// Dropping the future forgets the wait; its entry is discarded when the
 /// deadline passes.
 pub async fn sleep_until(deadline: Instant) {
+    wait_on(timer().map(Arc::as_ref), deadline).await
+}
+
+async fn wait_on(timer: Option<&Timer>, deadline: Instant) {
     if deadline <= Instant::now() {
         return;
     }
-    let Some(timer) = timer() else {
+    let Some(timer) = timer else {
         // No thread could be started: millisecond precision still works.
         return tokio::time::sleep_until(deadline).await;
     };
     let (tx, rx) = oneshot::channel();
     timer.add(deadline, tx);
-    // The sender is only dropped unsent if the timer thread died; the
-    // deadline still stands.
-    if rx.await.is_err() {
+    let _ = tokio::time::timeout_at(deadline + BACKSTOP, rx).await;
+    // The thread sends only once the deadline passed; anything else that
+    // ended the wait must not end it early.
+    if Instant::now() < deadline {
         tokio::time::sleep_until(deadline).await;
     }
 }
@@ -148,7 +159,6 @@ impl Ord for Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test]
     async fn wakes_at_the_deadline_not_before() {
@@ -162,9 +172,10 @@ mod tests {
     #[tokio::test]
     async fn an_earlier_deadline_added_later_is_not_held_up_by_a_later_one() {
         let start = Instant::now();
-        let far = tokio::spawn(sleep_until(start + Duration::from_secs(5)));
-        // Give the far wait time to register and the thread time to sleep.
-        tokio::task::yield_now().await;
+        let timer = timer().expect("the timer thread starts");
+        // A far deadline first, so the thread waits for it.
+        let (far, _far_rx) = oneshot::channel();
+        timer.add(start + Duration::from_secs(5), far);
         let near = start + Duration::from_millis(20);
         sleep_until(near).await;
         let woke = Instant::now();
@@ -173,7 +184,17 @@ mod tests {
             woke < start + Duration::from_secs(4),
             "the near deadline waited for the far one"
         );
-        far.abort();
+    }
+
+    #[tokio::test]
+    async fn a_timer_thread_that_stopped_delays_a_wait_instead_of_holding_it() {
+        // A timer nobody runs: only the backstop ends the wait.
+        let stopped = Timer::default();
+        let deadline = Instant::now() + Duration::from_millis(10);
+        tokio::time::timeout(Duration::from_secs(1), wait_on(Some(&stopped), deadline))
+            .await
+            .expect("the backstop ends the wait");
+        assert!(Instant::now() >= deadline, "woke before the deadline");
     }
 
     #[tokio::test]
