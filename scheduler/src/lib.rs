@@ -22,6 +22,7 @@ pub mod http;
 pub mod intake;
 pub mod outcomes;
 pub mod precise_timer;
+pub mod publish_thread;
 pub mod publisher;
 pub mod pump;
 pub mod redis_clock;

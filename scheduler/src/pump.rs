@@ -117,7 +117,9 @@ impl Pump {
                     claim.tasks.into_iter().partition(|c| c.due <= claim.now);
                 if !ahead.is_empty() {
                     let (this, publisher) = (self.clone(), publisher.clone());
-                    inflight.spawn(async move { this.publish_at_due(publisher, ahead, map).await });
+                    crate::publish_thread::spawn_into(&mut inflight, async move {
+                        this.publish_at_due(publisher, ahead, map).await
+                    });
                 }
                 if !due.is_empty() {
                     // Published while the next claim runs: a backlog that

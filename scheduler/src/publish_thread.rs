@@ -1,0 +1,85 @@
+//! The thread the pump's timed publishes run on: a current-thread tokio
+//! runtime of its own. On the shared runtime a batch whose due time came
+//! waited for a worker thread to finish whatever it was polling (a
+//! schedule round's planning, a worker's deliveries): W5 at 10,000 ticks a
+//! second published at p99 12 to 16 ms after the due time with the timer
+//! thread waking the task on time. Here the task is the only thing that
+//! runs, so it publishes as soon as the OS runs the thread.
+//!
+//! Nothing but timing moves here: the futures are the same, and lapin and
+//! redis drive their sockets from their own threads and tasks whichever
+//! runtime polls them. If the thread cannot start, the batches run on the
+//! caller's runtime as before.
+
+use std::future::Future;
+use std::sync::OnceLock;
+use tokio::runtime::Handle;
+
+/// The runtime's handle, started on first use; `None` if it could not be.
+fn handle() -> Option<&'static Handle> {
+    static HANDLE: OnceLock<Option<Handle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(err) => {
+                    tracing::warn!(cause = %err, "cannot build the publish runtime; publishing from the shared one");
+                    return None;
+                }
+            };
+            let handle = rt.handle().clone();
+            // The thread parks in the runtime for the life of the process:
+            // the runtime must outlive every task spawned on it.
+            let started = std::thread::Builder::new()
+                .name("kairos-publish".into())
+                .spawn(move || rt.block_on(std::future::pending::<()>()));
+            match started {
+                Ok(_) => Some(handle),
+                Err(err) => {
+                    tracing::warn!(cause = %err, "cannot start the publish thread; publishing from the shared one");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Spawns `fut` into `set` on the publish thread (or, failing that, on the
+/// current runtime).
+pub fn spawn_into<T: Send + 'static>(
+    set: &mut tokio::task::JoinSet<T>,
+    fut: impl Future<Output = T> + Send + 'static,
+) {
+    match handle() {
+        Some(h) => {
+            set.spawn_on(fut, h);
+        }
+        None => {
+            set.spawn(fut);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_runs_on_the_publish_thread_and_reports_back() {
+        let mut set = tokio::task::JoinSet::new();
+        spawn_into(&mut set, async {
+            // Timers work there too: the pump's batches sleep until due.
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            std::thread::current().name().map(str::to_string)
+        });
+        let ran_on = set
+            .join_next()
+            .await
+            .expect("one task")
+            .expect("not panicked");
+        assert_eq!(ran_on.as_deref(), Some("kairos-publish"));
+    }
+}
