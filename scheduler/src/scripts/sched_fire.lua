@@ -30,7 +30,14 @@ for _ = 1, tonumber(ARGV[2]) do
   else
     local f = id .. '\t'
     -- One call for the state: this runs for every tick of every schedule.
-    local st = redis.call('HMGET', KEYS[3], f .. 'last', f .. 'pending', f .. 'run', f .. 'run_until')
+    -- The overlap hold is read only where it is used (most schedules
+    -- overlap freely): each field costs Redis a lookup.
+    local st
+    if skip_overlap then
+      st = redis.call('HMGET', KEYS[3], f .. 'last', f .. 'pending', f .. 'run', f .. 'run_until')
+    else
+      st = redis.call('HMGET', KEYS[3], f .. 'last', f .. 'pending')
+    end
     local last = tonumber(st[1] or '-1')
     local running = st[3]
     local run_until = tonumber(st[4] or '0')
