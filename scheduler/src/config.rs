@@ -119,8 +119,10 @@ pub struct Config {
     #[arg(long, env = "KAIROS_SCHEDULE_LOOKAHEAD_MS", value_name = "KAIROS_SCHEDULE_LOOKAHEAD_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub schedule_lookahead_ms: u64,
 
-    /// A schedule whose next tick is older than this (ms) missed ticks
-    /// while no scheduler ran: its misfire policy applies.
+    /// A schedule whose next tick is older than this (ms) is late. Its
+    /// ticks from while no scheduler ran (the schedulers' heartbeat had
+    /// stopped for longer than this) are missed, and its misfire policy
+    /// applies; its ticks from while a scheduler ran all fire, late.
     #[arg(long, env = "KAIROS_SCHEDULE_GRACE_MS", value_name = "KAIROS_SCHEDULE_GRACE_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub schedule_grace_ms: u64,
 }

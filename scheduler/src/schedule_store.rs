@@ -36,6 +36,8 @@ static DEFS: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_defs.lua")));
 static OUTCOME: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_outcome.lua")));
+static BEAT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_beat.lua")));
 
 #[derive(Clone, Debug)]
 struct Keys {
@@ -51,6 +53,17 @@ pub struct ScheduleStore {
     redis: RedisConn,
     shards: Vec<Keys>,
     wake_channel: String,
+    /// `NS:sbeat`: the schedulers' shared heartbeat (`sched_beat.lua`).
+    beat: String,
+}
+
+/// What a heartbeat returns (Redis's clock, Unix ms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Liveness {
+    pub now: i64,
+    /// Start of the current live period: some scheduler beat at least
+    /// every gap since then.
+    pub since: i64,
 }
 
 /// A schedule whose next tick is near.
@@ -144,6 +157,7 @@ impl ScheduleStore {
             redis: RedisConn::new(pool),
             shards,
             wake_channel: queue.wake_channel().to_string(),
+            beat: format!("{namespace}:sbeat"),
         }
     }
 
@@ -163,6 +177,18 @@ impl ScheduleStore {
             .redis
             .watch(redis::cmd("TIME").query_async(&mut con).await)?;
         Ok(s * 1000 + us / 1000)
+    }
+
+    /// Records that a scheduler runs now. Returns Redis's clock and the
+    /// start of the current live period: the time since which beats (of any
+    /// scheduler of the namespace) came at most `gap_ms` apart. A tick due
+    /// before it fell due while no scheduler ran.
+    pub async fn beat(&self, gap_ms: i64) -> Result<Liveness, QueueError> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(evalsha(&BEAT, &[self.beat.as_str()]))
+            .arg(gap_ms);
+        let ((now, since),): ((i64, i64),) = self.query(&pipe).await?;
+        Ok(Liveness { now, since })
     }
 
     /// Schedules due before now + `lookahead`, up to `batch` per shard, each
@@ -501,7 +527,7 @@ impl ScheduleStore {
         query_scripts(
             &self.redis,
             pipe,
-            &[&DUE, &META, &DEFS, &FIRE, &PUT, &OUTCOME],
+            &[&DUE, &META, &DEFS, &FIRE, &PUT, &OUTCOME, &BEAT],
         )
         .await
     }

@@ -179,6 +179,11 @@ impl ParsedCache {
 
 impl Ticker {
     pub async fn run(&self, cancel: CancellationToken) {
+        // Beats between rounds too: a round that takes longer than the
+        // grace on a loaded machine is no outage.
+        let beats = cancel.child_token();
+        let _stop_beats = beats.clone().drop_guard();
+        tokio::spawn(self.clone().beat_loop(beats));
         let mut backoff = Backoff::new();
         while !cancel.is_cancelled() {
             let started = Instant::now();
@@ -206,9 +211,25 @@ impl Ticker {
         }
     }
 
+    /// Tells the other schedulers (and this one's rounds) that a
+    /// scheduler runs, a few times per grace: see [`plan`](plan::plan).
+    async fn beat_loop(self, cancel: CancellationToken) {
+        let every = Duration::from_millis((self.grace_ms / 4).clamp(10, 250) as u64);
+        loop {
+            if let Err(err) = self.store.beat(self.grace_ms).await {
+                tracing::debug!(cause = %err, "heartbeat failed");
+            }
+            if !sleep_or_cancel(every, &cancel).await {
+                return;
+            }
+        }
+    }
+
     /// One round; returns how long to sleep before the next.
-    async fn round(&self) -> Result<Duration, QueueError> {
+    pub async fn round(&self) -> Result<Duration, QueueError> {
         self.cache().trim();
+        // Before the read, so the live period it returns covers the round.
+        let live = self.store.beat(self.grace_ms).await?;
         let due = self
             .store
             .due_known(
@@ -220,14 +241,30 @@ impl Ticker {
             .await?;
         let mut fires = Vec::with_capacity(due.items.len());
         let mut tasks: Vec<Vec<Task>> = Vec::with_capacity(due.items.len());
+        let (mut late_ticks, mut late_schedules) = (0, 0);
         for (n, item) in due.items.into_iter().enumerate() {
             if n % PLAN_SLICE == PLAN_SLICE - 1 {
                 tokio::task::yield_now().await;
             }
-            if let Some((fire, t)) = self.prepare(item, due.now) {
+            if let Some((fire, t, late)) = self.prepare(item, due.now, live.since) {
                 fires.push(fire);
                 tasks.push(t);
+                if late > 0 {
+                    late_ticks += late;
+                    late_schedules += 1;
+                }
             }
+        }
+        if late_ticks > 0 {
+            // One line a round: a loaded scheduler may be behind on
+            // thousands of schedules.
+            tracing::warn!(
+                ticks = late_ticks,
+                schedules = late_schedules,
+                grace_ms = self.grace_ms,
+                "ticks fire late: the schedulers fell behind (not an outage, so every tick fires)"
+            );
+            metrics::counter!("kairos_scheduler_ticks_late_total").increment(late_ticks);
         }
         if !fires.is_empty() {
             let results = self.store.fire(&fires).await?;
@@ -291,9 +328,10 @@ impl Ticker {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Plans one due schedule into its compare-and-set; `None` when its
-    /// definition is not at hand this round.
-    fn prepare(&self, item: DueItem, now: i64) -> Option<(Fire, Vec<Task>)> {
+    /// Plans one due schedule into its compare-and-set, with the tasks of
+    /// its `scheduled` events and how many of its ticks fire more than the
+    /// grace late; `None` when its definition is not at hand this round.
+    fn prepare(&self, item: DueItem, now: i64, alive_since: i64) -> Option<(Fire, Vec<Task>, u64)> {
         let mut fire = Fire {
             shard: item.shard,
             id: item.id.clone(),
@@ -307,7 +345,7 @@ impl Ticker {
         };
         if item.digest.is_empty() {
             // The definition vanished: the compare-and-set drops the tick.
-            return Some((fire, Vec::new()));
+            return Some((fire, Vec::new(), 0));
         }
         let parsed = self.cache().get(&item);
         let schedule = match parsed {
@@ -318,22 +356,24 @@ impl Ticker {
                 // or by a newer version may still be unreadable: stop it
                 // rather than retry it every round.
                 tracing::error!(schedule = %item.id, %reason, "unreadable schedule definition; it will not fire until replaced");
-                return Some((fire, Vec::new()));
+                return Some((fire, Vec::new(), 0));
             }
         };
         if !schedule.spec.enabled {
-            return Some((fire, Vec::new()));
+            return Some((fire, Vec::new(), 0));
         }
         let p = plan::plan(
             &schedule.trigger,
             schedule.spec.misfire,
             item.next,
             now,
+            alive_since,
             self.lookahead_ms,
             self.grace_ms,
         );
         if p.missed > 0 {
             tracing::warn!(schedule = %item.id, missed = p.missed, policy = ?schedule.spec.misfire, "ticks missed while no scheduler ran");
+            metrics::counter!("kairos_scheduler_ticks_missed_total").increment(p.missed);
         }
         fire.new_next = p.next;
         fire.overlap_skip = schedule.spec.overlap == Overlap::Skip;
@@ -370,7 +410,7 @@ impl Ticker {
                 }
             }
         }
-        Some((fire, tasks))
+        Some((fire, tasks, p.late))
     }
 }
 

@@ -1,11 +1,17 @@
 //! The schedule scripts against a real Redis: the compare-and-set lets one
 //! of many concurrent fires through, a replaced definition makes a stale
-//! fire lose, no tick fires twice, and pause withdraws waiting occurrences.
+//! fire lose, no tick fires twice, and pause withdraws waiting occurrences;
+//! a ticker round tells ticks missed in an outage from ticks it is late for.
 
 use kairos_scheduler::delay_queue::RedisDelayQueue;
 use kairos_scheduler::schedule::ScheduleSpec;
 use kairos_scheduler::schedule_store::{Fire, Occurrence, ScheduleStore};
+use kairos_scheduler::ticker::Ticker;
+use kairos_shared::events::EventSink;
 use kairos_tests::*;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
 
 fn fire_of(item: &kairos_scheduler::schedule_store::DueItem, tick: i64, new_next: i64) -> Fire {
     Fire {
@@ -118,4 +124,68 @@ async fn one_of_many_concurrent_fires_wins() {
     assert_eq!(view.last_fire_at, Some(ahead));
     assert!(store.delete("s").await.unwrap());
     assert!(store.view("s").await.unwrap().is_none());
+}
+
+/// A ticker on its own store (no pump, no worker: the test counts what it
+/// hands to the delay queue), lookahead 100 ms, grace 1 s.
+fn ticker_for(env: &TestEnv) -> (Ticker, RedisDelayQueue) {
+    let pool = deadpool_redis::Config::from_url(REDIS_URL)
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .expect("pool");
+    let queue = RedisDelayQueue::new(pool.clone(), &env.ns, 8);
+    let ticker = Ticker {
+        store: ScheduleStore::new(pool, &env.ns, &queue),
+        events: EventSink::disabled(),
+        pump_wake: Arc::new(Notify::new()),
+        changed: Arc::new(Notify::new()),
+        lookahead_ms: 100,
+        grace_ms: 1000,
+        batch: 100,
+        idle: Duration::from_secs(1),
+        parsed: Default::default(),
+    };
+    (ticker, queue)
+}
+
+/// Stores a `skip` schedule every second whose stored next tick is 3.5 s
+/// old (ticks at now - 3.5, -2.5, -1.5 and -0.5 s, the next at +0.5 s),
+/// runs one ticker round and returns how many occurrences it handed over.
+async fn one_round_behind(ticker: &Ticker, queue: &RedisDelayQueue) -> u64 {
+    let now = ticker.store.now().await.expect("now");
+    let first = now - 3500;
+    let spec: ScheduleSpec = serde_json::from_value(serde_json::json!({
+        "every_ms": 1000, "start_at": first, "misfire": "skip", "task": {"name": "t"}
+    }))
+    .expect("spec");
+    ticker
+        .store
+        .put(&spec, "behind", Some(first), false)
+        .await
+        .expect("put");
+    ticker.round().await.expect("round");
+    queue.pending().await.expect("pending")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticks_that_fell_due_while_no_scheduler_ran_follow_the_misfire_policy() {
+    let env = TestEnv::new("schout").await;
+    let (ticker, queue) = ticker_for(&env);
+    // No scheduler beat before this round: the four late ticks fell due
+    // in an outage, and `skip` runs none of them.
+    assert_eq!(one_round_behind(&ticker, &queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_scheduler_that_fell_behind_fires_every_tick() {
+    let env = TestEnv::new("schbehind").await;
+    let (ticker, queue) = ticker_for(&env);
+    // Some scheduler beats for 4 s (the scenario: a scheduler that runs
+    // but has not reached the schedule yet, as on a loaded machine).
+    for _ in 0..20 {
+        ticker.store.beat(ticker.grace_ms).await.expect("beat");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The four late ticks fell due while it ran: they all fire, late,
+    // whatever the misfire policy.
+    assert_eq!(one_round_behind(&ticker, &queue).await, 4);
 }
