@@ -6,6 +6,10 @@
 //! thread waking the task on time. Here the task is the only thing that
 //! runs, so it publishes as soon as the OS runs the thread.
 //!
+//! The schedulers' heartbeat runs here too (`ticker.rs`): on the shared
+//! runtime of an overloaded process a beat came more than the grace late,
+//! which reads as an outage and makes the misfire policy drop ticks.
+//!
 //! Nothing but timing moves here: the futures are the same, and lapin and
 //! redis drive their sockets from their own threads and tasks whichever
 //! runtime polls them. If the thread cannot start, the batches run on the
@@ -60,6 +64,17 @@ pub fn spawn_into<T: Send + 'static>(
         None => {
             set.spawn(fut);
         }
+    }
+}
+
+/// Spawns `fut` on the publish thread (or, failing that, on the current
+/// runtime).
+pub fn spawn<T: Send + 'static>(
+    fut: impl Future<Output = T> + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    match handle() {
+        Some(h) => h.spawn(fut),
+        None => tokio::spawn(fut),
     }
 }
 

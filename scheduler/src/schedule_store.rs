@@ -55,6 +55,10 @@ pub struct ScheduleStore {
     wake_channel: String,
     /// `NS:sbeat`: the schedulers' shared heartbeat (`sched_beat.lua`).
     beat: String,
+    /// The heartbeat's own connection: on the shared one it waited behind
+    /// the ticker's pipelines, which take over a second on an overloaded
+    /// machine, and a late beat reads as an outage.
+    beat_conn: RedisConn,
 }
 
 /// What a heartbeat returns (Redis's clock, Unix ms).
@@ -153,8 +157,10 @@ impl ScheduleStore {
                 }
             })
             .collect();
+        let redis = RedisConn::new(pool);
         ScheduleStore {
-            redis: RedisConn::new(pool),
+            beat_conn: redis.separate(),
+            redis,
             shards,
             wake_channel: queue.wake_channel().to_string(),
             beat: format!("{namespace}:sbeat"),
@@ -187,7 +193,8 @@ impl ScheduleStore {
         let mut pipe = redis::pipe();
         pipe.add_command(evalsha(&BEAT, &[self.beat.as_str()]))
             .arg(gap_ms);
-        let ((now, since),): ((i64, i64),) = self.query(&pipe).await?;
+        let ((now, since),): ((i64, i64),) =
+            query_scripts(&self.beat_conn, &pipe, &[&BEAT]).await?;
         Ok(Liveness { now, since })
     }
 
@@ -527,7 +534,7 @@ impl ScheduleStore {
         query_scripts(
             &self.redis,
             pipe,
-            &[&DUE, &META, &DEFS, &FIRE, &PUT, &OUTCOME, &BEAT],
+            &[&DUE, &META, &DEFS, &FIRE, &PUT, &OUTCOME],
         )
         .await
     }

@@ -180,10 +180,11 @@ impl ParsedCache {
 impl Ticker {
     pub async fn run(&self, cancel: CancellationToken) {
         // Beats between rounds too: a round that takes longer than the
-        // grace on a loaded machine is no outage.
+        // grace on a loaded machine is no outage. On a thread of their
+        // own, so a busy runtime does not hold them up either.
         let beats = cancel.child_token();
         let _stop_beats = beats.clone().drop_guard();
-        tokio::spawn(self.clone().beat_loop(beats));
+        crate::publish_thread::spawn(self.clone().beat_loop(beats));
         let mut backoff = Backoff::new();
         while !cancel.is_cancelled() {
             let started = Instant::now();
