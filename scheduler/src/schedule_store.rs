@@ -61,15 +61,6 @@ pub struct ScheduleStore {
     beat_conn: RedisConn,
 }
 
-/// What a heartbeat returns (Redis's clock, Unix ms).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Liveness {
-    pub now: i64,
-    /// Start of the current live period: some scheduler beat at least
-    /// every gap since then.
-    pub since: i64,
-}
-
 /// A schedule whose next tick is near.
 #[derive(Clone, Debug)]
 pub struct DueItem {
@@ -185,17 +176,16 @@ impl ScheduleStore {
         Ok(s * 1000 + us / 1000)
     }
 
-    /// Records that a scheduler runs now. Returns Redis's clock and the
-    /// start of the current live period: the time since which beats (of any
-    /// scheduler of the namespace) came at most `gap_ms` apart. A tick due
-    /// before it fell due while no scheduler ran.
-    pub async fn beat(&self, gap_ms: i64) -> Result<Liveness, QueueError> {
+    /// Records that a scheduler runs now. Returns the start of the current
+    /// live period (Redis's clock, Unix ms): the time since which beats (of
+    /// any scheduler of the namespace) came at most `gap_ms` apart. A tick
+    /// due before it fell due while no scheduler ran.
+    pub async fn beat(&self, gap_ms: i64) -> Result<i64, QueueError> {
         let mut pipe = redis::pipe();
         pipe.add_command(evalsha(&BEAT, &[self.beat.as_str()]))
             .arg(gap_ms);
-        let ((now, since),): ((i64, i64),) =
-            query_scripts(&self.beat_conn, &pipe, &[&BEAT]).await?;
-        Ok(Liveness { now, since })
+        let (since,): (i64,) = query_scripts(&self.beat_conn, &pipe, &[&BEAT]).await?;
+        Ok(since)
     }
 
     /// Schedules due before now + `lookahead`, up to `batch` per shard, each

@@ -230,7 +230,7 @@ impl Ticker {
     pub async fn round(&self) -> Result<Duration, QueueError> {
         self.cache().trim();
         // Before the read, so the live period it returns covers the round.
-        let live = self.store.beat(self.grace_ms).await?;
+        let alive_since = self.store.beat(self.grace_ms).await?;
         let due = self
             .store
             .due_known(
@@ -247,7 +247,7 @@ impl Ticker {
             if n % PLAN_SLICE == PLAN_SLICE - 1 {
                 tokio::task::yield_now().await;
             }
-            if let Some((fire, t, late)) = self.prepare(item, due.now, live.since) {
+            if let Some((fire, t, late)) = self.prepare(item, due.now, alive_since) {
                 fires.push(fire);
                 tasks.push(t);
                 if late > 0 {

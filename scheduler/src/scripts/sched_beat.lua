@@ -3,7 +3,7 @@
 -- from a tick that a running scheduler reached late (it fires, late).
 -- KEYS[1] beat hash {last, since}. ARGV[1] gap ms: a beat more than this
 -- after the previous one starts a new live period.
--- Returns {now, since}: Redis's clock and the start of the live period.
+-- Returns since: the start of the live period (Redis's clock, ms).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local gap = tonumber(ARGV[1])
@@ -15,4 +15,4 @@ end
 redis.call('HSET', KEYS[1], 'last', string.format('%d', now), 'since', string.format('%d', since))
 -- A beat older than the gap means the same as none: the key may go.
 redis.call('PEXPIRE', KEYS[1], gap + 60000)
-return {now, since}
+return since
