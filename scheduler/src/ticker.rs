@@ -226,11 +226,24 @@ impl Ticker {
         }
     }
 
+    /// One heartbeat, sent from the publish thread as the beat loop's are:
+    /// the heartbeat's connection then opens there whichever call opens it,
+    /// and its I/O task never waits for a busy shared runtime.
+    async fn beat_from_publish_thread(&self) -> Result<i64, QueueError> {
+        let (store, gap) = (self.store.clone(), self.grace_ms);
+        match crate::publish_thread::spawn(async move { store.beat(gap).await }).await {
+            Ok(since) => since,
+            // The task could not finish there (the thread's runtime is
+            // gone): beat from here.
+            Err(_) => self.store.beat(self.grace_ms).await,
+        }
+    }
+
     /// One round; returns how long to sleep before the next.
     pub async fn round(&self) -> Result<Duration, QueueError> {
         self.cache().trim();
         // Before the read, so the live period it returns covers the round.
-        let alive_since = self.store.beat(self.grace_ms).await?;
+        let alive_since = self.beat_from_publish_thread().await?;
         let due = self
             .store
             .due_known(
