@@ -117,7 +117,12 @@ pub fn decode(id: &str, bytes: &[u8]) -> Result<Task, ProtocolError> {
         parse_properties(props_and_body).map_err(|e| ProtocolError::BadRecord(format!("{e:?}")))?;
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(attempt)));
-    let properties = properties.with_message_id(id.into()).with_headers(headers);
+    // The id is the Redis member the record was stored under.
+    let message_id = crate::short::short("task id", id)
+        .map_err(|e| ProtocolError::BadRecord(e.to_string()))?;
+    let properties = properties
+        .with_message_id(message_id)
+        .with_headers(headers);
     Task::decode(queue, &properties, body)
 }
 
