@@ -142,7 +142,7 @@ impl NewTask {
     /// The message as the contract describes it; returns the id too.
     pub fn to_message(&self) -> Result<(String, BasicProperties), ClientError> {
         if let Some(e) = &self.bad_header {
-            return Err(e.clone().into());
+            return Err(ClientError::Invalid(e.clone()));
         }
         validate_queue(&self.queue).map_err(ProtocolError::BadQueue)?;
         if self.name.is_empty() {
@@ -195,7 +195,8 @@ impl Client {
     pub async fn connect(amqp_url: &str, namespace: &str) -> Result<Self, ClientError> {
         let conn = crate::amqp::connect(amqp_url, "kairos-client").await?;
         let channel = conn.create_channel().await?;
-        let names = Names::new(namespace).map_err(ClientError::Namespace)?;
+        crate::contract::validate_namespace(namespace).map_err(ClientError::Namespace)?;
+        let names = Names::new(namespace);
         topology::declare_base(&channel, &names).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -245,9 +246,9 @@ impl Client {
         }
         let publishes = keyed.into_iter().map(|(task, props, key)| {
             let exchange = if task.is_delayed() {
-                self.names.delay()
+                self.names.short_delay()
             } else {
-                self.names.tasks_exchange()
+                self.names.short_tasks_exchange()
             };
             async move {
                 self.channel

@@ -41,10 +41,14 @@ impl CommonConfig {
         }
     }
 
-    /// The namespace's names. `KAIROS_NAMESPACE` was checked when parsed;
-    /// a config built in code with a bad one fails here, naming it.
-    pub fn names(&self) -> Result<crate::contract::Names, String> {
-        crate::contract::Names::new(self.namespace.as_str())
+    pub fn names(&self) -> crate::contract::Names {
+        crate::contract::Names::new(&self.namespace)
+    }
+
+    /// Checks the namespace again: parsing checked `KAIROS_NAMESPACE`, but
+    /// a config built in code was not. The error names the setting.
+    pub fn check(&self) -> Result<(), String> {
+        crate::contract::validate_namespace(&self.namespace)
             .map_err(|e| format!("KAIROS_NAMESPACE: {e}"))
     }
 }

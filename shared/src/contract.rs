@@ -81,65 +81,90 @@ pub fn validate_queue(queue: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Every AMQP name of one namespace. Made only from a checked namespace,
-/// so the fixed names always fit a short string.
+/// Every AMQP name of one namespace, as text (`tasks_exchange()`...) and
+/// as the short strings lapin takes (`short_tasks_exchange()`...,
+/// [`queue_name`](Self::queue_name)). The processes check the namespace
+/// at start ([`validate_namespace`]), so the fixed names always fit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Names {
     ns: String,
 }
 
 impl Names {
-    /// Fails (with the reason) when the namespace breaks
-    /// [`validate_namespace`].
-    pub fn new(namespace: impl Into<String>) -> Result<Self, String> {
-        let ns = namespace.into();
-        validate_namespace(&ns)?;
-        Ok(Self { ns })
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            ns: namespace.into(),
+        }
     }
 
     pub fn namespace(&self) -> &str {
         &self.ns
     }
 
-    /// `NS.suffix` for a fixed suffix: at most 48 + 1 + 20 bytes.
-    fn fixed(&self, suffix: &str) -> ShortString {
-        // Cannot fail: `new` bounds the namespace; an empty name would only
-        // make the broker refuse the operation.
-        ShortString::try_new(format!("{}.{suffix}", self.ns)).unwrap_or_default()
-    }
-
     /// Direct exchange of ready tasks, routing key = logical queue.
-    pub fn tasks_exchange(&self) -> ShortString {
-        self.fixed("tasks")
+    pub fn tasks_exchange(&self) -> String {
+        format!("{}.tasks", self.ns)
     }
 
-    /// The classic priority queue that workers consume for a logical
-    /// queue; an error when the logical name breaks [`validate_queue`].
-    pub fn queue(&self, logical: &str) -> Result<ShortString, ProtocolError> {
-        validate_queue(logical).map_err(ProtocolError::BadQueue)?;
-        short("queue name", &format!("{}.q.{}", self.ns, logical))
-            .map_err(|e| ProtocolError::BadQueue(e.to_string()))
+    /// The classic priority queue that workers consume for a logical queue
+    /// (text; see [`queue_name`](Self::queue_name) for AMQP).
+    pub fn queue(&self, logical: &str) -> String {
+        format!("{}.q.{}", self.ns, logical)
     }
 
     /// Fanout exchange of tasks to hold until a time; also the name of the
     /// scheduler's queue bound to it.
-    pub fn delay(&self) -> ShortString {
-        self.fixed("delay")
+    pub fn delay(&self) -> String {
+        format!("{}.delay", self.ns)
     }
 
     /// Fanout exchange of rejected deliveries; also the scheduler's queue.
-    pub fn retry(&self) -> ShortString {
-        self.fixed("retry")
+    pub fn retry(&self) -> String {
+        format!("{}.retry", self.ns)
     }
 
     /// Fanout exchange and queue of final dead letters.
-    pub fn dead(&self) -> ShortString {
-        self.fixed("dead")
+    pub fn dead(&self) -> String {
+        format!("{}.dead", self.ns)
     }
 
     /// Topic exchange of lifecycle events.
-    pub fn events(&self) -> ShortString {
-        self.fixed("events")
+    pub fn events(&self) -> String {
+        format!("{}.events", self.ns)
+    }
+
+    /// `NS.q.QUEUE` for AMQP; an error when the logical name breaks
+    /// [`validate_queue`] (or the namespace was never checked).
+    pub fn queue_name(&self, logical: &str) -> Result<ShortString, ProtocolError> {
+        validate_queue(logical).map_err(ProtocolError::BadQueue)?;
+        short("queue name", &self.queue(logical)).map_err(|e| ProtocolError::BadQueue(e.to_string()))
+    }
+
+    /// A fixed name for AMQP. Cannot fail with a checked namespace (at
+    /// most 48 + 7 bytes); with an unchecked one too long, the name is
+    /// empty and the broker refuses the operation, which is no panic.
+    fn fixed(name: String) -> ShortString {
+        ShortString::try_new(name).unwrap_or_default()
+    }
+
+    pub fn short_tasks_exchange(&self) -> ShortString {
+        Self::fixed(self.tasks_exchange())
+    }
+
+    pub fn short_delay(&self) -> ShortString {
+        Self::fixed(self.delay())
+    }
+
+    pub fn short_retry(&self) -> ShortString {
+        Self::fixed(self.retry())
+    }
+
+    pub fn short_dead(&self) -> ShortString {
+        Self::fixed(self.dead())
+    }
+
+    pub fn short_events(&self) -> ShortString {
+        Self::fixed(self.events())
     }
 }
 
@@ -470,27 +495,38 @@ mod tests {
 
     #[test]
     fn names_follow_the_contract() {
-        let n = Names::new("kairos").unwrap();
-        assert_eq!(n.tasks_exchange().as_str(), "kairos.tasks");
-        assert_eq!(n.queue("emails").unwrap().as_str(), "kairos.q.emails");
-        assert_eq!(n.delay().as_str(), "kairos.delay");
-        assert_eq!(n.retry().as_str(), "kairos.retry");
-        assert_eq!(n.dead().as_str(), "kairos.dead");
-        assert_eq!(n.events().as_str(), "kairos.events");
+        let n = Names::new("kairos");
+        assert_eq!(n.tasks_exchange(), "kairos.tasks");
+        assert_eq!(n.queue("emails"), "kairos.q.emails");
+        assert_eq!(n.delay(), "kairos.delay");
+        assert_eq!(n.retry(), "kairos.retry");
+        assert_eq!(n.dead(), "kairos.dead");
+        assert_eq!(n.events(), "kairos.events");
+        assert_eq!(n.short_tasks_exchange().as_str(), "kairos.tasks");
+        assert_eq!(n.queue_name("emails").unwrap().as_str(), "kairos.q.emails");
+        assert_eq!(n.short_delay().as_str(), "kairos.delay");
+        assert_eq!(n.short_retry().as_str(), "kairos.retry");
+        assert_eq!(n.short_dead().as_str(), "kairos.dead");
+        assert_eq!(n.short_events().as_str(), "kairos.events");
     }
 
     #[test]
     fn the_longest_namespace_and_queue_still_make_a_queue_name() {
         let ns = "n".repeat(MAX_NAMESPACE_LEN);
-        let n = Names::new(ns.as_str()).unwrap();
+        assert!(validate_namespace(&ns).is_ok());
+        let n = Names::new(ns.as_str());
         let q = "q".repeat(MAX_QUEUE_LEN);
-        assert!(n.queue(&q).unwrap().as_str().len() <= 255);
-        assert!(n.queue(&format!("{q}x")).is_err());
-        assert!(n.queue("").is_err());
-        assert!(n.queue("a\nb").is_err());
-        let err = Names::new(format!("{ns}x")).unwrap_err();
+        assert!(n.queue_name(&q).unwrap().as_str().len() <= 255);
+        assert!(n.queue_name(&format!("{q}x")).is_err());
+        assert!(n.queue_name("").is_err());
+        assert!(n.queue_name("a\nb").is_err());
+        let err = validate_namespace(&format!("{ns}x")).unwrap_err();
         assert!(err.contains("48"), "{err}");
-        assert!(Names::new("a b").is_err());
+        assert!(validate_namespace("a b").is_err());
+        // An unchecked namespace too long gives empty names, not a panic.
+        let unchecked = Names::new("n".repeat(300));
+        assert_eq!(unchecked.short_dead().as_str(), "");
+        assert!(unchecked.queue_name("q").is_err());
     }
 
     #[test]

@@ -104,7 +104,7 @@ pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
 async fn next_dead(channel: &Channel, names: &Names) -> Result<Option<BasicGetMessage>, DeadError> {
     Ok(channel
         .basic_get(
-            names.dead(),
+            names.short_dead(),
             BasicGetOptions { no_ack: false },
         )
         .await?)
@@ -172,7 +172,7 @@ pub async fn replay(
         // The origin queue comes from a header anyone can write: it must
         // make a queue name and a routing key before anything is sent.
         let key = match names
-            .queue(&queue)
+            .queue_name(&queue)
             .and_then(|_| short("x-origin-queue", &queue).map_err(|e| BadQueue(e.to_string())))
         {
             Ok(key) => key,
@@ -194,7 +194,7 @@ pub async fn replay(
         }
         let confirm = channel
             .basic_publish(
-                names.tasks_exchange(),
+                names.short_tasks_exchange(),
                 key,
                 BasicPublishOptions::default(),
                 &m.delivery.data,
@@ -232,7 +232,7 @@ pub async fn replay(
 pub async fn purge(conn: &Connection, names: &Names) -> Result<u32, DeadError> {
     let channel = conn.create_channel().await?;
     let n = channel
-        .queue_purge(names.dead(), QueuePurgeOptions::default())
+        .queue_purge(names.short_dead(), QueuePurgeOptions::default())
         .await?;
     let _ = channel.close(200, "purged".into()).await;
     Ok(n)

@@ -105,7 +105,7 @@ impl EventSink {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let publisher = tokio::spawn(publish_loop(
             amqp_url.to_string(),
-            names.events(),
+            names.short_events(),
             rx,
             cancel,
         ));

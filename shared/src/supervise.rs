@@ -78,6 +78,18 @@ impl Health {
         self.loops.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records that `name`, a loop supervised elsewhere (the AMQP session),
+    /// runs.
+    pub fn mark_running(&self, name: &str) {
+        self.set_running(name);
+    }
+
+    /// Records that `name` failed and waits to be started again.
+    pub fn mark_failed(&self, name: &str, error: &str) {
+        self.set_running(name);
+        self.set_failed(name, error);
+    }
+
     fn set_running(&self, name: &str) {
         let mut loops = self.lock();
         let entry = loops.entry(name.to_string()).or_insert(LoopHealth {

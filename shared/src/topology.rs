@@ -18,11 +18,11 @@ fn durable_exchange() -> ExchangeDeclareOptions {
 /// Exchanges, the dead-letter queue, and the scheduler's intake queues.
 pub async fn declare_base(channel: &Channel, names: &Names) -> lapin::Result<()> {
     let exchanges = [
-        (names.tasks_exchange(), ExchangeKind::Direct),
-        (names.delay(), ExchangeKind::Fanout),
-        (names.retry(), ExchangeKind::Fanout),
-        (names.dead(), ExchangeKind::Fanout),
-        (names.events(), ExchangeKind::Topic),
+        (names.short_tasks_exchange(), ExchangeKind::Direct),
+        (names.short_delay(), ExchangeKind::Fanout),
+        (names.short_retry(), ExchangeKind::Fanout),
+        (names.short_dead(), ExchangeKind::Fanout),
+        (names.short_events(), ExchangeKind::Topic),
     ];
     for (name, kind) in exchanges {
         channel
@@ -31,7 +31,7 @@ pub async fn declare_base(channel: &Channel, names: &Names) -> lapin::Result<()>
     }
     // The scheduler's intake queues share their exchange's name, as the
     // contract does for `NS.dead`.
-    for name in [names.delay(), names.retry(), names.dead()] {
+    for name in [names.short_delay(), names.short_retry(), names.short_dead()] {
         channel
             .queue_declare(
                 name.clone(),
@@ -63,7 +63,7 @@ pub fn task_queue_arguments(names: &Names) -> FieldTable {
     );
     args.insert(
         "x-dead-letter-exchange".into(),
-        text(names.retry().as_str()),
+        text(&names.retry()),
     );
     args
 }
@@ -85,7 +85,7 @@ pub async fn declare_task_queue(
     names: &Names,
     logical: &str,
 ) -> Result<(), DeclareError> {
-    let queue = names.queue(logical)?;
+    let queue = names.queue_name(logical)?;
     // `queue` checked the logical name is at most 200 bytes.
     let key = crate::short::short("routing key", logical)
         .map_err(|e| crate::contract::ProtocolError::BadQueue(e.to_string()))?;
@@ -99,7 +99,7 @@ pub async fn declare_task_queue(
     channel
         .queue_bind(
             queue,
-            names.tasks_exchange(),
+            names.short_tasks_exchange(),
             key,
             QueueBindOptions::default(),
             FieldTable::default(),
