@@ -27,7 +27,6 @@ impl Publisher {
         })
     }
 
-
     /// Publishes many due tasks, all handed to lapin together: each publish
     /// resolves only once lapin's I/O thread wrote it, so awaiting them one
     /// by one costs a thread hand-off per task and capped promotion at

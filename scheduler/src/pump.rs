@@ -26,11 +26,11 @@ use crate::delay_queue::{Claimed, QueueError, RedisDelayQueue};
 use crate::publisher::Publisher;
 use crate::redis_clock::{ClockMap, RedisClock};
 use futures_util::future::join_all;
+use kairos_shared::amqp::now_ms;
 use kairos_shared::amqp::{sleep_or_cancel, Backoff};
 use kairos_shared::contract::Task;
 use kairos_shared::contract::H_RUN_AT;
 use kairos_shared::events::{EventKind, EventSink};
-use kairos_shared::amqp::now_ms;
 use kairos_shared::record;
 use kairos_shared::topology::DeclareError;
 use lapin::types::AMQPValue;
@@ -238,8 +238,7 @@ impl Pump {
                 Err(err) => {
                     // It can never be published: dead-letter it rather
                     // than retry it forever.
-                    let (props, body) =
-                        record::salvage(c.id(), &c.record, &err.to_string(), c.due);
+                    let (props, body) = record::salvage(c.id(), &c.record, &err.to_string(), c.due);
                     unusable.push((i, err.to_string(), props, body));
                 }
             }

@@ -166,7 +166,8 @@ impl NewTask {
         put(H_DELAY_MS, self.delay_ms);
         put(H_MAX_RETRIES, self.max_retries.map(i64::from));
         put(H_TIMEOUT_MS, self.timeout_ms.map(|t| t as i64));
-        let message_id = short("message_id", &id).map_err(|e| ProtocolError::BadId(e.to_string()))?;
+        let message_id =
+            short("message_id", &id).map_err(|e| ProtocolError::BadId(e.to_string()))?;
         let mut props = BasicProperties::default()
             .with_type(kind)
             .with_message_id(message_id)
@@ -174,7 +175,8 @@ impl NewTask {
             .with_delivery_mode(2)
             .with_headers(headers);
         if let Some(ct) = &self.content_type {
-            let ct = short("content_type", ct).map_err(|e| ProtocolError::BadBody(e.to_string()))?;
+            let ct =
+                short("content_type", ct).map_err(|e| ProtocolError::BadBody(e.to_string()))?;
             props = props.with_content_type(ct);
         }
         Ok((id, props))
@@ -240,8 +242,8 @@ impl Client {
         let mut keyed = Vec::with_capacity(messages.len());
         for (task, props) in messages {
             // `to_message` checked the queue name (at most 200 bytes).
-            let key = short("queue", &task.queue)
-                .map_err(|e| ProtocolError::BadQueue(e.to_string()))?;
+            let key =
+                short("queue", &task.queue).map_err(|e| ProtocolError::BadQueue(e.to_string()))?;
             keyed.push((task, props, key));
         }
         let publishes = keyed.into_iter().map(|(task, props, key)| {

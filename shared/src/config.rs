@@ -189,6 +189,9 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("KAIROS_NAMESPACE") && err.contains("48"), "{err}");
+        assert!(
+            err.contains("KAIROS_NAMESPACE") && err.contains("48"),
+            "{err}"
+        );
     }
 }

@@ -137,7 +137,8 @@ impl Names {
     /// [`validate_queue`] (or the namespace was never checked).
     pub fn queue_name(&self, logical: &str) -> Result<ShortString, ProtocolError> {
         validate_queue(logical).map_err(ProtocolError::BadQueue)?;
-        short("queue name", &self.queue(logical)).map_err(|e| ProtocolError::BadQueue(e.to_string()))
+        short("queue name", &self.queue(logical))
+            .map_err(|e| ProtocolError::BadQueue(e.to_string()))
     }
 
     /// A fixed name for AMQP. Cannot fail with a checked namespace (at
@@ -258,7 +259,8 @@ impl Task {
         // when the task is published.
         validate_queue(routing_key).map_err(ProtocolError::BadQueue)?;
         let priority = properties.priority().unwrap_or(0).min(MAX_PRIORITY);
-        let message_id = short("message_id", &id).map_err(|e| ProtocolError::BadId(e.to_string()))?;
+        let message_id =
+            short("message_id", &id).map_err(|e| ProtocolError::BadId(e.to_string()))?;
         let properties = properties.clone().with_message_id(message_id);
         Ok(Task {
             id,

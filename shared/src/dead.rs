@@ -10,8 +10,8 @@
 //! replayed: it stays dead and is reported as refused, with the reason.
 
 use crate::client::check;
-use crate::contract::{value_to_string, Names, H_ATTEMPT, H_ERROR, H_FAILED_AT, H_ORIGIN_QUEUE};
 use crate::contract::ProtocolError::BadQueue;
+use crate::contract::{value_to_string, Names, H_ATTEMPT, H_ERROR, H_FAILED_AT, H_ORIGIN_QUEUE};
 use crate::short::short;
 use crate::topology::{self, DeclareError};
 use lapin::message::BasicGetMessage;
@@ -103,10 +103,7 @@ pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
 /// or a nack puts it back).
 async fn next_dead(channel: &Channel, names: &Names) -> Result<Option<BasicGetMessage>, DeadError> {
     Ok(channel
-        .basic_get(
-            names.short_dead(),
-            BasicGetOptions { no_ack: false },
-        )
+        .basic_get(names.short_dead(), BasicGetOptions { no_ack: false })
         .await?)
 }
 

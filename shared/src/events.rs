@@ -8,8 +8,8 @@
 
 use crate::amqp::{connect_with_retry, now_ms, sleep_or_cancel, Backoff};
 use crate::contract::{Names, Task};
-use lapin::options::BasicPublishOptions;
 use crate::short::short;
+use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::BasicProperties;
 use serde::Serialize;

@@ -118,11 +118,9 @@ pub fn decode(id: &str, bytes: &[u8]) -> Result<Task, ProtocolError> {
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(attempt)));
     // The id is the Redis member the record was stored under.
-    let message_id = crate::short::short("task id", id)
-        .map_err(|e| ProtocolError::BadRecord(e.to_string()))?;
-    let properties = properties
-        .with_message_id(message_id)
-        .with_headers(headers);
+    let message_id =
+        crate::short::short("task id", id).map_err(|e| ProtocolError::BadRecord(e.to_string()))?;
+    let properties = properties.with_message_id(message_id).with_headers(headers);
     Task::decode(queue, &properties, body)
 }
 
@@ -138,7 +136,11 @@ pub fn salvage(id: &str, bytes: &[u8], error: &str, failed_at: i64) -> (BasicPro
     };
     let parsed = parts.and_then(|(_, queue, props_and_body)| {
         let (body, props) = parse_properties(props_and_body).ok()?;
-        Some((String::from_utf8_lossy(queue).into_owned(), props, body.to_vec()))
+        Some((
+            String::from_utf8_lossy(queue).into_owned(),
+            props,
+            body.to_vec(),
+        ))
     });
     let (queue, mut props, body) =
         parsed.unwrap_or_else(|| (String::new(), BasicProperties::default(), bytes.to_vec()));

@@ -13,8 +13,8 @@
 
 use crate::client::NewTask;
 use crate::contract::{
-    validate_id, validate_queue, H_ATTEMPT, H_DELAY_MS, H_ERROR, H_FAILED_AT, H_MAX_RETRIES, H_ORIGIN_QUEUE,
-    H_RUN_AT, H_SCHEDULE_ID, H_TIMEOUT_MS, MAX_PRIORITY,
+    validate_id, validate_queue, H_ATTEMPT, H_DELAY_MS, H_ERROR, H_FAILED_AT, H_MAX_RETRIES,
+    H_ORIGIN_QUEUE, H_RUN_AT, H_SCHEDULE_ID, H_TIMEOUT_MS, MAX_PRIORITY,
 };
 use lapin::types::{AMQPValue, LongString};
 use serde::Deserialize;

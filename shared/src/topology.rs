@@ -61,10 +61,7 @@ pub fn task_queue_arguments(names: &Names) -> FieldTable {
         "x-max-priority".into(),
         AMQPValue::LongInt(i32::from(MAX_PRIORITY)),
     );
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        text(&names.retry()),
-    );
+    args.insert("x-dead-letter-exchange".into(), text(&names.retry()));
     args
 }
 

@@ -99,7 +99,10 @@ async fn a_bad_definition_stored_past_validation_fails_alone_and_is_reported() {
         .expect("pool");
     let shards = usize::from(config.shards);
     let queue = RedisDelayQueue::new(pool.clone(), &config.common.namespace, shards);
-    queue.check_shard_count().await.expect("shard count matches");
+    queue
+        .check_shard_count()
+        .await
+        .expect("shard count matches");
     let store = ScheduleStore::new(pool, &config.common.namespace, &queue);
     let def = format!(
         r#"{{"every_ms":1000,"task":{{"name":"test.tick","headers":{{"{}":1}}}}}}"#,
@@ -182,7 +185,10 @@ async fn names_too_long_over_http_are_a_400_naming_the_field() {
     headers.insert("h".repeat(256), json!(1));
     for (body, field) in [
         (json!({"name": "test.tick", "headers": headers}), "headers"),
-        (json!({"name": "test.tick", "queue": "q".repeat(201)}), "queue"),
+        (
+            json!({"name": "test.tick", "queue": "q".repeat(201)}),
+            "queue",
+        ),
         (json!({"name": "n".repeat(256)}), "name"),
     ] {
         let r = api.call(move |a| a.enqueue(&body)).await;

@@ -139,13 +139,7 @@ impl Disposition {
         let key = kairos_shared::short::short("routing key", routing_key).unwrap_or_default();
         let confirm = self
             .channel
-            .basic_publish(
-                exchange,
-                key,
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
+            .basic_publish(exchange, key, BasicPublishOptions::default(), body, props)
             .await?
             .await?;
         check(confirm).map_err(|e| DispositionError::NotConfirmed(e.to_string()))
