@@ -87,12 +87,12 @@ impl Intake {
             .basic_qos(self.prefetch, BasicQosOptions::default())
             .await?;
         let queue = match self.source {
-            Source::Delay => self.names.delay(),
-            Source::Retry => self.names.retry(),
+            Source::Delay => self.names.short_delay(),
+            Source::Retry => self.names.short_retry(),
         };
         let mut consumer = channel
             .basic_consume(
-                queue.as_str().into(),
+                queue,
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),

@@ -14,7 +14,9 @@
 //!   delay queue, `schedule_admin` / `http` / `schedule_file` change them,
 //!   `outcomes` learns what became of their occurrences.
 //! * `supervisor` (in this file): one AMQP session at a time, rebuilt on
-//!   failure.
+//!   failure. The background loops (ticker, outcomes, wake listener,
+//!   pending gauge, HTTP API) run under `kairos_shared::supervise`: a loop
+//!   that panics or fails is restarted, counted, and shown by `/readyz`.
 
 pub mod config;
 pub mod delay_queue;
@@ -42,6 +44,7 @@ use delay_queue::RedisDelayQueue;
 use intake::{Intake, IntakeError, Source};
 use kairos_shared::amqp::{close_connection, connect_with_retry, sleep_or_cancel, Backoff};
 use kairos_shared::events::EventSink;
+use kairos_shared::supervise::{supervise, Health};
 use kairos_shared::topology;
 use publisher::Publisher;
 use pump::{Pump, PumpError};
@@ -63,6 +66,8 @@ enum SessionError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
+    #[error("{0}")]
+    Config(String),
     #[error("KAIROS_REDIS_URL: {0}")]
     Redis(String),
     #[error("{0}")]
@@ -89,6 +94,8 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SchedulerError> {
+    config.common.check().map_err(SchedulerError::Config)?;
+    let names = config.common.names();
     if let Some(addr) = config.common.metrics_addr {
         kairos_shared::metrics::install(addr).map_err(SchedulerError::Metrics)?;
     }
@@ -98,7 +105,7 @@ pub async fn run(
         shutdown.await;
         trigger.cancel();
     });
-    let names = config.common.names();
+    let health = Health::new();
     // Bind first: a taken address is a configuration error, reported at
     // once rather than after waiting for Redis. Only the default address may
     // be taken (a second scheduler on one host): then run without the API.
@@ -140,16 +147,38 @@ pub async fn run(
             }
         }
     }
-    tokio::spawn(report_pending(queue.clone(), cancel.clone()));
+    let pending = {
+        let (queue, cancel) = (queue.clone(), cancel.clone());
+        supervise(&health, "report_pending", cancel.clone(), move || {
+            let (queue, cancel) = (queue.clone(), cancel.clone());
+            async move {
+                report_pending(queue, cancel).await;
+                Ok(())
+            }
+        })
+    };
     let wake = Arc::new(Notify::new());
     let redis_client = redis::Client::open(config.redis_url.as_str())
         .map_err(|e| SchedulerError::Redis(e.to_string()))?;
-    let listener = tokio::spawn(wake::listen(
-        redis_client,
-        queue.wake_channel().to_string(),
-        wake.clone(),
-        cancel.clone(),
-    ));
+    let listener = {
+        let (channel, wake, cancel) = (
+            queue.wake_channel().to_string(),
+            wake.clone(),
+            cancel.clone(),
+        );
+        supervise(&health, "wake", cancel.clone(), move || {
+            let (client, channel, wake, cancel) = (
+                redis_client.clone(),
+                channel.clone(),
+                wake.clone(),
+                cancel.clone(),
+            );
+            async move {
+                wake::listen(client, channel, wake, cancel).await;
+                Ok(())
+            }
+        })
+    };
     let events = EventSink::start(
         config.common.events,
         &config.common.amqp_url,
@@ -166,7 +195,16 @@ pub async fn run(
         lease_ms: config.lease_ms,
         idle: Duration::from_millis(config.idle_ms),
     };
-    let schedules = start_schedules(&config, &names, pool, &pump, http_listener, &cancel).await;
+    let schedules = start_schedules(
+        &config,
+        &names,
+        pool,
+        &pump,
+        http_listener,
+        &health,
+        &cancel,
+    )
+    .await;
     tracing::info!(namespace = %names.namespace(), shards = config.shards, "scheduler starting");
 
     let mut backoff = Backoff::new();
@@ -193,6 +231,7 @@ pub async fn run(
             };
             let (delay, retry) = (make(Source::Delay), make(Source::Retry));
             tracing::info!("connected to RabbitMQ");
+            health.mark_running("amqp_session");
             // Each role stops on shutdown or when another role fails; the
             // pump then still finishes the batches it claimed.
             let session_cancel = cancel.child_token();
@@ -237,6 +276,7 @@ pub async fn run(
                     backoff.reset();
                 }
                 tracing::warn!(cause = %err, "AMQP session ended; reconnecting");
+                health.mark_failed("amqp_session", &err.to_string());
                 close_connection(&conn, "reconnecting", CLOSE_WITHIN).await;
                 sleep_or_cancel(backoff.next_delay(), &cancel).await;
                 continue;
@@ -244,7 +284,8 @@ pub async fn run(
         }
         close_connection(&conn, "shutdown", CLOSE_WITHIN).await;
     }
-    listener.abort();
+    let _ = listener.await;
+    let _ = pending.await;
     for task in schedules {
         let _ = task.await;
     }
@@ -268,14 +309,16 @@ async fn report_pending(queue: RedisDelayQueue, cancel: CancellationToken) {
 }
 
 /// Syncs the schedule file, then starts the ticker, the HTTP API and the
-/// outcomes consumer; each stops on `cancel`. Occurrences go to the pump's
-/// delay queue, and the pump is woken when one is handed over.
+/// outcomes consumer, each supervised; each stops on `cancel`. Occurrences
+/// go to the pump's delay queue, and the pump is woken when one is handed
+/// over.
 async fn start_schedules(
     config: &Config,
     names: &kairos_shared::contract::Names,
     pool: deadpool_redis::Pool,
     pump: &Pump,
     http_listener: Option<tokio::net::TcpListener>,
+    health: &Health,
     cancel: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let store = schedule_store::ScheduleStore::new(pool, names.namespace(), &pump.queue);
@@ -299,29 +342,58 @@ async fn start_schedules(
         parsed: Default::default(),
     };
     let tick_cancel = cancel.clone();
-    let http_cancel = cancel.clone();
-    let (http_amqp_url, http_names) = (config.common.amqp_url.clone(), names.clone());
-    let mut tasks = vec![tokio::spawn(async move { ticker.run(tick_cancel).await })];
+    let mut tasks = vec![supervise(health, "ticker", cancel.clone(), move || {
+        let (ticker, cancel) = (ticker.clone(), tick_cancel.clone());
+        async move {
+            ticker.run(cancel).await;
+            Ok(())
+        }
+    })];
     if let Some(http_listener) = http_listener {
         let addr = http_listener.local_addr().ok();
         tracing::info!(addr = ?addr, "HTTP API listening");
-        tasks.push(tokio::spawn(async move {
-            let api = task_api::TaskApi::new(&http_amqp_url, http_names);
-            let router = http::router(admin).merge(task_api::router(api));
-            let served = axum::serve(http_listener, router)
-                .with_graceful_shutdown(http_cancel.cancelled_owned())
-                .await;
-            if let Err(err) = served {
-                tracing::error!(cause = %err, "HTTP API stopped");
+        let api = task_api::TaskApi::new(&config.common.amqp_url, names.clone());
+        let router = http::router(admin)
+            .merge(task_api::router(api))
+            .merge(http::probes(health.clone()));
+        // The first run serves the listener bound at start; a restart
+        // binds the same address again.
+        let first = Arc::new(std::sync::Mutex::new(Some(http_listener)));
+        let (bind_addr, http_cancel) = (config.http_addr, cancel.clone());
+        tasks.push(supervise(health, "http", cancel.clone(), move || {
+            let (router, cancel) = (router.clone(), http_cancel.clone());
+            let taken = first.lock().ok().and_then(|mut l| l.take());
+            async move {
+                let listener = match taken {
+                    Some(l) => l,
+                    None => tokio::net::TcpListener::bind(bind_addr)
+                        .await
+                        .map_err(|e| format!("cannot listen on {bind_addr}: {e}"))?,
+                };
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(cancel.cancelled_owned())
+                    .await
+                    .map_err(|e| format!("HTTP API stopped: {e}"))
             }
         }));
     }
-    tasks.push(tokio::spawn(outcomes::run(
+    let (url, names, out_cancel) = (
         config.common.amqp_url.clone(),
         names.clone(),
-        store,
         cancel.clone(),
-    )));
+    );
+    tasks.push(supervise(health, "outcomes", cancel.clone(), move || {
+        let run = outcomes::run(
+            url.clone(),
+            names.clone(),
+            store.clone(),
+            out_cancel.clone(),
+        );
+        async move {
+            run.await;
+            Ok(())
+        }
+    }));
     tasks
 }
 
@@ -331,6 +403,7 @@ async fn start_schedules(
 /// are picked up by running schedulers on their next look at Redis (within
 /// `KAIROS_IDLE_MS`).
 pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> {
+    config.common.check().map_err(SchedulerError::Config)?;
     let names = config.common.names();
     let pool = deadpool_redis::Config::from_url(&config.redis_url)
         .create_pool(Some(deadpool_redis::Runtime::Tokio1))

@@ -37,6 +37,12 @@ pub fn queue_name(names: &Names) -> String {
     format!("{}.schedules.outcomes", names.namespace())
 }
 
+/// [`queue_name`] as the short string lapin takes: at most 48 + 19 bytes
+/// (the namespace is bounded), so it never fails in practice.
+fn queue_short(names: &Names) -> lapin::types::ShortString {
+    kairos_shared::short::short("queue name", &queue_name(names)).unwrap_or_default()
+}
+
 /// What an event means for its schedule: (schedule id, task id, tick,
 /// occurrence over, outcome JSON). `None` for other tasks' events.
 pub fn interpret(event: &Value) -> Option<(String, String, i64, bool, Value)> {
@@ -88,15 +94,15 @@ async fn consume(
 ) -> lapin::Result<()> {
     let ch = conn.create_channel().await?;
     topology::declare_base(&ch, names).await?;
-    let queue = queue_name(names);
+    let queue = queue_short(names);
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongInt(MAX_BACKLOG));
-    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
+    ch.queue_declare(queue.clone(), QueueDeclareOptions::durable(), args)
         .await?;
     for key in ["task.started", "task.succeeded", "task.failed", "task.dead"] {
         ch.queue_bind(
-            queue.as_str().into(),
-            names.events().into(),
+            queue.clone(),
+            names.short_events(),
             key.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
@@ -106,7 +112,7 @@ async fn consume(
     ch.basic_qos(500, BasicQosOptions::default()).await?;
     let mut consumer = ch
         .basic_consume(
-            queue.as_str().into(),
+            queue,
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),

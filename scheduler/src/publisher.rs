@@ -3,7 +3,8 @@
 //! returned [`PublisherConfirm`]s, so many confirms are outstanding at once.
 
 use kairos_shared::contract::{Names, Task};
-use kairos_shared::topology::QueueCache;
+use kairos_shared::short::short;
+use kairos_shared::topology::{DeclareError, QueueCache};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
 
@@ -26,39 +27,60 @@ impl Publisher {
         })
     }
 
-    /// Publishes a due task, mandatory: a return means the queue vanished.
-    pub async fn publish_ready(&self, task: &Task) -> lapin::Result<PublisherConfirm> {
-        self.declared
-            .ensure(&self.channel, &self.names, &task.queue)
-            .await?;
-        self.send_ready(task).await
-    }
-
     /// Publishes many due tasks, all handed to lapin together: each publish
     /// resolves only once lapin's I/O thread wrote it, so awaiting them one
     /// by one costs a thread hand-off per task and capped promotion at
-    /// about half the broker's publish rate. One result per task, in order.
+    /// about half the broker's publish rate. One result per task, in order:
+    /// a task whose queue cannot be named fails alone
+    /// ([`DeclareError::BadName`]); a broker error fails them all.
     pub async fn publish_ready_many(
         &self,
         tasks: &[&Task],
-    ) -> Vec<lapin::Result<PublisherConfirm>> {
+    ) -> Vec<Result<PublisherConfirm, DeclareError>> {
+        let mut named = Vec::with_capacity(tasks.len());
         for task in tasks {
-            if let Err(err) = self
+            match self
                 .declared
                 .ensure(&self.channel, &self.names, &task.queue)
                 .await
             {
-                return tasks.iter().map(|_| Err(err.clone())).collect();
+                Ok(()) => named.push(true),
+                Err(DeclareError::BadName(_)) => named.push(false),
+                Err(DeclareError::Amqp(err)) => {
+                    return tasks
+                        .iter()
+                        .map(|_| Err(DeclareError::Amqp(err.clone())))
+                        .collect();
+                }
             }
         }
-        futures_util::future::join_all(tasks.iter().map(|t| self.send_ready(t))).await
+        let sends = tasks.iter().zip(named).map(|(t, ok)| async move {
+            if !ok {
+                // `ensure` refused the name; say why again for this task.
+                return Err(DeclareError::BadName(
+                    kairos_shared::contract::ProtocolError::BadQueue(format!(
+                        "{:?} cannot name a queue",
+                        kairos_shared::short::preview(&t.queue)
+                    )),
+                ));
+            }
+            self.send_ready(t).await
+        });
+        futures_util::future::join_all(sends).await
     }
 
-    async fn send_ready(&self, task: &Task) -> lapin::Result<PublisherConfirm> {
-        self.channel
+    async fn send_ready(&self, task: &Task) -> Result<PublisherConfirm, DeclareError> {
+        // `ensure` checked the name (at most 200 bytes).
+        let key = short("routing key", &task.queue).map_err(|e| {
+            DeclareError::BadName(kairos_shared::contract::ProtocolError::BadQueue(
+                e.to_string(),
+            ))
+        })?;
+        Ok(self
+            .channel
             .basic_publish(
-                self.names.tasks_exchange().into(),
-                task.queue.as_str().into(),
+                self.names.short_tasks_exchange(),
+                key,
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -66,7 +88,7 @@ impl Publisher {
                 &task.body,
                 task.publish_properties(),
             )
-            .await
+            .await?)
     }
 
     /// Publishes a dead letter with its routing key set to the origin queue.
@@ -76,10 +98,14 @@ impl Publisher {
         properties: BasicProperties,
         body: &[u8],
     ) -> lapin::Result<PublisherConfirm> {
+        // `NS.dead` is a fanout exchange: the key only informs consumers,
+        // and one that is not a short string is left out (the
+        // `x-origin-queue` header carries it in full).
+        let key = short("routing key", origin_queue).unwrap_or_default();
         self.channel
             .basic_publish(
-                self.names.dead().into(),
-                origin_queue.into(),
+                self.names.short_dead(),
+                key,
                 BasicPublishOptions::default(),
                 body,
                 properties,

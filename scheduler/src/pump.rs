@@ -26,11 +26,13 @@ use crate::delay_queue::{Claimed, QueueError, RedisDelayQueue};
 use crate::publisher::Publisher;
 use crate::redis_clock::{ClockMap, RedisClock};
 use futures_util::future::join_all;
+use kairos_shared::amqp::now_ms;
 use kairos_shared::amqp::{sleep_or_cancel, Backoff};
 use kairos_shared::contract::Task;
 use kairos_shared::contract::H_RUN_AT;
 use kairos_shared::events::{EventKind, EventSink};
 use kairos_shared::record;
+use kairos_shared::topology::DeclareError;
 use lapin::types::AMQPValue;
 use lapin::{Confirmation, PublisherConfirm};
 use std::sync::Arc;
@@ -209,15 +211,19 @@ impl Pump {
 
     /// Hands a claimed batch to the broker. A publish that fails leaves its
     /// task unsettled (released by [`settle`](Self::settle)) and is
-    /// returned, so the caller can reconnect.
+    /// returned, so the caller can reconnect. A task that can never be
+    /// published (its record does not decode, its queue cannot be named)
+    /// goes to `NS.dead` with the reason instead; the rest of the batch is
+    /// published as usual.
     async fn send(
         &self,
         publisher: &Publisher,
         claimed: Vec<Claimed>,
     ) -> (Sent, Option<lapin::Error>) {
-        // settled[i]: task i may be deleted (confirmed, or unreadable).
-        let mut settled = vec![false; claimed.len()];
+        // settled[i]: task i may be deleted (confirmed).
+        let settled = vec![false; claimed.len()];
         let mut decoded = Vec::with_capacity(claimed.len());
+        let mut unusable = Vec::new();
         for (i, c) in claimed.iter().enumerate() {
             match record::decode(c.id(), &c.record) {
                 Ok(mut task) => {
@@ -230,10 +236,10 @@ impl Pump {
                     decoded.push((i, task));
                 }
                 Err(err) => {
-                    // It can never be published; drop it loudly rather than
-                    // retry it forever.
-                    tracing::error!(member = %c.member, cause = %err, "dropping an unreadable delay-queue record");
-                    settled[i] = true;
+                    // It can never be published: dead-letter it rather
+                    // than retry it forever.
+                    let (props, body) = record::salvage(c.id(), &c.record, &err.to_string(), c.due);
+                    unusable.push((i, err.to_string(), props, body));
                 }
             }
         }
@@ -245,7 +251,20 @@ impl Pump {
         for ((i, task), result) in decoded.into_iter().zip(results) {
             match result {
                 Ok(confirm) => sent.push((i, task, confirm)),
+                Err(DeclareError::BadName(err)) => {
+                    let props = task.dead_letter_properties(&err.to_string(), now_ms());
+                    unusable.push((i, err.to_string(), props, task.body));
+                }
                 // Not sent: left unsettled, so it is released.
+                Err(DeclareError::Amqp(err)) => failure = Some(err),
+            }
+        }
+        let mut dead = Vec::with_capacity(unusable.len());
+        for (i, error, props, body) in unusable {
+            let origin = claimed[i].member.clone();
+            tracing::error!(member = %origin, %error, "a delay-queue task cannot be published; dead-lettering it");
+            match publisher.publish_dead("", props, &body).await {
+                Ok(confirm) => dead.push((i, confirm)),
                 Err(err) => failure = Some(err),
             }
         }
@@ -254,6 +273,7 @@ impl Pump {
                 claimed,
                 settled,
                 sent,
+                dead,
             },
             failure,
         )
@@ -284,6 +304,14 @@ impl Pump {
                         publisher.forget_queue(&task.queue);
                     }
                     Ok(Confirmation::Nack(_)) | Err(_) => {}
+                }
+            }
+            // Dead letters: deleted once `NS.dead` has them.
+            for (i, confirm) in std::mem::take(&mut b.dead) {
+                if let Ok(Confirmation::Ack(_) | Confirmation::NotRequested) = confirm.await {
+                    b.settled[i] = true;
+                    metrics::counter!("kairos_scheduler_dead_total", "source" => "pump")
+                        .increment(1);
                 }
             }
         }
@@ -318,6 +346,8 @@ struct Sent {
     settled: Vec<bool>,
     /// (index in `claimed`, task, its confirm).
     sent: Vec<(usize, Task, PublisherConfirm)>,
+    /// (index in `claimed`, the confirm of its dead letter).
+    dead: Vec<(usize, PublisherConfirm)>,
 }
 
 /// How long to sleep after a claim that ran at `now` (Redis clock) and saw

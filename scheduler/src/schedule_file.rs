@@ -138,6 +138,19 @@ task = { name = "job.e", colour = "red" }
     }
 
     #[test]
+    fn a_header_name_too_long_for_amqp_fails_naming_schedule_and_field() {
+        let text = format!(
+            "[[schedule]]\nid = \"long\"\nevery_ms = 1000\ntask = {{ name = \"t\", headers = {{ {} = 1 }} }}\n",
+            "h".repeat(300)
+        );
+        let l = parse(&text).unwrap();
+        assert!(l.schedules.is_empty());
+        assert_eq!(l.errors.len(), 1, "{:?}", l.errors);
+        let e = &l.errors[0];
+        assert!(e.contains("\"long\"") && e.contains("task.headers"), "{e}");
+    }
+
+    #[test]
     fn the_seed_example_file_loads() {
         let text = include_str!("../../examples/seed/schedules.toml");
         let l = parse(text).unwrap();

@@ -132,6 +132,10 @@ pub struct View {
     pub last_outcome: Option<serde_json::Value>,
     /// Last tick skipped because the previous occurrence still ran.
     pub last_skipped_at: Option<i64>,
+    /// Why the ticker could not fire this definition (it stored it, but it
+    /// cannot become a task): the schedule stays stopped until replaced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 impl ScheduleStore {
@@ -448,7 +452,8 @@ impl ScheduleStore {
             .arg(state)
             .arg(format!("{id}\tlast"))
             .arg(format!("{id}\toutcome"))
-            .arg(format!("{id}\tskipped"));
+            .arg(format!("{id}\tskipped"))
+            .arg(format!("{id}\tfailed"));
         let (json, next, st): (Option<Vec<u8>>, Option<f64>, StateFields) =
             self.query(&pipe).await?;
         Ok(json.map(|j| make_view(id, &j, next.map(|n| n as i64), st)))
@@ -488,12 +493,29 @@ impl ScheduleStore {
                     int(format!("{id}\tlast")),
                     state.get(&format!("{id}\toutcome")).cloned(),
                     int(format!("{id}\tskipped")),
+                    state
+                        .get(&format!("{id}\tfailed"))
+                        .map(|v| String::from_utf8_lossy(v).into_owned()),
                 );
                 out.push(make_view(&id, &json, nexts.get(&id).copied(), st));
             }
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    /// Notes that schedule `id`'s stored definition cannot fire, and why
+    /// (shown by the API until the schedule is replaced or deleted).
+    pub async fn mark_failed(&self, id: &str, reason: &str) -> Result<(), QueueError> {
+        let [_, _, state, ..] = self.keys(self.shard_of(id));
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(state)
+            .arg(format!("{id}\tfailed"))
+            .arg(reason)
+            .ignore();
+        let () = self.query(&pipe).await?;
+        Ok(())
     }
 
     /// Records an occurrence's outcome; `over` ends its overlap hold.
@@ -553,14 +575,15 @@ impl ScheduleStore {
     }
 }
 
-/// A schedule's state: last fired tick, last outcome JSON, last skipped tick.
-type StateFields = (Option<i64>, Option<Vec<u8>>, Option<i64>);
+/// A schedule's state: last fired tick, last outcome JSON, last skipped
+/// tick, why it cannot fire.
+type StateFields = (Option<i64>, Option<Vec<u8>>, Option<i64>, Option<String>);
 
 fn make_view(
     id: &str,
     json: &[u8],
     next: Option<i64>,
-    (last, outcome, skipped): StateFields,
+    (last, outcome, skipped, failed): StateFields,
 ) -> View {
     let mut spec: serde_json::Value =
         serde_json::from_slice(json).unwrap_or(serde_json::Value::Null);
@@ -576,5 +599,6 @@ fn make_view(
         last_fire_at: last,
         last_outcome: outcome.and_then(|o| serde_json::from_slice(&o).ok()),
         last_skipped_at: skipped,
+        failed,
     }
 }

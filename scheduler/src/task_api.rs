@@ -170,7 +170,10 @@ async fn replay_dead(State(api): State<TaskApi>, body: Bytes) -> Result<Response
     let conn = broker(&api).await?;
     let replayed = dead::replay(&conn, &api.names, &req.ids, req.limit.unwrap_or(10_000)).await;
     let _ = conn.close(200, "done".into()).await;
-    Ok(Json(json!({ "replayed": replayed? })).into_response())
+    // Letters that cannot be replayed stay dead and are listed, each
+    // with its reason.
+    let done = replayed?;
+    Ok(Json(json!({ "replayed": done.replayed, "refused": done.refused })).into_response())
 }
 
 async fn purge_dead(State(api): State<TaskApi>) -> Result<Response, ApiError> {

@@ -255,18 +255,27 @@ impl Ticker {
             .await?;
         let mut fires = Vec::with_capacity(due.items.len());
         let mut tasks: Vec<Vec<Task>> = Vec::with_capacity(due.items.len());
+        let mut failed = Vec::new();
         let (mut late_ticks, mut late_schedules) = (0, 0);
         for (n, item) in due.items.into_iter().enumerate() {
             if n % PLAN_SLICE == PLAN_SLICE - 1 {
                 tokio::task::yield_now().await;
             }
-            if let Some((fire, t, late)) = self.prepare(item, due.now, alive_since) {
+            if let Some((fire, t, late)) = self.prepare(item, due.now, alive_since, &mut failed) {
                 fires.push(fire);
                 tasks.push(t);
                 if late > 0 {
                     late_ticks += late;
                     late_schedules += 1;
                 }
+            }
+        }
+        // One bad definition is its own problem: noted on the schedule for
+        // the API, and the round goes on for the others.
+        for (id, reason) in &failed {
+            metrics::counter!("kairos_scheduler_schedule_failures_total").increment(1);
+            if let Err(err) = self.store.mark_failed(id, reason).await {
+                tracing::warn!(schedule = %id, cause = %err, "cannot note the schedule's failure");
             }
         }
         if late_ticks > 0 {
@@ -345,7 +354,14 @@ impl Ticker {
     /// Plans one due schedule into its compare-and-set, with the tasks of
     /// its `scheduled` events and how many of its ticks fire more than the
     /// grace late; `None` when its definition is not at hand this round.
-    fn prepare(&self, item: DueItem, now: i64, alive_since: i64) -> Option<(Fire, Vec<Task>, u64)> {
+    /// A definition that cannot fire is added to `failed` with the reason.
+    fn prepare(
+        &self,
+        item: DueItem,
+        now: i64,
+        alive_since: i64,
+        failed: &mut Vec<(String, String)>,
+    ) -> Option<(Fire, Vec<Task>, u64)> {
         let mut fire = Fire {
             shard: item.shard,
             id: item.id.clone(),
@@ -370,6 +386,7 @@ impl Ticker {
                 // or by a newer version may still be unreadable: stop it
                 // rather than retry it every round.
                 tracing::error!(schedule = %item.id, %reason, "unreadable schedule definition; it will not fire until replaced");
+                failed.push((item.id.clone(), format!("unreadable definition: {reason}")));
                 return Some((fire, Vec::new(), 0));
             }
         };
@@ -421,6 +438,7 @@ impl Ticker {
                 }
                 Err(err) => {
                     tracing::error!(schedule = %item.id, tick, cause = %err, "cannot build the occurrence; tick dropped");
+                    failed.push((item.id.clone(), format!("cannot build the task: {err}")));
                 }
             }
         }

@@ -12,9 +12,11 @@
 //! ```
 
 use crate::contract::{
-    validate_id, Names, ProtocolError, H_DELAY_MS, H_MAX_RETRIES, H_RUN_AT, H_TIMEOUT_MS,
+    validate_id, validate_queue, Names, ProtocolError, H_DELAY_MS, H_MAX_RETRIES, H_RUN_AT,
+    H_TIMEOUT_MS,
 };
-use crate::topology;
+use crate::short::{header_name, short};
+use crate::topology::{self, DeclareError};
 use futures_util::future::try_join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -33,6 +35,17 @@ pub enum ClientError {
     Invalid(#[from] ProtocolError),
     #[error("cannot serialize the body: {0}")]
     Body(#[from] serde_json::Error),
+    #[error("namespace: {0}")]
+    Namespace(String),
+}
+
+impl From<DeclareError> for ClientError {
+    fn from(e: DeclareError) -> Self {
+        match e {
+            DeclareError::Amqp(e) => ClientError::Amqp(e),
+            DeclareError::BadName(p) => ClientError::Invalid(p),
+        }
+    }
 }
 
 /// A task to enqueue. Built with chained setters.
@@ -49,6 +62,10 @@ pub struct NewTask {
     pub max_retries: Option<u32>,
     pub timeout_ms: Option<u64>,
     pub headers: FieldTable,
+    /// A header that could not be added (its name is over 255 bytes):
+    /// reported by [`to_message`](Self::to_message), as the setters do not
+    /// fail.
+    bad_header: Option<ProtocolError>,
 }
 
 impl NewTask {
@@ -65,6 +82,7 @@ impl NewTask {
             max_retries: None,
             timeout_ms: None,
             headers: FieldTable::default(),
+            bad_header: None,
         }
     }
     pub fn queue(mut self, q: impl Into<String>) -> Self {
@@ -106,7 +124,14 @@ impl NewTask {
         self
     }
     pub fn header(mut self, name: &str, value: AMQPValue) -> Self {
-        self.headers.insert(name.into(), value);
+        match header_name(name) {
+            Ok(name) => {
+                self.headers.insert(name, value);
+            }
+            Err(e) => {
+                self.bad_header = Some(ProtocolError::BadHeaderName(e.to_string()));
+            }
+        }
         self
     }
 
@@ -116,6 +141,14 @@ impl NewTask {
 
     /// The message as the contract describes it; returns the id too.
     pub fn to_message(&self) -> Result<(String, BasicProperties), ClientError> {
+        if let Some(e) = &self.bad_header {
+            return Err(ClientError::Invalid(e.clone()));
+        }
+        validate_queue(&self.queue).map_err(ProtocolError::BadQueue)?;
+        if self.name.is_empty() {
+            return Err(ProtocolError::EmptyType.into());
+        }
+        let kind = short("type", &self.name).map_err(|e| ProtocolError::BadName(e.to_string()))?;
         let id = match &self.id {
             Some(id) => {
                 validate_id(id)?;
@@ -133,14 +166,18 @@ impl NewTask {
         put(H_DELAY_MS, self.delay_ms);
         put(H_MAX_RETRIES, self.max_retries.map(i64::from));
         put(H_TIMEOUT_MS, self.timeout_ms.map(|t| t as i64));
+        let message_id =
+            short("message_id", &id).map_err(|e| ProtocolError::BadId(e.to_string()))?;
         let mut props = BasicProperties::default()
-            .with_type(self.name.as_str().into())
-            .with_message_id(id.as_str().into())
+            .with_type(kind)
+            .with_message_id(message_id)
             .with_priority(self.priority.min(crate::contract::MAX_PRIORITY))
             .with_delivery_mode(2)
             .with_headers(headers);
         if let Some(ct) = &self.content_type {
-            props = props.with_content_type(ct.as_str().into());
+            let ct =
+                short("content_type", ct).map_err(|e| ProtocolError::BadBody(e.to_string()))?;
+            props = props.with_content_type(ct);
         }
         Ok((id, props))
     }
@@ -160,6 +197,7 @@ impl Client {
     pub async fn connect(amqp_url: &str, namespace: &str) -> Result<Self, ClientError> {
         let conn = crate::amqp::connect(amqp_url, "kairos-client").await?;
         let channel = conn.create_channel().await?;
+        crate::contract::validate_namespace(namespace).map_err(ClientError::Namespace)?;
         let names = Names::new(namespace);
         topology::declare_base(&channel, &names).await?;
         channel
@@ -189,27 +227,36 @@ impl Client {
         let mut ids = Vec::with_capacity(tasks.len());
         let mut messages = Vec::with_capacity(tasks.len());
         for task in tasks {
+            // Checked first: a queue name that cannot be declared is the
+            // task's fault, reported as such.
+            let (id, props) = task.to_message()?;
             self.declared
                 .ensure(&self.channel, &self.names, &task.queue)
                 .await?;
-            let (id, props) = task.to_message()?;
             ids.push(id);
             messages.push((task, props));
         }
         // All publishes are handed to lapin together: each resolves only
         // once lapin's I/O thread wrote it, so awaiting them one by one
         // costs a thread hand-off per task (about a third of the rate).
-        let publishes = messages.into_iter().map(|(task, props)| {
+        let mut keyed = Vec::with_capacity(messages.len());
+        for (task, props) in messages {
+            // `to_message` checked the queue name (at most 200 bytes).
+            let key =
+                short("queue", &task.queue).map_err(|e| ProtocolError::BadQueue(e.to_string()))?;
+            keyed.push((task, props, key));
+        }
+        let publishes = keyed.into_iter().map(|(task, props, key)| {
             let exchange = if task.is_delayed() {
-                self.names.delay()
+                self.names.short_delay()
             } else {
-                self.names.tasks_exchange()
+                self.names.short_tasks_exchange()
             };
             async move {
                 self.channel
                     .basic_publish(
-                        exchange.into(),
-                        task.queue.as_str().into(),
+                        exchange,
+                        key,
                         BasicPublishOptions {
                             mandatory: !task.is_delayed(),
                             ..BasicPublishOptions::default()
@@ -272,5 +319,20 @@ mod tests {
     #[test]
     fn bad_ids_are_refused_before_sending() {
         assert!(NewTask::new("x").id("").to_message().is_err());
+    }
+
+    #[test]
+    fn names_too_long_for_amqp_are_errors_not_panics() {
+        let long = "h".repeat(256);
+        let err = NewTask::new("x")
+            .header(&long, AMQPValue::Boolean(true))
+            .to_message()
+            .unwrap_err();
+        assert!(err.to_string().contains("header name"), "{err}");
+        assert!(NewTask::new(long.as_str()).to_message().is_err());
+        assert!(NewTask::new("x").queue(&long).to_message().is_err());
+        let mut t = NewTask::new("x");
+        t.content_type = Some(long);
+        assert!(t.to_message().is_err());
     }
 }

@@ -44,6 +44,13 @@ impl CommonConfig {
     pub fn names(&self) -> crate::contract::Names {
         crate::contract::Names::new(&self.namespace)
     }
+
+    /// Checks the namespace again: parsing checked `KAIROS_NAMESPACE`, but
+    /// a config built in code was not. The error names the setting.
+    pub fn check(&self) -> Result<(), String> {
+        crate::contract::validate_namespace(&self.namespace)
+            .map_err(|e| format!("KAIROS_NAMESPACE: {e}"))
+    }
 }
 
 /// Checks the URL parses as AMQP, so a typo fails at start, not at the
@@ -55,19 +62,10 @@ pub fn parse_amqp_url(url: &str) -> Result<String, String> {
 }
 
 /// A namespace becomes part of AMQP names (at most 255 bytes) and Redis
-/// keys: keep it to a safe alphabet.
+/// keys: a safe alphabet, and short enough to leave room for `NS.q.QUEUE`
+/// (see [`crate::contract::validate_namespace`]).
 pub fn parse_namespace(ns: &str) -> Result<String, String> {
-    if ns.is_empty() || ns.len() > 100 {
-        return Err("must be 1 to 100 characters".into());
-    }
-    if let Some(c) = ns
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
-    {
-        return Err(format!(
-            "character {c:?} is not allowed (use letters, digits, - _ . :)"
-        ));
-    }
+    crate::contract::validate_namespace(ns)?;
     Ok(ns.to_string())
 }
 
@@ -83,9 +81,7 @@ pub fn parse_queue_list(list: &str) -> Result<Vec<String>, String> {
         return Err("names no queue".into());
     }
     for q in &queues {
-        if q.len() > 200 || q.chars().any(|c| c.is_control()) {
-            return Err(format!("queue name {q:?} is not usable"));
-        }
+        crate::contract::validate_queue(q)?;
     }
     Ok(queues)
 }
@@ -160,6 +156,7 @@ mod tests {
             vec!["default", "emails"]
         );
         assert!(parse_queue_list(" , ").is_err());
+        assert!(parse_queue_list(&"q".repeat(201)).is_err());
     }
 
     #[test]
@@ -186,5 +183,15 @@ mod tests {
             .to_string();
         assert!(err.contains("amqp-url"), "{err}");
         assert!(Cli::try_parse_from(["x", "--events", "maybe"]).is_err());
+        // A namespace that leaves no room for `NS.q.QUEUE` in 255 bytes.
+        let long = "n".repeat(49);
+        let err = Cli::try_parse_from(["x", "--namespace", long.as_str()])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("KAIROS_NAMESPACE") && err.contains("48"),
+            "{err}"
+        );
     }
 }

@@ -7,6 +7,7 @@
 //! strings, priorities above 9 count as 9). Every rejection is a
 //! [`ProtocolError`] whose text becomes the dead letter's `x-error`.
 
+use crate::short::{header_name, short};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use thiserror::Error;
@@ -34,8 +35,56 @@ pub const H_SCHEDULE_ID: &str = "x-schedule-id";
 pub const MAX_PRIORITY: u8 = 9;
 /// Longest task id the contract allows.
 pub const MAX_ID_LEN: usize = 128;
+/// Longest namespace, in bytes. Every AMQP name is derived from it: the
+/// longest, `NS.q.QUEUE`, is then at most 48 + 3 + 200 = 251 bytes, inside
+/// AMQP's 255; `NS.schedules.outcomes` is 69.
+pub const MAX_NAMESPACE_LEN: usize = 48;
+/// Longest logical queue name (the routing key on `NS.tasks`), in bytes.
+pub const MAX_QUEUE_LEN: usize = 200;
 
-/// Every AMQP name of one namespace.
+/// Checks a namespace: 1 to [`MAX_NAMESPACE_LEN`] bytes of letters, digits
+/// and `- _ . :` (it is part of AMQP names and Redis keys).
+pub fn validate_namespace(ns: &str) -> Result<(), String> {
+    if ns.is_empty() || ns.len() > MAX_NAMESPACE_LEN {
+        return Err(format!(
+            "must be 1 to {MAX_NAMESPACE_LEN} characters (got {}), so that every AMQP name derived from it (`NS.q.QUEUE`) fits 255 bytes",
+            ns.len()
+        ));
+    }
+    if let Some(c) = ns
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+    {
+        return Err(format!(
+            "character {c:?} is not allowed (use letters, digits, - _ . :)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a logical queue name: 1 to [`MAX_QUEUE_LEN`] bytes, no control
+/// characters.
+pub fn validate_queue(queue: &str) -> Result<(), String> {
+    if queue.is_empty() || queue.len() > MAX_QUEUE_LEN {
+        return Err(format!(
+            "queue name {:?} is {} bytes; it must be 1 to {MAX_QUEUE_LEN}",
+            crate::short::preview(queue),
+            queue.len()
+        ));
+    }
+    if queue.chars().any(char::is_control) {
+        return Err(format!(
+            "queue name {:?} contains a control character",
+            crate::short::preview(queue)
+        ));
+    }
+    Ok(())
+}
+
+/// Every AMQP name of one namespace, as text (`tasks_exchange()`...) and
+/// as the short strings lapin takes (`short_tasks_exchange()`...,
+/// [`queue_name`](Self::queue_name)). The processes check the namespace
+/// at start ([`validate_namespace`]), so the fixed names always fit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Names {
     ns: String,
@@ -57,7 +106,8 @@ impl Names {
         format!("{}.tasks", self.ns)
     }
 
-    /// The classic priority queue that workers consume for a logical queue.
+    /// The classic priority queue that workers consume for a logical queue
+    /// (text; see [`queue_name`](Self::queue_name) for AMQP).
     pub fn queue(&self, logical: &str) -> String {
         format!("{}.q.{}", self.ns, logical)
     }
@@ -82,6 +132,41 @@ impl Names {
     pub fn events(&self) -> String {
         format!("{}.events", self.ns)
     }
+
+    /// `NS.q.QUEUE` for AMQP; an error when the logical name breaks
+    /// [`validate_queue`] (or the namespace was never checked).
+    pub fn queue_name(&self, logical: &str) -> Result<ShortString, ProtocolError> {
+        validate_queue(logical).map_err(ProtocolError::BadQueue)?;
+        short("queue name", &self.queue(logical))
+            .map_err(|e| ProtocolError::BadQueue(e.to_string()))
+    }
+
+    /// A fixed name for AMQP. Cannot fail with a checked namespace (at
+    /// most 48 + 7 bytes); with an unchecked one too long, the name is
+    /// empty and the broker refuses the operation, which is no panic.
+    fn fixed(name: String) -> ShortString {
+        ShortString::try_new(name).unwrap_or_default()
+    }
+
+    pub fn short_tasks_exchange(&self) -> ShortString {
+        Self::fixed(self.tasks_exchange())
+    }
+
+    pub fn short_delay(&self) -> ShortString {
+        Self::fixed(self.delay())
+    }
+
+    pub fn short_retry(&self) -> ShortString {
+        Self::fixed(self.retry())
+    }
+
+    pub fn short_dead(&self) -> ShortString {
+        Self::fixed(self.dead())
+    }
+
+    pub fn short_events(&self) -> ShortString {
+        Self::fixed(self.events())
+    }
 }
 
 /// Why a message cannot be used as a task.
@@ -99,6 +184,12 @@ pub enum ProtocolError {
     BadBody(String),
     #[error("no routing key: it must name the target queue")]
     NoQueue,
+    #[error("invalid routing key: {0}")]
+    BadQueue(String),
+    #[error("invalid task name: {0}")]
+    BadName(String),
+    #[error("invalid header: {0}")]
+    BadHeaderName(String),
     #[error("invalid stored task: {0}")]
     BadRecord(String),
 }
@@ -163,10 +254,14 @@ impl Task {
             Some(n) if n > 0 => Some(n as u64),
             Some(n) => return Err(bad(H_TIMEOUT_MS, format!("{n} is not positive"))),
         };
+        // The routing key names the queue `NS.q.KEY`: a key that cannot
+        // make a queue name is refused here, where it enters, rather than
+        // when the task is published.
+        validate_queue(routing_key).map_err(ProtocolError::BadQueue)?;
         let priority = properties.priority().unwrap_or(0).min(MAX_PRIORITY);
-        let properties = properties
-            .clone()
-            .with_message_id(ShortString::from(id.clone()));
+        let message_id =
+            short("message_id", &id).map_err(|e| ProtocolError::BadId(e.to_string()))?;
+        let properties = properties.clone().with_message_id(message_id);
         Ok(Task {
             id,
             name,
@@ -190,10 +285,16 @@ impl Task {
             H_ATTEMPT.into(),
             AMQPValue::LongLongInt(self.attempt as i64),
         );
-        self.properties
-            .clone()
-            .with_message_id(self.id.as_str().into())
-            .with_type(self.name.as_str().into())
+        let mut props = self.properties.clone();
+        // Decoding checked both; a caller that changed them to something
+        // too long keeps the ones decoded.
+        if let Ok(id) = short("message_id", &self.id) {
+            props = props.with_message_id(id);
+        }
+        if let Ok(name) = short("type", &self.name) {
+            props = props.with_type(name);
+        }
+        props
             .with_priority(self.priority)
             .with_delivery_mode(2)
             .with_headers(headers)
@@ -215,10 +316,7 @@ impl Task {
             AMQPValue::LongString(truncate(error).into()),
         );
         headers.insert(H_FAILED_AT.into(), AMQPValue::LongLongInt(failed_at));
-        headers.insert(
-            H_ORIGIN_QUEUE.into(),
-            AMQPValue::LongString(self.queue.as_str().into()),
-        );
+        headers.insert(H_ORIGIN_QUEUE.into(), text(&self.queue));
         props.with_headers(headers)
     }
 
@@ -245,10 +343,14 @@ impl Task {
         self.properties.headers().clone().unwrap_or_default()
     }
 
-    /// Replaces one header.
+    /// Replaces one header (the contract's own: a name longer than 255
+    /// bytes is not a header and is left out).
     pub fn set_header(&mut self, name: &str, value: AMQPValue) {
+        let Ok(name) = header_name(name) else {
+            return;
+        };
         let mut headers = self.headers();
-        headers.insert(name.into(), value);
+        headers.insert(name, value);
         // Moved, not cloned: the old table would be copied only to be
         // replaced (the pump sets `x-run-at` on every task it publishes).
         self.properties = std::mem::take(&mut self.properties).with_headers(headers);
@@ -402,6 +504,41 @@ mod tests {
         assert_eq!(n.retry(), "kairos.retry");
         assert_eq!(n.dead(), "kairos.dead");
         assert_eq!(n.events(), "kairos.events");
+        assert_eq!(n.short_tasks_exchange().as_str(), "kairos.tasks");
+        assert_eq!(n.queue_name("emails").unwrap().as_str(), "kairos.q.emails");
+        assert_eq!(n.short_delay().as_str(), "kairos.delay");
+        assert_eq!(n.short_retry().as_str(), "kairos.retry");
+        assert_eq!(n.short_dead().as_str(), "kairos.dead");
+        assert_eq!(n.short_events().as_str(), "kairos.events");
+    }
+
+    #[test]
+    fn the_longest_namespace_and_queue_still_make_a_queue_name() {
+        let ns = "n".repeat(MAX_NAMESPACE_LEN);
+        assert!(validate_namespace(&ns).is_ok());
+        let n = Names::new(ns.as_str());
+        let q = "q".repeat(MAX_QUEUE_LEN);
+        assert!(n.queue_name(&q).unwrap().as_str().len() <= 255);
+        assert!(n.queue_name(&format!("{q}x")).is_err());
+        assert!(n.queue_name("").is_err());
+        assert!(n.queue_name("a\nb").is_err());
+        let err = validate_namespace(&format!("{ns}x")).unwrap_err();
+        assert!(err.contains("48"), "{err}");
+        assert!(validate_namespace("a b").is_err());
+        // An unchecked namespace too long gives empty names, not a panic.
+        let unchecked = Names::new("n".repeat(300));
+        assert_eq!(unchecked.short_dead().as_str(), "");
+        assert!(unchecked.queue_name("q").is_err());
+    }
+
+    #[test]
+    fn a_routing_key_that_cannot_name_a_queue_is_refused_at_decode() {
+        for len in [201, 247, 255] {
+            let key = "k".repeat(len);
+            let err = Task::decode(&key, &props("t"), b"").unwrap_err();
+            assert!(matches!(err, ProtocolError::BadQueue(_)), "{err}");
+            assert!(err.to_string().contains("routing key"), "{err}");
+        }
     }
 
     #[test]

@@ -5,11 +5,15 @@
 //! the dead-letter headers and `x-attempt` removed, so it starts over with a
 //! full set of retries, and acks the dead letter only after the broker
 //! confirmed the replay: a crash in between leaves the dead letter in place
-//! (and at worst replays it twice).
+//! (and at worst replays it twice). A dead letter whose origin queue
+//! cannot be a queue name (`x-origin-queue` over 200 bytes, say) is not
+//! replayed: it stays dead and is reported as refused, with the reason.
 
 use crate::client::check;
+use crate::contract::ProtocolError::BadQueue;
 use crate::contract::{value_to_string, Names, H_ATTEMPT, H_ERROR, H_FAILED_AT, H_ORIGIN_QUEUE};
-use crate::topology;
+use crate::short::short;
+use crate::topology::{self, DeclareError};
 use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
@@ -37,6 +41,22 @@ pub enum DeadError {
     Amqp(#[from] lapin::Error),
     #[error("the broker did not confirm the replay: {0}")]
     NotConfirmed(String),
+}
+
+/// What a replay did.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Replayed {
+    /// Ids of the tasks sent back to their queues.
+    pub replayed: Vec<String>,
+    /// Dead letters that were wanted but cannot be replayed; they stay dead.
+    pub refused: Vec<Refused>,
+}
+
+/// A dead letter a replay left dead, and why.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Refused {
+    pub id: Option<String>,
+    pub error: String,
 }
 
 fn header(props: &BasicProperties, name: &str) -> Option<String> {
@@ -83,10 +103,7 @@ pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
 /// or a nack puts it back).
 async fn next_dead(channel: &Channel, names: &Names) -> Result<Option<BasicGetMessage>, DeadError> {
     Ok(channel
-        .basic_get(
-            names.dead().as_str().into(),
-            BasicGetOptions { no_ack: false },
-        )
+        .basic_get(names.short_dead(), BasicGetOptions { no_ack: false })
         .await?)
 }
 
@@ -121,18 +138,20 @@ pub async fn list(
 
 /// Replays dead letters to their queues: those whose id is in `ids`, or all
 /// (up to `limit`) when `ids` is empty. Messages without a task name stay
-/// dead: replaying them would only fail again. Returns the replayed ids.
+/// dead: replaying them would only fail again, and so do those whose
+/// origin queue is not a usable queue name (reported in `refused`).
 pub async fn replay(
     conn: &Connection,
     names: &Names,
     ids: &[String],
     limit: usize,
-) -> Result<Vec<String>, DeadError> {
+) -> Result<Replayed, DeadError> {
     let channel = conn.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let mut replayed = Vec::new();
+    let mut refused = Vec::new();
     let mut kept = Vec::new();
     let mut seen = 0usize;
     while replayed.len() < limit {
@@ -147,11 +166,33 @@ pub async fn replay(
             continue;
         }
         let queue = origin_queue(&m);
-        topology::declare_task_queue(&channel, names, &queue).await?;
+        // The origin queue comes from a header anyone can write: it must
+        // make a queue name and a routing key before anything is sent.
+        let key = match names
+            .queue_name(&queue)
+            .and_then(|_| short("x-origin-queue", &queue).map_err(|e| BadQueue(e.to_string())))
+        {
+            Ok(key) => key,
+            Err(err) => {
+                let error = format!("cannot replay: {err}");
+                tracing::warn!(id = ?d.id, %error, "dead letter left dead");
+                refused.push(Refused { id: d.id, error });
+                kept.push(m);
+                if !ids.is_empty() && replayed.len() + refused.len() == ids.len() {
+                    break;
+                }
+                continue;
+            }
+        };
+        match topology::declare_task_queue(&channel, names, &queue).await {
+            Ok(()) => {}
+            Err(DeclareError::Amqp(e)) => return Err(e.into()),
+            Err(DeclareError::BadName(e)) => return Err(DeadError::NotConfirmed(e.to_string())),
+        }
         let confirm = channel
             .basic_publish(
-                names.tasks_exchange().into(),
-                queue.as_str().into(),
+                names.short_tasks_exchange(),
+                key,
                 BasicPublishOptions::default(),
                 &m.delivery.data,
                 replay_properties(&m.delivery.properties),
@@ -161,7 +202,7 @@ pub async fn replay(
         check(confirm).map_err(|e| DeadError::NotConfirmed(e.to_string()))?;
         m.delivery.acker.ack(BasicAckOptions::default()).await?;
         replayed.push(d.id.unwrap_or_default());
-        if !ids.is_empty() && replayed.len() == ids.len() {
+        if !ids.is_empty() && replayed.len() + refused.len() == ids.len() {
             break;
         }
     }
@@ -174,16 +215,21 @@ pub async fn replay(
             })
             .await?;
     }
-    tracing::info!(seen, replayed = replayed.len(), "dead letters replayed");
+    tracing::info!(
+        seen,
+        replayed = replayed.len(),
+        refused = refused.len(),
+        "dead letters replayed"
+    );
     let _ = channel.close(200, "replayed".into()).await;
-    Ok(replayed)
+    Ok(Replayed { replayed, refused })
 }
 
 /// Deletes every dead letter; returns how many there were.
 pub async fn purge(conn: &Connection, names: &Names) -> Result<u32, DeadError> {
     let channel = conn.create_channel().await?;
     let n = channel
-        .queue_purge(names.dead().as_str().into(), QueuePurgeOptions::default())
+        .queue_purge(names.short_dead(), QueuePurgeOptions::default())
         .await?;
     let _ = channel.close(200, "purged".into()).await;
     Ok(n)

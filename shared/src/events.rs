@@ -8,7 +8,9 @@
 
 use crate::amqp::{connect_with_retry, now_ms, sleep_or_cancel, Backoff};
 use crate::contract::{Names, Task};
+use crate::short::short;
 use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
 use lapin::BasicProperties;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,7 +105,7 @@ impl EventSink {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let publisher = tokio::spawn(publish_loop(
             amqp_url.to_string(),
-            names.events(),
+            names.short_events(),
             rx,
             cancel,
         ));
@@ -164,7 +166,7 @@ const PUBLISH_BATCH: usize = 256;
 
 async fn publish_loop(
     url: String,
-    exchange: String,
+    exchange: ShortString,
     mut rx: mpsc::Receiver<Event>,
     cancel: CancellationToken,
 ) {
@@ -194,18 +196,18 @@ async fn publish_loop(
                 let _ = conn.close(200, "done".into()).await;
                 return;
             }
-            let encoded: Vec<(Event, String, Vec<u8>)> = batch
+            let encoded: Vec<(Event, ShortString, Vec<u8>)> = batch
                 .into_iter()
                 .filter_map(|e| {
                     let body = serde_json::to_vec(&e).ok()?;
-                    let key = format!("task.{}", e.event.as_str());
+                    let key = short("routing key", &format!("task.{}", e.event.as_str())).ok()?;
                     Some((e, key, body))
                 })
                 .collect();
             let sends = encoded.iter().map(|(_, key, body)| {
                 channel.basic_publish(
-                    exchange.as_str().into(),
-                    key.as_str().into(),
+                    exchange.clone(),
+                    key.clone(),
                     BasicPublishOptions::default(),
                     body,
                     BasicProperties::default()

@@ -12,6 +12,9 @@
 //! * `client`: the Rust client for enqueueing.
 //! * `request`: a task described in JSON (HTTP API, kairosctl).
 //! * `dead`: list, replay and purge dead letters.
+//! * `short`: AMQP short strings (names, keys, header names) without panics.
+//! * `supervise`: background loops restarted when they fail, with their
+//!   health for `/readyz`.
 
 pub mod amqp;
 pub mod client;
@@ -22,7 +25,9 @@ pub mod events;
 pub mod metrics;
 pub mod record;
 pub mod request;
+pub mod short;
 pub mod shutdown;
+pub mod supervise;
 pub mod topology;
 
 pub use lapin;

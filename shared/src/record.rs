@@ -117,8 +117,38 @@ pub fn decode(id: &str, bytes: &[u8]) -> Result<Task, ProtocolError> {
         parse_properties(props_and_body).map_err(|e| ProtocolError::BadRecord(format!("{e:?}")))?;
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(attempt)));
-    let properties = properties.with_message_id(id.into()).with_headers(headers);
+    // The id is the Redis member the record was stored under.
+    let message_id =
+        crate::short::short("task id", id).map_err(|e| ProtocolError::BadRecord(e.to_string()))?;
+    let properties = properties.with_message_id(message_id).with_headers(headers);
     Task::decode(queue, &properties, body)
+}
+
+/// A record that does not decode into a task, as a dead letter: its
+/// properties and body when they can still be read (the queue name was the
+/// fault, say), else the raw record as the body. With the dead-letter
+/// headers (the error, and the queue it was meant for when known).
+pub fn salvage(id: &str, bytes: &[u8], error: &str, failed_at: i64) -> (BasicProperties, Vec<u8>) {
+    let parts = match bytes {
+        [MAGIC, rest @ ..] => split_v3(rest),
+        [a, b, rest @ ..] if [*a, *b] == MAGIC_2 => split_v2(rest),
+        _ => None,
+    };
+    let parsed = parts.and_then(|(_, queue, props_and_body)| {
+        let (body, props) = parse_properties(props_and_body).ok()?;
+        Some((
+            String::from_utf8_lossy(queue).into_owned(),
+            props,
+            body.to_vec(),
+        ))
+    });
+    let (queue, mut props, body) =
+        parsed.unwrap_or_else(|| (String::new(), BasicProperties::default(), bytes.to_vec()));
+    if let Ok(id) = crate::short::short("task id", id) {
+        props = props.with_message_id(id);
+    }
+    let props = crate::contract::raw_dead_letter_properties(&props, &queue, error, failed_at);
+    (props, body)
 }
 
 /// The parts of a record: attempt, queue, then the properties followed by
@@ -148,6 +178,28 @@ mod tests {
     use crate::contract::{text, H_ATTEMPT};
     use lapin::types::{AMQPValue, FieldArray, FieldTable};
     use lapin::BasicProperties;
+
+    #[test]
+    fn a_record_for_a_queue_too_long_is_salvaged_with_its_properties() {
+        let mut task = Task::decode(
+            "q",
+            &BasicProperties::default().with_type("t".into()),
+            b"body",
+        )
+        .unwrap();
+        task.queue = "k".repeat(250);
+        let rec = encode(&task).unwrap();
+        let err = decode("id-1", &rec).unwrap_err();
+        assert!(err.to_string().contains("routing key"), "{err}");
+        let (props, body) = salvage("id-1", &rec, &err.to_string(), 5);
+        assert_eq!(body, b"body");
+        assert_eq!(props.kind().as_ref().unwrap().as_str(), "t");
+        assert_eq!(props.message_id().as_ref().unwrap().as_str(), "id-1");
+        let h = props.headers().as_ref().unwrap();
+        assert_eq!(h.inner().get("x-origin-queue"), Some(&text(&task.queue)));
+        let (_, raw) = salvage("id-2", b"garbage", "unknown record format", 5);
+        assert_eq!(raw, b"garbage");
+    }
 
     #[test]
     fn round_trip_keeps_everything() {

@@ -13,8 +13,8 @@
 
 use crate::client::NewTask;
 use crate::contract::{
-    validate_id, H_ATTEMPT, H_DELAY_MS, H_ERROR, H_FAILED_AT, H_MAX_RETRIES, H_ORIGIN_QUEUE,
-    H_RUN_AT, H_SCHEDULE_ID, H_TIMEOUT_MS, MAX_PRIORITY,
+    validate_id, validate_queue, H_ATTEMPT, H_DELAY_MS, H_ERROR, H_FAILED_AT, H_MAX_RETRIES,
+    H_ORIGIN_QUEUE, H_RUN_AT, H_SCHEDULE_ID, H_TIMEOUT_MS, MAX_PRIORITY,
 };
 use lapin::types::{AMQPValue, LongString};
 use serde::Deserialize;
@@ -74,12 +74,7 @@ impl TaskRequest {
         if self.name.len() > 255 {
             return Err(bad("name", "at most 255 bytes"));
         }
-        if self.queue.is_empty()
-            || self.queue.len() > 200
-            || self.queue.chars().any(char::is_control)
-        {
-            return Err(bad("queue", "1 to 200 characters, no control characters"));
-        }
+        validate_queue(&self.queue).map_err(|e| bad("queue", e))?;
         if let Some(id) = &self.id {
             validate_id(id).map_err(|e| bad("id", e.to_string()))?;
         }
@@ -114,6 +109,8 @@ impl TaskRequest {
             task = task.timeout_ms(ms);
         }
         for (name, value) in self.headers {
+            // A header name is an AMQP short string.
+            crate::short::header_name(&name).map_err(|e| bad("headers", e.to_string()))?;
             // The contract's own headers may be given here too (as schedule
             // templates allow); they set the same thing as their fields.
             let as_int = |v: &Value| {
@@ -207,6 +204,12 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
+        let long_header = format!(r#"{{"name":"a","headers":{{"{}":1}}}}"#, "h".repeat(256));
+        let long_queue = format!(r#"{{"name":"a","queue":"{}"}}"#, "q".repeat(201));
+        for (json, field) in [(long_header, "headers"), (long_queue, "queue")] {
+            let err = TaskRequest::from_json(json.as_bytes()).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
         let cases: [(&[u8], &str); 8] = [
             (br#"{"name":""}"#, "name"),
             (br#"{"name":"a","priority":10}"#, "priority"),

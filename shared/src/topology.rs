@@ -3,7 +3,7 @@
 //! missing exchange, and a retry published before any scheduler ever ran
 //! still has a queue to wait in.
 
-use crate::contract::{Names, MAX_PRIORITY};
+use crate::contract::{text, Names, MAX_PRIORITY};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
@@ -18,31 +18,31 @@ fn durable_exchange() -> ExchangeDeclareOptions {
 /// Exchanges, the dead-letter queue, and the scheduler's intake queues.
 pub async fn declare_base(channel: &Channel, names: &Names) -> lapin::Result<()> {
     let exchanges = [
-        (names.tasks_exchange(), ExchangeKind::Direct),
-        (names.delay(), ExchangeKind::Fanout),
-        (names.retry(), ExchangeKind::Fanout),
-        (names.dead(), ExchangeKind::Fanout),
-        (names.events(), ExchangeKind::Topic),
+        (names.short_tasks_exchange(), ExchangeKind::Direct),
+        (names.short_delay(), ExchangeKind::Fanout),
+        (names.short_retry(), ExchangeKind::Fanout),
+        (names.short_dead(), ExchangeKind::Fanout),
+        (names.short_events(), ExchangeKind::Topic),
     ];
     for (name, kind) in exchanges {
         channel
-            .exchange_declare(name.into(), kind, durable_exchange(), FieldTable::default())
+            .exchange_declare(name, kind, durable_exchange(), FieldTable::default())
             .await?;
     }
     // The scheduler's intake queues share their exchange's name, as the
     // contract does for `NS.dead`.
-    for name in [names.delay(), names.retry(), names.dead()] {
+    for name in [names.short_delay(), names.short_retry(), names.short_dead()] {
         channel
             .queue_declare(
-                name.as_str().into(),
+                name.clone(),
                 QueueDeclareOptions::durable(),
                 FieldTable::default(),
             )
             .await?;
         channel
             .queue_bind(
-                name.as_str().into(),
-                name.as_str().into(),
+                name.clone(),
+                name,
                 "".into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
@@ -61,11 +61,19 @@ pub fn task_queue_arguments(names: &Names) -> FieldTable {
         "x-max-priority".into(),
         AMQPValue::LongInt(i32::from(MAX_PRIORITY)),
     );
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(names.retry().into()),
-    );
+    args.insert("x-dead-letter-exchange".into(), text(&names.retry()));
     args
+}
+
+/// Why a task queue could not be declared.
+#[derive(Debug, thiserror::Error)]
+pub enum DeclareError {
+    #[error("AMQP: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The logical name cannot make `NS.q.QUEUE` (too long, control
+    /// characters): a fault of the task, not of the connection.
+    #[error("{0}")]
+    BadName(#[from] crate::contract::ProtocolError),
 }
 
 /// `NS.q.QUEUE`, bound to `NS.tasks` with key `QUEUE`.
@@ -73,24 +81,28 @@ pub async fn declare_task_queue(
     channel: &Channel,
     names: &Names,
     logical: &str,
-) -> lapin::Result<()> {
-    let queue = names.queue(logical);
+) -> Result<(), DeclareError> {
+    let queue = names.queue_name(logical)?;
+    // `queue` checked the logical name is at most 200 bytes.
+    let key = crate::short::short("routing key", logical)
+        .map_err(|e| crate::contract::ProtocolError::BadQueue(e.to_string()))?;
     channel
         .queue_declare(
-            queue.as_str().into(),
+            queue.clone(),
             QueueDeclareOptions::durable(),
             task_queue_arguments(names),
         )
         .await?;
     channel
         .queue_bind(
-            queue.as_str().into(),
-            names.tasks_exchange().into(),
-            logical.into(),
+            queue,
+            names.short_tasks_exchange(),
+            key,
             QueueBindOptions::default(),
             FieldTable::default(),
         )
-        .await
+        .await?;
+    Ok(())
 }
 
 /// Task queues already declared on one connection, so that publishers
@@ -103,7 +115,12 @@ pub struct QueueCache {
 }
 
 impl QueueCache {
-    pub async fn ensure(&self, channel: &Channel, names: &Names, queue: &str) -> lapin::Result<()> {
+    pub async fn ensure(
+        &self,
+        channel: &Channel,
+        names: &Names,
+        queue: &str,
+    ) -> Result<(), DeclareError> {
         let known = self
             .declared
             .lock()

@@ -253,7 +253,7 @@ impl TestEnv {
             .await
             .expect("qos");
         ch.basic_consume(
-            self.names.queue(logical).as_str().into(),
+            self.names.queue_name(logical).expect("queue name"),
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),

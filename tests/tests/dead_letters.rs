@@ -55,7 +55,7 @@ async fn dead_letters_can_be_listed_replayed_and_purged() {
     let replayed = dead::replay(&env.conn, &env.names, &["L1".to_string()], 100)
         .await
         .expect("replay");
-    assert_eq!(replayed, vec!["L1"]);
+    assert_eq!(replayed.replayed, vec!["L1"]);
     log.wait_distinct(1, Duration::from_secs(20)).await;
     assert_eq!(log.runs_of("L1"), 1);
     assert_eq!(env.queue_depth(&env.names.dead()).await, 2);
@@ -64,7 +64,7 @@ async fn dead_letters_can_be_listed_replayed_and_purged() {
         .await
         .expect("replay all");
     assert_eq!(
-        replayed,
+        replayed.replayed,
         vec!["L2"],
         "a message without a task name is not replayed"
     );
@@ -74,4 +74,42 @@ async fn dead_letters_can_be_listed_replayed_and_purged() {
     assert_eq!(dead::purge(&env.conn, &env.names).await.expect("purge"), 1);
     assert_eq!(env.queue_depth(&env.names.dead()).await, 0);
     second.stop().await;
+}
+
+/// Issue 14, item 3: `x-origin-queue` is a header anyone can write. A dead
+/// letter whose origin cannot name a queue (`NS.q.` + 300 bytes overflows
+/// AMQP's 255) is refused with the reason and stays dead; it used to panic
+/// the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_with_an_origin_queue_too_long_is_refused_not_a_panic() {
+    let env = TestEnv::new("dlqlong").await;
+    let long = "q".repeat(300);
+    let props = with_headers(
+        task_props("test.later", "LONG"),
+        &[(
+            kairos_shared::contract::H_ORIGIN_QUEUE,
+            kairos_shared::contract::text(&long),
+        )],
+    );
+    env.publish(&env.names.dead(), "", props, b"x").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while env.queue_depth(&env.names.dead()).await < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let done = dead::replay(&env.conn, &env.names, &["LONG".to_string()], 100)
+        .await
+        .expect("replay answers");
+    assert!(done.replayed.is_empty(), "{done:?}");
+    assert_eq!(done.refused.len(), 1, "{done:?}");
+    assert_eq!(done.refused[0].id.as_deref(), Some("LONG"));
+    let error = &done.refused[0].error;
+    assert!(
+        error.contains("queue name") && error.contains("300 bytes"),
+        "{error}"
+    );
+    // It is still there, and the connection still works.
+    assert_eq!(env.queue_depth(&env.names.dead()).await, 1);
+    let listed = dead::list(&env.conn, &env.names, 10).await.expect("list");
+    assert_eq!(listed.len(), 1);
 }

@@ -44,6 +44,10 @@ pub enum ConsumeError {
     Amqp(#[from] lapin::Error),
     #[error("the broker cancelled the consumer of {0}")]
     Cancelled(String),
+    /// `KAIROS_QUEUES` is checked at start; a worker built in code with a
+    /// name that cannot be a queue name gets this.
+    #[error("KAIROS_QUEUES: {0}")]
+    BadQueue(#[from] kairos_shared::contract::ProtocolError),
 }
 
 /// Consumes `NS.q.QUEUE` on `channel` until `stop` fires, spawning each
@@ -66,10 +70,10 @@ pub async fn consume(
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
-    let queue_name = shared.names.queue(queue);
+    let queue_name = shared.names.queue_name(queue)?;
     let mut consumer = channel
         .basic_consume(
-            queue_name.as_str().into(),
+            queue_name.clone(),
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -82,7 +86,7 @@ pub async fn consume(
         };
         let delivery = match delivery {
             Some(d) => d?,
-            None => return Err(ConsumeError::Cancelled(queue_name)),
+            None => return Err(ConsumeError::Cancelled(queue.to_string())),
         };
         let permit = tokio::select! {
             _ = stop.cancelled() => {

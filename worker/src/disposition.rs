@@ -16,6 +16,7 @@ use kairos_shared::contract::{raw_dead_letter_properties, Names, Task};
 use kairos_shared::events::{EventKind, EventSink};
 use lapin::message::Delivery;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
 
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +74,7 @@ impl Disposition {
     ) -> Result<(), DispositionError> {
         tracing::warn!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "attempt failed");
         let props = task.with_failure_headers(error, now_ms());
-        self.replace(&self.names.retry(), &task.queue, props, &task.body)
+        self.replace(self.names.short_retry(), &task.queue, props, &task.body)
             .await?;
         acks.settle(d.delivery_tag);
         finished(&task.queue, "failed");
@@ -91,7 +92,7 @@ impl Disposition {
     ) -> Result<(), DispositionError> {
         tracing::error!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "dead-lettered");
         let props = task.dead_letter_properties(error, now_ms());
-        self.replace(&self.names.dead(), &task.queue, props, &task.body)
+        self.replace(self.names.short_dead(), &task.queue, props, &task.body)
             .await?;
         acks.settle(d.delivery_tag);
         finished(&task.queue, "dead");
@@ -110,7 +111,7 @@ impl Disposition {
     ) -> Result<(), DispositionError> {
         tracing::error!(queue = %queue, error = %error, "unusable message dead-lettered");
         let props = raw_dead_letter_properties(&d.properties, queue, error, now_ms());
-        self.replace(&self.names.dead(), queue, props, &d.data)
+        self.replace(self.names.short_dead(), queue, props, &d.data)
             .await?;
         acks.settle(d.delivery_tag);
         finished(queue, "unusable");
@@ -127,20 +128,18 @@ fn finished(queue: &str, outcome: &'static str) {
 impl Disposition {
     async fn replace(
         &self,
-        exchange: &str,
+        exchange: ShortString,
         routing_key: &str,
         props: BasicProperties,
         body: &[u8],
     ) -> Result<(), DispositionError> {
+        // `NS.retry` and `NS.dead` are fanout exchanges: the key only
+        // informs, and one too long for AMQP is left out rather than panic
+        // (`x-origin-queue` carries the queue in full).
+        let key = kairos_shared::short::short("routing key", routing_key).unwrap_or_default();
         let confirm = self
             .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
+            .basic_publish(exchange, key, BasicPublishOptions::default(), body, props)
             .await?
             .await?;
         check(confirm).map_err(|e| DispositionError::NotConfirmed(e.to_string()))

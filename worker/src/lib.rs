@@ -57,6 +57,8 @@ pub enum WorkerError {
     #[error("no handler registered")]
     NoHandlers,
     #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
     Metrics(String),
 }
 
@@ -66,6 +68,8 @@ enum SessionError {
     Amqp(#[from] lapin::Error),
     #[error("{0}")]
     Consume(#[from] ConsumeError),
+    #[error("{0}")]
+    Declare(#[from] kairos_shared::topology::DeclareError),
     #[error("a delivery could not be settled")]
     Broken,
 }
@@ -113,6 +117,8 @@ impl Worker {
         if self.registry.names().next().is_none() {
             return Err(WorkerError::NoHandlers);
         }
+        self.config.common.check().map_err(WorkerError::Config)?;
+        let names = self.config.common.names();
         if let Some(addr) = self.config.common.metrics_addr {
             kairos_shared::metrics::install(addr).map_err(WorkerError::Metrics)?;
         }
@@ -123,7 +129,6 @@ impl Worker {
             trigger.cancel();
         });
         let config = self.config;
-        let names = config.common.names();
         let events = EventSink::start(
             config.common.events,
             &config.common.amqp_url,
@@ -131,11 +136,19 @@ impl Worker {
             cancel.clone(),
         );
         let slots = Slots::new(config.concurrency);
-        tokio::spawn(
-            slots
+        // Supervised: a failed autoscaler would leave the concurrency
+        // where it stood.
+        let health = kairos_shared::supervise::Health::new();
+        let (scaled, scale_cancel) = (slots.clone(), cancel.clone());
+        kairos_shared::supervise::supervise(&health, "autoscale", cancel.clone(), move || {
+            let run = scaled
                 .clone()
-                .autoscale(Duration::from_millis(250), cancel.clone()),
-        );
+                .autoscale(Duration::from_millis(250), scale_cancel.clone());
+            async move {
+                run.await;
+                Ok(())
+            }
+        });
         let grace = Duration::from_millis(config.shutdown_grace_ms);
         tracing::info!(namespace = %names.namespace(), queues = ?config.queues, concurrency = %config.concurrency, "worker starting");
 

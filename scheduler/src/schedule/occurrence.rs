@@ -6,6 +6,7 @@ use kairos_shared::contract::{
     text, ProtocolError, Task, H_MAX_RETRIES, H_RUN_AT, H_SCHEDULE_ID, H_TIMEOUT_MS,
 };
 use kairos_shared::record;
+use kairos_shared::short::{header_name, short};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use serde_json::Value;
@@ -32,7 +33,10 @@ pub fn task(schedule: &Schedule, tick: i64) -> Result<Task, ProtocolError> {
             Value::Number(n) => AMQPValue::LongLongInt(n.as_i64().unwrap_or_default()),
             _ => continue, // refused by validation
         };
-        headers.insert(k.as_str().into(), value);
+        // Validation refuses these names; a definition stored by other
+        // means still must not panic the ticker.
+        let name = header_name(k).map_err(|e| ProtocolError::BadHeaderName(e.to_string()))?;
+        headers.insert(name, value);
     }
     if let Some(n) = t.max_retries {
         headers.insert(H_MAX_RETRIES.into(), AMQPValue::LongLongInt(i64::from(n)));
@@ -45,9 +49,12 @@ pub fn task(schedule: &Schedule, tick: i64) -> Result<Task, ProtocolError> {
     }
     headers.insert(H_RUN_AT.into(), AMQPValue::LongLongInt(tick));
     headers.insert(H_SCHEDULE_ID.into(), text(&schedule.id));
+    let kind = short("task.name", &t.name).map_err(|e| ProtocolError::BadName(e.to_string()))?;
+    let id = short("task id", &occurrence_id(&schedule.id, tick))
+        .map_err(|e| ProtocolError::BadId(e.to_string()))?;
     let mut props = BasicProperties::default()
-        .with_type(t.name.as_str().into())
-        .with_message_id(occurrence_id(&schedule.id, tick).into())
+        .with_type(kind)
+        .with_message_id(id)
         .with_priority(t.priority)
         .with_delivery_mode(2)
         .with_headers(headers);
@@ -98,6 +105,25 @@ mod tests {
         assert_eq!(value_to_string(t.header(H_SCHEDULE_ID).unwrap()), "rep");
         assert_eq!(parse_occurrence_id(&t.id), Some(("rep", 1_764_000_000_000)));
         assert_eq!(parse_occurrence_id("plain-task"), None);
+    }
+
+    #[test]
+    fn a_stored_definition_with_names_too_long_is_an_error_not_a_panic() {
+        // Built without validation, as a definition written by hand or by
+        // an older version arrives.
+        let mut s = report_schedule();
+        s.spec
+            .task
+            .headers
+            .insert("h".repeat(300), Value::Bool(true));
+        let err = task(&s, 1_000).unwrap_err();
+        assert!(err.to_string().contains("header name"), "{err}");
+        let mut s = report_schedule();
+        s.spec.task.name = "n".repeat(256);
+        assert!(task(&s, 1_000).is_err());
+        let mut s = report_schedule();
+        s.spec.task.queue = "q".repeat(250);
+        assert!(record(&s, 1_000).is_err());
     }
 
     #[test]

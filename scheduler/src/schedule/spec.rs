@@ -4,7 +4,7 @@
 
 use super::trigger::Trigger;
 use chrono_tz::Tz;
-use kairos_shared::contract::MAX_PRIORITY;
+use kairos_shared::contract::{validate_queue, MAX_PRIORITY};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use thiserror::Error;
@@ -243,12 +243,7 @@ fn validate_template(t: &TaskTemplate) -> Result<(), SpecError> {
     if t.name.len() > 255 {
         return Err(err("task.name", "longer than 255 bytes"));
     }
-    if t.queue.is_empty() || t.queue.len() > 200 || t.queue.chars().any(char::is_control) {
-        return Err(err(
-            "task.queue",
-            format!("{:?} is not a usable queue name", t.queue),
-        ));
-    }
+    validate_queue(&t.queue).map_err(|e| err("task.queue", e))?;
     if t.priority > MAX_PRIORITY {
         return Err(err(
             "task.priority",
@@ -259,6 +254,9 @@ fn validate_template(t: &TaskTemplate) -> Result<(), SpecError> {
         return Err(err("task.timeout_ms", "must be positive"));
     }
     for (k, v) in &t.headers {
+        // A header name is an AMQP short string: refused here, or every
+        // occurrence would fail to build.
+        kairos_shared::short::header_name(k).map_err(|e| err("task.headers", e.to_string()))?;
         let field = format!("task.headers.{k}");
         match v {
             Value::String(_) | Value::Bool(_) => {}
@@ -357,6 +355,29 @@ mod tests {
         let e =
             spec(json!({"cron": "* * * * *", "timezone": "Mars/Base", "task": task})).unwrap_err();
         assert!(e.to_string().contains("Mars/Base"), "{e}");
+    }
+
+    #[test]
+    fn names_too_long_for_amqp_are_refused_naming_the_field() {
+        let field = |v: Value| spec(v).unwrap_err().field;
+        let long = "h".repeat(256);
+        let mut headers = Map::new();
+        headers.insert(long.clone(), json!("v"));
+        assert_eq!(
+            field(json!({"every_ms": 1000, "task": {"name": "t", "headers": headers}})),
+            "task.headers"
+        );
+        assert_eq!(
+            field(json!({"every_ms": 1000, "task": {"name": "t", "queue": "q".repeat(201)}})),
+            "task.queue"
+        );
+        assert_eq!(
+            field(json!({"every_ms": 1000, "task": {"name": long}})),
+            "task.name"
+        );
+        let mut ok = Map::new();
+        ok.insert("h".repeat(255), json!(1));
+        assert!(spec(json!({"every_ms": 1000, "task": {"name": "t", "headers": ok}})).is_ok());
     }
 
     #[test]

@@ -18,9 +18,11 @@ if ARGV[4] == '1' then
 end
 if ARGV[2] == '' then
   redis.call('ZREM', KEYS[1], id)
-  redis.call('HDEL', KEYS[3], f .. 'outcome', f .. 'skipped', f .. 'run', f .. 'run_until', f .. 'pending')
+  redis.call('HDEL', KEYS[3], f .. 'outcome', f .. 'skipped', f .. 'run', f .. 'run_until', f .. 'pending', f .. 'failed')
   return redis.call('HDEL', KEYS[2], id)
 end
+-- A new definition starts without the failure the ticker noted for the old.
+redis.call('HDEL', KEYS[3], f .. 'failed')
 local existed = redis.call('HSET', KEYS[2], id, ARGV[2]) == 0
 if ARGV[3] == '' then
   redis.call('ZREM', KEYS[1], id)
