@@ -2,7 +2,7 @@ use crate::{flags::*, types::*, value::*};
 use nom::{
     self, Parser,
     bytes::streaming::take,
-    combinator::{all_consuming, complete, flat_map, map, map_opt, map_parser, map_res},
+    combinator::{all_consuming, complete, flat_map, map, map_opt, map_parser},
     error::{ContextError, ErrorKind, ParseError, context},
     multi::fold_many0,
     number::streaming::{
@@ -215,8 +215,37 @@ pub fn parse_decimal_value<I: ParsableInput>(i: I) -> ParserResult<I, DecimalVal
     .parse(i)
 }
 
-fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::string::FromUtf8Error> {
-    String::from_utf8(i.iter_elements().collect())
+// Kairos patch (see vendor/README.md): a short string that is not valid
+// UTF-8 used to fail the parse of its whole frame, and lapin then closed the
+// connection; the broker redelivered the message to the next consumer and the
+// same thing happened again, forever. Invalid sequences now decode as U+FFFD
+// so the frame is delivered and the application can refuse the message
+// itself (dead-letter it with a reason) instead of losing its connection.
+fn make_str<I: Input<Item = u8>>(i: I) -> String {
+    let bytes: Vec<u8> = i.iter_elements().collect();
+    match String::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(err) => lossy_short_string(err.as_bytes()),
+    }
+}
+
+/// Lossy UTF-8 that still fits a short string and always shows that it was
+/// lossy: each U+FFFD takes 3 bytes where the invalid byte took 1, so the
+/// text can outgrow 255 bytes (and `ShortString::from` would panic). Then it
+/// is cut on a character boundary and ends in U+FFFD, so that a cut never
+/// removes the only mark.
+fn lossy_short_string(bytes: &[u8]) -> String {
+    const MARK: char = char::REPLACEMENT_CHARACTER;
+    let mut text = String::from_utf8_lossy(bytes).into_owned();
+    if text.len() > MAX_SHORT_STRING_LENGTH {
+        let mut end = MAX_SHORT_STRING_LENGTH - MARK.len_utf8();
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push(MARK);
+    }
+    text
 }
 
 /// Parse a [ShortString](../type.ShortString.html)
@@ -224,7 +253,7 @@ pub fn parse_short_string<I: ParsableInput>(i: I) -> ParserResult<I, ShortString
     context(
         "parse_short_string",
         map(
-            map_res(flat_map(parse_short_short_uint, take), make_str),
+            map(flat_map(parse_short_short_uint, take), make_str),
             ShortString::from,
         ),
     )
@@ -483,6 +512,38 @@ mod test {
         assert_eq!(
             parse_short_string(&[4, 116, 101, 115, 116][..]),
             Ok((EMPTY, "test".into()))
+        );
+    }
+
+    #[test]
+    fn test_parse_short_string_invalid_utf8_is_lossy() {
+        // Kairos patch: not an error, the bad bytes become U+FFFD.
+        assert_eq!(
+            parse_short_string(&[4, b'a', 0xff, 0xfe, b'b'][..]),
+            Ok((EMPTY, "a\u{FFFD}\u{FFFD}b".into()))
+        );
+        // 255 invalid bytes would be 765 bytes of U+FFFD: cut to fit, and
+        // still marked.
+        let mut frame = vec![255u8];
+        frame.extend(std::iter::repeat_n(0xffu8, 255));
+        let (rest, s) = parse_short_string(&frame[..]).unwrap();
+        assert!(rest.is_empty());
+        assert!(s.as_str().len() <= MAX_SHORT_STRING_LENGTH);
+        assert!(s.as_str().ends_with('\u{FFFD}'));
+        // Valid text up to byte 254, then one invalid byte: the mark survives
+        // the cut.
+        let mut frame = vec![255u8];
+        frame.extend(std::iter::repeat_n(b'a', 254));
+        frame.push(0xff);
+        let (_, s) = parse_short_string(&frame[..]).unwrap();
+        assert!(s.as_str().len() <= MAX_SHORT_STRING_LENGTH);
+        assert!(s.as_str().ends_with('\u{FFFD}'));
+        // A table whose key is not UTF-8 parses too.
+        let (_, table) =
+            parse_field_table(&[0, 0, 0, 4, 2, b'k', 0xc3, b'V'][..]).unwrap();
+        assert_eq!(
+            table.inner().get("k\u{FFFD}"),
+            Some(&AMQPValue::Void)
         );
     }
 
