@@ -8,6 +8,10 @@
 //! [`ProtocolError`] whose text becomes the dead letter's `x-error`.
 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+// From the patched parser (vendor/README.md): these names exist only there,
+// so building against the unpatched crate fails here rather than quietly
+// bringing back the poison frames.
+use lapin::types::parsing::{MAX_NESTING, NESTED_TOO_DEEP_KEY};
 use lapin::BasicProperties;
 use thiserror::Error;
 
@@ -106,6 +110,10 @@ pub enum ProtocolError {
     /// dropping the connection; the text says which field it was.
     #[error("{0} is not valid UTF-8 (the bad bytes read as U+FFFD)")]
     NotUtf8(String),
+    /// Tables and arrays nested deeper than the patched parser follows; it
+    /// kept the deepest level's bytes under [`NESTED_TOO_DEEP_KEY`].
+    #[error("a header nests tables or arrays more than {MAX_NESTING} levels deep")]
+    TooDeep,
 }
 
 /// A task as the contract describes it: the AMQP properties travel along
@@ -331,6 +339,9 @@ fn check_header_names(headers: &FieldTable) -> Result<(), ProtocolError> {
     loop {
         if let Some(table) = tables.pop() {
             for (name, value) in table.inner() {
+                if name.as_str() == NESTED_TOO_DEEP_KEY {
+                    return Err(ProtocolError::TooDeep);
+                }
                 if name.as_str().contains(NOT_UTF8) {
                     return Err(ProtocolError::NotUtf8(format!(
                         "a header name ({:?})",
@@ -670,6 +681,19 @@ mod tests {
         inner.insert("fine".into(), text("\u{FFFD} in a value is data"));
         let p = with_header(props("t"), "top", AMQPValue::FieldTable(inner));
         assert!(Task::decode("q", &p, b"").is_ok());
+    }
+
+    #[test]
+    fn headers_nested_past_the_parser_limit_are_refused() {
+        let mut cut = FieldTable::default();
+        cut.insert(
+            NESTED_TOO_DEEP_KEY.into(),
+            AMQPValue::LongString(vec![b'V'].into()),
+        );
+        let p = with_header(props("t"), "deep", AMQPValue::FieldTable(cut));
+        let err = Task::decode("q", &p, b"").unwrap_err();
+        assert_eq!(err, ProtocolError::TooDeep);
+        assert!(err.to_string().contains("32 levels"), "{err}");
     }
 
     #[test]

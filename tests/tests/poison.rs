@@ -155,7 +155,9 @@ async fn non_utf8_short_strings_are_dead_lettered_and_the_rest_flows() {
             .unwrap_or_else(|| panic!("not dead-lettered with its body unchanged: {m}"));
         let error = letter.header(H_ERROR).expect("x-error");
         let expected = match m["field"].as_str() {
-            Some("header") => "a header name is not valid UTF-8".to_string(),
+            Some("header") => {
+                "a header name (\"x-\u{FFFD}\u{FFFD}\") is not valid UTF-8".to_string()
+            }
             Some(property) => format!("property `{property}` is not valid UTF-8"),
             None => unreachable!("every poison message names its field"),
         };
@@ -328,9 +330,8 @@ async fn deeply_nested_headers_do_not_take_a_process_down() {
     let mut tap = EventTap::new(&env).await;
     let log = RunLog::default();
     let scheduler = InProcess::scheduler(env.scheduler_config());
-    let worker = InProcess::worker(
-        Worker::new(env.worker_config()).handler("test.record", log.handler(0)),
-    );
+    let worker =
+        InProcess::worker(Worker::new(env.worker_config()).handler("test.record", log.handler(0)));
     let mut deep = Vec::new();
     for (dest, exchange) in [
         ("delay", env.names.delay()),
@@ -346,25 +347,61 @@ async fn deeply_nested_headers_do_not_take_a_process_down() {
     }
     publish_raw(&serde_json::Value::Array(deep.clone()));
     let fine: Vec<_> = (0..10)
-        .map(|i| ("default".to_string(), task_props("test.record", &format!("fine-{i}")), b"{}".to_vec()))
+        .map(|i| {
+            (
+                "default".to_string(),
+                task_props("test.record", &format!("fine-{i}")),
+                b"{}".to_vec(),
+            )
+        })
         .collect();
-    env.publish_many(&env.names.tasks_exchange(), fine.clone()).await;
-    env.publish_many(&env.names.delay(), fine.into_iter().map(|(k, p, b)| {
-        let id = p.message_id().as_ref().map(|s| format!("{s}-later")).unwrap_or_default();
-        (k, p.with_message_id(id.as_str().into()), b)
-    }).collect()).await;
+    env.publish_many(&env.names.tasks_exchange(), fine.clone())
+        .await;
+    env.publish_many(
+        &env.names.delay(),
+        fine.into_iter()
+            .map(|(k, p, b)| {
+                let id = p
+                    .message_id()
+                    .as_ref()
+                    .map(|s| format!("{s}-later"))
+                    .unwrap_or_default();
+                (k, p.with_message_id(id.as_str().into()), b)
+            })
+            .collect(),
+    )
+    .await;
 
-    // Each deep message ends, run or dead, and the rest runs.
+    // Each deep message is dead-lettered with a reason, and the rest runs.
     tap.wait_until(Duration::from_secs(60), "every message to end", |seen| {
         let ended = |id: &str| {
             seen.iter()
                 .any(|e| e.id == id && (e.kind == "succeeded" || e.kind == "dead"))
         };
-        deep.iter().all(|m| ended(m["id"].as_str().unwrap_or_default()))
+        deep.iter()
+            .all(|m| ended(m["id"].as_str().unwrap_or_default()))
             && (0..10).all(|i| ended(&format!("fine-{i}")) && ended(&format!("fine-{i}-later")))
     })
     .await;
-    assert!(log.distinct() >= 20, "the ordinary tasks ran");
+    assert_eq!(
+        log.distinct(),
+        20,
+        "the ordinary tasks ran, the deep ones did not"
+    );
+    let dead = env.dead_letters(deep.len(), Duration::from_secs(30)).await;
+    for d in &dead {
+        let error = d.header(H_ERROR).unwrap_or_default();
+        assert!(
+            error.contains("more than 32 levels deep"),
+            "{:?}: {error}",
+            d.id()
+        );
+        assert!(
+            d.id().is_some_and(|id| id.starts_with("deep-")),
+            "{:?}",
+            d.id()
+        );
+    }
 
     worker.stop().await;
     scheduler.stop().await;

@@ -100,11 +100,53 @@ pub type ParserError = nom::Err<ParserErrors>;
 /// Return type of parsers
 pub type ParserResult<I, T> = Result<(I, T), ParserError>;
 
+/// Kairos patch (see vendor/README.md): how many field tables and arrays may
+/// nest in each other. Parsing recursed once per level, and a header nested
+/// 20,000 levels deep (RabbitMQ accepts it; it fits a 128 KiB frame)
+/// overflowed the stack of lapin's I/O thread and aborted the process. A
+/// table or array found at this depth is not parsed: it becomes
+/// [`nested_too_deep`], which keeps its bytes.
+pub const MAX_NESTING: usize = 32;
+
+/// The one key of the table that stands for a value nested deeper than
+/// [`MAX_NESTING`]; the value under it is a `LongString` of the original
+/// table's or array's content bytes. The key starts with U+FFFD, the mark of
+/// a short string that was not UTF-8, so a consumer that refuses those
+/// refuses this too.
+pub const NESTED_TOO_DEEP_KEY: &str = "\u{FFFD}nested too deep";
+
+/// The stand-in for a table or array nested deeper than [`MAX_NESTING`].
+fn nested_too_deep<I: Input<Item = u8>>(content: I) -> AMQPValue {
+    let mut table = FieldTable::default();
+    table.insert(
+        NESTED_TOO_DEEP_KEY.into(),
+        AMQPValue::LongString(content.iter_elements().collect::<Vec<u8>>().into()),
+    );
+    AMQPValue::FieldTable(table)
+}
+
 /// Parse the [AMQPValue](../type.AMQPValue.html) of the given [AMQPType](../type.AMQPType.html)
 #[must_use]
 pub fn parse_raw_value<I: ParsableInput>(
     amqp_type: AMQPType,
 ) -> impl Parser<I, Output = AMQPValue, Error = ParserErrors> {
+    move |i| parse_raw_value_at(amqp_type, i, 0)
+}
+
+/// [`parse_raw_value`] inside `depth` enclosing tables and arrays.
+fn parse_raw_value_at<I: ParsableInput>(
+    amqp_type: AMQPType,
+    i: I,
+    depth: usize,
+) -> ParserResult<I, AMQPValue> {
+    let nested = matches!(amqp_type, AMQPType::FieldArray | AMQPType::FieldTable);
+    if nested && depth >= MAX_NESTING {
+        return context(
+            "parse_nested_too_deep",
+            map(flat_map(parse_long_uint, take), nested_too_deep),
+        )
+        .parse(i);
+    }
     context("parse_raw_value", move |i| match amqp_type {
         AMQPType::Boolean => map(parse_boolean, AMQPValue::Boolean).parse(i),
         AMQPType::ShortShortInt => map(parse_short_short_int, AMQPValue::ShortShortInt).parse(i),
@@ -121,17 +163,32 @@ pub fn parse_raw_value<I: ParsableInput>(
         AMQPType::DecimalValue => map(parse_decimal_value, AMQPValue::DecimalValue).parse(i),
         AMQPType::ShortString => map(parse_short_string, AMQPValue::ShortString).parse(i),
         AMQPType::LongString => map(parse_long_string, AMQPValue::LongString).parse(i),
-        AMQPType::FieldArray => map(parse_field_array, AMQPValue::FieldArray).parse(i),
+        AMQPType::FieldArray => map(
+            |i| parse_field_array_at(i, depth + 1),
+            AMQPValue::FieldArray,
+        )
+        .parse(i),
         AMQPType::Timestamp => map(parse_timestamp, AMQPValue::Timestamp).parse(i),
-        AMQPType::FieldTable => map(parse_field_table, AMQPValue::FieldTable).parse(i),
+        AMQPType::FieldTable => map(
+            |i| parse_field_table_at(i, depth + 1),
+            AMQPValue::FieldTable,
+        )
+        .parse(i),
         AMQPType::ByteArray => map(parse_byte_array, AMQPValue::ByteArray).parse(i),
         AMQPType::Void => Ok((i, AMQPValue::Void)),
     })
+    .parse(i)
 }
 
 /// Parse an [AMQPValue](../type.AMQPValue.html)
 pub fn parse_value<I: ParsableInput>(i: I) -> ParserResult<I, AMQPValue> {
-    context("parse_value", flat_map(parse_type, parse_raw_value)).parse(i)
+    parse_value_at(i, 0)
+}
+
+/// [`parse_value`] inside `depth` enclosing tables and arrays.
+fn parse_value_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, AMQPValue> {
+    let (i, amqp_type) = context("parse_value", parse_type).parse(i)?;
+    context("parse_value", |i| parse_raw_value_at(amqp_type, i, depth)).parse(i)
 }
 
 /// Parse an [AMQPType](../type.AMQPType.html)
@@ -273,12 +330,20 @@ pub fn parse_long_string<I: ParsableInput>(i: I) -> ParserResult<I, LongString> 
 
 /// Parse a [FieldArray](../type.FieldArray.html)
 pub fn parse_field_array<I: ParsableInput>(i: I) -> ParserResult<I, FieldArray> {
+    parse_field_array_at(i, 1)
+}
+
+/// [`parse_field_array`] whose entries sit `depth` levels deep.
+fn parse_field_array_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, FieldArray> {
     context(
         "parse_field_array",
         map_parser(
             flat_map(parse_long_uint, take),
             all_consuming(fold_many0(
-                context("parse_field_array_entry", complete(parse_value)),
+                context(
+                    "parse_field_array_entry",
+                    complete(|i| parse_value_at(i, depth)),
+                ),
                 FieldArray::default,
                 |mut acc, elem| {
                     acc.push(elem);
@@ -297,6 +362,11 @@ pub fn parse_timestamp<I: ParsableInput>(i: I) -> ParserResult<I, Timestamp> {
 
 /// Parse a [FieldTable](../type.FieldTable.html)
 pub fn parse_field_table<I: ParsableInput>(i: I) -> ParserResult<I, FieldTable> {
+    parse_field_table_at(i, 1)
+}
+
+/// [`parse_field_table`] whose entries sit `depth` levels deep.
+fn parse_field_table_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, FieldTable> {
     context(
         "parse_field_table",
         map_parser(
@@ -304,7 +374,7 @@ pub fn parse_field_table<I: ParsableInput>(i: I) -> ParserResult<I, FieldTable> 
             all_consuming(fold_many0(
                 context(
                     "parse_field_table_entry",
-                    complete(pair(parse_short_string, parse_value)),
+                    complete(pair(parse_short_string, |i| parse_value_at(i, depth))),
                 ),
                 FieldTable::default,
                 |mut acc, (key, value)| {
@@ -545,6 +615,83 @@ mod test {
             table.inner().get("k\u{FFFD}"),
             Some(&AMQPValue::Void)
         );
+    }
+
+    /// `n` field arrays (or tables, under an empty key) nested in each
+    /// other around a void, as a field value.
+    fn nested(n: usize, tables: bool) -> Vec<u8> {
+        let mut v = vec![b'V'];
+        for _ in 0..n {
+            let mut outer = vec![if tables { b'F' } else { b'A' }];
+            let len = v.len() + usize::from(tables);
+            outer.extend_from_slice(&(len as u32).to_be_bytes());
+            if tables {
+                outer.push(0);
+            }
+            outer.extend(v);
+            v = outer;
+        }
+        v
+    }
+
+    fn depth_of(mut v: &AMQPValue) -> usize {
+        let mut depth = 0;
+        loop {
+            v = match v {
+                AMQPValue::FieldArray(a) if !a.as_slice().is_empty() => &a.as_slice()[0],
+                AMQPValue::FieldTable(t) if t.inner().contains_key(NESTED_TOO_DEEP_KEY) => {
+                    return depth + 1000;
+                }
+                AMQPValue::FieldTable(t) if !t.inner().is_empty() => {
+                    t.inner().values().next().unwrap()
+                }
+                _ => return depth,
+            };
+            depth += 1;
+        }
+    }
+
+    #[test]
+    fn test_nesting_up_to_the_limit_parses() {
+        for tables in [false, true] {
+            let bytes = nested(MAX_NESTING, tables);
+            let (rest, v) = parse_value(&bytes[..]).unwrap();
+            assert!(rest.is_empty());
+            assert_eq!(depth_of(&v), MAX_NESTING);
+        }
+    }
+
+    #[test]
+    fn test_nesting_past_the_limit_keeps_the_bytes_without_recursing() {
+        // On a quarter of a default thread stack: 20,000 levels overflowed
+        // all 2 MiB of it before (32 levels take about 300 KiB unoptimised).
+        let handle = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(|| {
+                for tables in [false, true] {
+                    let bytes = nested(20_000, tables);
+                    let (rest, v) = parse_value(&bytes[..]).unwrap();
+                    assert!(rest.is_empty());
+                    assert_eq!(depth_of(&v), MAX_NESTING + 1000);
+                    // The stand-in holds the content of the level it cut.
+                    let mut cut = &v;
+                    for _ in 0..MAX_NESTING {
+                        cut = match cut {
+                            AMQPValue::FieldArray(a) => &a.as_slice()[0],
+                            AMQPValue::FieldTable(t) => t.inner().values().next().unwrap(),
+                            other => panic!("{other:?}"),
+                        };
+                    }
+                    let AMQPValue::FieldTable(t) = cut else { panic!() };
+                    let AMQPValue::LongString(kept) = &t.inner()[NESTED_TOO_DEEP_KEY] else {
+                        panic!()
+                    };
+                    let level = nested(20_000 - MAX_NESTING, tables);
+                    assert_eq!(kept.as_bytes(), &level[5..]);
+                }
+            })
+            .unwrap();
+        handle.join().unwrap();
     }
 
     #[test]
