@@ -206,11 +206,15 @@ impl Intake {
                     error,
                     task,
                     origin,
+                    props,
                     ..
                 } => {
                     tracing::error!(queue = %origin, error = %error, "dead-lettered");
-                    if let Some(task) = task {
-                        self.events.task(EventKind::Dead, task, None, Some(error));
+                    // Every dead letter has its event, decodable or not:
+                    // task status is built on them.
+                    match task {
+                        Some(task) => self.events.task(EventKind::Dead, task, None, Some(error)),
+                        None => self.events.message(EventKind::Dead, props, origin, error),
                     }
                 }
             }

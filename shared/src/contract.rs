@@ -9,6 +9,10 @@
 
 use crate::short::{header_name, short};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+// From the patched parser (vendor/README.md): these names exist only there,
+// so building against the unpatched crate fails here rather than quietly
+// bringing back the poison frames.
+use lapin::types::parsing::{MAX_NESTING, NESTED_TOO_DEEP_KEY};
 use lapin::BasicProperties;
 use thiserror::Error;
 
@@ -192,6 +196,15 @@ pub enum ProtocolError {
     BadHeaderName(String),
     #[error("invalid stored task: {0}")]
     BadRecord(String),
+    /// A short string that arrived as bytes that are not UTF-8. The patched
+    /// AMQP parser (vendor/README.md) decodes those as U+FFFD rather than
+    /// dropping the connection; the text says which field it was.
+    #[error("{0} is not valid UTF-8 (the bad bytes read as U+FFFD)")]
+    NotUtf8(String),
+    /// Tables and arrays nested deeper than the patched parser follows; it
+    /// kept the deepest level's bytes under [`NESTED_TOO_DEEP_KEY`].
+    #[error("a header nests tables or arrays more than {MAX_NESTING} levels deep")]
+    TooDeep,
 }
 
 /// A task as the contract describes it: the AMQP properties travel along
@@ -223,6 +236,7 @@ impl Task {
         properties: &BasicProperties,
         body: &[u8],
     ) -> Result<Self, ProtocolError> {
+        check_text(routing_key, properties)?;
         let name = match properties.kind() {
             None => return Err(ProtocolError::MissingType),
             Some(kind) if kind.as_str().is_empty() => return Err(ProtocolError::EmptyType),
@@ -381,6 +395,83 @@ pub fn raw_dead_letter_properties(
         .clone()
         .with_delivery_mode(2)
         .with_headers(headers)
+}
+
+/// What the AMQP parser puts where a short string's bytes were not UTF-8.
+const NOT_UTF8: char = char::REPLACEMENT_CHARACTER;
+
+/// Refuses a message whose routing key, short-string properties or header
+/// names (at any depth) were not UTF-8 on the wire. Passing them on would
+/// run the task under a name, id or header its publisher never sent.
+fn check_text(routing_key: &str, p: &BasicProperties) -> Result<(), ProtocolError> {
+    if routing_key.contains(NOT_UTF8) {
+        return Err(ProtocolError::NotUtf8("the routing key".into()));
+    }
+    let properties = [
+        ("type", p.kind()),
+        ("message_id", p.message_id()),
+        ("content_type", p.content_type()),
+        ("content_encoding", p.content_encoding()),
+        ("correlation_id", p.correlation_id()),
+        ("reply_to", p.reply_to()),
+        ("expiration", p.expiration()),
+        ("user_id", p.user_id()),
+        ("app_id", p.app_id()),
+        ("cluster_id", p.cluster_id()),
+    ];
+    for (name, value) in properties {
+        if value
+            .as_ref()
+            .is_some_and(|v| v.as_str().contains(NOT_UTF8))
+        {
+            return Err(ProtocolError::NotUtf8(format!("property `{name}`")));
+        }
+    }
+    match p.headers() {
+        Some(headers) => check_header_names(headers),
+        None => Ok(()),
+    }
+}
+
+/// Walks nested tables and arrays with a stack of its own: the depth is
+/// whatever the publisher sent.
+fn check_header_names(headers: &FieldTable) -> Result<(), ProtocolError> {
+    let mut values: Vec<&AMQPValue> = Vec::new();
+    let mut tables = vec![headers];
+    loop {
+        if let Some(table) = tables.pop() {
+            for (name, value) in table.inner() {
+                if name.as_str() == NESTED_TOO_DEEP_KEY {
+                    return Err(ProtocolError::TooDeep);
+                }
+                if name.as_str().contains(NOT_UTF8) {
+                    return Err(ProtocolError::NotUtf8(format!(
+                        "a header name ({:?})",
+                        name.as_str()
+                    )));
+                }
+                values.push(value);
+            }
+        } else if let Some(value) = values.pop() {
+            match value {
+                AMQPValue::FieldTable(t) => tables.push(t),
+                AMQPValue::FieldArray(a) => values.extend(a.as_slice()),
+                _ => {}
+            }
+        } else {
+            return Ok(());
+        }
+    }
+}
+
+/// A short string as the contract can use it: present, not empty and valid
+/// UTF-8 on the wire. For naming a message that could not be decoded.
+pub fn readable(value: &Option<ShortString>) -> Option<String> {
+    value
+        .as_ref()
+        .map(ShortString::as_str)
+        .filter(|s| !s.is_empty() && !s.contains(NOT_UTF8))
+        .map(str::to_string)
 }
 
 /// Error text in headers is capped so that a huge panic message cannot make
@@ -672,6 +763,82 @@ mod tests {
         assert_eq!(h.inner().get(H_ERROR), Some(&text("bad x-run-at")));
         assert_eq!(h.inner().get(H_ATTEMPT), Some(&AMQPValue::LongLongInt(1)));
         assert_eq!(h.inner().get(H_ORIGIN_QUEUE), Some(&text("default")));
+    }
+
+    #[test]
+    fn short_strings_that_were_not_utf8_are_refused_by_name() {
+        let bad = "x\u{FFFD}y";
+        let cases = [
+            (props(bad), "property `type`"),
+            (
+                props("t").with_message_id(bad.into()),
+                "property `message_id`",
+            ),
+            (
+                props("t").with_content_type(bad.into()),
+                "property `content_type`",
+            ),
+            (
+                props("t").with_correlation_id(bad.into()),
+                "property `correlation_id`",
+            ),
+            (props("t").with_app_id(bad.into()), "property `app_id`"),
+            (
+                with_header(props("t"), bad, text("v")),
+                "a header name (\"x\u{FFFD}y\")",
+            ),
+        ];
+        for (p, field) in cases {
+            let err = Task::decode("q", &p, b"").unwrap_err();
+            assert_eq!(err, ProtocolError::NotUtf8(field.to_string()));
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("{field} is not valid UTF-8")),
+                "{err}"
+            );
+        }
+        let err = Task::decode(bad, &props("t"), b"").unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("the routing key is not valid UTF-8"));
+    }
+
+    #[test]
+    fn header_names_are_checked_inside_tables_and_arrays() {
+        let mut inner = FieldTable::default();
+        inner.insert("ok\u{FFFD}".into(), AMQPValue::Void);
+        let nested = AMQPValue::FieldArray(vec![AMQPValue::FieldTable(inner)].into());
+        let mut outer = FieldTable::default();
+        outer.insert("deep".into(), nested);
+        let p = with_header(props("t"), "top", AMQPValue::FieldTable(outer));
+        let err = Task::decode("q", &p, b"").unwrap_err();
+        assert!(err.to_string().contains("a header name"), "{err}");
+        // The same shapes with good names pass.
+        let mut inner = FieldTable::default();
+        inner.insert("fine".into(), text("\u{FFFD} in a value is data"));
+        let p = with_header(props("t"), "top", AMQPValue::FieldTable(inner));
+        assert!(Task::decode("q", &p, b"").is_ok());
+    }
+
+    #[test]
+    fn headers_nested_past_the_parser_limit_are_refused() {
+        let mut cut = FieldTable::default();
+        cut.insert(
+            NESTED_TOO_DEEP_KEY.into(),
+            AMQPValue::LongString(vec![b'V'].into()),
+        );
+        let p = with_header(props("t"), "deep", AMQPValue::FieldTable(cut));
+        let err = Task::decode("q", &p, b"").unwrap_err();
+        assert_eq!(err, ProtocolError::TooDeep);
+        assert!(err.to_string().contains("32 levels"), "{err}");
+    }
+
+    #[test]
+    fn readable_means_present_non_empty_and_utf8() {
+        assert_eq!(readable(&Some("id-1".into())), Some("id-1".to_string()));
+        assert_eq!(readable(&Some("".into())), None);
+        assert_eq!(readable(&Some("a\u{FFFD}".into())), None);
+        assert_eq!(readable(&None), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! the pipeline, not part of its guarantees.
 
 use crate::amqp::{connect_with_retry, now_ms, sleep_or_cancel, Backoff};
-use crate::contract::{Names, Task};
+use crate::contract::{int_header, readable, Names, Task, H_ATTEMPT};
 use crate::short::short;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
@@ -47,12 +47,13 @@ impl EventKind {
     }
 }
 
-/// One event, serialized exactly as the contract shows.
+/// One event, serialized exactly as the contract shows. `id` and `name` are
+/// null only on a `dead` event for a message that had none readable.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Event {
     pub event: EventKind,
-    pub id: String,
-    pub name: String,
+    pub id: Option<String>,
+    pub name: Option<String>,
     pub queue: String,
     pub attempt: u32,
     pub at: i64,
@@ -69,12 +70,40 @@ impl Event {
     ) -> Self {
         Event {
             event: kind,
-            id: task.id.clone(),
-            name: task.name.clone(),
+            id: Some(task.id.clone()),
+            name: Some(task.name.clone()),
             queue: task.queue.clone(),
             attempt: task.attempt,
             at: now_ms(),
             due_at: due_at.or(task.run_at),
+            error,
+        }
+    }
+
+    /// An event for a message that is not a task (it could not be
+    /// decoded): named by what of it is readable, so that a client can
+    /// still match the `dead` event to what it sent.
+    pub fn for_message(
+        kind: EventKind,
+        properties: &BasicProperties,
+        queue: &str,
+        error: Option<String>,
+    ) -> Self {
+        let attempt = properties
+            .headers()
+            .as_ref()
+            .and_then(|h| int_header(h, H_ATTEMPT).ok().flatten())
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n >= 1)
+            .unwrap_or(1);
+        Event {
+            event: kind,
+            id: readable(properties.message_id()),
+            name: readable(properties.kind()),
+            queue: queue.to_string(),
+            attempt,
+            at: now_ms(),
+            due_at: None,
             error,
         }
     }
@@ -153,6 +182,21 @@ impl EventSink {
                 task,
                 due_at,
                 error.map(str::to_string),
+            ));
+        }
+    }
+}
+
+impl EventSink {
+    /// Shorthand for [`Event::for_message`] + [`emit`](Self::emit): the
+    /// `dead` event of a message that never became a task.
+    pub fn message(&self, kind: EventKind, properties: &BasicProperties, queue: &str, error: &str) {
+        if self.enabled() {
+            self.emit(Event::for_message(
+                kind,
+                properties,
+                queue,
+                Some(error.to_string()),
             ));
         }
     }
@@ -243,8 +287,8 @@ mod tests {
     fn event_json_matches_the_contract() {
         let e = Event {
             event: EventKind::Started,
-            id: "0193".into(),
-            name: "email.send".into(),
+            id: Some("0193".into()),
+            name: Some("email.send".into()),
             queue: "default".into(),
             attempt: 1,
             at: 1_764_000_000_123,
@@ -255,5 +299,24 @@ mod tests {
             serde_json::to_string(&e).unwrap(),
             r#"{"event":"started","id":"0193","name":"email.send","queue":"default","attempt":1,"at":1764000000123,"due_at":1764000000100,"error":null}"#
         );
+    }
+
+    #[test]
+    fn an_undecodable_message_is_named_by_what_is_readable() {
+        let mut h = lapin::types::FieldTable::default();
+        h.insert(H_ATTEMPT.into(), lapin::types::AMQPValue::LongLongInt(3));
+        let p = BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_type("a\u{FFFD}".into())
+            .with_headers(h);
+        let e = Event::for_message(EventKind::Dead, &p, "default", Some("bad".into()));
+        assert_eq!(e.id.as_deref(), Some("m-1"));
+        assert_eq!(e.name, None, "a name that was not UTF-8 is not shown");
+        assert_eq!((e.queue.as_str(), e.attempt), ("default", 3));
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["name"], serde_json::Value::Null);
+        assert_eq!(json["error"], "bad");
+        let bare = Event::for_message(EventKind::Dead, &BasicProperties::default(), "q", None);
+        assert_eq!((bare.id, bare.attempt), (None, 1));
     }
 }

@@ -115,6 +115,8 @@ impl Disposition {
             .await?;
         acks.settle(d.delivery_tag);
         finished(queue, "unusable");
+        self.events
+            .message(EventKind::Dead, &d.properties, queue, error);
         Ok(())
     }
 }
