@@ -13,9 +13,11 @@
 //!   `schedule_store` keeps them in Redis, `ticker` fires them through the
 //!   delay queue, `schedule_admin` / `http` / `schedule_file` change them,
 //!   `outcomes` learns what became of their occurrences.
+//! * `api_guard`: the API token and the JSON content type, before every route.
 //! * `supervisor` (in this file): one AMQP session at a time, rebuilt on
 //!   failure.
 
+pub mod api_guard;
 pub mod config;
 pub mod delay_queue;
 pub mod http;
@@ -69,6 +71,8 @@ pub enum SchedulerError {
     Queue(#[from] delay_queue::QueueError),
     #[error("{0}")]
     Metrics(String),
+    #[error("{0}")]
+    Config(String),
     #[error("KAIROS_HTTP_ADDR: cannot listen on {addr}: {cause}")]
     Http {
         addr: std::net::SocketAddr,
@@ -89,6 +93,9 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SchedulerError> {
+    config
+        .check_api_exposure()
+        .map_err(SchedulerError::Config)?;
     if let Some(addr) = config.common.metrics_addr {
         kairos_shared::metrics::install(addr).map_err(SchedulerError::Metrics)?;
     }
@@ -301,13 +308,14 @@ async fn start_schedules(
     let tick_cancel = cancel.clone();
     let http_cancel = cancel.clone();
     let (http_amqp_url, http_names) = (config.common.amqp_url.clone(), names.clone());
+    let token = config.api_token.clone();
     let mut tasks = vec![tokio::spawn(async move { ticker.run(tick_cancel).await })];
     if let Some(http_listener) = http_listener {
         let addr = http_listener.local_addr().ok();
         tracing::info!(addr = ?addr, "HTTP API listening");
         tasks.push(tokio::spawn(async move {
             let api = task_api::TaskApi::new(&http_amqp_url, http_names);
-            let router = http::router(admin).merge(task_api::router(api));
+            let router = api_guard::guard(http::router(admin).merge(task_api::router(api)), token);
             let served = axum::serve(http_listener, router)
                 .with_graceful_shutdown(http_cancel.cancelled_owned())
                 .await;
@@ -342,5 +350,10 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
         changed: Arc::new(Notify::new()),
     };
     let tasks = task_api::TaskApi::new(&config.common.amqp_url, names);
-    Ok(http::router(admin).merge(task_api::router(tasks)))
+    // In process, nobody else can call it: no token, but the same checks
+    // of what is sent.
+    Ok(api_guard::guard(
+        http::router(admin).merge(task_api::router(tasks)),
+        None,
+    ))
 }

@@ -12,6 +12,7 @@
 //! * `client`: the Rust client for enqueueing.
 //! * `request`: a task described in JSON (HTTP API, kairosctl).
 //! * `dead`: list, replay and purge dead letters.
+//! * `secrets`: redacting URLs, secret settings and `*_FILE` variants.
 
 pub mod amqp;
 pub mod client;
@@ -22,6 +23,7 @@ pub mod events;
 pub mod metrics;
 pub mod record;
 pub mod request;
+pub mod secrets;
 pub mod shutdown;
 pub mod topology;
 
