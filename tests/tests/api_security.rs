@@ -2,7 +2,6 @@
 //! token, the refusal to serve an open API beyond loopback, the JSON
 //! content type, secrets from files, and passwords never printed.
 
-use kairos_shared::secrets::Secret;
 use kairos_tests::*;
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -65,10 +64,10 @@ fn bearer(token: &str) -> String {
 async fn a_token_closes_every_route_but_the_probes() {
     let env = TestEnv::new("api-token").await;
     let addr = free_addr();
-    let mut sc = env.scheduler_config();
-    sc.http_addr = addr;
-    sc.api_token = Some(Secret::new(TOKEN));
-    let scheduler = InProcess::scheduler(sc);
+    let mut penv = env.process_env();
+    penv.push(("KAIROS_HTTP_ADDR".into(), addr.to_string()));
+    penv.push(("KAIROS_API_TOKEN".into(), TOKEN.into()));
+    let scheduler = Proc::spawn("kairos-scheduler", &penv);
     let port = addr.port();
     wait_healthy(port).await;
 
@@ -143,7 +142,7 @@ async fn a_token_closes_every_route_but_the_probes() {
     assert!(out.contains("schedules"), "{out}");
     let (ok, out) = ctl(None);
     assert!(!ok, "{out}");
-    scheduler.stop().await;
+    drop(scheduler);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
