@@ -210,10 +210,15 @@ async fn a_hung_handler_does_not_hold_its_slot_across_a_session_replacement() {
         .await;
 
     close_consumer_connection(&key);
+    let closed_at = std::time::Instant::now();
 
     // The new session runs the redelivered task and the later one, with
     // the one slot the hung handler held.
     log.wait_distinct(2, Duration::from_secs(60)).await;
+    eprintln!(
+        "both tasks ran {} ms after the connection was closed",
+        closed_at.elapsed().as_millis()
+    );
     assert_eq!(log.runs_of("later"), 1);
     assert_eq!(log.runs_of("hung"), 1);
     assert_eq!(starts.load(Ordering::SeqCst), 2);
