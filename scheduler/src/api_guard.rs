@@ -153,6 +153,10 @@ mod tests {
                 ),
                 200,
             ),
+            // Unknown paths tell a stranger nothing either.
+            (request("GET", "/v1/nope", &[]), 401),
+            (request("GET", "/healthz/", &[]), 401),
+            (request("GET", "/%68ealthz", &[]), 401),
             (request("GET", "/healthz", &[]), 200),
             (request("GET", "/readyz", &[]), 200),
         ] {
