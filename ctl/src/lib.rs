@@ -9,6 +9,8 @@ use std::time::Duration;
 /// HTTP to a scheduler, or in process straight to Redis and RabbitMQ.
 pub struct Api {
     transport: Transport,
+    /// Sent as `Authorization: Bearer` over HTTP.
+    token: Option<String>,
 }
 
 enum Transport {
@@ -52,7 +54,15 @@ impl Api {
                 base,
                 agent: config.into(),
             },
+            token: None,
         }
+    }
+
+    /// Sends `token` as the bearer token (the scheduler's
+    /// `KAIROS_API_TOKEN`).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
     }
 
     /// In process: the scheduler's own routes over `config`'s Redis and
@@ -67,6 +77,7 @@ impl Api {
             .map_err(|e| e.to_string())?;
         Ok(Api {
             transport: Transport::Local { runtime, router },
+            token: None,
         })
     }
 
@@ -75,10 +86,14 @@ impl Api {
         match &self.transport {
             Transport::Http { base, agent } => {
                 let url = format!("{base}{path}");
-                let req = ureq::http::Request::builder()
+                let mut req = ureq::http::Request::builder()
                     .method(method)
                     .uri(&url)
-                    .header("content-type", "application/json")
+                    .header("content-type", "application/json");
+                if let Some(token) = &self.token {
+                    req = req.header("authorization", format!("Bearer {token}"));
+                }
+                let req = req
                     .body(body.unwrap_or_default().to_vec())
                     .map_err(|e| format!("bad request {method} {path}: {e}"))?;
                 reply(agent.run(req))

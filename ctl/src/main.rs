@@ -3,9 +3,12 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use kairos_scheduler::config::{check_redis_url, redis_url_parser};
 use kairos_shared::config::{
-    parse_amqp_url, parse_namespace, DEFAULT_AMQP_URL, DEFAULT_NAMESPACE, DEFAULT_REDIS_URL,
+    amqp_url_parser, check_amqp_url, parse_namespace, DEFAULT_AMQP_URL, DEFAULT_NAMESPACE,
+    DEFAULT_REDIS_URL,
 };
+use kairos_shared::secrets::read_secret_file;
 use kairosctl::{Api, Reply};
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
@@ -28,17 +31,57 @@ struct Cli {
     )]
     http_addr: Option<String>,
 
+    /// Bearer token of the scheduler's API (its KAIROS_API_TOKEN).
+    #[arg(
+        long,
+        env = "KAIROS_API_TOKEN",
+        value_name = "KAIROS_API_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    api_token: Option<String>,
+
+    /// A file holding the API token, instead of KAIROS_API_TOKEN.
+    #[arg(
+        long,
+        env = "KAIROS_API_TOKEN_FILE",
+        value_name = "KAIROS_API_TOKEN_FILE",
+        conflicts_with = "api_token",
+        global = true
+    )]
+    api_token_file: Option<PathBuf>,
+
     /// Namespace (direct mode).
     #[arg(long, env = "KAIROS_NAMESPACE", value_name = "KAIROS_NAMESPACE", default_value = DEFAULT_NAMESPACE, value_parser = parse_namespace, global = true)]
     namespace: String,
 
     /// Redis of the delay queue and schedules (direct mode).
-    #[arg(long, env = "KAIROS_REDIS_URL", value_name = "KAIROS_REDIS_URL", default_value = DEFAULT_REDIS_URL, global = true)]
+    #[arg(long, env = "KAIROS_REDIS_URL", value_name = "KAIROS_REDIS_URL", default_value = DEFAULT_REDIS_URL, value_parser = redis_url_parser(), hide_env_values = true, global = true)]
     redis_url: String,
 
+    /// A file holding the Redis URL (direct mode).
+    #[arg(
+        long,
+        env = "KAIROS_REDIS_URL_FILE",
+        value_name = "KAIROS_REDIS_URL_FILE",
+        conflicts_with = "redis_url",
+        global = true
+    )]
+    redis_url_file: Option<PathBuf>,
+
     /// RabbitMQ (direct mode).
-    #[arg(long, env = "KAIROS_AMQP_URL", value_name = "KAIROS_AMQP_URL", default_value = DEFAULT_AMQP_URL, value_parser = parse_amqp_url, global = true)]
+    #[arg(long, env = "KAIROS_AMQP_URL", value_name = "KAIROS_AMQP_URL", default_value = DEFAULT_AMQP_URL, value_parser = amqp_url_parser(), hide_env_values = true, global = true)]
     amqp_url: String,
+
+    /// A file holding the RabbitMQ URL (direct mode).
+    #[arg(
+        long,
+        env = "KAIROS_AMQP_URL_FILE",
+        value_name = "KAIROS_AMQP_URL_FILE",
+        conflicts_with = "amqp_url",
+        global = true
+    )]
+    amqp_url_file: Option<PathBuf>,
 
     /// Delay-queue shards, as the schedulers use (direct mode).
     #[arg(
@@ -206,9 +249,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+/// Takes the settings given as files (`KAIROS_*_FILE`) in.
+fn read_secret_files(cli: &mut Cli) -> Result<(), String> {
+    if let Some(path) = &cli.api_token_file {
+        cli.api_token = Some(read_secret_file("KAIROS_API_TOKEN_FILE", path, |_| Ok(()))?);
+    }
+    if let Some(path) = &cli.redis_url_file {
+        cli.redis_url = read_secret_file("KAIROS_REDIS_URL_FILE", path, check_redis_url)?;
+    }
+    if let Some(path) = &cli.amqp_url_file {
+        cli.amqp_url = read_secret_file("KAIROS_AMQP_URL_FILE", path, check_amqp_url)?;
+    }
+    Ok(())
+}
+
+fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
+    read_secret_files(&mut cli).map_err(anyhow::Error::msg)?;
     let api = match &cli.http_addr {
-        Some(addr) => Api::new(addr),
+        Some(addr) => Api::new(addr).with_token(cli.api_token.clone()),
         None => {
             let mut config = kairos_scheduler::Config::for_namespace(&cli.namespace);
             config.redis_url = cli.redis_url.clone();

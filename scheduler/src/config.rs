@@ -1,10 +1,15 @@
 //! Scheduler settings: environment variables, or the same as flags.
 
 use crate::retry::{Jitter, RetryPolicy};
+use clap::builder::BoolishValueParser;
 use clap::Parser;
 use kairos_shared::config::{CommonConfig, DEFAULT_REDIS_URL};
+use kairos_shared::secrets::{read_secret_file, redact_url, Secret, SecretParser, MASK};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+
+/// The shortest API token accepted: a short one can be guessed.
+pub const MIN_TOKEN_LEN: usize = 16;
 
 #[derive(Parser, Clone, Debug)]
 #[command(
@@ -16,9 +21,40 @@ pub struct Config {
     #[command(flatten)]
     pub common: CommonConfig,
 
-    /// Redis URL of the delay queue.
-    #[arg(long, env = "KAIROS_REDIS_URL", value_name = "KAIROS_REDIS_URL", default_value = DEFAULT_REDIS_URL, value_parser = parse_redis_url)]
+    /// Redis URL of the delay queue. Shown with its password masked
+    /// wherever it appears.
+    #[arg(long, env = "KAIROS_REDIS_URL", value_name = "KAIROS_REDIS_URL", default_value = DEFAULT_REDIS_URL, value_parser = redis_url_parser(), hide_env_values = true)]
     pub redis_url: String,
+
+    /// A file holding the Redis URL (a mounted secret), instead of
+    /// KAIROS_REDIS_URL.
+    #[arg(
+        long,
+        env = "KAIROS_REDIS_URL_FILE",
+        value_name = "KAIROS_REDIS_URL_FILE",
+        conflicts_with = "redis_url"
+    )]
+    pub redis_url_file: Option<PathBuf>,
+
+    /// Bearer token the HTTP API requires on every route but `/healthz` and
+    /// `/readyz` (at least 16 characters). Without it the API is open, and
+    /// may then listen only on a loopback address.
+    #[arg(long, env = "KAIROS_API_TOKEN", value_name = "KAIROS_API_TOKEN", value_parser = token_parser(), hide_env_values = true)]
+    pub api_token: Option<Secret>,
+
+    /// A file holding the API token, instead of KAIROS_API_TOKEN.
+    #[arg(
+        long,
+        env = "KAIROS_API_TOKEN_FILE",
+        value_name = "KAIROS_API_TOKEN_FILE",
+        conflicts_with = "api_token"
+    )]
+    pub api_token_file: Option<PathBuf>,
+
+    /// Serve the API without a token on a non-loopback address (true/false):
+    /// only behind something else that authenticates.
+    #[arg(long, env = "KAIROS_API_INSECURE", value_name = "KAIROS_API_INSECURE", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub api_insecure: bool,
 
     /// Address of the HTTP API.
     #[arg(
@@ -134,7 +170,40 @@ impl Config {
         let mut c = Config::parse_from(["kairos-scheduler"]);
         c.common = CommonConfig::new(namespace);
         c.redis_url = DEFAULT_REDIS_URL.to_string();
+        c.redis_url_file = None;
+        c.api_token = None;
+        c.api_token_file = None;
+        c.api_insecure = false;
         c
+    }
+
+    /// Takes the settings given as files (`KAIROS_*_FILE`) in. Call it once
+    /// after parsing.
+    pub fn read_secret_files(&mut self) -> Result<(), String> {
+        self.common.read_secret_files()?;
+        if let Some(path) = &self.redis_url_file {
+            self.redis_url = read_secret_file("KAIROS_REDIS_URL_FILE", path, check_redis_url)?;
+        }
+        if let Some(path) = &self.api_token_file {
+            let token = read_secret_file("KAIROS_API_TOKEN_FILE", path, check_token)?;
+            self.api_token = Some(Secret::new(token));
+        }
+        Ok(())
+    }
+
+    /// The API may be open (no token) only on a loopback address, unless
+    /// `KAIROS_API_INSECURE` says otherwise.
+    pub fn check_api_exposure(&self) -> Result<(), String> {
+        if self.api_token.is_some() || self.api_insecure || self.http_addr.ip().is_loopback() {
+            return Ok(());
+        }
+        Err(format!(
+            "KAIROS_HTTP_ADDR {} is not a loopback address and KAIROS_API_TOKEN is not set: \
+             anyone who can reach it could enqueue tasks and change schedules. Set \
+             KAIROS_API_TOKEN (or KAIROS_API_TOKEN_FILE), or KAIROS_API_INSECURE=true if \
+             something in front of the scheduler authenticates",
+            self.http_addr
+        ))
     }
 
     pub fn retry_policy(&self) -> RetryPolicy {
@@ -147,10 +216,43 @@ impl Config {
     }
 }
 
-fn parse_redis_url(url: &str) -> Result<String, String> {
+/// Checks the URL is one the Redis client accepts. The error never quotes
+/// the URL (it may hold a password).
+pub fn check_redis_url(url: &str) -> Result<(), String> {
     redis::Client::open(url)
-        .map(|_| url.to_string())
+        .map(|_| ())
         .map_err(|e| format!("not a Redis URL: {e}"))
+}
+
+/// [`check_redis_url`] as a clap parser that masks the password of a URL
+/// it refuses.
+pub fn redis_url_parser() -> SecretParser {
+    SecretParser {
+        check: check_redis_url,
+        shown: redact_url,
+    }
+}
+
+pub fn check_token(token: &str) -> Result<(), String> {
+    if token.chars().count() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "too short: use at least {MIN_TOKEN_LEN} characters (e.g. `openssl rand -hex 32`)"
+        ));
+    }
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain spaces or control characters".into());
+    }
+    Ok(())
+}
+
+/// The token parser: a refused token is never shown.
+pub fn token_parser() -> impl clap::builder::TypedValueParser<Value = Secret> {
+    use clap::builder::TypedValueParser;
+    SecretParser {
+        check: check_token,
+        shown: |_| MASK.to_string(),
+    }
+    .map(Secret::new)
 }
 
 #[cfg(test)]
@@ -174,6 +276,83 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("--retry-jitter"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_never_echoed() {
+        let err = Config::try_parse_from(["s", "--redis-url", "redis://:s3cret@h:port/0"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("KAIROS_REDIS_URL"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+        let err = Config::try_parse_from(["s", "--api-token", "s3cret"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("KAIROS_API_TOKEN") && err.contains("16"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn an_open_api_listens_only_on_loopback() {
+        let open = |addr: &str, extra: &[&str]| {
+            let mut args = vec!["s", "--http-addr", addr];
+            args.extend_from_slice(extra);
+            Config::try_parse_from(args).unwrap().check_api_exposure()
+        };
+        assert!(open("127.0.0.1:8080", &[]).is_ok());
+        assert!(open("[::1]:8080", &[]).is_ok());
+        let err = open("0.0.0.0:8080", &[]).unwrap_err();
+        assert!(err.contains("KAIROS_API_TOKEN"), "{err}");
+        assert!(open("0.0.0.0:8080", &["--api-token", "0123456789abcdef"]).is_ok());
+        assert!(open("0.0.0.0:8080", &["--api-insecure", "true"]).is_ok());
+    }
+
+    #[test]
+    fn redis_url_and_token_can_come_from_files() {
+        let dir = std::env::temp_dir().join(format!("kairos-sched-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (redis, token) = (dir.join("redis"), dir.join("token"));
+        std::fs::write(&redis, "redis://:s3cret@h:6380/0\n").unwrap();
+        std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+        let mut c = Config::try_parse_from([
+            "s",
+            "--redis-url-file",
+            redis.to_str().unwrap(),
+            "--api-token-file",
+            token.to_str().unwrap(),
+        ])
+        .unwrap();
+        c.read_secret_files().unwrap();
+        assert_eq!(c.redis_url, "redis://:s3cret@h:6380/0");
+        assert_eq!(
+            c.api_token.as_ref().map(Secret::expose),
+            Some("0123456789abcdef0123")
+        );
+        let both = Config::try_parse_from([
+            "s",
+            "--api-token-file",
+            token.to_str().unwrap(),
+            "--api-token",
+            "0123456789abcdef",
+        ])
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            both.contains("KAIROS_API_TOKEN_FILE") && both.contains("<KAIROS_API_TOKEN>"),
+            "{both}"
+        );
+        std::fs::write(&token, "short\n").unwrap();
+        let mut c =
+            Config::try_parse_from(["s", "--api-token-file", token.to_str().unwrap()]).unwrap();
+        let err = c.read_secret_files().unwrap_err();
+        assert!(err.contains("KAIROS_API_TOKEN_FILE"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -13,11 +13,13 @@
 //!   `schedule_store` keeps them in Redis, `ticker` fires them through the
 //!   delay queue, `schedule_admin` / `http` / `schedule_file` change them,
 //!   `outcomes` learns what became of their occurrences.
+//! * `api_guard`: the API token and the JSON content type, before every route.
 //! * `supervisor` (in this file): one AMQP session at a time, rebuilt on
 //!   failure. The background loops (ticker, outcomes, wake listener,
 //!   pending gauge, HTTP API) run under `kairos_shared::supervise`: a loop
 //!   that panics or fails is restarted, counted, and shown by `/readyz`.
 
+pub mod api_guard;
 pub mod config;
 pub mod delay_queue;
 pub mod http;
@@ -95,6 +97,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SchedulerError> {
     config.common.check().map_err(SchedulerError::Config)?;
+    config
+        .check_api_exposure()
+        .map_err(SchedulerError::Config)?;
     let names = config.common.names();
     if let Some(addr) = config.common.metrics_addr {
         kairos_shared::metrics::install(addr).map_err(SchedulerError::Metrics)?;
@@ -353,9 +358,12 @@ async fn start_schedules(
         let addr = http_listener.local_addr().ok();
         tracing::info!(addr = ?addr, "HTTP API listening");
         let api = task_api::TaskApi::new(&config.common.amqp_url, names.clone());
-        let router = http::router(admin)
-            .merge(task_api::router(api))
-            .merge(http::probes(health.clone()));
+        let router = api_guard::guard(
+            http::router(admin)
+                .merge(task_api::router(api))
+                .merge(http::probes(health.clone())),
+            config.api_token.clone(),
+        );
         // The first run serves the listener bound at start; a restart
         // binds the same address again.
         let first = Arc::new(std::sync::Mutex::new(Some(http_listener)));
@@ -415,5 +423,10 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
         changed: Arc::new(Notify::new()),
     };
     let tasks = task_api::TaskApi::new(&config.common.amqp_url, names);
-    Ok(http::router(admin).merge(task_api::router(tasks)))
+    // In process, nobody else can call it: no token, but the same checks
+    // of what is sent.
+    Ok(api_guard::guard(
+        http::router(admin).merge(task_api::router(tasks)),
+        None,
+    ))
 }

@@ -13,6 +13,10 @@ async fn main() -> anyhow::Result<()> {
     let mut config = Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     config.http_addr_required =
         matches.value_source("http_addr") != Some(clap::parser::ValueSource::DefaultValue);
+    if let Err(e) = config.read_secret_files() {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     init_tracing();
     run(config, kairos_shared::shutdown::signal()).await?;
     Ok(())

@@ -2,8 +2,10 @@
 //! the same as a command-line flag (clap `env`); a bad value fails at start
 //! with a message that names the setting.
 
+use crate::secrets::{read_secret_file, redact_url, SecretParser};
 use clap::builder::BoolishValueParser;
 use clap::Args;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -13,9 +15,19 @@ pub const DEFAULT_NAMESPACE: &str = "kairos";
 /// Broker, namespace and events: used by every process.
 #[derive(Args, Clone, Debug)]
 pub struct CommonConfig {
-    /// RabbitMQ URL.
-    #[arg(long, env = "KAIROS_AMQP_URL", value_name = "KAIROS_AMQP_URL", default_value = DEFAULT_AMQP_URL, value_parser = parse_amqp_url)]
+    /// RabbitMQ URL. Shown with its password masked wherever it appears.
+    #[arg(long, env = "KAIROS_AMQP_URL", value_name = "KAIROS_AMQP_URL", default_value = DEFAULT_AMQP_URL, value_parser = amqp_url_parser(), hide_env_values = true)]
     pub amqp_url: String,
+
+    /// A file holding the RabbitMQ URL (a mounted secret), instead of
+    /// KAIROS_AMQP_URL.
+    #[arg(
+        long,
+        env = "KAIROS_AMQP_URL_FILE",
+        value_name = "KAIROS_AMQP_URL_FILE",
+        conflicts_with = "amqp_url"
+    )]
+    pub amqp_url_file: Option<PathBuf>,
 
     /// Prefix of every AMQP name and Redis key.
     #[arg(long, env = "KAIROS_NAMESPACE", value_name = "KAIROS_NAMESPACE", default_value = DEFAULT_NAMESPACE, value_parser = parse_namespace)]
@@ -35,6 +47,7 @@ impl CommonConfig {
     pub fn new(namespace: &str) -> Self {
         Self {
             amqp_url: DEFAULT_AMQP_URL.to_string(),
+            amqp_url_file: None,
             namespace: namespace.to_string(),
             events: false,
             metrics_addr: None,
@@ -51,14 +64,33 @@ impl CommonConfig {
         crate::contract::validate_namespace(&self.namespace)
             .map_err(|e| format!("KAIROS_NAMESPACE: {e}"))
     }
+
+    /// Takes the settings given as files (`KAIROS_AMQP_URL_FILE`) in. Call
+    /// it once after parsing.
+    pub fn read_secret_files(&mut self) -> Result<(), String> {
+        if let Some(path) = &self.amqp_url_file {
+            self.amqp_url = read_secret_file("KAIROS_AMQP_URL_FILE", path, check_amqp_url)?;
+        }
+        Ok(())
+    }
 }
 
 /// Checks the URL parses as AMQP, so a typo fails at start, not at the
-/// first reconnect.
-pub fn parse_amqp_url(url: &str) -> Result<String, String> {
+/// first reconnect. The error never quotes the URL (it may hold a
+/// password).
+pub fn check_amqp_url(url: &str) -> Result<(), String> {
     lapin::uri::AMQPUri::from_str(url)
-        .map(|_| url.to_string())
+        .map(|_| ())
         .map_err(|e| format!("not an AMQP URL: {e}"))
+}
+
+/// [`check_amqp_url`] as a clap parser that masks the password of a URL it
+/// refuses.
+pub fn amqp_url_parser() -> SecretParser {
+    SecretParser {
+        check: check_amqp_url,
+        shown: redact_url,
+    }
 }
 
 /// A namespace becomes part of AMQP names (at most 255 bytes) and Redis
@@ -193,5 +225,40 @@ mod tests {
             err.contains("KAIROS_NAMESPACE") && err.contains("48"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_refused_url_is_shown_without_its_password() {
+        let err = Cli::try_parse_from(["x", "--amqp-url", "amqp://u:s3cret@h:port/%2f"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("KAIROS_AMQP_URL"), "{err}");
+        assert!(err.contains("amqp://u:***@h:port/%2f"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn the_url_can_come_from_a_file_but_not_from_both() {
+        let path = std::env::temp_dir().join(format!("kairos-amqp-{}", std::process::id()));
+        std::fs::write(&path, "amqp://u:s3cret@h:5673/%2f\n").unwrap();
+        let file = path.to_str().unwrap();
+        let mut cli = Cli::try_parse_from(["x", "--amqp-url-file", file]).unwrap();
+        cli.common.read_secret_files().unwrap();
+        assert_eq!(cli.common.amqp_url, "amqp://u:s3cret@h:5673/%2f");
+        let both = Cli::try_parse_from(["x", "--amqp-url-file", file, "--amqp-url", "amqp://h"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            both.contains("KAIROS_AMQP_URL_FILE") && both.contains("<KAIROS_AMQP_URL>"),
+            "{both}"
+        );
+        std::fs::write(&path, "amqp://u:s3cret@h:port/%2f").unwrap();
+        let mut cli = Cli::try_parse_from(["x", "--amqp-url-file", file]).unwrap();
+        let err = cli.common.read_secret_files().unwrap_err();
+        assert!(err.contains("KAIROS_AMQP_URL_FILE"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+        let _ = std::fs::remove_file(&path);
     }
 }

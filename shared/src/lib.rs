@@ -15,6 +15,7 @@
 //! * `short`: AMQP short strings (names, keys, header names) without panics.
 //! * `supervise`: background loops restarted when they fail, with their
 //!   health for `/readyz`.
+//! * `secrets`: redacting URLs, secret settings and `*_FILE` variants.
 
 pub mod amqp;
 pub mod client;
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod record;
 pub mod request;
 pub mod short;
+pub mod secrets;
 pub mod shutdown;
 pub mod supervise;
 pub mod topology;

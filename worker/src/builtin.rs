@@ -9,6 +9,11 @@ pub const NOOP: &str = "kairos.noop";
 pub const SLEEP: &str = "kairos.sleep";
 pub const FAIL: &str = "kairos.fail";
 
+/// The longest `kairos.sleep`: one hour. It is a test and benchmark
+/// helper; a longer sleep is a mistake (seconds taken for milliseconds)
+/// that would hold a slot for hours.
+pub const MAX_SLEEP_MS: u64 = 3_600_000;
+
 pub fn register(registry: &mut Registry) {
     registry.register(NOOP, noop);
     registry.register(SLEEP, sleep);
@@ -25,18 +30,33 @@ struct SleepBody {
     ms: u64,
 }
 
-/// Reads `{"ms": N}`; anything else is a permanent failure, since no retry
-/// makes the body readable.
-fn parse_sleep(body: &[u8]) -> Result<Duration, TaskError> {
-    serde_json::from_slice::<SleepBody>(body)
-        .map(|b| Duration::from_millis(b.ms))
+/// Reads `{"ms": N}` with N at most [`MAX_SLEEP_MS`] and below the
+/// attempt's time limit. Anything else is a permanent failure (dead letter
+/// with the reason): no retry makes the body readable, and a sleep longer
+/// than its time limit would time out on every attempt.
+fn parse_sleep(body: &[u8], limit: Duration) -> Result<Duration, TaskError> {
+    let ms = serde_json::from_slice::<SleepBody>(body)
         .map_err(|e| {
             TaskError::permanent(format!("kairos.sleep needs a JSON body {{\"ms\": N}}: {e}"))
-        })
+        })?
+        .ms;
+    if ms > MAX_SLEEP_MS {
+        return Err(TaskError::permanent(format!(
+            "kairos.sleep of {ms} ms is over its maximum of {MAX_SLEEP_MS} ms"
+        )));
+    }
+    let wanted = Duration::from_millis(ms);
+    if wanted >= limit {
+        return Err(TaskError::permanent(format!(
+            "kairos.sleep of {ms} ms cannot finish within the attempt's time limit of {} ms (x-timeout-ms or KAIROS_TASK_TIMEOUT_MS)",
+            limit.as_millis()
+        )));
+    }
+    Ok(wanted)
 }
 
-async fn sleep(_: TaskContext, body: Vec<u8>) -> TaskResult {
-    tokio::time::sleep(parse_sleep(&body)?).await;
+async fn sleep(ctx: TaskContext, body: Vec<u8>) -> TaskResult {
+    tokio::time::sleep(parse_sleep(&body, ctx.timeout)?).await;
     Ok(())
 }
 
@@ -51,9 +71,14 @@ async fn fail(ctx: TaskContext, _: Vec<u8>) -> TaskResult {
 mod tests {
     use super::*;
 
+    const HOUR: Duration = Duration::from_secs(7200);
+
     #[test]
     fn sleep_body_is_checked() {
-        assert_eq!(parse_sleep(br#"{"ms": 25}"#), Ok(Duration::from_millis(25)));
+        assert_eq!(
+            parse_sleep(br#"{"ms": 25}"#, HOUR),
+            Ok(Duration::from_millis(25))
+        );
         for bad in [
             &b"not json"[..],
             br#"{"ms": -1}"#,
@@ -61,9 +86,22 @@ mod tests {
             b"",
         ] {
             assert!(
-                matches!(parse_sleep(bad), Err(TaskError::Permanent(_))),
+                matches!(parse_sleep(bad, HOUR), Err(TaskError::Permanent(_))),
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn sleep_is_bounded() {
+        let max = format!(r#"{{"ms": {MAX_SLEEP_MS}}}"#);
+        assert!(parse_sleep(max.as_bytes(), HOUR).is_ok());
+        let over = format!(r#"{{"ms": {}}}"#, MAX_SLEEP_MS + 1);
+        let err = parse_sleep(over.as_bytes(), HOUR).unwrap_err().to_string();
+        assert!(err.contains("maximum"), "{err}");
+        let err = parse_sleep(br#"{"ms": 5000}"#, Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("time limit"), "{err}");
     }
 }

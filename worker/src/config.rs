@@ -3,6 +3,12 @@
 use clap::Parser;
 use kairos_shared::config::{parse_queue_list, CommonConfig, Concurrency};
 
+/// Time limit of an attempt without `x-timeout-ms`: 15 minutes. A handler
+/// that hangs frees its slot by then; well below RabbitMQ's default
+/// `consumer_timeout` (30 minutes), which would close the channel under an
+/// unacked delivery and take every other running task of it along.
+pub const DEFAULT_TASK_TIMEOUT_MS: u64 = 900_000;
+
 #[derive(Parser, Clone, Debug)]
 #[command(
     name = "kairos-worker",
@@ -42,9 +48,11 @@ pub struct Config {
     )]
     pub shutdown_grace_ms: u64,
 
-    /// Time limit of one attempt when a task has no `x-timeout-ms` (ms).
-    #[arg(long, env = "KAIROS_TASK_TIMEOUT_MS", value_name = "KAIROS_TASK_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(1..))]
-    pub task_timeout_ms: Option<u64>,
+    /// Time limit of one attempt when a task has no `x-timeout-ms` (ms);
+    /// an attempt that runs out is a failed attempt (retried while retries
+    /// remain).
+    #[arg(long, env = "KAIROS_TASK_TIMEOUT_MS", value_name = "KAIROS_TASK_TIMEOUT_MS", default_value_t = DEFAULT_TASK_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..))]
+    pub task_timeout_ms: u64,
 }
 
 impl Config {
@@ -56,7 +64,7 @@ impl Config {
         c.queues = vec!["default".into()];
         c.concurrency = Concurrency { min: 4, max: 64 };
         c.prefetch = None;
-        c.task_timeout_ms = None;
+        c.task_timeout_ms = DEFAULT_TASK_TIMEOUT_MS;
         c
     }
 
@@ -85,5 +93,6 @@ mod tests {
         assert_eq!(c.queues, vec!["default"]);
         assert_eq!(c.concurrency, Concurrency { min: 4, max: 64 });
         assert_eq!(c.prefetch(), 64);
+        assert_eq!(c.task_timeout_ms, 900_000);
     }
 }

@@ -32,10 +32,17 @@ pub struct Shared {
     pub disposition: Disposition,
     pub events: EventSink,
     pub slots: Arc<Slots>,
-    pub default_timeout: Option<Duration>,
+    /// Time limit of an attempt without `x-timeout-ms`.
+    pub default_timeout: Duration,
     /// Fired when an ack or a replacement publish failed: the session must
     /// reconnect (its channel is gone, deliveries will come back).
     pub broken: CancellationToken,
+    /// Fired when the session's running tasks must stop: its connection
+    /// is gone (RabbitMQ has requeued their deliveries already) or the
+    /// grace period is over. Their handlers are dropped and their slots
+    /// freed, so a handler that never returns cannot hold a slot the next
+    /// session needs.
+    pub abandon: CancellationToken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +108,15 @@ pub async fn consume(
         let (shared, acks) = (shared.clone(), acks.clone());
         let queue = queue.to_string();
         tracker.spawn(async move {
-            process(&shared, &acks, &queue, delivery).await;
+            let tag = delivery.delivery_tag;
+            tokio::select! {
+                _ = process(&shared, &acks, &queue, delivery) => {}
+                _ = shared.abandon.cancelled() => {
+                    // Never acked here: RabbitMQ redelivers it.
+                    acks.abandon(tag);
+                    tracing::warn!(queue = %queue, "task stopped with its session; it will be redelivered");
+                }
+            }
             drop(permit);
         });
     }
@@ -169,24 +184,26 @@ async fn run_task(
         metrics::histogram!("kairos_worker_lateness_seconds", "queue" => task.queue.clone())
             .record(seconds_between(due, started_ms));
     }
-    let timeout = task
+    let limit = task
         .timeout_ms
         .map(Duration::from_millis)
-        .or(shared.default_timeout);
+        .unwrap_or(shared.default_timeout);
+    let mut ctx = TaskContext::from_task(&task);
+    ctx.timeout = limit;
     // A panic in the handler is caught here as a failed attempt, and a
     // timeout drops (cancels) the handler's future. Running it inline rather
     // than in a task of its own saves a spawn and a wake-up per task.
-    let run = AssertUnwindSafe(handler.call(TaskContext::from_task(&task), task.body.clone()))
-        .catch_unwind();
-    let outcome = match timeout {
-        None => run.await,
-        Some(limit) => match tokio::time::timeout(limit, run).await {
-            Ok(finished) => finished,
-            Err(_) => Ok(Err(TaskError::Retry(format!(
+    let run = AssertUnwindSafe(handler.call(ctx, task.body.clone())).catch_unwind();
+    let outcome = match tokio::time::timeout(limit, run).await {
+        Ok(finished) => finished,
+        Err(_) => {
+            metrics::counter!("kairos_worker_timeouts_total", "queue" => task.queue.clone())
+                .increment(1);
+            Ok(Err(TaskError::Retry(format!(
                 "timed out after {} ms",
                 limit.as_millis()
-            )))),
-        },
+            ))))
+        }
     };
     metrics::histogram!("kairos_worker_task_seconds", "queue" => task.queue.clone())
         .record(seconds_between(started_ms, now_ms()));

@@ -6,6 +6,7 @@ use lapin::types::FieldTable;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Everything about the delivery a handler may want, besides the body.
 #[derive(Clone, Debug)]
@@ -23,6 +24,9 @@ pub struct TaskContext {
     pub content_type: Option<String>,
     pub content_encoding: Option<String>,
     pub correlation_id: Option<String>,
+    /// This attempt's time limit (`x-timeout-ms`, else the worker's
+    /// `KAIROS_TASK_TIMEOUT_MS`): the handler is dropped when it runs out.
+    pub timeout: Duration,
 }
 
 impl TaskContext {
@@ -51,6 +55,10 @@ impl TaskContext {
                 .correlation_id()
                 .as_ref()
                 .map(|s| s.to_string()),
+            timeout: Duration::from_millis(
+                task.timeout_ms
+                    .unwrap_or(crate::config::DEFAULT_TASK_TIMEOUT_MS),
+            ),
         }
     }
 }

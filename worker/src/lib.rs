@@ -161,6 +161,7 @@ impl Worker {
             };
             let tracker = TaskTracker::new();
             let broken = CancellationToken::new();
+            let abandon = CancellationToken::new();
             let started = tokio::time::Instant::now();
             // One per consumer channel; closed (the last acks flushed) once
             // the running tasks are done, however the session ended.
@@ -182,8 +183,9 @@ impl Worker {
                     disposition: Disposition::open(&conn, names.clone(), events.clone()).await?,
                     events: events.clone(),
                     slots: slots.clone(),
-                    default_timeout: config.task_timeout_ms.map(Duration::from_millis),
+                    default_timeout: Duration::from_millis(config.task_timeout_ms),
                     broken: broken.clone(),
+                    abandon: abandon.clone(),
                 });
                 channels.push(shared.disposition.channel().clone());
                 tracing::info!("connected to RabbitMQ");
@@ -234,12 +236,7 @@ impl Worker {
             let finish_running = async move {
                 // Let running tasks finish while the connection can still
                 // ack; the session's channels stay open too.
-                if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-                    tracing::warn!(
-                        running = tracker.len(),
-                        "grace period over; leaving running tasks unacked"
-                    );
-                }
+                wait_running(&tracker, &conn, &abandon, grace).await;
                 for a in &acks {
                     if let Err(err) = a.close().await {
                         tracing::warn!(cause = %err, "cannot ack the last settled deliveries; RabbitMQ redelivers them");
@@ -270,5 +267,47 @@ impl Worker {
         events.close(Duration::from_secs(5)).await;
         tracing::info!("worker stopped");
         Ok(())
+    }
+}
+
+/// Waits for the session's running tasks, for at most `grace`, then stops
+/// those left (`abandon`). Once the connection is gone RabbitMQ has requeued
+/// their deliveries and no ack can reach it: they stop at once and free
+/// their slots for the next session, where a handler that never returns
+/// would otherwise hold its slot for good.
+async fn wait_running(
+    tracker: &TaskTracker,
+    conn: &lapin::Connection,
+    abandon: &CancellationToken,
+    grace: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        if !conn.status().connected() {
+            break;
+        }
+        tokio::select! {
+            _ = tracker.wait() => return,
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(
+                    running = tracker.len(),
+                    "grace period over; stopping running tasks, leaving them unacked"
+                );
+                break;
+            }
+            // lapin signals a lost connection through its status only.
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    abandon.cancel();
+    // A dropped handler ends at once, unless it blocks its thread.
+    if tokio::time::timeout(CLOSE_WITHIN, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            running = tracker.len(),
+            "running tasks do not stop (a handler blocks its thread)"
+        );
     }
 }
