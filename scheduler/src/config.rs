@@ -20,6 +20,32 @@ pub struct Config {
     #[arg(long, env = "KAIROS_REDIS_URL", value_name = "KAIROS_REDIS_URL", default_value = DEFAULT_REDIS_URL, value_parser = parse_redis_url)]
     pub redis_url: String,
 
+    /// Longest wait for a Redis reply (ms), for every command and script.
+    /// A reply that does not come in time leaves the outcome unknown (the
+    /// script may have run): every caller then repeats it idempotently. Well
+    /// above the client's 500 ms default, so a Redis stalled for a second
+    /// (a fork, a slow disk, a big key's deletion) is waited for instead of
+    /// turned into retries.
+    #[arg(long, env = "KAIROS_REDIS_TIMEOUT_MS", value_name = "KAIROS_REDIS_TIMEOUT_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub redis_timeout_ms: u64,
+
+    /// Run even when Redis's `maxmemory-policy` may evict keys (true/false).
+    /// An evicting policy deletes held tasks at maxmemory; by default the
+    /// scheduler refuses to start on anything but `noeviction`.
+    #[arg(long, env = "KAIROS_REDIS_ALLOW_EVICTION", value_name = "KAIROS_REDIS_ALLOW_EVICTION", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub redis_allow_eviction: bool,
+
+    /// Redis replicas that must have an intake batch (Redis `WAIT`) before
+    /// it is acked to RabbitMQ; 0 acks once the primary has it.
+    #[arg(long, env = "KAIROS_REDIS_WAIT", value_name = "KAIROS_REDIS_WAIT", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub redis_wait: u16,
+
+    /// How long one `WAIT` for `KAIROS_REDIS_WAIT` replicas blocks (ms).
+    /// When fewer replicas confirm, the batch stays unacked and the wait is
+    /// repeated.
+    #[arg(long, env = "KAIROS_REDIS_WAIT_TIMEOUT_MS", value_name = "KAIROS_REDIS_WAIT_TIMEOUT_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub redis_wait_timeout_ms: u64,
+
     /// Address of the HTTP API.
     #[arg(
         long,

@@ -199,7 +199,8 @@ impl Pump {
                 // The rest goes back to the due index now rather than when
                 // its lease expires.
                 let rest: Vec<&Claimed> = tasks.iter().collect();
-                let _ = self.queue.release(&rest).await;
+                self.until_answered("release", |_| self.queue.release(&rest))
+                    .await;
                 let _ = self.settle(&publisher, batches).await;
                 return Err(err.into());
             }
@@ -297,8 +298,19 @@ impl Pump {
                 }
             }
         }
-        self.queue.complete(&done).await?;
-        self.queue.release(&failed).await?;
+        // Redis errors end neither the batch nor the session: a timed-out
+        // delete may have run, and is repeated in its idempotent form.
+        let done_ref = &done;
+        self.until_answered("complete", |again| async move {
+            if again {
+                self.queue.complete_again(done_ref).await
+            } else {
+                self.queue.complete(done_ref).await
+            }
+        })
+        .await;
+        self.until_answered("release", |_| self.queue.release(&failed))
+            .await;
         let now = kairos_shared::amqp::now_ms();
         metrics::counter!("kairos_scheduler_published_total").increment(published.len() as u64);
         for (task, due) in &published {
@@ -308,6 +320,38 @@ impl Pump {
                 .task(EventKind::Published, task, Some(*due), None);
         }
         Ok(done.len() + failed.len())
+    }
+
+    /// Runs `call` until Redis answers it, backing off, for as long as the
+    /// tasks' lease lasts (after that their lease has returned them, and
+    /// giving up changes nothing: they are published again, a duplicate).
+    /// `call` gets `true` when it repeats a call whose outcome is unknown.
+    /// Ending the session instead tore down the AMQP connection on every
+    /// Redis stall, and left the tasks to wait out their lease.
+    async fn until_answered<F, Fut>(&self, what: &str, mut call: F)
+    where
+        F: FnMut(bool) -> Fut,
+        Fut: std::future::Future<Output = Result<(), QueueError>>,
+    {
+        let deadline = Instant::now() + Duration::from_millis(self.lease_ms);
+        let mut backoff = Backoff::new();
+        let mut again = false;
+        loop {
+            match call(again).await {
+                Ok(()) => return,
+                Err(err) if Instant::now() >= deadline => {
+                    tracing::error!(cause = %err, what, "Redis did not answer within the lease; the tasks return when it expires (published again)");
+                    return;
+                }
+                Err(err) => {
+                    metrics::counter!("kairos_scheduler_redis_retries_total", "call" => what.to_string())
+                        .increment(1);
+                    tracing::warn!(cause = %err, what, "Redis call failed; repeating it");
+                    again = true;
+                    tokio::time::sleep(backoff.next_delay().min(deadline - Instant::now())).await;
+                }
+            }
+        }
     }
 }
 
