@@ -79,6 +79,17 @@ pub enum QueueError {
     NotReplicated { acked: i64, wanted: u16 },
 }
 
+impl QueueError {
+    /// The call may or may not have run: no reply came (timeout, broken
+    /// connection). An error Redis replied with means it did not run.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            QueueError::Redis(e) => crate::redis_conn::no_reply(e),
+            _ => false,
+        }
+    }
+}
+
 /// What [`RedisDelayQueue::hold`] did.
 #[derive(Clone, Debug)]
 pub struct Held {

@@ -10,7 +10,7 @@
 //! redelivers; the first-submission-wins rule turns the second write into a
 //! no-op.
 
-use crate::delay_queue::{member, Entry, Held, RedisDelayQueue};
+use crate::delay_queue::{member, Entry, Held, QueueError, RedisDelayQueue};
 use crate::publisher::Publisher;
 use crate::retry::{Decision, RetryPolicy};
 use futures_util::future::join_all;
@@ -29,6 +29,10 @@ use lapin::{BasicProperties, Connection};
 use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+/// How often a hold whose reply did not come is repeated before the batch
+/// goes back to RabbitMQ.
+const UNKNOWN_OUTCOME_REPEATS: u32 = 3;
 
 /// Which queue an intake consumes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,7 +150,7 @@ impl Intake {
         //    A reply that did not come (timeout) leaves the write unknown:
         //    the batch comes back, and holding it again is a no-op for what
         //    the first write held.
-        let scheduled = match self.queue.hold(&entries).await {
+        let scheduled = match self.hold(&entries).await {
             Ok(held) => match self.until_replicated(held, &entries, cancel).await {
                 Some(s) => s,
                 // Stopping: the unacked batch returns to RabbitMQ.
@@ -232,6 +236,25 @@ impl Intake {
             }
         }
         Ok(true)
+    }
+
+    /// Holds the entries; a call whose reply did not come (a stalled Redis)
+    /// is repeated at once, a few times: the first may have run, and its
+    /// tasks could be published and completed before a batch returned to
+    /// RabbitMQ came back, when holding them again would run them twice.
+    /// The repeat, queued behind the first in Redis, is a no-op for what
+    /// the first held.
+    async fn hold(&self, entries: &[Entry]) -> Result<Held, QueueError> {
+        let mut tries = 0;
+        loop {
+            match self.queue.hold(entries).await {
+                Err(err) if tries < UNKNOWN_OUTCOME_REPEATS && err.outcome_unknown() => {
+                    tries += 1;
+                    tracing::warn!(cause = %err, "no reply from Redis for a batch's write; repeating it");
+                }
+                other => return other,
+            }
+        }
     }
 
     /// With `KAIROS_REDIS_WAIT`, a batch is acked only once that many
