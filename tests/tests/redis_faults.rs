@@ -469,6 +469,34 @@ fn far_tasks(prefix: &str, n: usize) -> Vec<(String, lapin::BasicProperties, Vec
         .collect()
 }
 
+/// Waits until the broker has let go of a stopped scheduler: no consumer
+/// left on `NS.delay` (its unacked deliveries are back in the queue).
+async fn until_released(env: &TestEnv) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let q = env
+            .channel
+            .queue_declare(
+                env.names.delay().as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        if q.consumer_count() == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stopped scheduler still consumes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `KAIROS_REDIS_WAIT=1`: intake acks a batch only once a replica has it.
 /// With the replica frozen, the batch is written to the primary but stays
 /// unacked (a scheduler stopped then returns it to RabbitMQ); once the
@@ -511,6 +539,7 @@ async fn redis_wait_acks_only_what_a_replica_has() {
     }
     // Gone from the queue is not yet acked: a stop returns unacked ones.
     scheduler.stop().await;
+    until_released(&env).await;
     assert_eq!(env.queue_depth(&env.names.delay()).await, 0, "all 20 acked");
     assert_eq!(
         held_in(&mut rcon, &env.ns).await,
@@ -518,19 +547,26 @@ async fn redis_wait_acks_only_what_a_replica_has() {
         "the replica has all 20"
     );
 
-    // Replica frozen: written to the primary, never acked.
+    // Replica frozen: the first batch is written to the primary and never
+    // acked, and intake takes nothing more meanwhile (each batch is acked
+    // before the next is taken).
     replica.pause();
     let scheduler = InProcess::scheduler(sc.clone());
     env.publish_many(&env.names.delay(), far_tasks("b", 20))
         .await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while held_in(&mut pcon, &env.ns).await < 40 {
-        assert!(Instant::now() < deadline, "intake did not write the tasks");
+    while held_in(&mut pcon, &env.ns).await <= 20 {
+        assert!(
+            Instant::now() < deadline,
+            "intake did not write the tasks: {} waiting",
+            env.queue_depth(&env.names.delay()).await
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Several WAITs time out meanwhile.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     scheduler.stop().await;
+    until_released(&env).await;
     assert_eq!(
         env.queue_depth(&env.names.delay()).await,
         20,
@@ -541,14 +577,19 @@ async fn redis_wait_acks_only_what_a_replica_has() {
     replica.resume();
     let scheduler = InProcess::scheduler(sc);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while env.queue_depth(&env.names.delay()).await > 0 {
+    while env.queue_depth(&env.names.delay()).await > 0 || held_in(&mut rcon, &env.ns).await < 40 {
         assert!(
             Instant::now() < deadline,
             "intake did not ack after the replica came back"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The last batch's WAIT reply and ack may still be on their way (the
+    // replica already answers at once): the broker's count of unacked
+    // deliveries is not visible over AMQP, so give them a moment.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     scheduler.stop().await;
+    until_released(&env).await;
     assert_eq!(env.queue_depth(&env.names.delay()).await, 0, "all acked");
     assert_eq!(
         held_in(&mut rcon, &env.ns).await,
