@@ -329,8 +329,9 @@ async fn stalled_run(prefix: &str, timeout_ms: Option<u64>) -> StallReport {
         child: Command::new(binary("kairos-scheduler"))
             .envs(senv)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).expect("log file"))
+            // tracing writes to stdout.
+            .stdout(std::fs::File::create(&log_path).expect("log file"))
+            .stderr(Stdio::null())
             .spawn()
             .expect("spawn scheduler"),
     };
@@ -402,6 +403,9 @@ async fn stalled_run(prefix: &str, timeout_ms: Option<u64>) -> StallReport {
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     report.session_restarts = log.matches("AMQP session ended").count();
     report.repeats = log.matches("repeating").count() + log.matches("claim failed").count();
+    for line in log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(8) {
+        println!("  scheduler: {line}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
     println!(
         "{prefix}: timeout {timeout_ms:?}: duplicates {}, max runs of a task {}, worst lateness {:?}, session restarts {}, repeated Redis calls {}",
