@@ -403,7 +403,11 @@ async fn stalled_run(prefix: &str, timeout_ms: Option<u64>) -> StallReport {
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     report.session_restarts = log.matches("AMQP session ended").count();
     report.repeats = log.matches("repeating").count() + log.matches("claim failed").count();
-    for line in log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(8) {
+    for line in log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .take(8)
+    {
         println!("  scheduler: {line}");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -600,4 +604,92 @@ async fn redis_wait_acks_only_what_a_replica_has() {
         40,
         "the replica has all 40"
     );
+}
+
+/// A claim whose reply is lost (Redis stalled past the client's timeout)
+/// has leased its tasks all the same; the next claim, sent with the same
+/// round, gets them back at once instead of after the 30 s lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_without_reply_is_answered_by_the_next() {
+    let redis = OwnRedis::start_with(&["--appendonly", "no", "--enable-debug-command", "local"]);
+    let ns = "kt-claim-lost";
+    let pool = redis_setup::pool(&redis.url(), Duration::from_millis(200)).expect("pool");
+    let q = RedisDelayQueue::new(pool, ns, 2);
+    q.check_shard_count().await.expect("shard count");
+    let mut con = redis.connection().await;
+    let now = redis_now(&mut con).await;
+    let entries: Vec<Entry> = (0..20)
+        .map(|i| task_entry(&format!("t-{i}"), Some(now - 10), 0, 10))
+        .collect();
+    q.schedule(&entries).await.expect("schedule");
+
+    let mut staller = redis.connection().await;
+    let stall = tokio::spawn(async move {
+        let _: () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("0.6")
+            .query_async(&mut staller)
+            .await
+            .expect("DEBUG SLEEP");
+    });
+    // Sent while Redis sleeps: runs when it wakes, after the client gave up.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let lost = q.claim(100, 30_000, 0).await.expect_err("no reply in time");
+    assert!(lost.outcome_unknown(), "{lost:?}");
+    stall.await.expect("stall");
+    let leased: u64 = redis::cmd("ZCARD")
+        .arg(format!("{ns}:dq{{0}}:lease"))
+        .query_async::<u64>(&mut con)
+        .await
+        .expect("ZCARD")
+        + redis::cmd("ZCARD")
+            .arg(format!("{ns}:dq{{1}}:lease"))
+            .query_async::<u64>(&mut con)
+            .await
+            .expect("ZCARD");
+    assert_eq!(leased, 20, "the claim ran without its reply");
+
+    let again = q.claim(100, 30_000, 0).await.expect("claim");
+    let mut ids: Vec<String> = again.tasks.iter().map(|c| c.member.clone()).collect();
+    ids.sort();
+    let mut want: Vec<String> = (0..20).map(|i| format!("t-{i}")).collect();
+    want.sort();
+    assert_eq!(
+        ids, want,
+        "the repeated claim returns what the lost one leased"
+    );
+    assert!(again.tasks.iter().all(|c| !c.record.is_empty()));
+    // The next round is a new claim: nothing is handed out twice.
+    assert!(q
+        .claim(100, 30_000, 0)
+        .await
+        .expect("claim")
+        .tasks
+        .is_empty());
+    let done: Vec<_> = again.tasks.iter().collect();
+    q.complete(&done).await.expect("complete");
+    assert_eq!(q.pending().await.expect("pending"), 0);
+}
+
+/// A completion repeated after a lost reply forgets only tasks still
+/// leased: if the first ran, an id submitted anew since stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_completion_spares_a_resubmitted_id() {
+    let redis = OwnRedis::start_with(&["--appendonly", "no"]);
+    let ns = "kt-complete-again";
+    let q = own_queue(&redis, ns, 1).await;
+    let mut con = redis.connection().await;
+    let now = redis_now(&mut con).await;
+    q.schedule(&[task_entry("x", Some(now - 10), 0, 10)])
+        .await
+        .expect("schedule");
+    let claim = q.claim(10, 30_000, 0).await.expect("claim");
+    let done: Vec<_> = claim.tasks.iter().collect();
+    q.complete(&done).await.expect("complete");
+    // Submitted again under the same id, then the completion repeated.
+    q.schedule(&[task_entry("x", Some(now + 60_000), 0, 10)])
+        .await
+        .expect("schedule");
+    q.complete_again(&done).await.expect("complete again");
+    assert_eq!(q.pending().await.expect("pending"), 1, "the new task stays");
 }
