@@ -203,6 +203,26 @@ mod tests {
     }
 
     #[test]
+    fn redis_fault_settings_default_and_name_themselves() {
+        let c = Config::try_parse_from(["s"]).unwrap();
+        assert_eq!(c.redis_timeout_ms, 5_000);
+        assert!(!c.redis_allow_eviction);
+        assert_eq!((c.redis_wait, c.redis_wait_timeout_ms), (0, 1_000));
+        for (flag, value) in [
+            ("--redis-timeout-ms", "10"),
+            ("--redis-allow-eviction", "perhaps"),
+            ("--redis-wait", "65"),
+            ("--redis-wait-timeout-ms", "0"),
+        ] {
+            let err = Config::try_parse_from(["s", flag, value])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(flag), "{err}");
+        }
+    }
+
+    #[test]
     fn defaults_are_documented_values() {
         let c = Config::try_parse_from(["s"]).unwrap();
         assert_eq!(c.shards, 8);
