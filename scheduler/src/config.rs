@@ -56,6 +56,32 @@ pub struct Config {
     #[arg(long, env = "KAIROS_API_INSECURE", value_name = "KAIROS_API_INSECURE", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub api_insecure: bool,
 
+    /// Longest wait for a Redis reply (ms), for every command and script.
+    /// A reply that does not come in time leaves the outcome unknown (the
+    /// script may have run): every caller then repeats it idempotently. Well
+    /// above the client's 500 ms default, so a Redis stalled for a second
+    /// (a fork, a slow disk, a big key's deletion) is waited for instead of
+    /// turned into retries.
+    #[arg(long, env = "KAIROS_REDIS_TIMEOUT_MS", value_name = "KAIROS_REDIS_TIMEOUT_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub redis_timeout_ms: u64,
+
+    /// Run even when Redis's `maxmemory-policy` may evict keys (true/false).
+    /// An evicting policy deletes held tasks at maxmemory; by default the
+    /// scheduler refuses to start on anything but `noeviction`.
+    #[arg(long, env = "KAIROS_REDIS_ALLOW_EVICTION", value_name = "KAIROS_REDIS_ALLOW_EVICTION", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub redis_allow_eviction: bool,
+
+    /// Redis replicas that must have an intake batch (Redis `WAIT`) before
+    /// it is acked to RabbitMQ; 0 acks once the primary has it.
+    #[arg(long, env = "KAIROS_REDIS_WAIT", value_name = "KAIROS_REDIS_WAIT", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub redis_wait: u16,
+
+    /// How long one `WAIT` for `KAIROS_REDIS_WAIT` replicas blocks (ms).
+    /// When fewer replicas confirm, the batch stays unacked and the wait is
+    /// repeated.
+    #[arg(long, env = "KAIROS_REDIS_WAIT_TIMEOUT_MS", value_name = "KAIROS_REDIS_WAIT_TIMEOUT_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub redis_wait_timeout_ms: u64,
+
     /// Address of the HTTP API.
     #[arg(
         long,
@@ -353,6 +379,26 @@ mod tests {
         let err = c.read_secret_files().unwrap_err();
         assert!(err.contains("KAIROS_API_TOKEN_FILE"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn redis_fault_settings_default_and_name_themselves() {
+        let c = Config::try_parse_from(["s"]).unwrap();
+        assert_eq!(c.redis_timeout_ms, 5_000);
+        assert!(!c.redis_allow_eviction);
+        assert_eq!((c.redis_wait, c.redis_wait_timeout_ms), (0, 1_000));
+        for (flag, value) in [
+            ("--redis-timeout-ms", "10"),
+            ("--redis-allow-eviction", "perhaps"),
+            ("--redis-wait", "65"),
+            ("--redis-wait-timeout-ms", "0"),
+        ] {
+            let err = Config::try_parse_from(["s", flag, value])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(flag), "{err}");
+        }
     }
 
     #[test]

@@ -28,14 +28,21 @@ use crate::redis_conn::RedisConn;
 use deadpool_redis::Pool;
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, ServerErrorKind, Value};
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 use thiserror::Error;
 
-/// A script that uses the due index: `scripts/due_index.lua` + its own file.
+/// A script that uses the due index: `scripts/due_index.lua` + its own file,
+/// after a flags line when one is given.
 macro_rules! indexed_script {
     ($file:literal) => {
+        indexed_script!("", $file)
+    };
+    ($flags:literal, $file:literal) => {
         LazyLock::new(|| {
             redis::Script::new(concat!(
+                $flags,
                 include_str!("scripts/due_index.lua"),
                 include_str!($file)
             ))
@@ -44,10 +51,19 @@ macro_rules! indexed_script {
 }
 pub(crate) use indexed_script;
 
+// Redis 7 script flags, `allow-oom`: the script runs even when Redis is at maxmemory
+// (with `noeviction`, every other write is refused then). Claim, complete
+// and release are what frees memory: they must never be refused. A
+// script without flags that adds memory (schedule) is refused at its first
+// write, before it changed anything, and intake returns the batch.
+// (`concat!` takes only literals: hence the line repeated below.)
 static SCHEDULE: LazyLock<redis::Script> = indexed_script!("scripts/schedule.lua");
-static CLAIM: LazyLock<redis::Script> = indexed_script!("scripts/claim.lua");
-static COMPLETE: LazyLock<redis::Script> = indexed_script!("scripts/complete.lua");
-static RELEASE: LazyLock<redis::Script> = indexed_script!("scripts/release.lua");
+static CLAIM: LazyLock<redis::Script> =
+    indexed_script!("#!lua flags=allow-oom\n", "scripts/claim.lua");
+static COMPLETE: LazyLock<redis::Script> =
+    indexed_script!("#!lua flags=allow-oom\n", "scripts/complete.lua");
+static RELEASE: LazyLock<redis::Script> =
+    indexed_script!("#!lua flags=allow-oom\n", "scripts/release.lua");
 
 #[derive(Debug, Error)]
 pub enum QueueError {
@@ -59,6 +75,30 @@ pub enum QueueError {
     Reply(String),
     #[error("{0}")]
     Config(String),
+    #[error("only {acked} of the {wanted} Redis replicas asked for (KAIROS_REDIS_WAIT) confirmed the write")]
+    NotReplicated { acked: i64, wanted: u16 },
+}
+
+impl QueueError {
+    /// The call may or may not have run: no reply came (timeout, broken
+    /// connection). An error Redis replied with means it did not run.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            QueueError::Redis(e) => crate::redis_conn::no_reply(e),
+            _ => false,
+        }
+    }
+}
+
+/// What [`RedisDelayQueue::hold`] did.
+#[derive(Clone, Debug)]
+pub struct Held {
+    pub scheduled: Vec<Scheduled>,
+    /// The replicas asked for confirmed the write (always true without a
+    /// replica wait).
+    pub replicated: bool,
+    /// Replicas that confirmed (None without a replica wait).
+    pub acked: Option<i64>,
 }
 
 /// One task to hold.
@@ -145,6 +185,8 @@ struct ShardKeys {
     /// The single due sorted set of versions before the index; claims
     /// drain it into the index.
     legacy_due: String,
+    /// This queue's last claim in the shard (`claim.lua`).
+    claim: String,
 }
 
 #[derive(Clone)]
@@ -153,16 +195,28 @@ pub struct RedisDelayQueue {
     shards: Vec<ShardKeys>,
     wake_channel: String,
     meta_key: String,
+    /// Claims answered so far: a claim sent again with the same round after
+    /// a lost reply gets the tasks the first one leased.
+    claim_round: Arc<AtomicU64>,
+    /// `KAIROS_REDIS_WAIT`: replicas that must confirm a hold, and how long
+    /// one `WAIT` blocks.
+    replica_wait: Option<(u16, Duration)>,
+    /// The reply timeout of a hold: the connection's, plus the `WAIT`.
+    hold_timeout: Option<Duration>,
 }
 
 impl RedisDelayQueue {
     pub fn new(pool: Pool, namespace: &str, shards: usize) -> Self {
+        // Names this queue's claims: every process (and every queue a test
+        // makes) claims under its own.
+        let claimer = format!("{:016x}", rand::random::<u64>());
         let keys = (0..shards)
             .map(|s| ShardKeys {
                 due: format!("{namespace}:dq{{{s}}}:idx"),
                 rec: format!("{namespace}:dq{{{s}}}:rec"),
                 lease: format!("{namespace}:dq{{{s}}}:lease"),
                 legacy_due: format!("{namespace}:dq{{{s}}}:due"),
+                claim: format!("{namespace}:dq{{{s}}}:claim:{claimer}"),
             })
             .collect();
         RedisDelayQueue {
@@ -170,7 +224,30 @@ impl RedisDelayQueue {
             shards: keys,
             wake_channel: format!("{namespace}:dq:wake"),
             meta_key: format!("{namespace}:dq:shards"),
+            claim_round: Arc::default(),
+            replica_wait: None,
+            hold_timeout: None,
         }
+    }
+
+    /// Holds are confirmed by `replicas` Redis replicas (`WAIT`, blocking
+    /// up to `wait` each time) before [`hold`](Self::hold) says so; 0
+    /// replicas: no wait. `reply_timeout` is the pool's reply timeout: a
+    /// hold's reply may come that much after the `WAIT` ends.
+    pub fn with_replica_wait(
+        mut self,
+        replicas: u16,
+        wait: Duration,
+        reply_timeout: Duration,
+    ) -> Self {
+        self.replica_wait = (replicas > 0).then_some((replicas, wait));
+        self.hold_timeout = self.replica_wait.map(|_| reply_timeout + wait);
+        self
+    }
+
+    /// The queue's Redis connection.
+    pub fn redis(&self) -> &RedisConn {
+        &self.redis
     }
 
     /// The same queue over a connection of its own (see
@@ -204,18 +281,30 @@ impl RedisDelayQueue {
     pub async fn check_shard_count(&self) -> Result<(), QueueError> {
         let mut con = self.redis.get().await?;
         let n = self.shards.len();
-        let stored: usize = self.redis.watch(
-            redis::pipe()
-                .cmd("SETNX")
+        // Read first: a SETNX is refused when Redis is at maxmemory, even
+        // when the key is there, and a scheduler (re)started then must still
+        // run: its claims are what frees memory.
+        let found: Option<usize> = self.redis.watch(
+            redis::cmd("GET")
                 .arg(&self.meta_key)
-                .arg(n)
-                .ignore()
-                .cmd("GET")
-                .arg(&self.meta_key)
-                .query_async::<(usize,)>(&mut con)
-                .await
-                .map(|(stored,)| stored),
+                .query_async(&mut con)
+                .await,
         )?;
+        let stored = match found {
+            Some(stored) => stored,
+            None => self.redis.watch(
+                redis::pipe()
+                    .cmd("SETNX")
+                    .arg(&self.meta_key)
+                    .arg(n)
+                    .ignore()
+                    .cmd("GET")
+                    .arg(&self.meta_key)
+                    .query_async::<(usize,)>(&mut con)
+                    .await
+                    .map(|(stored,)| stored),
+            )?,
+        };
         if stored != n {
             return Err(QueueError::Config(format!(
                 "KAIROS_SHARDS is {n} but this namespace's delay queue was created with {stored} shards; every scheduler must use {stored}"
@@ -224,11 +313,35 @@ impl RedisDelayQueue {
         Ok(self.redis.watch(load_scripts(&mut con).await)?)
     }
 
-    /// Holds the entries, one pipelined round trip for the whole batch.
+    /// Holds the entries (see [`hold`](Self::hold)); fails when the
+    /// replicas asked for did not confirm.
     pub async fn schedule(&self, entries: &[Entry]) -> Result<Vec<Scheduled>, QueueError> {
-        if entries.is_empty() {
-            return Ok(Vec::new());
+        let held = self.hold(entries).await?;
+        match (held.replicated, self.replica_wait) {
+            (false, Some((wanted, _))) => Err(QueueError::NotReplicated {
+                acked: held.acked.unwrap_or(0),
+                wanted,
+            }),
+            _ => Ok(held.scheduled),
         }
+    }
+
+    /// Holds the entries, one pipelined round trip for the whole batch,
+    /// and with a replica wait, ends the pipeline with `WAIT` on the same
+    /// connection: it covers every write this connection made. A hold
+    /// repeated (after a lost reply, or because replicas lagged) is a no-op
+    /// for entries already held, except that with a replica wait it rewrites
+    /// their record unchanged, so that this connection's `WAIT` covers them
+    /// even when the first write went through another connection.
+    pub async fn hold(&self, entries: &[Entry]) -> Result<Held, QueueError> {
+        if entries.is_empty() {
+            return Ok(Held {
+                scheduled: Vec::new(),
+                replicated: true,
+                acked: None,
+            });
+        }
+        let touch = if self.replica_wait.is_some() { "1" } else { "" };
         let mut pipe = redis::pipe();
         for e in entries {
             let keys = &self.shards[self.shard_for(&e.member)];
@@ -237,17 +350,48 @@ impl RedisDelayQueue {
                 .arg(e.run_at.map(|t| t.to_string()).unwrap_or_default())
                 .arg(e.delay_ms)
                 .arg(&e.record[..])
-                .arg(&self.wake_channel);
+                .arg(&self.wake_channel)
+                .arg(touch);
         }
-        let replies: Vec<(i64, i64, i64)> = self.query(&pipe).await?;
-        Ok(replies
+        if let Some((replicas, timeout)) = self.replica_wait {
+            pipe.cmd("WAIT")
+                .arg(replicas)
+                .arg(timeout.as_millis() as u64);
+        }
+        let mut replies: Vec<Value> = query_scripts_within(
+            &self.redis,
+            &pipe,
+            &[&SCHEDULE, &CLAIM, &COMPLETE, &RELEASE],
+            self.hold_timeout,
+        )
+        .await?;
+        let acked = match self.replica_wait {
+            Some(_) => Some(int(replies.pop())?),
+            None => None,
+        };
+        let scheduled = replies
             .into_iter()
-            .map(|(added, due, head)| Scheduled {
-                added: added == 1,
-                due,
-                head: head == 1,
+            .map(|r| {
+                let mut it = match r {
+                    Value::Array(items) => items.into_iter(),
+                    other => return Err(QueueError::Reply(format!("{other:?}"))),
+                };
+                Ok(Scheduled {
+                    added: int(it.next())? == 1,
+                    due: int(it.next())?,
+                    head: int(it.next())? == 1,
+                })
             })
-            .collect())
+            .collect::<Result<Vec<_>, _>>()?;
+        let replicated = match (self.replica_wait, acked) {
+            (Some((wanted, _)), Some(n)) => n >= i64::from(wanted),
+            _ => true,
+        };
+        Ok(Held {
+            scheduled,
+            replicated,
+            acked,
+        })
     }
 
     /// Claims up to `batch` tasks from every shard (one round trip): those
@@ -258,15 +402,26 @@ impl RedisDelayQueue {
         lease_ms: u64,
         ahead_ms: u64,
     ) -> Result<Claim, QueueError> {
+        // Until a claim is answered, every claim repeats its round: one
+        // that ran without its reply reaching us is answered by the next.
+        let round = self.claim_round.load(Ordering::Relaxed);
         let mut pipe = redis::pipe();
         for keys in &self.shards {
-            let keys = [&keys.due, &keys.rec, &keys.lease, &keys.legacy_due];
+            let keys = [
+                &keys.due,
+                &keys.rec,
+                &keys.lease,
+                &keys.legacy_due,
+                &keys.claim,
+            ];
             pipe.add_command(evalsha(&CLAIM, &keys.map(String::as_str)))
                 .arg(batch)
                 .arg(lease_ms)
-                .arg(ahead_ms);
+                .arg(ahead_ms)
+                .arg(round);
         }
         let replies: Vec<Vec<Value>> = self.query(&pipe).await?;
+        self.claim_round.store(round + 1, Ordering::Relaxed);
         let mut claim = Claim::default();
         for (shard, reply) in replies.into_iter().enumerate() {
             let mut it = reply.into_iter();
@@ -298,7 +453,18 @@ impl RedisDelayQueue {
 
     /// Forgets tasks whose publish the broker confirmed.
     pub async fn complete(&self, done: &[&Claimed]) -> Result<(), QueueError> {
-        self.per_shard(&COMPLETE, done, |c, cmd| {
+        self.complete_as(done, "0").await
+    }
+
+    /// [`complete`](Self::complete) again after a call whose outcome is
+    /// unknown: forgets only tasks still leased, as the first call may have
+    /// run and the id been submitted anew since.
+    pub async fn complete_again(&self, done: &[&Claimed]) -> Result<(), QueueError> {
+        self.complete_as(done, "1").await
+    }
+
+    async fn complete_as(&self, done: &[&Claimed], again: &str) -> Result<(), QueueError> {
+        self.per_shard(&COMPLETE, done, Some(again), |c, cmd| {
             cmd.arg(&c.member);
         })
         .await
@@ -306,7 +472,7 @@ impl RedisDelayQueue {
 
     /// Puts tasks whose publish failed back into the due index at once.
     pub async fn release(&self, failed: &[&Claimed]) -> Result<(), QueueError> {
-        self.per_shard(&RELEASE, failed, |c, cmd| {
+        self.per_shard(&RELEASE, failed, None, |c, cmd| {
             cmd.arg(&c.member).arg(c.due);
         })
         .await
@@ -316,6 +482,7 @@ impl RedisDelayQueue {
         &self,
         script: &redis::Script,
         items: &[&Claimed],
+        first_arg: Option<&str>,
         add: impl Fn(&Claimed, &mut redis::Cmd),
     ) -> Result<(), QueueError> {
         let mut by_shard: Vec<Vec<&Claimed>> = vec![Vec::new(); self.shards.len()];
@@ -329,6 +496,9 @@ impl RedisDelayQueue {
             }
             let keys = &self.shards[shard];
             let mut cmd = evalsha(script, &[&keys.due, &keys.rec, &keys.lease]);
+            if let Some(a) = first_arg {
+                cmd.arg(a);
+            }
             for c in group {
                 add(c, &mut cmd);
             }
@@ -361,7 +531,13 @@ impl RedisDelayQueue {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, QueueError> {
-        query_scripts(&self.redis, pipe, &[&SCHEDULE, &CLAIM, &COMPLETE, &RELEASE]).await
+        query_scripts_within(
+            &self.redis,
+            pipe,
+            &[&SCHEDULE, &CLAIM, &COMPLETE, &RELEASE],
+            None,
+        )
+        .await
     }
 }
 
@@ -373,7 +549,22 @@ pub(crate) async fn query_scripts<T: redis::FromRedisValue>(
     pipe: &redis::Pipeline,
     scripts: &[&redis::Script],
 ) -> Result<T, QueueError> {
+    query_scripts_within(redis, pipe, scripts, None).await
+}
+
+/// [`query_scripts`], waiting `timeout` for the reply instead of the
+/// connection's own timeout when given.
+async fn query_scripts_within<T: redis::FromRedisValue>(
+    redis: &RedisConn,
+    pipe: &redis::Pipeline,
+    scripts: &[&redis::Script],
+    timeout: Option<Duration>,
+) -> Result<T, QueueError> {
     let mut con = redis.get().await?;
+    if let Some(t) = timeout {
+        // This handle's own setting: other clones keep theirs.
+        con.set_response_timeout(t);
+    }
     let reply = async {
         match pipe.query_async(&mut con).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {

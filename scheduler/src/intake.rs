@@ -10,12 +10,12 @@
 //! redelivers; the first-submission-wins rule turns the second write into a
 //! no-op.
 
-use crate::delay_queue::{member, Entry, RedisDelayQueue};
+use crate::delay_queue::{member, Entry, Held, QueueError, RedisDelayQueue};
 use crate::publisher::Publisher;
 use crate::retry::{Decision, RetryPolicy};
 use futures_util::future::join_all;
 use futures_util::StreamExt;
-use kairos_shared::amqp::{now_ms, take_ready};
+use kairos_shared::amqp::{now_ms, sleep_or_cancel, take_ready, Backoff};
 use kairos_shared::client::check;
 use kairos_shared::contract::{
     raw_dead_letter_properties, value_to_string, Names, ProtocolError, Task, H_ERROR,
@@ -27,9 +27,12 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, Bas
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+/// How often a hold whose reply did not come is repeated before the batch
+/// goes back to RabbitMQ.
+const UNKNOWN_OUTCOME_REPEATS: u32 = 3;
 
 /// Which queue an intake consumes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +101,10 @@ impl Intake {
                 FieldTable::default(),
             )
             .await?;
+        // Grows while Redis refuses batches (maxmemory, outage): each refused
+        // batch comes back from RabbitMQ at once, and retrying it at a fixed
+        // pace would keep Redis and the broker busy for nothing.
+        let mut backoff = Backoff::new();
         loop {
             let first = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -110,15 +117,21 @@ impl Intake {
             if !take_ready(&mut consumer, &mut batch, self.batch)? {
                 return Err(IntakeError::Cancelled(self.source));
             }
-            self.handle(batch, &cancel).await?;
+            if self.handle(batch, &cancel).await? {
+                backoff.reset();
+            } else if !sleep_or_cancel(backoff.next_delay(), &cancel).await {
+                return Ok(());
+            }
         }
     }
 
+    /// Returns false when Redis refused the batch and it went back to
+    /// RabbitMQ (the caller backs off).
     async fn handle(
         &self,
         batch: Vec<Delivery>,
         cancel: &CancellationToken,
-    ) -> Result<(), IntakeError> {
+    ) -> Result<bool, IntakeError> {
         let plans: Vec<Plan> = {
             // ThreadRng is not Send: keep it out of the awaits below.
             let mut rng = rand::rng();
@@ -134,10 +147,18 @@ impl Intake {
                 Plan::Dead { .. } => None,
             })
             .collect();
-        let scheduled = match self.queue.schedule(&entries).await {
-            Ok(s) => s,
+        //    A reply that did not come (timeout) leaves the write unknown:
+        //    the batch comes back, and holding it again is a no-op for what
+        //    the first write held.
+        let scheduled = match self.hold(&entries).await {
+            Ok(held) => match self.until_replicated(held, &entries, cancel).await {
+                Some(s) => s,
+                // Stopping: the unacked batch returns to RabbitMQ.
+                None => return Ok(true),
+            },
             Err(err) => {
                 tracing::warn!(cause = %err, count = batch.len(), "cannot write to the delay queue; returning the batch to RabbitMQ");
+                metrics::counter!("kairos_scheduler_intake_refused_total").increment(1);
                 if let Some(last) = batch.last() {
                     last.acker
                         .nack(BasicNackOptions {
@@ -146,8 +167,7 @@ impl Intake {
                         })
                         .await?;
                 }
-                kairos_shared::amqp::sleep_or_cancel(Duration::from_millis(500), cancel).await;
-                return Ok(());
+                return Ok(false);
             }
         };
 
@@ -219,7 +239,61 @@ impl Intake {
                 }
             }
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Holds the entries; a call whose reply did not come (a stalled Redis)
+    /// is repeated at once, a few times: the first may have run, and its
+    /// tasks could be published and completed before a batch returned to
+    /// RabbitMQ came back, when holding them again would run them twice.
+    /// The repeat, queued behind the first in Redis, is a no-op for what
+    /// the first held.
+    async fn hold(&self, entries: &[Entry]) -> Result<Held, QueueError> {
+        let mut tries = 0;
+        loop {
+            match self.queue.hold(entries).await {
+                Err(err) if tries < UNKNOWN_OUTCOME_REPEATS && err.outcome_unknown() => {
+                    tries += 1;
+                    tracing::warn!(cause = %err, "no reply from Redis for a batch's write; repeating it");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// With `KAIROS_REDIS_WAIT`, a batch is acked only once that many
+    /// replicas confirmed it. Until they do, the batch stays unacked and the
+    /// hold is repeated with its `WAIT` (a no-op write, then the wait
+    /// again), however long that takes: nacking would bring the messages
+    /// back while their tasks, already in the primary, may have been
+    /// published and completed, and holding them again would run them
+    /// twice, on every round. Returns the first hold's result (which
+    /// entries it added), or None when cancelled.
+    async fn until_replicated(
+        &self,
+        mut held: Held,
+        entries: &[Entry],
+        cancel: &CancellationToken,
+    ) -> Option<Vec<crate::delay_queue::Scheduled>> {
+        let first = std::mem::take(&mut held.scheduled);
+        let mut backoff = Backoff::new();
+        while !held.replicated {
+            metrics::counter!("kairos_scheduler_redis_wait_short_total").increment(1);
+            tracing::warn!(acked = ?held.acked, count = entries.len(), "Redis replicas have not confirmed the batch (KAIROS_REDIS_WAIT); holding its ack");
+            if cancel.is_cancelled() {
+                return None;
+            }
+            match self.queue.hold(entries).await {
+                Ok(again) => held = again,
+                Err(err) => {
+                    tracing::warn!(cause = %err, "waiting for Redis replicas failed; trying again");
+                    if !sleep_or_cancel(backoff.next_delay(), cancel).await {
+                        return None;
+                    }
+                }
+            }
+        }
+        Some(first)
     }
 
     fn plan(&self, d: &Delivery, rng: &mut impl rand::Rng) -> Plan {

@@ -31,6 +31,7 @@ pub mod publisher;
 pub mod pump;
 pub mod redis_clock;
 pub mod redis_conn;
+pub mod redis_setup;
 pub mod retry;
 pub mod schedule;
 pub mod schedule_admin;
@@ -127,19 +128,28 @@ pub async fn run(
             None
         }
     };
-    let pool = deadpool_redis::Config::from_url(&config.redis_url)
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .map_err(|e| SchedulerError::Redis(e.to_string()))?;
+    let pool = redis_pool(&config)?;
     let queue = RedisDelayQueue::new(
         pool.clone(),
         &config.common.namespace,
         usize::from(config.shards),
+    )
+    .with_replica_wait(
+        config.redis_wait,
+        Duration::from_millis(config.redis_wait_timeout_ms),
+        Duration::from_millis(config.redis_timeout_ms),
     );
     // Redis may still be starting: wait for it like RabbitMQ, but stop on a
     // configuration error.
     let mut backoff = Backoff::new();
     loop {
-        match queue.check_shard_count().await {
+        let checked = match queue.check_shard_count().await {
+            Ok(()) => {
+                redis_setup::check_eviction_policy(queue.redis(), config.redis_allow_eviction).await
+            }
+            Err(err) => Err(err),
+        };
+        match checked {
             Ok(()) => break,
             Err(delay_queue::QueueError::Config(msg)) => {
                 return Err(delay_queue::QueueError::Config(msg).into())
@@ -413,9 +423,7 @@ async fn start_schedules(
 pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> {
     config.common.check().map_err(SchedulerError::Config)?;
     let names = config.common.names();
-    let pool = deadpool_redis::Config::from_url(&config.redis_url)
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .map_err(|e| SchedulerError::Redis(e.to_string()))?;
+    let pool = redis_pool(config)?;
     let queue = RedisDelayQueue::new(pool.clone(), names.namespace(), usize::from(config.shards));
     queue.check_shard_count().await?;
     let admin = schedule_admin::Admin {
@@ -429,4 +437,13 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
         http::router(admin).merge(task_api::router(tasks)),
         None,
     ))
+}
+
+/// The Redis pool with `KAIROS_REDIS_TIMEOUT_MS` as its reply timeout.
+fn redis_pool(config: &Config) -> Result<deadpool_redis::Pool, SchedulerError> {
+    redis_setup::pool(
+        &config.redis_url,
+        Duration::from_millis(config.redis_timeout_ms),
+    )
+    .map_err(SchedulerError::Redis)
 }

@@ -118,6 +118,9 @@ async fn consume(
             FieldTable::default(),
         )
         .await?;
+    // Grows while Redis keeps failing (at maxmemory the outcome write is
+    // refused on every try).
+    let mut backoff = Backoff::new();
     loop {
         let first = tokio::select! {
             _ = cancel.cancelled() => {
@@ -162,8 +165,9 @@ async fn consume(
                     requeue: true,
                 })
                 .await?;
-            sleep_or_cancel(Duration::from_millis(200), cancel).await;
+            sleep_or_cancel(backoff.next_delay(), cancel).await;
         } else {
+            backoff.reset();
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
         }
     }

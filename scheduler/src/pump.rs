@@ -44,6 +44,10 @@ use tokio_util::sync::CancellationToken;
 
 const MAX_INFLIGHT: usize = 4;
 
+/// How often a stopping pump tries a complete or release that Redis does
+/// not answer before leaving the tasks to their lease.
+const STOPPING_TRIES: u32 = 3;
+
 /// How far ahead of their due time tasks are claimed. Short next to the
 /// lease, so a task claimed early is never at risk of its lease expiring.
 const CLAIM_AHEAD_MS: i64 = 100;
@@ -119,8 +123,9 @@ impl Pump {
                     claim.tasks.into_iter().partition(|c| c.due <= claim.now);
                 if !ahead.is_empty() {
                     let (this, publisher) = (self.clone(), publisher.clone());
+                    let stop = cancel.clone();
                     crate::publish_thread::spawn_into(&mut inflight, async move {
-                        this.publish_at_due(publisher, ahead, map).await
+                        this.publish_at_due(publisher, ahead, map, stop).await
                     });
                 }
                 if !due.is_empty() {
@@ -129,9 +134,10 @@ impl Pump {
                     // outage) flows at the slower of Redis and the broker,
                     // not at their sum.
                     let (this, publisher) = (self.clone(), publisher.clone());
+                    let stop = cancel.clone();
                     inflight.spawn(async move {
                         let (sent, failure) = this.send(&publisher, due).await;
-                        let settled = this.settle(&publisher, vec![sent]).await;
+                        let settled = this.settle(&publisher, vec![sent], &stop).await;
                         match failure {
                             // What did go out is settled; the supervisor
                             // reconnects.
@@ -186,6 +192,7 @@ impl Pump {
         publisher: Arc<Publisher>,
         mut tasks: Vec<Claimed>,
         clock: ClockMap,
+        stop: CancellationToken,
     ) -> Result<usize, PumpError> {
         tasks.sort_by_key(|c| c.due);
         let mut batches = Vec::new();
@@ -201,12 +208,13 @@ impl Pump {
                 // The rest goes back to the due index now rather than when
                 // its lease expires.
                 let rest: Vec<&Claimed> = tasks.iter().collect();
-                let _ = self.queue.release(&rest).await;
-                let _ = self.settle(&publisher, batches).await;
+                self.until_answered("release", &stop, |_| self.queue.release(&rest))
+                    .await;
+                let _ = self.settle(&publisher, batches, &stop).await;
                 return Err(err.into());
             }
         }
-        self.settle(&publisher, batches).await
+        self.settle(&publisher, batches, &stop).await
     }
 
     /// Hands a claimed batch to the broker. A publish that fails leaves its
@@ -286,6 +294,7 @@ impl Pump {
         &self,
         publisher: &Publisher,
         mut batches: Vec<Sent>,
+        stop: &CancellationToken,
     ) -> Result<usize, PumpError> {
         let mut published = Vec::new();
         for b in &mut batches {
@@ -325,8 +334,19 @@ impl Pump {
                 }
             }
         }
-        self.queue.complete(&done).await?;
-        self.queue.release(&failed).await?;
+        // Redis errors end neither the batch nor the session: a timed-out
+        // delete may have run, and is repeated in its idempotent form.
+        let done_ref = &done;
+        self.until_answered("complete", stop, |again| async move {
+            if again {
+                self.queue.complete_again(done_ref).await
+            } else {
+                self.queue.complete(done_ref).await
+            }
+        })
+        .await;
+        self.until_answered("release", stop, |_| self.queue.release(&failed))
+            .await;
         let now = kairos_shared::amqp::now_ms();
         metrics::counter!("kairos_scheduler_published_total").increment(published.len() as u64);
         for (task, due) in &published {
@@ -336,6 +356,44 @@ impl Pump {
                 .task(EventKind::Published, task, Some(*due), None);
         }
         Ok(done.len() + failed.len())
+    }
+
+    /// Runs `call` until Redis answers it, backing off, for as long as the
+    /// tasks' lease lasts (after that their lease has returned them, and
+    /// giving up changes nothing: they are published again, a duplicate).
+    /// `call` gets `true` when it repeats a call whose outcome is unknown.
+    /// Ending the session instead tore down the AMQP connection on every
+    /// Redis stall, and left the tasks to wait out their lease. A stopping
+    /// scheduler tries [`STOPPING_TRIES`] times, not for a whole lease.
+    async fn until_answered<F, Fut>(&self, what: &str, stop: &CancellationToken, mut call: F)
+    where
+        F: FnMut(bool) -> Fut,
+        Fut: std::future::Future<Output = Result<(), QueueError>>,
+    {
+        let deadline = Instant::now() + Duration::from_millis(self.lease_ms);
+        let mut backoff = Backoff::new();
+        let mut again = false;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match call(again).await {
+                Ok(()) => return,
+                Err(err)
+                    if Instant::now() >= deadline
+                        || (stop.is_cancelled() && tries >= STOPPING_TRIES) =>
+                {
+                    tracing::error!(cause = %err, what, "Redis did not answer (within the lease, or while stopping); the tasks return when their lease expires (published again)");
+                    return;
+                }
+                Err(err) => {
+                    metrics::counter!("kairos_scheduler_redis_retries_total", "call" => what.to_string())
+                        .increment(1);
+                    tracing::warn!(cause = %err, what, "Redis call failed; repeating it");
+                    again = true;
+                    tokio::time::sleep(backoff.next_delay().min(deadline - Instant::now())).await;
+                }
+            }
+        }
     }
 }
 

@@ -43,12 +43,12 @@ impl RedisConn {
     }
 
     /// Passes on the result of a call on [`get`](Self::get)'s connection.
-    /// After a failure other than a command error (NOSCRIPT, a script's
-    /// own error), the connection may be dead: the next call checks out a
+    /// After a failure without a reply (I/O, timeout), the connection may
+    /// be dead: the next call checks out a
     /// fresh one, or it would fail on the same dead socket for ever.
     pub fn watch<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
         if let Err(e) = &result {
-            if !matches!(e.kind(), redis::ErrorKind::Server(_)) {
+            if no_reply(e) {
                 self.lock().take();
             }
         }
@@ -59,4 +59,13 @@ impl RedisConn {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
         self.kept.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The call got no reply from Redis (I/O error, timeout, dropped
+/// connection): it may or may not have run. A reply, even an error (OOM,
+/// NOSCRIPT, a script's own error, which redis-rs reports as `Server` or,
+/// for codes it does not know such as OOM, `Extension`), means Redis
+/// answered it.
+pub fn no_reply(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Io || e.is_timeout() || e.is_connection_dropped()
 }

@@ -735,10 +735,18 @@ pub struct OwnRedis {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Settings after the defaults (they win over them), e.g. `--maxmemory`.
+    extra: Vec<String>,
 }
 
 impl OwnRedis {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts with extra `redis-server` arguments, e.g.
+    /// `["--maxmemory-policy", "allkeys-lru"]` or `["--replicaof", "127.0.0.1", "6380"]`.
+    pub fn start_with(extra: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -749,6 +757,7 @@ impl OwnRedis {
             port,
             dir,
             child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         r.restart();
         r
@@ -772,6 +781,7 @@ impl OwnRedis {
             ])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/services.sh installs it)");
@@ -791,6 +801,38 @@ impl OwnRedis {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Freezes the server (SIGSTOP) until [`resume`](Self::resume): a
+    /// replica that stops acknowledging, a primary that stops answering.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "kill {sig} own redis");
+        }
+    }
+
+    /// A connection of the test's own to this server, without a reply
+    /// timeout (a `DEBUG SLEEP` on it takes as long as it takes).
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        let settings = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection_with_config(&settings)
+            .await
+            .expect("own redis connection")
     }
 }
 

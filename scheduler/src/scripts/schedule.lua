@@ -1,7 +1,9 @@
 -- Holds one task in a delay-queue shard unless its key is already there.
 -- KEYS[1] due index, KEYS[2] record hash (member -> record)
 -- ARGV[1] member, ARGV[2] run_at ms or '' , ARGV[3] delay ms (used when no
--- run_at), ARGV[4] record, ARGV[5] wake channel.
+-- run_at), ARGV[4] record, ARGV[5] wake channel, ARGV[6] '1' to rewrite an
+-- already held record unchanged (the caller then WAITs for replicas on this
+-- connection, and WAIT covers only this connection's own writes).
 -- Returns {added 0/1, due ms, head 0/1}: head = it is now the shard's earliest.
 -- Due times use Redis TIME so every scheduler shares one clock.
 local now = dq_now()
@@ -12,7 +14,12 @@ else
   due = now + tonumber(ARGV[3])
 end
 -- First submission wins while the key waits (or is leased for publishing).
+-- Its first write adds memory: at maxmemory (noeviction) it is refused
+-- before anything changed, and intake returns the batch to RabbitMQ.
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[4]) == 0 then
+  if ARGV[6] == '1' then
+    redis.call('HSET', KEYS[2], ARGV[1], redis.call('HGET', KEYS[2], ARGV[1]))
+  end
   return {0, due, 0}
 end
 local head = dq_head(KEYS[1])
