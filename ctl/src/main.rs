@@ -3,9 +3,11 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use kairos_scheduler::config::parse_redis_url;
 use kairos_shared::config::{
     parse_amqp_url, parse_namespace, DEFAULT_AMQP_URL, DEFAULT_NAMESPACE, DEFAULT_REDIS_URL,
 };
+use kairos_shared::tls::TlsSettings;
 use kairosctl::{Api, Reply};
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
@@ -33,7 +35,7 @@ struct Cli {
     namespace: String,
 
     /// Redis of the delay queue and schedules (direct mode).
-    #[arg(long, env = "KAIROS_REDIS_URL", value_name = "KAIROS_REDIS_URL", default_value = DEFAULT_REDIS_URL, global = true)]
+    #[arg(long, env = "KAIROS_REDIS_URL", value_name = "KAIROS_REDIS_URL", default_value = DEFAULT_REDIS_URL, value_parser = parse_redis_url, global = true)]
     redis_url: String,
 
     /// RabbitMQ (direct mode).
@@ -49,6 +51,10 @@ struct Cli {
         global = true
     )]
     shards: u16,
+
+    /// TLS trust and identity for `amqps://` and `rediss://` (direct mode).
+    #[command(flatten)]
+    tls: TlsSettings,
 
     #[command(subcommand)]
     command: Command,
@@ -213,6 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut config = kairos_scheduler::Config::for_namespace(&cli.namespace);
             config.redis_url = cli.redis_url.clone();
             config.common.amqp_url = cli.amqp_url.clone();
+            config.common.tls = cli.tls.clone();
             config.shards = cli.shards;
             Api::local(&config).map_err(anyhow::Error::msg)?
         }

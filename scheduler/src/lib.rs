@@ -115,8 +115,7 @@ pub async fn run(
             None
         }
     };
-    let pool = deadpool_redis::Config::from_url(&config.redis_url)
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+    let pool = redis_conn::pool(&config.redis_url, &config.common.tls)
         .map_err(|e| SchedulerError::Redis(e.to_string()))?;
     let queue = RedisDelayQueue::new(
         pool.clone(),
@@ -142,7 +141,7 @@ pub async fn run(
     }
     tokio::spawn(report_pending(queue.clone(), cancel.clone()));
     let wake = Arc::new(Notify::new());
-    let redis_client = redis::Client::open(config.redis_url.as_str())
+    let redis_client = redis_conn::client(&config.redis_url, &config.common.tls)
         .map_err(|e| SchedulerError::Redis(e.to_string()))?;
     let listener = tokio::spawn(wake::listen(
         redis_client,
@@ -152,7 +151,7 @@ pub async fn run(
     ));
     let events = EventSink::start(
         config.common.events,
-        &config.common.amqp_url,
+        &config.common.broker(),
         &names,
         cancel.clone(),
     );
@@ -172,7 +171,7 @@ pub async fn run(
     let mut backoff = Backoff::new();
     while !cancel.is_cancelled() {
         let Some(conn) =
-            connect_with_retry(&config.common.amqp_url, "kairos-scheduler", &cancel).await
+            connect_with_retry(&config.common.broker(), "kairos-scheduler", &cancel).await
         else {
             break;
         };
@@ -300,13 +299,13 @@ async fn start_schedules(
     };
     let tick_cancel = cancel.clone();
     let http_cancel = cancel.clone();
-    let (http_amqp_url, http_names) = (config.common.amqp_url.clone(), names.clone());
+    let (http_broker, http_names) = (config.common.broker(), names.clone());
     let mut tasks = vec![tokio::spawn(async move { ticker.run(tick_cancel).await })];
     if let Some(http_listener) = http_listener {
         let addr = http_listener.local_addr().ok();
         tracing::info!(addr = ?addr, "HTTP API listening");
         tasks.push(tokio::spawn(async move {
-            let api = task_api::TaskApi::new(&http_amqp_url, http_names);
+            let api = task_api::TaskApi::new(http_broker, http_names);
             let router = http::router(admin).merge(task_api::router(api));
             let served = axum::serve(http_listener, router)
                 .with_graceful_shutdown(http_cancel.cancelled_owned())
@@ -317,7 +316,7 @@ async fn start_schedules(
         }));
     }
     tasks.push(tokio::spawn(outcomes::run(
-        config.common.amqp_url.clone(),
+        config.common.broker(),
         names.clone(),
         store,
         cancel.clone(),
@@ -332,8 +331,7 @@ async fn start_schedules(
 /// `KAIROS_IDLE_MS`).
 pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> {
     let names = config.common.names();
-    let pool = deadpool_redis::Config::from_url(&config.redis_url)
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+    let pool = redis_conn::pool(&config.redis_url, &config.common.tls)
         .map_err(|e| SchedulerError::Redis(e.to_string()))?;
     let queue = RedisDelayQueue::new(pool.clone(), names.namespace(), usize::from(config.shards));
     queue.check_shard_count().await?;
@@ -341,6 +339,6 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
         store: schedule_store::ScheduleStore::new(pool, names.namespace(), &queue),
         changed: Arc::new(Notify::new()),
     };
-    let tasks = task_api::TaskApi::new(&config.common.amqp_url, names);
+    let tasks = task_api::TaskApi::new(config.common.broker(), names);
     Ok(http::router(admin).merge(task_api::router(tasks)))
 }

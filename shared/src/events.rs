@@ -6,7 +6,7 @@
 //! counted in the log) rather than slowing tasks down: events are a view of
 //! the pipeline, not part of its guarantees.
 
-use crate::amqp::{connect_with_retry, now_ms, sleep_or_cancel, Backoff};
+use crate::amqp::{connect_with_retry, now_ms, sleep_or_cancel, Backoff, Broker};
 use crate::contract::{Names, Task};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
@@ -96,17 +96,12 @@ impl EventSink {
 
     /// Starts the publisher task when `enabled`; it stops once `cancel`
     /// fires and the queue is drained.
-    pub fn start(enabled: bool, amqp_url: &str, names: &Names, cancel: CancellationToken) -> Self {
+    pub fn start(enabled: bool, broker: &Broker, names: &Names, cancel: CancellationToken) -> Self {
         if !enabled {
             return Self::disabled();
         }
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let publisher = tokio::spawn(publish_loop(
-            amqp_url.to_string(),
-            names.events(),
-            rx,
-            cancel,
-        ));
+        let publisher = tokio::spawn(publish_loop(broker.clone(), names.events(), rx, cancel));
         EventSink {
             tx: Some(tx),
             dropped: Arc::default(),
@@ -163,7 +158,7 @@ impl EventSink {
 const PUBLISH_BATCH: usize = 256;
 
 async fn publish_loop(
-    url: String,
+    broker: Broker,
     exchange: String,
     mut rx: mpsc::Receiver<Event>,
     cancel: CancellationToken,
@@ -172,7 +167,7 @@ async fn publish_loop(
     // Events whose publish failed, sent again first after reconnecting.
     let mut pending: Vec<Event> = Vec::new();
     'connect: loop {
-        let Some(conn) = connect_with_retry(&url, "kairos-events", &cancel).await else {
+        let Some(conn) = connect_with_retry(&broker, "kairos-events", &cancel).await else {
             return;
         };
         let channel = match conn.create_channel().await {

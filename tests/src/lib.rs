@@ -8,6 +8,8 @@
 //!   kill -9 and signal tests).
 //! * [`InProcess`]: a scheduler or worker run in the test's runtime.
 
+pub mod tls;
+
 use futures_util::StreamExt;
 use kairos_shared::config::Concurrency;
 use kairos_shared::contract::Names;

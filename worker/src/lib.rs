@@ -124,12 +124,8 @@ impl Worker {
         });
         let config = self.config;
         let names = config.common.names();
-        let events = EventSink::start(
-            config.common.events,
-            &config.common.amqp_url,
-            &names,
-            cancel.clone(),
-        );
+        let broker = config.common.broker();
+        let events = EventSink::start(config.common.events, &broker, &names, cancel.clone());
         let slots = Slots::new(config.concurrency);
         tokio::spawn(
             slots
@@ -141,9 +137,7 @@ impl Worker {
 
         let mut backoff = Backoff::new();
         while !cancel.is_cancelled() {
-            let Some(conn) =
-                connect_with_retry(&config.common.amqp_url, "kairos-worker", &cancel).await
-            else {
+            let Some(conn) = connect_with_retry(&broker, "kairos-worker", &cancel).await else {
                 break;
             };
             let tracker = TaskTracker::new();
