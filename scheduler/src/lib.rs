@@ -132,7 +132,8 @@ pub async fn run(
                 return Err(delay_queue::QueueError::Config(msg).into())
             }
             Err(err) => {
-                tracing::warn!(cause = %err, "waiting for Redis");
+                let cause = err.to_string();
+                tracing::warn!(%cause, hint = kairos_shared::tls::hint(&cause), "waiting for Redis");
                 if !sleep_or_cancel(backoff.next_delay(), &cancel).await {
                     return Ok(());
                 }

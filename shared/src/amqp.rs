@@ -88,7 +88,8 @@ pub async fn connect_with_retry(
             Ok(conn) => return Some(conn),
             Err(err) => {
                 let wait = backoff.next_delay();
-                tracing::warn!(cause = %err, retry_in_ms = wait.as_millis() as u64, "cannot connect to RabbitMQ");
+                let cause = err.to_string();
+                tracing::warn!(%cause, hint = crate::tls::hint(&cause), retry_in_ms = wait.as_millis() as u64, "cannot connect to RabbitMQ");
                 tokio::select! {
                     _ = cancel.cancelled() => return None,
                     _ = tokio::time::sleep(wait) => {}

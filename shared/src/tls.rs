@@ -133,6 +133,16 @@ impl TlsSettings {
     }
 }
 
+/// A hint for an operator when a connect failed on the server's
+/// certificate: retrying will not help until the trust is fixed.
+pub fn hint(cause: &str) -> &'static str {
+    if cause.contains("certificate") {
+        "the server's certificate is not trusted or not valid for its name: check KAIROS_TLS_CA_FILE and the URL's host"
+    } else {
+        ""
+    }
+}
+
 /// Makes ring rustls's provider for this process. rustls picks one by
 /// itself only when exactly one is compiled in; a program embedding Kairos
 /// may bring aws-lc-rs too, and rustls would then panic at the first TLS
