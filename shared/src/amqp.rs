@@ -198,4 +198,14 @@ mod tests {
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_millis(100));
     }
+
+    #[test]
+    fn a_broker_never_shows_its_password() {
+        let shown = format!(
+            "{:?}",
+            Broker::plain("amqps://kairos:s3cret@rabbit.example:5671/%2f")
+        );
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("amqps://rabbit.example:5671/"), "{shown}");
+    }
 }
