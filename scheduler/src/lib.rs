@@ -150,12 +150,8 @@ pub async fn run(
         wake.clone(),
         cancel.clone(),
     ));
-    let events = EventSink::start(
-        config.common.events,
-        &config.common.broker(),
-        &names,
-        cancel.clone(),
-    );
+    let broker = config.common.broker();
+    let events = EventSink::start(config.common.events, &broker, &names, cancel.clone());
     let pump = Pump {
         // The claims and completions run every few ms under load: not
         // behind an intake batch on the same socket.
@@ -171,9 +167,7 @@ pub async fn run(
 
     let mut backoff = Backoff::new();
     while !cancel.is_cancelled() {
-        let Some(conn) =
-            connect_with_retry(&config.common.broker(), "kairos-scheduler", &cancel).await
-        else {
+        let Some(conn) = connect_with_retry(&broker, "kairos-scheduler", &cancel).await else {
             break;
         };
         let session = async {
