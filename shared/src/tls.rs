@@ -156,19 +156,36 @@ pub fn install_crypto_provider() {
 mod tests {
     use super::*;
 
-    fn temp_file(name: &str, contents: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("kairos-tls-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
-        std::fs::write(&path, contents).unwrap();
-        path
+    /// A directory of one test's files, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(test: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("kairos-tls-{test}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+
+        fn file(&self, name: &str, contents: &str) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, contents).unwrap();
+            path
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     #[test]
     fn unusable_files_are_refused_with_their_path() {
         let err = PemFile::certificates("/nonexistent/ca.pem").unwrap_err();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
-        let path = temp_file("not-a-cert.pem", "hello");
+        let scratch = Scratch::new("unusable");
+        let path = scratch.file("not-a-cert.pem", "hello");
         let err = PemFile::certificates(&path).unwrap_err();
         assert!(err.contains("no PEM certificate"), "{err}");
         let err = PemFile::private_key(&path).unwrap_err();
@@ -180,11 +197,12 @@ mod tests {
         // Looks like a key to a PEM reader but is not a valid one.
         let secret =
             "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LXNlY3JldA==\n-----END PRIVATE KEY-----\n";
-        let path = temp_file("key.pem", secret);
+        let scratch = Scratch::new("secret");
+        let path = scratch.file("key.pem", secret);
         let file = PemFile::private_key(&path).unwrap();
         let shown = format!("{file:?} {:?}", TlsSettings::default());
         assert!(!shown.contains("c2VjcmV0"), "{shown}");
-        let broken = temp_file("broken-key.pem", "-----BEGIN PRIVATE KEY-----\nc2VjcmV0");
+        let broken = scratch.file("broken-key.pem", "-----BEGIN PRIVATE KEY-----\nc2VjcmV0");
         let err = PemFile::private_key(&broken).unwrap_err();
         assert!(!err.contains("c2VjcmV0"), "{err}");
     }
