@@ -9,6 +9,7 @@ use kairos_shared::config::{
     DEFAULT_REDIS_URL,
 };
 use kairos_shared::secrets::read_secret_file;
+use kairos_shared::tls::TlsSettings;
 use kairosctl::{Api, Reply};
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
@@ -92,6 +93,10 @@ struct Cli {
         global = true
     )]
     shards: u16,
+
+    /// TLS trust and identity for `amqps://` and `rediss://` (direct mode).
+    #[command(flatten)]
+    tls: TlsSettings,
 
     #[command(subcommand)]
     command: Command,
@@ -271,6 +276,7 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
             let mut config = kairos_scheduler::Config::for_namespace(&cli.namespace);
             config.redis_url = cli.redis_url.clone();
             config.common.amqp_url = cli.amqp_url.clone();
+            config.common.tls = cli.tls.clone();
             config.shards = cli.shards;
             Api::local(&config).map_err(anyhow::Error::msg)?
         }

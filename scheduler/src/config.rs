@@ -245,6 +245,15 @@ impl Config {
 /// Checks the URL is one the Redis client accepts. The error never quotes
 /// the URL (it may hold a password).
 pub fn check_redis_url(url: &str) -> Result<(), String> {
+    // redis-rs turns certificate checks off for `rediss://...#insecure`;
+    // Kairos is built without that ability, so say why at start rather
+    // than fail at every connect.
+    if url.ends_with("#insecure") {
+        return Err(
+            "`#insecure` (no certificate check) is not supported: trust the server's CA with KAIROS_TLS_CA_FILE"
+                .into(),
+        );
+    }
     redis::Client::open(url)
         .map(|_| ())
         .map_err(|e| format!("not a Redis URL: {e}"))
@@ -297,6 +306,11 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("--redis-url"), "{err}");
+        let err = Config::try_parse_from(["s", "--redis-url", "rediss://127.0.0.1:6380/#insecure"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("KAIROS_TLS_CA_FILE"), "{err}");
         let err = Config::try_parse_from(["s", "--retry-jitter", "x"])
             .err()
             .unwrap()

@@ -155,7 +155,8 @@ pub async fn run(
                 return Err(delay_queue::QueueError::Config(msg).into())
             }
             Err(err) => {
-                tracing::warn!(cause = %err, "waiting for Redis");
+                let cause = err.to_string();
+                tracing::warn!(%cause, hint = kairos_shared::tls::hint(&cause), "waiting for Redis");
                 if !sleep_or_cancel(backoff.next_delay(), &cancel).await {
                     return Ok(());
                 }
@@ -173,7 +174,7 @@ pub async fn run(
         })
     };
     let wake = Arc::new(Notify::new());
-    let redis_client = redis::Client::open(config.redis_url.as_str())
+    let redis_client = redis_conn::client(&config.redis_url, &config.common.tls)
         .map_err(|e| SchedulerError::Redis(e.to_string()))?;
     let listener = {
         let (channel, wake, cancel) = (
@@ -194,12 +195,8 @@ pub async fn run(
             }
         })
     };
-    let events = EventSink::start(
-        config.common.events,
-        &config.common.amqp_url,
-        &names,
-        cancel.clone(),
-    );
+    let broker = config.common.broker();
+    let events = EventSink::start(config.common.events, &broker, &names, cancel.clone());
     let pump = Pump {
         // The claims and completions run every few ms under load: not
         // behind an intake batch on the same socket.
@@ -224,9 +221,7 @@ pub async fn run(
 
     let mut backoff = Backoff::new();
     while !cancel.is_cancelled() {
-        let Some(conn) =
-            connect_with_retry(&config.common.amqp_url, "kairos-scheduler", &cancel).await
-        else {
+        let Some(conn) = connect_with_retry(&broker, "kairos-scheduler", &cancel).await else {
             break;
         };
         let session = async {
@@ -367,7 +362,7 @@ async fn start_schedules(
     if let Some(http_listener) = http_listener {
         let addr = http_listener.local_addr().ok();
         tracing::info!(addr = ?addr, "HTTP API listening");
-        let api = task_api::TaskApi::new(&config.common.amqp_url, names.clone());
+        let api = task_api::TaskApi::new(config.common.broker(), names.clone());
         let router = api_guard::guard(
             http::router(admin)
                 .merge(task_api::router(api))
@@ -395,14 +390,10 @@ async fn start_schedules(
             }
         }));
     }
-    let (url, names, out_cancel) = (
-        config.common.amqp_url.clone(),
-        names.clone(),
-        cancel.clone(),
-    );
+    let (broker, names, out_cancel) = (config.common.broker(), names.clone(), cancel.clone());
     tasks.push(supervise(health, "outcomes", cancel.clone(), move || {
         let run = outcomes::run(
-            url.clone(),
+            broker.clone(),
             names.clone(),
             store.clone(),
             out_cancel.clone(),
@@ -430,7 +421,7 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
         store: schedule_store::ScheduleStore::new(pool, names.namespace(), &queue),
         changed: Arc::new(Notify::new()),
     };
-    let tasks = task_api::TaskApi::new(&config.common.amqp_url, names);
+    let tasks = task_api::TaskApi::new(config.common.broker(), names);
     // In process, nobody else can call it: no token, but the same checks
     // of what is sent.
     Ok(api_guard::guard(
@@ -441,8 +432,9 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
 
 /// The Redis pool with `KAIROS_REDIS_TIMEOUT_MS` as its reply timeout.
 fn redis_pool(config: &Config) -> Result<deadpool_redis::Pool, SchedulerError> {
-    redis_setup::pool(
+    redis_conn::pool(
         &config.redis_url,
+        &config.common.tls,
         Duration::from_millis(config.redis_timeout_ms),
     )
     .map_err(SchedulerError::Redis)

@@ -16,7 +16,7 @@
 use crate::schedule::occurrence::parse_occurrence_id;
 use crate::schedule_store::ScheduleStore;
 use futures_util::StreamExt;
-use kairos_shared::amqp::{connect_with_retry, sleep_or_cancel, Backoff};
+use kairos_shared::amqp::{connect_with_retry, sleep_or_cancel, Backoff, Broker};
 use kairos_shared::contract::Names;
 use kairos_shared::topology;
 use lapin::options::{
@@ -65,10 +65,10 @@ pub fn interpret(event: &Value) -> Option<(String, String, i64, bool, Value)> {
     Some((schedule.to_string(), id.to_string(), tick, over, outcome))
 }
 
-pub async fn run(url: String, names: Names, store: ScheduleStore, cancel: CancellationToken) {
+pub async fn run(broker: Broker, names: Names, store: ScheduleStore, cancel: CancellationToken) {
     let mut backoff = Backoff::new();
     while !cancel.is_cancelled() {
-        let Some(conn) = connect_with_retry(&url, "kairos-scheduler-outcomes", &cancel).await
+        let Some(conn) = connect_with_retry(&broker, "kairos-scheduler-outcomes", &cancel).await
         else {
             return;
         };

@@ -9,8 +9,55 @@
 //! failed (the pool's check then weeds out a broken one).
 
 use deadpool_redis::Pool;
+use kairos_shared::tls::TlsSettings;
 use redis::aio::MultiplexedConnection;
+use redis::{ClientTlsConfig, TlsCertificates};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A client for `url`. A `rediss://` URL trusts `KAIROS_TLS_CA_FILE` when
+/// it is set (instead of the system's roots) and presents the client
+/// certificate when one is set; a `redis://` URL ignores them.
+pub fn client(url: &str, tls: &TlsSettings) -> redis::RedisResult<redis::Client> {
+    let plain = redis::Client::open(url)?;
+    let is_tls = matches!(
+        plain.get_connection_info().addr(),
+        redis::ConnectionAddr::TcpTls { .. }
+    );
+    if !is_tls || (tls.tls_ca_file.is_none() && tls.identity().is_none()) {
+        return Ok(plain);
+    }
+    kairos_shared::tls::install_crypto_provider();
+    let certificates = TlsCertificates {
+        client_tls: tls.identity().map(|(cert, key)| ClientTlsConfig {
+            client_cert: cert.bytes().to_vec(),
+            client_key: key.bytes().to_vec(),
+        }),
+        root_cert: tls.tls_ca_file.as_ref().map(|ca| ca.bytes().to_vec()),
+    };
+    redis::Client::build_with_tls(url, certificates)
+}
+
+/// The connection pool of `url`, with [`client`]'s TLS settings (deadpool's
+/// own `Config` cannot carry certificates), whose connections wait
+/// `timeout` for a reply and for a connection. redis-rs defaults to 500 ms:
+/// a Redis stalled for a second turned every script in flight into an error
+/// whose script had run.
+pub fn pool(url: &str, tls: &TlsSettings, timeout: Duration) -> Result<Pool, String> {
+    let info = client(url, tls)
+        .map_err(|e| e.to_string())?
+        .get_connection_info()
+        .clone();
+    let settings = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(timeout))
+        .set_connection_timeout(Some(timeout));
+    let manager =
+        deadpool_redis::Manager::new_with_config(info, settings).map_err(|e| e.to_string())?;
+    Pool::builder(manager)
+        .runtime(deadpool_redis::Runtime::Tokio1)
+        .build()
+        .map_err(|e| e.to_string())
+}
 
 #[derive(Clone)]
 pub struct RedisConn {

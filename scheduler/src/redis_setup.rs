@@ -4,22 +4,6 @@
 
 use crate::delay_queue::QueueError;
 use crate::redis_conn::RedisConn;
-use std::time::Duration;
-
-/// A pool whose connections wait `timeout` for a reply (and for a
-/// connection). redis-rs defaults to 500 ms: a Redis stalled for a second
-/// turned every script in flight into an error whose script had run.
-pub fn pool(url: &str, timeout: Duration) -> Result<deadpool_redis::Pool, String> {
-    let settings = redis::AsyncConnectionConfig::new()
-        .set_response_timeout(Some(timeout))
-        .set_connection_timeout(Some(timeout));
-    let manager =
-        deadpool_redis::Manager::new_with_config(url, settings).map_err(|e| e.to_string())?;
-    deadpool_redis::Pool::builder(manager)
-        .runtime(deadpool_redis::Runtime::Tokio1)
-        .build()
-        .map_err(|e| e.to_string())
-}
 
 /// What to do about a `maxmemory-policy`.
 #[derive(Debug, PartialEq, Eq)]

@@ -17,6 +17,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use kairos_shared::amqp::Broker;
 use kairos_shared::client::{Client, ClientError};
 use kairos_shared::contract::Names;
 use kairos_shared::dead;
@@ -30,15 +31,15 @@ use tokio::sync::Mutex;
 /// made again after it failed.
 #[derive(Clone)]
 pub struct TaskApi {
-    amqp_url: String,
+    broker: Broker,
     names: Names,
     client: Arc<Mutex<Option<Client>>>,
 }
 
 impl TaskApi {
-    pub fn new(amqp_url: &str, names: Names) -> Self {
+    pub fn new(broker: Broker, names: Names) -> Self {
         TaskApi {
-            amqp_url: amqp_url.to_string(),
+            broker,
             names,
             client: Arc::new(Mutex::new(None)),
         }
@@ -107,7 +108,7 @@ async fn with_client<T>(
 ) -> Result<T, ApiError> {
     let mut guard = api.client.lock().await;
     if guard.is_none() {
-        *guard = Some(Client::connect(&api.amqp_url, api.names.namespace()).await?);
+        *guard = Some(Client::connect_to(&api.broker, api.names.namespace()).await?);
     }
     let client = guard
         .as_ref()
@@ -185,7 +186,7 @@ async fn purge_dead(State(api): State<TaskApi>) -> Result<Response, ApiError> {
 
 /// Dead-letter operations are rare and administrative: a connection each.
 async fn broker(api: &TaskApi) -> Result<lapin::Connection, ApiError> {
-    kairos_shared::amqp::connect(&api.amqp_url, "kairos-http")
+    kairos_shared::amqp::connect_to(&api.broker, "kairos-http")
         .await
         .map_err(|e| ApiError::Broker(e.to_string()))
 }

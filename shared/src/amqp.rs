@@ -3,31 +3,93 @@
 //! channels, topology and consumers, and this module gives it the retrying
 //! connect.
 
+use crate::tls::TlsSettings;
+use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties};
+use std::str::FromStr;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Where and how to reach RabbitMQ: the URL (`amqp://` or `amqps://`) and
+/// the TLS trust and identity an `amqps://` URL uses. Its `Debug` hides
+/// the URL's password.
+#[derive(Clone)]
+pub struct Broker {
+    url: String,
+    tls: OwnedTLSConfig,
+}
+
+impl Broker {
+    pub fn new(url: &str, tls: &TlsSettings) -> Self {
+        Broker {
+            url: url.to_string(),
+            tls: tls.amqp(),
+        }
+    }
+
+    /// A broker with the system's trust and no client certificate.
+    pub fn plain(url: &str) -> Self {
+        Self::new(url, &TlsSettings::default())
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = match lapin::uri::AMQPUri::from_str(&self.url) {
+            Ok(uri) => format!(
+                "{}://{}:{}/{}",
+                format!("{:?}", uri.scheme).to_lowercase(),
+                uri.authority.host,
+                uri.authority.port,
+                uri.vhost
+            ),
+            Err(_) => "<unparsable URL>".to_string(),
+        };
+        f.debug_struct("Broker")
+            .field("url", &shown)
+            .field("ca", &self.tls.cert_chain.is_some())
+            .field("client_cert", &self.tls.identity.is_some())
+            .finish()
+    }
+}
+
+/// [`connect_to`] a URL with the system's trust and no client certificate.
+pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+    connect_to(&Broker::plain(url), name).await
+}
+
 /// Opens one connection, named so operators can tell processes apart in the
 /// management UI.
-pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+pub async fn connect_to(broker: &Broker, name: &str) -> lapin::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props).await
+    Connection::connect_with_config(
+        &broker.url,
+        props,
+        broker.tls.clone(),
+        lapin::runtime::default_runtime()?,
+    )
+    .await
 }
 
 /// Connects, retrying with capped exponential backoff until it succeeds or
 /// `cancel` fires (then `None`).
 pub async fn connect_with_retry(
-    url: &str,
+    broker: &Broker,
     name: &str,
     cancel: &CancellationToken,
 ) -> Option<Connection> {
     let mut backoff = Backoff::new();
     loop {
-        match connect(url, name).await {
+        match connect_to(broker, name).await {
             Ok(conn) => return Some(conn),
             Err(err) => {
                 let wait = backoff.next_delay();
-                tracing::warn!(cause = %err, retry_in_ms = wait.as_millis() as u64, "cannot connect to RabbitMQ");
+                let cause = err.to_string();
+                tracing::warn!(%cause, hint = crate::tls::hint(&cause), retry_in_ms = wait.as_millis() as u64, "cannot connect to RabbitMQ");
                 tokio::select! {
                     _ = cancel.cancelled() => return None,
                     _ = tokio::time::sleep(wait) => {}
@@ -135,5 +197,15 @@ mod tests {
         assert_eq!(seq, vec![100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_broker_never_shows_its_password() {
+        let shown = format!(
+            "{:?}",
+            Broker::plain("amqps://kairos:s3cret@rabbit.example:5671/%2f")
+        );
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("amqps://rabbit.example:5671/"), "{shown}");
     }
 }

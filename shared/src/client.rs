@@ -193,9 +193,20 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects and declares the namespace's exchanges (idempotent).
+    /// Connects and declares the namespace's exchanges (idempotent). An
+    /// `amqps://` URL uses the system's trust; see
+    /// [`connect_to`](Self::connect_to) for a private CA or a client
+    /// certificate.
     pub async fn connect(amqp_url: &str, namespace: &str) -> Result<Self, ClientError> {
-        let conn = crate::amqp::connect(amqp_url, "kairos-client").await?;
+        Self::connect_to(&crate::amqp::Broker::plain(amqp_url), namespace).await
+    }
+
+    /// [`connect`](Self::connect) with TLS settings.
+    pub async fn connect_to(
+        broker: &crate::amqp::Broker,
+        namespace: &str,
+    ) -> Result<Self, ClientError> {
+        let conn = crate::amqp::connect_to(broker, "kairos-client").await?;
         let channel = conn.create_channel().await?;
         crate::contract::validate_namespace(namespace).map_err(ClientError::Namespace)?;
         let names = Names::new(namespace);

@@ -40,6 +40,10 @@ pub struct CommonConfig {
     /// Serve Prometheus metrics at `http://ADDR/metrics` (off when unset).
     #[arg(long, env = "KAIROS_METRICS_ADDR", value_name = "KAIROS_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// CA and client certificate for `amqps://` (and `rediss://`).
+    #[command(flatten)]
+    pub tls: crate::tls::TlsSettings,
 }
 
 impl CommonConfig {
@@ -51,7 +55,13 @@ impl CommonConfig {
             namespace: namespace.to_string(),
             events: false,
             metrics_addr: None,
+            tls: Default::default(),
         }
+    }
+
+    /// Where and how to connect to RabbitMQ.
+    pub fn broker(&self) -> crate::amqp::Broker {
+        crate::amqp::Broker::new(&self.amqp_url, &self.tls)
     }
 
     pub fn names(&self) -> crate::contract::Names {

@@ -6,7 +6,7 @@
 //! counted in the log) rather than slowing tasks down: events are a view of
 //! the pipeline, not part of its guarantees.
 
-use crate::amqp::{connect_with_retry, now_ms, sleep_or_cancel, Backoff};
+use crate::amqp::{connect_with_retry, now_ms, sleep_or_cancel, Backoff, Broker};
 use crate::contract::{int_header, readable, Names, Task, H_ATTEMPT};
 use crate::short::short;
 use lapin::options::BasicPublishOptions;
@@ -127,13 +127,13 @@ impl EventSink {
 
     /// Starts the publisher task when `enabled`; it stops once `cancel`
     /// fires and the queue is drained.
-    pub fn start(enabled: bool, amqp_url: &str, names: &Names, cancel: CancellationToken) -> Self {
+    pub fn start(enabled: bool, broker: &Broker, names: &Names, cancel: CancellationToken) -> Self {
         if !enabled {
             return Self::disabled();
         }
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let publisher = tokio::spawn(publish_loop(
-            amqp_url.to_string(),
+            broker.clone(),
             names.short_events(),
             rx,
             cancel,
@@ -209,7 +209,7 @@ impl EventSink {
 const PUBLISH_BATCH: usize = 256;
 
 async fn publish_loop(
-    url: String,
+    broker: Broker,
     exchange: ShortString,
     mut rx: mpsc::Receiver<Event>,
     cancel: CancellationToken,
@@ -218,7 +218,7 @@ async fn publish_loop(
     // Events whose publish failed, sent again first after reconnecting.
     let mut pending: Vec<Event> = Vec::new();
     'connect: loop {
-        let Some(conn) = connect_with_retry(&url, "kairos-events", &cancel).await else {
+        let Some(conn) = connect_with_retry(&broker, "kairos-events", &cancel).await else {
             return;
         };
         let channel = match conn.create_channel().await {

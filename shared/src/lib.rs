@@ -7,6 +7,7 @@
 //! * `config`: settings shared by every process (env vars and flags).
 //! * `topology`: declaring the contract's exchanges and queues.
 //! * `amqp`: connecting with retry, reconnect pacing.
+//! * `tls`: trust and identity for `amqps://` and `rediss://`.
 //! * `events`: lifecycle events on `NS.events`.
 //! * `metrics`: the optional Prometheus exporter.
 //! * `client`: the Rust client for enqueueing.
@@ -26,10 +27,11 @@ pub mod events;
 pub mod metrics;
 pub mod record;
 pub mod request;
-pub mod short;
 pub mod secrets;
+pub mod short;
 pub mod shutdown;
 pub mod supervise;
+pub mod tls;
 pub mod topology;
 
 pub use lapin;

@@ -8,6 +8,8 @@
 //!   kill -9 and signal tests).
 //! * [`InProcess`]: a scheduler or worker run in the test's runtime.
 
+pub mod tls;
+
 use futures_util::StreamExt;
 use kairos_shared::config::Concurrency;
 use kairos_shared::contract::Names;
@@ -387,7 +389,12 @@ pub struct EventTap {
 
 impl EventTap {
     pub async fn new(env: &TestEnv) -> Self {
-        let ch = env.conn.create_channel().await.expect("channel");
+        Self::on(&env.conn, &env.names).await
+    }
+
+    /// A tap on another broker (one a test started itself).
+    pub async fn on(conn: &Connection, names: &Names) -> Self {
+        let ch = conn.create_channel().await.expect("channel");
         let q = ch
             .queue_declare(
                 "".into(),
@@ -402,7 +409,7 @@ impl EventTap {
             .expect("event queue");
         ch.queue_bind(
             q.name().clone(),
-            env.names.events().into(),
+            names.events().into(),
             "task.#".into(),
             QueueBindOptions::default(),
             FieldTable::default(),

@@ -3,7 +3,6 @@
 //! runs its own `redis-server` (never the shared one).
 
 use kairos_scheduler::delay_queue::{member, Entry, RedisDelayQueue};
-use kairos_scheduler::redis_setup;
 use kairos_shared::contract::Task;
 use kairos_tests::*;
 use lapin::types::AMQPValue;
@@ -13,7 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 async fn own_queue(redis: &OwnRedis, ns: &str, shards: usize) -> RedisDelayQueue {
-    let pool = redis_setup::pool(&redis.url(), Duration::from_secs(5)).expect("pool");
+    let pool = kairos_scheduler::redis_conn::pool(
+        &redis.url(),
+        &Default::default(),
+        Duration::from_secs(5),
+    )
+    .expect("pool");
     let q = RedisDelayQueue::new(pool, ns, shards);
     q.check_shard_count().await.expect("shard count");
     q
@@ -613,7 +617,12 @@ async fn redis_wait_acks_only_what_a_replica_has() {
 async fn a_claim_without_reply_is_answered_by_the_next() {
     let redis = OwnRedis::start_with(&["--appendonly", "no", "--enable-debug-command", "local"]);
     let ns = "kt-claim-lost";
-    let pool = redis_setup::pool(&redis.url(), Duration::from_millis(200)).expect("pool");
+    let pool = kairos_scheduler::redis_conn::pool(
+        &redis.url(),
+        &Default::default(),
+        Duration::from_millis(200),
+    )
+    .expect("pool");
     let q = RedisDelayQueue::new(pool, ns, 2);
     q.check_shard_count().await.expect("shard count");
     let mut con = redis.connection().await;

@@ -129,12 +129,8 @@ impl Worker {
             trigger.cancel();
         });
         let config = self.config;
-        let events = EventSink::start(
-            config.common.events,
-            &config.common.amqp_url,
-            &names,
-            cancel.clone(),
-        );
+        let broker = config.common.broker();
+        let events = EventSink::start(config.common.events, &broker, &names, cancel.clone());
         let slots = Slots::new(config.concurrency);
         // Supervised: a failed autoscaler would leave the concurrency
         // where it stood.
@@ -154,9 +150,7 @@ impl Worker {
 
         let mut backoff = Backoff::new();
         while !cancel.is_cancelled() {
-            let Some(conn) =
-                connect_with_retry(&config.common.amqp_url, "kairos-worker", &cancel).await
-            else {
+            let Some(conn) = connect_with_retry(&broker, "kairos-worker", &cancel).await else {
                 break;
             };
             let tracker = TaskTracker::new();
