@@ -306,7 +306,18 @@ impl RedisDelayQueue {
 
     /// Puts tasks whose publish failed back into the due index at once.
     pub async fn release(&self, failed: &[&Claimed]) -> Result<(), QueueError> {
-        self.per_shard(&RELEASE, failed, |c, cmd| {
+        self.release_after(failed, 0).await
+    }
+
+    /// Puts tasks back into the due index, due no sooner than `delay_ms`
+    /// from now by Redis's clock (their own due time if later): for
+    /// publishes the broker refused, which would be refused again at once.
+    pub async fn release_after(
+        &self,
+        failed: &[&Claimed],
+        delay_ms: u64,
+    ) -> Result<(), QueueError> {
+        self.per_shard_with(&RELEASE, &[delay_ms], failed, |c, cmd| {
             cmd.arg(&c.member).arg(c.due);
         })
         .await
@@ -315,6 +326,18 @@ impl RedisDelayQueue {
     async fn per_shard(
         &self,
         script: &redis::Script,
+        items: &[&Claimed],
+        add: impl Fn(&Claimed, &mut redis::Cmd),
+    ) -> Result<(), QueueError> {
+        self.per_shard_with(script, &[], items, add).await
+    }
+
+    /// As [`per_shard`](Self::per_shard), with `lead` as the first
+    /// arguments of every call.
+    async fn per_shard_with(
+        &self,
+        script: &redis::Script,
+        lead: &[u64],
         items: &[&Claimed],
         add: impl Fn(&Claimed, &mut redis::Cmd),
     ) -> Result<(), QueueError> {
@@ -329,6 +352,9 @@ impl RedisDelayQueue {
             }
             let keys = &self.shards[shard];
             let mut cmd = evalsha(script, &[&keys.due, &keys.rec, &keys.lease]);
+            for a in lead {
+                cmd.arg(*a);
+            }
             for c in group {
                 add(c, &mut cmd);
             }

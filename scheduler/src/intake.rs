@@ -9,13 +9,19 @@
 //! If the process dies after the Redis write and before the ack, RabbitMQ
 //! redelivers; the first-submission-wins rule turns the second write into a
 //! no-op.
+//!
+//! A dead letter the broker refuses (a nack: `NS.dead` at a max-length with
+//! `reject-publish`) leaves its delivery unacked: it is nacked back to its
+//! queue on its own, the rest of the batch is acked around it, and the
+//! intake pauses (growing while refusals go on) before the next batch, so
+//! the message is not taken again at once and the session is not restarted.
 
 use crate::delay_queue::{member, Entry, RedisDelayQueue};
 use crate::publisher::Publisher;
 use crate::retry::{Decision, RetryPolicy};
 use futures_util::future::join_all;
 use futures_util::StreamExt;
-use kairos_shared::amqp::{now_ms, take_ready};
+use kairos_shared::amqp::{now_ms, sleep_or_cancel, take_ready, Backoff};
 use kairos_shared::client::check;
 use kairos_shared::contract::{
     raw_dead_letter_properties, value_to_string, Names, ProtocolError, Task, H_ERROR,
@@ -44,8 +50,13 @@ pub enum IntakeError {
     Amqp(#[from] lapin::Error),
     #[error("the broker cancelled the {0:?} consumer")]
     Cancelled(Source),
-    #[error("a dead letter was not confirmed: {0}")]
-    DeadLetter(String),
+}
+
+/// What became of a batch's dead letters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct DeadOutcome {
+    confirmed: usize,
+    refused: usize,
 }
 
 pub struct Intake {
@@ -98,6 +109,8 @@ impl Intake {
                 FieldTable::default(),
             )
             .await?;
+        // Paces batches after the broker refused dead letters.
+        let mut refusals = Backoff::new();
         loop {
             let first = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -110,7 +123,16 @@ impl Intake {
             if !take_ready(&mut consumer, &mut batch, self.batch)? {
                 return Err(IntakeError::Cancelled(self.source));
             }
-            self.handle(batch, &cancel).await?;
+            let dead = self.handle(batch, &cancel).await?;
+            if dead.refused > 0 {
+                let pause = refusals.next_delay();
+                tracing::warn!(refused = dead.refused, retry_in_ms = pause.as_millis() as u64, "the broker refused dead letters; their messages went back to the queue; pausing the intake");
+                if !sleep_or_cancel(pause, &cancel).await {
+                    return Ok(());
+                }
+            } else if dead.confirmed > 0 {
+                refusals.reset();
+            }
         }
     }
 
@@ -118,7 +140,7 @@ impl Intake {
         &self,
         batch: Vec<Delivery>,
         cancel: &CancellationToken,
-    ) -> Result<(), IntakeError> {
+    ) -> Result<DeadOutcome, IntakeError> {
         let plans: Vec<Plan> = {
             // ThreadRng is not Send: keep it out of the awaits below.
             let mut rng = rand::rng();
@@ -146,8 +168,8 @@ impl Intake {
                         })
                         .await?;
                 }
-                kairos_shared::amqp::sleep_or_cancel(Duration::from_millis(500), cancel).await;
-                return Ok(());
+                sleep_or_cancel(Duration::from_millis(500), cancel).await;
+                return Ok(DeadOutcome::default());
             }
         };
 
@@ -156,9 +178,11 @@ impl Intake {
             self.wake.notify_one();
         }
 
-        // 2. Dead letters, confirmed before anything is acked.
+        // 2. Dead letters, confirmed before anything is acked. A channel
+        //    error ends the session (the batch comes back); a nack marks
+        //    its delivery as refused.
         let mut confirms = Vec::new();
-        for p in &plans {
+        for (i, p) in plans.iter().enumerate() {
             if let Plan::Dead {
                 origin,
                 props,
@@ -166,22 +190,48 @@ impl Intake {
                 ..
             } = p
             {
-                confirms.push(
-                    self.publisher
-                        .publish_dead(origin, (**props).clone(), body)
-                        .await?,
-                );
+                let confirm = self
+                    .publisher
+                    .publish_dead(origin, (**props).clone(), body)
+                    .await?;
+                confirms.push(async move { (i, confirm.await) });
             }
         }
-        for c in join_all(confirms).await {
-            check(c?).map_err(|e| IntakeError::DeadLetter(e.to_string()))?;
+        let mut refused = vec![false; batch.len()];
+        let mut outcome = DeadOutcome::default();
+        for (i, c) in join_all(confirms).await {
+            if let Err(err) = check(c?) {
+                tracing::warn!(cause = %err, queue = %batch[i].routing_key, "dead letter refused; its message goes back to the queue");
+                refused[i] = true;
+                outcome.refused += 1;
+            } else {
+                outcome.confirmed += 1;
+            }
         }
 
-        // 3. Ack the whole batch at once: it is every unacked delivery on
-        //    this channel up to the last tag.
-        if let Some(last) = batch.last() {
+        // 3. Ack the batch. Without refusals: one multiple-ack of the last
+        //    tag, which is every unacked delivery of this channel up to it.
+        //    With refusals, a multiple-ack must not reach a refused
+        //    delivery while it is unacked: each is nacked back (requeue)
+        //    first, awaited, then the others are acked with one
+        //    multiple-ack of the highest tag not refused (a tag already
+        //    nacked is not unacked any more, so the range skips it; acking
+        //    a nacked tag itself would close the channel). If the process
+        //    dies before the nacks, the whole batch comes back (the holds
+        //    are idempotent); after them, the acked part is lost to nobody
+        //    and the rest comes back likewise.
+        for (d, _) in batch.iter().zip(&refused).filter(|(_, r)| **r) {
+            d.acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await?;
+        }
+        if let Some((last, _)) = batch.iter().zip(&refused).rev().find(|(_, r)| !**r) {
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
         }
+        metrics::counter!("kairos_scheduler_dead_refused_total").increment(outcome.refused as u64);
 
         // 4. Report.
         let source = match self.source {
@@ -190,10 +240,10 @@ impl Intake {
         };
         let held = scheduled.iter().filter(|s| s.added).count();
         metrics::counter!("kairos_scheduler_held_total", "source" => source).increment(held as u64);
-        let dead = plans.len() - entries.len();
-        metrics::counter!("kairos_scheduler_dead_total", "source" => source).increment(dead as u64);
+        metrics::counter!("kairos_scheduler_dead_total", "source" => source)
+            .increment(outcome.confirmed as u64);
         let mut results = scheduled.iter();
-        for p in &plans {
+        for (p, _) in plans.iter().zip(&refused).filter(|(_, r)| !**r) {
             match p {
                 Plan::Hold { task, kind, .. } => {
                     if let Some(s) = results.next() {
@@ -215,7 +265,7 @@ impl Intake {
                 }
             }
         }
-        Ok(())
+        Ok(outcome)
     }
 
     fn plan(&self, d: &Delivery, rng: &mut impl rand::Rng) -> Plan {

@@ -40,7 +40,9 @@ pub use config::Config;
 
 use delay_queue::RedisDelayQueue;
 use intake::{Intake, IntakeError, Source};
-use kairos_shared::amqp::{close_connection, connect_with_retry, sleep_or_cancel, Backoff};
+use kairos_shared::amqp::{
+    close_connection, connect_with_retry, sleep_or_cancel, Backoff, Blocked,
+};
 use kairos_shared::events::EventSink;
 use kairos_shared::topology;
 use publisher::Publisher;
@@ -165,6 +167,7 @@ pub async fn run(
         batch: usize::from(config.batch),
         lease_ms: config.lease_ms,
         idle: Duration::from_millis(config.idle_ms),
+        refusals: Default::default(),
     };
     let schedules = start_schedules(&config, &names, pool, &pump, http_listener, &cancel).await;
     tracing::info!(namespace = %names.namespace(), shards = config.shards, "scheduler starting");
@@ -176,6 +179,9 @@ pub async fn run(
         else {
             break;
         };
+        // A blocked connection writes nothing, not even its close: the
+        // close is then not waited for long (see `close_within`).
+        let blocked = Blocked::watch(&conn);
         let session = async {
             let channel = conn.create_channel().await?;
             topology::declare_base(&channel, &names).await?;
@@ -237,12 +243,12 @@ pub async fn run(
                     backoff.reset();
                 }
                 tracing::warn!(cause = %err, "AMQP session ended; reconnecting");
-                close_connection(&conn, "reconnecting", CLOSE_WITHIN).await;
+                close_connection(&conn, "reconnecting", close_within(&blocked)).await;
                 sleep_or_cancel(backoff.next_delay(), &cancel).await;
                 continue;
             }
         }
-        close_connection(&conn, "shutdown", CLOSE_WITHIN).await;
+        close_connection(&conn, "shutdown", close_within(&blocked)).await;
     }
     listener.abort();
     for task in schedules {
@@ -252,6 +258,16 @@ pub async fn run(
     events.close(EVENTS_FLUSH).await;
     tracing::info!("scheduler stopped");
     Ok(())
+}
+
+/// How long to wait for the broker to confirm a close: not long while it
+/// blocks the connection, as lapin cannot even send the close then.
+fn close_within(blocked: &Blocked) -> Duration {
+    if blocked.is_blocked() {
+        Duration::from_millis(500)
+    } else {
+        CLOSE_WITHIN
+    }
 }
 
 /// Keeps the `kairos_scheduler_pending` gauge (tasks waiting or leased in

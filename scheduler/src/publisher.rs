@@ -2,6 +2,7 @@
 //! to `NS.dead`, on one channel in confirm mode. Callers hold on to the
 //! returned [`PublisherConfirm`]s, so many confirms are outstanding at once.
 
+use kairos_shared::amqp::Blocked;
 use kairos_shared::contract::{Names, Task};
 use kairos_shared::topology::QueueCache;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -11,6 +12,7 @@ pub struct Publisher {
     channel: Channel,
     names: Names,
     declared: QueueCache,
+    blocked: Blocked,
 }
 
 impl Publisher {
@@ -23,7 +25,14 @@ impl Publisher {
             channel,
             names,
             declared: QueueCache::default(),
+            blocked: Blocked::watch(conn),
         })
+    }
+
+    /// Whether the broker blocks this connection's publishing (a resource
+    /// alarm), followed as it changes.
+    pub fn blocked(&self) -> Blocked {
+        self.blocked.clone()
     }
 
     /// Publishes a due task, mandatory: a return means the queue vanished.

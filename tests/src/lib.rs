@@ -218,6 +218,48 @@ impl TestEnv {
         out
     }
 
+    /// Declares a queue bound to `exchange` (with `key`) that refuses every
+    /// message: `x-max-length` 0 with `x-overflow: reject-publish`, so the
+    /// broker nacks each publish routed to it. Removed with the namespace.
+    /// Returns its name.
+    pub async fn declare_refusing_queue(&self, exchange: &str, key: &str) -> String {
+        let name = format!(
+            "{}.refuse.{}",
+            self.ns,
+            self.queues.lock().expect("lock").len()
+        );
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(0));
+        args.insert(
+            "x-overflow".into(),
+            lapin::types::AMQPValue::LongString("reject-publish".into()),
+        );
+        self.channel
+            .queue_declare(name.as_str().into(), QueueDeclareOptions::default(), args)
+            .await
+            .expect("declare refusing queue");
+        self.channel
+            .queue_bind(
+                name.as_str().into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind refusing queue");
+        self.queues.lock().expect("lock").push(name.clone());
+        name
+    }
+
+    /// Deletes a queue now (e.g. a refusing queue, so publishes flow again).
+    pub async fn delete_queue(&self, queue: &str) {
+        self.channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete queue");
+    }
+
     /// Messages now in a queue.
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         let q = self
@@ -589,6 +631,20 @@ impl Proc {
         }
     }
 
+    /// As [`spawn`](Self::spawn), with stderr (the log) written to `log`
+    /// for the test to read.
+    pub fn spawn_logged(name: &str, env: &[(String, String)], log: &std::path::Path) -> Self {
+        let file = std::fs::File::create(log).expect("log file");
+        let mut cmd = Command::new(binary(name));
+        cmd.envs(env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file);
+        Proc {
+            child: cmd.spawn().expect("spawn kairos binary"),
+        }
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -845,6 +901,30 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Some((status, body))
+}
+
+/// Lines of a log file that contain `needle`.
+pub fn log_lines(log: &std::path::Path, needle: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// The sum over all label sets of a Prometheus metric a process exposes on
+/// `port` (0 when it is not there yet).
+pub fn metric(port: u16, name: &str) -> f64 {
+    let Some((200, body)) = http_get(port, "/metrics") else {
+        return 0.0;
+    };
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A free local address for a scheduler's HTTP API (bound, then released).

@@ -171,6 +171,7 @@ impl Worker {
                     slots: slots.clone(),
                     default_timeout: config.task_timeout_ms.map(Duration::from_millis),
                     broken: broken.clone(),
+                    shutdown: cancel.clone(),
                 });
                 channels.push(shared.disposition.channel().clone());
                 tracing::info!("connected to RabbitMQ");
