@@ -631,15 +631,21 @@ impl Proc {
         }
     }
 
-    /// As [`spawn`](Self::spawn), with stderr (the log) written to `log`
-    /// for the test to read.
+    /// As [`spawn`](Self::spawn), with the output (the log goes to stdout)
+    /// appended to `log` for the test to read.
     pub fn spawn_logged(name: &str, env: &[(String, String)], log: &std::path::Path) -> Self {
-        let file = std::fs::File::create(log).expect("log file");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let err = file.try_clone().expect("log file");
         let mut cmd = Command::new(binary(name));
         cmd.envs(env.iter().cloned())
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file);
+            .stdout(file)
+            .stderr(err);
         Proc {
             child: cmd.spawn().expect("spawn kairos binary"),
         }
