@@ -130,18 +130,20 @@ impl Pump {
         let max_inflight_tasks = MAX_INFLIGHT * self.batch * self.queue.shard_count();
         let mut clock = RedisClock::new();
         let mut backoff = Backoff::new();
-        let mut blocked = publisher.blocked();
+        let blocked = publisher.blocked();
         let result = loop {
             if cancel.is_cancelled() {
                 break Ok(());
             }
             if blocked.is_blocked() {
-                tracing::warn!(
-                    "RabbitMQ blocks publishing; the pump claims nothing until it unblocks"
-                );
-                if !blocked.wait_unblocked(&cancel).await {
+                tracing::warn!("RabbitMQ blocks publishing (resource alarm); the pump claims nothing until it unblocks");
+                metrics::gauge!("kairos_scheduler_broker_blocked").set(1.0);
+                let unblocked = blocked.wait_unblocked(&cancel).await;
+                metrics::gauge!("kairos_scheduler_broker_blocked").set(0.0);
+                if !unblocked {
                     break Ok(());
                 }
+                tracing::info!("RabbitMQ unblocked publishing; the pump resumes");
                 continue;
             }
             let claim = match self

@@ -108,61 +108,44 @@ impl Default for Backoff {
 /// even acks or a close, until `connection.unblocked`: a publish, a confirm
 /// wait or a close started meanwhile waits for the alarm to clear. Callers
 /// use this to stop starting such work and to answer promptly instead.
-#[derive(Clone, Debug)]
+///
+/// It reads lapin's connection status rather than its event stream: that
+/// stream is one queue shared by all its listeners, so each event reaches
+/// only one of them.
+#[derive(Clone)]
 pub struct Blocked {
-    rx: tokio::sync::watch::Receiver<bool>,
+    status: Option<lapin::ConnectionStatus>,
 }
 
 impl Blocked {
-    /// Follows `conn`'s blocked/unblocked notifications until the connection
-    /// or every clone of the returned value is gone.
+    /// How often [`wait_unblocked`](Self::wait_unblocked) looks again.
+    const POLL: Duration = Duration::from_millis(100);
+
+    /// Follows `conn`'s blocked/unblocked state.
     pub fn watch(conn: &Connection) -> Self {
-        use futures_util::StreamExt;
-        let (tx, rx) = tokio::sync::watch::channel(conn.status().blocked());
-        let mut events = conn.events_listener();
-        tokio::spawn(async move {
-            loop {
-                let event = tokio::select! {
-                    _ = tx.closed() => return,
-                    e = events.next() => e,
-                };
-                match event {
-                    Some(lapin::Event::ConnectionBlocked(reason)) => {
-                        tracing::warn!(%reason, "RabbitMQ blocks publishing (resource alarm)");
-                        metrics::gauge!("kairos_amqp_blocked").set(1.0);
-                        let _ = tx.send(true);
-                    }
-                    Some(lapin::Event::ConnectionUnblocked) => {
-                        tracing::info!("RabbitMQ unblocked publishing");
-                        metrics::gauge!("kairos_amqp_blocked").set(0.0);
-                        let _ = tx.send(false);
-                    }
-                    Some(_) => {}
-                    None => return,
-                }
-            }
-        });
-        Blocked { rx }
+        Blocked {
+            status: Some(conn.status().clone()),
+        }
     }
 
     /// Never blocked: for code run without a broker connection of its own.
     pub fn never() -> Self {
-        let (_tx, rx) = tokio::sync::watch::channel(false);
-        Blocked { rx }
+        Blocked { status: None }
     }
 
     pub fn is_blocked(&self) -> bool {
-        *self.rx.borrow()
+        self.status.as_ref().is_some_and(|s| s.blocked())
     }
 
-    /// Returns at once when not blocked, else when unblocked or `cancel`
-    /// fires (then `false`). A watcher that ended (connection gone) counts
-    /// as unblocked: the caller's next broker call fails on its own.
-    pub async fn wait_unblocked(&mut self, cancel: &CancellationToken) -> bool {
-        tokio::select! {
-            _ = cancel.cancelled() => false,
-            _ = self.rx.wait_for(|blocked| !*blocked) => true,
+    /// Returns at once when not blocked, else once unblocked (`true`) or
+    /// when `cancel` fires (`false`).
+    pub async fn wait_unblocked(&self, cancel: &CancellationToken) -> bool {
+        while self.is_blocked() {
+            if !sleep_or_cancel(Self::POLL, cancel).await {
+                return false;
+            }
         }
+        true
     }
 }
 
