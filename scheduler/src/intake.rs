@@ -37,6 +37,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+/// How long a batch may still take once the intake was told to stop.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
 /// Which queue an intake consumes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -123,7 +126,19 @@ impl Intake {
             if !take_ready(&mut consumer, &mut batch, self.batch)? {
                 return Err(IntakeError::Cancelled(self.source));
             }
-            let dead = self.handle(batch, &cancel).await?;
+            // A batch stuck after a stop (a blocked broker takes no ack
+            // until its alarm clears) is given up: whatever it had not
+            // acked comes back, and its Redis writes are idempotent.
+            let dead = tokio::select! {
+                r = self.handle(batch, &cancel) => r?,
+                _ = async {
+                    cancel.cancelled().await;
+                    tokio::time::sleep(STOP_WAIT).await;
+                } => {
+                    tracing::warn!("stopping: an intake batch did not finish in time; RabbitMQ redelivers what it had not acked");
+                    return Ok(());
+                }
+            };
             if dead.refused > 0 {
                 let pause = refusals.next_delay();
                 tracing::warn!(refused = dead.refused, retry_in_ms = pause.as_millis() as u64, "the broker refused dead letters; their messages went back to the queue; pausing the intake");
