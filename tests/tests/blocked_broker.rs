@@ -100,12 +100,13 @@ async fn a_blocked_broker_pauses_the_pump_and_loses_nothing() {
     })
     .await;
 
-    // Twenty tasks held in Redis, due 3 s from now, then the alarm.
+    // Twenty tasks held in Redis, due 10 s from now (rabbitmqctl takes a
+    // few seconds on a loaded machine), then the alarm.
     let messages = (0..20)
         .map(|i| {
             let props = with_headers(
                 task_props("kairos.noop", &format!("t-{i}")),
-                &[(H_DELAY_MS, AMQPValue::LongLongInt(3_000))],
+                &[(H_DELAY_MS, AMQPValue::LongLongInt(10_000))],
             );
             ("default".to_string(), props, Vec::new())
         })
@@ -119,6 +120,11 @@ async fn a_blocked_broker_pauses_the_pump_and_loses_nothing() {
         let r = &rabbit;
         tokio::task::block_in_place(|| r.block_publishers());
     }
+    assert_eq!(
+        delay_queue_counts(&env).await,
+        (0, 20),
+        "the alarm came after the tasks fell due: the test needs a longer delay"
+    );
 
     // The pump publishes the due tasks, is blocked, gives their confirms
     // up at half the lease and releases them, then claims nothing.
@@ -167,6 +173,33 @@ async fn a_blocked_broker_pauses_the_pump_and_loses_nothing() {
     }
     assert!(refused >= 2, "a blocked broker must answer 503");
 
+    // One more task through a fresh connection (RabbitMQ takes its first
+    // publish): the intake holds it, but its ack cannot go out on the
+    // blocked connection, so the intake is mid-batch when SIGTERM comes.
+    let before = delay_queue_counts(&env).await.1;
+    let late = kairos_shared::amqp::connect(&env.amqp_url, "kairos-test-late")
+        .await
+        .expect("connect");
+    let late_channel = late.create_channel().await.expect("channel");
+    let props = with_headers(
+        task_props("kairos.noop", "late-0"),
+        &[(H_DELAY_MS, AMQPValue::LongLongInt(0))],
+    );
+    let _ = late_channel
+        .basic_publish(
+            env.names.delay().as_str().into(),
+            "default".into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"",
+            props,
+        )
+        .await
+        .expect("publish");
+    eventually(Duration::from_secs(30), "the late task held", async || {
+        delay_queue_counts(&env).await.1 == before + 1
+    })
+    .await;
+
     // SIGTERM while blocked: the scheduler still exits within the grace.
     let stopping = Instant::now();
     let status = tokio::task::block_in_place(|| scheduler.terminate(Duration::from_secs(60)));
@@ -204,7 +237,11 @@ async fn a_blocked_broker_pauses_the_pump_and_loses_nothing() {
             .await
             .expect("ack");
     }
-    let tasks: HashSet<String> = (0..20).map(|i| format!("t-{i}")).chain(accepted).collect();
+    let tasks: HashSet<String> = (0..20)
+        .map(|i| format!("t-{i}"))
+        .chain(accepted)
+        .chain(["late-0".to_string()])
+        .collect();
     assert!(
         tasks.is_subset(&ids),
         "missing: {:?}",
