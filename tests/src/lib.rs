@@ -1040,21 +1040,6 @@ pub fn log_lines(log: &std::path::Path, needle: &str) -> usize {
         .count()
 }
 
-/// The sum over all label sets of a Prometheus metric a process exposes on
-/// `port` (0 when it is not there yet).
-pub fn metric(port: u16, name: &str) -> f64 {
-    let Some((200, body)) = http_get(port, "/metrics") else {
-        return 0.0;
-    };
-    body.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A free local address for a scheduler's HTTP API (bound, then released).
 pub fn free_addr() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
