@@ -185,7 +185,8 @@ async fn a_blocked_broker_pauses_the_pump_and_loses_nothing() {
         task_props("kairos.noop", "late-0"),
         &[(H_DELAY_MS, AMQPValue::LongLongInt(0))],
     );
-    let _ = late_channel
+    // No confirm mode on this channel: nothing to await after the write.
+    let _written = late_channel
         .basic_publish(
             env.names.delay().as_str().into(),
             "default".into(),
