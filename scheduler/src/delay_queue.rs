@@ -464,7 +464,7 @@ impl RedisDelayQueue {
     }
 
     async fn complete_as(&self, done: &[&Claimed], again: &str) -> Result<(), QueueError> {
-        self.per_shard(&COMPLETE, done, Some(again), |c, cmd| {
+        self.per_shard(&COMPLETE, done, &[again.to_string()], |c, cmd| {
             cmd.arg(&c.member);
         })
         .await
@@ -472,7 +472,18 @@ impl RedisDelayQueue {
 
     /// Puts tasks whose publish failed back into the due index at once.
     pub async fn release(&self, failed: &[&Claimed]) -> Result<(), QueueError> {
-        self.per_shard(&RELEASE, failed, None, |c, cmd| {
+        self.release_after(failed, 0).await
+    }
+
+    /// Puts tasks back into the due index, due no sooner than `delay_ms`
+    /// from now by Redis's clock (their own due time if later): for
+    /// publishes the broker refused, which would be refused again at once.
+    pub async fn release_after(
+        &self,
+        failed: &[&Claimed],
+        delay_ms: u64,
+    ) -> Result<(), QueueError> {
+        self.per_shard(&RELEASE, failed, &[delay_ms.to_string()], |c, cmd| {
             cmd.arg(&c.member).arg(c.due);
         })
         .await
@@ -482,7 +493,7 @@ impl RedisDelayQueue {
         &self,
         script: &redis::Script,
         items: &[&Claimed],
-        first_arg: Option<&str>,
+        lead: &[String],
         add: impl Fn(&Claimed, &mut redis::Cmd),
     ) -> Result<(), QueueError> {
         let mut by_shard: Vec<Vec<&Claimed>> = vec![Vec::new(); self.shards.len()];
@@ -496,7 +507,7 @@ impl RedisDelayQueue {
             }
             let keys = &self.shards[shard];
             let mut cmd = evalsha(script, &[&keys.due, &keys.rec, &keys.lease]);
-            if let Some(a) = first_arg {
+            for a in lead {
                 cmd.arg(a);
             }
             for c in group {

@@ -9,6 +9,12 @@
 //! If the process dies after the Redis write and before the ack, RabbitMQ
 //! redelivers; the first-submission-wins rule turns the second write into a
 //! no-op.
+//!
+//! A dead letter the broker refuses (a nack: `NS.dead` at a max-length with
+//! `reject-publish`) leaves its delivery unacked: it is nacked back to its
+//! queue on its own, the rest of the batch is acked around it, and the
+//! intake pauses (growing while refusals go on) before the next batch, so
+//! the message is not taken again at once and the session is not restarted.
 
 use crate::delay_queue::{member, Entry, Held, QueueError, RedisDelayQueue};
 use crate::publisher::Publisher;
@@ -27,12 +33,15 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, Bas
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// How often a hold whose reply did not come is repeated before the batch
 /// goes back to RabbitMQ.
 const UNKNOWN_OUTCOME_REPEATS: u32 = 3;
+/// How long a batch may still take once the intake was told to stop.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// Which queue an intake consumes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,8 +56,13 @@ pub enum IntakeError {
     Amqp(#[from] lapin::Error),
     #[error("the broker cancelled the {0:?} consumer")]
     Cancelled(Source),
-    #[error("a dead letter was not confirmed: {0}")]
-    DeadLetter(String),
+}
+
+/// What became of a batch's dead letters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct DeadOutcome {
+    confirmed: usize,
+    refused: usize,
 }
 
 pub struct Intake {
@@ -105,6 +119,8 @@ impl Intake {
         // batch comes back from RabbitMQ at once, and retrying it at a fixed
         // pace would keep Redis and the broker busy for nothing.
         let mut backoff = Backoff::new();
+        // Paces batches after the broker refused dead letters.
+        let mut refusals = Backoff::new();
         loop {
             let first = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -117,10 +133,35 @@ impl Intake {
             if !take_ready(&mut consumer, &mut batch, self.batch)? {
                 return Err(IntakeError::Cancelled(self.source));
             }
-            if self.handle(batch, &cancel).await? {
-                backoff.reset();
-            } else if !sleep_or_cancel(backoff.next_delay(), &cancel).await {
-                return Ok(());
+            // A batch stuck after a stop (a blocked broker takes no ack
+            // until its alarm clears) is given up: whatever it had not
+            // acked comes back, and its Redis writes are idempotent.
+            let handled = tokio::select! {
+                r = self.handle(batch, &cancel) => r?,
+                _ = async {
+                    cancel.cancelled().await;
+                    tokio::time::sleep(STOP_WAIT).await;
+                } => {
+                    tracing::warn!("stopping: an intake batch did not finish in time; RabbitMQ redelivers what it had not acked");
+                    return Ok(());
+                }
+            };
+            let Some(dead) = handled else {
+                // Redis refused the batch: it went back to RabbitMQ.
+                if !sleep_or_cancel(backoff.next_delay(), &cancel).await {
+                    return Ok(());
+                }
+                continue;
+            };
+            backoff.reset();
+            if dead.refused > 0 {
+                let pause = refusals.next_delay();
+                tracing::warn!(refused = dead.refused, retry_in_ms = pause.as_millis() as u64, "the broker refused dead letters; their messages went back to the queue; pausing the intake");
+                if !sleep_or_cancel(pause, &cancel).await {
+                    return Ok(());
+                }
+            } else if dead.confirmed > 0 {
+                refusals.reset();
             }
         }
     }
@@ -131,7 +172,7 @@ impl Intake {
         &self,
         batch: Vec<Delivery>,
         cancel: &CancellationToken,
-    ) -> Result<bool, IntakeError> {
+    ) -> Result<Option<DeadOutcome>, IntakeError> {
         let plans: Vec<Plan> = {
             // ThreadRng is not Send: keep it out of the awaits below.
             let mut rng = rand::rng();
@@ -154,7 +195,7 @@ impl Intake {
             Ok(held) => match self.until_replicated(held, &entries, cancel).await {
                 Some(s) => s,
                 // Stopping: the unacked batch returns to RabbitMQ.
-                None => return Ok(true),
+                None => return Ok(Some(DeadOutcome::default())),
             },
             Err(err) => {
                 tracing::warn!(cause = %err, count = batch.len(), "cannot write to the delay queue; returning the batch to RabbitMQ");
@@ -167,7 +208,7 @@ impl Intake {
                         })
                         .await?;
                 }
-                return Ok(false);
+                return Ok(None);
             }
         };
 
@@ -176,9 +217,11 @@ impl Intake {
             self.wake.notify_one();
         }
 
-        // 2. Dead letters, confirmed before anything is acked.
+        // 2. Dead letters, confirmed before anything is acked. A channel
+        //    error ends the session (the batch comes back); a nack marks
+        //    its delivery as refused.
         let mut confirms = Vec::new();
-        for p in &plans {
+        for (i, p) in plans.iter().enumerate() {
             if let Plan::Dead {
                 origin,
                 props,
@@ -186,22 +229,48 @@ impl Intake {
                 ..
             } = p
             {
-                confirms.push(
-                    self.publisher
-                        .publish_dead(origin, (**props).clone(), body)
-                        .await?,
-                );
+                let confirm = self
+                    .publisher
+                    .publish_dead(origin, (**props).clone(), body)
+                    .await?;
+                confirms.push(async move { (i, confirm.await) });
             }
         }
-        for c in join_all(confirms).await {
-            check(c?).map_err(|e| IntakeError::DeadLetter(e.to_string()))?;
+        let mut refused = vec![false; batch.len()];
+        let mut outcome = DeadOutcome::default();
+        for (i, c) in join_all(confirms).await {
+            if let Err(err) = check(c?) {
+                tracing::warn!(cause = %err, queue = %batch[i].routing_key, "dead letter refused; its message goes back to the queue");
+                refused[i] = true;
+                outcome.refused += 1;
+            } else {
+                outcome.confirmed += 1;
+            }
         }
 
-        // 3. Ack the whole batch at once: it is every unacked delivery on
-        //    this channel up to the last tag.
-        if let Some(last) = batch.last() {
+        // 3. Ack the batch. Without refusals: one multiple-ack of the last
+        //    tag, which is every unacked delivery of this channel up to it.
+        //    With refusals, a multiple-ack must not reach a refused
+        //    delivery while it is unacked: each is nacked back (requeue)
+        //    first, awaited, then the others are acked with one
+        //    multiple-ack of the highest tag not refused (a tag already
+        //    nacked is not unacked any more, so the range skips it; acking
+        //    a nacked tag itself would close the channel). If the process
+        //    dies before the nacks, the whole batch comes back (the holds
+        //    are idempotent); after them, the acked part is lost to nobody
+        //    and the rest comes back likewise.
+        for (d, _) in batch.iter().zip(&refused).filter(|(_, r)| **r) {
+            d.acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await?;
+        }
+        if let Some((last, _)) = batch.iter().zip(&refused).rev().find(|(_, r)| !**r) {
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
         }
+        metrics::counter!("kairos_scheduler_dead_refused_total").increment(outcome.refused as u64);
 
         // 4. Report.
         let source = match self.source {
@@ -210,10 +279,10 @@ impl Intake {
         };
         let held = scheduled.iter().filter(|s| s.added).count();
         metrics::counter!("kairos_scheduler_held_total", "source" => source).increment(held as u64);
-        let dead = plans.len() - entries.len();
-        metrics::counter!("kairos_scheduler_dead_total", "source" => source).increment(dead as u64);
+        metrics::counter!("kairos_scheduler_dead_total", "source" => source)
+            .increment(outcome.confirmed as u64);
         let mut results = scheduled.iter();
-        for p in &plans {
+        for (p, _) in plans.iter().zip(&refused).filter(|(_, r)| !**r) {
             match p {
                 Plan::Hold { task, kind, .. } => {
                     if let Some(s) = results.next() {
@@ -239,7 +308,7 @@ impl Intake {
                 }
             }
         }
-        Ok(true)
+        Ok(Some(outcome))
     }
 
     /// Holds the entries; a call whose reply did not come (a stalled Redis)

@@ -45,7 +45,9 @@ pub use config::Config;
 
 use delay_queue::RedisDelayQueue;
 use intake::{Intake, IntakeError, Source};
-use kairos_shared::amqp::{close_connection, connect_with_retry, sleep_or_cancel, Backoff};
+use kairos_shared::amqp::{
+    close_connection, connect_with_retry, sleep_or_cancel, Backoff, Blocked,
+};
 use kairos_shared::events::EventSink;
 use kairos_shared::supervise::{supervise, Health};
 use kairos_shared::topology;
@@ -206,6 +208,7 @@ pub async fn run(
         batch: usize::from(config.batch),
         lease_ms: config.lease_ms,
         idle: Duration::from_millis(config.idle_ms),
+        refusals: Default::default(),
     };
     let schedules = start_schedules(
         &config,
@@ -224,6 +227,9 @@ pub async fn run(
         let Some(conn) = connect_with_retry(&broker, "kairos-scheduler", &cancel).await else {
             break;
         };
+        // A blocked connection writes nothing, not even its close: the
+        // close is then not waited for long (see `close_within`).
+        let blocked = Blocked::watch(&conn);
         let session = async {
             let channel = conn.create_channel().await?;
             topology::declare_base(&channel, &names).await?;
@@ -287,12 +293,12 @@ pub async fn run(
                 }
                 tracing::warn!(cause = %err, "AMQP session ended; reconnecting");
                 health.mark_failed("amqp_session", &err.to_string());
-                close_connection(&conn, "reconnecting", CLOSE_WITHIN).await;
+                close_connection(&conn, "reconnecting", close_within(&blocked)).await;
                 sleep_or_cancel(backoff.next_delay(), &cancel).await;
                 continue;
             }
         }
-        close_connection(&conn, "shutdown", CLOSE_WITHIN).await;
+        close_connection(&conn, "shutdown", close_within(&blocked)).await;
     }
     let _ = listener.await;
     let _ = pending.await;
@@ -303,6 +309,16 @@ pub async fn run(
     events.close(EVENTS_FLUSH).await;
     tracing::info!("scheduler stopped");
     Ok(())
+}
+
+/// How long to wait for the broker to confirm a close: not long while it
+/// blocks the connection, as lapin cannot even send the close then.
+fn close_within(blocked: &Blocked) -> Duration {
+    if blocked.is_blocked() {
+        Duration::from_millis(500)
+    } else {
+        CLOSE_WITHIN
+    }
 }
 
 /// Keeps the `kairos_scheduler_pending` gauge (tasks waiting or leased in

@@ -2,6 +2,7 @@
 //! to `NS.dead`, on one channel in confirm mode. Callers hold on to the
 //! returned [`PublisherConfirm`]s, so many confirms are outstanding at once.
 
+use kairos_shared::amqp::Blocked;
 use kairos_shared::contract::{Names, Task};
 use kairos_shared::short::short;
 use kairos_shared::topology::{DeclareError, QueueCache};
@@ -12,6 +13,7 @@ pub struct Publisher {
     channel: Channel,
     names: Names,
     declared: QueueCache,
+    blocked: Blocked,
 }
 
 impl Publisher {
@@ -24,7 +26,14 @@ impl Publisher {
             channel,
             names,
             declared: QueueCache::default(),
+            blocked: Blocked::watch(conn),
         })
+    }
+
+    /// Whether the broker blocks this connection's publishing (a resource
+    /// alarm), followed as it changes.
+    pub fn blocked(&self) -> Blocked {
+        self.blocked.clone()
     }
 
     /// Publishes many due tasks, all handed to lapin together: each publish

@@ -21,11 +21,27 @@
 //! shard) every millisecond or two. The lead also absorbs a claim held up
 //! behind other scripts in a busy Redis (W5 at 10,000 ticks a second saw
 //! claims take 30 ms at p90 and 50 ms at p99): the task is still on time.
+//!
+//! Misbehaving broker:
+//! * A publish the broker nacks (`NS.q.QUEUE` at a max-length with
+//!   `reject-publish`) goes back to the due index no sooner than a pause
+//!   that grows per task queue while its refusals go on ([`Refusals`]), so
+//!   a full queue is not claimed and published again in a tight loop, and
+//!   the other queues keep flowing.
+//! * While RabbitMQ blocks publishing (a memory or disk alarm) the pump
+//!   claims nothing: a claim would only add publishes to lapin's buffer,
+//!   which writes nothing until the alarm clears, and re-claim the same
+//!   tasks as their leases expire. Confirm waits end at half the lease
+//!   ([`Pump::confirm_timeout`]), and [`STOP_CONFIRM_WAIT`] after a stop,
+//!   so a stopping scheduler exits while the broker blocks. A task whose
+//!   confirm did not come in time is released: if lapin still delivers
+//!   it once the alarm clears, it is published twice (a duplicate, never
+//!   a loss).
 
 use crate::delay_queue::{Claimed, QueueError, RedisDelayQueue};
 use crate::publisher::Publisher;
 use crate::redis_clock::{ClockMap, RedisClock};
-use futures_util::future::join_all;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use kairos_shared::amqp::now_ms;
 use kairos_shared::amqp::{sleep_or_cancel, Backoff};
 use kairos_shared::contract::Task;
@@ -35,7 +51,8 @@ use kairos_shared::record;
 use kairos_shared::topology::DeclareError;
 use lapin::types::AMQPValue;
 use lapin::{Confirmation, PublisherConfirm};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -56,6 +73,31 @@ const CLAIM_AHEAD_MS: i64 = 100;
 /// else falls within [`CLAIM_AHEAD_MS`]).
 const CLAIM_LEAD_MS: i64 = 60;
 
+/// How long confirms are still awaited once the pump was told to stop.
+/// Unblocked, they take milliseconds; blocked, none may come before the
+/// alarm clears, and the process must exit within its stop grace.
+const STOP_CONFIRM_WAIT: Duration = Duration::from_secs(2);
+
+/// Per task queue, how long to hold back tasks whose publish the broker
+/// refused; the pause grows while the refusals go on and ends with the
+/// first publish to that queue the broker accepts.
+#[derive(Clone, Default)]
+pub struct Refusals(Arc<Mutex<HashMap<String, Backoff>>>);
+
+impl Refusals {
+    fn refused(&self, queue: &str) -> Duration {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(queue.to_string()).or_default().next_delay()
+    }
+
+    fn accepted(&self, queue: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !map.is_empty() {
+            map.remove(queue);
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PumpError {
     #[error("AMQP: {0}")]
@@ -74,6 +116,7 @@ pub struct Pump {
     /// Longest sleep with nothing due: also how often expired leases are
     /// looked for when nothing else wakes the pump.
     pub idle: Duration,
+    pub refusals: Refusals,
 }
 
 impl Pump {
@@ -93,9 +136,21 @@ impl Pump {
         let max_inflight_tasks = MAX_INFLIGHT * self.batch * self.queue.shard_count();
         let mut clock = RedisClock::new();
         let mut backoff = Backoff::new();
+        let blocked = publisher.blocked();
         let result = loop {
             if cancel.is_cancelled() {
                 break Ok(());
+            }
+            if blocked.is_blocked() {
+                tracing::warn!("RabbitMQ blocks publishing (resource alarm); the pump claims nothing until it unblocks");
+                metrics::gauge!("kairos_scheduler_broker_blocked").set(1.0);
+                let unblocked = blocked.wait_unblocked(&cancel).await;
+                metrics::gauge!("kairos_scheduler_broker_blocked").set(0.0);
+                if !unblocked {
+                    break Ok(());
+                }
+                tracing::info!("RabbitMQ unblocked publishing; the pump resumes");
+                continue;
             }
             let claim = match self
                 .queue
@@ -217,6 +272,12 @@ impl Pump {
         self.settle(&publisher, batches, &stop).await
     }
 
+    /// How long a batch's confirms are awaited: well within the lease, so
+    /// its tasks are settled here before another claim could take them.
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_millis(self.lease_ms / 2)
+    }
+
     /// Hands a claimed batch to the broker. A publish that fails leaves its
     /// task unsettled (released by [`settle`](Self::settle)) and is
     /// returned, so the caller can reconnect. A task that can never be
@@ -252,7 +313,21 @@ impl Pump {
             }
         }
         let tasks: Vec<&Task> = decoded.iter().map(|(_, t)| t).collect();
-        let results = publisher.publish_ready_many(&tasks).await;
+        let deadline = Instant::now() + self.confirm_timeout();
+        // A publish resolves once lapin wrote it, which it does not while
+        // the broker blocks the connection: bounded like the confirms. One
+        // that timed out stays unsettled and is released.
+        let results =
+            match tokio::time::timeout_at(deadline, publisher.publish_ready_many(&tasks)).await {
+                Ok(results) => results,
+                Err(_) => {
+                    tracing::warn!(
+                        count = tasks.len(),
+                        "publishes not written in time (is the broker blocking?); releasing them"
+                    );
+                    Vec::new()
+                }
+            };
 
         let mut sent = Vec::with_capacity(decoded.len());
         let mut failure = None;
@@ -282,6 +357,8 @@ impl Pump {
                 settled,
                 sent,
                 dead,
+                refused: Vec::new(),
+                deadline,
             },
             failure,
         )
@@ -297,39 +374,61 @@ impl Pump {
         stop: &CancellationToken,
     ) -> Result<usize, PumpError> {
         let mut published = Vec::new();
+        let mut unconfirmed = 0;
         for b in &mut batches {
             let (tasks, confirms): (Vec<_>, Vec<_>) = std::mem::take(&mut b.sent)
                 .into_iter()
                 .map(|(i, task, confirm)| ((i, task), confirm))
                 .unzip();
-            for ((i, task), outcome) in tasks.into_iter().zip(join_all(confirms).await) {
+            let outcomes = confirmations(confirms, b.deadline, stop).await;
+            for ((i, task), outcome) in tasks.into_iter().zip(outcomes) {
                 match outcome {
-                    Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => {
+                    Some(Ok(Confirmation::Ack(None))) | Some(Ok(Confirmation::NotRequested)) => {
                         b.settled[i] = true;
+                        self.refusals.accepted(&task.queue);
                         published.push((task, b.claimed[i].due));
                     }
-                    Ok(Confirmation::Ack(Some(_))) => {
+                    Some(Ok(Confirmation::Ack(Some(_)))) => {
                         tracing::warn!(queue = %task.queue, "task queue vanished; declaring it again");
                         publisher.forget_queue(&task.queue);
                     }
-                    Ok(Confirmation::Nack(_)) | Err(_) => {}
+                    Some(Ok(Confirmation::Nack(_))) => b.refused.push((i, task.queue)),
+                    Some(Err(_)) => {}
+                    None => unconfirmed += 1,
                 }
             }
             // Dead letters: deleted once `NS.dead` has them.
-            for (i, confirm) in std::mem::take(&mut b.dead) {
-                if let Ok(Confirmation::Ack(_) | Confirmation::NotRequested) = confirm.await {
-                    b.settled[i] = true;
-                    metrics::counter!("kairos_scheduler_dead_total", "source" => "pump")
-                        .increment(1);
+            let (dead, confirms): (Vec<usize>, Vec<_>) =
+                std::mem::take(&mut b.dead).into_iter().unzip();
+            let outcomes = confirmations(confirms, b.deadline, stop).await;
+            for (i, outcome) in dead.into_iter().zip(outcomes) {
+                match outcome {
+                    Some(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => {
+                        b.settled[i] = true;
+                        metrics::counter!("kairos_scheduler_dead_total", "source" => "pump")
+                            .increment(1);
+                    }
+                    None => unconfirmed += 1,
+                    Some(_) => {}
                 }
             }
         }
+        if unconfirmed > 0 {
+            tracing::warn!(
+                count = unconfirmed,
+                "confirms not received in time (is the broker blocking?); releasing those tasks"
+            );
+        }
         let (mut done, mut failed) = (Vec::new(), Vec::new());
+        let mut refused: HashMap<&str, Vec<&Claimed>> = HashMap::new();
         for b in &batches {
-            for (c, ok) in b.claimed.iter().zip(&b.settled) {
+            for (i, queue) in &b.refused {
+                refused.entry(queue).or_default().push(&b.claimed[*i]);
+            }
+            for (i, (c, ok)) in b.claimed.iter().zip(&b.settled).enumerate() {
                 if *ok {
                     done.push(c);
-                } else {
+                } else if !b.refused.iter().any(|(r, _)| *r == i) {
                     failed.push(c);
                 }
             }
@@ -347,6 +446,18 @@ impl Pump {
         .await;
         self.until_answered("release", stop, |_| self.queue.release(&failed))
             .await;
+        let refused_count: usize = refused.values().map(Vec::len).sum();
+        for (queue, tasks) in refused {
+            let pause = self.refusals.refused(queue);
+            tracing::warn!(%queue, count = tasks.len(), retry_in_ms = pause.as_millis() as u64, "the broker refused publishes (nack); holding those tasks back");
+            metrics::counter!("kairos_scheduler_publish_refused_total", "queue" => queue.to_string())
+                .increment(tasks.len() as u64);
+            let (tasks, pause_ms) = (&tasks, pause.as_millis() as u64);
+            self.until_answered("release", stop, |_| {
+                self.queue.release_after(tasks, pause_ms)
+            })
+            .await;
+        }
         let now = kairos_shared::amqp::now_ms();
         metrics::counter!("kairos_scheduler_published_total").increment(published.len() as u64);
         for (task, due) in &published {
@@ -355,7 +466,7 @@ impl Pump {
             self.events
                 .task(EventKind::Published, task, Some(*due), None);
         }
-        Ok(done.len() + failed.len())
+        Ok(done.len() + failed.len() + refused_count)
     }
 
     /// Runs `call` until Redis answers it, backing off, for as long as the
@@ -406,6 +517,46 @@ struct Sent {
     sent: Vec<(usize, Task, PublisherConfirm)>,
     /// (index in `claimed`, the confirm of its dead letter).
     dead: Vec<(usize, PublisherConfirm)>,
+    /// (index in `claimed`, its queue): the broker nacked the publish.
+    refused: Vec<(usize, String)>,
+    /// Confirms not in by then are given up on.
+    deadline: Instant,
+}
+
+/// Awaits `confirms` until `deadline`, or [`STOP_CONFIRM_WAIT`] after
+/// `stop` fires if that is sooner. One result per confirm, in order; `None`
+/// for one that did not come in time.
+async fn confirmations(
+    confirms: Vec<PublisherConfirm>,
+    deadline: Instant,
+    stop: &CancellationToken,
+) -> Vec<Option<lapin::Result<Confirmation>>> {
+    let mut out: Vec<Option<lapin::Result<Confirmation>>> = confirms.iter().map(|_| None).collect();
+    let mut pending: FuturesUnordered<_> = confirms
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| async move { (i, c.await) })
+        .collect();
+    let give_up = async {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = async {
+                stop.cancelled().await;
+                tokio::time::sleep(STOP_CONFIRM_WAIT).await;
+            } => {}
+        }
+    };
+    tokio::pin!(give_up);
+    loop {
+        tokio::select! {
+            next = pending.next() => match next {
+                Some((i, outcome)) => out[i] = Some(outcome),
+                None => break,
+            },
+            _ = &mut give_up => break,
+        }
+    }
+    out
 }
 
 /// How long to sleep after a claim that ran at `now` (Redis clock) and saw

@@ -9,7 +9,13 @@
 //! * `GET /healthz`: 200 while the process runs
 //!
 //! Errors are JSON `{"error": "...", "field": "..."}`: 400 for bad input, 503
-//! when the broker cannot be reached.
+//! when the broker cannot be reached, blocks publishing (a resource alarm),
+//! or does not confirm within [`ENQUEUE_TIMEOUT`].
+//!
+//! Enqueues share one connection and channel, and only taking (or making)
+//! that connection is serialized: publish and confirm run outside the lock,
+//! so concurrent requests have their confirms outstanding together instead
+//! of queueing behind one another's round trip.
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
@@ -17,7 +23,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kairos_shared::amqp::Broker;
+use kairos_shared::amqp::{Blocked, Broker};
 use kairos_shared::client::{Client, ClientError};
 use kairos_shared::contract::Names;
 use kairos_shared::dead;
@@ -25,7 +31,13 @@ use kairos_shared::request::{RequestError, TaskRequest};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Mutex;
+
+/// The longest an enqueue waits for the broker (connect, publish and
+/// confirm) before answering 503. A blocked broker (resource alarm) takes
+/// publishes without confirming them until the alarm clears.
+pub const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Shared by the handlers: one broker connection, made on first use and
 /// made again after it failed.
@@ -33,7 +45,14 @@ use tokio::sync::Mutex;
 pub struct TaskApi {
     broker: Broker,
     names: Names,
-    client: Arc<Mutex<Option<Client>>>,
+    /// Held only to take a clone of the connected client or to connect.
+    client: Arc<Mutex<Option<Connected>>>,
+}
+
+#[derive(Clone)]
+struct Connected {
+    client: Arc<Client>,
+    blocked: Blocked,
 }
 
 impl TaskApi {
@@ -61,6 +80,8 @@ pub enum ApiError {
     Invalid(#[from] RequestError),
     #[error("broker: {0}")]
     Broker(String),
+    #[error("broker: RabbitMQ blocks publishing (memory or disk alarm); retry later")]
+    Blocked,
 }
 
 impl From<ClientError> for ApiError {
@@ -95,32 +116,72 @@ impl IntoResponse for ApiError {
                     json!({"error": self.to_string()}),
                 )
             }
+            ApiError::Blocked => {
+                let body = json!({"error": self.to_string()});
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, "5")],
+                    Json(body),
+                )
+                    .into_response();
+            }
         };
         (status, Json(body)).into_response()
     }
 }
 
-/// Runs `f` with a connected client; a broker failure drops the connection
-/// so the next request connects again.
+/// Runs `f` with the shared client, within [`ENQUEUE_TIMEOUT`]; a broker
+/// failure drops the connection so the next request connects again.
+///
+/// A timeout keeps the connection: lapin may still hold the publish and
+/// send it when the broker unblocks, so the task may yet be enqueued (the
+/// 503 says the outcome is unknown; a client retries with the same `id`).
 async fn with_client<T>(
     api: &TaskApi,
     f: impl AsyncFnOnce(&Client) -> Result<T, ClientError>,
 ) -> Result<T, ApiError> {
-    let mut guard = api.client.lock().await;
-    if guard.is_none() {
-        *guard = Some(Client::connect_to(&api.broker, api.names.namespace()).await?);
+    let connected = tokio::time::timeout(ENQUEUE_TIMEOUT, connected(api))
+        .await
+        .map_err(|_| ApiError::Broker("cannot connect in time".into()))??;
+    if connected.blocked.is_blocked() {
+        return Err(ApiError::Blocked);
     }
-    let client = guard
-        .as_ref()
-        .ok_or_else(|| ApiError::Broker("no connection".into()))?;
-    match f(client).await {
-        Ok(v) => Ok(v),
-        Err(e @ ClientError::Invalid(_)) => Err(e.into()),
-        Err(e) => {
-            *guard = None;
+    match tokio::time::timeout(ENQUEUE_TIMEOUT, f(&connected.client)).await {
+        Err(_) if connected.blocked.is_blocked() => Err(ApiError::Blocked),
+        Err(_) => Err(ApiError::Broker(format!(
+            "not confirmed within {} ms; the task may still be enqueued (retry with the same id)",
+            ENQUEUE_TIMEOUT.as_millis()
+        ))),
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e @ ClientError::Invalid(_))) => Err(e.into()),
+        Ok(Err(e)) => {
+            // Only the client that failed is dropped: another request may
+            // have replaced it already.
+            let mut guard = api.client.lock().await;
+            if guard
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(&c.client, &connected.client))
+            {
+                *guard = None;
+            }
             Err(e.into())
         }
     }
+}
+
+/// The shared client, connecting first if there is none.
+async fn connected(api: &TaskApi) -> Result<Connected, ApiError> {
+    let mut guard = api.client.lock().await;
+    if let Some(c) = guard.as_ref() {
+        return Ok(c.clone());
+    }
+    let client = Client::connect_to(&api.broker, api.names.namespace()).await?;
+    let c = Connected {
+        blocked: Blocked::watch(client.connection()),
+        client: Arc::new(client),
+    };
+    *guard = Some(c.clone());
+    Ok(c)
 }
 
 async fn enqueue(State(api): State<TaskApi>, body: Bytes) -> Result<Response, ApiError> {

@@ -99,11 +99,21 @@ pub async fn connect_with_retry(
     }
 }
 
-/// Reconnect pacing: 100 ms doubling to 5 s. Reset it after a connection
-/// that lived a while.
+/// Reconnect pacing: 100 ms doubling to 5 s, each delay jittered. Reset it
+/// after a connection that lived a while.
+///
+/// The jitter spreads reconnects: after a broker restart every process saw
+/// its connection drop at the same instant, and with plain doubling they all
+/// came back at the same instants too (a thundering herd of connects,
+/// declares and consumer registrations against a broker still warming up).
+/// Each delay is drawn uniformly from the upper half of its step ("equal
+/// jitter"): never below half the step, so a retry loop still backs off,
+/// and never above it, so the cap holds.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     next: Duration,
+    first: Duration,
+    max: Duration,
 }
 
 impl Backoff {
@@ -111,23 +121,93 @@ impl Backoff {
     const MAX: Duration = Duration::from_secs(5);
 
     pub fn new() -> Self {
-        Self { next: Self::FIRST }
+        Self::between(Self::FIRST, Self::MAX)
     }
 
+    /// Steps from `first` doubling up to `max`.
+    pub fn between(first: Duration, max: Duration) -> Self {
+        Self {
+            next: first,
+            first,
+            max: max.max(first),
+        }
+    }
+
+    /// The next delay: the current step, jittered, then the step doubles.
     pub fn next_delay(&mut self) -> Duration {
+        let step = self.next_step();
+        jitter(step, &mut rand::rng())
+    }
+
+    /// The next step without jitter.
+    fn next_step(&mut self) -> Duration {
         let now = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
+        self.next = (self.next * 2).min(self.max);
         now
     }
 
     pub fn reset(&mut self) {
-        self.next = Self::FIRST;
+        self.next = self.first;
     }
+}
+
+/// A delay drawn uniformly from `[step / 2, step]`.
+fn jitter(step: Duration, rng: &mut impl rand::Rng) -> Duration {
+    let half = step / 2;
+    let spread = (step - half).as_micros() as u64;
+    half + Duration::from_micros(rng.random_range(0..=spread))
 }
 
 impl Default for Backoff {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Whether the broker blocks this connection's publishes (a memory or disk
+/// alarm: RabbitMQ sends `connection.blocked` and stops reading from the
+/// connection). lapin then writes nothing at all on the connection, not
+/// even acks or a close, until `connection.unblocked`: a publish, a confirm
+/// wait or a close started meanwhile waits for the alarm to clear. Callers
+/// use this to stop starting such work and to answer promptly instead.
+///
+/// It reads lapin's connection status rather than its event stream: that
+/// stream is one queue shared by all its listeners, so each event reaches
+/// only one of them.
+#[derive(Clone)]
+pub struct Blocked {
+    status: Option<lapin::ConnectionStatus>,
+}
+
+impl Blocked {
+    /// How often [`wait_unblocked`](Self::wait_unblocked) looks again.
+    const POLL: Duration = Duration::from_millis(100);
+
+    /// Follows `conn`'s blocked/unblocked state.
+    pub fn watch(conn: &Connection) -> Self {
+        Blocked {
+            status: Some(conn.status().clone()),
+        }
+    }
+
+    /// Never blocked: for code run without a broker connection of its own.
+    pub fn never() -> Self {
+        Blocked { status: None }
+    }
+
+    pub fn is_blocked(&self) -> bool {
+        self.status.as_ref().is_some_and(|s| s.blocked())
+    }
+
+    /// Returns at once when not blocked, else once unblocked (`true`) or
+    /// when `cancel` fires (`false`).
+    pub async fn wait_unblocked(&self, cancel: &CancellationToken) -> bool {
+        while self.is_blocked() {
+            if !sleep_or_cancel(Self::POLL, cancel).await {
+                return false;
+            }
+        }
+        true
     }
 }
 
@@ -191,12 +271,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_to_a_cap_and_resets() {
+    fn backoff_steps_double_to_a_cap_and_reset() {
         let mut b = Backoff::new();
-        let seq: Vec<u64> = (0..8).map(|_| b.next_delay().as_millis() as u64).collect();
+        let seq: Vec<u64> = (0..8).map(|_| b.next_step().as_millis() as u64).collect();
         assert_eq!(seq, vec![100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         b.reset();
-        assert_eq!(b.next_delay(), Duration::from_millis(100));
+        assert_eq!(b.next_step(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn each_delay_is_jittered_within_the_upper_half_of_its_step() {
+        let mut b = Backoff::new();
+        for step_ms in [100u64, 200, 400, 800, 1600, 3200, 5000, 5000] {
+            let d = b.next_delay();
+            let step = Duration::from_millis(step_ms);
+            assert!(
+                d >= step / 2 && d <= step,
+                "{d:?} outside [{:?}, {step:?}]",
+                step / 2
+            );
+        }
+    }
+
+    #[test]
+    fn processes_reconnecting_together_spread_out() {
+        // 50 processes whose connections dropped at the same instant: their
+        // first five retries no longer land at the same instants.
+        let firsts: std::collections::BTreeSet<u128> = (0..50)
+            .map(|_| {
+                let mut b = Backoff::new();
+                (0..5).map(|_| b.next_delay()).sum::<Duration>().as_micros()
+            })
+            .collect();
+        assert!(
+            firsts.len() > 40,
+            "only {} distinct schedules",
+            firsts.len()
+        );
     }
 
     #[test]

@@ -226,6 +226,12 @@ impl Client {
         &self.names
     }
 
+    /// The client's connection, e.g. to follow whether the broker blocks
+    /// its publishing ([`crate::amqp::Blocked::watch`]).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
     /// Enqueues one task and waits for the broker's confirm. Returns its id.
     pub async fn enqueue(&self, task: NewTask) -> Result<String, ClientError> {
         let mut ids = self.enqueue_many(std::slice::from_ref(&task)).await?;

@@ -56,18 +56,26 @@ pub struct TestEnv {
     pub conn: Connection,
     pub channel: Channel,
     pub redis: redis::aio::MultiplexedConnection,
+    /// The broker of this test: the shared one, or an [`OwnRabbit`].
+    pub amqp_url: String,
     queues: Arc<Mutex<Vec<String>>>,
 }
 
 impl TestEnv {
     pub async fn new(prefix: &str) -> Self {
+        Self::on_broker(prefix, AMQP_URL).await
+    }
+
+    /// As [`new`](Self::new), on the broker at `amqp_url` (an
+    /// [`OwnRabbit`]); Redis is the shared one.
+    pub async fn on_broker(prefix: &str, amqp_url: &str) -> Self {
         init_logging();
         let ns = format!(
             "kt-{prefix}-{}",
             &uuid::Uuid::now_v7().simple().to_string()[22..]
         );
         let names = Names::new(&ns);
-        let conn = kairos_shared::amqp::connect(AMQP_URL, "kairos-test")
+        let conn = kairos_shared::amqp::connect(amqp_url, "kairos-test")
             .await
             .expect("RabbitMQ must run at 127.0.0.1:5672 (scripts/services.sh starts it)");
         let channel = conn.create_channel().await.expect("channel");
@@ -89,6 +97,7 @@ impl TestEnv {
             conn,
             channel,
             redis,
+            amqp_url: amqp_url.to_string(),
             queues: Arc::new(Mutex::new(Vec::new())),
         };
         env.declare_queue("default").await;
@@ -108,6 +117,7 @@ impl TestEnv {
 
     pub fn scheduler_config(&self) -> SchedulerConfig {
         let mut c = SchedulerConfig::for_namespace(&self.ns);
+        c.common.amqp_url = self.amqp_url.clone();
         c.common.events = true;
         c.retry_base_ms = 100;
         // Many schedulers share a test process: each takes a free port.
@@ -117,6 +127,7 @@ impl TestEnv {
 
     pub fn worker_config(&self) -> WorkerConfig {
         let mut c = WorkerConfig::for_namespace(&self.ns);
+        c.common.amqp_url = self.amqp_url.clone();
         c.common.events = true;
         c.concurrency = Concurrency { min: 4, max: 32 };
         c
@@ -126,7 +137,7 @@ impl TestEnv {
     pub fn process_env(&self) -> Vec<(String, String)> {
         vec![
             ("KAIROS_NAMESPACE".into(), self.ns.clone()),
-            ("KAIROS_AMQP_URL".into(), AMQP_URL.into()),
+            ("KAIROS_AMQP_URL".into(), self.amqp_url.clone()),
             ("KAIROS_REDIS_URL".into(), REDIS_URL.into()),
             ("KAIROS_EVENTS".into(), "true".into()),
             ("KAIROS_RETRY_BASE_MS".into(), "100".into()),
@@ -220,6 +231,48 @@ impl TestEnv {
         out
     }
 
+    /// Declares a queue bound to `exchange` (with `key`) that refuses every
+    /// message: `x-max-length` 0 with `x-overflow: reject-publish`, so the
+    /// broker nacks each publish routed to it. Removed with the namespace.
+    /// Returns its name.
+    pub async fn declare_refusing_queue(&self, exchange: &str, key: &str) -> String {
+        let name = format!(
+            "{}.refuse.{}",
+            self.ns,
+            self.queues.lock().expect("lock").len()
+        );
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(0));
+        args.insert(
+            "x-overflow".into(),
+            lapin::types::AMQPValue::LongString("reject-publish".into()),
+        );
+        self.channel
+            .queue_declare(name.as_str().into(), QueueDeclareOptions::default(), args)
+            .await
+            .expect("declare refusing queue");
+        self.channel
+            .queue_bind(
+                name.as_str().into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind refusing queue");
+        self.queues.lock().expect("lock").push(name.clone());
+        name
+    }
+
+    /// Deletes a queue now (e.g. a refusing queue, so publishes flow again).
+    pub async fn delete_queue(&self, queue: &str) {
+        self.channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete queue");
+    }
+
     /// Messages now in a queue.
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         let q = self
@@ -269,6 +322,7 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         let ns = self.ns.clone();
         let names = self.names.clone();
+        let amqp_url = self.amqp_url.clone();
         let queues = self.queues.lock().map(|q| q.clone()).unwrap_or_default();
         // Cleanup needs I/O, and Drop is not async: do it on a thread with
         // its own runtime, so it also runs when the test panicked.
@@ -279,14 +333,14 @@ impl Drop for TestEnv {
             else {
                 return;
             };
-            rt.block_on(cleanup(ns, names, queues));
+            rt.block_on(cleanup(ns, names, queues, amqp_url));
         })
         .join();
     }
 }
 
-async fn cleanup(ns: String, names: Names, queues: Vec<String>) {
-    if let Ok(conn) = kairos_shared::amqp::connect(AMQP_URL, "kairos-test-cleanup").await {
+async fn cleanup(ns: String, names: Names, queues: Vec<String>, amqp_url: String) {
+    if let Ok(conn) = kairos_shared::amqp::connect(&amqp_url, "kairos-test-cleanup").await {
         if let Ok(ch) = conn.create_channel().await {
             let all_queues = queues
                 .into_iter()
@@ -596,6 +650,26 @@ impl Proc {
         }
     }
 
+    /// As [`spawn`](Self::spawn), with the output (the log goes to stdout)
+    /// appended to `log` for the test to read.
+    pub fn spawn_logged(name: &str, env: &[(String, String)], log: &std::path::Path) -> Self {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let err = file.try_clone().expect("log file");
+        let mut cmd = Command::new(binary(name));
+        cmd.envs(env.iter().cloned())
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err);
+        Proc {
+            child: cmd.spawn().expect("spawn kairos binary"),
+        }
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -850,6 +924,116 @@ impl Drop for OwnRedis {
     }
 }
 
+/// A private RabbitMQ node: its own node name, ports and data directory
+/// (management off), for tests that make the broker misbehave (a memory
+/// alarm) without touching the shared one. Stopped and removed on drop.
+/// Starting takes 10 to 30 s on a loaded 2-core machine.
+pub struct OwnRabbit {
+    pub port: u16,
+    pub node: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl OwnRabbit {
+    /// The server scripts that run as the calling user: the ones in
+    /// /usr/sbin switch to the `rabbitmq` user (another home, another
+    /// Erlang cookie).
+    const BIN: &'static str = "/usr/lib/rabbitmq/bin";
+
+    /// Starts a node and waits until it accepts AMQP connections. Blocking.
+    pub fn start() -> Self {
+        let port = free_port();
+        let dist = free_port();
+        let node = format!("kairos-test-{port}@localhost");
+        let dir = std::env::temp_dir().join(format!("kairos-rabbit-{port}"));
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("rabbit dir");
+        }
+        std::fs::write(dir.join("enabled_plugins"), "[].").expect("plugins file");
+        let child = Command::new(format!("{}/rabbitmq-server", Self::BIN))
+            // The Erlang cookie is made in, and read from, HOME: the node
+            // and `ctl` share it.
+            .env("HOME", &dir)
+            .env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("rabbitmq-server must be installed");
+        let rabbit = OwnRabbit {
+            port,
+            node,
+            dir,
+            child: Some(child),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "own RabbitMQ did not start (logs in {})",
+                rabbit.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        rabbit
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Runs `rabbitmqctl -n NODE ARGS` against this node only. Blocking.
+    pub fn ctl(&self, args: &[&str]) {
+        let out = Command::new(format!("{}/rabbitmqctl", Self::BIN))
+            .env("HOME", &self.dir)
+            .args(["-n", &self.node])
+            .args(args)
+            .output()
+            .expect("run rabbitmqctl");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A memory alarm: the node blocks every connection that publishes.
+    pub fn block_publishers(&self) {
+        self.ctl(&["set_vm_memory_high_watermark", "absolute", "1"]);
+    }
+
+    /// Back to the default watermark: the alarm clears.
+    pub fn unblock_publishers(&self) {
+        self.ctl(&["set_vm_memory_high_watermark", "0.4"]);
+    }
+}
+
+impl Drop for OwnRabbit {
+    fn drop(&mut self) {
+        let _ = Command::new(format!("{}/rabbitmqctl", Self::BIN))
+            .env("HOME", &self.dir)
+            .args(["-n", &self.node, "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Runs the documented Node example (docs/examples/node/enqueue.js) with
 /// the amqplib that `scripts/test.sh` installs into `target/node`.
 pub fn node_enqueue(env: &TestEnv, args: &[&str]) -> Value {
@@ -894,6 +1078,15 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Some((status, body))
+}
+
+/// Lines of a log file that contain `needle`.
+pub fn log_lines(log: &std::path::Path, needle: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
 }
 
 /// A free local address for a scheduler's HTTP API (bound, then released).

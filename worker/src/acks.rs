@@ -16,8 +16,21 @@
 //! If the process dies with settled deliveries not yet acked, RabbitMQ
 //! redelivers them: the task runs again (at-least-once, as when it dies
 //! between the handler's end and a single ack).
+//!
+//! A delivery whose replacement the broker refused (a nack: `NS.retry` or
+//! `NS.dead` full with `reject-publish`) must never be acked, and a
+//! `multiple` ack covers every unacked tag below it, settled or not. So a
+//! refused delivery is [`requeue`](Acks::requeue)d: the next flush sends its
+//! `basic.nack` (requeue) first, awaits it, and only then any ack, so no
+//! `multiple` ack can reach the tag while it is still unacked. If the
+//! process dies
+//! * before that nack went out: the delivery is unacked and comes back;
+//! * after the nack, before the acks: it is back in its queue, and the
+//!   settled ones come back too (their replacements were confirmed, so a
+//!   retry is held twice under one id and attempt, which collapses);
+//! * after both: nothing is pending.
 
-use lapin::options::BasicAckOptions;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::Channel;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -54,11 +67,16 @@ struct State {
     open: BTreeSet<u64>,
     /// Settled, ack not sent yet, with when they were settled.
     settled: BTreeMap<u64, Instant>,
+    /// Never to be acked: handed back to the queue (nack, requeue) by the
+    /// next flush, before that flush acks anything.
+    refused: BTreeSet<u64>,
 }
 
 /// What one flush sends.
 #[derive(Debug, PartialEq, Eq)]
 struct Plan {
+    /// Nacked (requeue) one by one, before any ack of this plan.
+    requeue: Vec<u64>,
     /// Ack everything up to and including this tag.
     multiple: Option<u64>,
     /// Acked one by one: settled behind an open delivery for [`HOLD`].
@@ -87,6 +105,7 @@ impl State {
             }
         });
         Plan {
+            requeue: std::mem::take(&mut self.refused).into_iter().collect(),
             multiple,
             singles,
             next,
@@ -127,10 +146,16 @@ impl Acks {
         self.wake.notify_one();
     }
 
-    /// The delivery will not be acked here (its settling failed and the
-    /// session reconnects): it no longer holds back the others.
-    pub fn abandon(&self, tag: u64) {
-        self.state().open.remove(&tag);
+    /// The delivery must not be acked (the broker refused its replacement,
+    /// or the replacement's channel failed): the next flush returns it to
+    /// its queue, before it sends any ack that could cover its tag.
+    pub fn requeue(&self, tag: u64) {
+        {
+            let mut state = self.state();
+            state.open.remove(&tag);
+            state.refused.insert(tag);
+        }
+        self.wake.notify_one();
     }
 
     /// Acks everything settled, holding nothing back, and stops the
@@ -178,6 +203,22 @@ impl Acks {
     async fn flush(&self, all: bool) -> lapin::Result<Option<Instant>> {
         let _one_at_a_time = self.sending.lock().await;
         let plan = self.state().plan(Instant::now(), all);
+        // The nacks first, each awaited: a `multiple` ack below would
+        // otherwise cover a refused tag that is still unacked. If one fails
+        // nothing is acked; the channel is gone and everything comes back.
+        let nacks = plan.requeue.iter().map(|tag| {
+            self.channel.basic_nack(
+                *tag,
+                BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                },
+            )
+        });
+        futures_util::future::join_all(nacks)
+            .await
+            .into_iter()
+            .collect::<lapin::Result<Vec<()>>>()?;
         let singles = plan.singles.iter().map(|tag| {
             self.channel
                 .basic_ack(*tag, BasicAckOptions { multiple: false })
@@ -208,6 +249,7 @@ mod tests {
         State {
             open: open.iter().copied().collect(),
             settled: settled.iter().copied().collect(),
+            refused: BTreeSet::new(),
         }
     }
 
@@ -259,5 +301,31 @@ mod tests {
         assert_eq!(plan.multiple, Some(1));
         assert_eq!(plan.singles, vec![3]);
         assert_eq!(plan.next, None);
+    }
+
+    #[test]
+    fn a_refused_delivery_is_nacked_in_the_flush_that_acks_past_it() {
+        // 1's replacement was refused, 2 succeeded: the prefix reaches 2,
+        // so 1 goes out as a nack in the same plan (sent first).
+        let now = Instant::now();
+        let mut s = state(&[], &[(2, now)]);
+        s.refused.insert(1);
+        let plan = s.plan(now, false);
+        assert_eq!(plan.requeue, vec![1]);
+        assert_eq!(plan.multiple, Some(2));
+        assert!(s.refused.is_empty());
+        // Nacked once only.
+        assert!(s.plan(now, false).requeue.is_empty());
+    }
+
+    #[test]
+    fn a_refused_delivery_no_longer_holds_back_the_prefix() {
+        let now = Instant::now();
+        let mut s = state(&[1, 3], &[(2, now)]);
+        s.open.remove(&1);
+        s.refused.insert(1);
+        let plan = s.plan(now, true);
+        assert_eq!(plan.requeue, vec![1]);
+        assert_eq!(plan.multiple, Some(2));
     }
 }

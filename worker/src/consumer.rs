@@ -43,6 +43,8 @@ pub struct Shared {
     /// freed, so a handler that never returns cannot hold a slot the next
     /// session needs.
     pub abandon: CancellationToken,
+    /// The worker is stopping: pauses end early.
+    pub shutdown: CancellationToken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,8 +114,10 @@ pub async fn consume(
             tokio::select! {
                 _ = process(&shared, &acks, &queue, delivery) => {}
                 _ = shared.abandon.cancelled() => {
-                    // Never acked here: RabbitMQ redelivers it.
-                    acks.abandon(tag);
+                    // Never acked: returned by the next flush (nack,
+                    // requeue) before any `multiple` ack could cover it;
+                    // on a lost connection RabbitMQ requeued it already.
+                    acks.requeue(tag);
                     tracing::warn!(queue = %queue, "task stopped with its session; it will be redelivered");
                 }
             }
@@ -159,10 +163,27 @@ async fn process(shared: &Shared, acks: &Acks, queue: &str, delivery: Delivery) 
                 .await
         }
     };
-    if let Err(err) = result {
-        tracing::warn!(cause = %err, "cannot settle a delivery; reconnecting so it is redelivered");
-        acks.abandon(delivery.delivery_tag);
-        shared.broken.cancel();
+    match result {
+        Ok(()) => {}
+        Err(err @ DispositionError::Refused(_)) => {
+            // Not a channel failure: reconnecting would change nothing.
+            // Hold the delivery (and its slot) a while, then hand it back.
+            let pause = shared.disposition.refusal_pause();
+            tracing::warn!(cause = %err, retry_in_ms = pause.as_millis() as u64, "replacement refused; the delivery goes back to its queue after a pause");
+            metrics::counter!("kairos_worker_replacement_refused_total", "queue" => queue.to_string())
+                .increment(1);
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shared.broken.cancelled() => {}
+                _ = shared.shutdown.cancelled() => {}
+            }
+            acks.requeue(delivery.delivery_tag);
+        }
+        Err(err) => {
+            tracing::warn!(cause = %err, "cannot settle a delivery; reconnecting so it is redelivered");
+            acks.requeue(delivery.delivery_tag);
+            shared.broken.cancel();
+        }
     }
 }
 

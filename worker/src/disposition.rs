@@ -8,9 +8,14 @@
 //! If the process dies after the replacement was confirmed and before the
 //! ack, the delivery comes back; the retry it produces again carries the same
 //! id and attempt, so the scheduler holds it once.
+//!
+//! A replacement the broker refuses (a nack: `NS.retry` or `NS.dead` at a
+//! max-length with `reject-publish`) is [`DispositionError::Refused`]: the
+//! consumer waits [`Disposition::refusal_pause`] (growing while refusals
+//! go on) and hands the delivery back to its queue, never acking it.
 
 use crate::acks::Acks;
-use kairos_shared::amqp::now_ms;
+use kairos_shared::amqp::{now_ms, Backoff};
 use kairos_shared::client::check;
 use kairos_shared::contract::{raw_dead_letter_properties, Names, Task};
 use kairos_shared::events::{EventKind, EventSink};
@@ -23,14 +28,19 @@ use lapin::{BasicProperties, Channel, Connection};
 pub enum DispositionError {
     #[error("AMQP: {0}")]
     Amqp(#[from] lapin::Error),
-    #[error("replacement not confirmed: {0}")]
-    NotConfirmed(String),
+    /// The broker nacked (or returned) the replacement: the channel is
+    /// fine, the destination refuses messages.
+    #[error("the broker refused the replacement: {0}")]
+    Refused(String),
 }
 
 pub struct Disposition {
     channel: Channel,
     names: Names,
     events: EventSink,
+    /// Paces the deliveries whose replacement was refused; reset by the next
+    /// replacement the broker accepts.
+    refusals: std::sync::Mutex<Backoff>,
 }
 
 impl Disposition {
@@ -43,7 +53,18 @@ impl Disposition {
             channel,
             names,
             events,
+            refusals: std::sync::Mutex::new(Backoff::new()),
         })
+    }
+
+    /// How long to hold a delivery whose replacement was refused before it
+    /// goes back to its queue: without a pause the worker would take it
+    /// again at once, run it again and be refused again, in a tight loop.
+    pub fn refusal_pause(&self) -> std::time::Duration {
+        self.refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next_delay()
     }
 
     /// The channel replacements go out on, for the session to keep open
@@ -144,6 +165,11 @@ impl Disposition {
             .basic_publish(exchange, key, BasicPublishOptions::default(), body, props)
             .await?
             .await?;
-        check(confirm).map_err(|e| DispositionError::NotConfirmed(e.to_string()))
+        check(confirm).map_err(|e| DispositionError::Refused(e.to_string()))?;
+        self.refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reset();
+        Ok(())
     }
 }

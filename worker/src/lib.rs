@@ -180,6 +180,7 @@ impl Worker {
                     default_timeout: Duration::from_millis(config.task_timeout_ms),
                     broken: broken.clone(),
                     abandon: abandon.clone(),
+                    shutdown: cancel.clone(),
                 });
                 channels.push(shared.disposition.channel().clone());
                 tracing::info!("connected to RabbitMQ");
