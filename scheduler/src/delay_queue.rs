@@ -258,13 +258,28 @@ impl RedisDelayQueue {
         lease_ms: u64,
         ahead_ms: u64,
     ) -> Result<Claim, QueueError> {
+        self.claim_bounded(batch, usize::MAX, lease_ms, ahead_ms)
+            .await
+    }
+
+    /// [`claim`](Self::claim), and each shard stops once its records sum
+    /// to `batch_bytes` (it always takes its first): the pump's memory is
+    /// bounded by bytes as well as by count.
+    pub async fn claim_bounded(
+        &self,
+        batch: usize,
+        batch_bytes: usize,
+        lease_ms: u64,
+        ahead_ms: u64,
+    ) -> Result<Claim, QueueError> {
         let mut pipe = redis::pipe();
         for keys in &self.shards {
             let keys = [&keys.due, &keys.rec, &keys.lease, &keys.legacy_due];
             pipe.add_command(evalsha(&CLAIM, &keys.map(String::as_str)))
                 .arg(batch)
                 .arg(lease_ms)
-                .arg(ahead_ms);
+                .arg(ahead_ms)
+                .arg(batch_bytes.max(1));
         }
         let replies: Vec<Vec<Value>> = self.query(&pipe).await?;
         let mut claim = Claim::default();

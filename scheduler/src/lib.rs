@@ -163,11 +163,12 @@ pub async fn run(
         events: events.clone(),
         wake: wake.clone(),
         batch: usize::from(config.batch),
+        batch_bytes: bytes(config.claim_batch_bytes),
         lease_ms: config.lease_ms,
         idle: Duration::from_millis(config.idle_ms),
     };
     let schedules = start_schedules(&config, &names, pool, &pump, http_listener, &cancel).await;
-    tracing::info!(namespace = %names.namespace(), shards = config.shards, "scheduler starting");
+    tracing::info!(namespace = %names.namespace(), shards = config.shards, intake_prefetch = config.intake_prefetch_effective(), max_body_bytes = config.max_body_bytes, "scheduler starting");
 
     let mut backoff = Backoff::new();
     while !cancel.is_cancelled() {
@@ -188,8 +189,10 @@ pub async fn run(
                 policy: config.retry_policy(),
                 events: events.clone(),
                 wake: wake.clone(),
-                prefetch: config.intake_prefetch,
+                prefetch: config.intake_prefetch_effective(),
                 batch: usize::from(config.batch),
+                batch_bytes: bytes(config.intake_batch_bytes),
+                limits: config.limits(),
             };
             let (delay, retry) = (make(Source::Delay), make(Source::Retry));
             tracing::info!("connected to RabbitMQ");
@@ -252,6 +255,11 @@ pub async fn run(
     events.close(EVENTS_FLUSH).await;
     tracing::info!("scheduler stopped");
     Ok(())
+}
+
+/// A byte setting as a size on this host.
+fn bytes(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 /// Keeps the `kairos_scheduler_pending` gauge (tasks waiting or leased in
