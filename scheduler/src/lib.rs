@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod delay_queue;
+pub mod hold;
 pub mod http;
 pub mod intake;
 pub mod outcomes;
@@ -309,12 +310,19 @@ async fn start_schedules(
     let tick_cancel = cancel.clone();
     let http_cancel = cancel.clone();
     let (http_amqp_url, http_names) = (config.common.amqp_url.clone(), names.clone());
+    let holder = hold::Holder {
+        queue: pump.queue.with_own_connection(),
+        events: pump.events.clone(),
+        limits: config.limits(),
+    };
     let mut tasks = vec![tokio::spawn(async move { ticker.run(tick_cancel).await })];
     if let Some(http_listener) = http_listener {
         let addr = http_listener.local_addr().ok();
         tracing::info!(addr = ?addr, "HTTP API listening");
         tasks.push(tokio::spawn(async move {
-            let api = task_api::TaskApi::new(&http_amqp_url, http_names);
+            let api = task_api::TaskApi::new(&http_amqp_url, http_names)
+                .with_limits(holder.limits)
+                .with_holder(holder);
             let router = http::router(admin).merge(task_api::router(api));
             let served = axum::serve(http_listener, router)
                 .with_graceful_shutdown(http_cancel.cancelled_owned())
@@ -349,6 +357,8 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
         store: schedule_store::ScheduleStore::new(pool, names.namespace(), &queue),
         changed: Arc::new(Notify::new()),
     };
-    let tasks = task_api::TaskApi::new(&config.common.amqp_url, names);
+    // No holder: without a running scheduler's event sink, delayed tasks go
+    // through `NS.delay`, whose intake reports them.
+    let tasks = task_api::TaskApi::new(&config.common.amqp_url, names).with_limits(config.limits());
     Ok(http::router(admin).merge(task_api::router(tasks)))
 }
