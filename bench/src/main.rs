@@ -43,7 +43,7 @@ pub struct Args {
     /// Also run Celery and BullMQ (installs them under target/ on first use).
     #[arg(long)]
     pub peers: bool,
-    /// Workloads to run, comma-separated (w1,w2,w3,w4,w5,w6); default all.
+    /// Workloads to run, comma-separated (w1,w2,w3,w4,w5,w6,w7); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where to write the JSON results.
@@ -88,6 +88,12 @@ pub struct Args {
     /// Seconds W6 measures the idle processes.
     #[arg(long, default_value_t = 10)]
     pub w6_secs: u64,
+    /// Tasks in W7 (big bodies through the scheduler).
+    #[arg(long, default_value_t = 500)]
+    pub w7_tasks: usize,
+    /// Body size of each W7 task (bytes).
+    #[arg(long, default_value_t = 5_000_000)]
+    pub w7_body_bytes: usize,
     /// Tasks per peer in W1 (the peers' published figure is for 20,000).
     #[arg(long, default_value_t = 20_000)]
     pub peer_w1_tasks: usize,
@@ -109,6 +115,7 @@ impl Args {
         self.w5_schedules = 50;
         self.w5_secs = 3;
         self.w6_secs = 2;
+        self.w7_tasks = 20;
         self.peer_w1_tasks = 500;
         self.peer_w2_tasks = 100;
     }
@@ -176,12 +183,13 @@ async fn main() -> Result<()> {
         base,
         report: &mut report,
     };
-    let steps: [(&str, &str); 5] = [
+    let steps: [(&str, &str); 6] = [
         ("w1", "W1 burst"),
         ("w2", "W2 precision"),
         ("w3", "W3 backlog + W6 idle"),
         ("w4", "W4 retry storm"),
         ("w5", "W5 schedules"),
+        ("w7", "W7 big bodies"),
     ];
     for (key, title) in steps {
         let run = match key {
@@ -197,6 +205,7 @@ async fn main() -> Result<()> {
             "w2" => workloads::w2_precision::run(&mut ctx).await,
             "w3" => workloads::w3_backlog::run(&mut ctx, args.wants("w3"), args.wants("w6")).await,
             "w4" => workloads::w4_retry::run(&mut ctx).await,
+            "w7" => workloads::w7_big_bodies::run(&mut ctx).await,
             _ => workloads::w5_schedules::run(&mut ctx).await,
         };
         if let Err(err) = result {

@@ -101,7 +101,12 @@ impl Pump {
             }
             let claim = match self
                 .queue
-                .claim_bounded(self.batch, shard_bytes, self.lease_ms, CLAIM_AHEAD_MS as u64)
+                .claim_bounded(
+                    self.batch,
+                    shard_bytes,
+                    self.lease_ms,
+                    CLAIM_AHEAD_MS as u64,
+                )
                 .await
             {
                 Ok(c) => {

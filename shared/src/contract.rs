@@ -484,11 +484,7 @@ mod tests {
             Task::decode("default", &props("a.b"), b"y"),
             Task::decode("other", &props("a.b"), b"x"),
             Task::decode("default", &props("a.c"), b"x"),
-            Task::decode(
-                "default",
-                &with_header(props("a.b"), "k", text("v")),
-                b"x",
-            ),
+            Task::decode("default", &with_header(props("a.b"), "k", text("v")), b"x"),
         ];
         for o in others {
             assert_ne!(o.unwrap().id, t.id);

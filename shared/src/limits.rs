@@ -129,7 +129,9 @@ mod tests {
         assert!(text.contains("3650 days"), "{text}");
         // Nine years ahead is a plan; eleven is not.
         assert!(l.check_due(Some(NOW + 9 * 365 * DAY_MS), None, NOW).is_ok());
-        assert!(l.check_due(Some(NOW + 11 * 365 * DAY_MS), None, NOW).is_err());
+        assert!(l
+            .check_due(Some(NOW + 11 * 365 * DAY_MS), None, NOW)
+            .is_err());
         // In the past, or far in the past, is due now: not refused.
         assert!(l.check_due(Some(i64::MIN), None, NOW).is_ok());
         // x-run-at wins: a huge x-delay-ms beside it is ignored, as by due_at.

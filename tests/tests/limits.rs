@@ -72,17 +72,20 @@ async fn a_second_submission_of_a_pending_id_is_reported() {
     api.wait_ready(WAIT).await;
 
     let task = json!({"name": "kairos.noop", "id": "dup-1", "delay_ms": 60_000});
-    let first = api.call({
-        let t = task.clone();
-        move |a| a.enqueue(&t)
-    })
-    .await;
+    let first = api
+        .call({
+            let t = task.clone();
+            move |a| a.enqueue(&t)
+        })
+        .await;
     assert_eq!(first.status, 202, "{:?}", first.body);
     let second = api.call(move |a| a.enqueue(&task)).await;
     assert_eq!(second.status, 409, "{:?}", second.body);
     assert_eq!(second.body["id"], "dup-1", "{:?}", second.body);
     assert!(
-        second.body["error"].as_str().is_some_and(|e| e.contains("pending")),
+        second.body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("pending")),
         "{:?}",
         second.body
     );
@@ -92,7 +95,8 @@ async fn a_second_submission_of_a_pending_id_is_reported() {
         task_props("kairos.noop", "dup-1"),
         &[(H_DELAY_MS, AMQPValue::LongLongInt(60_000))],
     );
-    env.publish(&env.names.delay(), "default", props, b"{}").await;
+    env.publish(&env.names.delay(), "default", props, b"{}")
+        .await;
     tap.wait_until(WAIT, "two duplicate events for dup-1", |seen| {
         seen.iter()
             .filter(|e| e.kind == "duplicate" && e.id == "dup-1")
@@ -158,13 +162,22 @@ async fn limits_are_enforced_with_texts_that_name_them() {
             .unwrap_or_else(|| panic!("{id} has no x-error"))
     };
     let big = reason("big-body");
-    assert!(big.contains("KAIROS_MAX_BODY_BYTES") && big.contains("65536"), "{big}");
+    assert!(
+        big.contains("KAIROS_MAX_BODY_BYTES") && big.contains("65536"),
+        "{big}"
+    );
     let fat = reason("fat-headers");
     assert!(fat.contains("KAIROS_MAX_HEADER_BYTES"), "{fat}");
     let micros = reason("micros");
-    assert!(micros.contains("too far ahead") && micros.contains("microseconds"), "{micros}");
+    assert!(
+        micros.contains("too far ahead") && micros.contains("microseconds"),
+        "{micros}"
+    );
     let long = reason("long-delay");
-    assert!(long.contains("x-delay-ms") && long.contains("too far ahead"), "{long}");
+    assert!(
+        long.contains("x-delay-ms") && long.contains("too far ahead"),
+        "{long}"
+    );
     let many = reason("many-retries");
     assert!(many.contains("exceeds the cap"), "{many}");
     // Each task over a limit has its `dead` event (the undecodable one's

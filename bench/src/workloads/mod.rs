@@ -7,6 +7,7 @@ pub mod w3_backlog;
 pub mod w4_retry;
 pub mod w5_schedules;
 pub mod w6_idle;
+pub mod w7_big_bodies;
 
 use crate::baseline::Baseline;
 use crate::report::Report;

@@ -1,0 +1,128 @@
+//! W7 big bodies: N tasks of B bytes each (default 500 of 5 MB) go through
+//! the real `kairos-scheduler` binary (`NS.delay`, the Redis delay queue,
+//! `NS.tasks`) to an in-process worker. The row is the scheduler's peak
+//! memory (VmHWM from /proc/PID/status) against the bytes that passed: the
+//! intake prefetch, intake batches and claims are bounded by bytes, so the
+//! peak stays near a few batches' worth however many bodies pass.
+
+use super::{body, Ctx};
+use crate::env::BenchEnv;
+use crate::report::Row;
+use crate::service::{InProcess, Proc};
+use anyhow::{Context, Result};
+use kairos_shared::client::{Client, NewTask};
+use kairos_worker::Worker;
+use std::time::{Duration, Instant};
+
+/// Tasks whose publishes are in flight together: the bench itself must
+/// not hold hundreds of bodies either.
+const WINDOW: usize = 4;
+
+pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
+    let env = BenchEnv::new("w7", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
+    let result = once(ctx, &env).await;
+    env.cleanup().await;
+    result
+}
+
+async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv) -> Result<()> {
+    let (n, size) = (ctx.args.w7_tasks, ctx.args.w7_body_bytes);
+    // The body cap must admit the bodies; every other limit is default.
+    let cap = (size + 1024 * 1024).max(kairos_shared::limits::DEFAULT_MAX_BODY_BYTES);
+    let vars = vec![
+        ("KAIROS_NAMESPACE", env.ns.clone()),
+        ("KAIROS_AMQP_URL", env.amqp_url.clone()),
+        ("KAIROS_REDIS_URL", env.redis_url.clone()),
+        ("KAIROS_HTTP_ADDR", "127.0.0.1:0".into()),
+        ("KAIROS_MAX_BODY_BYTES", cap.to_string()),
+        ("RUST_LOG", "warn".into()),
+    ];
+    let scheduler = Proc::spawn("kairos-scheduler", &vars)?;
+    let worker = InProcess::worker(Worker::new(env.worker_config()).with_builtins());
+    let client = Client::connect(&env.amqp_url, &env.ns).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = scheduler.pid();
+    let idle_rss = vm_kib(pid, "VmRSS:")?;
+
+    let t0 = Instant::now();
+    let payload = body(size);
+    let mut peak_rss = idle_rss;
+    for from in (0..n).step_by(WINDOW) {
+        let chunk: Vec<NewTask> = (from..(from + WINDOW).min(n))
+            .map(|_| {
+                NewTask::new(kairos_worker::builtin::NOOP)
+                    .delay_ms(0)
+                    .body(payload.clone())
+            })
+            .collect();
+        client.enqueue_many(&chunk).await?;
+        peak_rss = peak_rss.max(vm_kib(pid, "VmRSS:")?);
+    }
+    // Done when nothing is left in the scheduler's intake, its delay queue
+    // or the task queue.
+    let deadline = Instant::now() + Duration::from_secs(120 + n as u64);
+    let queues = [env.names.delay(), env.names.queue("default")];
+    let mut left = u64::MAX;
+    while Instant::now() < deadline {
+        peak_rss = peak_rss.max(vm_kib(pid, "VmRSS:")?);
+        let mut depth = 0u64;
+        for q in &queues {
+            depth += u64::from(env.queue_depth(q).await.unwrap_or(1));
+        }
+        left = depth + pending(env).await?;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let hwm = vm_kib(pid, "VmHWM:")?;
+    let dead = env.queue_depth(&env.names.dead()).await?;
+    worker.stop().await;
+    scheduler.terminate(Duration::from_secs(10)).await;
+    let _ = client.close().await;
+
+    let w = "W7 big bodies";
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let passed = (n * size) as f64 / (1024.0 * 1024.0);
+    ctx.report.push(
+        Row::new(w, "scheduler peak RSS (VmHWM)", mib(hwm), "MiB").note(format!(
+            "{n} bodies of {size} B ({passed:.0} MiB) in {secs:.1} s; idle {:.0} MiB, sampled peak VmRSS {:.0} MiB",
+            mib(idle_rss),
+            mib(peak_rss)
+        )),
+    );
+    ctx.report.check(
+        left == 0,
+        format!("W7: all {n} big tasks ran ({left} left)"),
+    );
+    ctx.report
+        .check(dead == 0, format!("W7: no big task dead-lettered ({dead})"));
+    Ok(())
+}
+
+/// Tasks waiting or leased in the delay queue (every shard's record hash).
+async fn pending(env: &BenchEnv) -> Result<u64> {
+    let mut con = env.redis.clone();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:dq{{*}}:rec", env.ns))
+        .query_async(&mut con)
+        .await?;
+    let mut total = 0;
+    for k in keys {
+        let n: u64 = redis::cmd("HLEN").arg(&k).query_async(&mut con).await?;
+        total += n;
+    }
+    Ok(total)
+}
+
+/// A `Vm*:` line of /proc/PID/status, in KiB.
+fn vm_kib(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
