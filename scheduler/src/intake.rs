@@ -247,7 +247,7 @@ impl Intake {
         .map_err(|err| (err, None));
         let checked = decoded.and_then(|task| match self.check_limits(d, &task) {
             Ok(()) => Ok(task),
-            Err(err) => Err((err, Some(task))),
+            Err(err) => Err((err, Some(Box::new(task)))),
         });
         let mut task = match checked {
             Ok(t) => t,
@@ -258,7 +258,7 @@ impl Intake {
                     origin,
                     body: task.body.clone(),
                     error,
-                    task: Some(Box::new(task)),
+                    task: Some(task),
                 };
             }
             Err((err, None)) => {
