@@ -259,3 +259,83 @@ async fn many_big_bodies_pass_through_in_byte_bounded_batches() {
     assert_eq!(seen.len(), N);
     scheduler.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_intake_holds_no_more_bodies_than_its_byte_budget() {
+    const N: usize = 30;
+    const SIZE: usize = 1_000_000;
+    let env = TestEnv::new("stall").await;
+    let redis = OwnRedis::start();
+    let mut sc = env.scheduler_config();
+    sc.redis_url = redis.url();
+    sc.max_body_bytes = 2 * 1024 * 1024;
+    // Four bodies at the cap: the intake's prefetch becomes 4, not 1,000.
+    sc.intake_buffer_bytes = 8 * 1024 * 1024;
+    let mut tap = EventTap::new(&env).await;
+    let scheduler = InProcess::scheduler(sc);
+    // The scheduler is consuming once a first task is held.
+    env.publish(
+        &env.names.delay(),
+        "default",
+        task_props("kairos.noop", "first"),
+        b"{}",
+    )
+    .await;
+    tap.wait_until(WAIT, "the first task held", |seen| {
+        seen.iter()
+            .any(|e| e.kind == "scheduled" && e.id == "first")
+    })
+    .await;
+    // Redis stops taking writes: the intake can neither hold nor ack, while
+    // the broker would keep sending as far as the prefetch allows.
+    let mut con = redis::Client::open(redis.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("own redis");
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(60_000)
+        .arg("WRITE")
+        .query_async(&mut con)
+        .await
+        .expect("CLIENT PAUSE");
+    let body = vec![b's'; SIZE];
+    let messages = (0..N)
+        .map(|i| {
+            (
+                "default".to_string(),
+                task_props("kairos.noop", &format!("s-{i}")),
+                body.clone(),
+            )
+        })
+        .collect();
+    env.publish_many(&env.names.delay(), messages).await;
+    // Sampled over two seconds of the stall: the intake keeps at most its
+    // prefetch (4) unacked, however often it returns a batch and takes it
+    // again; the rest stay ready in RabbitMQ.
+    let mut fewest_ready = u32::MAX;
+    for _ in 0..20 {
+        fewest_ready = fewest_ready.min(env.queue_depth(&env.names.delay()).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut con)
+        .await
+        .expect("CLIENT UNPAUSE");
+    assert!(
+        fewest_ready as usize >= N - 4,
+        "the stalled intake took {} of {N} bodies of {SIZE} B",
+        N - fewest_ready as usize
+    );
+    // And everything goes through once Redis is back.
+    tap.wait_until(Duration::from_secs(90), "all tasks published", |seen| {
+        (0..N).all(|i| {
+            let id = format!("s-{i}");
+            seen.iter().any(|e| e.kind == "published" && e.id == id)
+        })
+    })
+    .await;
+    scheduler.stop().await;
+}

@@ -51,11 +51,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv) -> Result<()> {
     let payload = body(size);
     for from in (0..n).step_by(WINDOW) {
         let chunk: Vec<NewTask> = (from..(from + WINDOW).min(n))
-            .map(|_| {
-                NewTask::new(TASK)
-                    .delay_ms(0)
-                    .body(payload.clone())
-            })
+            .map(|_| NewTask::new(TASK).delay_ms(0).body(payload.clone()))
             .collect();
         client.enqueue_many(&chunk).await?;
     }
