@@ -5,7 +5,7 @@
 //! and BullMQ on the same servers). See docs/BENCHMARKS.md.
 //!
 //! * `baseline`: raw lapin publish / consume / both, classic and priority.
-//! * `workloads`: W1 burst .. W6 idle cost, W7 HTTP enqueue, one module
+//! * `workloads`: W1 burst .. W6 idle cost, W7 HTTP enqueue, W8 big bodies, one module
 //!   each.
 //! * `peers`: runs bench/peers/{celery,bullmq} and reads their JSON.
 //! * `report`: rows, the table, the JSON file; count checks fail the run.
@@ -44,7 +44,7 @@ pub struct Args {
     /// Also run Celery and BullMQ (installs them under target/ on first use).
     #[arg(long)]
     pub peers: bool,
-    /// Workloads to run, comma-separated (w1,w2,w3,w4,w5,w6,w7); default all.
+    /// Workloads to run, comma-separated (w1,w2,w3,w4,w5,w6,w7,w8); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where to write the JSON results.
@@ -92,6 +92,12 @@ pub struct Args {
     /// Tasks W7 enqueues over HTTP (32 concurrent clients).
     #[arg(long, default_value_t = 20_000)]
     pub http_tasks: usize,
+    /// Tasks in W8 (big bodies through the scheduler).
+    #[arg(long, default_value_t = 500)]
+    pub w8_tasks: usize,
+    /// Body size of each W8 task (bytes).
+    #[arg(long, default_value_t = 5_000_000)]
+    pub w8_body_bytes: usize,
     /// Tasks per peer in W1 (the peers' published figure is for 20,000).
     #[arg(long, default_value_t = 20_000)]
     pub peer_w1_tasks: usize,
@@ -114,6 +120,7 @@ impl Args {
         self.w5_secs = 3;
         self.w6_secs = 2;
         self.http_tasks = 640;
+        self.w8_tasks = 20;
         self.peer_w1_tasks = 500;
         self.peer_w2_tasks = 100;
     }
@@ -181,13 +188,14 @@ async fn main() -> Result<()> {
         base,
         report: &mut report,
     };
-    let steps: [(&str, &str); 6] = [
+    let steps: [(&str, &str); 7] = [
         ("w1", "W1 burst"),
         ("w2", "W2 precision"),
         ("w3", "W3 backlog + W6 idle"),
         ("w4", "W4 retry storm"),
         ("w5", "W5 schedules"),
         ("w7", "W7 HTTP enqueue"),
+        ("w8", "W8 big bodies"),
     ];
     for (key, title) in steps {
         let run = match key {
@@ -204,6 +212,7 @@ async fn main() -> Result<()> {
             "w3" => workloads::w3_backlog::run(&mut ctx, args.wants("w3"), args.wants("w6")).await,
             "w4" => workloads::w4_retry::run(&mut ctx).await,
             "w7" => workloads::w7_http::run(&mut ctx).await,
+            "w8" => workloads::w8_big_bodies::run(&mut ctx).await,
             _ => workloads::w5_schedules::run(&mut ctx).await,
         };
         if let Err(err) = result {

@@ -4,6 +4,10 @@ use crate::retry::{Jitter, RetryPolicy};
 use clap::builder::BoolishValueParser;
 use clap::Parser;
 use kairos_shared::config::{CommonConfig, DEFAULT_REDIS_URL};
+use kairos_shared::contract::MAX_RETRIES_CAP;
+use kairos_shared::limits::{
+    Limits, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DELAY_MS, DEFAULT_MAX_HEADER_BYTES,
+};
 use kairos_shared::secrets::{read_secret_file, redact_url, Secret, SecretParser, MASK};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -117,13 +121,9 @@ pub struct Config {
     #[arg(long, env = "KAIROS_IDLE_MS", value_name = "KAIROS_IDLE_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub idle_ms: u64,
 
-    /// Retries for tasks without an `x-max-retries` header.
-    #[arg(
-        long,
-        env = "KAIROS_MAX_RETRIES",
-        value_name = "KAIROS_MAX_RETRIES",
-        default_value_t = 3
-    )]
+    /// Retries for tasks without an `x-max-retries` header (at most 1000,
+    /// the cap a header may ask for).
+    #[arg(long, env = "KAIROS_MAX_RETRIES", value_name = "KAIROS_MAX_RETRIES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_RETRIES_CAP)))]
     pub max_retries: u32,
 
     /// Backoff ceiling of the first retry (ms); doubles per attempt.
@@ -154,7 +154,9 @@ pub struct Config {
     )]
     pub retry_jitter: Jitter,
 
-    /// Unacked deliveries per intake consumer.
+    /// Unacked deliveries per intake consumer (lowered further so that
+    /// prefetch x KAIROS_MAX_BODY_BYTES stays within
+    /// KAIROS_INTAKE_BUFFER_BYTES).
     #[arg(
         long,
         env = "KAIROS_INTAKE_PREFETCH",
@@ -162,6 +164,36 @@ pub struct Config {
         default_value_t = 1_000
     )]
     pub intake_prefetch: u16,
+
+    /// Largest task body accepted (bytes); a bigger one is dead-lettered at
+    /// intake and refused over HTTP with 413.
+    #[arg(long, env = "KAIROS_MAX_BODY_BYTES", value_name = "KAIROS_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES as u64, value_parser = clap::value_parser!(u64).range(1..=512 * MIB))]
+    pub max_body_bytes: u64,
+
+    /// Largest encoded properties and headers of a task (bytes): what
+    /// Kairos adds on a retry must still fit one AMQP frame.
+    #[arg(long, env = "KAIROS_MAX_HEADER_BYTES", value_name = "KAIROS_MAX_HEADER_BYTES", default_value_t = DEFAULT_MAX_HEADER_BYTES as u64, value_parser = clap::value_parser!(u64).range(1024..=120 * 1024))]
+    pub max_header_bytes: u64,
+
+    /// Furthest a task may be due ahead of now (ms), by `x-run-at` or
+    /// `x-delay-ms`; default 3650 days.
+    #[arg(long, env = "KAIROS_MAX_DELAY_MS", value_name = "KAIROS_MAX_DELAY_MS", default_value_t = DEFAULT_MAX_DELAY_MS as u64, value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
+    pub max_delay_ms: u64,
+
+    /// Bytes of bodies and headers one intake batch takes (at least one
+    /// delivery), besides the count KAIROS_BATCH.
+    #[arg(long, env = "KAIROS_INTAKE_BATCH_BYTES", value_name = "KAIROS_INTAKE_BATCH_BYTES", default_value_t = 16 * MIB, value_parser = clap::value_parser!(u64).range(1..))]
+    pub intake_batch_bytes: u64,
+
+    /// Bytes the deliveries buffered for one intake consumer may take at
+    /// worst: the intake prefetch is at most this / KAIROS_MAX_BODY_BYTES.
+    #[arg(long, env = "KAIROS_INTAKE_BUFFER_BYTES", value_name = "KAIROS_INTAKE_BUFFER_BYTES", default_value_t = 256 * MIB, value_parser = clap::value_parser!(u64).range(1..))]
+    pub intake_buffer_bytes: u64,
+
+    /// Bytes of records one claim round takes over all shards (each shard
+    /// at least one task), besides the count KAIROS_BATCH.
+    #[arg(long, env = "KAIROS_CLAIM_BATCH_BYTES", value_name = "KAIROS_CLAIM_BATCH_BYTES", default_value_t = 32 * MIB, value_parser = clap::value_parser!(u64).range(1..))]
+    pub claim_batch_bytes: u64,
 
     /// Schedules to load at start and sync idempotently (TOML; see
     /// docs/SCHEDULES.md).
@@ -232,6 +264,28 @@ impl Config {
         ))
     }
 
+    /// The limits on one task (docs/RELIABILITY.md, "Limits").
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_body_bytes: usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
+            max_header_bytes: usize::try_from(self.max_header_bytes).unwrap_or(usize::MAX),
+            max_delay_ms: i64::try_from(self.max_delay_ms).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// The prefetch of an intake consumer: KAIROS_INTAKE_PREFETCH, lowered
+    /// so that as many deliveries of the largest accepted body fit in
+    /// KAIROS_INTAKE_BUFFER_BYTES. RabbitMQ's prefetch counts messages, not
+    /// bytes, and lapin buffers whatever the broker sends: this is what
+    /// bounds the intake's memory.
+    pub fn intake_prefetch_effective(&self) -> u16 {
+        let fit = (self.intake_buffer_bytes / self.max_body_bytes.max(1)).max(1);
+        u16::try_from(fit)
+            .unwrap_or(u16::MAX)
+            .min(self.intake_prefetch)
+            .max(1)
+    }
+
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
             default_max_retries: self.max_retries,
@@ -241,6 +295,8 @@ impl Config {
         }
     }
 }
+
+const MIB: u64 = 1024 * 1024;
 
 /// Checks the URL is one the Redis client accepts. The error never quotes
 /// the URL (it may hold a password).
@@ -421,5 +477,34 @@ mod tests {
         assert_eq!(c.shards, 8);
         assert_eq!(c.max_retries, 3);
         assert_eq!(c.retry_jitter, Jitter::Equal);
+        assert_eq!(c.limits(), Limits::default());
+        assert_eq!(c.max_body_bytes, 4 * MIB);
+    }
+
+    #[test]
+    fn limits_are_bounded_settings() {
+        for (flag, value) in [
+            ("--max-retries", "1001"),
+            ("--max-body-bytes", "0"),
+            ("--max-header-bytes", "200000"),
+            ("--max-delay-ms", "0"),
+        ] {
+            let err = Config::try_parse_from(["s", flag, value])
+                .err()
+                .unwrap_or_else(|| panic!("{flag} {value} accepted"))
+                .to_string();
+            assert!(err.contains(flag), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_intake_prefetch_fits_the_buffer() {
+        let mut c = Config::try_parse_from(["s"]).unwrap();
+        // 256 MiB / 4 MiB.
+        assert_eq!(c.intake_prefetch_effective(), 64);
+        c.max_body_bytes = 1024;
+        assert_eq!(c.intake_prefetch_effective(), 1000);
+        c.max_body_bytes = 512 * MIB;
+        assert_eq!(c.intake_prefetch_effective(), 1);
     }
 }

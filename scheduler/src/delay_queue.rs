@@ -402,6 +402,20 @@ impl RedisDelayQueue {
         lease_ms: u64,
         ahead_ms: u64,
     ) -> Result<Claim, QueueError> {
+        self.claim_bounded(batch, usize::MAX, lease_ms, ahead_ms)
+            .await
+    }
+
+    /// [`claim`](Self::claim), and each shard stops once its records sum
+    /// to `batch_bytes` (it always takes its first): the pump's memory is
+    /// bounded by bytes as well as by count.
+    pub async fn claim_bounded(
+        &self,
+        batch: usize,
+        batch_bytes: usize,
+        lease_ms: u64,
+        ahead_ms: u64,
+    ) -> Result<Claim, QueueError> {
         // Until a claim is answered, every claim repeats its round: one
         // that ran without its reply reaching us is answered by the next.
         let round = self.claim_round.load(Ordering::Relaxed);
@@ -418,7 +432,8 @@ impl RedisDelayQueue {
                 .arg(batch)
                 .arg(lease_ms)
                 .arg(ahead_ms)
-                .arg(round);
+                .arg(round)
+                .arg(batch_bytes.max(1));
         }
         let replies: Vec<Vec<Value>> = self.query(&pipe).await?;
         self.claim_round.store(round + 1, Ordering::Relaxed);

@@ -6,9 +6,14 @@
 //! Deliveries are handled in batches (whatever is ready, up to `batch`):
 //! one pipelined Redis round trip and one multiple-ack per batch.
 //!
+//! Batches are bounded by bytes as well as count (`batch_bytes`), and each
+//! task is checked against the [`Limits`] (body, headers, horizon) before it
+//! is held: one over a limit is dead-lettered with a reason naming it.
+//!
 //! If the process dies after the Redis write and before the ack, RabbitMQ
 //! redelivers; the first-submission-wins rule turns the second write into a
-//! no-op.
+//! no-op, reported as a `duplicate` event. A message without `message_id`
+//! gets the same derived id on every delivery, so this holds for it too.
 //!
 //! A dead letter the broker refuses (a nack: `NS.dead` at a max-length with
 //! `reject-publish`) leaves its delivery unacked: it is nacked back to its
@@ -21,12 +26,13 @@ use crate::publisher::Publisher;
 use crate::retry::{Decision, RetryPolicy};
 use futures_util::future::join_all;
 use futures_util::StreamExt;
-use kairos_shared::amqp::{now_ms, sleep_or_cancel, take_ready, Backoff};
+use kairos_shared::amqp::{now_ms, sleep_or_cancel, take_ready_bounded, Backoff};
 use kairos_shared::client::check;
 use kairos_shared::contract::{
     raw_dead_letter_properties, value_to_string, Names, ProtocolError, Task, H_ERROR,
 };
 use kairos_shared::events::{EventKind, EventSink};
+use kairos_shared::limits::Limits;
 use kairos_shared::record;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
@@ -75,6 +81,9 @@ pub struct Intake {
     pub wake: Arc<Notify>,
     pub prefetch: u16,
     pub batch: usize,
+    /// Body bytes one batch may take (it always takes its first delivery).
+    pub batch_bytes: usize,
+    pub limits: Limits,
 }
 
 /// What to do with one delivery.
@@ -130,7 +139,7 @@ impl Intake {
                 return Err(IntakeError::Cancelled(self.source));
             };
             let mut batch = vec![first?];
-            if !take_ready(&mut consumer, &mut batch, self.batch)? {
+            if !take_ready_bounded(&mut consumer, &mut batch, self.batch, self.batch_bytes)? {
                 return Err(IntakeError::Cancelled(self.source));
             }
             // A batch stuck after a stop (a blocked broker takes no ack
@@ -281,6 +290,10 @@ impl Intake {
         metrics::counter!("kairos_scheduler_held_total", "source" => source).increment(held as u64);
         metrics::counter!("kairos_scheduler_dead_total", "source" => source)
             .increment(outcome.confirmed as u64);
+        let duplicates = scheduled.iter().filter(|s| !s.added).count();
+        if self.source == Source::Delay {
+            metrics::counter!("kairos_scheduler_duplicates_total").increment(duplicates as u64);
+        }
         let mut results = scheduled.iter();
         for (p, _) in plans.iter().zip(&refused).filter(|(_, r)| !**r) {
             match p {
@@ -288,6 +301,12 @@ impl Intake {
                     if let Some(s) = results.next() {
                         if s.added {
                             self.events.task(*kind, task, Some(s.due), None);
+                        } else if self.source == Source::Delay {
+                            // A retry held twice is a redelivery of one
+                            // failed attempt, not a client's resubmission.
+                            tracing::info!(task_id = %task.id, "duplicate submission of a pending id ignored");
+                            self.events
+                                .task(EventKind::Duplicate, task, Some(s.due), None);
                         }
                     }
                 }
@@ -371,10 +390,25 @@ impl Intake {
             Err(ProtocolError::NoQueue)
         } else {
             Task::decode(&origin, &d.properties, &d.data)
-        };
-        let mut task = match decoded {
+        }
+        .map_err(|err| (err, None));
+        let checked = decoded.and_then(|task| match self.check_limits(d, &task) {
+            Ok(()) => Ok(task),
+            Err(err) => Err((err, Some(Box::new(task)))),
+        });
+        let mut task = match checked {
             Ok(t) => t,
-            Err(err) => {
+            Err((err, Some(task))) => {
+                let error = err.to_string();
+                return Plan::Dead {
+                    props: Box::new(task.dead_letter_properties(&error, now_ms())),
+                    origin,
+                    body: task.body.clone(),
+                    error,
+                    task: Some(task),
+                };
+            }
+            Err((err, None)) => {
                 return Plan::Dead {
                     props: Box::new(raw_dead_letter_properties(
                         &d.properties,
@@ -447,6 +481,21 @@ impl Intake {
                 error: err.to_string(),
                 task: Some(Box::new(task)),
             },
+        }
+    }
+}
+
+impl Intake {
+    /// A new task (`NS.delay`) must keep every limit. A failed attempt
+    /// (`NS.retry`) only the body cap: its headers grew by what Kairos adds
+    /// on a retry, and its due time is the backoff's.
+    fn check_limits(&self, d: &Delivery, task: &Task) -> Result<(), ProtocolError> {
+        match self.source {
+            Source::Delay => {
+                self.limits.check_message(&d.properties, d.data.len())?;
+                self.limits.check_due(task.run_at, task.delay_ms, now_ms())
+            }
+            Source::Retry => self.limits.check_body(d.data.len()),
         }
     }
 }

@@ -22,6 +22,7 @@
 pub mod api_guard;
 pub mod config;
 pub mod delay_queue;
+pub mod hold;
 pub mod http;
 pub mod intake;
 pub mod outcomes;
@@ -206,6 +207,7 @@ pub async fn run(
         events: events.clone(),
         wake: wake.clone(),
         batch: usize::from(config.batch),
+        batch_bytes: bytes(config.claim_batch_bytes),
         lease_ms: config.lease_ms,
         idle: Duration::from_millis(config.idle_ms),
         refusals: Default::default(),
@@ -220,7 +222,7 @@ pub async fn run(
         &cancel,
     )
     .await;
-    tracing::info!(namespace = %names.namespace(), shards = config.shards, "scheduler starting");
+    tracing::info!(namespace = %names.namespace(), shards = config.shards, intake_prefetch = config.intake_prefetch_effective(), max_body_bytes = config.max_body_bytes, "scheduler starting");
 
     let mut backoff = Backoff::new();
     while !cancel.is_cancelled() {
@@ -242,8 +244,10 @@ pub async fn run(
                 policy: config.retry_policy(),
                 events: events.clone(),
                 wake: wake.clone(),
-                prefetch: config.intake_prefetch,
+                prefetch: config.intake_prefetch_effective(),
                 batch: usize::from(config.batch),
+                batch_bytes: bytes(config.intake_batch_bytes),
+                limits: config.limits(),
             };
             let (delay, retry) = (make(Source::Delay), make(Source::Retry));
             tracing::info!("connected to RabbitMQ");
@@ -321,6 +325,11 @@ fn close_within(blocked: &Blocked) -> Duration {
     }
 }
 
+/// A byte setting as a size on this host.
+fn bytes(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
 /// Keeps the `kairos_scheduler_pending` gauge (tasks waiting or leased in
 /// the delay queue) fresh.
 async fn report_pending(queue: RedisDelayQueue, cancel: CancellationToken) {
@@ -368,6 +377,11 @@ async fn start_schedules(
         parsed: Default::default(),
     };
     let tick_cancel = cancel.clone();
+    let holder = hold::Holder {
+        queue: pump.queue.with_own_connection(),
+        events: pump.events.clone(),
+        limits: config.limits(),
+    };
     let mut tasks = vec![supervise(health, "ticker", cancel.clone(), move || {
         let (ticker, cancel) = (ticker.clone(), tick_cancel.clone());
         async move {
@@ -378,7 +392,9 @@ async fn start_schedules(
     if let Some(http_listener) = http_listener {
         let addr = http_listener.local_addr().ok();
         tracing::info!(addr = ?addr, "HTTP API listening");
-        let api = task_api::TaskApi::new(config.common.broker(), names.clone());
+        let api = task_api::TaskApi::new(config.common.broker(), names.clone())
+            .with_limits(holder.limits)
+            .with_holder(holder);
         let router = api_guard::guard(
             http::router(admin)
                 .merge(task_api::router(api))
@@ -437,7 +453,9 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
         store: schedule_store::ScheduleStore::new(pool, names.namespace(), &queue),
         changed: Arc::new(Notify::new()),
     };
-    let tasks = task_api::TaskApi::new(config.common.broker(), names);
+    // No holder: without a running scheduler's event sink, delayed tasks go
+    // through `NS.delay`, whose intake reports them.
+    let tasks = task_api::TaskApi::new(config.common.broker(), names).with_limits(config.limits());
     // In process, nobody else can call it: no token, but the same checks
     // of what is sent.
     Ok(api_guard::guard(

@@ -112,6 +112,10 @@ pub struct Pump {
     pub events: EventSink,
     pub wake: Arc<Notify>,
     pub batch: usize,
+    /// Record bytes one claim round may take over all shards; in-flight
+    /// batches hold at most [`MAX_INFLIGHT`] rounds' worth (plus one record
+    /// per shard per round, as a claim always takes its first).
+    pub batch_bytes: usize,
     pub lease_ms: u64,
     /// Longest sleep with nothing due: also how often expired leases are
     /// looked for when nothing else wakes the pump.
@@ -128,12 +132,16 @@ impl Pump {
         publisher: Arc<Publisher>,
         cancel: CancellationToken,
     ) -> Result<(), PumpError> {
-        // Each finished batch returns how many tasks it held.
-        let mut inflight: JoinSet<Result<usize, PumpError>> = JoinSet::new();
-        let mut inflight_tasks = 0;
+        // Each finished batch returns how many tasks and record bytes it held.
+        let mut inflight: JoinSet<Result<Held, PumpError>> = JoinSet::new();
+        let mut held = Held::default();
         // Batches waiting for their due time or their confirms may hold this
-        // many tasks before the next claim waits for one to finish.
-        let max_inflight_tasks = MAX_INFLIGHT * self.batch * self.queue.shard_count();
+        // many tasks, or bytes, before the next claim waits for one to finish.
+        let max_held = Held {
+            tasks: MAX_INFLIGHT * self.batch * self.queue.shard_count(),
+            bytes: MAX_INFLIGHT * self.batch_bytes,
+        };
+        let shard_bytes = (self.batch_bytes / self.queue.shard_count()).max(1);
         let mut clock = RedisClock::new();
         let mut backoff = Backoff::new();
         let blocked = publisher.blocked();
@@ -154,7 +162,12 @@ impl Pump {
             }
             let claim = match self
                 .queue
-                .claim(self.batch, self.lease_ms, CLAIM_AHEAD_MS as u64)
+                .claim_bounded(
+                    self.batch,
+                    shard_bytes,
+                    self.lease_ms,
+                    CLAIM_AHEAD_MS as u64,
+                )
                 .await
             {
                 Ok(c) => {
@@ -173,14 +186,17 @@ impl Pump {
             // wall clock.
             let map = clock.observe(claim.now_us, Instant::now());
             if !claim.tasks.is_empty() {
-                inflight_tasks += claim.tasks.len();
+                held.add(Held::of(&claim.tasks));
                 let (due, ahead): (Vec<Claimed>, Vec<Claimed>) =
                     claim.tasks.into_iter().partition(|c| c.due <= claim.now);
                 if !ahead.is_empty() {
                     let (this, publisher) = (self.clone(), publisher.clone());
                     let stop = cancel.clone();
+                    let size = Held::of(&ahead);
                     crate::publish_thread::spawn_into(&mut inflight, async move {
-                        this.publish_at_due(publisher, ahead, map, stop).await
+                        this.publish_at_due(publisher, ahead, map, stop)
+                            .await
+                            .map(|_| size)
                     });
                 }
                 if !due.is_empty() {
@@ -190,6 +206,7 @@ impl Pump {
                     // not at their sum.
                     let (this, publisher) = (self.clone(), publisher.clone());
                     let stop = cancel.clone();
+                    let size = Held::of(&due);
                     inflight.spawn(async move {
                         let (sent, failure) = this.send(&publisher, due).await;
                         let settled = this.settle(&publisher, vec![sent], &stop).await;
@@ -197,19 +214,19 @@ impl Pump {
                             // What did go out is settled; the supervisor
                             // reconnects.
                             Some(err) => Err(err.into()),
-                            None => settled,
+                            None => settled.map(|_| size),
                         }
                     });
                 }
-                let mut failure = reap(&mut inflight, &mut inflight_tasks);
-                while failure.is_none() && inflight_tasks >= max_inflight_tasks {
+                let mut failure = reap(&mut inflight, &mut held);
+                while failure.is_none() && held.reaches(&max_held) {
                     match inflight.join_next().await {
-                        Some(Ok(Ok(n))) => inflight_tasks = inflight_tasks.saturating_sub(n),
+                        Some(Ok(Ok(done))) => held.remove(done),
                         Some(Ok(Err(err))) => failure = Some(err),
                         // A panicked batch (its lease returns its tasks)
                         // leaves its count behind until the set is empty.
                         Some(Err(_)) => {}
-                        None => inflight_tasks = 0,
+                        None => held = Held::default(),
                     }
                 }
                 if let Some(err) = failure {
@@ -570,15 +587,43 @@ fn sleep_for(now: i64, next_due: Option<i64>, idle: Duration) -> Duration {
     }
 }
 
-/// Collects finished batches without waiting, counting off their tasks;
+/// Tasks and record bytes held by in-flight batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Held {
+    tasks: usize,
+    bytes: usize,
+}
+
+impl Held {
+    fn of(claimed: &[Claimed]) -> Self {
+        Held {
+            tasks: claimed.len(),
+            bytes: claimed.iter().map(|c| c.record.len()).sum(),
+        }
+    }
+
+    fn add(&mut self, other: Held) {
+        self.tasks += other.tasks;
+        self.bytes += other.bytes;
+    }
+
+    fn remove(&mut self, other: Held) {
+        self.tasks = self.tasks.saturating_sub(other.tasks);
+        self.bytes = self.bytes.saturating_sub(other.bytes);
+    }
+
+    /// Either bound reached: the next claim waits.
+    fn reaches(&self, max: &Held) -> bool {
+        self.tasks >= max.tasks || self.bytes >= max.bytes
+    }
+}
+
+/// Collects finished batches without waiting, counting off what they held;
 /// returns the first error.
-fn reap(
-    inflight: &mut JoinSet<Result<usize, PumpError>>,
-    inflight_tasks: &mut usize,
-) -> Option<PumpError> {
+fn reap(inflight: &mut JoinSet<Result<Held, PumpError>>, held: &mut Held) -> Option<PumpError> {
     while let Some(done) = inflight.try_join_next() {
         match done {
-            Ok(Ok(n)) => *inflight_tasks = inflight_tasks.saturating_sub(n),
+            Ok(Ok(done)) => held.remove(done),
             Ok(Err(err)) => return Some(err),
             Err(_) => {}
         }

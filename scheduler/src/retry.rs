@@ -10,6 +10,7 @@
 //!   be shorter than an earlier one).
 //! * `none`: exactly the ceiling.
 
+use kairos_shared::contract::MAX_RETRIES_CAP;
 use rand::Rng;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -64,21 +65,24 @@ impl RetryPolicy {
     }
 
     /// `max_retries` counts retries after the first attempt, so attempt
-    /// `max_retries + 1` is the last.
+    /// `max_retries + 1` is the last. The arithmetic saturates: an attempt
+    /// number at the top of its range (a forged `x-attempt`) is exhausted,
+    /// never wrapped to attempt 0, which no record can hold.
     pub fn decide(
         &self,
         failed_attempt: u32,
         max_retries: Option<u32>,
         rng: &mut impl Rng,
     ) -> Decision {
-        let max = max_retries.unwrap_or(self.default_max_retries);
-        if failed_attempt > max {
-            Decision::Exhausted
-        } else {
-            Decision::Retry {
-                next_attempt: failed_attempt + 1,
+        let max = max_retries
+            .unwrap_or(self.default_max_retries)
+            .min(MAX_RETRIES_CAP);
+        match failed_attempt.checked_add(1) {
+            Some(next_attempt) if failed_attempt <= max => Decision::Retry {
+                next_attempt,
                 delay_ms: self.delay_ms(failed_attempt, rng),
-            }
+            },
+            _ => Decision::Exhausted,
         }
     }
 }
@@ -150,5 +154,28 @@ mod tests {
         assert_eq!(p.decide(1, Some(0), &mut rng), Decision::Exhausted);
         // Without a header the deployment default (3) applies.
         assert_eq!(p.decide(4, None, &mut rng), Decision::Exhausted);
+    }
+
+    #[test]
+    fn attempts_at_the_top_of_the_range_do_not_wrap() {
+        let mut rng = rand::rng();
+        let p = policy(Jitter::None);
+        // x-attempt = x-max-retries = u32::MAX once wrapped to attempt 0.
+        assert_eq!(
+            p.decide(u32::MAX, Some(u32::MAX), &mut rng),
+            Decision::Exhausted
+        );
+        assert_eq!(p.decide(u32::MAX, None, &mut rng), Decision::Exhausted);
+        // A cap above MAX_RETRIES_CAP (a deployment default, or a decoder
+        // that let one through) counts as the cap.
+        let cap = MAX_RETRIES_CAP;
+        assert!(matches!(
+            p.decide(cap, Some(u32::MAX), &mut rng),
+            Decision::Retry { next_attempt, .. } if next_attempt == cap + 1
+        ));
+        assert_eq!(
+            p.decide(cap + 1, Some(u32::MAX), &mut rng),
+            Decision::Exhausted
+        );
     }
 }

@@ -2,7 +2,9 @@
 //! rather speak HTTP than AMQP (docs/HTTP.md):
 //!
 //! * `POST /v1/tasks`: enqueue one task (JSON, see `kairos_shared::request`);
-//!   202 with its id once the broker confirmed it
+//!   202 with its id once the broker confirmed it (a delayed task: once it
+//!   is in the delay queue, see [`crate::hold`]); 409 when a delayed task's
+//!   id is already pending; 413 when the body is over its limit
 //! * `GET /v1/dead?limit=N`: the dead letters, oldest first
 //! * `POST /v1/dead/replay`: `{"ids": [...]}` replays those (all when empty)
 //! * `DELETE /v1/dead`: purge
@@ -17,16 +19,19 @@
 //! so concurrent requests have their confirms outstanding together instead
 //! of queueing behind one another's round trip.
 
+use crate::hold::{Held, HoldError, Holder};
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kairos_shared::amqp::{Blocked, Broker};
 use kairos_shared::client::{Client, ClientError};
-use kairos_shared::contract::Names;
+use kairos_shared::contract::{Names, ProtocolError};
 use kairos_shared::dead;
+use kairos_shared::limits::Limits;
 use kairos_shared::request::{RequestError, TaskRequest};
 use serde::Deserialize;
 use serde_json::json;
@@ -47,6 +52,9 @@ pub struct TaskApi {
     names: Names,
     /// Held only to take a clone of the connected client or to connect.
     client: Arc<Mutex<Option<Connected>>>,
+    limits: Limits,
+    /// Where delayed tasks go when set: straight into the delay queue.
+    holder: Option<Holder>,
 }
 
 #[derive(Clone)]
@@ -61,13 +69,40 @@ impl TaskApi {
             broker,
             names,
             client: Arc::new(Mutex::new(None)),
+            limits: Limits::default(),
+            holder: None,
         }
+    }
+
+    /// The limits requests are checked against (the scheduler's settings).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Holds delayed tasks in the delay queue directly, so a duplicate id
+    /// can be answered with 409.
+    pub fn with_holder(mut self, holder: Holder) -> Self {
+        self.holder = Some(holder);
+        self
+    }
+
+    /// Largest request accepted: a body at its cap, JSON-escaped, and room
+    /// for the rest of the request.
+    fn request_limit(&self) -> usize {
+        self.limits
+            .max_body_bytes
+            .saturating_mul(2)
+            .saturating_add(64 * 1024)
     }
 }
 
 pub fn router(api: TaskApi) -> Router {
     Router::new()
-        .route("/v1/tasks", post(enqueue))
+        .route(
+            "/v1/tasks",
+            post(enqueue).layer(DefaultBodyLimit::max(api.request_limit())),
+        )
         .route("/v1/dead", get(list_dead).delete(purge_dead))
         .route("/v1/dead/replay", post(replay_dead))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -82,6 +117,34 @@ pub enum ApiError {
     Broker(String),
     #[error("broker: RabbitMQ blocks publishing (memory or disk alarm); retry later")]
     Blocked,
+    #[error("{message}")]
+    TooLarge {
+        field: &'static str,
+        message: String,
+    },
+    #[error("task {0} is already pending: the first submission wins")]
+    Duplicate(String),
+}
+
+impl From<HoldError> for ApiError {
+    fn from(e: HoldError) -> Self {
+        match e {
+            HoldError::Invalid(ProtocolError::OverLimit(message)) => ApiError::TooLarge {
+                field: if message.contains("KAIROS_MAX_HEADER_BYTES") {
+                    "headers"
+                } else {
+                    "body"
+                },
+                message,
+            },
+            HoldError::Invalid(p) => ApiError::Invalid(RequestError {
+                field: "task",
+                message: p.to_string(),
+            }),
+            HoldError::Client(c) => c.into(),
+            HoldError::Queue(q) => ApiError::Broker(format!("delay queue: {q}")),
+        }
+    }
 }
 
 impl From<ClientError> for ApiError {
@@ -108,6 +171,14 @@ impl IntoResponse for ApiError {
             ApiError::Invalid(e) => (
                 StatusCode::BAD_REQUEST,
                 json!({"error": e.to_string(), "field": e.field}),
+            ),
+            ApiError::TooLarge { field, message } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"error": message, "field": field}),
+            ),
+            ApiError::Duplicate(id) => (
+                StatusCode::CONFLICT,
+                json!({"error": self.to_string(), "id": id}),
             ),
             ApiError::Broker(e) => {
                 tracing::warn!(cause = %e, "task API: broker failed");
@@ -184,16 +255,65 @@ async fn connected(api: &TaskApi) -> Result<Connected, ApiError> {
     Ok(c)
 }
 
-async fn enqueue(State(api): State<TaskApi>, body: Bytes) -> Result<Response, ApiError> {
+async fn enqueue(
+    State(api): State<TaskApi>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| body_rejection(e, &api))?;
     let task = TaskRequest::from_json(&body)?;
+    api.limits
+        .check_body(task.body.len())
+        .map_err(|e| ApiError::TooLarge {
+            field: "body",
+            message: e.to_string(),
+        })?;
+    let now = kairos_shared::amqp::now_ms();
+    if let Err(e) = api.limits.check_due(task.run_at, task.delay_ms, now) {
+        let field = if task.run_at.is_some() {
+            "run_at"
+        } else {
+            "delay_ms"
+        };
+        return Err(RequestError {
+            field,
+            message: e.to_string(),
+        }
+        .into());
+    }
     let queue = task.queue.clone();
     let delayed = task.run_at.is_some() || task.delay_ms.is_some();
-    let id = with_client(&api, async |c: &Client| c.enqueue(task).await).await?;
+    let id = match (&api.holder, delayed) {
+        (Some(holder), true) => match holder.hold(&task).await? {
+            Held::Added { id, .. } => id,
+            Held::Duplicate { id } => return Err(ApiError::Duplicate(id)),
+        },
+        _ => with_client(&api, async |c: &Client| c.enqueue(task).await).await?,
+    };
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"id": id, "queue": queue, "delayed": delayed})),
     )
         .into_response())
+}
+
+/// A request body that could not be read: over the size limit (413, JSON
+/// like every other error) or broken.
+fn body_rejection(e: BytesRejection, api: &TaskApi) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::TooLarge {
+            field: "body",
+            message: format!(
+                "request larger than {} bytes (twice KAIROS_MAX_BODY_BYTES, {} bytes, and 64 KiB)",
+                api.request_limit(),
+                api.limits.max_body_bytes
+            ),
+        }
+    } else {
+        ApiError::Invalid(RequestError {
+            field: "body",
+            message: e.body_text(),
+        })
+    }
 }
 
 #[derive(Deserialize)]

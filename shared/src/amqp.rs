@@ -255,10 +255,27 @@ pub fn take_ready(
     batch: &mut Vec<lapin::message::Delivery>,
     max: usize,
 ) -> lapin::Result<bool> {
+    take_ready_bounded(consumer, batch, max, usize::MAX)
+}
+
+/// [`take_ready`], also stopping once the batch's bodies sum to `max_bytes`
+/// (a batch of big bodies is copied whole into one Redis round trip: its
+/// bytes, not only its count, must be bounded).
+pub fn take_ready_bounded(
+    consumer: &mut lapin::Consumer,
+    batch: &mut Vec<lapin::message::Delivery>,
+    max: usize,
+    max_bytes: usize,
+) -> lapin::Result<bool> {
     use futures_util::{FutureExt, StreamExt};
-    while batch.len() < max {
+    let mut bytes: usize = batch.iter().map(|d| d.data.len()).sum();
+    while batch.len() < max && bytes < max_bytes {
         match consumer.next().now_or_never() {
-            Some(Some(d)) => batch.push(d?),
+            Some(Some(d)) => {
+                let d = d?;
+                bytes = bytes.saturating_add(d.data.len());
+                batch.push(d);
+            }
             Some(None) => return Ok(false),
             None => break,
         }

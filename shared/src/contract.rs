@@ -45,6 +45,12 @@ pub const MAX_ID_LEN: usize = 128;
 pub const MAX_NAMESPACE_LEN: usize = 48;
 /// Longest logical queue name (the routing key on `NS.tasks`), in bytes.
 pub const MAX_QUEUE_LEN: usize = 200;
+/// Most retries a task may ask for with `x-max-retries`. With the default
+/// backoff (capped at an hour) 1,000 retries already span six weeks; more
+/// is a bug in the client (2^40 was seen), not a retry policy.
+pub const MAX_RETRIES_CAP: u32 = 1_000;
+/// Prefix of the ids Kairos derives for messages without `message_id`.
+pub const DERIVED_ID_PREFIX: &str = "h-";
 
 /// Checks a namespace: 1 to [`MAX_NAMESPACE_LEN`] bytes of letters, digits
 /// and `- _ . :` (it is part of AMQP names and Redis keys).
@@ -205,6 +211,8 @@ pub enum ProtocolError {
     /// kept the deepest level's bytes under [`NESTED_TOO_DEEP_KEY`].
     #[error("a header nests tables or arrays more than {MAX_NESTING} levels deep")]
     TooDeep,
+    #[error("{0}")]
+    OverLimit(String),
 }
 
 /// A task as the contract describes it: the AMQP properties travel along
@@ -228,9 +236,11 @@ pub struct Task {
 }
 
 impl Task {
-    /// Decodes a message received with `routing_key`. A missing id gets a
-    /// fresh UUIDv7, written into the properties so that every later hop
-    /// (retry, dead letter, events) names the same task.
+    /// Decodes a message received with `routing_key`. A missing id is
+    /// derived from the message itself ([`derived_id`]): a redelivery of the
+    /// same message gets the same id, so it cannot become a second task. The
+    /// id is written into the properties so that every later hop (retry,
+    /// dead letter, events) names the same task.
     pub fn decode(
         routing_key: &str,
         properties: &BasicProperties,
@@ -243,7 +253,7 @@ impl Task {
             Some(kind) => kind.to_string(),
         };
         let id = match properties.message_id() {
-            None => uuid::Uuid::now_v7().to_string(),
+            None => derived_id(routing_key, properties, body),
             Some(id) => {
                 validate_id(id.as_str())?;
                 id.to_string()
@@ -260,8 +270,14 @@ impl Task {
         };
         let max_retries = match int_header(headers, H_MAX_RETRIES)? {
             None => None,
-            Some(n) if (0..=i64::from(u32::MAX)).contains(&n) => Some(n as u32),
-            Some(n) => return Err(bad(H_MAX_RETRIES, format!("{n} is negative"))),
+            Some(n) if n < 0 => return Err(bad(H_MAX_RETRIES, format!("{n} is negative"))),
+            Some(n) if n > i64::from(MAX_RETRIES_CAP) => {
+                return Err(bad(
+                    H_MAX_RETRIES,
+                    format!("{n} exceeds the cap of {MAX_RETRIES_CAP} retries"),
+                ))
+            }
+            Some(n) => Some(n as u32),
         };
         let timeout_ms = match int_header(headers, H_TIMEOUT_MS)? {
             None => None,
@@ -492,6 +508,41 @@ fn bad(name: &'static str, reason: String) -> ProtocolError {
     ProtocolError::BadHeader { name, reason }
 }
 
+/// The id of a message that came without `message_id`: `h-` and a 128-bit
+/// FNV-1a hash (hex) of its routing key, properties (in their AMQP wire
+/// encoding, which is deterministic: header tables are ordered) and body.
+///
+/// It is stable because a redelivery carries exactly the bytes of the first
+/// delivery: whoever decodes the message (the intake after a crash, the
+/// worker, the retry intake) derives the same id, so the pending-id rule
+/// turns a redelivery into a `duplicate`, never into a second task. The
+/// price: two identical messages without an id are one task while the first
+/// is pending. A client that means two tasks gives them ids.
+pub fn derived_id(routing_key: &str, properties: &BasicProperties, body: &[u8]) -> String {
+    const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
+    let props = encoded_properties(properties).unwrap_or_default();
+    let mut h = OFFSET;
+    let parts: [&[u8]; 5] = [routing_key.as_bytes(), &[0], &props, &[0], body];
+    for part in parts {
+        for b in part {
+            h ^= u128::from(*b);
+            h = h.wrapping_mul(PRIME);
+        }
+    }
+    format!("{DERIVED_ID_PREFIX}{h:032x}")
+}
+
+/// The AMQP wire encoding of `properties` (what a content header frame
+/// carries): its length is what must stay under the broker's `frame_max`.
+pub fn encoded_properties(properties: &BasicProperties) -> Result<Vec<u8>, ProtocolError> {
+    cookie_factory::gen_simple(
+        lapin::protocol::basic::gen_properties(properties),
+        Vec::with_capacity(64),
+    )
+    .map_err(|e| ProtocolError::BadRecord(format!("cannot encode properties: {e:?}")))
+}
+
 /// Checks the contract's id rule: 1 to 128 printable ASCII characters.
 pub fn validate_id(id: &str) -> Result<(), ProtocolError> {
     if id.is_empty() {
@@ -639,10 +690,10 @@ mod tests {
     }
 
     #[test]
-    fn missing_id_gets_a_uuid_v7_that_sticks() {
+    fn missing_id_is_derived_from_the_message_and_sticks() {
         let t = Task::decode("default", &props("a.b"), b"x").unwrap();
-        let parsed = uuid::Uuid::parse_str(&t.id).unwrap();
-        assert_eq!(parsed.get_version_num(), 7);
+        assert!(t.id.starts_with(DERIVED_ID_PREFIX), "{}", t.id);
+        assert!(validate_id(&t.id).is_ok());
         assert_eq!(
             t.publish_properties()
                 .message_id()
@@ -653,6 +704,39 @@ mod tests {
         );
         assert_eq!(t.attempt, 1);
         assert_eq!(t.priority, 0);
+        // A redelivery (the same bytes) gets the same id ...
+        let again = Task::decode("default", &props("a.b"), b"x").unwrap();
+        assert_eq!(again.id, t.id);
+        // ... and another body, queue, type or header another one.
+        let others = [
+            Task::decode("default", &props("a.b"), b"y"),
+            Task::decode("other", &props("a.b"), b"x"),
+            Task::decode("default", &props("a.c"), b"x"),
+            Task::decode("default", &with_header(props("a.b"), "k", text("v")), b"x"),
+        ];
+        for o in others {
+            assert_ne!(o.unwrap().id, t.id);
+        }
+    }
+
+    #[test]
+    fn max_retries_over_the_cap_says_so() {
+        let p = with_header(props("t"), H_MAX_RETRIES, AMQPValue::LongLongInt(1 << 40));
+        let err = Task::decode("q", &p, b"").unwrap_err().to_string();
+        assert!(err.contains("exceeds the cap of 1000"), "{err}");
+        assert!(!err.contains("negative"), "{err}");
+        let p = with_header(props("t"), H_MAX_RETRIES, AMQPValue::LongLongInt(-1));
+        let err = Task::decode("q", &p, b"").unwrap_err().to_string();
+        assert!(err.contains("negative"), "{err}");
+        let p = with_header(
+            props("t"),
+            H_MAX_RETRIES,
+            AMQPValue::LongLongInt(i64::from(MAX_RETRIES_CAP)),
+        );
+        assert_eq!(
+            Task::decode("q", &p, b"").unwrap().max_retries,
+            Some(MAX_RETRIES_CAP)
+        );
     }
 
     #[test]

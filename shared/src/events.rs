@@ -31,6 +31,9 @@ pub enum EventKind {
     Failed,
     Retried,
     Dead,
+    /// A second submission of an id already pending in the delay queue:
+    /// ignored (the first wins), and reported.
+    Duplicate,
 }
 
 impl EventKind {
@@ -43,6 +46,7 @@ impl EventKind {
             EventKind::Failed => "failed",
             EventKind::Retried => "retried",
             EventKind::Dead => "dead",
+            EventKind::Duplicate => "duplicate",
         }
     }
 }

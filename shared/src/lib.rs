@@ -24,6 +24,7 @@ pub mod config;
 pub mod contract;
 pub mod dead;
 pub mod events;
+pub mod limits;
 pub mod metrics;
 pub mod record;
 pub mod request;

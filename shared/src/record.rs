@@ -19,7 +19,9 @@
 //! fixed-width attempt and length, all properties) is still read, for
 //! records written before an upgrade.
 
-use crate::contract::{ProtocolError, Task, H_ATTEMPT, H_RUN_AT};
+use crate::contract::{
+    int_header, ProtocolError, Task, H_ATTEMPT, H_MAX_RETRIES, H_RUN_AT, MAX_RETRIES_CAP,
+};
 use lapin::protocol::basic::{gen_properties, parse_properties};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
@@ -117,6 +119,16 @@ pub fn decode(id: &str, bytes: &[u8]) -> Result<Task, ProtocolError> {
         parse_properties(props_and_body).map_err(|e| ProtocolError::BadRecord(format!("{e:?}")))?;
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(attempt)));
+    // Records written before `x-max-retries` was capped may ask for more:
+    // they were accepted, so they run with the cap rather than being
+    // dropped as unreadable.
+    if matches!(int_header(&headers, H_MAX_RETRIES), Ok(Some(n)) if n > i64::from(MAX_RETRIES_CAP))
+    {
+        headers.insert(
+            H_MAX_RETRIES.into(),
+            AMQPValue::LongLongInt(i64::from(MAX_RETRIES_CAP)),
+        );
+    }
     // The id is the Redis member the record was stored under.
     let message_id =
         crate::short::short("task id", id).map_err(|e| ProtocolError::BadRecord(e.to_string()))?;
@@ -286,6 +298,29 @@ mod tests {
         let task = decode("id-1", &rec).unwrap();
         assert_eq!((task.attempt, task.queue.as_str()), (2, "q"));
         assert_eq!((task.name.as_str(), &task.body[..]), ("t", &b"b"[..]));
+    }
+
+    #[test]
+    fn records_from_before_the_retry_cap_still_decode() {
+        // Written by a version without the cap: x-max-retries u32::MAX.
+        let mut headers = FieldTable::default();
+        headers.insert(
+            H_MAX_RETRIES.into(),
+            AMQPValue::LongLongInt(i64::from(u32::MAX)),
+        );
+        let props = cookie_factory::gen_simple(
+            gen_properties(
+                &BasicProperties::default()
+                    .with_type("t".into())
+                    .with_headers(headers),
+            ),
+            Vec::new(),
+        )
+        .unwrap();
+        let mut rec = vec![MAGIC, 1, 1, b'q'];
+        rec.extend_from_slice(&props);
+        let task = decode("old", &rec).unwrap();
+        assert_eq!(task.max_retries, Some(MAX_RETRIES_CAP));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 use crate::client::NewTask;
 use crate::contract::{
     validate_id, validate_queue, H_ATTEMPT, H_DELAY_MS, H_ERROR, H_FAILED_AT, H_MAX_RETRIES,
-    H_ORIGIN_QUEUE, H_RUN_AT, H_SCHEDULE_ID, H_TIMEOUT_MS, MAX_PRIORITY,
+    H_ORIGIN_QUEUE, H_RUN_AT, H_SCHEDULE_ID, H_TIMEOUT_MS, MAX_PRIORITY, MAX_RETRIES_CAP,
 };
 use lapin::types::{AMQPValue, LongString};
 use serde::Deserialize;
@@ -155,6 +155,13 @@ impl TaskRequest {
                 }
             }
         }
+        // Given as a field or a header: either way the contract's cap.
+        if let Some(n) = task.max_retries.filter(|n| *n > MAX_RETRIES_CAP) {
+            return Err(bad(
+                "max_retries",
+                format!("{n} exceeds the cap of {MAX_RETRIES_CAP} retries"),
+            ));
+        }
         Ok(task)
     }
 }
@@ -210,7 +217,12 @@ mod tests {
             let err = TaskRequest::from_json(json.as_bytes()).unwrap_err();
             assert_eq!(err.field, field, "{err}");
         }
-        let cases: [(&[u8], &str); 8] = [
+        let cases: [(&[u8], &str); 10] = [
+            (br#"{"name":"a","max_retries":1001}"#, "max_retries"),
+            (
+                br#"{"name":"a","headers":{"x-max-retries":1099511627776}}"#,
+                "headers",
+            ),
             (br#"{"name":""}"#, "name"),
             (br#"{"name":"a","priority":10}"#, "priority"),
             (br#"{"name":"a","id":""}"#, "id"),

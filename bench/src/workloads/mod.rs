@@ -8,6 +8,7 @@ pub mod w4_retry;
 pub mod w5_schedules;
 pub mod w6_idle;
 pub mod w7_http;
+pub mod w8_big_bodies;
 
 use crate::baseline::Baseline;
 use crate::report::Report;

@@ -207,8 +207,16 @@ impl ScheduleSpec {
                         format!("{every} is below the minimum of {MIN_EVERY_MS}"),
                     ));
                 }
+                // Tick arithmetic is in i64 Unix ms: a larger interval
+                // would wrap to a negative one.
+                let every_ms = i64::try_from(every).map_err(|_| {
+                    err(
+                        "every_ms",
+                        format!("{every} exceeds the largest interval, {} ms", i64::MAX),
+                    )
+                })?;
                 Trigger::Every {
-                    every_ms: every as i64,
+                    every_ms,
                     start_at: self.start_at.unwrap_or(0),
                 }
             }
@@ -321,6 +329,14 @@ mod tests {
             "timezone"
         );
         assert_eq!(field(json!({"every_ms": 5, "task": task})), "every_ms");
+        assert_eq!(
+            field(json!({"every_ms": u64::MAX, "task": task})),
+            "every_ms"
+        );
+        assert_eq!(
+            field(json!({"every_ms": i64::MAX as u64 + 1, "task": task})),
+            "every_ms"
+        );
         assert_eq!(field(json!({"task": task})), "trigger");
         assert_eq!(
             field(json!({"every_ms": 1000, "at": 5, "task": task})),

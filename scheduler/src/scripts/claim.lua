@@ -4,7 +4,11 @@
 -- KEYS[5] this claimer's last claim (see below)
 -- ARGV[1] batch size, ARGV[2] lease ms, ARGV[3] ahead ms: tasks due up to
 -- this long after now are claimed too (the pump holds them until due),
--- ARGV[4] the claim's round: the claimer's count of claims answered so far.
+-- ARGV[4] the claim's round: the claimer's count of claims answered so far,
+-- ARGV[5] byte budget: the claim stops taking records once their summed
+-- size reaches it (it always takes the first), so a batch of big bodies
+-- stays within the pump's memory; the rest go back to the due index, due
+-- as they were, and the head reported below makes the pump claim again.
 -- Returns {now (microseconds), next due or -1, member1, due1, record1,
 -- member2, ...}: the pump times publishes from it to the microsecond.
 -- Expired leases (an instance died between claim and delete) go back to the
@@ -76,6 +80,23 @@ if #due > 0 then
   local members = {}
   for i = 1, #due, 2 do
     members[#members + 1] = due[i]
+  end
+  -- Sizes first (HSTRLEN is O(1)): only what fits the budget is read.
+  local budget = tonumber(ARGV[5])
+  local bytes = 0
+  local take = #members
+  for i, m in ipairs(members) do
+    if bytes >= budget then
+      take = i - 1
+      break
+    end
+    bytes = bytes + redis.call('HSTRLEN', KEYS[2], m)
+  end
+  for i = take + 1, #members do
+    dq_add(KEYS[1], members[i], due[i * 2])
+  end
+  for i = #members, take + 1, -1 do
+    members[i] = nil
   end
   local records = redis.call('HMGET', KEYS[2], unpack(members))
   local live = {}
