@@ -8,14 +8,16 @@
 //! default; raise it for a longer hunt). The same checks run under
 //! cargo-fuzz from `fuzz/` where a nightly toolchain is available.
 
-use kairos_shared::contract::{raw_dead_letter_properties, Task};
+mod support;
+
 use kairos_shared::record;
-use lapin::protocol::basic::{gen_properties, parse_properties};
+use lapin::protocol::basic::parse_properties;
 use lapin::types::{
     AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
 };
 use lapin::BasicProperties;
 use proptest::prelude::*;
+use support::{encode, take};
 
 /// A header value of any type a publisher can put on the wire, nested up to
 /// a few levels. (`AMQPValue::ShortString` has no wire tag: RabbitMQ reads
@@ -137,47 +139,6 @@ fn routing_key() -> impl Strategy<Value = String> {
         Just(String::new()),
         short_text()
     ]
-}
-
-/// Wire-encodes properties, as a publisher would send them.
-fn encode(props: &BasicProperties) -> Option<Vec<u8>> {
-    cookie_factory::gen_simple(gen_properties(props), Vec::new()).ok()
-}
-
-/// What every consumer of the network does with one message: a task, or a
-/// dead letter that can itself be published. Panics (failing the property)
-/// only where Kairos would.
-fn take(routing_key: &str, props: &BasicProperties, body: &[u8]) {
-    match Task::decode(routing_key, props, body) {
-        Ok(task) => {
-            let out = task.publish_properties();
-            assert!(encode(&out).is_some(), "publish properties must encode");
-            let failed = task.with_failure_headers("boom", 1);
-            assert!(encode(&failed).is_some(), "failure properties must encode");
-            // A task either stores and reads back as the same task, or is
-            // refused with a reason (then it is dead-lettered).
-            match record::encode(&task) {
-                Ok(rec) => {
-                    let back = record::decode(&task.id, &rec).expect("a stored task reads back");
-                    assert_eq!(back.name, task.name);
-                    assert_eq!(back.queue, task.queue);
-                    assert_eq!(back.body, task.body);
-                    assert_eq!(back.attempt, task.attempt);
-                    assert_eq!(back.priority, task.priority);
-                }
-                Err(err) => assert!(!err.to_string().is_empty()),
-            }
-        }
-        Err(err) => {
-            let reason = err.to_string();
-            assert!(!reason.is_empty(), "a dead letter needs a reason");
-            let dead = raw_dead_letter_properties(props, routing_key, &reason, 1);
-            assert!(
-                encode(&dead).is_some(),
-                "dead-letter properties must encode"
-            );
-        }
-    }
 }
 
 proptest! {
