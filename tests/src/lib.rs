@@ -540,6 +540,32 @@ impl EventTap {
         .await;
     }
 
+    /// Like [`EventTap::wait_until`], but says whether `done` held in time
+    /// instead of panicking, for tests that explain a shortfall themselves.
+    pub async fn try_wait_until(
+        &mut self,
+        within: Duration,
+        done: impl Fn(&[SeenEvent]) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while !done(&self.seen) {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(ev)) => self.seen.push(ev),
+                Ok(None) | Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Keeps collecting for `quiet`: for checks that nothing more arrives
+    /// (a duplicate would come right behind what was awaited).
+    pub async fn collect_for(&mut self, quiet: Duration) {
+        let deadline = tokio::time::Instant::now() + quiet;
+        while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            self.seen.push(ev);
+        }
+    }
+
     /// Events of one kind.
     pub fn of(&self, kind: EventKind) -> Vec<&SeenEvent> {
         self.seen
