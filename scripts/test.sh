@@ -36,7 +36,7 @@ fi
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast
 # Tests that disturb the shared servers: alone, one at a time.
-cargo test -p kairos-tests --features disruptive --test disruptive -- --test-threads=1
+cargo test -p kairos-tests --features disruptive --test disruptive --test blocked_broker -- --test-threads=1
 # The soak test: 2 minutes of steady load through kills and a Redis
 # restart (KAIROS_SOAK_SECS to change), on its own Redis.
 KAIROS_SOAK_SECS=${KAIROS_SOAK_SECS:-120} cargo test -p kairos-tests --features soak --test soak
