@@ -265,7 +265,7 @@ impl Pump {
         mut tasks: Vec<Claimed>,
         clock: ClockMap,
         stop: CancellationToken,
-    ) -> Result<usize, PumpError> {
+    ) -> Result<(), PumpError> {
         tasks.sort_by_key(|c| c.due);
         let mut batches = Vec::new();
         while let Some(first) = tasks.first() {
@@ -383,13 +383,12 @@ impl Pump {
 
     /// Awaits the confirms of sent batches, then deletes the confirmed
     /// tasks and releases the rest: one delete and one release for all.
-    /// Returns how many claimed tasks it settled.
     async fn settle(
         &self,
         publisher: &Publisher,
         mut batches: Vec<Sent>,
         stop: &CancellationToken,
-    ) -> Result<usize, PumpError> {
+    ) -> Result<(), PumpError> {
         let mut published = Vec::new();
         let mut unconfirmed = 0;
         for b in &mut batches {
@@ -463,7 +462,6 @@ impl Pump {
         .await;
         self.until_answered("release", stop, |_| self.queue.release(&failed))
             .await;
-        let refused_count: usize = refused.values().map(Vec::len).sum();
         for (queue, tasks) in refused {
             let pause = self.refusals.refused(queue);
             tracing::warn!(%queue, count = tasks.len(), retry_in_ms = pause.as_millis() as u64, "the broker refused publishes (nack); holding those tasks back");
@@ -483,7 +481,7 @@ impl Pump {
             self.events
                 .task(EventKind::Published, task, Some(*due), None);
         }
-        Ok(done.len() + failed.len() + refused_count)
+        Ok(())
     }
 
     /// Runs `call` until Redis answers it, backing off, for as long as the
