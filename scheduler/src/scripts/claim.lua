@@ -29,6 +29,15 @@
 -- separated by newlines (ids are printable ASCII, members add a tab: no
 -- newline): a single SET, and due times of 13 digits survive Lua's
 -- number formatting (14 significant digits).
+-- The reply's second value: the earliest due time left in the index.
+local function with_head(out)
+  local head = dq_head(KEYS[1])
+  if head ~= nil then
+    out[2] = head
+  end
+  return out
+end
+
 local kept = redis.call('GET', KEYS[5])
 if kept and string.sub(kept, 1, #ARGV[4] + 1) == ARGV[4] .. '\n' then
   local last = {}
@@ -48,11 +57,7 @@ if kept and string.sub(kept, 1, #ARGV[4] + 1) == ARGV[4] .. '\n' then
       end
     end
   end
-  local head = dq_head(KEYS[1])
-  if head ~= nil then
-    out[2] = head
-  end
-  return out
+  return with_head(out)
 end
 local now = dq_now()
 local batch = tonumber(ARGV[1])
@@ -128,8 +133,4 @@ if #out > 2 then
 elseif kept then
   redis.call('DEL', KEYS[5])
 end
-local head = dq_head(KEYS[1])
-if head ~= nil then
-  out[2] = head
-end
-return out
+return with_head(out)
