@@ -205,7 +205,7 @@ impl BenchEnv {
             self.names.delay(),
             self.names.retry(),
             self.names.dead(),
-            kairos_scheduler::outcomes::queue_name(&self.names),
+            kairos_scheduler::schedules::outcomes::queue_name(&self.names),
         ];
         for q in queues.iter().chain(&self.extra_queues) {
             let _ = channel

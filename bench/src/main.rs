@@ -137,7 +137,7 @@ async fn main() -> Result<()> {
     // channel closed while its consumer is still registered, which each
     // workload does on purpose when it ends. RUST_LOG overrides.
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| {
-        "warn,kairos_worker::disposition=off,kairos_scheduler::intake=off,lapin::channels=off"
+        "warn,kairos_worker::disposition=off,kairos_scheduler::delay::intake=off,lapin::channels=off"
             .into()
     });
     tracing_subscriber::fmt()

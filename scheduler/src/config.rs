@@ -1,6 +1,6 @@
 //! Scheduler settings: environment variables, or the same as flags.
 
-use crate::retry::{Jitter, RetryPolicy};
+use crate::delay::retry::{Jitter, RetryPolicy};
 use clap::builder::BoolishValueParser;
 use clap::Parser;
 use kairos_shared::config::{CommonConfig, DEFAULT_REDIS_URL};

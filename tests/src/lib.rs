@@ -345,7 +345,7 @@ async fn cleanup(ns: String, names: Names, queues: Vec<String>, amqp_url: String
             let all_queues = queues
                 .into_iter()
                 .chain([names.delay(), names.retry(), names.dead()])
-                .chain([kairos_scheduler::outcomes::queue_name(&names)]);
+                .chain([kairos_scheduler::schedules::outcomes::queue_name(&names)]);
             for q in all_queues {
                 let _ = ch
                     .queue_delete(q.as_str().into(), QueueDeleteOptions::default())

@@ -1,6 +1,6 @@
 //! The delay queue's Lua scripts against the real Redis: what each promises.
 
-use kairos_scheduler::delay_queue::{member, Claimed, Entry, RedisDelayQueue};
+use kairos_scheduler::delay::store::{member, Claimed, Entry, RedisDelayQueue};
 use kairos_tests::*;
 
 async fn queue(env: &TestEnv, shards: usize) -> RedisDelayQueue {

@@ -2,7 +2,7 @@
 //! maxmemory, configured to evict, stalled, or asked for replicas. Every test
 //! runs its own `redis-server` (never the shared one).
 
-use kairos_scheduler::delay_queue::{member, Entry, RedisDelayQueue};
+use kairos_scheduler::delay::store::{member, Entry, RedisDelayQueue};
 use kairos_shared::contract::Task;
 use kairos_tests::*;
 use lapin::types::AMQPValue;
@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 async fn own_queue(redis: &OwnRedis, ns: &str, shards: usize) -> RedisDelayQueue {
-    let pool = kairos_scheduler::redis_conn::pool(
+    let pool = kairos_scheduler::redis_io::conn::pool(
         &redis.url(),
         &Default::default(),
         Duration::from_secs(5),
@@ -617,7 +617,7 @@ async fn redis_wait_acks_only_what_a_replica_has() {
 async fn a_claim_without_reply_is_answered_by_the_next() {
     let redis = OwnRedis::start_with(&["--appendonly", "no", "--enable-debug-command", "local"]);
     let ns = "kt-claim-lost";
-    let pool = kairos_scheduler::redis_conn::pool(
+    let pool = kairos_scheduler::redis_io::conn::pool(
         &redis.url(),
         &Default::default(),
         Duration::from_millis(200),

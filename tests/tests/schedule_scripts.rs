@@ -3,17 +3,17 @@
 //! fire lose, no tick fires twice, and pause withdraws waiting occurrences;
 //! a ticker round tells ticks missed in an outage from ticks it is late for.
 
-use kairos_scheduler::delay_queue::RedisDelayQueue;
-use kairos_scheduler::schedule::ScheduleSpec;
-use kairos_scheduler::schedule_store::{Fire, Occurrence, ScheduleStore};
-use kairos_scheduler::ticker::Ticker;
+use kairos_scheduler::delay::store::RedisDelayQueue;
+use kairos_scheduler::schedules::model::ScheduleSpec;
+use kairos_scheduler::schedules::store::{Fire, Occurrence, ScheduleStore};
+use kairos_scheduler::schedules::ticker::Ticker;
 use kairos_shared::events::EventSink;
 use kairos_tests::*;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
-fn fire_of(item: &kairos_scheduler::schedule_store::DueItem, tick: i64, new_next: i64) -> Fire {
+fn fire_of(item: &kairos_scheduler::schedules::store::DueItem, tick: i64, new_next: i64) -> Fire {
     Fire {
         shard: item.shard,
         id: item.id.clone(),

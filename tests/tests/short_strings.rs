@@ -4,9 +4,9 @@
 //! that panics; a bad schedule stops only itself; the background loops are
 //! supervised and visible in `/readyz`.
 
-use kairos_scheduler::delay_queue::RedisDelayQueue;
-use kairos_scheduler::schedule::ScheduleSpec;
-use kairos_scheduler::schedule_store::ScheduleStore;
+use kairos_scheduler::delay::store::RedisDelayQueue;
+use kairos_scheduler::schedules::model::ScheduleSpec;
+use kairos_scheduler::schedules::store::ScheduleStore;
 use kairos_shared::contract::{H_ERROR, H_RUN_AT};
 use kairos_tests::*;
 use kairos_worker::Worker;

@@ -128,8 +128,8 @@ async fn a_server_signed_by_another_ca_is_refused_with_a_clear_error() {
     let wrong = files.settings(&files.other_ca, false);
 
     // Redis, as the scheduler connects to it.
-    let client =
-        kairos_scheduler::redis_conn::client(&redis.url(REDIS_PASSWORD), &wrong).expect("client");
+    let client = kairos_scheduler::redis_io::conn::client(&redis.url(REDIS_PASSWORD), &wrong)
+        .expect("client");
     let err = client
         .get_multiplexed_async_connection()
         .await
@@ -155,7 +155,7 @@ async fn a_server_signed_by_another_ca_is_refused_with_a_clear_error() {
     // With the right CA both work (and with no client certificate, which
     // these servers do not ask for).
     let right = files.settings(&files.ca, false);
-    let mut con = kairos_scheduler::redis_conn::client(&redis.url(REDIS_PASSWORD), &right)
+    let mut con = kairos_scheduler::redis_io::conn::client(&redis.url(REDIS_PASSWORD), &right)
         .expect("client")
         .get_multiplexed_async_connection()
         .await

@@ -11,7 +11,7 @@ use super::Ctx;
 use crate::env::BenchEnv;
 use crate::report::Row;
 use anyhow::{bail, Context, Result};
-use kairos_scheduler::task_api::{router, TaskApi};
+use kairos_scheduler::api::tasks::{router, TaskApi};
 use std::net::SocketAddr;
 use std::time::Instant;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};

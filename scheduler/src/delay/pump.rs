@@ -38,9 +38,9 @@
 //!   it once the alarm clears, it is published twice (a duplicate, never
 //!   a loss).
 
-use crate::delay_queue::{Claimed, QueueError, RedisDelayQueue};
-use crate::publisher::Publisher;
-use crate::redis_clock::{ClockMap, RedisClock};
+use crate::delay::publisher::Publisher;
+use crate::delay::store::{Claimed, QueueError, RedisDelayQueue};
+use crate::timing::redis_clock::{ClockMap, RedisClock};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use kairos_shared::amqp::now_ms;
 use kairos_shared::amqp::{sleep_or_cancel, Backoff};
@@ -193,7 +193,7 @@ impl Pump {
                     let (this, publisher) = (self.clone(), publisher.clone());
                     let stop = cancel.clone();
                     let size = Held::of(&ahead);
-                    crate::publish_thread::spawn_into(&mut inflight, async move {
+                    crate::timing::publish_thread::spawn_into(&mut inflight, async move {
                         this.publish_at_due(publisher, ahead, map, stop)
                             .await
                             .map(|_| size)
@@ -273,7 +273,7 @@ impl Pump {
             let group: Vec<Claimed> = tasks
                 .drain(..tasks.partition_point(|c| c.due <= due))
                 .collect();
-            crate::precise_timer::sleep_until(clock.instant_of(due)).await;
+            crate::timing::precise_timer::sleep_until(clock.instant_of(due)).await;
             let (sent, failure) = self.send(&publisher, group).await;
             batches.push(sent);
             if let Some(err) = failure {

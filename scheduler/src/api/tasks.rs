@@ -3,7 +3,7 @@
 //!
 //! * `POST /v1/tasks`: enqueue one task (JSON, see `kairos_shared::request`);
 //!   202 with its id once the broker confirmed it (a delayed task: once it
-//!   is in the delay queue, see [`crate::hold`]); 409 when a delayed task's
+//!   is in the delay queue, see [`crate::delay::hold`]); 409 when a delayed task's
 //!   id is already pending; 413 when the body is over its limit
 //! * `GET /v1/dead?limit=N`: the dead letters, oldest first
 //! * `POST /v1/dead/replay`: `{"ids": [...]}` replays those (all when empty)
@@ -19,7 +19,7 @@
 //! so concurrent requests have their confirms outstanding together instead
 //! of queueing behind one another's round trip.
 
-use crate::hold::{Held, HoldError, Holder};
+use crate::delay::hold::{Held, HoldError, Holder};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Query, State};

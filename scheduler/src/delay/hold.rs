@@ -5,7 +5,7 @@
 //! before the intake had seen the task, and a duplicate was then dropped
 //! without a word.
 
-use crate::delay_queue::{member, Entry, QueueError, RedisDelayQueue};
+use crate::delay::store::{member, Entry, QueueError, RedisDelayQueue};
 use kairos_shared::amqp::now_ms;
 use kairos_shared::client::{ClientError, NewTask};
 use kairos_shared::contract::{ProtocolError, Task};

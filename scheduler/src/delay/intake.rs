@@ -21,9 +21,9 @@
 //! intake pauses (growing while refusals go on) before the next batch, so
 //! the message is not taken again at once and the session is not restarted.
 
-use crate::delay_queue::{member, Entry, Held, QueueError, RedisDelayQueue};
-use crate::publisher::Publisher;
-use crate::retry::{Decision, RetryPolicy};
+use crate::delay::publisher::Publisher;
+use crate::delay::retry::{Decision, RetryPolicy};
+use crate::delay::store::{member, Entry, Held, QueueError, RedisDelayQueue};
 use futures_util::future::join_all;
 use futures_util::StreamExt;
 use kairos_shared::amqp::{now_ms, sleep_or_cancel, take_ready_bounded, Backoff};
@@ -362,7 +362,7 @@ impl Intake {
         mut held: Held,
         entries: &[Entry],
         cancel: &CancellationToken,
-    ) -> Option<Vec<crate::delay_queue::Scheduled>> {
+    ) -> Option<Vec<crate::delay::store::Scheduled>> {
         let first = std::mem::take(&mut held.scheduled);
         let mut backoff = Backoff::new();
         while !held.replicated {

@@ -11,8 +11,8 @@
 //! Errors are JSON: `{"error": "...", "field": "..."}` with 400 for bad
 //! input, 404 for an unknown id, 503 when Redis fails.
 
-use crate::schedule::ScheduleSpec;
-use crate::schedule_admin::{Admin, AdminError, Put};
+use crate::schedules::admin::{Admin, AdminError, Put};
+use crate::schedules::model::ScheduleSpec;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;

@@ -2,9 +2,9 @@
 //! place the HTTP API and the schedule file go through, so both validate
 //! and compute the first tick the same way.
 
-use crate::delay_queue::QueueError;
-use crate::schedule::{Schedule, ScheduleSpec, SpecError, Trigger};
-use crate::schedule_store::{ScheduleStore, View};
+use crate::delay::store::QueueError;
+use crate::schedules::model::{Schedule, ScheduleSpec, SpecError, Trigger};
+use crate::schedules::store::{ScheduleStore, View};
 use std::sync::Arc;
 use thiserror::Error;
 use tokio::sync::Notify;

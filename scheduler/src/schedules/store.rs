@@ -15,29 +15,29 @@
 //! task id): the pump serves every shard, and the claimed task remembers
 //! its shard, so nothing else needs to know.
 
-use crate::delay_queue::{
+use crate::delay::store::{
     bytes, evalsha, indexed_script, int, query_scripts, shard_of, string, QueueError,
     RedisDelayQueue,
 };
-use crate::redis_conn::RedisConn;
-use crate::schedule::ScheduleSpec;
+use crate::redis_io::conn::RedisConn;
+use crate::schedules::model::ScheduleSpec;
 use deadpool_redis::Pool;
 use redis::Value;
 use serde::Serialize;
 use std::sync::LazyLock;
 
 static DUE: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_due.lua")));
-static FIRE: LazyLock<redis::Script> = indexed_script!("scripts/sched_fire.lua");
-static PUT: LazyLock<redis::Script> = indexed_script!("scripts/sched_put.lua");
+    LazyLock::new(|| redis::Script::new(include_str!("../redis_io/scripts/sched_due.lua")));
+static FIRE: LazyLock<redis::Script> = indexed_script!("../redis_io/scripts/sched_fire.lua");
+static PUT: LazyLock<redis::Script> = indexed_script!("../redis_io/scripts/sched_put.lua");
 static META: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_meta.lua")));
+    LazyLock::new(|| redis::Script::new(include_str!("../redis_io/scripts/sched_meta.lua")));
 static DEFS: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_defs.lua")));
+    LazyLock::new(|| redis::Script::new(include_str!("../redis_io/scripts/sched_defs.lua")));
 static OUTCOME: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_outcome.lua")));
+    LazyLock::new(|| redis::Script::new(include_str!("../redis_io/scripts/sched_outcome.lua")));
 static BEAT: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("scripts/sched_beat.lua")));
+    LazyLock::new(|| redis::Script::new(include_str!("../redis_io/scripts/sched_beat.lua")));
 
 #[derive(Clone, Debug)]
 struct Keys {

@@ -13,8 +13,8 @@
 //! namespace with many non-schedule tasks and no scheduler cannot grow it
 //! without bound.
 
-use crate::schedule::occurrence::parse_occurrence_id;
-use crate::schedule_store::ScheduleStore;
+use crate::schedules::model::occurrence::parse_occurrence_id;
+use crate::schedules::store::ScheduleStore;
 use futures_util::StreamExt;
 use kairos_shared::amqp::{connect_with_retry, sleep_or_cancel, Backoff, Broker};
 use kairos_shared::contract::Names;

@@ -10,9 +10,9 @@
 //! plus the stored last-fired tick make a repeat harmless. A definition
 //! travels to the scheduler only when its digest is new to it.
 
-use crate::delay_queue::QueueError;
-use crate::schedule::{occurrence, plan, Overlap, Schedule, ScheduleSpec};
-use crate::schedule_store::{DueItem, Fire, Occurrence, ScheduleStore};
+use crate::delay::store::QueueError;
+use crate::schedules::model::{occurrence, plan, Overlap, Schedule, ScheduleSpec};
+use crate::schedules::store::{DueItem, Fire, Occurrence, ScheduleStore};
 use kairos_shared::amqp::{sleep_or_cancel, Backoff};
 use kairos_shared::contract::ProtocolError;
 use kairos_shared::contract::Task;
@@ -184,7 +184,7 @@ impl Ticker {
         // own, so a busy runtime does not hold them up either.
         let beats = cancel.child_token();
         let _stop_beats = beats.clone().drop_guard();
-        crate::publish_thread::spawn(self.clone().beat_loop(beats));
+        crate::timing::publish_thread::spawn(self.clone().beat_loop(beats));
         let mut backoff = Backoff::new();
         while !cancel.is_cancelled() {
             let started = Instant::now();
@@ -231,7 +231,7 @@ impl Ticker {
     /// and its I/O task never waits for a busy shared runtime.
     async fn beat_from_publish_thread(&self) -> Result<i64, QueueError> {
         let (store, gap) = (self.store.clone(), self.grace_ms);
-        match crate::publish_thread::spawn(async move { store.beat(gap).await }).await {
+        match crate::timing::publish_thread::spawn(async move { store.beat(gap).await }).await {
             Ok(since) => since,
             // The task could not finish there (the thread's runtime is
             // gone): beat from here.

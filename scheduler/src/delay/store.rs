@@ -24,7 +24,7 @@
 //! serve every shard: the claim is one atomic script, so two instances never
 //! claim the same task.
 
-use crate::redis_conn::RedisConn;
+use crate::redis_io::conn::RedisConn;
 use deadpool_redis::Pool;
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, ServerErrorKind, Value};
@@ -43,7 +43,7 @@ macro_rules! indexed_script {
         LazyLock::new(|| {
             redis::Script::new(concat!(
                 $flags,
-                include_str!("scripts/due_index.lua"),
+                include_str!("../redis_io/scripts/due_index.lua"),
                 include_str!($file)
             ))
         })
@@ -57,13 +57,15 @@ pub(crate) use indexed_script;
 // script without flags that adds memory (schedule) is refused at its first
 // write, before it changed anything, and intake returns the batch.
 // (`concat!` takes only literals: hence the line repeated below.)
-static SCHEDULE: LazyLock<redis::Script> = indexed_script!("scripts/schedule.lua");
+static SCHEDULE: LazyLock<redis::Script> = indexed_script!("../redis_io/scripts/schedule.lua");
 static CLAIM: LazyLock<redis::Script> =
-    indexed_script!("#!lua flags=allow-oom\n", "scripts/claim.lua");
-static COMPLETE: LazyLock<redis::Script> =
-    indexed_script!("#!lua flags=allow-oom\n", "scripts/complete.lua");
+    indexed_script!("#!lua flags=allow-oom\n", "../redis_io/scripts/claim.lua");
+static COMPLETE: LazyLock<redis::Script> = indexed_script!(
+    "#!lua flags=allow-oom\n",
+    "../redis_io/scripts/complete.lua"
+);
 static RELEASE: LazyLock<redis::Script> =
-    indexed_script!("#!lua flags=allow-oom\n", "scripts/release.lua");
+    indexed_script!("#!lua flags=allow-oom\n", "../redis_io/scripts/release.lua");
 
 #[derive(Debug, Error)]
 pub enum QueueError {
@@ -84,7 +86,7 @@ impl QueueError {
     /// connection). An error Redis replied with means it did not run.
     pub fn outcome_unknown(&self) -> bool {
         match self {
-            QueueError::Redis(e) => crate::redis_conn::no_reply(e),
+            QueueError::Redis(e) => crate::redis_io::conn::no_reply(e),
             _ => false,
         }
     }

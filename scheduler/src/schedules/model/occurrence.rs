@@ -78,7 +78,7 @@ pub fn record(schedule: &Schedule, tick: i64) -> Result<Vec<u8>, ProtocolError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedule::ScheduleSpec;
+    use crate::schedules::model::ScheduleSpec;
     use kairos_shared::contract::value_to_string;
 
     /// Schedule `rep`: every second, a template with every kind of field.

@@ -2,8 +2,8 @@
 //! timeout Kairos needs, and the start-up check that Redis will not evict
 //! held tasks.
 
-use crate::delay_queue::QueueError;
-use crate::redis_conn::RedisConn;
+use crate::delay::store::QueueError;
+use crate::redis_io::conn::RedisConn;
 
 /// What to do about a `maxmemory-policy`.
 #[derive(Debug, PartialEq, Eq)]

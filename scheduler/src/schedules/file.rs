@@ -16,8 +16,8 @@
 //! load, and the scheduler runs. Schedules missing from the file are left
 //! alone (delete them through the API or `kairosctl`).
 
-use crate::schedule::ScheduleSpec;
-use crate::schedule_admin::{Admin, Put};
+use crate::schedules::admin::{Admin, Put};
+use crate::schedules::model::ScheduleSpec;
 use serde::Deserialize;
 use std::path::Path;
 
@@ -152,7 +152,7 @@ task = { name = "job.e", colour = "red" }
 
     #[test]
     fn the_seed_example_file_loads() {
-        let text = include_str!("../../examples/seed/schedules.toml");
+        let text = include_str!("../../../examples/seed/schedules.toml");
         let l = parse(text).unwrap();
         assert!(l.errors.is_empty(), "{:?}", l.errors);
         assert_eq!(l.schedules.len(), 3);
