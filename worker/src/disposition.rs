@@ -24,8 +24,11 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
 
+/// Why a delivery could not be disposed of. Either way it is not acked.
 #[derive(Debug, thiserror::Error)]
-pub enum DispositionError {
+pub(crate) enum DispositionError {
+    /// The channel failed: the session reconnects and the delivery comes
+    /// back from the broker.
     #[error("AMQP: {0}")]
     Amqp(#[from] lapin::Error),
     /// The broker nacked (or returned) the replacement: the channel is
@@ -34,6 +37,9 @@ pub enum DispositionError {
     Refused(String),
 }
 
+/// Disposes of a session's deliveries: publishes each replacement on a
+/// channel in confirm mode of its own, and settles the delivery with
+/// [`Acks`] once the broker confirmed it.
 pub struct Disposition {
     channel: Channel,
     names: Names,
@@ -44,7 +50,12 @@ pub struct Disposition {
 }
 
 impl Disposition {
-    pub async fn open(conn: &Connection, names: Names, events: EventSink) -> lapin::Result<Self> {
+    /// Opens the replacements' channel on `conn`, in confirm mode.
+    pub(crate) async fn open(
+        conn: &Connection,
+        names: Names,
+        events: EventSink,
+    ) -> lapin::Result<Self> {
         let channel = conn.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -60,7 +71,7 @@ impl Disposition {
     /// How long to hold a delivery whose replacement was refused before it
     /// goes back to its queue: without a pause the worker would take it
     /// again at once, run it again and be refused again, in a tight loop.
-    pub fn refusal_pause(&self) -> std::time::Duration {
+    pub(crate) fn refusal_pause(&self) -> std::time::Duration {
         self.refusals
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -69,11 +80,12 @@ impl Disposition {
 
     /// The channel replacements go out on, for the session to keep open
     /// until its connection closed.
-    pub fn channel(&self) -> &Channel {
+    pub(crate) fn channel(&self) -> &Channel {
         &self.channel
     }
 
-    pub async fn succeeded(
+    /// A successful attempt: nothing to replace, ack.
+    pub(crate) async fn succeeded(
         &self,
         d: &Delivery,
         acks: &Acks,
@@ -86,7 +98,7 @@ impl Disposition {
     }
 
     /// A failed attempt: to `NS.retry` with `x-error`, then ack.
-    pub async fn failed(
+    pub(crate) async fn failed(
         &self,
         d: &Delivery,
         acks: &Acks,
@@ -94,17 +106,11 @@ impl Disposition {
         error: &str,
     ) -> Result<(), DispositionError> {
         tracing::warn!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "attempt failed");
-        let props = task.with_failure_headers(error, now_ms());
-        self.replace(self.names.short_retry(), &task.queue, props, &task.body)
-            .await?;
-        acks.settle(d.delivery_tag);
-        finished(&task.queue, "failed");
-        self.events.task(EventKind::Failed, task, None, Some(error));
-        Ok(())
+        self.hand_over(d, acks, task, error, Failure::Retry).await
     }
 
     /// A permanent failure: to `NS.dead`, then ack.
-    pub async fn dead(
+    pub(crate) async fn dead(
         &self,
         d: &Delivery,
         acks: &Acks,
@@ -112,18 +118,44 @@ impl Disposition {
         error: &str,
     ) -> Result<(), DispositionError> {
         tracing::error!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "dead-lettered");
-        let props = task.dead_letter_properties(error, now_ms());
-        self.replace(self.names.short_dead(), &task.queue, props, &task.body)
+        self.hand_over(d, acks, task, error, Failure::Dead).await
+    }
+
+    /// Publishes a failed task's replacement where `to` says, and settles
+    /// the delivery once the broker confirmed it.
+    async fn hand_over(
+        &self,
+        d: &Delivery,
+        acks: &Acks,
+        task: &Task,
+        error: &str,
+        to: Failure,
+    ) -> Result<(), DispositionError> {
+        let (exchange, props, outcome, event) = match to {
+            Failure::Retry => (
+                self.names.short_retry(),
+                task.with_failure_headers(error, now_ms()),
+                "failed",
+                EventKind::Failed,
+            ),
+            Failure::Dead => (
+                self.names.short_dead(),
+                task.dead_letter_properties(error, now_ms()),
+                "dead",
+                EventKind::Dead,
+            ),
+        };
+        self.replace(exchange, &task.queue, props, &task.body)
             .await?;
         acks.settle(d.delivery_tag);
-        finished(&task.queue, "dead");
-        self.events.task(EventKind::Dead, task, None, Some(error));
+        finished(&task.queue, outcome);
+        self.events.task(event, task, None, Some(error));
         Ok(())
     }
 
     /// A message that is not a usable task: to `NS.dead` as it came, with
     /// the reason, then ack.
-    pub async fn unusable(
+    pub(crate) async fn unusable(
         &self,
         d: &Delivery,
         acks: &Acks,
@@ -140,6 +172,16 @@ impl Disposition {
             .message(EventKind::Dead, &d.properties, queue, error);
         Ok(())
     }
+}
+
+/// Where a failed attempt's replacement goes.
+#[derive(Clone, Copy)]
+enum Failure {
+    /// To `NS.retry`: the scheduler retries it after a backoff, or
+    /// dead-letters it when no retry remains.
+    Retry,
+    /// To `NS.dead`, at once.
+    Dead,
 }
 
 /// Counts a settled delivery by outcome.
