@@ -15,6 +15,7 @@
 //! go on) and hands the delivery back to its queue, never acking it.
 
 use crate::acks::Acks;
+use crate::handler::TaskError;
 use kairos_shared::amqp::{now_ms, Backoff};
 use kairos_shared::client::check;
 use kairos_shared::contract::{raw_dead_letter_properties, Names, Task};
@@ -85,65 +86,37 @@ impl Disposition {
     }
 
     /// A successful attempt: nothing to replace, ack.
-    pub(crate) async fn succeeded(
-        &self,
-        d: &Delivery,
-        acks: &Acks,
-        task: &Task,
-    ) -> Result<(), DispositionError> {
+    pub(crate) async fn succeeded(&self, d: &Delivery, acks: &Acks, task: &Task) -> Disposed {
         acks.settle(d.delivery_tag);
         finished(&task.queue, "succeeded");
         self.events.task(EventKind::Succeeded, task, None, None);
         Ok(())
     }
 
-    /// A failed attempt: to `NS.retry` with `x-error`, then ack.
+    /// A failed attempt: a [`TaskError::Retry`] to `NS.retry` (where the
+    /// scheduler applies backoff, or dead-letters it when no retry
+    /// remains), a [`TaskError::Permanent`] to `NS.dead`; both with the
+    /// reason in `x-error`, then ack.
     pub(crate) async fn failed(
         &self,
         d: &Delivery,
         acks: &Acks,
         task: &Task,
-        error: &str,
-    ) -> Result<(), DispositionError> {
-        tracing::warn!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "attempt failed");
-        self.hand_over(d, acks, task, error, Failure::Retry).await
-    }
-
-    /// A permanent failure: to `NS.dead`, then ack.
-    pub(crate) async fn dead(
-        &self,
-        d: &Delivery,
-        acks: &Acks,
-        task: &Task,
-        error: &str,
-    ) -> Result<(), DispositionError> {
-        tracing::error!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "dead-lettered");
-        self.hand_over(d, acks, task, error, Failure::Dead).await
-    }
-
-    /// Publishes a failed task's replacement where `to` says, and settles
-    /// the delivery once the broker confirmed it.
-    async fn hand_over(
-        &self,
-        d: &Delivery,
-        acks: &Acks,
-        task: &Task,
-        error: &str,
-        to: Failure,
-    ) -> Result<(), DispositionError> {
-        let (exchange, props, outcome, event) = match to {
-            Failure::Retry => (
-                self.names.short_retry(),
-                task.with_failure_headers(error, now_ms()),
-                "failed",
-                EventKind::Failed,
-            ),
-            Failure::Dead => (
-                self.names.short_dead(),
-                task.dead_letter_properties(error, now_ms()),
-                "dead",
-                EventKind::Dead,
-            ),
+        failure: &TaskError,
+    ) -> Disposed {
+        let (error, props) = match failure {
+            TaskError::Retry(error) => {
+                tracing::warn!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "attempt failed");
+                (error, task.with_failure_headers(error, now_ms()))
+            }
+            TaskError::Permanent(error) => {
+                tracing::error!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "dead-lettered");
+                (error, task.dead_letter_properties(error, now_ms()))
+            }
+        };
+        let (exchange, outcome, event) = match failure {
+            TaskError::Retry(_) => (self.names.short_retry(), "failed", EventKind::Failed),
+            TaskError::Permanent(_) => (self.names.short_dead(), "dead", EventKind::Dead),
         };
         self.replace(exchange, &task.queue, props, &task.body)
             .await?;
@@ -161,7 +134,7 @@ impl Disposition {
         acks: &Acks,
         queue: &str,
         error: &str,
-    ) -> Result<(), DispositionError> {
+    ) -> Disposed {
         tracing::error!(queue = %queue, error = %error, "unusable message dead-lettered");
         let props = raw_dead_letter_properties(&d.properties, queue, error, now_ms());
         self.replace(self.names.short_dead(), queue, props, &d.data)
@@ -174,15 +147,8 @@ impl Disposition {
     }
 }
 
-/// Where a failed attempt's replacement goes.
-#[derive(Clone, Copy)]
-enum Failure {
-    /// To `NS.retry`: the scheduler retries it after a backoff, or
-    /// dead-letters it when no retry remains.
-    Retry,
-    /// To `NS.dead`, at once.
-    Dead,
-}
+/// What disposing of a delivery comes to: `Ok` once it is settled.
+type Disposed = Result<(), DispositionError>;
 
 /// Counts a settled delivery by outcome.
 fn finished(queue: &str, outcome: &'static str) {
@@ -197,7 +163,7 @@ impl Disposition {
         routing_key: &str,
         props: BasicProperties,
         body: &[u8],
-    ) -> Result<(), DispositionError> {
+    ) -> Disposed {
         // `NS.retry` and `NS.dead` are fanout exchanges: the key only
         // informs, and one too long for AMQP is left out rather than panic
         // (`x-origin-queue` carries the queue in full).
