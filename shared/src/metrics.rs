@@ -12,6 +12,9 @@ const BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Milliseconds in a second: histograms are in seconds, instants in Unix ms.
+const MS_PER_SECOND: f64 = 1000.0;
+
 /// Starts the exporter on `addr`. Must run inside the tokio runtime.
 pub fn install(addr: SocketAddr) -> Result<(), String> {
     PrometheusBuilder::new()
@@ -24,5 +27,5 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
 
 /// Seconds between two Unix-ms instants, for histograms (never negative).
 pub fn seconds_between(from_ms: i64, to_ms: i64) -> f64 {
-    (to_ms.saturating_sub(from_ms)).max(0) as f64 / 1000.0
+    (to_ms.saturating_sub(from_ms)).max(0) as f64 / MS_PER_SECOND
 }

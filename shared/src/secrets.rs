@@ -14,13 +14,16 @@ use std::path::Path;
 /// What stands in for a password or token.
 pub const MASK: &str = "***";
 
+/// What separates a URL's scheme from the rest.
+const SCHEME_END: &str = "://";
+
 /// `url` with the password of its user info replaced by `***`
 /// (`amqp://kairos:***@rabbitmq:5672/%2f`). A URL without a password comes
 /// back unchanged. When in doubt (an `@` in the path as well) more is
 /// masked, never less: the last `@` ends the user info.
 pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.find("://") {
-        Some(i) => url.split_at(i + 3),
+    let (scheme, rest) = match url.find(SCHEME_END) {
+        Some(i) => url.split_at(i + SCHEME_END.len()),
         None => ("", url),
     };
     let Some(at) = rest.rfind('@') else {
@@ -35,10 +38,10 @@ pub fn redact_url(url: &str) -> String {
 
 /// `text` with every URL in it redacted as by [`redact_url`]: for error
 /// texts of libraries that may quote the URL they were given.
-pub fn redact_text(text: &str) -> String {
+pub(crate) fn redact_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(i) = rest.find("://") {
+    while let Some(i) = rest.find(SCHEME_END) {
         // The URL starts at its scheme (letters before `://`) and ends at
         // whitespace or a quote.
         let start = rest[..i]
@@ -61,10 +64,13 @@ pub fn redact_text(text: &str) -> String {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps `value`; from here on only [`expose`](Self::expose) shows it.
     pub fn new(value: impl Into<String>) -> Self {
         Secret(value.into())
     }
 
+    /// The secret itself, for the one place that must use it (a compare,
+    /// a connect); never for a log line.
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -81,7 +87,11 @@ impl std::fmt::Debug for Secret {
 /// nothing at all for a token) instead of as typed.
 #[derive(Clone)]
 pub struct SecretParser {
+    /// Validates the value as typed; its error text is redacted before it
+    /// is shown.
     pub check: fn(&str) -> Result<(), String>,
+    /// How a refused value is shown: [`redact_url`] for a URL, something
+    /// that shows nothing for a token.
     pub shown: fn(&str) -> String,
 }
 

@@ -12,7 +12,7 @@
 use lapin::types::ShortString;
 
 /// Longest AMQP short string, in bytes.
-pub const MAX_SHORT_STRING: usize = 255;
+pub(crate) const MAX_SHORT_STRING: usize = 255;
 
 /// A value too long for an AMQP short string.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -20,6 +20,7 @@ pub const MAX_SHORT_STRING: usize = 255;
 pub struct TooLong {
     /// What the value is (`routing key`, `header name "..."`).
     pub field: String,
+    /// The value's length in bytes.
     pub len: usize,
 }
 
@@ -36,9 +37,14 @@ pub fn header_name(name: &str) -> Result<ShortString, TooLong> {
     short(&format!("header name {:?}", preview(name)), name)
 }
 
-/// The first 32 characters of a (possibly huge) value, for error texts.
+/// How many characters of a value an error text quotes: enough to tell
+/// which value it was, short enough that a huge one does not flood a log.
+const PREVIEW_CHARS: usize = 32;
+
+/// The first [`PREVIEW_CHARS`] characters of a (possibly huge) value, for
+/// error texts; `…` marks a cut.
 pub fn preview(value: &str) -> String {
-    let mut out: String = value.chars().take(32).collect();
+    let mut out: String = value.chars().take(PREVIEW_CHARS).collect();
     if out.len() < value.len() {
         out.push('…');
     }

@@ -63,10 +63,12 @@ impl PemFile {
         Ok(file)
     }
 
+    /// Where the file was read from, for messages.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The file's PEM content as read at start.
     pub fn bytes(&self) -> &[u8] {
         &self.pem
     }

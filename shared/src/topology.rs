@@ -55,7 +55,7 @@ pub async fn declare_base(channel: &Channel, names: &Names) -> lapin::Result<()>
 /// The arguments of a task queue, exactly as the contract states them.
 /// Integers go out as signed 32-bit, the type pika and most clients use, so
 /// a queue another client declared first is equivalent.
-pub fn task_queue_arguments(names: &Names) -> FieldTable {
+pub(crate) fn task_queue_arguments(names: &Names) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-max-priority".into(),
@@ -68,6 +68,7 @@ pub fn task_queue_arguments(names: &Names) -> FieldTable {
 /// Why a task queue could not be declared.
 #[derive(Debug, thiserror::Error)]
 pub enum DeclareError {
+    /// The channel or its connection failed: not a fault of the task.
     #[error("AMQP: {0}")]
     Amqp(#[from] lapin::Error),
     /// The logical name cannot make `NS.q.QUEUE` (too long, control
@@ -115,6 +116,9 @@ pub struct QueueCache {
 }
 
 impl QueueCache {
+    /// Declares `NS.q.QUEUE` on `channel` unless this cache saw it declared
+    /// already. A failed declare is not remembered, so the next call tries
+    /// again.
     pub async fn ensure(
         &self,
         channel: &Channel,

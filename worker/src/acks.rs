@@ -3,10 +3,11 @@
 //! `basic.ack` with `multiple` set, up to the oldest delivery still running.
 //!
 //! Each lapin ack is a hand-off to its I/O thread and back, and each is a
-//! frame RabbitMQ's channel and queue processes handle on their own; at ten
-//! thousand tasks a second those hand-offs and frames took a large share of
-//! a 2-core machine's CPU. One `multiple` ack per flush cuts them to a few
-//! hundred a second.
+//! frame RabbitMQ's channel and queue processes handle on their own, so an
+//! ack per task costs CPU on both sides in step with the task rate. One
+//! `multiple` ack per flush bounds that cost by the flush rate instead (at
+//! most one flush per [`WINDOW`] while deliveries keep settling), whatever
+//! the task rate.
 //!
 //! A slow task would hold back every later ack (a `multiple` ack only
 //! covers a prefix), and unacked deliveries count against the prefetch, so
@@ -39,15 +40,24 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// How long settled deliveries gather before a flush.
+/// How long settled deliveries gather before a flush: a millisecond adds
+/// little to the time a delivery stays unacked, and at a high task rate it
+/// gathers many deliveries into one `multiple` ack.
 const WINDOW: Duration = Duration::from_millis(1);
 
 /// How long a delivery settled behind a running one waits for the prefix
-/// to catch up before it is acked on its own.
-pub const HOLD: Duration = Duration::from_millis(10);
+/// to catch up before it is acked on its own. A few flush windows: a short
+/// task ahead usually settles within it, so the held deliveries join the
+/// next `multiple` ack; a long one keeps them (and their prefetch places)
+/// unacked for at most this long.
+pub(crate) const HOLD: Duration = Duration::from_millis(10);
 
 /// The acks of one consumer channel. Delivery tags grow in the order the
 /// consumer registers deliveries, which is what makes a prefix meaningful.
+///
+/// A delivery goes [`register`](Self::register)ed, then either
+/// [`settle`](Self::settle)d (to be acked) or [`requeue`](Self::requeue)d
+/// (to be handed back); [`close`](Self::close) acks what is left.
 pub struct Acks {
     channel: Channel,
     state: Mutex<State>,
@@ -116,7 +126,7 @@ impl State {
 impl Acks {
     /// Starts the flusher of `channel`'s acks. A failed ack fires `broken`:
     /// the channel is gone and its unacked deliveries come back.
-    pub fn start(channel: Channel, broken: CancellationToken) -> Arc<Self> {
+    pub(crate) fn start(channel: Channel, broken: CancellationToken) -> Arc<Self> {
         let acks = Arc::new(Acks {
             channel,
             state: Mutex::new(State::default()),
@@ -131,13 +141,13 @@ impl Acks {
     }
 
     /// A delivery about to run. Called in delivery order.
-    pub fn register(&self, tag: u64) {
+    pub(crate) fn register(&self, tag: u64) {
         self.state().open.insert(tag);
     }
 
     /// The delivery is done with (its replacement, if any, confirmed): it
     /// may be acked.
-    pub fn settle(&self, tag: u64) {
+    pub(crate) fn settle(&self, tag: u64) {
         {
             let mut state = self.state();
             state.open.remove(&tag);
@@ -149,7 +159,7 @@ impl Acks {
     /// The delivery must not be acked (the broker refused its replacement,
     /// or the replacement's channel failed): the next flush returns it to
     /// its queue, before it sends any ack that could cover its tag.
-    pub fn requeue(&self, tag: u64) {
+    pub(crate) fn requeue(&self, tag: u64) {
         {
             let mut state = self.state();
             state.open.remove(&tag);
@@ -160,7 +170,7 @@ impl Acks {
 
     /// Acks everything settled, holding nothing back, and stops the
     /// flusher. Called once the running tasks are done.
-    pub async fn close(&self) -> lapin::Result<()> {
+    pub(crate) async fn close(&self) -> lapin::Result<()> {
         self.closed.cancel();
         let flusher = self
             .flusher

@@ -5,16 +5,23 @@ use crate::handler::{Registry, TaskContext, TaskError, TaskResult};
 use serde::Deserialize;
 use std::time::Duration;
 
+/// Succeeds at once, whatever the body: for measuring the platform's own
+/// cost per task.
 pub const NOOP: &str = "kairos.noop";
+/// Sleeps for the body's `{"ms": N}`, then succeeds: for tasks that hold a
+/// slot for a known time.
 pub const SLEEP: &str = "kairos.sleep";
+/// Fails every attempt with a retryable error: for exercising retries and
+/// dead-lettering.
 pub const FAIL: &str = "kairos.fail";
 
 /// The longest `kairos.sleep`: one hour. It is a test and benchmark
 /// helper; a longer sleep is a mistake (seconds taken for milliseconds)
 /// that would hold a slot for hours.
-pub const MAX_SLEEP_MS: u64 = 3_600_000;
+pub(crate) const MAX_SLEEP_MS: u64 = 3_600_000;
 
-pub fn register(registry: &mut Registry) {
+/// Adds the built-in handlers to `registry` under their names.
+pub(crate) fn register(registry: &mut Registry) {
     registry.register(NOOP, noop);
     registry.register(SLEEP, sleep);
     registry.register(FAIL, fail);

@@ -195,8 +195,8 @@ async fn run_task(
 ) -> Result<(), DispositionError> {
     let d = &shared.disposition;
     let Some(handler) = shared.registry.get(&task.name) else {
-        let error = format!("no handler for task name {:?}", task.name);
-        return d.dead(delivery, acks, &task, &error).await;
+        let error = TaskError::permanent(format!("no handler for task name {:?}", task.name));
+        return d.failed(delivery, acks, &task, &error).await;
     };
     shared.events.task(EventKind::Started, &task, None, None);
     let started_ms = now_ms();
@@ -230,10 +230,9 @@ async fn run_task(
         .record(seconds_between(started_ms, now_ms()));
     match outcome {
         Ok(Ok(())) => d.succeeded(delivery, acks, &task).await,
-        Ok(Err(TaskError::Retry(error))) => d.failed(delivery, acks, &task, &error).await,
-        Ok(Err(TaskError::Permanent(error))) => d.dead(delivery, acks, &task, &error).await,
+        Ok(Err(error)) => d.failed(delivery, acks, &task, &error).await,
         Err(payload) => {
-            let error = format!("handler panicked: {}", panic_text(payload));
+            let error = TaskError::retry(format!("handler panicked: {}", panic_text(payload)));
             d.failed(delivery, acks, &task, &error).await
         }
     }

@@ -15,6 +15,7 @@
 //! go on) and hands the delivery back to its queue, never acking it.
 
 use crate::acks::Acks;
+use crate::handler::TaskError;
 use kairos_shared::amqp::{now_ms, Backoff};
 use kairos_shared::client::check;
 use kairos_shared::contract::{raw_dead_letter_properties, Names, Task};
@@ -24,8 +25,11 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
 
+/// Why a delivery could not be disposed of. Either way it is not acked.
 #[derive(Debug, thiserror::Error)]
-pub enum DispositionError {
+pub(crate) enum DispositionError {
+    /// The channel failed: the session reconnects and the delivery comes
+    /// back from the broker.
     #[error("AMQP: {0}")]
     Amqp(#[from] lapin::Error),
     /// The broker nacked (or returned) the replacement: the channel is
@@ -34,6 +38,9 @@ pub enum DispositionError {
     Refused(String),
 }
 
+/// Disposes of a session's deliveries: publishes each replacement on a
+/// channel in confirm mode of its own, and settles the delivery with
+/// [`Acks`] once the broker confirmed it.
 pub struct Disposition {
     channel: Channel,
     names: Names,
@@ -44,7 +51,12 @@ pub struct Disposition {
 }
 
 impl Disposition {
-    pub async fn open(conn: &Connection, names: Names, events: EventSink) -> lapin::Result<Self> {
+    /// Opens the replacements' channel on `conn`, in confirm mode.
+    pub(crate) async fn open(
+        conn: &Connection,
+        names: Names,
+        events: EventSink,
+    ) -> lapin::Result<Self> {
         let channel = conn.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -60,7 +72,7 @@ impl Disposition {
     /// How long to hold a delivery whose replacement was refused before it
     /// goes back to its queue: without a pause the worker would take it
     /// again at once, run it again and be refused again, in a tight loop.
-    pub fn refusal_pause(&self) -> std::time::Duration {
+    pub(crate) fn refusal_pause(&self) -> std::time::Duration {
         self.refusals
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -69,67 +81,60 @@ impl Disposition {
 
     /// The channel replacements go out on, for the session to keep open
     /// until its connection closed.
-    pub fn channel(&self) -> &Channel {
+    pub(crate) fn channel(&self) -> &Channel {
         &self.channel
     }
 
-    pub async fn succeeded(
-        &self,
-        d: &Delivery,
-        acks: &Acks,
-        task: &Task,
-    ) -> Result<(), DispositionError> {
+    /// A successful attempt: nothing to replace, ack.
+    pub(crate) async fn succeeded(&self, d: &Delivery, acks: &Acks, task: &Task) -> Disposed {
         acks.settle(d.delivery_tag);
         finished(&task.queue, "succeeded");
         self.events.task(EventKind::Succeeded, task, None, None);
         Ok(())
     }
 
-    /// A failed attempt: to `NS.retry` with `x-error`, then ack.
-    pub async fn failed(
+    /// A failed attempt: a [`TaskError::Retry`] to `NS.retry` (where the
+    /// scheduler applies backoff, or dead-letters it when no retry
+    /// remains), a [`TaskError::Permanent`] to `NS.dead`; both with the
+    /// reason in `x-error`, then ack.
+    pub(crate) async fn failed(
         &self,
         d: &Delivery,
         acks: &Acks,
         task: &Task,
-        error: &str,
-    ) -> Result<(), DispositionError> {
-        tracing::warn!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "attempt failed");
-        let props = task.with_failure_headers(error, now_ms());
-        self.replace(self.names.short_retry(), &task.queue, props, &task.body)
+        failure: &TaskError,
+    ) -> Disposed {
+        let (error, props) = match failure {
+            TaskError::Retry(error) => {
+                tracing::warn!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "attempt failed");
+                (error, task.with_failure_headers(error, now_ms()))
+            }
+            TaskError::Permanent(error) => {
+                tracing::error!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "dead-lettered");
+                (error, task.dead_letter_properties(error, now_ms()))
+            }
+        };
+        let (exchange, outcome, event) = match failure {
+            TaskError::Retry(_) => (self.names.short_retry(), "failed", EventKind::Failed),
+            TaskError::Permanent(_) => (self.names.short_dead(), "dead", EventKind::Dead),
+        };
+        self.replace(exchange, &task.queue, props, &task.body)
             .await?;
         acks.settle(d.delivery_tag);
-        finished(&task.queue, "failed");
-        self.events.task(EventKind::Failed, task, None, Some(error));
-        Ok(())
-    }
-
-    /// A permanent failure: to `NS.dead`, then ack.
-    pub async fn dead(
-        &self,
-        d: &Delivery,
-        acks: &Acks,
-        task: &Task,
-        error: &str,
-    ) -> Result<(), DispositionError> {
-        tracing::error!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "dead-lettered");
-        let props = task.dead_letter_properties(error, now_ms());
-        self.replace(self.names.short_dead(), &task.queue, props, &task.body)
-            .await?;
-        acks.settle(d.delivery_tag);
-        finished(&task.queue, "dead");
-        self.events.task(EventKind::Dead, task, None, Some(error));
+        finished(&task.queue, outcome);
+        self.events.task(event, task, None, Some(error));
         Ok(())
     }
 
     /// A message that is not a usable task: to `NS.dead` as it came, with
     /// the reason, then ack.
-    pub async fn unusable(
+    pub(crate) async fn unusable(
         &self,
         d: &Delivery,
         acks: &Acks,
         queue: &str,
         error: &str,
-    ) -> Result<(), DispositionError> {
+    ) -> Disposed {
         tracing::error!(queue = %queue, error = %error, "unusable message dead-lettered");
         let props = raw_dead_letter_properties(&d.properties, queue, error, now_ms());
         self.replace(self.names.short_dead(), queue, props, &d.data)
@@ -141,6 +146,9 @@ impl Disposition {
         Ok(())
     }
 }
+
+/// What disposing of a delivery comes to: `Ok` once it is settled.
+type Disposed = Result<(), DispositionError>;
 
 /// Counts a settled delivery by outcome.
 fn finished(queue: &str, outcome: &'static str) {
@@ -155,7 +163,7 @@ impl Disposition {
         routing_key: &str,
         props: BasicProperties,
         body: &[u8],
-    ) -> Result<(), DispositionError> {
+    ) -> Disposed {
         // `NS.retry` and `NS.dead` are fanout exchanges: the key only
         // informs, and one too long for AMQP is left out rather than panic
         // (`x-origin-queue` carries the queue in full).

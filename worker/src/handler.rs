@@ -11,18 +11,29 @@ use std::time::Duration;
 /// Everything about the delivery a handler may want, besides the body.
 #[derive(Clone, Debug)]
 pub struct TaskContext {
+    /// The task's id (`message_id`): the same on every attempt, so a
+    /// handler can use it to make a repeated run harmless.
     pub id: String,
+    /// The task name (`type`) the handler was registered under.
     pub name: String,
+    /// The logical queue the task came from (`QUEUE` of `NS.q.QUEUE`).
     pub queue: String,
     /// 1 for the first attempt.
     pub attempt: u32,
+    /// The AMQP priority, 0 (lowest) to the contract's maximum.
     pub priority: u8,
+    /// All headers of the message, the contract's `x-` ones included.
     pub headers: FieldTable,
     /// When the task was meant to run (`x-run-at`), Unix ms, where known.
     pub due_at: Option<i64>,
+    /// Retries allowed after the first attempt (`x-max-retries`); `None`
+    /// when the task sets none and the scheduler's retry policy decides.
     pub max_retries: Option<u32>,
+    /// The body's media type (`content_type`), as the client set it.
     pub content_type: Option<String>,
+    /// The body's encoding (`content_encoding`), as the client set it.
     pub content_encoding: Option<String>,
+    /// The client's `correlation_id`, passed through untouched.
     pub correlation_id: Option<String>,
     /// This attempt's time limit (`x-timeout-ms`, else the worker's
     /// `KAIROS_TASK_TIMEOUT_MS`): the handler is dropped when it runs out.
@@ -30,6 +41,8 @@ pub struct TaskContext {
 }
 
 impl TaskContext {
+    /// The context of a decoded task; the time limit falls back to the
+    /// worker's default when the task has no `x-timeout-ms`.
     pub fn from_task(task: &Task) -> Self {
         TaskContext {
             id: task.id.clone(),
@@ -75,19 +88,27 @@ pub enum TaskError {
 }
 
 impl TaskError {
+    /// A failure worth another attempt, with `e` as its reason (`x-error`).
     pub fn retry(e: impl std::fmt::Display) -> Self {
         TaskError::Retry(e.to_string())
     }
+
+    /// A failure no attempt can get past, with `e` as its reason: the task
+    /// is dead-lettered at once.
     pub fn permanent(e: impl std::fmt::Display) -> Self {
         TaskError::Permanent(e.to_string())
     }
 }
 
+/// What a handler returns: `Ok` acks the task, an error retries or
+/// dead-letters it (see [`TaskError`]).
 pub type TaskResult = Result<(), TaskError>;
 
 /// A task handler. Any `async fn(TaskContext, Vec<u8>) -> TaskResult` (or
 /// closure returning such a future) is one.
 pub trait Handler: Send + Sync + 'static {
+    /// Runs one attempt of a task. The future is dropped when the attempt's
+    /// time limit ([`TaskContext::timeout`]) runs out.
     fn call(&self, ctx: TaskContext, body: Vec<u8>) -> BoxFuture<'static, TaskResult>;
 }
 
@@ -108,14 +129,18 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Serves task `name` with `handler`, replacing any handler registered
+    /// under that name before.
     pub fn register(&mut self, name: impl Into<String>, handler: impl Handler) {
         self.handlers.insert(name.into(), Arc::new(handler));
     }
 
+    /// The handler of task `name`, if one is registered.
     pub fn get(&self, name: &str) -> Option<Arc<dyn Handler>> {
         self.handlers.get(name).cloned()
     }
 
+    /// The names of every registered task, in no particular order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.handlers.keys().map(String::as_str)
     }

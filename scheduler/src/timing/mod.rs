@@ -9,6 +9,6 @@
 //!
 //! Pure timing: touches neither Redis nor RabbitMQ itself.
 
-pub mod precise_timer;
-pub mod publish_thread;
-pub mod redis_clock;
+pub(crate) mod precise_timer;
+pub(crate) mod publish_thread;
+pub(crate) mod redis_clock;

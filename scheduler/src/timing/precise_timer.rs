@@ -1,9 +1,10 @@
 //! Deadlines finer than tokio's timer. tokio's timer wheel ticks in whole
 //! milliseconds and rounds every deadline up to the next tick, so a publish
-//! timed with it went out 0 to 1 ms after its due time (half a millisecond
-//! on average) before any wake-up latency. Here one thread sleeps until the
-//! earliest deadline on the OS's own timer (a futex wait with tens of
-//! microseconds of slack) and wakes the task waiting for it.
+//! timed with it would leave up to a millisecond after its due time before
+//! any wake-up latency. Here one thread sleeps until the earliest deadline
+//! on the OS's own timer (a futex wait, whose slack is microseconds, not
+//! milliseconds) and wakes the task waiting for it. The rule: a wait never
+//! ends before its deadline, and ends as soon after it as the OS allows.
 //!
 //! The pump waits here only for batches it holds until their due time:
 //! at most one wake-up per distinct due millisecond. Anything else that
@@ -21,10 +22,10 @@ use tokio::time::Instant;
 /// late rather than never.
 const BACKSTOP: Duration = Duration::from_millis(5);
 
-/// Waits until `deadline` (at most a few tens of microseconds after it).
-/// Dropping the future forgets the wait; its entry is discarded when the
-/// deadline passes.
-pub async fn sleep_until(deadline: Instant) {
+/// Waits until `deadline`, ending as soon after it as the timer thread
+/// wakes (never before it). Dropping the future forgets the wait; its
+/// entry is discarded when the deadline passes.
+pub(crate) async fn sleep_until(deadline: Instant) {
     wait_on(timer().map(Arc::as_ref), deadline).await
 }
 

@@ -1,19 +1,24 @@
 //! The thread the pump's timed publishes run on: a current-thread tokio
-//! runtime of its own. On the shared runtime a batch whose due time came
-//! waited for a worker thread to finish whatever it was polling (a
-//! schedule round's planning, a worker's deliveries): W5 at 10,000 ticks a
-//! second published at p99 12 to 16 ms after the due time with the timer
-//! thread waking the task on time. Here the task is the only thing that
-//! runs, so it publishes as soon as the OS runs the thread.
+//! runtime of its own, the one private runtime in Kairos.
 //!
-//! The schedulers' heartbeat runs here too (`ticker.rs`): on the shared
-//! runtime of an overloaded process a beat came more than the grace late,
-//! which reads as an outage and makes the misfire policy drop ticks.
+//! Why a runtime and not just a task: the rule is that a batch held until
+//! its due time publishes as soon as the timer wakes it. On the shared
+//! runtime a woken task waits until a runtime thread finishes whatever it
+//! is polling (a schedule round's planning, a worker's deliveries), however
+//! punctual the wake-up; on this thread the timed batches are the only
+//! thing that runs, so a batch publishes as soon as the OS runs the thread.
+//! Every other task of the process runs on the shared runtime (the
+//! precise timer's thread is a plain OS thread, not a runtime).
+//!
+//! The schedulers' heartbeat runs here too (`ticker.rs`), for the same
+//! reason: a beat must never come more than the grace late, or it reads as
+//! an outage and the misfire policy drops ticks of a running system.
 //!
 //! Nothing but timing moves here: the futures are the same, and lapin and
 //! redis drive their sockets from their own threads and tasks whichever
-//! runtime polls them. If the thread cannot start, the batches run on the
-//! caller's runtime as before.
+//! runtime polls them. If the thread cannot start, the work runs on the
+//! caller's runtime instead. docs/BENCHMARKS.md ("Timed publishes on a
+//! thread of their own") has the measurements behind this.
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -52,8 +57,9 @@ fn handle() -> Option<&'static Handle> {
 }
 
 /// Spawns `fut` into `set` on the publish thread (or, failing that, on the
-/// current runtime).
-pub fn spawn_into<T: Send + 'static>(
+/// current runtime). The pump holds its timed batches this way, so it can
+/// count and await them like any other task in its set.
+pub(crate) fn spawn_into<T: Send + 'static>(
     set: &mut tokio::task::JoinSet<T>,
     fut: impl Future<Output = T> + Send + 'static,
 ) {
@@ -68,8 +74,9 @@ pub fn spawn_into<T: Send + 'static>(
 }
 
 /// Spawns `fut` on the publish thread (or, failing that, on the current
-/// runtime).
-pub fn spawn<T: Send + 'static>(
+/// runtime): for work whose lateness would be read as an outage, such as
+/// the schedulers' heartbeat.
+pub(crate) fn spawn<T: Send + 'static>(
     fut: impl Future<Output = T> + Send + 'static,
 ) -> tokio::task::JoinHandle<T> {
     match handle() {

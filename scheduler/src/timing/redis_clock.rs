@@ -4,26 +4,37 @@
 //! somewhere between sending the request and receiving the reply, so
 //! `redis_now - received_at` is a lower bound of the offset between the
 //! two clocks; the largest bound seen lately is the best estimate that never
-//! maps a due time before it is reached. Taking each reply's arrival alone
-//! made every timer late by however long a busy Redis queued the request;
-//! the midpoint of the round trip published tasks early.
+//! maps a due time before it is reached. Each reply's arrival alone would
+//! make every timer late by however long a busy Redis queued the request;
+//! the midpoint of the round trip can map a due time before it is reached.
 //!
 //! Bounds expire after [`WINDOW`], so a stepped wall clock on the Redis
 //! host is followed within it.
 //!
-//! Readings are in microseconds. In whole milliseconds both Redis's
-//! reading (truncated) and the arrival (rounded up, so as never to map
-//! early) cost up to a millisecond each, and every timer erred late by
-//! about one on average.
+//! Readings are in microseconds: in whole milliseconds both Redis's reading
+//! (truncated) and the arrival (rounded up, so as never to map early) would
+//! cost up to a millisecond each, and every timer would err late.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// How long a bound on the offset counts. Long enough to keep the bound of
+/// a fast round trip through a run of slow ones; short enough that a step
+/// of the Redis host's wall clock is followed within it.
 const WINDOW: Duration = Duration::from_secs(5);
 
+/// Microseconds in a millisecond: due times are Redis milliseconds, the
+/// mapping keeps microseconds.
+const MICROS_PER_MS: i64 = 1_000;
+
+/// Nanoseconds in a microsecond.
+const NANOS_PER_MICRO: u128 = 1_000;
+
+/// The pump's estimate of Redis's clock: fed with every reading of it (a
+/// claim's `TIME`), it answers with the [`ClockMap`] to time publishes by.
 #[derive(Debug)]
-pub struct RedisClock {
+pub(crate) struct RedisClock {
     base: Instant,
     /// (when observed, offset µs) with offsets strictly decreasing from the
     /// front: the front is the largest bound within the window.
@@ -33,13 +44,14 @@ pub struct RedisClock {
 /// A fixed mapping from Redis time to local instants, copied into the
 /// tasks that publish on timers.
 #[derive(Clone, Copy, Debug)]
-pub struct ClockMap {
+pub(crate) struct ClockMap {
     base: Instant,
     offset_us: i64,
 }
 
 impl RedisClock {
-    pub fn new() -> Self {
+    /// A clock with no reading yet; its local base is now.
+    pub(crate) fn new() -> Self {
         Self::starting_at(Instant::now())
     }
 
@@ -52,7 +64,7 @@ impl RedisClock {
 
     /// Records that Redis's clock read `redis_now_us` (microseconds) before
     /// `received_at`; returns the mapping with it.
-    pub fn observe(&mut self, redis_now_us: i64, received_at: Instant) -> ClockMap {
+    pub(crate) fn observe(&mut self, redis_now_us: i64, received_at: Instant) -> ClockMap {
         let offset = redis_now_us - self.local_us(received_at);
         while self.bounds.back().is_some_and(|&(_, o)| o <= offset) {
             self.bounds.pop_back();
@@ -77,7 +89,7 @@ impl RedisClock {
     fn local_us(&self, at: Instant) -> i64 {
         at.saturating_duration_since(self.base)
             .as_nanos()
-            .div_ceil(1000) as i64
+            .div_ceil(NANOS_PER_MICRO) as i64
     }
 }
 
@@ -90,8 +102,8 @@ impl Default for RedisClock {
 impl ClockMap {
     /// The local instant at which Redis's clock reads `redis_ms` (at the
     /// earliest: the estimate errs late, never early).
-    pub fn instant_of(&self, redis_ms: i64) -> Instant {
-        let local = redis_ms.saturating_mul(1000) - self.offset_us;
+    pub(crate) fn instant_of(&self, redis_ms: i64) -> Instant {
+        let local = redis_ms.saturating_mul(MICROS_PER_MS) - self.offset_us;
         self.base + Duration::from_micros(local.max(0) as u64)
     }
 }

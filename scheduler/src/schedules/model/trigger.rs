@@ -164,6 +164,8 @@ mod tests {
             .collect()
     }
 
+    /// Pins croner's field counts with `Seconds::Optional`: a sixth field
+    /// is a leading seconds field, and five fields fire at second 0.
     #[test]
     fn six_fields_have_seconds_five_fire_at_second_zero() {
         let t = cron("*/2 * * * * *", "UTC");
@@ -182,6 +184,8 @@ mod tests {
         );
     }
 
+    /// Pins croner's Unix day-of-week numbering: 0 and 7 are Sunday, names
+    /// in any case, `1-5` Monday to Friday.
     #[test]
     fn unix_day_of_week_rules() {
         // 2026-01-04 is a Sunday: 0 and 7 both mean Sunday.
@@ -201,6 +205,8 @@ mod tests {
         );
     }
 
+    /// Pins croner's default OR of the two day fields when both are
+    /// restricted (Vixie cron), not the AND some parsers use.
     #[test]
     fn day_of_month_and_day_of_week_are_ored() {
         // The 13th, or any Friday (Vixie cron), from Thu 2026-02-05.
@@ -215,6 +221,8 @@ mod tests {
         );
     }
 
+    /// Pins croner's aliases: every one docs/SCHEDULES.md lists, with the
+    /// meaning Unix cron gives it (`@weekly` is Sunday midnight).
     #[test]
     fn aliases() {
         let t = cron("@hourly", "UTC");
@@ -227,8 +235,107 @@ mod tests {
             ticks(&t, "2026-01-01T12:00:00Z", 1),
             ["2026-01-02T00:00:00+01:00"]
         );
+        // 2026-01-01 is a Thursday; the next Sunday is the 4th.
+        let t = cron("@weekly", "UTC");
+        assert_eq!(
+            ticks(&t, "2026-01-01T12:00:00Z", 2),
+            ["2026-01-04T00:00:00+00:00", "2026-01-11T00:00:00+00:00"]
+        );
+        let t = cron("@monthly", "UTC");
+        assert_eq!(
+            ticks(&t, "2026-01-15T00:00:00Z", 2),
+            ["2026-02-01T00:00:00+00:00", "2026-03-01T00:00:00+00:00"]
+        );
+        for yearly in ["@yearly", "@annually"] {
+            let t = cron(yearly, "UTC");
+            assert_eq!(
+                ticks(&t, "2026-01-01T00:00:00Z", 1),
+                ["2027-01-01T00:00:00+00:00"],
+                "{yearly}"
+            );
+        }
     }
 
+    /// Pins croner's reading of a day field left as `*`: the other day
+    /// field alone decides (the OR of Vixie cron applies only when both are
+    /// restricted, so `*` does not widen a restricted field to every day).
+    #[test]
+    fn a_wildcard_day_field_does_not_widen_the_other() {
+        let t = cron("0 0 13 * *", "UTC");
+        assert_eq!(
+            ticks(&t, "2026-02-05T00:00:00Z", 2),
+            ["2026-02-13T00:00:00+00:00", "2026-03-13T00:00:00+00:00"]
+        );
+        // Fridays only, from Thu 2026-02-05.
+        let t = cron("0 0 * * 5", "UTC");
+        assert_eq!(
+            ticks(&t, "2026-02-05T00:00:00Z", 2),
+            ["2026-02-06T00:00:00+00:00", "2026-02-13T00:00:00+00:00"]
+        );
+    }
+
+    /// Pins croner's `L`: in day-of-month the month's last day, whatever
+    /// its length; after a weekday number (`5L`) that weekday's last
+    /// occurrence in the month.
+    #[test]
+    fn last_day_syntax() {
+        let t = cron("0 0 L * *", "UTC");
+        assert_eq!(
+            ticks(&t, "2026-01-31T12:00:00Z", 3),
+            [
+                "2026-02-28T00:00:00+00:00",
+                "2026-03-31T00:00:00+00:00",
+                "2026-04-30T00:00:00+00:00"
+            ]
+        );
+        // The last Friday: 2026-01-30, then 2026-02-27.
+        let t = cron("0 0 * * 5L", "UTC");
+        assert_eq!(
+            ticks(&t, "2026-01-01T00:00:00Z", 2),
+            ["2026-01-30T00:00:00+00:00", "2026-02-27T00:00:00+00:00"]
+        );
+    }
+
+    /// Pins croner's `#`: `1#2` in day-of-week is the month's second Monday.
+    #[test]
+    fn nth_weekday_syntax() {
+        let t = cron("0 9 * * 1#2", "UTC");
+        assert_eq!(
+            ticks(&t, "2026-01-01T00:00:00Z", 2),
+            ["2026-01-12T09:00:00+00:00", "2026-02-09T09:00:00+00:00"]
+        );
+    }
+
+    /// Pins croner's `W`: the weekday nearest the given day of the month,
+    /// the Friday before a Saturday and the Monday after a Sunday.
+    #[test]
+    fn nearest_weekday_syntax() {
+        let t = cron("0 0 15W * *", "UTC");
+        // 2026-07-15 is a Wednesday; 2026-08-15 a Saturday (fires Friday
+        // the 14th); 2026-11-15 a Sunday (fires Monday the 16th).
+        assert_eq!(
+            ticks(&t, "2026-07-01T00:00:00Z", 2),
+            ["2026-07-15T00:00:00+00:00", "2026-08-14T00:00:00+00:00"]
+        );
+        assert_eq!(
+            ticks(&t, "2026-11-01T00:00:00Z", 1),
+            ["2026-11-16T00:00:00+00:00"]
+        );
+    }
+
+    /// Pins croner's search horizon: a date that exists only in leap years
+    /// is found years ahead rather than refused as never matching.
+    #[test]
+    fn a_leap_day_is_found_years_ahead() {
+        let t = cron("0 0 29 2 *", "UTC");
+        assert_eq!(
+            ticks(&t, "2026-01-01T00:00:00Z", 2),
+            ["2028-02-29T00:00:00+00:00", "2032-02-29T00:00:00+00:00"]
+        );
+    }
+
+    /// Pins what croner refuses (out-of-range values, day-of-week 8,
+    /// words) and that a date that never exists finds no occurrence.
     #[test]
     fn bad_expressions_are_refused_with_a_reason() {
         let tz = Tz::UTC;
@@ -246,6 +353,10 @@ mod tests {
         }
     }
 
+    /// The DST rule is ours, not croner's: it needs croner to match naive
+    /// wall times with no time zone, so a croner that brought its own gap
+    /// handling to naive times (running a gap tick twice, or not at all)
+    /// fails here.
     #[test]
     fn spring_forward_fires_once_at_the_end_of_the_gap() {
         // New York, 2026-03-08: 02:00 EST becomes 03:00 EDT.
@@ -282,6 +393,8 @@ mod tests {
         );
     }
 
+    /// The fold rule is ours as well: croner, matching naive wall times,
+    /// sees the repeated hour once; `resolve` picks its first instant.
     #[test]
     fn fall_back_fires_once_at_the_first_occurrence() {
         // New York, 2026-11-01: 02:00 EDT becomes 01:00 EST.
