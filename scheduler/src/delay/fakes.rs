@@ -34,27 +34,28 @@ pub(crate) enum Answer {
 #[derive(Clone, Debug)]
 pub(crate) enum Seen {
     /// A task to its queue, as published.
-    Ready(Task),
+    Ready(Box<Task>),
     /// A dead letter: its origin queue and its `x-error`.
     Dead { origin: String, error: String },
 }
 
-/// The confirm of a fake publish: resolved at once, or never.
-pub(crate) enum FakeConfirm {
-    Now(Option<lapin::Result<Confirmation>>),
-    Never,
+/// The confirm of a fake publish: resolved at once, or (without an
+/// answer) never.
+pub(crate) struct FakeConfirm(Option<Box<lapin::Result<Confirmation>>>);
+
+impl FakeConfirm {
+    fn now(answer: lapin::Result<Confirmation>) -> Self {
+        FakeConfirm(Some(Box::new(answer)))
+    }
 }
 
 impl Future for FakeConfirm {
     type Output = lapin::Result<Confirmation>;
 
     fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            FakeConfirm::Now(answer) => match answer.take() {
-                Some(answer) => Poll::Ready(answer),
-                None => Poll::Pending,
-            },
-            FakeConfirm::Never => Poll::Pending,
+        match self.get_mut().0.take() {
+            Some(answer) => Poll::Ready(*answer),
+            None => Poll::Pending,
         }
     }
 }
@@ -102,7 +103,7 @@ impl FakePublisher {
         self.seen()
             .into_iter()
             .filter_map(|s| match s {
-                Seen::Ready(task) => Some(task.id),
+                Seen::Ready(task) => Some(task.id.clone()),
                 Seen::Dead { .. } => None,
             })
             .collect()
@@ -154,9 +155,9 @@ fn broken_channel() -> lapin::Error {
 
 fn confirm_of(answer: Answer) -> Result<FakeConfirm, DeclareError> {
     match answer {
-        Answer::Ack => Ok(FakeConfirm::Now(Some(Ok(Confirmation::Ack(None))))),
-        Answer::Nack => Ok(FakeConfirm::Now(Some(Ok(Confirmation::Nack(None))))),
-        Answer::Hang => Ok(FakeConfirm::Never),
+        Answer::Ack => Ok(FakeConfirm::now(Ok(Confirmation::Ack(None)))),
+        Answer::Nack => Ok(FakeConfirm::now(Ok(Confirmation::Nack(None)))),
+        Answer::Hang => Ok(FakeConfirm(None)),
         Answer::Fail => Err(DeclareError::Amqp(broken_channel())),
         Answer::BadName => Err(DeclareError::BadName(ProtocolError::BadQueue(
             "fake refuses the name".into(),
@@ -174,7 +175,7 @@ impl TaskPublisher for FakePublisher {
     async fn publish_ready_many(&self, tasks: &[&Task]) -> Vec<Result<FakeConfirm, DeclareError>> {
         tasks
             .iter()
-            .map(|t| confirm_of(self.answer(Seen::Ready((*t).clone()))))
+            .map(|t| confirm_of(self.answer(Seen::Ready(Box::new((*t).clone())))))
             .collect()
     }
 
@@ -197,9 +198,7 @@ impl TaskPublisher for FakePublisher {
             Ok(confirm) => Ok(confirm),
             Err(DeclareError::Amqp(err)) => Err(err),
             // `NS.dead` always has a name.
-            Err(DeclareError::BadName(_)) => {
-                Ok(FakeConfirm::Now(Some(Ok(Confirmation::Ack(None)))))
-            }
+            Err(DeclareError::BadName(_)) => Ok(FakeConfirm::now(Ok(Confirmation::Ack(None)))),
         }
     }
 
@@ -305,3 +304,36 @@ impl IntakeDelivery for FakeDelivery {
         Ok(())
     }
 }
+
+/// The queue test tasks go to.
+pub(crate) const QUEUE: &str = "jobs";
+
+/// A test task with this id, on [`QUEUE`].
+pub(crate) fn new_task(id: &str) -> NewTask {
+    NewTask::new("test.kind")
+        .queue(QUEUE)
+        .id(id)
+        .body(format!("body of {id}").into_bytes())
+}
+
+/// `task` as the intake decodes it from its message.
+pub(crate) fn task_of(task: &NewTask) -> Task {
+    let (_, properties) = task.to_message().expect("a valid test task");
+    Task::decode(&task.queue, &properties, &task.body).expect("a decodable test task")
+}
+
+/// `task` as the store holds it.
+pub(crate) fn record_of(task: &NewTask) -> Vec<u8> {
+    kairos_shared::record::encode(&task_of(task)).expect("an encodable test task")
+}
+
+/// Waits for `f`, failing the test after [`TEST_WAIT`].
+pub(crate) async fn within<F: Future>(what: &str, f: F) -> F::Output {
+    match tokio::time::timeout(TEST_WAIT, f).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
+/// How long a test waits for something that takes milliseconds.
+pub(crate) const TEST_WAIT: std::time::Duration = std::time::Duration::from_secs(10);

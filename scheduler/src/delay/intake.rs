@@ -602,3 +602,293 @@ fn failure_reason(task: &Task) -> String {
         Some(other) => format!("dead-lettered by RabbitMQ ({other})"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delay::fakes::{new_task, Answer, Deliveries, FakePublisher, Settled, QUEUE};
+    use crate::delay::memory::{Fault, MemoryDelayStore, Op};
+    use crate::delay::retry::Jitter;
+    use kairos_shared::contract::{H_ATTEMPT, H_MAX_RETRIES};
+
+    /// The backoff after a first failed attempt (no jitter).
+    const RETRY_BASE_MS: u64 = 1_000;
+    /// Room for the clock read before and after a hold.
+    const CLOCK_SLACK_MS: i64 = 1_000;
+
+    fn intake(
+        source: Source,
+        store: &MemoryDelayStore,
+        publisher: &Arc<FakePublisher>,
+    ) -> Intake<MemoryDelayStore, FakePublisher> {
+        Intake {
+            source,
+            names: Names::new("unit"),
+            queue: store.clone(),
+            publisher: publisher.clone(),
+            policy: RetryPolicy {
+                default_max_retries: 3,
+                base_ms: RETRY_BASE_MS,
+                max_ms: RETRY_BASE_MS * 60,
+                jitter: Jitter::None,
+            },
+            events: EventSink::disabled(),
+            wake: Arc::new(Notify::new()),
+            prefetch: 10,
+            batch: 10,
+            batch_bytes: 1 << 20,
+            limits: Limits::default(),
+        }
+    }
+
+    /// A failed attempt as a worker sends it to `NS.retry`.
+    fn failed(id: &str, attempt: i64, max_retries: i64) -> kairos_shared::client::NewTask {
+        new_task(id)
+            .header(H_ATTEMPT, AMQPValue::LongLongInt(attempt))
+            .header(H_MAX_RETRIES, AMQPValue::LongLongInt(max_retries))
+            .header(H_ERROR, kairos_shared::contract::text("boom"))
+    }
+
+    fn held_task(store: &MemoryDelayStore, member: &str) -> Task {
+        let rec = store.record(member).expect("held");
+        record::decode(crate::delay::store::id_of(member), &rec).expect("a readable record")
+    }
+
+    #[tokio::test]
+    async fn a_delivery_is_held_then_acked() {
+        let store = MemoryDelayStore::new(2);
+        let publisher = FakePublisher::answering(Answer::Ack);
+        let mut make = Deliveries::new(&store);
+        let batch = [make.task(&new_task("a")), make.task(&new_task("b"))];
+        let outcome = intake(Source::Delay, &store, &publisher)
+            .handle(&batch, &CancellationToken::new())
+            .await
+            .expect("handled");
+        assert_eq!(outcome, Some(DeadOutcome::default()));
+        // One multiple-ack of the last tag, once both tasks were in the store.
+        assert_eq!(make.log(), [Settled::AckUpTo(2, 2)]);
+        assert_eq!(held_task(&store, "a").attempt, 1);
+        assert_eq!(held_task(&store, "b").queue, QUEUE);
+        assert!(publisher.seen().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_id_is_acked_and_not_held_again() {
+        let store = MemoryDelayStore::new(1);
+        let publisher = FakePublisher::answering(Answer::Ack);
+        let intake = intake(Source::Delay, &store, &publisher);
+        let mut make = Deliveries::new(&store);
+        let first = [make.task(&new_task("a"))];
+        intake
+            .handle(&first, &CancellationToken::new())
+            .await
+            .expect("first");
+        let again = [make.task(&new_task("a").body(b"another body".to_vec()))];
+        intake
+            .handle(&again, &CancellationToken::new())
+            .await
+            .expect("again");
+        assert_eq!(make.log(), [Settled::AckUpTo(1, 1), Settled::AckUpTo(2, 1)]);
+        assert_eq!(store.len(), 1);
+        assert_eq!(
+            held_task(&store, "a").body,
+            b"body of a",
+            "the first submission wins"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_attempt_is_held_for_its_next_attempt() {
+        let store = MemoryDelayStore::new(1);
+        let publisher = FakePublisher::answering(Answer::Ack);
+        let mut make = Deliveries::new(&store);
+        let batch = [make.task(&failed("a", 1, 3))];
+        let before = store.now_ms();
+        intake(Source::Retry, &store, &publisher)
+            .handle(&batch, &CancellationToken::new())
+            .await
+            .expect("handled");
+        let next = member("a", 2);
+        let task = held_task(&store, &next);
+        assert_eq!(task.attempt, 2);
+        assert_eq!(
+            task.header(H_ERROR).map(value_to_string).as_deref(),
+            Some("boom")
+        );
+        let due = store.due_of(&next).expect("waiting");
+        let backoff = i64::try_from(RETRY_BASE_MS).expect("small");
+        assert!(due >= before + backoff && due <= before + backoff + CLOCK_SLACK_MS);
+        assert_eq!(make.log(), [Settled::AckUpTo(1, 1)]);
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_retry_is_dead_lettered_then_acked() {
+        let store = MemoryDelayStore::new(1);
+        let publisher = FakePublisher::answering(Answer::Ack);
+        let mut make = Deliveries::new(&store);
+        let batch = [make.task(&failed("a", 4, 3))];
+        let outcome = intake(Source::Retry, &store, &publisher)
+            .handle(&batch, &CancellationToken::new())
+            .await
+            .expect("handled");
+        assert_eq!(
+            outcome,
+            Some(DeadOutcome {
+                confirmed: 1,
+                refused: 0
+            })
+        );
+        assert_eq!(publisher.dead(), [(QUEUE.to_string(), "boom".to_string())]);
+        assert!(store.is_empty());
+        assert_eq!(make.log(), [Settled::AckUpTo(1, 0)]);
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_dead_lettered_with_its_reason() {
+        let store = MemoryDelayStore::new(1);
+        let publisher = FakePublisher::answering(Answer::Ack);
+        let mut make = Deliveries::new(&store);
+        let (_, props) = new_task("a").to_message().expect("message");
+        let batch = [
+            make.raw("", props, b"x".to_vec()),
+            make.raw(QUEUE, BasicProperties::default(), b"x".to_vec()),
+        ];
+        let outcome = intake(Source::Delay, &store, &publisher)
+            .handle(&batch, &CancellationToken::new())
+            .await
+            .expect("handled");
+        assert_eq!(
+            outcome,
+            Some(DeadOutcome {
+                confirmed: 2,
+                refused: 0
+            })
+        );
+        let reasons: Vec<String> = publisher.dead().into_iter().map(|(_, e)| e).collect();
+        assert_eq!(
+            reasons,
+            [
+                ProtocolError::NoQueue.to_string(),
+                ProtocolError::MissingType.to_string()
+            ]
+        );
+        assert!(store.is_empty());
+        assert_eq!(make.log(), [Settled::AckUpTo(2, 0)]);
+    }
+
+    #[tokio::test]
+    async fn a_task_over_a_limit_is_dead_lettered() {
+        let store = MemoryDelayStore::new(1);
+        let publisher = FakePublisher::answering(Answer::Ack);
+        let mut intake = intake(Source::Delay, &store, &publisher);
+        intake.limits.max_body_bytes = 4;
+        let mut make = Deliveries::new(&store);
+        let batch = [make.task(&new_task("a"))];
+        intake
+            .handle(&batch, &CancellationToken::new())
+            .await
+            .expect("handled");
+        let dead = publisher.dead();
+        assert_eq!(dead.len(), 1);
+        assert!(!dead[0].1.is_empty());
+        assert!(store.is_empty());
+        assert_eq!(make.log(), [Settled::AckUpTo(1, 0)]);
+    }
+
+    #[tokio::test]
+    async fn a_refused_dead_letter_sends_its_message_back_alone() {
+        let store = MemoryDelayStore::new(1);
+        let publisher = FakePublisher::answering(Answer::Ack).then(&[Answer::Nack]);
+        let mut make = Deliveries::new(&store);
+        let batch = [
+            make.task(&new_task("a")),
+            make.raw(QUEUE, BasicProperties::default(), b"x".to_vec()),
+            make.task(&new_task("b")),
+        ];
+        let outcome = intake(Source::Delay, &store, &publisher)
+            .handle(&batch, &CancellationToken::new())
+            .await
+            .expect("handled");
+        assert_eq!(
+            outcome,
+            Some(DeadOutcome {
+                confirmed: 0,
+                refused: 1
+            })
+        );
+        // Nacked back first, then the rest acked around it.
+        assert_eq!(
+            make.log(),
+            [Settled::Requeued(2, false), Settled::AckUpTo(3, 2)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_write_returns_the_whole_batch() {
+        let store = MemoryDelayStore::new(1);
+        store.inject(Op::Hold, Fault::Refused);
+        let publisher = FakePublisher::answering(Answer::Ack);
+        let mut make = Deliveries::new(&store);
+        let batch = [
+            make.task(&new_task("a")),
+            make.raw(QUEUE, BasicProperties::default(), b"x".to_vec()),
+        ];
+        let outcome = intake(Source::Delay, &store, &publisher)
+            .handle(&batch, &CancellationToken::new())
+            .await
+            .expect("handled");
+        assert_eq!(outcome, None, "the caller backs off");
+        assert_eq!(make.log(), [Settled::Requeued(2, true)]);
+        assert!(
+            publisher.seen().is_empty(),
+            "no dead letter before the write"
+        );
+        assert!(store.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_write_without_reply_is_repeated_then_acked() {
+        let store = MemoryDelayStore::new(1);
+        store.inject(Op::Hold, Fault::LostReply);
+        let publisher = FakePublisher::answering(Answer::Ack);
+        let mut make = Deliveries::new(&store);
+        let batch = [make.task(&new_task("a"))];
+        intake(Source::Delay, &store, &publisher)
+            .handle(&batch, &CancellationToken::new())
+            .await
+            .expect("handled");
+        assert_eq!(make.log(), [Settled::AckUpTo(1, 1)]);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_broken_channel_ends_the_batch_unacked() {
+        let store = MemoryDelayStore::new(1);
+        let publisher = FakePublisher::answering(Answer::Fail);
+        let mut make = Deliveries::new(&store);
+        let batch = [make.raw(QUEUE, BasicProperties::default(), b"x".to_vec())];
+        let result = intake(Source::Delay, &store, &publisher)
+            .handle(&batch, &CancellationToken::new())
+            .await;
+        assert!(matches!(result, Err(IntakeError::Amqp(_))), "{result:?}");
+        assert!(make.log().is_empty(), "the broker redelivers it");
+    }
+
+    #[test]
+    fn the_failure_reason_comes_from_x_error_or_x_death() {
+        let task = task_of_headers(&[(H_ERROR, kairos_shared::contract::text("boom"))]);
+        assert_eq!(failure_reason(&task), "boom");
+        assert_eq!(
+            failure_reason(&task_of_headers(&[])),
+            "rejected by consumer"
+        );
+    }
+
+    fn task_of_headers(headers: &[(&str, AMQPValue)]) -> Task {
+        let mut task = new_task("a");
+        for (name, value) in headers {
+            task = task.header(name, value.clone());
+        }
+        crate::delay::fakes::task_of(&task)
+    }
+}

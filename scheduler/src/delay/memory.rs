@@ -382,3 +382,87 @@ impl DelayStore for MemoryDelayStore {
         Ok(self.len() as u64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delay::conformance as check;
+    use crate::delay::store::member;
+
+    /// Several shards, so the checks see tasks spread over them.
+    const SHARDS: usize = 4;
+
+    fn store() -> MemoryDelayStore {
+        MemoryDelayStore::new(SHARDS)
+    }
+
+    #[tokio::test]
+    async fn first_submission_wins() {
+        check::first_submission_wins(store()).await;
+    }
+
+    #[tokio::test]
+    async fn due_times_and_head() {
+        check::due_times_and_head(store()).await;
+    }
+
+    #[tokio::test]
+    async fn claims_due_tasks_in_order() {
+        check::claims_due_tasks_in_order(store()).await;
+    }
+
+    #[tokio::test]
+    async fn claims_within_count_and_bytes() {
+        check::claims_within_count_and_bytes(store()).await;
+    }
+
+    #[tokio::test]
+    async fn complete_forgets() {
+        check::complete_forgets(store()).await;
+    }
+
+    #[tokio::test]
+    async fn release_returns_tasks() {
+        check::release_returns_tasks(store()).await;
+    }
+
+    #[tokio::test]
+    async fn expired_leases_return() {
+        let s = store();
+        let clock = s.clone();
+        check::expired_leases_return(s, move |by| {
+            clock.advance(by);
+            std::future::ready(())
+        })
+        .await;
+    }
+
+    fn entry(id: &str) -> Entry {
+        Entry {
+            member: member(id, 1),
+            run_at: None,
+            delay_ms: 0,
+            record: b"r".to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_call_does_not_run() {
+        let s = store();
+        s.inject(Op::Hold, Fault::Refused);
+        let err = s.hold(&[entry("a")]).await.expect_err("refused");
+        assert!(!err.outcome_unknown(), "Redis answered: nothing ran");
+        assert!(s.is_empty());
+        s.hold(&[entry("a")]).await.expect("the fault was used up");
+        assert_eq!(s.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lost_reply_runs_and_says_the_outcome_is_unknown() {
+        let s = store();
+        s.inject(Op::Hold, Fault::LostReply);
+        let err = s.hold(&[entry("a")]).await.expect_err("lost reply");
+        assert!(err.outcome_unknown());
+        assert_eq!(s.len(), 1, "the call ran");
+    }
+}

@@ -816,3 +816,270 @@ impl Inflight {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delay::fakes::{new_task, record_of, within, Answer, FakePublisher, QUEUE};
+    use crate::delay::memory::{Fault, MemoryDelayStore, Op};
+    use crate::delay::store::{member, Entry};
+    use tokio::task::JoinHandle;
+
+    /// Long enough that no lease expires during a test unless it says so.
+    const LEASE_MS: u64 = 10_000;
+    /// A lease whose confirm wait (half of it) a test lets run out.
+    const SHORT_LEASE_MS: u64 = 200;
+    /// The pump looks again this often when nothing wakes it.
+    const IDLE: Duration = Duration::from_millis(20);
+
+    fn pump(store: &MemoryDelayStore, lease_ms: u64) -> Pump<MemoryDelayStore> {
+        Pump {
+            queue: store.clone(),
+            events: EventSink::disabled(),
+            wake: Arc::new(Notify::new()),
+            batch: 10,
+            batch_bytes: 1 << 20,
+            lease_ms,
+            idle: IDLE,
+            refusals: Refusals::default(),
+        }
+    }
+
+    async fn hold_due(store: &MemoryDelayStore, id: &str, record: Vec<u8>) -> i64 {
+        let due = store.now_ms() - 1;
+        let entry = Entry {
+            member: member(id, 1),
+            run_at: Some(due),
+            delay_ms: 0,
+            record,
+        };
+        store.hold(&[entry]).await.expect("hold");
+        due
+    }
+
+    struct Running {
+        cancel: CancellationToken,
+        handle: JoinHandle<Result<(), PumpError>>,
+    }
+
+    fn start(pump: &Pump<MemoryDelayStore>, publisher: &Arc<FakePublisher>) -> Running {
+        let cancel = CancellationToken::new();
+        let (pump, publisher, stop) = (pump.clone(), publisher.clone(), cancel.clone());
+        let handle = tokio::spawn(async move { pump.run(publisher, stop).await });
+        Running { cancel, handle }
+    }
+
+    impl Running {
+        async fn stop(self) -> Result<(), PumpError> {
+            self.cancel.cancel();
+            within("the pump to stop", self.handle)
+                .await
+                .expect("the pump does not panic")
+        }
+    }
+
+    #[tokio::test]
+    async fn confirmed_tasks_are_published_then_completed() {
+        let store = MemoryDelayStore::new(2);
+        let mut dues = Vec::new();
+        for id in ["a", "b", "c"] {
+            dues.push((id, hold_due(&store, id, record_of(&new_task(id))).await));
+        }
+        let publisher = FakePublisher::answering(Answer::Ack);
+        let running = start(&pump(&store, LEASE_MS), &publisher);
+        within("the store to empty", store.wait_for(|s| s.is_empty())).await;
+        running.stop().await.expect("a clean stop");
+        let mut ids = publisher.ready_ids();
+        ids.sort();
+        assert_eq!(ids, ["a", "b", "c"]);
+        for seen in publisher.seen() {
+            let crate::delay::fakes::Seen::Ready(task) = seen else {
+                panic!("no dead letters expected");
+            };
+            let due = dues.iter().find(|(id, _)| *id == task.id).map(|(_, d)| *d);
+            assert_eq!(task.run_at, due, "published with its due time");
+            assert_eq!(
+                task.header(H_RUN_AT),
+                due.map(AMQPValue::LongLongInt).as_ref()
+            );
+            assert_eq!(task.queue, QUEUE);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_nacked_publish_is_released_not_completed() {
+        let store = MemoryDelayStore::new(1);
+        hold_due(&store, "a", record_of(&new_task("a"))).await;
+        let publisher = FakePublisher::answering(Answer::Ack).then(&[Answer::Nack]);
+        let running = start(&pump(&store, LEASE_MS), &publisher);
+        // Back in the due index, held back by the refusal pause.
+        let now = store.now_ms();
+        within("the publish", publisher.wait_publishes(1)).await;
+        within(
+            "the refused task to be released",
+            store.wait_for(|s| s.due_of("a").is_some()),
+        )
+        .await;
+        assert!(store.due_of("a").is_some_and(|due| due > now), "paused");
+        assert_eq!(publisher.ready_ids(), ["a"]);
+        within("the store to empty", store.wait_for(|s| s.is_empty())).await;
+        running.stop().await.expect("a clean stop");
+        assert_eq!(
+            publisher.ready_ids(),
+            ["a", "a"],
+            "published again after the pause"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_publish_is_released_and_ends_the_run() {
+        let store = MemoryDelayStore::new(1);
+        hold_due(&store, "a", record_of(&new_task("a"))).await;
+        let publisher = FakePublisher::answering(Answer::Ack).then(&[Answer::Fail]);
+        let running = start(&pump(&store, LEASE_MS), &publisher);
+        let result = within("the run to end", running.handle)
+            .await
+            .expect("the pump does not panic");
+        assert!(matches!(result, Err(PumpError::Amqp(_))), "{result:?}");
+        // Released at once (not left to its lease), published again, and
+        // settled before the run returned.
+        assert!(store.is_empty());
+        assert_eq!(publisher.ready_ids(), ["a", "a"]);
+    }
+
+    #[tokio::test]
+    async fn an_unconfirmed_publish_is_released_after_the_confirm_wait() {
+        let store = MemoryDelayStore::new(1);
+        hold_due(&store, "a", record_of(&new_task("a"))).await;
+        let publisher = FakePublisher::answering(Answer::Ack).then(&[Answer::Hang]);
+        let running = start(&pump(&store, SHORT_LEASE_MS), &publisher);
+        within("the store to empty", store.wait_for(|s| s.is_empty())).await;
+        running.stop().await.expect("a clean stop");
+        assert_eq!(publisher.ready_ids(), ["a", "a"]);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_record_is_dead_lettered_not_dropped() {
+        let store = MemoryDelayStore::new(1);
+        hold_due(&store, "a", b"not a record".to_vec()).await;
+        // The first dead letter is refused: the task stays until one is
+        // confirmed.
+        let publisher = FakePublisher::answering(Answer::Ack).then(&[Answer::Nack]);
+        let running = start(&pump(&store, LEASE_MS), &publisher);
+        within("the store to empty", store.wait_for(|s| s.is_empty())).await;
+        running.stop().await.expect("a clean stop");
+        let dead = publisher.dead();
+        assert_eq!(dead.len(), 2, "{dead:?}");
+        assert!(dead.iter().all(|(_, error)| !error.is_empty()), "{dead:?}");
+        assert!(publisher.ready_ids().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_task_whose_queue_cannot_be_named_is_dead_lettered() {
+        let store = MemoryDelayStore::new(1);
+        hold_due(&store, "a", record_of(&new_task("a"))).await;
+        let publisher = FakePublisher::answering(Answer::Ack).then(&[Answer::BadName]);
+        let running = start(&pump(&store, LEASE_MS), &publisher);
+        within("the store to empty", store.wait_for(|s| s.is_empty())).await;
+        running.stop().await.expect("a clean stop");
+        let dead = publisher.dead();
+        assert_eq!(dead.len(), 1);
+        assert!(dead[0].1.contains("fake refuses the name"), "{dead:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_claim_is_retried() {
+        let store = MemoryDelayStore::new(1);
+        hold_due(&store, "a", record_of(&new_task("a"))).await;
+        store.inject(Op::Claim, Fault::Refused);
+        let publisher = FakePublisher::answering(Answer::Ack);
+        let running = start(&pump(&store, LEASE_MS), &publisher);
+        within("the store to empty", store.wait_for(|s| s.is_empty())).await;
+        running.stop().await.expect("a clean stop");
+        assert_eq!(publisher.ready_ids(), ["a"]);
+    }
+
+    #[tokio::test]
+    async fn a_complete_without_reply_is_repeated_without_a_duplicate() {
+        let store = MemoryDelayStore::new(1);
+        hold_due(&store, "a", record_of(&new_task("a"))).await;
+        store.inject(Op::Complete, Fault::LostReply);
+        store.inject(Op::Complete, Fault::Refused);
+        let publisher = FakePublisher::answering(Answer::Ack);
+        let running = start(&pump(&store, LEASE_MS), &publisher);
+        within("the store to empty", store.wait_for(|s| s.is_empty())).await;
+        running.stop().await.expect("a clean stop");
+        assert_eq!(publisher.ready_ids(), ["a"]);
+    }
+
+    #[tokio::test]
+    async fn a_stopping_pump_settles_what_it_claimed() {
+        let store = MemoryDelayStore::new(1);
+        hold_due(&store, "a", record_of(&new_task("a"))).await;
+        let publisher = FakePublisher::answering(Answer::Hang);
+        let running = start(&pump(&store, LEASE_MS), &publisher);
+        within("the publish", publisher.wait_publishes(1)).await;
+        // Its confirm never comes: the stop wait ends it, and the task is
+        // released rather than left to its lease.
+        running.stop().await.expect("a clean stop");
+        assert_eq!(store.leased(), 0);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn refusals_pause_per_queue_until_accepted() {
+        let refusals = Refusals::default();
+        let first = refusals.refused("full");
+        let second = refusals.refused("full");
+        assert!(second >= first, "{first:?} then {second:?}");
+        assert!(
+            refusals.refused("other") <= first * 2,
+            "queues are paced apart"
+        );
+        refusals.accepted("full");
+        assert!(
+            refusals.refused("full") <= first * 2,
+            "an accepted publish resets"
+        );
+    }
+
+    #[test]
+    fn held_bounds_stop_the_next_claim() {
+        let max = Held {
+            tasks: 10,
+            bytes: 100,
+        };
+        let mut held = Held::default();
+        held.add(Held {
+            tasks: 9,
+            bytes: 50,
+        });
+        assert!(!held.reaches(&max));
+        held.add(Held {
+            tasks: 0,
+            bytes: 50,
+        });
+        assert!(held.reaches(&max), "bytes alone");
+        held.remove(Held {
+            tasks: 9,
+            bytes: 100,
+        });
+        assert_eq!(held, Held::default());
+        held.remove(Held { tasks: 1, bytes: 1 });
+        assert_eq!(held, Held::default(), "saturates");
+    }
+
+    #[test]
+    fn sleeps_until_the_next_due_time_within_the_idle_bound() {
+        let idle = Duration::from_millis(1000);
+        assert_eq!(
+            sleep_for(10_000, Some(10_250), idle),
+            Duration::from_millis(250)
+        );
+        assert_eq!(sleep_for(10_000, Some(99_999), idle), idle);
+        assert_eq!(sleep_for(10_000, None, idle), idle);
+        // Already due (claimed by another instance meanwhile, or a full
+        // batch): look again at once.
+        assert_eq!(sleep_for(10_000, Some(9_000), idle), Duration::ZERO);
+    }
+}
