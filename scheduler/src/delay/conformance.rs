@@ -59,6 +59,19 @@ fn members(tasks: &[Claimed]) -> Vec<&str> {
     out
 }
 
+/// Holds tasks `ids`, due a while ago by the store's clock `now`.
+async fn hold_past<S: DelayStore>(store: &S, ids: &[&str], now: i64) {
+    let entries: Vec<Entry> = ids
+        .iter()
+        .map(|id| entry(id, Some(now - PAST_MS), 0, b"r"))
+        .collect();
+    store.hold(&entries).await.expect("hold");
+}
+
+async fn pending<S: DelayStore>(store: &S) -> u64 {
+    store.pending().await.expect("pending")
+}
+
 /// Ids that all map to one shard of `store`.
 fn same_shard_ids<S: DelayStore>(store: &S, prefix: &str, n: usize) -> Vec<String> {
     let shards = store.shard_count();
@@ -91,7 +104,7 @@ pub async fn first_submission_wins<S: DelayStore>(store: S) {
         "a pending member is not held twice"
     );
     assert!(!again.scheduled[0].head);
-    assert_eq!(store.pending().await.expect("pending"), 1);
+    assert_eq!(pending(&store).await, 1);
     let claim = claim_all(&store, LONG_LEASE_MS, 0).await;
     assert_eq!(claim.tasks.len(), 1);
     assert_eq!(claim.tasks[0].record, b"first");
@@ -164,7 +177,7 @@ pub async fn claims_due_tasks_in_order<S: DelayStore>(store: S) {
     let claim = claim_all(&store, LONG_LEASE_MS, ahead).await;
     assert_eq!(members(&claim.tasks), ["soon"]);
     assert_eq!(claim.next_due, Some(now + FUTURE_MS));
-    assert_eq!(store.pending().await.expect("pending"), 12);
+    assert_eq!(pending(&store).await, 12);
 }
 
 /// A claim takes at most its batch per shard, and stops once its records
@@ -198,24 +211,18 @@ pub async fn claims_within_count_and_bytes<S: DelayStore>(store: S) {
     assert_eq!(claim.tasks.len(), 1);
     assert!(!claim.more);
     assert_eq!(claim.next_due, None, "every task is leased");
-    assert_eq!(store.pending().await.expect("pending"), 5);
+    assert_eq!(pending(&store).await, 5);
 }
 
 /// Completed tasks are gone; a repeated complete spares a member that was
 /// not leased any more (it may be a new submission of the id).
 pub async fn complete_forgets<S: DelayStore>(store: S) {
     let now = store_now(&store).await;
-    store
-        .hold(&[
-            entry("a", Some(now - PAST_MS), 0, b"r"),
-            entry("b", Some(now - PAST_MS), 0, b"r"),
-        ])
-        .await
-        .expect("hold");
+    hold_past(&store, &["a", "b"], now).await;
     let claim = claim_all(&store, LONG_LEASE_MS, 0).await;
     let all: Vec<&Claimed> = claim.tasks.iter().collect();
     store.complete(&all).await.expect("complete");
-    assert_eq!(store.pending().await.expect("pending"), 0);
+    assert_eq!(pending(&store).await, 0);
     assert!(claim_all(&store, LONG_LEASE_MS, 0).await.tasks.is_empty());
     // Submitted anew after the first complete ran: a repeat spares it.
     store
@@ -223,10 +230,10 @@ pub async fn complete_forgets<S: DelayStore>(store: S) {
         .await
         .expect("hold again");
     store.complete_again(&all).await.expect("complete again");
-    assert_eq!(store.pending().await.expect("pending"), 1);
+    assert_eq!(pending(&store).await, 1);
     // A first complete of a task back in the due index removes it there.
     store.complete(&all).await.expect("complete unleased");
-    assert_eq!(store.pending().await.expect("pending"), 0);
+    assert_eq!(pending(&store).await, 0);
     assert!(claim_all(&store, LONG_LEASE_MS, 0).await.tasks.is_empty());
 }
 
@@ -234,13 +241,7 @@ pub async fn complete_forgets<S: DelayStore>(store: S) {
 /// than its delay; it moves nothing that is not leased.
 pub async fn release_returns_tasks<S: DelayStore>(store: S) {
     let now = store_now(&store).await;
-    store
-        .hold(&[
-            entry("a", Some(now - PAST_MS), 0, b"r"),
-            entry("b", Some(now - PAST_MS), 0, b"r"),
-        ])
-        .await
-        .expect("hold");
+    hold_past(&store, &["a", "b"], now).await;
     let claim = claim_all(&store, LONG_LEASE_MS, 0).await;
     let (a, b) = match claim.tasks.as_slice() {
         [x, y] if x.member == "a" => (x, y),
@@ -266,7 +267,7 @@ pub async fn release_returns_tasks<S: DelayStore>(store: S) {
     let a_again: Vec<&Claimed> = again.tasks.iter().collect();
     store.complete(&a_again).await.expect("complete");
     store.release(&a_again).await.expect("release of nothing");
-    assert_eq!(store.pending().await.expect("pending"), 1);
+    assert_eq!(pending(&store).await, 1);
     assert!(claim_all(&store, LONG_LEASE_MS, 0).await.tasks.is_empty());
 }
 
@@ -278,10 +279,7 @@ where
     Fut: Future<Output = ()>,
 {
     let now = store_now(&store).await;
-    store
-        .hold(&[entry("a", Some(now - PAST_MS), 0, b"r")])
-        .await
-        .expect("hold");
+    hold_past(&store, &["a"], now).await;
     let claim = claim_all(&store, SHORT_LEASE_MS, 0).await;
     assert_eq!(members(&claim.tasks), ["a"]);
     assert!(

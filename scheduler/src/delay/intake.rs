@@ -649,6 +649,34 @@ mod tests {
             .header(H_ERROR, kairos_shared::contract::text("boom"))
     }
 
+    /// A store, a publisher answering `answers` then acks, and deliveries.
+    fn fixture(
+        shards: usize,
+        answers: &[Answer],
+    ) -> (MemoryDelayStore, Arc<FakePublisher>, Deliveries) {
+        let store = MemoryDelayStore::new(shards);
+        let publisher = FakePublisher::answering(Answer::Ack).then(answers);
+        let make = Deliveries::new(&store);
+        (store, publisher, make)
+    }
+
+    /// Handles `batch` with a fresh intake of `source`; its outcome.
+    async fn handle(
+        source: Source,
+        store: &MemoryDelayStore,
+        publisher: &Arc<FakePublisher>,
+        batch: &[crate::delay::fakes::FakeDelivery],
+    ) -> Result<Option<DeadOutcome>, IntakeError> {
+        intake(source, store, publisher)
+            .handle(batch, &CancellationToken::new())
+            .await
+    }
+
+    /// A handled batch's outcome: its dead letters confirmed and refused.
+    fn dead_letters(confirmed: usize, refused: usize) -> Option<DeadOutcome> {
+        Some(DeadOutcome { confirmed, refused })
+    }
+
     fn held_task(store: &MemoryDelayStore, member: &str) -> Task {
         let rec = store.record(member).expect("held");
         record::decode(crate::delay::store::id_of(member), &rec).expect("a readable record")
@@ -656,12 +684,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_delivery_is_held_then_acked() {
-        let store = MemoryDelayStore::new(2);
-        let publisher = FakePublisher::answering(Answer::Ack);
-        let mut make = Deliveries::new(&store);
+        let (store, publisher, mut make) = fixture(2, &[]);
         let batch = [make.task(&new_task("a")), make.task(&new_task("b"))];
-        let outcome = intake(Source::Delay, &store, &publisher)
-            .handle(&batch, &CancellationToken::new())
+        let outcome = handle(Source::Delay, &store, &publisher, &batch)
             .await
             .expect("handled");
         assert_eq!(outcome, Some(DeadOutcome::default()));
@@ -674,10 +699,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_duplicate_id_is_acked_and_not_held_again() {
-        let store = MemoryDelayStore::new(1);
-        let publisher = FakePublisher::answering(Answer::Ack);
+        let (store, publisher, mut make) = fixture(1, &[]);
         let intake = intake(Source::Delay, &store, &publisher);
-        let mut make = Deliveries::new(&store);
         let first = [make.task(&new_task("a"))];
         intake
             .handle(&first, &CancellationToken::new())
@@ -699,13 +722,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_attempt_is_held_for_its_next_attempt() {
-        let store = MemoryDelayStore::new(1);
-        let publisher = FakePublisher::answering(Answer::Ack);
-        let mut make = Deliveries::new(&store);
+        let (store, publisher, mut make) = fixture(1, &[]);
         let batch = [make.task(&failed("a", 1, 3))];
         let before = store.now_ms();
-        intake(Source::Retry, &store, &publisher)
-            .handle(&batch, &CancellationToken::new())
+        handle(Source::Retry, &store, &publisher, &batch)
             .await
             .expect("handled");
         let next = member("a", 2);
@@ -723,21 +743,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_exhausted_retry_is_dead_lettered_then_acked() {
-        let store = MemoryDelayStore::new(1);
-        let publisher = FakePublisher::answering(Answer::Ack);
-        let mut make = Deliveries::new(&store);
+        let (store, publisher, mut make) = fixture(1, &[]);
         let batch = [make.task(&failed("a", 4, 3))];
-        let outcome = intake(Source::Retry, &store, &publisher)
-            .handle(&batch, &CancellationToken::new())
+        let outcome = handle(Source::Retry, &store, &publisher, &batch)
             .await
             .expect("handled");
-        assert_eq!(
-            outcome,
-            Some(DeadOutcome {
-                confirmed: 1,
-                refused: 0
-            })
-        );
+        assert_eq!(outcome, dead_letters(1, 0));
         assert_eq!(publisher.dead(), [(QUEUE.to_string(), "boom".to_string())]);
         assert!(store.is_empty());
         assert_eq!(make.log(), [Settled::AckUpTo(1, 0)]);
@@ -745,25 +756,16 @@ mod tests {
 
     #[tokio::test]
     async fn bad_input_is_dead_lettered_with_its_reason() {
-        let store = MemoryDelayStore::new(1);
-        let publisher = FakePublisher::answering(Answer::Ack);
-        let mut make = Deliveries::new(&store);
+        let (store, publisher, mut make) = fixture(1, &[]);
         let (_, props) = new_task("a").to_message().expect("message");
         let batch = [
             make.raw("", props, b"x".to_vec()),
             make.raw(QUEUE, BasicProperties::default(), b"x".to_vec()),
         ];
-        let outcome = intake(Source::Delay, &store, &publisher)
-            .handle(&batch, &CancellationToken::new())
+        let outcome = handle(Source::Delay, &store, &publisher, &batch)
             .await
             .expect("handled");
-        assert_eq!(
-            outcome,
-            Some(DeadOutcome {
-                confirmed: 2,
-                refused: 0
-            })
-        );
+        assert_eq!(outcome, dead_letters(2, 0));
         let reasons: Vec<String> = publisher.dead().into_iter().map(|(_, e)| e).collect();
         assert_eq!(
             reasons,
@@ -778,11 +780,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_task_over_a_limit_is_dead_lettered() {
-        let store = MemoryDelayStore::new(1);
-        let publisher = FakePublisher::answering(Answer::Ack);
+        let (store, publisher, mut make) = fixture(1, &[]);
         let mut intake = intake(Source::Delay, &store, &publisher);
         intake.limits.max_body_bytes = 4;
-        let mut make = Deliveries::new(&store);
         let batch = [make.task(&new_task("a"))];
         intake
             .handle(&batch, &CancellationToken::new())
@@ -797,25 +797,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_dead_letter_sends_its_message_back_alone() {
-        let store = MemoryDelayStore::new(1);
-        let publisher = FakePublisher::answering(Answer::Ack).then(&[Answer::Nack]);
-        let mut make = Deliveries::new(&store);
+        let (store, publisher, mut make) = fixture(1, &[Answer::Nack]);
         let batch = [
             make.task(&new_task("a")),
             make.raw(QUEUE, BasicProperties::default(), b"x".to_vec()),
             make.task(&new_task("b")),
         ];
-        let outcome = intake(Source::Delay, &store, &publisher)
-            .handle(&batch, &CancellationToken::new())
+        let outcome = handle(Source::Delay, &store, &publisher, &batch)
             .await
             .expect("handled");
-        assert_eq!(
-            outcome,
-            Some(DeadOutcome {
-                confirmed: 0,
-                refused: 1
-            })
-        );
+        assert_eq!(outcome, dead_letters(0, 1));
         // Nacked back first, then the rest acked around it.
         assert_eq!(
             make.log(),
@@ -825,16 +816,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_write_returns_the_whole_batch() {
-        let store = MemoryDelayStore::new(1);
+        let (store, publisher, mut make) = fixture(1, &[]);
         store.inject(Op::Hold, Fault::Refused);
-        let publisher = FakePublisher::answering(Answer::Ack);
-        let mut make = Deliveries::new(&store);
         let batch = [
             make.task(&new_task("a")),
             make.raw(QUEUE, BasicProperties::default(), b"x".to_vec()),
         ];
-        let outcome = intake(Source::Delay, &store, &publisher)
-            .handle(&batch, &CancellationToken::new())
+        let outcome = handle(Source::Delay, &store, &publisher, &batch)
             .await
             .expect("handled");
         assert_eq!(outcome, None, "the caller backs off");
@@ -848,13 +836,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_without_reply_is_repeated_then_acked() {
-        let store = MemoryDelayStore::new(1);
+        let (store, publisher, mut make) = fixture(1, &[]);
         store.inject(Op::Hold, Fault::LostReply);
-        let publisher = FakePublisher::answering(Answer::Ack);
-        let mut make = Deliveries::new(&store);
         let batch = [make.task(&new_task("a"))];
-        intake(Source::Delay, &store, &publisher)
-            .handle(&batch, &CancellationToken::new())
+        handle(Source::Delay, &store, &publisher, &batch)
             .await
             .expect("handled");
         assert_eq!(make.log(), [Settled::AckUpTo(1, 1)]);
@@ -863,13 +848,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_broken_channel_ends_the_batch_unacked() {
-        let store = MemoryDelayStore::new(1);
-        let publisher = FakePublisher::answering(Answer::Fail);
-        let mut make = Deliveries::new(&store);
+        let (store, publisher, mut make) = fixture(1, &[Answer::Fail]);
         let batch = [make.raw(QUEUE, BasicProperties::default(), b"x".to_vec())];
-        let result = intake(Source::Delay, &store, &publisher)
-            .handle(&batch, &CancellationToken::new())
-            .await;
+        let result = handle(Source::Delay, &store, &publisher, &batch).await;
         assert!(matches!(result, Err(IntakeError::Amqp(_))), "{result:?}");
         assert!(make.log().is_empty(), "the broker redelivers it");
     }

@@ -878,6 +878,20 @@ mod tests {
         }
     }
 
+    /// A one-shard store holding `record` as task `a`, due now.
+    async fn one_task(record: Vec<u8>) -> MemoryDelayStore {
+        let store = MemoryDelayStore::new(1);
+        hold_due(&store, "a", record).await;
+        store
+    }
+
+    /// Runs a pump over `store` until the store is empty, then stops it.
+    async fn drain(store: &MemoryDelayStore, publisher: &Arc<FakePublisher>, lease_ms: u64) {
+        let running = start(&pump(store, lease_ms), publisher);
+        within("the store to empty", store.wait_for(|s| s.is_empty())).await;
+        running.stop().await.expect("a clean stop");
+    }
+
     #[tokio::test]
     async fn confirmed_tasks_are_published_then_completed() {
         let store = MemoryDelayStore::new(2);
@@ -886,9 +900,7 @@ mod tests {
             dues.push((id, hold_due(&store, id, record_of(&new_task(id))).await));
         }
         let publisher = FakePublisher::answering(Answer::Ack);
-        let running = start(&pump(&store, LEASE_MS), &publisher);
-        within("the store to empty", store.wait_for(|s| s.is_empty())).await;
-        running.stop().await.expect("a clean stop");
+        drain(&store, &publisher, LEASE_MS).await;
         let mut ids = publisher.ready_ids();
         ids.sort();
         assert_eq!(ids, ["a", "b", "c"]);
@@ -908,8 +920,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_nacked_publish_is_released_not_completed() {
-        let store = MemoryDelayStore::new(1);
-        hold_due(&store, "a", record_of(&new_task("a"))).await;
+        let store = one_task(record_of(&new_task("a"))).await;
         let publisher = FakePublisher::answering(Answer::Ack).then(&[Answer::Nack]);
         let running = start(&pump(&store, LEASE_MS), &publisher);
         // Back in the due index, held back by the refusal pause.
@@ -933,8 +944,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_publish_is_released_and_ends_the_run() {
-        let store = MemoryDelayStore::new(1);
-        hold_due(&store, "a", record_of(&new_task("a"))).await;
+        let store = one_task(record_of(&new_task("a"))).await;
         let publisher = FakePublisher::answering(Answer::Ack).then(&[Answer::Fail]);
         let running = start(&pump(&store, LEASE_MS), &publisher);
         let result = within("the run to end", running.handle)
@@ -949,25 +959,19 @@ mod tests {
 
     #[tokio::test]
     async fn an_unconfirmed_publish_is_released_after_the_confirm_wait() {
-        let store = MemoryDelayStore::new(1);
-        hold_due(&store, "a", record_of(&new_task("a"))).await;
+        let store = one_task(record_of(&new_task("a"))).await;
         let publisher = FakePublisher::answering(Answer::Ack).then(&[Answer::Hang]);
-        let running = start(&pump(&store, SHORT_LEASE_MS), &publisher);
-        within("the store to empty", store.wait_for(|s| s.is_empty())).await;
-        running.stop().await.expect("a clean stop");
+        drain(&store, &publisher, SHORT_LEASE_MS).await;
         assert_eq!(publisher.ready_ids(), ["a", "a"]);
     }
 
     #[tokio::test]
     async fn an_unreadable_record_is_dead_lettered_not_dropped() {
-        let store = MemoryDelayStore::new(1);
-        hold_due(&store, "a", b"not a record".to_vec()).await;
+        let store = one_task(b"not a record".to_vec()).await;
         // The first dead letter is refused: the task stays until one is
         // confirmed.
         let publisher = FakePublisher::answering(Answer::Ack).then(&[Answer::Nack]);
-        let running = start(&pump(&store, LEASE_MS), &publisher);
-        within("the store to empty", store.wait_for(|s| s.is_empty())).await;
-        running.stop().await.expect("a clean stop");
+        drain(&store, &publisher, LEASE_MS).await;
         let dead = publisher.dead();
         assert_eq!(dead.len(), 2, "{dead:?}");
         assert!(dead.iter().all(|(_, error)| !error.is_empty()), "{dead:?}");
@@ -976,12 +980,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_task_whose_queue_cannot_be_named_is_dead_lettered() {
-        let store = MemoryDelayStore::new(1);
-        hold_due(&store, "a", record_of(&new_task("a"))).await;
+        let store = one_task(record_of(&new_task("a"))).await;
         let publisher = FakePublisher::answering(Answer::Ack).then(&[Answer::BadName]);
-        let running = start(&pump(&store, LEASE_MS), &publisher);
-        within("the store to empty", store.wait_for(|s| s.is_empty())).await;
-        running.stop().await.expect("a clean stop");
+        drain(&store, &publisher, LEASE_MS).await;
         let dead = publisher.dead();
         assert_eq!(dead.len(), 1);
         assert!(dead[0].1.contains("fake refuses the name"), "{dead:?}");
@@ -989,33 +990,26 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_claim_is_retried() {
-        let store = MemoryDelayStore::new(1);
-        hold_due(&store, "a", record_of(&new_task("a"))).await;
+        let store = one_task(record_of(&new_task("a"))).await;
         store.inject(Op::Claim, Fault::Refused);
         let publisher = FakePublisher::answering(Answer::Ack);
-        let running = start(&pump(&store, LEASE_MS), &publisher);
-        within("the store to empty", store.wait_for(|s| s.is_empty())).await;
-        running.stop().await.expect("a clean stop");
+        drain(&store, &publisher, LEASE_MS).await;
         assert_eq!(publisher.ready_ids(), ["a"]);
     }
 
     #[tokio::test]
     async fn a_complete_without_reply_is_repeated_without_a_duplicate() {
-        let store = MemoryDelayStore::new(1);
-        hold_due(&store, "a", record_of(&new_task("a"))).await;
+        let store = one_task(record_of(&new_task("a"))).await;
         store.inject(Op::Complete, Fault::LostReply);
         store.inject(Op::Complete, Fault::Refused);
         let publisher = FakePublisher::answering(Answer::Ack);
-        let running = start(&pump(&store, LEASE_MS), &publisher);
-        within("the store to empty", store.wait_for(|s| s.is_empty())).await;
-        running.stop().await.expect("a clean stop");
+        drain(&store, &publisher, LEASE_MS).await;
         assert_eq!(publisher.ready_ids(), ["a"]);
     }
 
     #[tokio::test]
     async fn a_stopping_pump_settles_what_it_claimed() {
-        let store = MemoryDelayStore::new(1);
-        hold_due(&store, "a", record_of(&new_task("a"))).await;
+        let store = one_task(record_of(&new_task("a"))).await;
         let publisher = FakePublisher::answering(Answer::Hang);
         let running = start(&pump(&store, LEASE_MS), &publisher);
         within("the publish", publisher.wait_publishes(1)).await;
