@@ -855,6 +855,22 @@ mod tests {
         assert!(make.log().is_empty(), "the broker redelivers it");
     }
 
+    #[tokio::test]
+    async fn pacing_waits_after_refusals_and_ends_on_a_stop() {
+        let (mut backoff, mut refusals) = (Backoff::new(), Backoff::new());
+        let running = CancellationToken::new();
+        assert!(
+            pace(dead_letters(1, 0), &mut backoff, &mut refusals, &running).await,
+            "nothing refused: the next batch at once"
+        );
+        // Stopped: a pause ends at once, and says so.
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+        assert!(!pace(None, &mut backoff, &mut refusals, &stopped).await);
+        assert!(!pace(dead_letters(0, 1), &mut backoff, &mut refusals, &stopped).await);
+        assert!(pace(dead_letters(0, 0), &mut backoff, &mut refusals, &stopped).await);
+    }
+
     #[test]
     fn the_failure_reason_comes_from_x_error_or_x_death() {
         let task = task_of_headers(&[(H_ERROR, kairos_shared::contract::text("boom"))]);

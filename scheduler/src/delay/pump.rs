@@ -348,7 +348,7 @@ impl<S: DelayStore> Pump<S> {
 
     /// How long a batch's confirms are awaited: well within the lease, so
     /// its tasks are settled here before another claim could take them.
-    pub(crate) fn confirm_timeout(&self) -> Duration {
+    fn confirm_timeout(&self) -> Duration {
         Duration::from_millis(self.lease_ms / CONFIRM_LEASE_DIVISOR)
     }
 
