@@ -8,14 +8,25 @@
 //! * `publisher`: the confirming AMQP channel the pump and intake publish on.
 //! * `hold`: delayed tasks from the HTTP API, straight into the store.
 //! * `wake`: cross-instance wake-ups over Redis pub/sub.
+//! * `ports`: the traits the pump and the intake reach the store, the
+//!   broker and their deliveries through.
+//! * `memory`: an in-memory store with the Redis store's semantics.
+//! * `conformance`: checks every store must pass (tests and the
+//!   `conformance` feature).
 //!
 //! May touch: Redis (through `crate::redis_io`), RabbitMQ, `crate::timing`.
 //! Knows nothing of schedules: the schedule side hands occurrences to it.
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+#[cfg(test)]
+mod fakes;
 pub mod hold;
-pub mod intake;
-pub mod publisher;
-pub mod pump;
+pub(crate) mod intake;
+pub mod memory;
+pub mod ports;
+pub(crate) mod publisher;
+pub(crate) mod pump;
 pub mod retry;
 pub mod store;
 pub mod wake;

@@ -9,7 +9,8 @@ use kairos_shared::topology::{DeclareError, QueueCache};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
 
-pub struct Publisher {
+/// The scheduler's confirming channel and the task queues it declared.
+pub(crate) struct Publisher {
     channel: Channel,
     names: Names,
     declared: QueueCache,
@@ -17,7 +18,8 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub async fn open(conn: &Connection, names: Names) -> lapin::Result<Self> {
+    /// Opens a channel on `conn` in confirm mode.
+    pub(crate) async fn open(conn: &Connection, names: Names) -> lapin::Result<Self> {
         let channel = conn.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -32,17 +34,17 @@ impl Publisher {
 
     /// Whether the broker blocks this connection's publishing (a resource
     /// alarm), followed as it changes.
-    pub fn blocked(&self) -> Blocked {
+    pub(crate) fn blocked(&self) -> Blocked {
         self.blocked.clone()
     }
 
     /// Publishes many due tasks, all handed to lapin together: each publish
-    /// resolves only once lapin's I/O thread wrote it, so awaiting them one
-    /// by one costs a thread hand-off per task and capped promotion at
-    /// about half the broker's publish rate. One result per task, in order:
+    /// resolves only once lapin's I/O thread wrote it, so they must not be
+    /// awaited one by one (a thread hand-off per task). One result per
+    /// task, in order:
     /// a task whose queue cannot be named fails alone
     /// ([`DeclareError::BadName`]); a broker error fails them all.
-    pub async fn publish_ready_many(
+    pub(crate) async fn publish_ready_many(
         &self,
         tasks: &[&Task],
     ) -> Vec<Result<PublisherConfirm, DeclareError>> {
@@ -101,7 +103,7 @@ impl Publisher {
     }
 
     /// Publishes a dead letter with its routing key set to the origin queue.
-    pub async fn publish_dead(
+    pub(crate) async fn publish_dead(
         &self,
         origin_queue: &str,
         properties: BasicProperties,
@@ -124,7 +126,7 @@ impl Publisher {
 
     /// Forgets a queue whose publish came back unroutable, so the next
     /// attempt declares it again.
-    pub fn forget_queue(&self, queue: &str) {
+    pub(crate) fn forget_queue(&self, queue: &str) {
         self.declared.forget(queue);
     }
 }

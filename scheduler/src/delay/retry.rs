@@ -13,37 +13,62 @@
 use kairos_shared::contract::MAX_RETRIES_CAP;
 use rand::Rng;
 
+/// Retries of a task without an `x-max-retries` header, by default.
+const DEFAULT_MAX_RETRIES: u32 = 3;
+/// The ceiling of the first retry's delay, by default.
+const DEFAULT_BASE_MS: u64 = 1_000;
+/// The longest delay between attempts, by default: an hour.
+const DEFAULT_MAX_MS: u64 = 3_600_000;
+/// Doublings of the base past which the ceiling cannot grow: `base * 2^40`
+/// is beyond any cap, and a larger shift would overflow.
+const MAX_DOUBLINGS: u32 = 40;
+
+/// How a retry's delay is drawn below its ceiling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Jitter {
+    /// Uniform in `[0, ceiling]`.
     Full,
+    /// Uniform in `[ceiling/2, ceiling]`.
     Equal,
+    /// Exactly the ceiling.
     None,
 }
 
+/// How long failed attempts wait, and how many retries a task gets.
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {
     /// Retries when a task has no `x-max-retries` header.
     pub default_max_retries: u32,
+    /// The ceiling of the delay after the first failed attempt; it doubles
+    /// with each attempt after.
     pub base_ms: u64,
+    /// The ceiling never exceeds this.
     pub max_ms: u64,
+    /// How the delay is drawn below the ceiling.
     pub jitter: Jitter,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
-            default_max_retries: 3,
-            base_ms: 1_000,
-            max_ms: 3_600_000,
+            default_max_retries: DEFAULT_MAX_RETRIES,
+            base_ms: DEFAULT_BASE_MS,
+            max_ms: DEFAULT_MAX_MS,
             jitter: Jitter::Equal,
         }
     }
 }
 
+/// What becomes of a failed attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
     /// Hold the task again, then run attempt `next_attempt`.
-    Retry { next_attempt: u32, delay_ms: u64 },
+    Retry {
+        /// The attempt the retry is.
+        next_attempt: u32,
+        /// How long it waits.
+        delay_ms: u64,
+    },
     /// Retries are used up: dead-letter it.
     Exhausted,
 }
@@ -51,10 +76,12 @@ pub enum Decision {
 impl RetryPolicy {
     /// The upper bound of the delay after `failed_attempt` fails.
     pub fn ceiling_ms(&self, failed_attempt: u32) -> u64 {
-        let shift = failed_attempt.saturating_sub(1).min(40);
+        let shift = failed_attempt.saturating_sub(1).min(MAX_DOUBLINGS);
         self.base_ms.saturating_mul(1u64 << shift).min(self.max_ms)
     }
 
+    /// The delay after `failed_attempt` fails: below its ceiling, per the
+    /// jitter.
     pub fn delay_ms(&self, failed_attempt: u32, rng: &mut impl Rng) -> u64 {
         let c = self.ceiling_ms(failed_attempt);
         match self.jitter {
