@@ -7,7 +7,8 @@
 //! strings, priorities above 9 count as 9). Every rejection is a
 //! [`ProtocolError`] whose text becomes the dead letter's `x-error`.
 
-use crate::short::{header_name, short};
+use crate::short::{header_name, short, TooLong};
+use crate::template::TemplateError;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 // From the patched parser (vendor/README.md): these names exist only there,
 // so building against the unpatched crate fails here rather than quietly
@@ -197,9 +198,12 @@ pub enum ProtocolError {
     #[error("invalid routing key: {0}")]
     BadQueue(String),
     #[error("invalid task name: {0}")]
-    BadName(String),
+    BadName(#[source] TooLong),
     #[error("invalid header: {0}")]
-    BadHeaderName(String),
+    BadHeaderName(#[source] TooLong),
+    /// A task template (HTTP, schedule) that does not describe a task.
+    #[error("invalid task: {0}")]
+    Template(#[from] TemplateError),
     #[error("invalid stored task: {0}")]
     BadRecord(String),
     /// A short string that arrived as bytes that are not UTF-8. The patched
@@ -268,22 +272,14 @@ impl Task {
             Some(n) if n >= 1 && n <= i64::from(u32::MAX) => n as u32,
             Some(n) => return Err(bad(H_ATTEMPT, format!("{n} is not an attempt number"))),
         };
-        let max_retries = match int_header(headers, H_MAX_RETRIES)? {
-            None => None,
-            Some(n) if n < 0 => return Err(bad(H_MAX_RETRIES, format!("{n} is negative"))),
-            Some(n) if n > i64::from(MAX_RETRIES_CAP) => {
-                return Err(bad(
-                    H_MAX_RETRIES,
-                    format!("{n} exceeds the cap of {MAX_RETRIES_CAP} retries"),
-                ))
-            }
-            Some(n) => Some(n as u32),
-        };
-        let timeout_ms = match int_header(headers, H_TIMEOUT_MS)? {
-            None => None,
-            Some(n) if n > 0 => Some(n as u64),
-            Some(n) => return Err(bad(H_TIMEOUT_MS, format!("{n} is not positive"))),
-        };
+        let max_retries = int_header(headers, H_MAX_RETRIES)?
+            .map(max_retries_in_range)
+            .transpose()
+            .map_err(|reason| bad(H_MAX_RETRIES, reason))?;
+        let timeout_ms = int_header(headers, H_TIMEOUT_MS)?
+            .map(timeout_in_range)
+            .transpose()
+            .map_err(|reason| bad(H_TIMEOUT_MS, reason))?;
         // The routing key names the queue `NS.q.KEY`: a key that cannot
         // make a queue name is refused here, where it enters, rather than
         // when the task is published.
@@ -541,6 +537,25 @@ pub fn encoded_properties(properties: &BasicProperties) -> Result<Vec<u8>, Proto
         Vec::with_capacity(64),
     )
     .map_err(|e| ProtocolError::BadRecord(format!("cannot encode properties: {e:?}")))
+}
+
+/// The contract's range of `x-max-retries`: 0 to [`MAX_RETRIES_CAP`].
+pub fn max_retries_in_range(n: i64) -> Result<u32, String> {
+    if n < 0 {
+        return Err(format!("{n} is negative"));
+    }
+    u32::try_from(n)
+        .ok()
+        .filter(|n| *n <= MAX_RETRIES_CAP)
+        .ok_or_else(|| format!("{n} exceeds the cap of {MAX_RETRIES_CAP} retries"))
+}
+
+/// The contract's range of `x-timeout-ms`: positive.
+pub fn timeout_in_range(n: i64) -> Result<u64, String> {
+    u64::try_from(n)
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{n} is not positive"))
 }
 
 /// Checks the contract's id rule: 1 to 128 printable ASCII characters.
