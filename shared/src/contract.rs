@@ -102,12 +102,14 @@ pub struct Names {
 }
 
 impl Names {
+    /// The names of `namespace` (checked by [`validate_namespace`] first).
     pub fn new(namespace: impl Into<String>) -> Self {
         Self {
             ns: namespace.into(),
         }
     }
 
+    /// The namespace itself.
     pub fn namespace(&self) -> &str {
         &self.ns
     }
@@ -159,22 +161,27 @@ impl Names {
         ShortString::try_new(name).unwrap_or_default()
     }
 
+    /// [`tasks_exchange`](Self::tasks_exchange) for AMQP.
     pub fn short_tasks_exchange(&self) -> ShortString {
         Self::fixed(self.tasks_exchange())
     }
 
+    /// [`delay`](Self::delay) for AMQP.
     pub fn short_delay(&self) -> ShortString {
         Self::fixed(self.delay())
     }
 
+    /// [`retry`](Self::retry) for AMQP.
     pub fn short_retry(&self) -> ShortString {
         Self::fixed(self.retry())
     }
 
+    /// [`dead`](Self::dead) for AMQP.
     pub fn short_dead(&self) -> ShortString {
         Self::fixed(self.dead())
     }
 
+    /// [`events`](Self::events) for AMQP.
     pub fn short_events(&self) -> ShortString {
         Self::fixed(self.events())
     }
@@ -183,27 +190,42 @@ impl Names {
 /// Why a message cannot be used as a task.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum ProtocolError {
+    /// No AMQP `type`: the task has no name.
     #[error("missing property `type` (the task name)")]
     MissingType,
+    /// An empty AMQP `type`.
     #[error("property `type` is empty")]
     EmptyType,
+    /// A `message_id` that breaks the id rule (why).
     #[error("invalid message_id: {0}")]
     BadId(String),
+    /// A contract header with a value out of its type or range.
     #[error("invalid header `{name}`: {reason}")]
-    BadHeader { name: &'static str, reason: String },
+    BadHeader {
+        /// The header.
+        name: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
+    /// A body or content type that cannot be sent (why).
     #[error("invalid body: {0}")]
     BadBody(String),
+    /// A message without a routing key.
     #[error("no routing key: it must name the target queue")]
     NoQueue,
+    /// A routing key that cannot name a queue (why).
     #[error("invalid routing key: {0}")]
     BadQueue(String),
+    /// A task name too long for AMQP `type`.
     #[error("invalid task name: {0}")]
     BadName(#[source] TooLong),
+    /// A header name too long for AMQP.
     #[error("invalid header: {0}")]
     BadHeaderName(#[source] TooLong),
     /// A task template (HTTP, schedule) that does not describe a task.
     #[error("invalid task: {0}")]
     Template(#[from] TemplateError),
+    /// A delay-queue record that cannot be read or written (why).
     #[error("invalid stored task: {0}")]
     BadRecord(String),
     /// A short string that arrived as bytes that are not UTF-8. The patched
@@ -215,6 +237,8 @@ pub enum ProtocolError {
     /// kept the deepest level's bytes under [`NESTED_TOO_DEEP_KEY`].
     #[error("a header nests tables or arrays more than {MAX_NESTING} levels deep")]
     TooDeep,
+    /// A message over one of the [`crate::limits::Limits`] (which, and by
+    /// how much).
     #[error("{0}")]
     OverLimit(String),
 }
@@ -223,19 +247,27 @@ pub enum ProtocolError {
 /// untouched so that headers and pass-through properties survive every hop.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Task {
+    /// Task id (`message_id`, or derived: [`derived_id`]).
     pub id: String,
+    /// Task name (AMQP `type`).
     pub name: String,
     /// Logical queue (the routing key on `NS.tasks`).
     pub queue: String,
+    /// 0 to [`MAX_PRIORITY`].
     pub priority: u8,
     /// The attempt this delivery is (1 for the first).
     pub attempt: u32,
+    /// `x-run-at`: due time, Unix ms.
     pub run_at: Option<i64>,
+    /// `x-delay-ms`: due this long after the scheduler accepts it.
     pub delay_ms: Option<i64>,
+    /// `x-max-retries`: retries after the first attempt.
     pub max_retries: Option<u32>,
+    /// `x-timeout-ms`: time limit of one attempt.
     pub timeout_ms: Option<u64>,
     /// All properties as received, headers included.
     pub properties: BasicProperties,
+    /// The message body.
     pub body: Vec<u8>,
 }
 

@@ -8,12 +8,12 @@ use kairos_shared::template::Origin;
 
 /// The task id of one tick: the same on every scheduler, so a repeated or
 /// concurrent fire of one tick is one task.
-pub fn occurrence_id(schedule_id: &str, tick: i64) -> String {
+pub(crate) fn occurrence_id(schedule_id: &str, tick: i64) -> String {
     format!("{schedule_id}@{tick}")
 }
 
 /// The schedule id and tick of a task id, if a schedule fired it.
-pub fn parse_occurrence_id(task_id: &str) -> Option<(&str, i64)> {
+pub(crate) fn parse_occurrence_id(task_id: &str) -> Option<(&str, i64)> {
     let (id, tick) = task_id.rsplit_once('@')?;
     Some((id, tick.parse().ok()?))
 }
@@ -21,7 +21,7 @@ pub fn parse_occurrence_id(task_id: &str) -> Option<(&str, i64)> {
 /// The task `schedule` fires at `tick`: its template, checked and
 /// converted as every template is, under the occurrence's id, due at the
 /// tick and marked with the schedule id.
-pub fn task(schedule: &Schedule, tick: i64) -> Result<Task, ProtocolError> {
+pub(crate) fn task(schedule: &Schedule, tick: i64) -> Result<Task, ProtocolError> {
     let new = schedule
         .spec
         .task
@@ -37,7 +37,7 @@ pub fn task(schedule: &Schedule, tick: i64) -> Result<Task, ProtocolError> {
 /// A record keeps neither the task id (it is the member) nor `x-run-at`
 /// (the due time is), so every tick of one definition stores the same
 /// bytes and the ticker builds them once per definition.
-pub fn record(schedule: &Schedule, tick: i64) -> Result<Vec<u8>, ProtocolError> {
+pub(crate) fn record(schedule: &Schedule, tick: i64) -> Result<Vec<u8>, ProtocolError> {
     task(schedule, tick).and_then(|t| record::encode(&t))
 }
 

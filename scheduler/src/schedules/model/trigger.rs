@@ -25,10 +25,24 @@ use croner::Cron;
 /// repeated hour of a fall-back can need more than one.
 const MAX_WALK: usize = 8_000;
 
+/// When a schedule fires.
 #[derive(Clone, Debug)]
 pub enum Trigger {
-    Cron { cron: Box<Cron>, tz: Tz },
-    Every { every_ms: i64, start_at: i64 },
+    /// A cron expression read in a time zone.
+    Cron {
+        /// The parsed expression.
+        cron: Box<Cron>,
+        /// The zone its wall-clock times are in.
+        tz: Tz,
+    },
+    /// Every `every_ms`, at `start_at + k * every_ms` (Unix ms).
+    Every {
+        /// The interval.
+        every_ms: i64,
+        /// The first tick.
+        start_at: i64,
+    },
+    /// Once, at this Unix ms.
     At(i64),
 }
 
