@@ -6,6 +6,11 @@ use serde::Serialize;
 use serde_json::Value;
 use std::time::Duration;
 
+/// The longest one HTTP request may take, connecting included.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest answer read in process: a dead-letter listing at its most.
+const MAX_LOCAL_ANSWER_BYTES: usize = 64 << 20;
+
 /// A blocking client for `/v1/schedules`, `/v1/tasks` and `/v1/dead`: over
 /// HTTP to a scheduler, or in process straight to Redis and RabbitMQ.
 pub struct Api {
@@ -51,7 +56,7 @@ impl Api {
         };
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(10)))
+            .timeout_global(Some(HTTP_TIMEOUT))
             .build();
         Api {
             transport: Transport::Http {
@@ -117,7 +122,7 @@ impl Api {
                         .await
                         .map_err(|e| format!("{method} {path}: {e}"))?;
                     let status = resp.status().as_u16();
-                    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
+                    let bytes = axum::body::to_bytes(resp.into_body(), MAX_LOCAL_ANSWER_BYTES)
                         .await
                         .map_err(|e| format!("reading the answer: {e}"))?;
                     Ok(Reply {

@@ -18,6 +18,11 @@ use serde_json::{Map, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// How many dead letters `dead list` shows unless told.
+const DEFAULT_DEAD_LIST_LIMIT: usize = 100;
+/// Delay-queue shards, as the schedulers default to (`KAIROS_SHARDS`).
+const DEFAULT_SHARDS: u16 = 8;
+
 #[derive(Parser)]
 #[command(
     name = "kairosctl",
@@ -92,7 +97,7 @@ struct Cli {
         long,
         env = "KAIROS_SHARDS",
         value_name = "KAIROS_SHARDS",
-        default_value_t = 8,
+        default_value_t = DEFAULT_SHARDS,
         global = true
     )]
     shards: u16,
@@ -193,7 +198,7 @@ struct TaskAdd {
 enum DeadCmd {
     /// Show dead letters (nothing is removed).
     List {
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = DEFAULT_DEAD_LIST_LIMIT)]
         limit: usize,
         /// Print the raw JSON.
         #[arg(long)]

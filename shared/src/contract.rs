@@ -48,7 +48,7 @@ pub const MAX_NAMESPACE_LEN: usize = 48;
 pub const MAX_QUEUE_LEN: usize = 200;
 /// Most retries a task may ask for with `x-max-retries`. With the default
 /// backoff (capped at an hour) 1,000 retries already span six weeks; more
-/// is a bug in the client (2^40 was seen), not a retry policy.
+/// is a bug in the client, not a retry policy.
 pub const MAX_RETRIES_CAP: u32 = 1_000;
 /// Prefix of the ids Kairos derives for messages without `message_id`.
 pub const DERIVED_ID_PREFIX: &str = "h-";
@@ -295,8 +295,8 @@ impl Task {
                 id.to_string()
             }
         };
-        // Read in place: a clone of the table cost a task an allocation per
-        // header, and the properties are cloned whole below anyway.
+        // Read in place: the properties are cloned whole below, and a clone
+        // of the table as well would allocate once per header.
         let no_headers = FieldTable::default();
         let headers = properties.headers().as_ref().unwrap_or(&no_headers);
         let attempt = match int_header(headers, H_ATTEMPT)? {

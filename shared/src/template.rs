@@ -181,9 +181,6 @@ impl TaskTemplate {
         let mut task = NewTask::new(self.name.as_str())
             .queue(self.queue.as_str())
             .priority(self.priority);
-        for (name, value) in &self.headers {
-            task = apply_header(task, name, value, origin)?;
-        }
         task = match (&self.body, &self.body_text) {
             (Some(_), Some(_)) => {
                 return Err(TemplateError::new(
@@ -197,6 +194,9 @@ impl TaskTemplate {
             (None, Some(text)) => task.body(text.as_bytes()),
             (None, None) => task,
         };
+        for (name, value) in &self.headers {
+            task = apply_header(task, name, value, origin)?;
+        }
         if let Some(id) = &self.id {
             task = task.id(id.as_str());
         }

@@ -170,26 +170,16 @@ task = { name = "job.e", colour = "red" }
         assert_eq!(l.schedules.len(), 1);
         assert_eq!(l.schedules[0].0, "a");
         assert_eq!(l.errors.len(), 4, "{:?}", l.errors);
-        assert!(
-            l.errors[0].to_string().contains("\"b\"") && l.errors[0].to_string().contains("cron"),
-            "{}",
-            l.errors[0]
-        );
-        assert!(
-            l.errors[1].to_string().contains("Nowhere/Land"),
-            "{}",
-            l.errors[1]
-        );
-        assert!(
-            l.errors[2].to_string().contains("id is required"),
-            "{}",
-            l.errors[2]
-        );
-        assert!(
-            l.errors[3].to_string().contains("colour"),
-            "{}",
-            l.errors[3]
-        );
+        let expected: [&[&str]; 4] = [
+            &["\"b\"", "cron"],
+            &["Nowhere/Land"],
+            &["id is required"],
+            &["colour"],
+        ];
+        for (error, needles) in l.errors.iter().zip(expected) {
+            let text = error.to_string();
+            assert!(needles.iter().all(|n| text.contains(n)), "{text}");
+        }
         assert!(parse("not toml [").is_err());
     }
 

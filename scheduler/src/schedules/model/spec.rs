@@ -372,6 +372,31 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_definition_with_every_task_field_loads_unchanged() {
+        let stored = r#"{"id":"s1","every_ms":1000,"start_at":5,"timezone":"Europe/Berlin","task":{"name":"t","queue":"q","priority":3,"body":{"a":[1,"x"]},"headers":{"b":true,"h":"v","n":-2,"x-max-retries":4},"max_retries":2,"timeout_ms":900},"misfire":"fire_all","overlap":"skip","enabled":false,"max_run_ms":60000}"#;
+        let spec: ScheduleSpec = serde_json::from_str(stored).unwrap();
+        let schedule = spec.validate("s1").unwrap();
+        assert_eq!(serde_json::to_string(&schedule.spec).unwrap(), stored);
+    }
+
+    #[test]
+    fn one_off_fields_are_unknown_in_a_schedule_task() {
+        for field in ["id", "body_text", "run_at", "delay_ms"] {
+            let value = if field == "id" || field == "body_text" {
+                json!("x")
+            } else {
+                json!(5)
+            };
+            let mut task = Map::new();
+            task.insert("name".into(), json!("t"));
+            task.insert(field.into(), value);
+            let err = spec(json!({"every_ms": 1000, "task": task})).unwrap_err();
+            assert_eq!(err.field, "body", "{field}");
+            assert!(err.message.contains(field), "{err}");
+        }
+    }
+
+    #[test]
     fn stored_form_round_trips_and_omits_defaults() {
         let s = spec(json!({"every_ms": 1000, "task": {"name": "t"}})).unwrap();
         let text = serde_json::to_string(&s.spec).unwrap();
