@@ -29,7 +29,7 @@ pub const DEFAULT_QUEUE: &str = "default";
 
 /// The fields only a one-off task may set: a schedule's occurrences get
 /// their id and due time from the schedule. Named as serde names them.
-pub const ONE_OFF_FIELDS: [&str; 4] = ["id", "body_text", "run_at", "delay_ms"];
+const ONE_OFF_FIELDS: [&str; 4] = ["id", "body_text", "run_at", "delay_ms"];
 
 /// Headers Kairos writes itself (attempts, dead letters, schedules).
 const KAIROS_HEADERS: [&str; 5] = [

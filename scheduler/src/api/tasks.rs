@@ -64,6 +64,8 @@ struct Connected {
 }
 
 impl TaskApi {
+    /// The API over `broker` in namespace `names`, with default limits and
+    /// no holder (delayed tasks go to `NS.delay`).
     pub fn new(broker: Broker, names: Names) -> Self {
         TaskApi {
             broker,
