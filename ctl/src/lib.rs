@@ -2,8 +2,14 @@
 //! through a scheduler's HTTP API (`KAIROS_HTTP_ADDR`). The library part is
 //! the small blocking client the binary and the tests share.
 
+use serde::Serialize;
 use serde_json::Value;
 use std::time::Duration;
+
+/// The longest one HTTP request may take, connecting included.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest answer read in process: a dead-letter listing at its most.
+const MAX_LOCAL_ANSWER_BYTES: usize = 64 << 20;
 
 /// A blocking client for `/v1/schedules`, `/v1/tasks` and `/v1/dead`: over
 /// HTTP to a scheduler, or in process straight to Redis and RabbitMQ.
@@ -27,11 +33,14 @@ enum Transport {
 /// An HTTP answer: status and JSON body (`null` when empty).
 #[derive(Debug, Clone)]
 pub struct Reply {
+    /// HTTP status.
     pub status: u16,
+    /// The JSON answer (`null` when empty, a string when not JSON).
     pub body: Value,
 }
 
 impl Reply {
+    /// A 2xx status.
     pub fn ok(&self) -> bool {
         (200..300).contains(&self.status)
     }
@@ -47,7 +56,7 @@ impl Api {
         };
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(10)))
+            .timeout_global(Some(HTTP_TIMEOUT))
             .build();
         Api {
             transport: Transport::Http {
@@ -113,7 +122,7 @@ impl Api {
                         .await
                         .map_err(|e| format!("{method} {path}: {e}"))?;
                     let status = resp.status().as_u16();
-                    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
+                    let bytes = axum::body::to_bytes(resp.into_body(), MAX_LOCAL_ANSWER_BYTES)
                         .await
                         .map_err(|e| format!("reading the answer: {e}"))?;
                     Ok(Reply {
@@ -125,8 +134,10 @@ impl Api {
         }
     }
 
-    pub fn put(&self, id: &str, spec: &Value) -> Result<Reply, String> {
-        self.put_raw(id, spec.to_string().as_bytes())
+    /// Creates or replaces schedule `id` (`PUT /v1/schedules/{id}`) with
+    /// `spec` as JSON: a `ScheduleSpec`, or any JSON value.
+    pub fn put<T: Serialize + ?Sized>(&self, id: &str, spec: &T) -> Result<Reply, String> {
+        self.put_raw(id, &to_json(spec)?)
     }
 
     /// Sends a body as is (tests send malformed JSON through this).
@@ -134,18 +145,22 @@ impl Api {
         self.send("PUT", &format!("/v1/schedules/{}", encode(id)), Some(body))
     }
 
+    /// Every schedule (`GET /v1/schedules`).
     pub fn list(&self) -> Result<Reply, String> {
         self.send("GET", "/v1/schedules", None)
     }
 
+    /// One schedule.
     pub fn get(&self, id: &str) -> Result<Reply, String> {
         self.send("GET", &format!("/v1/schedules/{}", encode(id)), None)
     }
 
+    /// Pauses a schedule.
     pub fn pause(&self, id: &str) -> Result<Reply, String> {
         self.send("POST", &format!("/v1/schedules/{}/pause", encode(id)), None)
     }
 
+    /// Resumes a schedule from its next tick.
     pub fn resume(&self, id: &str) -> Result<Reply, String> {
         self.send(
             "POST",
@@ -154,14 +169,15 @@ impl Api {
         )
     }
 
+    /// Deletes a schedule.
     pub fn delete(&self, id: &str) -> Result<Reply, String> {
         self.send("DELETE", &format!("/v1/schedules/{}", encode(id)), None)
     }
 
-    /// Enqueues a task (`POST /v1/tasks`, the JSON of
-    /// `kairos_shared::request::TaskRequest`).
-    pub fn enqueue(&self, task: &Value) -> Result<Reply, String> {
-        self.send("POST", "/v1/tasks", Some(task.to_string().as_bytes()))
+    /// Enqueues a task (`POST /v1/tasks`): a
+    /// `kairos_shared::template::TaskTemplate`, or any JSON value.
+    pub fn enqueue<T: Serialize + ?Sized>(&self, task: &T) -> Result<Reply, String> {
+        self.send("POST", "/v1/tasks", Some(&to_json(task)?))
     }
 
     /// Up to `limit` dead letters, oldest first; nothing is removed.
@@ -171,13 +187,28 @@ impl Api {
 
     /// Replays the dead letters with these ids (all when empty).
     pub fn dead_replay(&self, ids: &[String]) -> Result<Reply, String> {
-        let body = serde_json::json!({ "ids": ids }).to_string();
-        self.send("POST", "/v1/dead/replay", Some(body.as_bytes()))
+        self.send(
+            "POST",
+            "/v1/dead/replay",
+            Some(&to_json(&ReplayRequest { ids })?),
+        )
     }
 
+    /// Deletes every dead letter.
     pub fn dead_purge(&self) -> Result<Reply, String> {
         self.send("DELETE", "/v1/dead", None)
     }
+}
+
+/// The body of `POST /v1/dead/replay`.
+#[derive(Serialize)]
+struct ReplayRequest<'a> {
+    ids: &'a [String],
+}
+
+/// A request body as JSON bytes.
+fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(value).map_err(|e| format!("cannot encode the request: {e}"))
 }
 
 fn parse_body(text: &str) -> Value {

@@ -4,16 +4,24 @@
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use kairos_scheduler::config::{check_redis_url, redis_url_parser};
+use kairos_scheduler::schedules::model::{Misfire, Overlap, ScheduleSpec};
 use kairos_shared::config::{
     amqp_url_parser, check_amqp_url, parse_namespace, DEFAULT_AMQP_URL, DEFAULT_NAMESPACE,
     DEFAULT_REDIS_URL,
 };
 use kairos_shared::secrets::read_secret_file;
+use kairos_shared::template::{TaskTemplate, DEFAULT_QUEUE};
 use kairos_shared::tls::TlsSettings;
 use kairosctl::{Api, Reply};
-use serde_json::{json, Map, Value};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// How many dead letters `dead list` shows unless told.
+const DEFAULT_DEAD_LIST_LIMIT: usize = 100;
+/// Delay-queue shards, as the schedulers default to (`KAIROS_SHARDS`).
+const DEFAULT_SHARDS: u16 = 8;
 
 #[derive(Parser)]
 #[command(
@@ -89,7 +97,7 @@ struct Cli {
         long,
         env = "KAIROS_SHARDS",
         value_name = "KAIROS_SHARDS",
-        default_value_t = 8,
+        default_value_t = DEFAULT_SHARDS,
         global = true
     )]
     shards: u16,
@@ -121,23 +129,62 @@ enum TaskCmd {
     Add(Box<TaskAdd>),
 }
 
+/// The task flags `task add` and `schedule add` share: a
+/// [`TaskTemplate`] but for its name (`--name` and `--task`).
+#[derive(Args)]
+struct TemplateFlags {
+    /// Logical queue.
+    #[arg(long, default_value = DEFAULT_QUEUE)]
+    queue: String,
+    /// 0 to 9, higher runs first.
+    #[arg(long, default_value_t = 0)]
+    priority: u8,
+    /// Body, JSON (sent with content_type application/json).
+    #[arg(long)]
+    body: Option<String>,
+    /// Header `k=v` (repeatable); integers and true/false become typed.
+    #[arg(long = "header", value_name = "K=V")]
+    headers: Vec<String>,
+    /// Retries after the first attempt.
+    #[arg(long)]
+    max_retries: Option<u32>,
+    /// Time limit of one attempt, in ms.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+}
+
+impl TemplateFlags {
+    /// The template these flags describe, for a task named `name`.
+    fn template(self, name: String) -> anyhow::Result<TaskTemplate> {
+        let body = self
+            .body
+            .map(|b| serde_json::from_str(&b))
+            .transpose()
+            .context("--body is not JSON")?;
+        Ok(TaskTemplate {
+            queue: self.queue,
+            priority: self.priority,
+            body,
+            headers: parse_headers(&self.headers)?,
+            max_retries: self.max_retries,
+            timeout_ms: self.timeout_ms,
+            ..TaskTemplate::new(name)
+        })
+    }
+}
+
 #[derive(Args)]
 struct TaskAdd {
     /// Task name, e.g. email.send.
     #[arg(long)]
     name: String,
-    #[arg(long, default_value = "default")]
-    queue: String,
     /// Task id (default: a new UUIDv7).
     #[arg(long)]
     id: Option<String>,
-    #[arg(long, default_value_t = 0)]
-    priority: u8,
-    /// Body, JSON (sent with content_type application/json).
-    #[arg(long, conflicts_with = "body_text")]
-    body: Option<String>,
+    #[command(flatten)]
+    task: TemplateFlags,
     /// Body, sent as UTF-8 text.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "body")]
     body_text: Option<String>,
     /// Run this many ms after the scheduler accepts it.
     #[arg(long, conflicts_with = "run_at")]
@@ -145,20 +192,13 @@ struct TaskAdd {
     /// Run at this Unix time in ms.
     #[arg(long)]
     run_at: Option<i64>,
-    #[arg(long)]
-    max_retries: Option<u32>,
-    #[arg(long)]
-    timeout_ms: Option<u64>,
-    /// Header `k=v` (repeatable); integers and true/false become typed.
-    #[arg(long = "header", value_name = "K=V")]
-    headers: Vec<String>,
 }
 
 #[derive(Subcommand)]
 enum DeadCmd {
     /// Show dead letters (nothing is removed).
     List {
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = DEFAULT_DEAD_LIST_LIMIT)]
         limit: usize,
         /// Print the raw JSON.
         #[arg(long)]
@@ -218,26 +258,14 @@ struct Add {
     /// Task name.
     #[arg(long)]
     task: Option<String>,
-    #[arg(long, default_value = "default")]
-    queue: String,
-    #[arg(long, default_value_t = 0)]
-    priority: u8,
-    /// Task body, JSON.
-    #[arg(long)]
-    body: Option<String>,
-    /// Header `k=v` (repeatable); integers and true/false become typed.
-    #[arg(long = "header", value_name = "K=V")]
-    headers: Vec<String>,
-    #[arg(long)]
-    max_retries: Option<u32>,
-    #[arg(long)]
-    timeout_ms: Option<u64>,
+    #[command(flatten)]
+    template: TemplateFlags,
     /// fire_once, skip or fire_all.
-    #[arg(long, default_value = "fire_once")]
-    misfire: String,
+    #[arg(long, default_value = "fire_once", value_parser = snake_case::<Misfire>)]
+    misfire: Misfire,
     /// allow or skip.
-    #[arg(long, default_value = "allow")]
-    overlap: String,
+    #[arg(long, default_value = "allow", value_parser = snake_case::<Overlap>)]
+    overlap: Overlap,
     /// Create it paused.
     #[arg(long)]
     paused: bool,
@@ -285,7 +313,7 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Schedule(cmd) => cmd,
         Command::Task(TaskCmd::Add(add)) => {
             let reply = api
-                .enqueue(&task_request(*add)?)
+                .enqueue(&task_template(*add)?)
                 .map_err(anyhow::Error::msg)?;
             if reply.ok() {
                 println!("{}", reply.body["id"].as_str().unwrap_or_default());
@@ -382,38 +410,20 @@ fn print_dead(body: &Value) {
     }
 }
 
-/// The JSON of `POST /v1/tasks` from the flags.
-fn task_request(add: TaskAdd) -> anyhow::Result<Value> {
-    let mut task = Map::new();
-    task.insert("name".into(), add.name.into());
-    task.insert("queue".into(), add.queue.into());
-    task.insert("priority".into(), add.priority.into());
-    if let Some(id) = add.id {
-        task.insert("id".into(), id.into());
-    }
-    if let Some(body) = add.body {
-        let v: Value = serde_json::from_str(&body).context("--body is not JSON")?;
-        task.insert("body".into(), v);
-    }
-    if let Some(text) = add.body_text {
-        task.insert("body_text".into(), text.into());
-    }
-    let numbers = [
-        ("delay_ms", add.delay_ms.map(Value::from)),
-        ("run_at", add.run_at.map(Value::from)),
-        ("max_retries", add.max_retries.map(Value::from)),
-        ("timeout_ms", add.timeout_ms.map(Value::from)),
-    ];
-    for (k, v) in numbers {
-        if let Some(v) = v {
-            task.insert(k.into(), v);
-        }
-    }
-    let headers = parse_headers(&add.headers)?;
-    if !headers.is_empty() {
-        task.insert("headers".into(), headers.into());
-    }
-    Ok(task.into())
+/// The task of `POST /v1/tasks` from the flags.
+fn task_template(add: TaskAdd) -> anyhow::Result<TaskTemplate> {
+    Ok(TaskTemplate {
+        id: add.id,
+        body_text: add.body_text,
+        run_at: add.run_at,
+        delay_ms: add.delay_ms,
+        ..add.task.template(add.name)?
+    })
+}
+
+/// A flag value spelled as its serde name (`fire_once`).
+fn snake_case<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    serde_json::from_value(Value::String(text.to_string())).map_err(|e| e.to_string())
 }
 
 /// `K=V` pairs; integers and booleans become typed JSON.
@@ -424,11 +434,11 @@ fn parse_headers(pairs: &[String]) -> anyhow::Result<Map<String, Value>> {
             bail!("--header {h:?}: use K=V");
         };
         let value = if let Ok(n) = v.parse::<i64>() {
-            json!(n)
+            Value::from(n)
         } else if let Ok(b) = v.parse::<bool>() {
-            json!(b)
+            Value::from(b)
         } else {
-            json!(v)
+            Value::from(v)
         };
         headers.insert(k.to_string(), value);
     }
@@ -448,45 +458,20 @@ fn build_spec(add: Add) -> anyhow::Result<Value> {
     let Some(name) = add.task else {
         bail!("--task NAME is required (or --file)");
     };
-    let mut task = Map::new();
-    task.insert("name".into(), name.into());
-    task.insert("queue".into(), add.queue.into());
-    task.insert("priority".into(), add.priority.into());
-    if let Some(body) = add.body {
-        let v: Value = serde_json::from_str(&body).context("--body is not JSON")?;
-        task.insert("body".into(), v);
-    }
-    let headers = parse_headers(&add.headers)?;
-    if !headers.is_empty() {
-        task.insert("headers".into(), headers.into());
-    }
-    if let Some(n) = add.max_retries {
-        task.insert("max_retries".into(), n.into());
-    }
-    if let Some(n) = add.timeout_ms {
-        task.insert("timeout_ms".into(), n.into());
-    }
-    let mut spec = Map::new();
-    if let Some(c) = add.cron {
-        spec.insert("cron".into(), c.into());
-    }
-    if let Some(e) = add.every_ms {
-        spec.insert("every_ms".into(), e.into());
-    }
-    if let Some(s) = add.start_at {
-        spec.insert("start_at".into(), s.into());
-    }
-    if let Some(a) = add.at {
-        spec.insert("at".into(), a.into());
-    }
-    spec.insert("timezone".into(), add.tz.into());
-    spec.insert("task".into(), task.into());
-    spec.insert("misfire".into(), add.misfire.into());
-    spec.insert("overlap".into(), add.overlap.into());
-    if add.paused {
-        spec.insert("enabled".into(), false.into());
-    }
-    Ok(spec.into())
+    let spec = ScheduleSpec {
+        id: None,
+        cron: add.cron,
+        every_ms: add.every_ms,
+        start_at: add.start_at,
+        at: add.at,
+        timezone: add.tz,
+        task: add.template.template(name)?,
+        misfire: add.misfire,
+        overlap: add.overlap,
+        enabled: !add.paused,
+        max_run_ms: None,
+    };
+    serde_json::to_value(spec).context("encoding the schedule")
 }
 
 fn print_table(body: &Value) {

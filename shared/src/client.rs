@@ -23,18 +23,25 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use thiserror::Error;
 
+/// Why an enqueue failed.
 #[derive(Debug, Error)]
 pub enum ClientError {
+    /// The connection or channel failed.
     #[error("AMQP: {0}")]
     Amqp(#[from] lapin::Error),
+    /// The broker did not take the task.
     #[error("the broker refused the task (nack)")]
     Nacked,
+    /// No queue is bound for the task's queue name (the reply text).
     #[error("the broker returned the task as unroutable: {0}")]
     Unroutable(String),
+    /// The task breaks the contract; nothing was sent.
     #[error("invalid task: {0}")]
     Invalid(#[from] ProtocolError),
+    /// [`NewTask::json`] could not serialize the value.
     #[error("cannot serialize the body: {0}")]
     Body(#[from] serde_json::Error),
+    /// The namespace cannot make AMQP names (the reason).
     #[error("namespace: {0}")]
     Namespace(String),
 }
@@ -48,19 +55,31 @@ impl From<DeclareError> for ClientError {
     }
 }
 
-/// A task to enqueue. Built with chained setters.
+/// A task to enqueue. Built with chained setters, or from what a user gave
+/// ([`crate::template::TaskTemplate::to_new_task`]).
 #[derive(Clone, Debug)]
 pub struct NewTask {
+    /// Task name (AMQP `type`).
     pub name: String,
+    /// Logical queue (the routing key).
     pub queue: String,
+    /// Task id; a new UUIDv7 when unset.
     pub id: Option<String>,
+    /// 0 to 9 (higher is clamped to 9).
     pub priority: u8,
+    /// The message body.
     pub body: Vec<u8>,
+    /// AMQP `content_type`.
     pub content_type: Option<String>,
+    /// Due time, Unix ms (`x-run-at`).
     pub run_at: Option<i64>,
+    /// Due this long after the scheduler accepts it (`x-delay-ms`).
     pub delay_ms: Option<i64>,
+    /// Retries after the first attempt (`x-max-retries`).
     pub max_retries: Option<u32>,
+    /// Time limit of one attempt (`x-timeout-ms`).
     pub timeout_ms: Option<u64>,
+    /// Other headers, sent as they are.
     pub headers: FieldTable,
     /// A header that could not be added (its name is over 255 bytes):
     /// reported by [`to_message`](Self::to_message), as the setters do not
@@ -69,10 +88,11 @@ pub struct NewTask {
 }
 
 impl NewTask {
+    /// A task named `name` for the default queue, priority 0, empty body.
     pub fn new(name: impl Into<String>) -> Self {
         NewTask {
             name: name.into(),
-            queue: "default".into(),
+            queue: crate::template::DEFAULT_QUEUE.into(),
             id: None,
             priority: 0,
             body: Vec::new(),
@@ -85,18 +105,22 @@ impl NewTask {
             bad_header: None,
         }
     }
+    /// Sets the logical queue.
     pub fn queue(mut self, q: impl Into<String>) -> Self {
         self.queue = q.into();
         self
     }
+    /// Sets the task id (1 to 128 printable ASCII characters).
     pub fn id(mut self, id: impl Into<String>) -> Self {
         self.id = Some(id.into());
         self
     }
+    /// Sets the priority.
     pub fn priority(mut self, p: u8) -> Self {
         self.priority = p;
         self
     }
+    /// Sets the body bytes (no content type).
     pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
         self.body = body.into();
         self
@@ -107,29 +131,34 @@ impl NewTask {
         self.content_type = Some("application/json".into());
         Ok(self)
     }
+    /// Makes it due at a Unix time in ms.
     pub fn run_at(mut self, unix_ms: i64) -> Self {
         self.run_at = Some(unix_ms);
         self
     }
+    /// Makes it due this long after the scheduler accepts it.
     pub fn delay_ms(mut self, ms: i64) -> Self {
         self.delay_ms = Some(ms);
         self
     }
+    /// Sets the retries after the first attempt.
     pub fn max_retries(mut self, n: u32) -> Self {
         self.max_retries = Some(n);
         self
     }
+    /// Sets the time limit of one attempt.
     pub fn timeout_ms(mut self, ms: u64) -> Self {
         self.timeout_ms = Some(ms);
         self
     }
+    /// Adds a header; a name over 255 bytes fails [`to_message`](Self::to_message).
     pub fn header(mut self, name: &str, value: AMQPValue) -> Self {
         match header_name(name) {
             Ok(name) => {
                 self.headers.insert(name, value);
             }
             Err(e) => {
-                self.bad_header = Some(ProtocolError::BadHeaderName(e.to_string()));
+                self.bad_header = Some(ProtocolError::BadHeaderName(e));
             }
         }
         self
@@ -140,15 +169,15 @@ impl NewTask {
     }
 
     /// The message as the contract describes it; returns the id too.
-    pub fn to_message(&self) -> Result<(String, BasicProperties), ClientError> {
+    pub fn to_message(&self) -> Result<(String, BasicProperties), ProtocolError> {
         if let Some(e) = &self.bad_header {
-            return Err(ClientError::Invalid(e.clone()));
+            return Err(e.clone());
         }
         validate_queue(&self.queue).map_err(ProtocolError::BadQueue)?;
         if self.name.is_empty() {
-            return Err(ProtocolError::EmptyType.into());
+            return Err(ProtocolError::EmptyType);
         }
-        let kind = short("type", &self.name).map_err(|e| ProtocolError::BadName(e.to_string()))?;
+        let kind = short("type", &self.name).map_err(ProtocolError::BadName)?;
         let id = match &self.id {
             Some(id) => {
                 validate_id(id)?;
@@ -165,7 +194,11 @@ impl NewTask {
         put(H_RUN_AT, self.run_at);
         put(H_DELAY_MS, self.delay_ms);
         put(H_MAX_RETRIES, self.max_retries.map(i64::from));
-        put(H_TIMEOUT_MS, self.timeout_ms.map(|t| t as i64));
+        put(
+            H_TIMEOUT_MS,
+            self.timeout_ms
+                .map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
+        );
         let message_id =
             short("message_id", &id).map_err(|e| ProtocolError::BadId(e.to_string()))?;
         let mut props = BasicProperties::default()
@@ -222,6 +255,7 @@ impl Client {
         })
     }
 
+    /// The AMQP names of the client's namespace.
     pub fn names(&self) -> &Names {
         &self.names
     }
@@ -255,7 +289,7 @@ impl Client {
         }
         // All publishes are handed to lapin together: each resolves only
         // once lapin's I/O thread wrote it, so awaiting them one by one
-        // costs a thread hand-off per task (about a third of the rate).
+        // would cost a thread hand-off per task.
         let mut keyed = Vec::with_capacity(messages.len());
         for (task, props) in messages {
             // `to_message` checked the queue name (at most 200 bytes).
@@ -291,6 +325,7 @@ impl Client {
         Ok(ids)
     }
 
+    /// Closes the connection.
     pub async fn close(self) -> Result<(), ClientError> {
         self.conn.close(200, "bye".into()).await?;
         Ok(())

@@ -7,7 +7,8 @@
 //! strings, priorities above 9 count as 9). Every rejection is a
 //! [`ProtocolError`] whose text becomes the dead letter's `x-error`.
 
-use crate::short::{header_name, short};
+use crate::short::{header_name, short, TooLong};
+use crate::template::TemplateError;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 // From the patched parser (vendor/README.md): these names exist only there,
 // so building against the unpatched crate fails here rather than quietly
@@ -47,7 +48,7 @@ pub const MAX_NAMESPACE_LEN: usize = 48;
 pub const MAX_QUEUE_LEN: usize = 200;
 /// Most retries a task may ask for with `x-max-retries`. With the default
 /// backoff (capped at an hour) 1,000 retries already span six weeks; more
-/// is a bug in the client (2^40 was seen), not a retry policy.
+/// is a bug in the client, not a retry policy.
 pub const MAX_RETRIES_CAP: u32 = 1_000;
 /// Prefix of the ids Kairos derives for messages without `message_id`.
 pub const DERIVED_ID_PREFIX: &str = "h-";
@@ -101,12 +102,14 @@ pub struct Names {
 }
 
 impl Names {
+    /// The names of `namespace` (checked by [`validate_namespace`] first).
     pub fn new(namespace: impl Into<String>) -> Self {
         Self {
             ns: namespace.into(),
         }
     }
 
+    /// The namespace itself.
     pub fn namespace(&self) -> &str {
         &self.ns
     }
@@ -158,22 +161,27 @@ impl Names {
         ShortString::try_new(name).unwrap_or_default()
     }
 
+    /// [`tasks_exchange`](Self::tasks_exchange) for AMQP.
     pub fn short_tasks_exchange(&self) -> ShortString {
         Self::fixed(self.tasks_exchange())
     }
 
+    /// [`delay`](Self::delay) for AMQP.
     pub fn short_delay(&self) -> ShortString {
         Self::fixed(self.delay())
     }
 
+    /// [`retry`](Self::retry) for AMQP.
     pub fn short_retry(&self) -> ShortString {
         Self::fixed(self.retry())
     }
 
+    /// [`dead`](Self::dead) for AMQP.
     pub fn short_dead(&self) -> ShortString {
         Self::fixed(self.dead())
     }
 
+    /// [`events`](Self::events) for AMQP.
     pub fn short_events(&self) -> ShortString {
         Self::fixed(self.events())
     }
@@ -182,24 +190,42 @@ impl Names {
 /// Why a message cannot be used as a task.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum ProtocolError {
+    /// No AMQP `type`: the task has no name.
     #[error("missing property `type` (the task name)")]
     MissingType,
+    /// An empty AMQP `type`.
     #[error("property `type` is empty")]
     EmptyType,
+    /// A `message_id` that breaks the id rule (why).
     #[error("invalid message_id: {0}")]
     BadId(String),
+    /// A contract header with a value out of its type or range.
     #[error("invalid header `{name}`: {reason}")]
-    BadHeader { name: &'static str, reason: String },
+    BadHeader {
+        /// The header.
+        name: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
+    /// A body or content type that cannot be sent (why).
     #[error("invalid body: {0}")]
     BadBody(String),
+    /// A message without a routing key.
     #[error("no routing key: it must name the target queue")]
     NoQueue,
+    /// A routing key that cannot name a queue (why).
     #[error("invalid routing key: {0}")]
     BadQueue(String),
+    /// A task name too long for AMQP `type`.
     #[error("invalid task name: {0}")]
-    BadName(String),
+    BadName(#[source] TooLong),
+    /// A header name too long for AMQP.
     #[error("invalid header: {0}")]
-    BadHeaderName(String),
+    BadHeaderName(#[source] TooLong),
+    /// A task template (HTTP, schedule) that does not describe a task.
+    #[error("invalid task: {0}")]
+    Template(#[from] TemplateError),
+    /// A delay-queue record that cannot be read or written (why).
     #[error("invalid stored task: {0}")]
     BadRecord(String),
     /// A short string that arrived as bytes that are not UTF-8. The patched
@@ -211,6 +237,8 @@ pub enum ProtocolError {
     /// kept the deepest level's bytes under [`NESTED_TOO_DEEP_KEY`].
     #[error("a header nests tables or arrays more than {MAX_NESTING} levels deep")]
     TooDeep,
+    /// A message over one of the [`crate::limits::Limits`] (which, and by
+    /// how much).
     #[error("{0}")]
     OverLimit(String),
 }
@@ -219,19 +247,27 @@ pub enum ProtocolError {
 /// untouched so that headers and pass-through properties survive every hop.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Task {
+    /// Task id (`message_id`, or derived: [`derived_id`]).
     pub id: String,
+    /// Task name (AMQP `type`).
     pub name: String,
     /// Logical queue (the routing key on `NS.tasks`).
     pub queue: String,
+    /// 0 to [`MAX_PRIORITY`].
     pub priority: u8,
     /// The attempt this delivery is (1 for the first).
     pub attempt: u32,
+    /// `x-run-at`: due time, Unix ms.
     pub run_at: Option<i64>,
+    /// `x-delay-ms`: due this long after the scheduler accepts it.
     pub delay_ms: Option<i64>,
+    /// `x-max-retries`: retries after the first attempt.
     pub max_retries: Option<u32>,
+    /// `x-timeout-ms`: time limit of one attempt.
     pub timeout_ms: Option<u64>,
     /// All properties as received, headers included.
     pub properties: BasicProperties,
+    /// The message body.
     pub body: Vec<u8>,
 }
 
@@ -259,8 +295,8 @@ impl Task {
                 id.to_string()
             }
         };
-        // Read in place: a clone of the table cost a task an allocation per
-        // header, and the properties are cloned whole below anyway.
+        // Read in place: the properties are cloned whole below, and a clone
+        // of the table as well would allocate once per header.
         let no_headers = FieldTable::default();
         let headers = properties.headers().as_ref().unwrap_or(&no_headers);
         let attempt = match int_header(headers, H_ATTEMPT)? {
@@ -268,22 +304,14 @@ impl Task {
             Some(n) if n >= 1 && n <= i64::from(u32::MAX) => n as u32,
             Some(n) => return Err(bad(H_ATTEMPT, format!("{n} is not an attempt number"))),
         };
-        let max_retries = match int_header(headers, H_MAX_RETRIES)? {
-            None => None,
-            Some(n) if n < 0 => return Err(bad(H_MAX_RETRIES, format!("{n} is negative"))),
-            Some(n) if n > i64::from(MAX_RETRIES_CAP) => {
-                return Err(bad(
-                    H_MAX_RETRIES,
-                    format!("{n} exceeds the cap of {MAX_RETRIES_CAP} retries"),
-                ))
-            }
-            Some(n) => Some(n as u32),
-        };
-        let timeout_ms = match int_header(headers, H_TIMEOUT_MS)? {
-            None => None,
-            Some(n) if n > 0 => Some(n as u64),
-            Some(n) => return Err(bad(H_TIMEOUT_MS, format!("{n} is not positive"))),
-        };
+        let max_retries = int_header(headers, H_MAX_RETRIES)?
+            .map(max_retries_in_range)
+            .transpose()
+            .map_err(|reason| bad(H_MAX_RETRIES, reason))?;
+        let timeout_ms = int_header(headers, H_TIMEOUT_MS)?
+            .map(timeout_in_range)
+            .transpose()
+            .map_err(|reason| bad(H_TIMEOUT_MS, reason))?;
         // The routing key names the queue `NS.q.KEY`: a key that cannot
         // make a queue name is refused here, where it enters, rather than
         // when the task is published.
@@ -541,6 +569,25 @@ pub fn encoded_properties(properties: &BasicProperties) -> Result<Vec<u8>, Proto
         Vec::with_capacity(64),
     )
     .map_err(|e| ProtocolError::BadRecord(format!("cannot encode properties: {e:?}")))
+}
+
+/// The contract's range of `x-max-retries`: 0 to [`MAX_RETRIES_CAP`].
+pub fn max_retries_in_range(n: i64) -> Result<u32, String> {
+    if n < 0 {
+        return Err(format!("{n} is negative"));
+    }
+    u32::try_from(n)
+        .ok()
+        .filter(|n| *n <= MAX_RETRIES_CAP)
+        .ok_or_else(|| format!("{n} exceeds the cap of {MAX_RETRIES_CAP} retries"))
+}
+
+/// The contract's range of `x-timeout-ms`: positive.
+pub fn timeout_in_range(n: i64) -> Result<u64, String> {
+    u64::try_from(n)
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{n} is not positive"))
 }
 
 /// Checks the contract's id rule: 1 to 128 printable ASCII characters.

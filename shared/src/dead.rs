@@ -11,7 +11,9 @@
 
 use crate::client::check;
 use crate::contract::ProtocolError::BadQueue;
-use crate::contract::{value_to_string, Names, H_ATTEMPT, H_ERROR, H_FAILED_AT, H_ORIGIN_QUEUE};
+use crate::contract::{
+    value_to_string, Names, ProtocolError, H_ATTEMPT, H_ERROR, H_FAILED_AT, H_ORIGIN_QUEUE,
+};
 use crate::short::short;
 use crate::topology::{self, DeclareError};
 use lapin::message::BasicGetMessage;
@@ -26,21 +28,34 @@ use serde::Serialize;
 /// One dead letter, as `kairosctl dead list` shows it.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct DeadLetter {
+    /// Task id (`message_id`), if it had a readable one.
     pub id: Option<String>,
+    /// Task name (`type`), if readable.
     pub name: Option<String>,
+    /// The queue it was meant for (`x-origin-queue`, else the routing key).
     pub queue: String,
+    /// `x-attempt` as text.
     pub attempt: Option<String>,
+    /// `x-error`: why it failed.
     pub error: Option<String>,
+    /// `x-failed-at`, Unix ms.
     pub failed_at: Option<i64>,
+    /// Size of its body.
     pub body_bytes: usize,
 }
 
+/// Why a dead-letter operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeadError {
+    /// The connection or channel failed.
     #[error("AMQP: {0}")]
     Amqp(#[from] lapin::Error),
+    /// The broker refused or returned a replayed task.
     #[error("the broker did not confirm the replay: {0}")]
-    NotConfirmed(String),
+    NotConfirmed(#[source] crate::client::ClientError),
+    /// The origin queue of a replayed task cannot be declared.
+    #[error("the broker did not confirm the replay: {0}")]
+    BadQueue(#[source] ProtocolError),
 }
 
 /// What a replay did.
@@ -55,7 +70,9 @@ pub struct Replayed {
 /// A dead letter a replay left dead, and why.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Refused {
+    /// Its task id, if readable.
     pub id: Option<String>,
+    /// Why it cannot be replayed.
     pub error: String,
 }
 
@@ -187,7 +204,7 @@ pub async fn replay(
         match topology::declare_task_queue(&channel, names, &queue).await {
             Ok(()) => {}
             Err(DeclareError::Amqp(e)) => return Err(e.into()),
-            Err(DeclareError::BadName(e)) => return Err(DeadError::NotConfirmed(e.to_string())),
+            Err(DeclareError::BadName(e)) => return Err(DeadError::BadQueue(e)),
         }
         let confirm = channel
             .basic_publish(
@@ -199,7 +216,7 @@ pub async fn replay(
             )
             .await?
             .await?;
-        check(confirm).map_err(|e| DeadError::NotConfirmed(e.to_string()))?;
+        check(confirm).map_err(DeadError::NotConfirmed)?;
         m.delivery.acker.ack(BasicAckOptions::default()).await?;
         replayed.push(d.id.unwrap_or_default());
         if !ids.is_empty() && replayed.len() + refused.len() == ids.len() {

@@ -11,7 +11,9 @@
 //! * `events`: lifecycle events on `NS.events`.
 //! * `metrics`: the optional Prometheus exporter.
 //! * `client`: the Rust client for enqueueing.
-//! * `request`: a task described in JSON (HTTP API, kairosctl).
+//! * `template`: a task as a user describes it (HTTP API, schedules,
+//!   kairosctl), its check and its conversion to a [`client::NewTask`].
+//! * `request`: `POST /v1/tasks` bodies, parsed into a [`client::NewTask`].
 //! * `dead`: list, replay and purge dead letters.
 //! * `short`: AMQP short strings (names, keys, header names) without panics.
 //! * `supervise`: background loops restarted when they fail, with their
@@ -32,6 +34,7 @@ pub mod secrets;
 pub mod short;
 pub mod shutdown;
 pub mod supervise;
+pub mod template;
 pub mod tls;
 pub mod topology;
 

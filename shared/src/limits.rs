@@ -22,10 +22,14 @@ pub const DEFAULT_MAX_DELAY_MS: i64 = 3_650 * DAY_MS;
 
 const DAY_MS: i64 = 86_400_000;
 
+/// The limits in force (the scheduler's `KAIROS_MAX_*` settings).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
+    /// Largest body, in bytes (`KAIROS_MAX_BODY_BYTES`).
     pub max_body_bytes: usize,
+    /// Largest encoded properties and headers (`KAIROS_MAX_HEADER_BYTES`).
     pub max_header_bytes: usize,
+    /// Furthest due time ahead, in ms (`KAIROS_MAX_DELAY_MS`).
     pub max_delay_ms: i64,
 }
 

@@ -32,7 +32,7 @@ use kairos_shared::client::{Client, ClientError};
 use kairos_shared::contract::{Names, ProtocolError};
 use kairos_shared::dead;
 use kairos_shared::limits::Limits;
-use kairos_shared::request::{RequestError, TaskRequest};
+use kairos_shared::request::{self, RequestError};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -64,6 +64,8 @@ struct Connected {
 }
 
 impl TaskApi {
+    /// The API over `broker` in namespace `names`, with default limits and
+    /// no holder (delayed tasks go to `NS.delay`).
     pub fn new(broker: Broker, names: Names) -> Self {
         TaskApi {
             broker,
@@ -260,7 +262,7 @@ async fn enqueue(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|e| body_rejection(e, &api))?;
-    let task = TaskRequest::from_json(&body)?;
+    let task = request::from_json(&body)?;
     api.limits
         .check_body(task.body.len())
         .map_err(|e| ApiError::TooLarge {

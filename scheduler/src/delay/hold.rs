@@ -1,9 +1,8 @@
 //! Delayed tasks enqueued over HTTP go straight into the delay queue (the
 //! same check, record and script as the `NS.delay` intake), so the answer
 //! can say what happened: 202 once the task is durable in Redis, 409 when
-//! its id is already pending. Publishing to `NS.delay` instead answered 202
-//! before the intake had seen the task, and a duplicate was then dropped
-//! without a word.
+//! its id is already pending. (A publish to `NS.delay` could only answer
+//! before the intake has seen the task, and could not report a duplicate.)
 
 use crate::delay::store::{member, Entry, QueueError, RedisDelayQueue};
 use kairos_shared::amqp::now_ms;
@@ -13,34 +12,53 @@ use kairos_shared::events::{EventKind, EventSink};
 use kairos_shared::limits::Limits;
 use kairos_shared::record;
 
+/// Puts delayed tasks of the HTTP API into the delay queue.
 #[derive(Clone)]
 pub struct Holder {
-    pub queue: RedisDelayQueue,
-    pub events: EventSink,
-    pub limits: Limits,
+    /// The delay queue.
+    pub(crate) queue: RedisDelayQueue,
+    /// Where `scheduled` and `duplicate` events go.
+    pub(crate) events: EventSink,
+    /// The limits a task is checked against before it is written.
+    pub(crate) limits: Limits,
 }
 
 /// What became of a task handed to [`Holder::hold`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Held {
+pub(crate) enum Held {
     /// Durable in the delay queue, due at `due` (Unix ms, Redis clock).
-    Added { id: String, due: i64 },
+    Added {
+        /// The task id.
+        id: String,
+        /// Its due time.
+        due: i64,
+    },
     /// A task with this id was already pending: nothing was written.
-    Duplicate { id: String },
+    Duplicate {
+        /// The task id.
+        id: String,
+    },
 }
 
+/// Why a task was not held.
 #[derive(Debug, thiserror::Error)]
-pub enum HoldError {
+pub(crate) enum HoldError {
+    /// The task breaks the contract or a limit.
     #[error("{0}")]
     Invalid(#[from] ProtocolError),
+    /// Kept for the HTTP API's error mapping; [`Holder::hold`] does not
+    /// return it.
     #[error("{0}")]
     Client(#[from] ClientError),
+    /// Redis failed.
     #[error("delay queue: {0}")]
     Queue(#[from] QueueError),
 }
 
 impl Holder {
-    pub async fn hold(&self, new: &NewTask) -> Result<Held, HoldError> {
+    /// Checks `new` as the intake checks a message and writes it to the
+    /// delay queue unless its id is already pending.
+    pub(crate) async fn hold(&self, new: &NewTask) -> Result<Held, HoldError> {
         let (id, props) = new.to_message()?;
         self.limits.check_message(&props, new.body.len())?;
         let task = Task::decode(&new.queue, &props, &new.body)?;

@@ -9,35 +9,44 @@ use std::sync::Arc;
 use thiserror::Error;
 use tokio::sync::Notify;
 
+/// Why a schedule operation failed.
 #[derive(Debug, Error)]
-pub enum AdminError {
+pub(crate) enum AdminError {
+    /// The definition is invalid.
     #[error("{0}")]
     Invalid(#[from] SpecError),
+    /// No schedule has this id.
     #[error("no schedule {0:?}")]
     NotFound(String),
+    /// Redis failed.
     #[error("{0}")]
     Store(#[from] QueueError),
 }
 
 /// What a put did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Put {
+pub(crate) enum Put {
+    /// A new schedule.
     Created,
+    /// An existing schedule, now with the new definition.
     Replaced,
+    /// The stored definition was the same: nothing was written.
     Unchanged,
 }
 
+/// The one way schedules are created, changed and deleted.
 #[derive(Clone)]
 pub struct Admin {
-    pub store: ScheduleStore,
+    /// Where schedules live.
+    pub(crate) store: ScheduleStore,
     /// Wakes the local ticker so a new tick is not slept through.
-    pub changed: Arc<Notify>,
+    pub(crate) changed: Arc<Notify>,
 }
 
 /// The first tick of a (re)started schedule: after now and after the last
 /// tick it fired, so no tick fires twice and a resume makes no burst. A
 /// one-shot whose time has passed still fires (as a misfire) unless it did.
-pub fn first_tick(trigger: &Trigger, now: i64, last: Option<i64>) -> Option<i64> {
+pub(crate) fn first_tick(trigger: &Trigger, now: i64, last: Option<i64>) -> Option<i64> {
     match trigger {
         Trigger::At(at) => last.is_none_or(|l| *at > l).then_some(*at),
         t => t.next_after(now.max(last.unwrap_or(i64::MIN))),
@@ -48,7 +57,7 @@ impl Admin {
     /// Creates or replaces `id`. `keep_paused`: an existing schedule keeps
     /// its enabled flag (the file must not resume what an operator paused),
     /// and a definition equal but for that flag is left alone.
-    pub async fn put(
+    pub(crate) async fn put(
         &self,
         id: &str,
         spec: ScheduleSpec,
@@ -74,7 +83,8 @@ impl Admin {
         Ok((put, schedule))
     }
 
-    pub async fn set_enabled(&self, id: &str, enabled: bool) -> Result<(), AdminError> {
+    /// Pauses (`false`) or resumes (`true`) schedule `id`.
+    pub(crate) async fn set_enabled(&self, id: &str, enabled: bool) -> Result<(), AdminError> {
         let Some((spec, last)) = self.store.get_spec(id).await? else {
             return Err(AdminError::NotFound(id.to_string()));
         };
@@ -85,7 +95,8 @@ impl Admin {
         self.write(&schedule, last, !enabled).await
     }
 
-    pub async fn delete(&self, id: &str) -> Result<(), AdminError> {
+    /// Deletes schedule `id`.
+    pub(crate) async fn delete(&self, id: &str) -> Result<(), AdminError> {
         if self.store.delete(id).await? {
             Ok(())
         } else {
@@ -93,7 +104,8 @@ impl Admin {
         }
     }
 
-    pub async fn view(&self, id: &str) -> Result<View, AdminError> {
+    /// Schedule `id` as the API shows it.
+    pub(crate) async fn view(&self, id: &str) -> Result<View, AdminError> {
         self.store
             .view(id)
             .await?

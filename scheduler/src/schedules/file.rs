@@ -17,9 +17,10 @@
 //! alone (delete them through the API or `kairosctl`).
 
 use crate::schedules::admin::{Admin, Put};
-use crate::schedules::model::ScheduleSpec;
+use crate::schedules::model::{ScheduleSpec, SpecError};
 use serde::Deserialize;
 use std::path::Path;
+use thiserror::Error;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,41 +29,84 @@ struct File {
     schedule: Vec<toml::Value>,
 }
 
-/// Parsed entries, and one message per entry that is not a schedule.
+/// Parsed entries, and why each of the others is not a schedule.
 #[derive(Debug, Default)]
-pub struct Loaded {
-    pub schedules: Vec<(String, ScheduleSpec)>,
-    pub errors: Vec<String>,
+pub(crate) struct Loaded {
+    /// Valid entries: id and definition.
+    pub(crate) schedules: Vec<(String, ScheduleSpec)>,
+    /// One error per invalid entry, naming it.
+    pub(crate) errors: Vec<EntryError>,
+}
+
+/// Why one `[[schedule]]` entry was skipped; `label` names it
+/// (`schedule #2 ("report.hourly")`).
+#[derive(Debug, Error)]
+pub(crate) enum EntryError {
+    /// Not the shape of a schedule (an unknown field, a wrong type).
+    #[error("{label}: {source}")]
+    Shape {
+        /// The entry.
+        label: String,
+        /// What serde refused.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// No `id`.
+    #[error("{label}: id is required")]
+    NoId {
+        /// The entry.
+        label: String,
+    },
+    /// A schedule that does not validate.
+    #[error("{label}: {source}")]
+    Invalid {
+        /// The entry.
+        label: String,
+        /// The field at fault and why.
+        #[source]
+        source: SpecError,
+    },
 }
 
 /// Parses the file's text. A file that is not TOML at all is one error.
-pub fn parse(text: &str) -> Result<Loaded, String> {
-    let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+pub(crate) fn parse(text: &str) -> Result<Loaded, toml::de::Error> {
+    let file: File = toml::from_str(text)?;
     let mut out = Loaded::default();
     for (i, entry) in file.schedule.into_iter().enumerate() {
         let label = match entry.get("id").and_then(|v| v.as_str()) {
             Some(id) => format!("schedule #{} ({id:?})", i + 1),
             None => format!("schedule #{}", i + 1),
         };
-        let parsed = serde_json::to_value(&entry)
-            .map_err(|e| e.to_string())
-            .and_then(|v| serde_json::from_value::<ScheduleSpec>(v).map_err(|e| e.to_string()));
-        match parsed {
-            Err(e) => out.errors.push(format!("{label}: {e}")),
-            Ok(spec) => match spec.id.clone() {
-                None => out.errors.push(format!("{label}: id is required")),
-                Some(id) => match spec.clone().validate(&id) {
-                    Ok(s) => out.schedules.push((id, s.spec)),
-                    Err(e) => out.errors.push(format!("{label}: {e}")),
-                },
-            },
+        match entry_schedule(&entry, label) {
+            Ok(schedule) => out.schedules.push(schedule),
+            Err(e) => out.errors.push(e),
         }
     }
     Ok(out)
 }
 
+/// One entry as an id and a validated definition.
+fn entry_schedule(
+    entry: &toml::Value,
+    label: String,
+) -> Result<(String, ScheduleSpec), EntryError> {
+    let spec = serde_json::to_value(entry)
+        .and_then(serde_json::from_value::<ScheduleSpec>)
+        .map_err(|source| EntryError::Shape {
+            label: label.clone(),
+            source,
+        })?;
+    let Some(id) = spec.id.clone() else {
+        return Err(EntryError::NoId { label });
+    };
+    match spec.validate(&id) {
+        Ok(s) => Ok((id, s.spec)),
+        Err(source) => Err(EntryError::Invalid { label, source }),
+    }
+}
+
 /// Loads and syncs the file; every problem is logged, none is fatal.
-pub async fn sync(admin: &Admin, path: &Path) -> Loaded {
+pub(crate) async fn sync(admin: &Admin, path: &Path) -> Loaded {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
@@ -126,14 +170,16 @@ task = { name = "job.e", colour = "red" }
         assert_eq!(l.schedules.len(), 1);
         assert_eq!(l.schedules[0].0, "a");
         assert_eq!(l.errors.len(), 4, "{:?}", l.errors);
-        assert!(
-            l.errors[0].contains("\"b\"") && l.errors[0].contains("cron"),
-            "{}",
-            l.errors[0]
-        );
-        assert!(l.errors[1].contains("Nowhere/Land"), "{}", l.errors[1]);
-        assert!(l.errors[2].contains("id is required"), "{}", l.errors[2]);
-        assert!(l.errors[3].contains("colour"), "{}", l.errors[3]);
+        let expected: [&[&str]; 4] = [
+            &["\"b\"", "cron"],
+            &["Nowhere/Land"],
+            &["id is required"],
+            &["colour"],
+        ];
+        for (error, needles) in l.errors.iter().zip(expected) {
+            let text = error.to_string();
+            assert!(needles.iter().all(|n| text.contains(n)), "{text}");
+        }
         assert!(parse("not toml [").is_err());
     }
 
@@ -146,7 +192,7 @@ task = { name = "job.e", colour = "red" }
         let l = parse(&text).unwrap();
         assert!(l.schedules.is_empty());
         assert_eq!(l.errors.len(), 1, "{:?}", l.errors);
-        let e = &l.errors[0];
+        let e = l.errors[0].to_string();
         assert!(e.contains("\"long\"") && e.contains("task.headers"), "{e}");
     }
 

@@ -14,5 +14,5 @@ pub mod plan;
 pub mod spec;
 pub mod trigger;
 
-pub use spec::{Misfire, Overlap, Schedule, ScheduleSpec, SpecError, TaskTemplate};
+pub use spec::{Misfire, Overlap, Schedule, ScheduleSpec, SpecError};
 pub use trigger::Trigger;

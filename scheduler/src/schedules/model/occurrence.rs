@@ -1,77 +1,43 @@
 //! The task an occurrence becomes: the template, with a derived id, the
 //! tick as `x-run-at` and the schedule id as `x-schedule-id`.
 
-use super::{Schedule, TaskTemplate};
-use kairos_shared::contract::{
-    text, ProtocolError, Task, H_MAX_RETRIES, H_RUN_AT, H_SCHEDULE_ID, H_TIMEOUT_MS,
-};
+use super::Schedule;
+use kairos_shared::contract::{text, ProtocolError, Task, H_SCHEDULE_ID};
 use kairos_shared::record;
-use kairos_shared::short::{header_name, short};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::BasicProperties;
-use serde_json::Value;
+use kairos_shared::template::Origin;
 
 /// The task id of one tick: the same on every scheduler, so a repeated or
 /// concurrent fire of one tick is one task.
-pub fn occurrence_id(schedule_id: &str, tick: i64) -> String {
+pub(crate) fn occurrence_id(schedule_id: &str, tick: i64) -> String {
     format!("{schedule_id}@{tick}")
 }
 
 /// The schedule id and tick of a task id, if a schedule fired it.
-pub fn parse_occurrence_id(task_id: &str) -> Option<(&str, i64)> {
+pub(crate) fn parse_occurrence_id(task_id: &str) -> Option<(&str, i64)> {
     let (id, tick) = task_id.rsplit_once('@')?;
     Some((id, tick.parse().ok()?))
 }
 
-pub fn task(schedule: &Schedule, tick: i64) -> Result<Task, ProtocolError> {
-    let t: &TaskTemplate = &schedule.spec.task;
-    let mut headers = FieldTable::default();
-    for (k, v) in &t.headers {
-        let value = match v {
-            Value::String(s) => text(s),
-            Value::Bool(b) => AMQPValue::Boolean(*b),
-            Value::Number(n) => AMQPValue::LongLongInt(n.as_i64().unwrap_or_default()),
-            _ => continue, // refused by validation
-        };
-        // Validation refuses these names; a definition stored by other
-        // means still must not panic the ticker.
-        let name = header_name(k).map_err(|e| ProtocolError::BadHeaderName(e.to_string()))?;
-        headers.insert(name, value);
-    }
-    if let Some(n) = t.max_retries {
-        headers.insert(H_MAX_RETRIES.into(), AMQPValue::LongLongInt(i64::from(n)));
-    }
-    if let Some(n) = t.timeout_ms {
-        headers.insert(
-            H_TIMEOUT_MS.into(),
-            AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX)),
-        );
-    }
-    headers.insert(H_RUN_AT.into(), AMQPValue::LongLongInt(tick));
-    headers.insert(H_SCHEDULE_ID.into(), text(&schedule.id));
-    let kind = short("task.name", &t.name).map_err(|e| ProtocolError::BadName(e.to_string()))?;
-    let id = short("task id", &occurrence_id(&schedule.id, tick))
-        .map_err(|e| ProtocolError::BadId(e.to_string()))?;
-    let mut props = BasicProperties::default()
-        .with_type(kind)
-        .with_message_id(id)
-        .with_priority(t.priority)
-        .with_delivery_mode(2)
-        .with_headers(headers);
-    let body = if t.body.is_null() {
-        Vec::new()
-    } else {
-        props = props.with_content_type("application/json".into());
-        serde_json::to_vec(&t.body).map_err(|e| ProtocolError::BadBody(e.to_string()))?
-    };
-    Task::decode(&t.queue, &props, &body)
+/// The task `schedule` fires at `tick`: its template, checked and
+/// converted as every template is, under the occurrence's id, due at the
+/// tick and marked with the schedule id.
+pub(crate) fn task(schedule: &Schedule, tick: i64) -> Result<Task, ProtocolError> {
+    let new = schedule
+        .spec
+        .task
+        .to_new_task(Origin::Schedule)?
+        .id(occurrence_id(&schedule.id, tick))
+        .run_at(tick)
+        .header(H_SCHEDULE_ID, text(&schedule.id));
+    let (_, properties) = new.to_message()?;
+    Task::decode(&new.queue, &properties, &new.body)
 }
 
 /// What the delay queue stores for an occurrence of `schedule` at `tick`.
 /// A record keeps neither the task id (it is the member) nor `x-run-at`
 /// (the due time is), so every tick of one definition stores the same
 /// bytes and the ticker builds them once per definition.
-pub fn record(schedule: &Schedule, tick: i64) -> Result<Vec<u8>, ProtocolError> {
+pub(crate) fn record(schedule: &Schedule, tick: i64) -> Result<Vec<u8>, ProtocolError> {
     task(schedule, tick).and_then(|t| record::encode(&t))
 }
 
@@ -80,6 +46,7 @@ mod tests {
     use super::*;
     use crate::schedules::model::ScheduleSpec;
     use kairos_shared::contract::value_to_string;
+    use serde_json::Value;
 
     /// Schedule `rep`: every second, a template with every kind of field.
     fn report_schedule() -> Schedule {

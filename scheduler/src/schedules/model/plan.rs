@@ -27,7 +27,7 @@ use super::{Misfire, Trigger};
 use std::collections::VecDeque;
 
 /// Most catch-up runs `fire_all` makes for one outage.
-pub const MAX_CATCH_UP: usize = 100;
+pub(crate) const MAX_CATCH_UP: usize = 100;
 /// Most missed ticks counted before jumping ahead (a 10 ms cron... an
 /// interval of 100 ms down for a day has 864,000).
 const MAX_SCAN: usize = 100_000;
@@ -35,21 +35,22 @@ const MAX_SCAN: usize = 100_000;
 /// lookahead).
 const MAX_AHEAD: usize = 1_000;
 
+/// What to do for one schedule now.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// Ticks to fire, in order.
-    pub fire: Vec<i64>,
+    pub(crate) fire: Vec<i64>,
     /// Ticks missed while no scheduler ran (counted, not all fired).
-    pub missed: u64,
+    pub(crate) missed: u64,
     /// Ticks fired more than `grace` late although a scheduler ran.
-    pub late: u64,
+    pub(crate) late: u64,
     /// The following tick; `None` when the trigger is exhausted.
-    pub next: Option<i64>,
+    pub(crate) next: Option<i64>,
 }
 
 /// `now` and `alive_since` are Redis's clock, as the heartbeat returned
 /// them (`alive_since <= now`).
-pub fn plan(
+pub(crate) fn plan(
     trigger: &Trigger,
     misfire: Misfire,
     next: i64,

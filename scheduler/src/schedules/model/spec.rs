@@ -4,9 +4,9 @@
 
 use super::trigger::Trigger;
 use chrono_tz::Tz;
-use kairos_shared::contract::{validate_queue, MAX_PRIORITY};
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use kairos_shared::template::{Origin, TaskTemplate, TemplateError};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
 /// Longest schedule id: with `@` and a 13-digit tick the task id stays well
@@ -18,12 +18,24 @@ pub const MIN_EVERY_MS: u64 = 100;
 /// `skip` when its outcome never arrives (one hour).
 pub const DEFAULT_MAX_RUN_MS: u64 = 3_600_000;
 
+/// What is wrong with a schedule, and in which field.
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("{field}: {message}")]
 pub struct SpecError {
     /// The offending field, as the user wrote it (`cron`, `task.priority`...).
     pub field: String,
+    /// Why, for a person.
     pub message: String,
+}
+
+impl From<TemplateError> for SpecError {
+    /// The template's field under `task.` (`task.headers.x-max-retries`).
+    fn from(e: TemplateError) -> Self {
+        SpecError {
+            field: format!("task.{}", e.path()),
+            message: e.message,
+        }
+    }
 }
 
 fn err(field: &str, message: impl Into<String>) -> SpecError {
@@ -50,40 +62,35 @@ pub enum Misfire {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Overlap {
+    /// Every tick fires.
     #[default]
     Allow,
+    /// A tick is skipped while the previous occurrence has no outcome yet
+    /// (for at most `max_run_ms`).
     Skip,
 }
 
-/// The task each occurrence becomes.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TaskTemplate {
-    /// Task name (AMQP `type`).
-    pub name: String,
-    /// Logical queue.
-    #[serde(default = "default_queue")]
-    pub queue: String,
-    /// 0 to 9.
-    #[serde(default)]
-    pub priority: u8,
-    /// Any JSON; sent JSON-encoded with content type `application/json`.
-    #[serde(default, skip_serializing_if = "Value::is_null")]
-    pub body: Value,
-    /// AMQP headers: strings, integers, booleans.
-    #[serde(default, skip_serializing_if = "Map::is_empty")]
-    pub headers: Map<String, Value>,
-    /// Shorthand for the `x-max-retries` header.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_retries: Option<u32>,
-    /// Shorthand for the `x-timeout-ms` header.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout_ms: Option<u64>,
+/// The task each occurrence becomes: a template without the fields a
+/// schedule sets itself (id and due time). They are refused as unknown
+/// fields, so a stored schedule never holds them.
+fn schedule_task<'de, D: Deserializer<'de>>(d: D) -> Result<TaskTemplate, D::Error> {
+    let task = TaskTemplate::deserialize(d)?;
+    match task.one_off_field() {
+        Some(field) => Err(D::Error::unknown_field(field, SCHEDULE_TASK_FIELDS)),
+        None => Ok(task),
+    }
 }
 
-fn default_queue() -> String {
-    "default".into()
-}
+/// The fields a schedule's task template takes.
+const SCHEDULE_TASK_FIELDS: &[&str] = &[
+    "name",
+    "queue",
+    "priority",
+    "body",
+    "headers",
+    "max_retries",
+    "timeout_ms",
+];
 
 fn default_timezone() -> String {
     "UTC".into()
@@ -108,8 +115,10 @@ pub struct ScheduleSpec {
     /// Set from the URL for HTTP; required in the file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Cron expression: 5 fields, or 6 with seconds first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cron: Option<String>,
+    /// Fixed interval in ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub every_ms: Option<u64>,
     /// First tick of an `every_ms` schedule (Unix ms); ticks fall at
@@ -123,11 +132,16 @@ pub struct ScheduleSpec {
     /// IANA zone for `cron`.
     #[serde(default = "default_timezone", skip_serializing_if = "is_utc")]
     pub timezone: String,
+    /// The task each occurrence becomes.
+    #[serde(deserialize_with = "schedule_task")]
     pub task: TaskTemplate,
+    /// What to do with ticks missed while no scheduler ran.
     #[serde(default)]
     pub misfire: Misfire,
+    /// Whether a tick fires while the previous occurrence runs.
     #[serde(default)]
     pub overlap: Overlap,
+    /// False while paused.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub enabled: bool,
     /// Overlap `skip`: after this long an occurrence whose outcome never
@@ -139,12 +153,16 @@ pub struct ScheduleSpec {
 /// A validated schedule, ready for tick arithmetic.
 #[derive(Clone, Debug)]
 pub struct Schedule {
+    /// The schedule id.
     pub id: String,
+    /// When it fires.
     pub trigger: Trigger,
+    /// The definition, with `id` set.
     pub spec: ScheduleSpec,
 }
 
 impl Schedule {
+    /// How long an occurrence without an outcome blocks overlap `skip`.
     pub fn max_run_ms(&self) -> u64 {
         self.spec.max_run_ms.unwrap_or(DEFAULT_MAX_RUN_MS)
     }
@@ -235,7 +253,7 @@ impl ScheduleSpec {
         if self.max_run_ms == Some(0) {
             return Err(err("max_run_ms", "must be positive"));
         }
-        validate_template(&self.task)?;
+        self.task.to_new_task(Origin::Schedule)?;
         Ok(Schedule {
             id: id.to_string(),
             trigger,
@@ -244,65 +262,10 @@ impl ScheduleSpec {
     }
 }
 
-fn validate_template(t: &TaskTemplate) -> Result<(), SpecError> {
-    if t.name.trim().is_empty() {
-        return Err(err("task.name", "is required"));
-    }
-    if t.name.len() > 255 {
-        return Err(err("task.name", "longer than 255 bytes"));
-    }
-    validate_queue(&t.queue).map_err(|e| err("task.queue", e))?;
-    if t.priority > MAX_PRIORITY {
-        return Err(err(
-            "task.priority",
-            format!("{} is above {MAX_PRIORITY}", t.priority),
-        ));
-    }
-    if t.timeout_ms == Some(0) {
-        return Err(err("task.timeout_ms", "must be positive"));
-    }
-    for (k, v) in &t.headers {
-        // A header name is an AMQP short string: refused here, or every
-        // occurrence would fail to build.
-        kairos_shared::short::header_name(k).map_err(|e| err("task.headers", e.to_string()))?;
-        let field = format!("task.headers.{k}");
-        match v {
-            Value::String(_) | Value::Bool(_) => {}
-            Value::Number(n) if n.is_i64() => {}
-            Value::Number(n) if n.is_u64() => {
-                return Err(err(
-                    &field,
-                    format!("{n} does not fit a signed 64-bit integer"),
-                ))
-            }
-            other => {
-                return Err(err(
-                    &field,
-                    format!("{other} is not a string, an integer or a boolean"),
-                ))
-            }
-        }
-        let int = v.as_i64();
-        match k.as_str() {
-            "x-max-retries" if int.is_none_or(|n| n < 0) => {
-                return Err(err(&field, "must be a non-negative integer"))
-            }
-            "x-timeout-ms" if int.is_none_or(|n| n <= 0) => {
-                return Err(err(&field, "must be a positive integer"))
-            }
-            "x-run-at" | "x-delay-ms" | "x-attempt" | "x-schedule-id" => {
-                return Err(err(&field, "is set by the scheduler"))
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Map, Value};
 
     fn spec(v: Value) -> Result<Schedule, SpecError> {
         ScheduleSpec::from_json(v.to_string().as_bytes())?.validate("s1")
@@ -406,6 +369,31 @@ mod tests {
             ScheduleSpec::from_json(br#"{"id":"other","every_ms":1000,"task":{"name":"t"}}"#)
                 .unwrap();
         assert_eq!(body.validate("s1").unwrap_err().field, "id");
+    }
+
+    #[test]
+    fn a_stored_definition_with_every_task_field_loads_unchanged() {
+        let stored = r#"{"id":"s1","every_ms":1000,"start_at":5,"timezone":"Europe/Berlin","task":{"name":"t","queue":"q","priority":3,"body":{"a":[1,"x"]},"headers":{"b":true,"h":"v","n":-2,"x-max-retries":4},"max_retries":2,"timeout_ms":900},"misfire":"fire_all","overlap":"skip","enabled":false,"max_run_ms":60000}"#;
+        let spec: ScheduleSpec = serde_json::from_str(stored).unwrap();
+        let schedule = spec.validate("s1").unwrap();
+        assert_eq!(serde_json::to_string(&schedule.spec).unwrap(), stored);
+    }
+
+    #[test]
+    fn one_off_fields_are_unknown_in_a_schedule_task() {
+        for field in ["id", "body_text", "run_at", "delay_ms"] {
+            let value = if field == "id" || field == "body_text" {
+                json!("x")
+            } else {
+                json!(5)
+            };
+            let mut task = Map::new();
+            task.insert("name".into(), json!("t"));
+            task.insert(field.into(), value);
+            let err = spec(json!({"every_ms": 1000, "task": task})).unwrap_err();
+            assert_eq!(err.field, "body", "{field}");
+            assert!(err.message.contains(field), "{err}");
+        }
     }
 
     #[test]

@@ -25,10 +25,24 @@ use croner::Cron;
 /// repeated hour of a fall-back can need more than one.
 const MAX_WALK: usize = 8_000;
 
+/// When a schedule fires.
 #[derive(Clone, Debug)]
 pub enum Trigger {
-    Cron { cron: Box<Cron>, tz: Tz },
-    Every { every_ms: i64, start_at: i64 },
+    /// A cron expression read in a time zone.
+    Cron {
+        /// The parsed expression.
+        cron: Box<Cron>,
+        /// The zone its wall-clock times are in.
+        tz: Tz,
+    },
+    /// Every `every_ms`, at `start_at + k * every_ms` (Unix ms).
+    Every {
+        /// The interval.
+        every_ms: i64,
+        /// The first tick.
+        start_at: i64,
+    },
+    /// Once, at this Unix ms.
     At(i64),
 }
 
@@ -164,23 +178,34 @@ mod tests {
             .collect()
     }
 
+    /// Asserts the ticks of cron `expr` in `zone` after `from`.
+    fn assert_ticks(expr: &str, zone: &str, from: &str, want: &[&str]) {
+        assert_eq!(
+            ticks(&cron(expr, zone), from, want.len()),
+            want,
+            "{expr} in {zone}"
+        );
+    }
+
     /// Pins croner's field counts with `Seconds::Optional`: a sixth field
     /// is a leading seconds field, and five fields fire at second 0.
     #[test]
     fn six_fields_have_seconds_five_fire_at_second_zero() {
-        let t = cron("*/2 * * * * *", "UTC");
-        assert_eq!(
-            ticks(&t, "2026-01-01T00:00:00.500Z", 3),
-            [
+        assert_ticks(
+            "*/2 * * * * *",
+            "UTC",
+            "2026-01-01T00:00:00.500Z",
+            &[
                 "2026-01-01T00:00:02+00:00",
                 "2026-01-01T00:00:04+00:00",
-                "2026-01-01T00:00:06+00:00"
-            ]
+                "2026-01-01T00:00:06+00:00",
+            ],
         );
-        let t = cron("*/15 * * * *", "UTC");
-        assert_eq!(
-            ticks(&t, "2026-01-01T00:00:01Z", 2),
-            ["2026-01-01T00:15:00+00:00", "2026-01-01T00:30:00+00:00"]
+        assert_ticks(
+            "*/15 * * * *",
+            "UTC",
+            "2026-01-01T00:00:01Z",
+            &["2026-01-01T00:15:00+00:00", "2026-01-01T00:30:00+00:00"],
         );
     }
 
@@ -198,10 +223,12 @@ mod tests {
             );
         }
         // 1-5 is Monday to Friday.
-        let t = cron("0 9 * * 1-5", "UTC");
-        assert_eq!(
-            ticks(&t, "2026-01-02T10:00:00Z", 2), // a Friday, after 09:00
-            ["2026-01-05T09:00:00+00:00", "2026-01-06T09:00:00+00:00"]
+        // From a Friday, after 09:00.
+        assert_ticks(
+            "0 9 * * 1-5",
+            "UTC",
+            "2026-01-02T10:00:00Z",
+            &["2026-01-05T09:00:00+00:00", "2026-01-06T09:00:00+00:00"],
         );
     }
 
@@ -210,14 +237,15 @@ mod tests {
     #[test]
     fn day_of_month_and_day_of_week_are_ored() {
         // The 13th, or any Friday (Vixie cron), from Thu 2026-02-05.
-        let t = cron("0 0 13 * 5", "UTC");
-        assert_eq!(
-            ticks(&t, "2026-02-05T00:00:00Z", 3),
-            [
+        assert_ticks(
+            "0 0 13 * 5",
+            "UTC",
+            "2026-02-05T00:00:00Z",
+            &[
                 "2026-02-06T00:00:00+00:00",
                 "2026-02-13T00:00:00+00:00",
-                "2026-02-20T00:00:00+00:00"
-            ]
+                "2026-02-20T00:00:00+00:00",
+            ],
         );
     }
 
@@ -225,15 +253,17 @@ mod tests {
     /// meaning Unix cron gives it (`@weekly` is Sunday midnight).
     #[test]
     fn aliases() {
-        let t = cron("@hourly", "UTC");
-        assert_eq!(
-            ticks(&t, "2026-01-01T00:30:00Z", 1),
-            ["2026-01-01T01:00:00+00:00"]
+        assert_ticks(
+            "@hourly",
+            "UTC",
+            "2026-01-01T00:30:00Z",
+            &["2026-01-01T01:00:00+00:00"],
         );
-        let t = cron("@daily", "Europe/Berlin");
-        assert_eq!(
-            ticks(&t, "2026-01-01T12:00:00Z", 1),
-            ["2026-01-02T00:00:00+01:00"]
+        assert_ticks(
+            "@daily",
+            "Europe/Berlin",
+            "2026-01-01T12:00:00Z",
+            &["2026-01-02T00:00:00+01:00"],
         );
         // 2026-01-01 is a Thursday; the next Sunday is the 4th.
         let t = cron("@weekly", "UTC");
@@ -360,36 +390,40 @@ mod tests {
     #[test]
     fn spring_forward_fires_once_at_the_end_of_the_gap() {
         // New York, 2026-03-08: 02:00 EST becomes 03:00 EDT.
-        let t = cron("30 2 * * *", "America/New_York");
-        assert_eq!(
-            ticks(&t, "2026-03-07T12:00:00-05:00", 3),
-            [
+        assert_ticks(
+            "30 2 * * *",
+            "America/New_York",
+            "2026-03-07T12:00:00-05:00",
+            &[
                 "2026-03-08T03:00:00-04:00",
                 "2026-03-09T02:30:00-04:00",
-                "2026-03-10T02:30:00-04:00"
-            ]
+                "2026-03-10T02:30:00-04:00",
+            ],
         );
         // A wildcard expression: every gap tick collapses into 03:00, once.
-        let t = cron("*/20 * * * *", "America/New_York");
-        assert_eq!(
-            ticks(&t, "2026-03-08T01:30:00-05:00", 4),
-            [
+        assert_ticks(
+            "*/20 * * * *",
+            "America/New_York",
+            "2026-03-08T01:30:00-05:00",
+            &[
                 "2026-03-08T01:40:00-05:00",
                 "2026-03-08T03:00:00-04:00",
                 "2026-03-08T03:20:00-04:00",
-                "2026-03-08T03:40:00-04:00"
-            ]
+                "2026-03-08T03:40:00-04:00",
+            ],
         );
         // Berlin, 2026-03-29: 02:00 CET becomes 03:00 CEST.
-        let t = cron("15 2 * * *", "Europe/Berlin");
-        assert_eq!(
-            ticks(&t, "2026-03-28T12:00:00+01:00", 2),
-            ["2026-03-29T03:00:00+02:00", "2026-03-30T02:15:00+02:00"]
+        assert_ticks(
+            "15 2 * * *",
+            "Europe/Berlin",
+            "2026-03-28T12:00:00+01:00",
+            &["2026-03-29T03:00:00+02:00", "2026-03-30T02:15:00+02:00"],
         );
-        let t = cron("0 * * * *", "Europe/Berlin");
-        assert_eq!(
-            ticks(&t, "2026-03-29T01:30:00+01:00", 2),
-            ["2026-03-29T03:00:00+02:00", "2026-03-29T04:00:00+02:00"]
+        assert_ticks(
+            "0 * * * *",
+            "Europe/Berlin",
+            "2026-03-29T01:30:00+01:00",
+            &["2026-03-29T03:00:00+02:00", "2026-03-29T04:00:00+02:00"],
         );
     }
 
@@ -398,42 +432,47 @@ mod tests {
     #[test]
     fn fall_back_fires_once_at_the_first_occurrence() {
         // New York, 2026-11-01: 02:00 EDT becomes 01:00 EST.
-        let t = cron("30 1 * * *", "America/New_York");
-        assert_eq!(
-            ticks(&t, "2026-10-31T12:00:00-04:00", 2),
-            ["2026-11-01T01:30:00-04:00", "2026-11-02T01:30:00-05:00"]
+        assert_ticks(
+            "30 1 * * *",
+            "America/New_York",
+            "2026-10-31T12:00:00-04:00",
+            &["2026-11-01T01:30:00-04:00", "2026-11-02T01:30:00-05:00"],
         );
         // Wildcards do not run the repeated hour twice either.
-        let t = cron("*/30 * * * *", "America/New_York");
-        assert_eq!(
-            ticks(&t, "2026-11-01T00:45:00-04:00", 4),
-            [
+        assert_ticks(
+            "*/30 * * * *",
+            "America/New_York",
+            "2026-11-01T00:45:00-04:00",
+            &[
                 "2026-11-01T01:00:00-04:00",
                 "2026-11-01T01:30:00-04:00",
                 "2026-11-01T02:00:00-05:00",
-                "2026-11-01T02:30:00-05:00"
-            ]
+                "2026-11-01T02:30:00-05:00",
+            ],
         );
         // Berlin, 2026-10-25: 03:00 CEST becomes 02:00 CET.
-        let t = cron("30 2 * * *", "Europe/Berlin");
-        assert_eq!(
-            ticks(&t, "2026-10-24T12:00:00+02:00", 2),
-            ["2026-10-25T02:30:00+02:00", "2026-10-26T02:30:00+01:00"]
+        assert_ticks(
+            "30 2 * * *",
+            "Europe/Berlin",
+            "2026-10-24T12:00:00+02:00",
+            &["2026-10-25T02:30:00+02:00", "2026-10-26T02:30:00+01:00"],
         );
-        let t = cron("0 * * * *", "Europe/Berlin");
-        assert_eq!(
-            ticks(&t, "2026-10-25T01:30:00+02:00", 3),
-            [
+        assert_ticks(
+            "0 * * * *",
+            "Europe/Berlin",
+            "2026-10-25T01:30:00+02:00",
+            &[
                 "2026-10-25T02:00:00+02:00",
                 "2026-10-25T03:00:00+01:00",
-                "2026-10-25T04:00:00+01:00"
-            ]
+                "2026-10-25T04:00:00+01:00",
+            ],
         );
         // Starting inside the repeated hour's second pass skips its ticks.
-        let t = cron("*/15 * * * *", "Europe/Berlin");
-        assert_eq!(
-            ticks(&t, "2026-10-25T02:20:00+01:00", 1),
-            ["2026-10-25T03:00:00+01:00"]
+        assert_ticks(
+            "*/15 * * * *",
+            "Europe/Berlin",
+            "2026-10-25T02:20:00+01:00",
+            &["2026-10-25T03:00:00+01:00"],
         );
     }
 
