@@ -143,7 +143,7 @@ impl Claimed {
 }
 
 /// The task id in a member (`id` or `id\tN`).
-pub fn id_of(member: &str) -> &str {
+pub(crate) fn id_of(member: &str) -> &str {
     member.split('\t').next().unwrap_or(member)
 }
 
@@ -178,7 +178,7 @@ const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0100_0000_01b3;
 
 /// FNV-1a: a stable hash, so every instance maps an id to the same shard.
-pub fn shard_of(id: &str, shards: usize) -> usize {
+pub(crate) fn shard_of(id: &str, shards: usize) -> usize {
     let mut h: u64 = FNV_OFFSET;
     for b in id.as_bytes() {
         h ^= u64::from(*b);
@@ -199,6 +199,15 @@ pub(crate) struct OccurrenceHold {
 }
 
 impl OccurrenceHold {
+    /// The hold of the shard with `keys`, waking pumps on `wake_channel`.
+    pub(crate) fn new(keys: &DelayShardKeys, wake_channel: &str) -> Self {
+        OccurrenceHold {
+            idx: keys.idx.clone(),
+            rec: keys.rec.clone(),
+            wake_channel: wake_channel.to_string(),
+        }
+    }
+
     /// The shard's keys for the library's hold functions, in the order they
     /// take them (due index, records).
     pub(crate) fn keys(&self) -> [&str; 2] {
@@ -256,7 +265,7 @@ impl RedisDelayQueue {
     /// up to `wait` each time) before [`hold`](Self::hold) says so; 0
     /// replicas: no wait. `reply_timeout` is the pool's reply timeout: a
     /// hold's reply may come that much after the `WAIT` ends.
-    pub fn with_replica_wait(
+    pub(crate) fn with_replica_wait(
         mut self,
         replicas: u16,
         wait: Duration,
@@ -268,13 +277,13 @@ impl RedisDelayQueue {
     }
 
     /// The queue's Redis connection.
-    pub fn redis(&self) -> &RedisConn {
+    pub(crate) fn redis(&self) -> &RedisConn {
         &self.redis
     }
 
     /// The same queue over a connection of its own (see
     /// [`RedisConn::separate`]).
-    pub fn with_own_connection(&self) -> Self {
+    pub(crate) fn with_own_connection(&self) -> Self {
         RedisDelayQueue {
             redis: self.redis.separate(),
             ..self.clone()
@@ -282,23 +291,21 @@ impl RedisDelayQueue {
     }
 
     /// The number of shards.
-    pub fn shard_count(&self) -> usize {
+    pub(crate) fn shard_count(&self) -> usize {
         self.shards.len()
     }
 
     /// The pub/sub channel on which a new earliest due time is published.
-    pub fn wake_channel(&self) -> &str {
+    pub(crate) fn wake_channel(&self) -> &str {
         &self.wake_channel
     }
 
     /// What the schedule scripts need to hold occurrences in shard `shard`
     /// (see the module doc); `None` past the last shard.
     pub(crate) fn occurrence_hold(&self, shard: usize) -> Option<OccurrenceHold> {
-        self.shards.get(shard).map(|k| OccurrenceHold {
-            idx: k.idx.clone(),
-            rec: k.rec.clone(),
-            wake_channel: self.wake_channel.clone(),
-        })
+        self.shards
+            .get(shard)
+            .map(|k| OccurrenceHold::new(k, &self.wake_channel))
     }
 
     /// Records the shard count on first start and refuses a different one

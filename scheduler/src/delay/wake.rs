@@ -9,7 +9,13 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub async fn listen(
+/// Subscribes to `channel` and wakes the pump (`notify`) on each message,
+/// and once after every (re)subscription, until `cancel`. A lost
+/// connection (a Redis restart, a failover) is reconnected and
+/// resubscribed here, with a backoff, for as long as it takes: redis-rs's
+/// `ConnectionManager` resubscribes only while its bounded reconnect
+/// retries last, and tells no one when it did.
+pub(crate) async fn listen(
     client: redis::Client,
     channel: String,
     notify: Arc<Notify>,

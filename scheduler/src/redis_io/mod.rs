@@ -15,4 +15,4 @@ pub(crate) mod keys;
 pub mod reply;
 pub(crate) mod schedule_calls;
 pub(crate) mod scripts;
-pub mod setup;
+pub(crate) mod setup;

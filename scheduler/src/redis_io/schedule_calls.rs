@@ -274,6 +274,83 @@ impl BeatArgs<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::redis_io::keys::Keys;
+    use crate::schedules::store::Occurrence;
+
+    /// The arguments after `EVALSHA sha`.
+    fn args(cmd: &redis::Cmd) -> Vec<String> {
+        cmd.args_iter()
+            .skip(2)
+            .map(|a| match a {
+                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => String::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_fire_passes_the_delay_queues_hold_keys_and_its_occurrences() {
+        let keys = Keys::new("ns");
+        let hold = OccurrenceHold::new(&keys.delay_shard(1, "c"), "ns:dq:wake");
+        let fire = Fire {
+            shard: 1,
+            id: "s".into(),
+            expected_next: 100,
+            digest: "d".into(),
+            last: None,
+            new_next: None,
+            overlap_skip: true,
+            max_run_ms: 5,
+            occurrences: vec![Occurrence {
+                member: "s@100".into(),
+                tick: 100,
+                record: b"r".to_vec(),
+            }],
+        };
+        let cmd = FireArgs {
+            keys: &keys.schedule_shard(1),
+            hold: &hold,
+            fires: vec![&fire],
+        }
+        .command();
+        let want = [
+            "5",
+            "ns:dq{1}:snext",
+            "ns:dq{1}:sdef",
+            "ns:dq{1}:sstate",
+            "ns:dq{1}:idx",
+            "ns:dq{1}:rec",
+            "ns:dq:wake",
+            "1",
+            "s",
+            "100",
+            "d",
+            "",
+            "1",
+            "5",
+            "1",
+            "s@100",
+            "100",
+            "r",
+        ];
+        assert_eq!(args(&cmd), want);
+    }
+
+    #[test]
+    fn a_delete_sends_no_definition_and_withdraws() {
+        let keys = Keys::new("ns");
+        let hold = OccurrenceHold::new(&keys.delay_shard(0, "c"), "w");
+        let cmd = PutArgs {
+            keys: &keys.schedule_shard(0),
+            hold: &hold,
+            id: "s",
+            definition: None,
+            next: None,
+            withdraw: true,
+        }
+        .command();
+        assert_eq!(args(&cmd)[6..], ["s", "", "", "1"]);
+    }
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())

@@ -176,7 +176,7 @@ impl ScheduleStore {
     }
 
     /// The shard of schedule `id`.
-    pub fn shard_of(&self, id: &str) -> usize {
+    pub(crate) fn shard_of(&self, id: &str) -> usize {
         shard_of(id, self.shards.len())
     }
 
@@ -224,7 +224,7 @@ impl ScheduleStore {
     /// false. A schedule that fires every second is otherwise read and sent
     /// over every second; a remembered digest that is out of date fails the
     /// compare-and-set, and the caller must then forget it.
-    pub async fn due_known(
+    pub(crate) async fn due_known(
         &self,
         lookahead: i64,
         batch: usize,
@@ -421,7 +421,7 @@ impl ScheduleStore {
     }
 
     /// The stored definition and last fired tick.
-    pub async fn get_spec(
+    pub(crate) async fn get_spec(
         &self,
         id: &str,
     ) -> Result<Option<(ScheduleSpec, Option<i64>)>, QueueError> {
@@ -460,7 +460,7 @@ impl ScheduleStore {
     }
 
     /// Every schedule, sorted by id.
-    pub async fn list(&self) -> Result<Vec<View>, QueueError> {
+    pub(crate) async fn list(&self) -> Result<Vec<View>, QueueError> {
         let mut pipe = redis::pipe();
         for shard in &self.shards {
             let keys = &shard.keys;
@@ -506,7 +506,7 @@ impl ScheduleStore {
 
     /// Notes that schedule `id`'s stored definition cannot fire, and why
     /// (shown by the API until the schedule is replaced or deleted).
-    pub async fn mark_failed(&self, id: &str, reason: &str) -> Result<(), QueueError> {
+    pub(crate) async fn mark_failed(&self, id: &str, reason: &str) -> Result<(), QueueError> {
         let keys = self.keys(self.shard_of(id));
         let mut pipe = redis::pipe();
         pipe.cmd("HSET")
@@ -519,7 +519,7 @@ impl ScheduleStore {
     }
 
     /// Records an occurrence's outcome; `over` ends its overlap hold.
-    pub async fn record_outcome(
+    pub(crate) async fn record_outcome(
         &self,
         schedule_id: &str,
         task_id: &str,
