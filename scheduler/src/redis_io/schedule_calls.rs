@@ -74,21 +74,18 @@ pub(crate) struct MetaArgs<'a> {
 impl MetaArgs<'_> {
     /// The script call.
     pub(crate) fn command(&self) -> redis::Cmd {
-        let mut cmd = Script::SchedMeta.call(&[&self.keys.def, &self.keys.state]);
-        for id in &self.ids {
-            cmd.arg(*id);
-        }
-        cmd
+        with_ids(
+            Script::SchedMeta,
+            &[&self.keys.def, &self.keys.state],
+            &self.ids,
+        )
     }
 
     /// Per id: its digest (empty when missing) and its last tick.
     pub(crate) fn decode(reply: Value) -> Result<Vec<(String, Option<i64>)>, ReplyError> {
-        let mut r = Reader::new(reply, "meta reply")?;
-        let mut out = Vec::new();
-        while !r.is_done() {
-            out.push((r.string("digest")?, r.opt_time("last")?));
-        }
-        Ok(out)
+        each(reply, "meta reply", |r| {
+            Ok((r.string("digest")?, r.opt_time("last")?))
+        })
     }
 }
 
@@ -103,22 +100,38 @@ pub(crate) struct DefsArgs<'a> {
 impl DefsArgs<'_> {
     /// The script call.
     pub(crate) fn command(&self) -> redis::Cmd {
-        let mut cmd = Script::SchedDefs.call(&[&self.keys.def]);
-        for id in &self.ids {
-            cmd.arg(*id);
-        }
-        cmd
+        with_ids(Script::SchedDefs, &[&self.keys.def], &self.ids)
     }
 
     /// Per id: its digest and definition (both empty when missing).
     pub(crate) fn decode(reply: Value) -> Result<Vec<(String, Vec<u8>)>, ReplyError> {
-        let mut r = Reader::new(reply, "defs reply")?;
-        let mut out = Vec::new();
-        while !r.is_done() {
-            out.push((r.string("digest")?, r.bytes("definition")?));
-        }
-        Ok(out)
+        each(reply, "defs reply", |r| {
+            Ok((r.string("digest")?, r.bytes("definition")?))
+        })
     }
+}
+
+/// `script` over `keys`, with `ids` as its arguments.
+fn with_ids(script: Script, keys: &[&str], ids: &[&str]) -> redis::Cmd {
+    let mut cmd = script.call(keys);
+    for id in ids {
+        cmd.arg(*id);
+    }
+    cmd
+}
+
+/// Reads an array reply to its end, one `item` at a time.
+fn each<T>(
+    reply: Value,
+    what: &'static str,
+    mut item: impl FnMut(&mut Reader) -> Result<T, ReplyError>,
+) -> Result<Vec<T>, ReplyError> {
+    let mut r = Reader::new(reply, what)?;
+    let mut out = Vec::new();
+    while !r.is_done() {
+        out.push(item(&mut r)?);
+    }
+    Ok(out)
 }
 
 /// `sched_fire.lua`: the compare-and-set of a shard's schedules, holding
@@ -156,17 +169,14 @@ impl FireArgs<'_> {
 
     /// Per schedule `{fired 0/1, enqueued, skipped}`.
     pub(crate) fn decode(reply: Value) -> Result<Vec<Fired>, ReplyError> {
-        let mut r = Reader::new(reply, "fire reply")?;
-        let mut out = Vec::new();
-        while !r.is_done() {
+        each(reply, "fire reply", |r| {
             let mut item = Reader::new(r.value("fire item")?, "fire item")?;
-            out.push(Fired {
+            Ok(Fired {
                 won: item.int("fired")? == 1,
                 enqueued: count(item.int("enqueued")?, "enqueued")?,
                 skipped: count(item.int("skipped")?, "skipped")?,
-            });
-        }
-        Ok(out)
+            })
+        })
     }
 }
 
