@@ -60,7 +60,7 @@ pub enum QueueError {
     #[error("unexpected reply from a delay-queue script: {0}")]
     Reply(String),
     /// A script's reply did not have its documented shape.
-    #[error("unexpected reply from a script")]
+    #[error("unexpected reply from a script: {0}")]
     Decode(#[from] ReplyError),
     /// A setting disagrees with Redis (shard count, eviction policy).
     #[error("{0}")]
@@ -172,6 +172,9 @@ pub fn member(id: &str, attempt: u32) -> String {
         format!("{id}\t{attempt}")
     }
 }
+
+/// Microseconds in a millisecond (a claim reports Redis's clock in µs).
+const US_PER_MS: i64 = 1000;
 
 /// FNV-1a offset basis and prime (64-bit).
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -471,7 +474,7 @@ impl RedisDelayQueue {
                 record: t.record,
             }));
         }
-        claim.now = claim.now_us.div_euclid(1000);
+        claim.now = claim.now_us.div_euclid(US_PER_MS);
         Ok(claim)
     }
 
