@@ -227,6 +227,21 @@ mod tests {
     }
 
     #[test]
+    fn schedule_scripts_touch_delay_queue_keys_only_through_its_library() {
+        // KEYS[4] and KEYS[5] of the schedule scripts that hold occurrences
+        // are the delay queue's (`OccurrenceHold`): only `dq_` functions
+        // may use them.
+        for s in [Script::SchedFire, Script::SchedPut] {
+            for line in s.source().body.lines() {
+                let code = line.split("--").next().unwrap_or_default();
+                if code.contains("KEYS[4]") || code.contains("KEYS[5]") {
+                    assert!(code.contains("dq_"), "{s:?}: {line}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn every_script_has_its_own_hash() {
         let hashes: HashSet<&str> = Script::ALL
             .iter()
