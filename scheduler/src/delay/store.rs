@@ -1,6 +1,6 @@
 //! The sharded Redis delay queue.
 //!
-//! Each shard's keys ([`crate::redis_io::keys`]) share one Redis Cluster
+//! Each shard's keys (`redis_io::keys`) share one Redis Cluster
 //! hash tag, so every script touches a single slot:
 //!
 //! * the due index `NS:dq{S}:idx` (a bucket's earliest due time) over
@@ -22,9 +22,9 @@
 //! exactly once with its occurrence durable in the same atomic step, so the
 //! schedule scripts hold occurrences themselves, in the delay queue's
 //! shard of the same number (same hash tag). They do it only through this
-//! queue's [`OccurrenceHold`]: its keys, which the scripts pass on untouched
+//! queue's `OccurrenceHold`: its keys, which the scripts pass on untouched
 //! to the library's `dq_hold` / `dq_held` / `dq_withdraw` / `dq_head`, and
-//! [`OccurrenceHold::push_task`], the argument encoding those functions
+//! `OccurrenceHold::push_task`, the argument encoding those functions
 //! read. The schedule side never names a delay-queue key or writes a
 //! record itself; the layout and the record encoding stay here and in the
 //! library.

@@ -1,6 +1,6 @@
 //! Schedules in Redis. They are sharded like the delay queue, by schedule
 //! id, and each shard's schedule keys share the delay-queue shard's hash
-//! tag ([`crate::redis_io::keys`]), so one script can compare-and-set a
+//! tag (`redis_io::keys`), so one script can compare-and-set a
 //! schedule's next tick and hold its occurrence in the delay queue
 //! atomically, even under Redis Cluster:
 //!
@@ -13,7 +13,7 @@
 //!   `id\tpending` occurrences handed to the delay queue and not yet due.
 //!
 //! The occurrences themselves are the delay queue's: the fire and put
-//! scripts get the delay queue's [`OccurrenceHold`] for the shard and hold or
+//! scripts get the delay queue's `OccurrenceHold` for the shard and hold or
 //! withdraw them through the delay queue's Lua library (see
 //! [`crate::delay::store`]); nothing here names a delay-queue key.
 //!
