@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 /// resubscribed here, with a backoff, for as long as it takes: redis-rs's
 /// `ConnectionManager` resubscribes only while its bounded reconnect
 /// retries last, and tells no one when it did.
-pub(crate) async fn listen(
+pub async fn listen(
     client: redis::Client,
     channel: String,
     notify: Arc<Notify>,
