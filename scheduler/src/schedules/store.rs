@@ -47,9 +47,9 @@ pub struct ScheduleStore {
     shards: Vec<Shard>,
     /// `NS:sbeat`: the schedulers' shared heartbeat (`sched_beat.lua`).
     beat: String,
-    /// The heartbeat's own connection: on the shared one it waited behind
-    /// the ticker's pipelines, which take over a second on an overloaded
-    /// machine, and a late beat reads as an outage.
+    /// The heartbeat's own connection, so that a beat never waits behind
+    /// the ticker's pipelines, which can be long on an overloaded machine:
+    /// a late beat reads as an outage.
     beat_conn: RedisConn,
 }
 

@@ -104,9 +104,10 @@ if #due > 0 then
     end
   end
   -- In slices: Lua unpacks at most about 8,000 values, and a full batch
-  -- of 5,000 leases is 10,000.
-  for i = 1, #live, 4000 do
-    redis.call('ZADD', KEYS[3], unpack(live, i, math.min(i + 3999, #live)))
+  -- of 5,000 leases is 10,000 (an even slice keeps score-member pairs).
+  local slice = 4000
+  for i = 1, #live, slice do
+    redis.call('ZADD', KEYS[3], unpack(live, i, math.min(i + slice - 1, #live)))
   end
 end
 if #out > 2 then
