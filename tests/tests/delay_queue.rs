@@ -329,47 +329,6 @@ async fn due_times_sit_in_compact_buckets_or_the_near_set_and_come_out_when_due(
 }
 
 #[tokio::test]
-async fn due_times_left_by_the_previous_layout_are_still_published() {
-    let env = TestEnv::new("dq-legacy").await;
-    let q = queue(&env, 1).await;
-    let now = redis_now(&env).await;
-    // What a scheduler before the bucketed index left behind: one sorted set
-    // of due times next to the record hash.
-    let mut con = env.redis.clone();
-    let legacy = format!("{}:dq{{0}}:due", env.ns);
-    let rec = format!("{}:dq{{0}}:rec", env.ns);
-    let _: () = redis::pipe()
-        .cmd("ZADD")
-        .arg(&legacy)
-        .arg(now - 5)
-        .arg("old-due")
-        .cmd("ZADD")
-        .arg(&legacy)
-        .arg(now + 60_000)
-        .arg("old-later")
-        .cmd("HSET")
-        .arg(&rec)
-        .arg("old-due")
-        .arg("r1")
-        .arg("old-later")
-        .arg("r2")
-        .query_async(&mut con)
-        .await
-        .expect("legacy layout");
-    let c = q.claim(100, 30_000, 0).await.expect("claim");
-    let ids: Vec<&str> = c.tasks.iter().map(|t| t.member.as_str()).collect();
-    assert_eq!(ids, ["old-due"]);
-    assert_eq!(c.tasks[0].record, b"r1");
-    assert_eq!(c.next_due, Some(now + 60_000), "the later one moved too");
-    let left: u64 = redis::cmd("EXISTS")
-        .arg(&legacy)
-        .query_async(&mut con)
-        .await
-        .expect("EXISTS");
-    assert_eq!(left, 0);
-}
-
-#[tokio::test]
 async fn claim_ahead_takes_tasks_due_soon_and_a_lost_claimer_gives_them_back() {
     let env = TestEnv::new("dq-ahead").await;
     let q = queue(&env, 1).await;

@@ -702,3 +702,50 @@ async fn a_repeated_completion_spares_a_resubmitted_id() {
     q.complete_again(&done).await.expect("complete again");
     assert_eq!(q.pending().await.expect("pending"), 1, "the new task stays");
 }
+
+/// Waits for the next wake-up of `notify`, failing after a while.
+async fn woken(notify: &tokio::sync::Notify, what: &str) {
+    tokio::time::timeout(Duration::from_secs(10), notify.notified())
+        .await
+        .unwrap_or_else(|_| panic!("no wake-up: {what}"));
+}
+
+/// Publishes on `channel`; returns how many subscribers got it.
+async fn publish(client: &redis::Client, channel: &str) -> i64 {
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg("1")
+        .query_async(&mut con)
+        .await
+        .expect("PUBLISH")
+}
+
+#[tokio::test]
+async fn wake_ups_survive_a_redis_restart() {
+    let mut redis = OwnRedis::start();
+    let client = redis::Client::open(redis.url()).expect("client");
+    let notify = Arc::new(tokio::sync::Notify::new());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::spawn(kairos_scheduler::delay::wake::listen(
+        client.clone(),
+        "wake".into(),
+        notify.clone(),
+        cancel.clone(),
+    ));
+    // Each subscription wakes the pump once (it covers what was published
+    // while unsubscribed), then every message does.
+    woken(&notify, "subscribed").await;
+    assert_eq!(publish(&client, "wake").await, 1);
+    woken(&notify, "a message").await;
+    redis.kill9();
+    redis.restart();
+    woken(&notify, "subscribed again after the restart").await;
+    assert_eq!(publish(&client, "wake").await, 1);
+    woken(&notify, "a message after the restart").await;
+    cancel.cancel();
+    listener.await.expect("listener");
+}

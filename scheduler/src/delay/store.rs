@@ -1,22 +1,33 @@
 //! The sharded Redis delay queue.
 //!
-//! Each shard's keys share one Redis Cluster hash tag, so every script
-//! touches a single slot:
+//! Each shard's keys (`redis_io::keys`) share one Redis Cluster
+//! hash tag, so every script touches a single slot:
 //!
-//! * `NS:dq{S}:idx:B` (B in 0..2039): small sorted sets, member -> due time
-//!   (Unix ms, Redis clock), the bucket chosen by a hash of the member
-//! * `NS:dq{S}:idx`: sorted set, bucket -> its earliest due time
-//! * `NS:dq{S}:idx:near`: sorted set, member -> due time, for tasks due
-//!   within 10 s of being added (a claim takes a batch of them at once)
+//! * the due index `NS:dq{S}:idx` (a bucket's earliest due time) over
+//!   small sorted sets `NS:dq{S}:idx:B`, member -> due time (Unix ms,
+//!   Redis clock), the bucket chosen by a hash of the member, and
+//!   `NS:dq{S}:idx:near`, member -> due time, for tasks due soon after
+//!   being added (a claim takes a batch of them at once)
 //! * `NS:dq{S}:rec`: hash, member -> stored record ([`kairos_shared::record`])
 //! * `NS:dq{S}:lease`: sorted set, member -> lease expiry, for claimed tasks
 //!   on their way to RabbitMQ
 //!
-//! The due times are split into buckets for memory: a sorted set of at most
-//! 128 members is stored as one compact listpack (about 50 bytes a member
-//! here, against 145 in one big sorted set), and a million pending tasks
-//! leave about 60 in each of a shard's buckets. `scripts/due_index.lua`
-//! holds the index logic and is prepended to every script that uses it.
+//! The due times are split into buckets for memory: a sorted set small
+//! enough for Redis's listpack encoding costs a fraction of a big one per
+//! member (figures in docs/ARCHITECTURE.md). `scripts/due_index.lua` is the
+//! delay queue's Lua library (the index, and holding and withdrawing a
+//! task) and is prepended to every script that uses it.
+//!
+//! **Holding occurrences for the schedules.** A schedule's tick must fire
+//! exactly once with its occurrence durable in the same atomic step, so the
+//! schedule scripts hold occurrences themselves, in the delay queue's
+//! shard of the same number (same hash tag). They do it only through this
+//! queue's `OccurrenceHold`: its keys, which the scripts pass on untouched
+//! to the library's `dq_hold` / `dq_held` / `dq_withdraw` / `dq_head`, and
+//! `OccurrenceHold::push_task`, the argument encoding those functions
+//! read. The schedule side never names a delay-queue key or writes a
+//! record itself; the layout and the record encoding stay here and in the
+//! library.
 //!
 //! A member is the task id for a first attempt and `id\tN` for attempt N, so
 //! a retry never collides with the id of the attempt being published, while a
@@ -25,60 +36,43 @@
 //! claim the same task.
 
 use crate::redis_io::conn::RedisConn;
+use crate::redis_io::delay_calls::{ClaimArgs, CompleteArgs, HoldArgs, ReleaseArgs};
+use crate::redis_io::keys::{DelayShardKeys, Keys};
+use crate::redis_io::reply::{int, ReplyError};
+use crate::redis_io::scripts;
 use deadpool_redis::Pool;
-use redis::aio::MultiplexedConnection;
-use redis::{RedisError, ServerErrorKind, Value};
+use redis::{RedisError, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
-/// A script that uses the due index: `scripts/due_index.lua` + its own file,
-/// after a flags line when one is given.
-macro_rules! indexed_script {
-    ($file:literal) => {
-        indexed_script!("", $file)
-    };
-    ($flags:literal, $file:literal) => {
-        LazyLock::new(|| {
-            redis::Script::new(concat!(
-                $flags,
-                include_str!("../redis_io/scripts/due_index.lua"),
-                include_str!($file)
-            ))
-        })
-    };
-}
-pub(crate) use indexed_script;
-
-// Redis 7 script flags, `allow-oom`: the script runs even when Redis is at maxmemory
-// (with `noeviction`, every other write is refused then). Claim, complete
-// and release are what frees memory: they must never be refused. A
-// script without flags that adds memory (schedule) is refused at its first
-// write, before it changed anything, and intake returns the batch.
-// (`concat!` takes only literals: hence the line repeated below.)
-static SCHEDULE: LazyLock<redis::Script> = indexed_script!("../redis_io/scripts/schedule.lua");
-static CLAIM: LazyLock<redis::Script> =
-    indexed_script!("#!lua flags=allow-oom\n", "../redis_io/scripts/claim.lua");
-static COMPLETE: LazyLock<redis::Script> = indexed_script!(
-    "#!lua flags=allow-oom\n",
-    "../redis_io/scripts/complete.lua"
-);
-static RELEASE: LazyLock<redis::Script> =
-    indexed_script!("#!lua flags=allow-oom\n", "../redis_io/scripts/release.lua");
-
+/// Why a delay-queue (or schedule-store) call failed.
 #[derive(Debug, Error)]
 pub enum QueueError {
+    /// Redis returned an error, or no reply came.
     #[error("redis: {0}")]
     Redis(#[from] RedisError),
+    /// No connection could be had from the pool.
     #[error("redis pool: {0}")]
     Pool(#[from] deadpool_redis::PoolError),
+    /// A reply or stored value that could not be read.
     #[error("unexpected reply from a delay-queue script: {0}")]
     Reply(String),
+    /// A script's reply did not have its documented shape.
+    #[error("unexpected reply from a script: {0}")]
+    Decode(#[from] ReplyError),
+    /// A setting disagrees with Redis (shard count, eviction policy).
     #[error("{0}")]
     Config(String),
+    /// Fewer replicas than `KAIROS_REDIS_WAIT` asks for confirmed a hold.
     #[error("only {acked} of the {wanted} Redis replicas asked for (KAIROS_REDIS_WAIT) confirmed the write")]
-    NotReplicated { acked: i64, wanted: u16 },
+    NotReplicated {
+        /// Replicas that confirmed.
+        acked: i64,
+        /// Replicas asked for.
+        wanted: u16,
+    },
 }
 
 impl QueueError {
@@ -95,6 +89,7 @@ impl QueueError {
 /// What [`RedisDelayQueue::hold`] did.
 #[derive(Clone, Debug)]
 pub struct Held {
+    /// One per entry, in order.
     pub scheduled: Vec<Scheduled>,
     /// The replicas asked for confirmed the write (always true without a
     /// replica wait).
@@ -106,10 +101,13 @@ pub struct Held {
 /// One task to hold.
 #[derive(Clone, Debug)]
 pub struct Entry {
+    /// The member it is held under (see [`member`]).
     pub member: String,
     /// Absolute due time; `None` means `delay_ms` after Redis's now.
     pub run_at: Option<i64>,
+    /// The delay used without `run_at`.
     pub delay_ms: i64,
+    /// The stored record ([`kairos_shared::record`]).
     pub record: Vec<u8>,
 }
 
@@ -118,6 +116,7 @@ pub struct Entry {
 pub struct Scheduled {
     /// False when the member was already waiting (first submission wins).
     pub added: bool,
+    /// The due time it is held at (Unix ms, Redis's clock).
     pub due: i64,
     /// It became its shard's earliest task: a sleeping pump must wake.
     pub head: bool,
@@ -126,9 +125,13 @@ pub struct Scheduled {
 /// A task claimed for publishing.
 #[derive(Clone, Debug)]
 pub struct Claimed {
+    /// The shard it was claimed from.
     pub shard: usize,
+    /// The member it was held under.
     pub member: String,
+    /// Its due time (Unix ms, Redis's clock).
     pub due: i64,
+    /// Its stored record.
     pub record: Vec<u8>,
 }
 
@@ -140,7 +143,7 @@ impl Claimed {
 }
 
 /// The task id in a member (`id` or `id\tN`).
-pub fn id_of(member: &str) -> &str {
+pub(crate) fn id_of(member: &str) -> &str {
     member.split('\t').next().unwrap_or(member)
 }
 
@@ -155,6 +158,7 @@ pub struct Claim {
     pub now_us: i64,
     /// Earliest due time still waiting in any shard.
     pub next_due: Option<i64>,
+    /// The tasks claimed, shard by shard.
     pub tasks: Vec<Claimed>,
     /// Some shard returned a full batch: more may be due already.
     pub more: bool,
@@ -169,32 +173,67 @@ pub fn member(id: &str, attempt: u32) -> String {
     }
 }
 
+/// Microseconds in a millisecond (a claim reports Redis's clock in µs).
+const US_PER_MS: i64 = 1000;
+
+/// FNV-1a offset basis and prime (64-bit).
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
+
 /// FNV-1a: a stable hash, so every instance maps an id to the same shard.
-pub fn shard_of(id: &str, shards: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+pub(crate) fn shard_of(id: &str, shards: usize) -> usize {
+    let mut h: u64 = FNV_OFFSET;
     for b in id.as_bytes() {
         h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+        h = h.wrapping_mul(FNV_PRIME);
     }
     (h % shards as u64) as usize
 }
 
+/// What a script of another feature needs to hold tasks in one delay-queue
+/// shard atomically with its own writes (see the module doc). The script
+/// takes [`keys`](Self::keys) after its own keys and hands them to the delay
+/// queue's Lua library unchanged.
 #[derive(Clone, Debug)]
-struct ShardKeys {
-    due: String,
+pub(crate) struct OccurrenceHold {
+    idx: String,
     rec: String,
-    lease: String,
-    /// The single due sorted set of versions before the index; claims
-    /// drain it into the index.
-    legacy_due: String,
-    /// This queue's last claim in the shard (`claim.lua`).
-    claim: String,
+    wake_channel: String,
 }
 
+impl OccurrenceHold {
+    /// The hold of the shard with `keys`, waking pumps on `wake_channel`.
+    pub(crate) fn new(keys: &DelayShardKeys, wake_channel: &str) -> Self {
+        OccurrenceHold {
+            idx: keys.idx.clone(),
+            rec: keys.rec.clone(),
+            wake_channel: wake_channel.to_string(),
+        }
+    }
+
+    /// The shard's keys for the library's hold functions, in the order they
+    /// take them (due index, records).
+    pub(crate) fn keys(&self) -> [&str; 2] {
+        [&self.idx, &self.rec]
+    }
+
+    /// The channel to publish a new earliest due time on.
+    pub(crate) fn wake_channel(&self) -> &str {
+        &self.wake_channel
+    }
+
+    /// Appends one task to hold, as `dq_hold` reads it: member, due time,
+    /// record.
+    pub(crate) fn push_task(cmd: &mut redis::Cmd, member: &str, due: i64, record: &[u8]) {
+        cmd.arg(member).arg(due).arg(record);
+    }
+}
+
+/// The Redis delay queue of one namespace.
 #[derive(Clone)]
 pub struct RedisDelayQueue {
     redis: RedisConn,
-    shards: Vec<ShardKeys>,
+    shards: Vec<DelayShardKeys>,
     wake_channel: String,
     meta_key: String,
     /// Claims answered so far: a claim sent again with the same round after
@@ -208,24 +247,17 @@ pub struct RedisDelayQueue {
 }
 
 impl RedisDelayQueue {
+    /// The queue of `namespace` over `shards` shards, on `pool`.
     pub fn new(pool: Pool, namespace: &str, shards: usize) -> Self {
         // Names this queue's claims: every process (and every queue a test
         // makes) claims under its own.
         let claimer = format!("{:016x}", rand::random::<u64>());
-        let keys = (0..shards)
-            .map(|s| ShardKeys {
-                due: format!("{namespace}:dq{{{s}}}:idx"),
-                rec: format!("{namespace}:dq{{{s}}}:rec"),
-                lease: format!("{namespace}:dq{{{s}}}:lease"),
-                legacy_due: format!("{namespace}:dq{{{s}}}:due"),
-                claim: format!("{namespace}:dq{{{s}}}:claim:{claimer}"),
-            })
-            .collect();
+        let keys = Keys::new(namespace);
         RedisDelayQueue {
             redis: RedisConn::new(pool),
-            shards: keys,
-            wake_channel: format!("{namespace}:dq:wake"),
-            meta_key: format!("{namespace}:dq:shards"),
+            shards: (0..shards).map(|s| keys.delay_shard(s, &claimer)).collect(),
+            wake_channel: keys.wake_channel(),
+            meta_key: keys.shard_count(),
             claim_round: Arc::default(),
             replica_wait: None,
             hold_timeout: None,
@@ -236,7 +268,7 @@ impl RedisDelayQueue {
     /// up to `wait` each time) before [`hold`](Self::hold) says so; 0
     /// replicas: no wait. `reply_timeout` is the pool's reply timeout: a
     /// hold's reply may come that much after the `WAIT` ends.
-    pub fn with_replica_wait(
+    pub(crate) fn with_replica_wait(
         mut self,
         replicas: u16,
         wait: Duration,
@@ -248,33 +280,35 @@ impl RedisDelayQueue {
     }
 
     /// The queue's Redis connection.
-    pub fn redis(&self) -> &RedisConn {
+    pub(crate) fn redis(&self) -> &RedisConn {
         &self.redis
     }
 
     /// The same queue over a connection of its own (see
     /// [`RedisConn::separate`]).
-    pub fn with_own_connection(&self) -> Self {
+    pub(crate) fn with_own_connection(&self) -> Self {
         RedisDelayQueue {
             redis: self.redis.separate(),
             ..self.clone()
         }
     }
 
-    pub fn shard_count(&self) -> usize {
+    /// The number of shards.
+    pub(crate) fn shard_count(&self) -> usize {
         self.shards.len()
     }
 
-    pub fn wake_channel(&self) -> &str {
+    /// The pub/sub channel on which a new earliest due time is published.
+    pub(crate) fn wake_channel(&self) -> &str {
         &self.wake_channel
     }
 
-    /// The due index and record hash of a shard: schedules keep their own keys
-    /// under the same hash tag, so one script can write an occurrence.
-    pub fn shard_data_keys(&self, shard: usize) -> Option<(&str, &str)> {
+    /// What the schedule scripts need to hold occurrences in shard `shard`
+    /// (see the module doc); `None` past the last shard.
+    pub(crate) fn occurrence_hold(&self, shard: usize) -> Option<OccurrenceHold> {
         self.shards
             .get(shard)
-            .map(|k| (k.due.as_str(), k.rec.as_str()))
+            .map(|k| OccurrenceHold::new(k, &self.wake_channel))
     }
 
     /// Records the shard count on first start and refuses a different one
@@ -312,7 +346,7 @@ impl RedisDelayQueue {
                 "KAIROS_SHARDS is {n} but this namespace's delay queue was created with {stored} shards; every scheduler must use {stored}"
             )));
         }
-        Ok(self.redis.watch(load_scripts(&mut con).await)?)
+        Ok(self.redis.watch(scripts::load_all(&mut con).await)?)
     }
 
     /// Holds the entries (see [`hold`](Self::hold)); fails when the
@@ -343,47 +377,35 @@ impl RedisDelayQueue {
                 acked: None,
             });
         }
-        let touch = if self.replica_wait.is_some() { "1" } else { "" };
         let mut pipe = redis::pipe();
         for e in entries {
-            let keys = &self.shards[self.shard_for(&e.member)];
-            pipe.add_command(evalsha(&SCHEDULE, &[&keys.due, &keys.rec]))
-                .arg(&e.member)
-                .arg(e.run_at.map(|t| t.to_string()).unwrap_or_default())
-                .arg(e.delay_ms)
-                .arg(&e.record[..])
-                .arg(&self.wake_channel)
-                .arg(touch);
+            let call = HoldArgs {
+                keys: &self.shards[self.shard_for(&e.member)],
+                member: &e.member,
+                run_at: e.run_at,
+                delay_ms: e.delay_ms,
+                record: &e.record,
+                wake_channel: &self.wake_channel,
+                touch: self.replica_wait.is_some(),
+            };
+            pipe.add_command(call.command());
         }
         if let Some((replicas, timeout)) = self.replica_wait {
             pipe.cmd("WAIT")
                 .arg(replicas)
                 .arg(timeout.as_millis() as u64);
         }
-        let mut replies: Vec<Value> = query_scripts_within(
-            &self.redis,
-            &pipe,
-            &[&SCHEDULE, &CLAIM, &COMPLETE, &RELEASE],
-            self.hold_timeout,
-        )
-        .await?;
+        let mut replies: Vec<Value> = scripts::run(&self.redis, &pipe, self.hold_timeout).await?;
         let acked = match self.replica_wait {
-            Some(_) => Some(int(replies.pop())?),
+            Some(_) => Some(int(
+                replies.pop().ok_or(ReplyError::Missing("WAIT reply"))?,
+                "WAIT reply",
+            )?),
             None => None,
         };
         let scheduled = replies
             .into_iter()
-            .map(|r| {
-                let mut it = match r {
-                    Value::Array(items) => items.into_iter(),
-                    other => return Err(QueueError::Reply(format!("{other:?}"))),
-                };
-                Ok(Scheduled {
-                    added: int(it.next())? == 1,
-                    due: int(it.next())?,
-                    head: int(it.next())? == 1,
-                })
-            })
+            .map(HoldArgs::decode)
             .collect::<Result<Vec<_>, _>>()?;
         let replicated = match (self.replica_wait, acked) {
             (Some((wanted, _)), Some(n)) => n >= i64::from(wanted),
@@ -423,68 +445,61 @@ impl RedisDelayQueue {
         let round = self.claim_round.load(Ordering::Relaxed);
         let mut pipe = redis::pipe();
         for keys in &self.shards {
-            let keys = [
-                &keys.due,
-                &keys.rec,
-                &keys.lease,
-                &keys.legacy_due,
-                &keys.claim,
-            ];
-            pipe.add_command(evalsha(&CLAIM, &keys.map(String::as_str)))
-                .arg(batch)
-                .arg(lease_ms)
-                .arg(ahead_ms)
-                .arg(round)
-                .arg(batch_bytes.max(1));
+            let call = ClaimArgs {
+                keys,
+                batch,
+                lease_ms,
+                ahead_ms,
+                round,
+                batch_bytes,
+            };
+            pipe.add_command(call.command());
         }
-        let replies: Vec<Vec<Value>> = self.query(&pipe).await?;
+        let replies: Vec<Value> = self.query(&pipe).await?;
         self.claim_round.store(round + 1, Ordering::Relaxed);
         let mut claim = Claim::default();
         for (shard, reply) in replies.into_iter().enumerate() {
-            let mut it = reply.into_iter();
-            let now_us = int(it.next())?;
-            let next = int(it.next())?;
-            claim.now_us = claim.now_us.max(now_us);
-            if next >= 0 {
-                claim.next_due = Some(claim.next_due.map_or(next, |n: i64| n.min(next)));
+            let reply = ClaimArgs::decode(reply)?;
+            claim.now_us = claim.now_us.max(reply.now_us);
+            if let Some(head) = reply.head {
+                claim.next_due = Some(claim.next_due.map_or(head, |n: i64| n.min(head)));
             }
-            let before = claim.tasks.len();
-            while let Some(m) = it.next() {
-                let member = string(Some(m))?;
-                let due = int(it.next())?;
-                let record = bytes(it.next())?;
-                claim.tasks.push(Claimed {
-                    shard,
-                    member,
-                    due,
-                    record,
-                });
-            }
-            if claim.tasks.len() - before >= batch {
+            if reply.tasks.len() >= batch {
                 claim.more = true;
             }
+            claim.tasks.extend(reply.tasks.into_iter().map(|t| Claimed {
+                shard,
+                member: t.member,
+                due: t.due,
+                record: t.record,
+            }));
         }
-        claim.now = claim.now_us.div_euclid(1000);
+        claim.now = claim.now_us.div_euclid(US_PER_MS);
         Ok(claim)
     }
 
     /// Forgets tasks whose publish the broker confirmed.
     pub async fn complete(&self, done: &[&Claimed]) -> Result<(), QueueError> {
-        self.complete_as(done, "0").await
+        self.complete_as(done, false).await
     }
 
     /// [`complete`](Self::complete) again after a call whose outcome is
     /// unknown: forgets only tasks still leased, as the first call may have
     /// run and the id been submitted anew since.
     pub async fn complete_again(&self, done: &[&Claimed]) -> Result<(), QueueError> {
-        self.complete_as(done, "1").await
+        self.complete_as(done, true).await
     }
 
-    async fn complete_as(&self, done: &[&Claimed], again: &str) -> Result<(), QueueError> {
-        self.per_shard(&COMPLETE, done, &[again.to_string()], |c, cmd| {
-            cmd.arg(&c.member);
-        })
-        .await
+    async fn complete_as(&self, done: &[&Claimed], again: bool) -> Result<(), QueueError> {
+        let pipe = self.per_shard(done, |keys, group| {
+            CompleteArgs {
+                keys,
+                again,
+                members: group.iter().map(|c| c.member.as_str()).collect(),
+            }
+            .command()
+        });
+        self.run_counted(pipe, CompleteArgs::decode).await
     }
 
     /// Puts tasks whose publish failed back into the due index at once.
@@ -500,42 +515,49 @@ impl RedisDelayQueue {
         failed: &[&Claimed],
         delay_ms: u64,
     ) -> Result<(), QueueError> {
-        self.per_shard(&RELEASE, failed, &[delay_ms.to_string()], |c, cmd| {
-            cmd.arg(&c.member).arg(c.due);
-        })
-        .await
+        let pipe = self.per_shard(failed, |keys, group| {
+            ReleaseArgs {
+                keys,
+                delay_ms,
+                tasks: group.iter().map(|c| (c.member.as_str(), c.due)).collect(),
+            }
+            .command()
+        });
+        self.run_counted(pipe, ReleaseArgs::decode).await
     }
 
-    async fn per_shard(
+    /// A pipeline of one call per shard that has items, built by `call`.
+    fn per_shard(
         &self,
-        script: &redis::Script,
         items: &[&Claimed],
-        lead: &[String],
-        add: impl Fn(&Claimed, &mut redis::Cmd),
-    ) -> Result<(), QueueError> {
+        call: impl Fn(&DelayShardKeys, &[&Claimed]) -> redis::Cmd,
+    ) -> redis::Pipeline {
         let mut by_shard: Vec<Vec<&Claimed>> = vec![Vec::new(); self.shards.len()];
         for c in items {
             by_shard[c.shard].push(c);
         }
         let mut pipe = redis::pipe();
-        for (shard, group) in by_shard.iter().enumerate() {
-            if group.is_empty() {
-                continue;
+        for (keys, group) in self.shards.iter().zip(&by_shard) {
+            if !group.is_empty() {
+                pipe.add_command(call(keys, group));
             }
-            let keys = &self.shards[shard];
-            let mut cmd = evalsha(script, &[&keys.due, &keys.rec, &keys.lease]);
-            for a in lead {
-                cmd.arg(a);
-            }
-            for c in group {
-                add(c, &mut cmd);
-            }
-            pipe.add_command(cmd);
         }
+        pipe
+    }
+
+    /// Runs a pipeline of calls whose replies are counts, checking each.
+    async fn run_counted(
+        &self,
+        pipe: redis::Pipeline,
+        decode: fn(Value) -> Result<i64, ReplyError>,
+    ) -> Result<(), QueueError> {
         if pipe.is_empty() {
             return Ok(());
         }
-        let _: Vec<Value> = self.query(&pipe).await?;
+        let replies: Vec<Value> = self.query(&pipe).await?;
+        for reply in replies {
+            decode(reply)?;
+        }
         Ok(())
     }
 
@@ -554,95 +576,13 @@ impl RedisDelayQueue {
         shard_of(id_of(member), self.shards.len())
     }
 
-    /// Runs a pipeline of this queue's scripts (see [`query_scripts`]).
+    /// Runs a pipeline of this queue's scripts (see [`scripts::run`]).
     async fn query<T: redis::FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, QueueError> {
-        query_scripts_within(
-            &self.redis,
-            pipe,
-            &[&SCHEDULE, &CLAIM, &COMPLETE, &RELEASE],
-            None,
-        )
-        .await
+        scripts::run(&self.redis, pipe, None).await
     }
-}
-
-/// Runs a pipeline of `EVALSHA`s, loading `scripts` and trying once more if
-/// Redis lost them (restart, SCRIPT FLUSH). Every Kairos script is safe to
-/// run twice.
-pub(crate) async fn query_scripts<T: redis::FromRedisValue>(
-    redis: &RedisConn,
-    pipe: &redis::Pipeline,
-    scripts: &[&redis::Script],
-) -> Result<T, QueueError> {
-    query_scripts_within(redis, pipe, scripts, None).await
-}
-
-/// [`query_scripts`], waiting `timeout` for the reply instead of the
-/// connection's own timeout when given.
-async fn query_scripts_within<T: redis::FromRedisValue>(
-    redis: &RedisConn,
-    pipe: &redis::Pipeline,
-    scripts: &[&redis::Script],
-    timeout: Option<Duration>,
-) -> Result<T, QueueError> {
-    let mut con = redis.get().await?;
-    if let Some(t) = timeout {
-        // This handle's own setting: other clones keep theirs.
-        con.set_response_timeout(t);
-    }
-    let reply = async {
-        match pipe.query_async(&mut con).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
-                for s in scripts {
-                    s.load_async(&mut con).await?;
-                }
-                pipe.query_async(&mut con).await
-            }
-            other => other,
-        }
-    };
-    Ok(redis.watch(reply.await)?)
-}
-
-pub(crate) fn evalsha(script: &redis::Script, keys: &[&str]) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(script.get_hash()).arg(keys.len());
-    for k in keys {
-        cmd.arg(*k);
-    }
-    cmd
-}
-
-async fn load_scripts(con: &mut MultiplexedConnection) -> redis::RedisResult<()> {
-    for s in [&*SCHEDULE, &*CLAIM, &*COMPLETE, &*RELEASE] {
-        s.load_async(con).await?;
-    }
-    Ok(())
-}
-
-pub(crate) fn int(v: Option<Value>) -> Result<i64, QueueError> {
-    match v {
-        Some(Value::Int(n)) => Ok(n),
-        other => Err(QueueError::Reply(format!(
-            "expected an integer, got {other:?}"
-        ))),
-    }
-}
-
-pub(crate) fn bytes(v: Option<Value>) -> Result<Vec<u8>, QueueError> {
-    match v {
-        Some(Value::BulkString(b)) => Ok(b),
-        other => Err(QueueError::Reply(format!(
-            "expected a string, got {other:?}"
-        ))),
-    }
-}
-
-pub(crate) fn string(v: Option<Value>) -> Result<String, QueueError> {
-    String::from_utf8(bytes(v)?).map_err(|e| QueueError::Reply(e.to_string()))
 }
 
 #[cfg(test)]

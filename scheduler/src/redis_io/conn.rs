@@ -1,12 +1,12 @@
-//! One Redis connection kept between calls.
+//! The Redis pool, and one connection kept between calls.
 //!
 //! deadpool checks a connection on every checkout with an `UNWATCH` +
 //! `PING` round trip. The pump claims and completes, and the ticker reads
-//! and fires, every few milliseconds under load: that check doubled the
-//! round trips of the hot path and sent Redis as many extra commands as
-//! scripts. A multiplexed connection is meant to be shared, so the handle
-//! keeps a clone of one and returns to the pool only when a call on it
-//! failed (the pool's check then weeds out a broken one).
+//! and fires, every few milliseconds under load: a check per call would
+//! add a round trip to every call of the hot path (figures in
+//! docs/BENCHMARKS.md). A multiplexed connection is meant to be shared, so
+//! the handle keeps a clone of one and returns to the pool only when a call
+//! on it failed (the pool's check then weeds out a broken one).
 
 use deadpool_redis::Pool;
 use kairos_shared::tls::TlsSettings;
@@ -40,9 +40,9 @@ pub fn client(url: &str, tls: &TlsSettings) -> redis::RedisResult<redis::Client>
 
 /// The connection pool of `url`, with [`client`]'s TLS settings (deadpool's
 /// own `Config` cannot carry certificates), whose connections wait
-/// `timeout` for a reply and for a connection. redis-rs defaults to 500 ms:
-/// a Redis stalled for a second turned every script in flight into an error
-/// whose script had run.
+/// `timeout` for a reply and for a connection (`KAIROS_REDIS_TIMEOUT_MS`):
+/// redis-rs's own default is short enough that a briefly stalled Redis
+/// turns every script in flight into an error whose script had run.
 pub fn pool(url: &str, tls: &TlsSettings, timeout: Duration) -> Result<Pool, String> {
     let info = client(url, tls)
         .map_err(|e| e.to_string())?
@@ -59,14 +59,17 @@ pub fn pool(url: &str, tls: &TlsSettings, timeout: Duration) -> Result<Pool, Str
         .map_err(|e| e.to_string())
 }
 
+/// A handle on the pool that keeps one multiplexed connection between
+/// calls; clones share it.
 #[derive(Clone)]
-pub struct RedisConn {
+pub(crate) struct RedisConn {
     pool: Pool,
     kept: Arc<Mutex<Option<MultiplexedConnection>>>,
 }
 
 impl RedisConn {
-    pub fn new(pool: Pool) -> Self {
+    /// A handle on `pool`, with no connection kept yet.
+    pub(crate) fn new(pool: Pool) -> Self {
         RedisConn {
             pool,
             kept: Arc::default(),
@@ -76,11 +79,13 @@ impl RedisConn {
     /// Another handle on the same pool that keeps its own connection, so a
     /// long pipeline of one component never queues another's call behind
     /// it on the same socket.
-    pub fn separate(&self) -> Self {
+    pub(crate) fn separate(&self) -> Self {
         Self::new(self.pool.clone())
     }
 
-    pub async fn get(&self) -> Result<MultiplexedConnection, deadpool_redis::PoolError> {
+    /// The kept connection, checked out of the pool when there is none.
+    /// Pass the result of each call on it to [`watch`](Self::watch).
+    pub(crate) async fn get(&self) -> Result<MultiplexedConnection, deadpool_redis::PoolError> {
         if let Some(con) = self.lock().as_ref() {
             return Ok(con.clone());
         }
@@ -93,7 +98,7 @@ impl RedisConn {
     /// After a failure without a reply (I/O, timeout), the connection may
     /// be dead: the next call checks out a
     /// fresh one, or it would fail on the same dead socket for ever.
-    pub fn watch<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+    pub(crate) fn watch<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
         if let Err(e) = &result {
             if no_reply(e) {
                 self.lock().take();
@@ -113,6 +118,6 @@ impl RedisConn {
 /// NOSCRIPT, a script's own error, which redis-rs reports as `Server` or,
 /// for codes it does not know such as OOM, `Extension`), means Redis
 /// answered it.
-pub fn no_reply(e: &redis::RedisError) -> bool {
+pub(crate) fn no_reply(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Io || e.is_timeout() || e.is_connection_dropped()
 }

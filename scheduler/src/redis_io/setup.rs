@@ -7,17 +7,19 @@ use crate::redis_io::conn::RedisConn;
 
 /// What to do about a `maxmemory-policy`.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
+    /// `noeviction`: nothing held is ever evicted.
     Fine,
     /// An evicting policy the operator allowed: run, and say so.
     Warn,
+    /// An evicting policy the operator did not allow: do not start.
     Refuse,
 }
 
 /// Only `noeviction` keeps every held task: under any other policy Redis
 /// deletes keys at maxmemory, and a `volatile-*` one still evicts the keys
 /// Kairos gives a TTL (and any other application's in the same Redis).
-pub fn verdict(policy: &str, allow_eviction: bool) -> Verdict {
+pub(crate) fn verdict(policy: &str, allow_eviction: bool) -> Verdict {
     match (policy.eq_ignore_ascii_case("noeviction"), allow_eviction) {
         (true, _) => Verdict::Fine,
         (false, true) => Verdict::Warn,
@@ -29,7 +31,7 @@ pub fn verdict(policy: &str, allow_eviction: bool) -> Verdict {
 /// Managed Redis services often disable `CONFIG`: that is a warning, not a
 /// reason to stop. Connection errors are returned as such (the caller waits
 /// for Redis); a refusal is a [`QueueError::Config`].
-pub async fn check_eviction_policy(
+pub(crate) async fn check_eviction_policy(
     redis: &RedisConn,
     allow_eviction: bool,
 ) -> Result<(), QueueError> {

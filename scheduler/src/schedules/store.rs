@@ -1,7 +1,8 @@
 //! Schedules in Redis. They are sharded like the delay queue, by schedule
 //! id, and each shard's schedule keys share the delay-queue shard's hash
-//! tag, so one script can compare-and-set a schedule's next tick and write
-//! its occurrence into the delay queue atomically, even under Redis Cluster:
+//! tag (`redis_io::keys`), so one script can compare-and-set a
+//! schedule's next tick and hold its occurrence in the delay queue
+//! atomically, even under Redis Cluster:
 //!
 //! * `NS:dq{S}:sdef`: hash, id -> definition JSON ([`ScheduleSpec`])
 //! * `NS:dq{S}:snext`: sorted set, id -> next tick (Unix ms); absent when
@@ -11,69 +12,65 @@
 //!   `id\trun_until` the occurrence that counts as running (overlap `skip`),
 //!   `id\tpending` occurrences handed to the delay queue and not yet due.
 //!
+//! The occurrences themselves are the delay queue's: the fire and put
+//! scripts get the delay queue's `OccurrenceHold` for the shard and hold or
+//! withdraw them through the delay queue's Lua library (see
+//! [`crate::delay::store`]); nothing here names a delay-queue key.
+//!
 //! An occurrence's task goes to the schedule's shard (not the shard of its
 //! task id): the pump serves every shard, and the claimed task remembers
 //! its shard, so nothing else needs to know.
 
-use crate::delay::store::{
-    bytes, evalsha, indexed_script, int, query_scripts, shard_of, string, QueueError,
-    RedisDelayQueue,
-};
+use crate::delay::store::{shard_of, OccurrenceHold, QueueError, RedisDelayQueue};
 use crate::redis_io::conn::RedisConn;
+use crate::redis_io::keys::{state_field, Keys, ScheduleShardKeys};
+use crate::redis_io::schedule_calls::{
+    BeatArgs, DefsArgs, DueArgs, FireArgs, MetaArgs, OutcomeArgs, PutArgs,
+};
+use crate::redis_io::scripts;
 use crate::schedules::model::ScheduleSpec;
 use deadpool_redis::Pool;
 use redis::Value;
 use serde::Serialize;
-use std::sync::LazyLock;
 
-static DUE: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("../redis_io/scripts/sched_due.lua")));
-static FIRE: LazyLock<redis::Script> = indexed_script!("../redis_io/scripts/sched_fire.lua");
-static PUT: LazyLock<redis::Script> = indexed_script!("../redis_io/scripts/sched_put.lua");
-static META: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("../redis_io/scripts/sched_meta.lua")));
-static DEFS: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("../redis_io/scripts/sched_defs.lua")));
-static OUTCOME: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("../redis_io/scripts/sched_outcome.lua")));
-static BEAT: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("../redis_io/scripts/sched_beat.lua")));
-
+/// One shard: the schedule keys and the delay queue's hold in it.
 #[derive(Clone, Debug)]
-struct Keys {
-    next: String,
-    def: String,
-    state: String,
-    due: String,
-    rec: String,
+struct Shard {
+    keys: ScheduleShardKeys,
+    hold: OccurrenceHold,
 }
 
+/// The schedules of one namespace in Redis.
 #[derive(Clone)]
 pub struct ScheduleStore {
     redis: RedisConn,
-    shards: Vec<Keys>,
-    wake_channel: String,
+    shards: Vec<Shard>,
     /// `NS:sbeat`: the schedulers' shared heartbeat (`sched_beat.lua`).
     beat: String,
-    /// The heartbeat's own connection: on the shared one it waited behind
-    /// the ticker's pipelines, which take over a second on an overloaded
-    /// machine, and a late beat reads as an outage.
+    /// The heartbeat's own connection, so that a beat never waits behind
+    /// the ticker's pipelines, which can be long on an overloaded machine:
+    /// a late beat reads as an outage.
     beat_conn: RedisConn,
 }
 
 /// A schedule whose next tick is near.
 #[derive(Clone, Debug)]
 pub struct DueItem {
+    /// Its shard.
     pub shard: usize,
+    /// The schedule's id.
     pub id: String,
+    /// Its stored next tick (Unix ms).
     pub next: i64,
     /// SHA-1 (hex) of the stored definition; empty when it vanished.
     pub digest: String,
     /// The definition's bytes, when the caller did not know this digest.
     pub def: Option<Vec<u8>>,
+    /// The last tick fired, if any.
     pub last: Option<i64>,
 }
 
+/// What [`ScheduleStore::due`] found over every shard.
 #[derive(Clone, Debug, Default)]
 pub struct DueBatch {
     /// Redis's clock (ms).
@@ -82,22 +79,29 @@ pub struct DueBatch {
     pub next_tick: Option<i64>,
     /// Some shard had more due than the batch: look again at once.
     pub more: bool,
+    /// The schedules due, shard by shard.
     pub items: Vec<DueItem>,
 }
 
 /// One occurrence to hand to the delay queue.
 #[derive(Clone, Debug)]
 pub struct Occurrence {
+    /// The delay-queue member (the occurrence's task id).
     pub member: String,
+    /// Its tick: the time it falls due.
     pub tick: i64,
+    /// Its stored record.
     pub record: Vec<u8>,
 }
 
 /// The compare-and-set of one schedule.
 #[derive(Clone, Debug)]
 pub struct Fire {
+    /// The schedule's shard.
     pub shard: usize,
+    /// The schedule's id.
     pub id: String,
+    /// The next tick as read: the compare-and-set fails if it moved.
     pub expected_next: i64,
     /// The definition's digest as read: the compare-and-set also catches a
     /// replaced or paused schedule.
@@ -105,27 +109,38 @@ pub struct Fire {
     /// The last tick fired, as read. Not sent: the script reads its own;
     /// the caller remembers what the fire leaves.
     pub last: Option<i64>,
+    /// The next tick to store; `None`: no more ticks.
     pub new_next: Option<i64>,
+    /// Overlap policy `skip`: a tick while an occurrence runs is skipped.
     pub overlap_skip: bool,
+    /// How long an occurrence counts as running at most.
     pub max_run_ms: u64,
+    /// The occurrences to hold, one per tick fired.
     pub occurrences: Vec<Occurrence>,
 }
 
+/// What one [`Fire`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fired {
     /// This instance won the compare-and-set.
     pub won: bool,
+    /// Occurrences held.
     pub enqueued: u64,
+    /// Ticks skipped for overlap.
     pub skipped: u64,
 }
 
 /// A schedule as the API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct View {
+    /// The schedule's id.
     pub id: String,
+    /// The definition, without its id, with defaults filled in.
     #[serde(flatten)]
     pub spec: serde_json::Value,
+    /// The stored next tick; `None` when paused or exhausted.
     pub next_fire_at: Option<i64>,
+    /// The last tick fired.
     pub last_fire_at: Option<i64>,
     /// From the workers' events; `null` until one arrived (or with events
     /// off).
@@ -139,17 +154,16 @@ pub struct View {
 }
 
 impl ScheduleStore {
+    /// The schedules of `namespace`, sharded like `queue`, whose
+    /// occurrences go to `queue`.
     pub fn new(pool: Pool, namespace: &str, queue: &RedisDelayQueue) -> Self {
+        let keys = Keys::new(namespace);
         let shards = (0..queue.shard_count())
-            .map(|s| {
-                let (due, rec) = queue.shard_data_keys(s).unwrap_or_default();
-                Keys {
-                    next: format!("{namespace}:dq{{{s}}}:snext"),
-                    def: format!("{namespace}:dq{{{s}}}:sdef"),
-                    state: format!("{namespace}:dq{{{s}}}:sstate"),
-                    due: due.to_string(),
-                    rec: rec.to_string(),
-                }
+            .filter_map(|s| {
+                Some(Shard {
+                    keys: keys.schedule_shard(s),
+                    hold: queue.occurrence_hold(s)?,
+                })
             })
             .collect();
         let redis = RedisConn::new(pool);
@@ -157,18 +171,17 @@ impl ScheduleStore {
             beat_conn: redis.separate(),
             redis,
             shards,
-            wake_channel: queue.wake_channel().to_string(),
-            beat: format!("{namespace}:sbeat"),
+            beat: keys.schedule_beat(),
         }
     }
 
-    pub fn shard_of(&self, id: &str) -> usize {
+    /// The shard of schedule `id`.
+    pub(crate) fn shard_of(&self, id: &str) -> usize {
         shard_of(id, self.shards.len())
     }
 
-    fn keys(&self, shard: usize) -> [&str; 5] {
-        let k = &self.shards[shard];
-        [&k.next, &k.def, &k.state, &k.due, &k.rec]
+    fn keys(&self, shard: usize) -> &ScheduleShardKeys {
+        &self.shards[shard].keys
     }
 
     /// Redis's clock, in Unix ms: all tick arithmetic uses it.
@@ -177,7 +190,7 @@ impl ScheduleStore {
         let (s, us): (i64, i64) = self
             .redis
             .watch(redis::cmd("TIME").query_async(&mut con).await)?;
-        Ok(s * 1000 + us / 1000)
+        Ok(s * MS_PER_S + us / US_PER_MS)
     }
 
     /// Records that a scheduler runs now. Returns the start of the current
@@ -186,10 +199,15 @@ impl ScheduleStore {
     /// due before it fell due while no scheduler ran.
     pub async fn beat(&self, gap_ms: i64) -> Result<i64, QueueError> {
         let mut pipe = redis::pipe();
-        pipe.add_command(evalsha(&BEAT, &[self.beat.as_str()]))
-            .arg(gap_ms);
-        let (since,): (i64,) = query_scripts(&self.beat_conn, &pipe, &[&BEAT]).await?;
-        Ok(since)
+        pipe.add_command(
+            BeatArgs {
+                key: &self.beat,
+                gap_ms,
+            }
+            .command(),
+        );
+        let (since,): (Value,) = scripts::run(&self.beat_conn, &pipe, None).await?;
+        Ok(BeatArgs::decode(since)?)
     }
 
     /// Schedules due before now + `lookahead`, up to `batch` per shard, each
@@ -206,7 +224,7 @@ impl ScheduleStore {
     /// false. A schedule that fires every second is otherwise read and sent
     /// over every second; a remembered digest that is out of date fails the
     /// compare-and-set, and the caller must then forget it.
-    pub async fn due_known(
+    pub(crate) async fn due_known(
         &self,
         lookahead: i64,
         batch: usize,
@@ -214,26 +232,25 @@ impl ScheduleStore {
         known: impl Fn(&str, &str) -> bool,
     ) -> Result<DueBatch, QueueError> {
         let mut pipe = redis::pipe();
-        for s in 0..self.shards.len() {
-            let [next, ..] = self.keys(s);
-            pipe.add_command(evalsha(&DUE, &[next]))
-                .arg(lookahead)
-                .arg(batch);
+        for shard in &self.shards {
+            let call = DueArgs {
+                keys: &shard.keys,
+                lookahead_ms: lookahead,
+                batch,
+            };
+            pipe.add_command(call.command());
         }
-        let replies: Vec<Vec<Value>> = self.query(&pipe).await?;
+        let replies: Vec<Value> = self.query(&pipe).await?;
         let mut out = DueBatch::default();
         let mut unread = Vec::new();
         for (shard, reply) in replies.into_iter().enumerate() {
-            let mut it = reply.into_iter();
-            out.now = out.now.max(int(it.next())?);
-            let later = int(it.next())?;
-            if later >= 0 {
+            let reply = DueArgs::decode(reply)?;
+            out.now = out.now.max(reply.now);
+            if let Some(later) = reply.later {
                 out.next_tick = Some(out.next_tick.map_or(later, |n: i64| n.min(later)));
             }
-            out.more |= int(it.next())? == 1;
-            while let Some(id) = it.next() {
-                let id = string(Some(id))?;
-                let next = int(it.next())?;
+            out.more |= reply.full;
+            for (id, next) in reply.items {
                 let (digest, last) = fired(&id, next).unwrap_or_else(|| {
                     unread.push(out.items.len());
                     (String::new(), None)
@@ -262,27 +279,26 @@ impl ScheduleStore {
     /// Reads the digest and last tick of `items[i]` for each i in `which`.
     async fn read_meta(&self, items: &mut [DueItem], which: &[usize]) -> Result<(), QueueError> {
         let replies = self
-            .per_shard(&META, items, which, 2, |k| [k[1], k[2]])
+            .per_shard(items, which, |keys, ids| MetaArgs { keys, ids }.command())
             .await?;
-        for (i, mut reply) in replies {
-            items[i].digest = string(reply.next())?;
-            let last = int(reply.next())?;
-            items[i].last = (last >= 0).then_some(last);
+        for (group, reply) in replies {
+            let values = MetaArgs::decode(reply)?;
+            for (i, (digest, last)) in matched(&group, values)? {
+                items[i].digest = digest;
+                items[i].last = last;
+            }
         }
         Ok(())
     }
 
-    /// Runs `script` once per shard over the ids of `items[i]`, i in
-    /// `which`, in one round trip; yields each i with its part of the
-    /// reply, the script's `per_id` values for that id.
-    async fn per_shard<const K: usize>(
+    /// Runs one call per shard over the ids of `items[i]`, i in `which`, in
+    /// one round trip; yields each shard's indices with its reply.
+    async fn per_shard(
         &self,
-        script: &redis::Script,
         items: &[DueItem],
         which: &[usize],
-        per_id: usize,
-        keys: impl Fn([&str; 5]) -> [&str; K],
-    ) -> Result<Vec<(usize, std::vec::IntoIter<Value>)>, QueueError> {
+        call: impl for<'a> Fn(&'a ScheduleShardKeys, Vec<&'a str>) -> redis::Cmd,
+    ) -> Result<Vec<(Vec<usize>, Value)>, QueueError> {
         if which.is_empty() {
             return Ok(Vec::new());
         }
@@ -290,28 +306,14 @@ impl ScheduleStore {
         for &i in which {
             by_shard[items[i].shard].push(i);
         }
+        by_shard.retain(|g| !g.is_empty());
         let mut pipe = redis::pipe();
-        let mut order = Vec::new();
-        for (shard, group) in by_shard.iter().enumerate() {
-            if group.is_empty() {
-                continue;
-            }
-            let mut cmd = evalsha(script, &keys(self.keys(shard)));
-            for &i in group {
-                cmd.arg(&items[i].id);
-            }
-            pipe.add_command(cmd);
-            order.extend(group.iter().copied());
+        for group in &by_shard {
+            let ids = group.iter().map(|&i| items[i].id.as_str()).collect();
+            pipe.add_command(call(self.keys(items[group[0]].shard), ids));
         }
-        let replies: Vec<Vec<Value>> = self.query(&pipe).await?;
-        let mut values = replies.into_iter().flatten();
-        Ok(order
-            .into_iter()
-            .map(|i| {
-                let part: Vec<Value> = values.by_ref().take(per_id).collect();
-                (i, part.into_iter())
-            })
-            .collect())
+        let replies: Vec<Value> = self.query(&pipe).await?;
+        Ok(by_shard.into_iter().zip(replies).collect())
     }
 
     /// Reads the definitions of `items[i]` for each i in `which`, with the
@@ -323,12 +325,15 @@ impl ScheduleStore {
         items: &mut [DueItem],
         which: &[usize],
     ) -> Result<(), QueueError> {
-        let replies = self.per_shard(&DEFS, items, which, 2, |k| [k[1]]).await?;
-        for (i, mut reply) in replies {
-            let digest = string(reply.next())?;
-            let def = bytes(reply.next())?;
-            items[i].def = (!digest.is_empty()).then_some(def);
-            items[i].digest = digest;
+        let replies = self
+            .per_shard(items, which, |keys, ids| DefsArgs { keys, ids }.command())
+            .await?;
+        for (group, reply) in replies {
+            let values = DefsArgs::decode(reply)?;
+            for (i, (digest, def)) in matched(&group, values)? {
+                items[i].def = (!digest.is_empty()).then_some(def);
+                items[i].digest = digest;
+            }
         }
         Ok(())
     }
@@ -340,30 +345,7 @@ impl ScheduleStore {
         for (i, f) in fires.iter().enumerate() {
             by_shard[f.shard].push(i);
         }
-        let mut pipe = redis::pipe();
-        let mut order = Vec::new();
-        for (shard, group) in by_shard.iter().enumerate() {
-            if group.is_empty() {
-                continue;
-            }
-            let mut cmd = evalsha(&FIRE, &self.keys(shard));
-            cmd.arg(&self.wake_channel).arg(group.len());
-            for &i in group {
-                let f = &fires[i];
-                cmd.arg(&f.id)
-                    .arg(f.expected_next)
-                    .arg(&f.digest)
-                    .arg(f.new_next.map(|n| n.to_string()).unwrap_or_default())
-                    .arg(if f.overlap_skip { "1" } else { "0" })
-                    .arg(f.max_run_ms)
-                    .arg(f.occurrences.len());
-                for o in &f.occurrences {
-                    cmd.arg(&o.member).arg(o.tick).arg(&o.record[..]);
-                }
-            }
-            pipe.add_command(cmd);
-            order.extend(group.iter().copied());
-        }
+        by_shard.retain(|g| !g.is_empty());
         let mut out = vec![
             Fired {
                 won: false,
@@ -372,16 +354,24 @@ impl ScheduleStore {
             };
             fires.len()
         ];
-        if order.is_empty() {
+        if by_shard.is_empty() {
             return Ok(out);
         }
-        let replies: Vec<Vec<(i64, i64, i64)>> = self.query(&pipe).await?;
-        for (i, (won, enqueued, skipped)) in order.into_iter().zip(replies.into_iter().flatten()) {
-            out[i] = Fired {
-                won: won == 1,
-                enqueued: enqueued as u64,
-                skipped: skipped as u64,
+        let mut pipe = redis::pipe();
+        for group in &by_shard {
+            let shard = &self.shards[fires[group[0]].shard];
+            let call = FireArgs {
+                keys: &shard.keys,
+                hold: &shard.hold,
+                fires: group.iter().map(|&i| &fires[i]).collect(),
             };
+            pipe.add_command(call.command());
+        }
+        let replies: Vec<Value> = self.query(&pipe).await?;
+        for (group, reply) in by_shard.into_iter().zip(replies) {
+            for (i, fired) in matched(&group, FireArgs::decode(reply)?)? {
+                out[i] = fired;
+            }
         }
         Ok(out)
     }
@@ -397,40 +387,50 @@ impl ScheduleStore {
         withdraw: bool,
     ) -> Result<bool, QueueError> {
         let json = serde_json::to_string(spec).map_err(|e| QueueError::Reply(e.to_string()))?;
-        let shard = self.shard_of(id);
-        let mut pipe = redis::pipe();
-        pipe.add_command(evalsha(&PUT, &self.keys(shard)))
-            .arg(id)
-            .arg(json)
-            .arg(next.map(|n| n.to_string()).unwrap_or_default())
-            .arg(if withdraw { "1" } else { "0" });
-        let (created,): (i64,) = self.query(&pipe).await?;
-        Ok(created == 1)
+        self.run_put(id, Some(&json), next, withdraw).await
     }
 
     /// Deletes a schedule and withdraws its waiting occurrences. Returns
     /// false when there was none.
     pub async fn delete(&self, id: &str) -> Result<bool, QueueError> {
-        let shard = self.shard_of(id);
+        self.run_put(id, None, None, true).await
+    }
+
+    async fn run_put(
+        &self,
+        id: &str,
+        definition: Option<&str>,
+        next: Option<i64>,
+        withdraw: bool,
+    ) -> Result<bool, QueueError> {
+        let shard = &self.shards[self.shard_of(id)];
         let mut pipe = redis::pipe();
-        pipe.add_command(evalsha(&PUT, &self.keys(shard)))
-            .arg(id)
-            .arg("")
-            .arg("")
-            .arg("1");
-        let (deleted,): (i64,) = self.query(&pipe).await?;
-        Ok(deleted == 1)
+        pipe.add_command(
+            PutArgs {
+                keys: &shard.keys,
+                hold: &shard.hold,
+                id,
+                definition,
+                next,
+                withdraw,
+            }
+            .command(),
+        );
+        let (reply,): (Value,) = self.query(&pipe).await?;
+        Ok(PutArgs::decode(reply)?)
     }
 
     /// The stored definition and last fired tick.
-    pub async fn get_spec(
+    pub(crate) async fn get_spec(
         &self,
         id: &str,
     ) -> Result<Option<(ScheduleSpec, Option<i64>)>, QueueError> {
-        let [_, def, state, ..] = self.keys(self.shard_of(id));
+        let keys = self.keys(self.shard_of(id));
         let mut pipe = redis::pipe();
-        pipe.cmd("HGET").arg(def).arg(id);
-        pipe.cmd("HGET").arg(state).arg(format!("{id}\tlast"));
+        pipe.cmd("HGET").arg(&keys.def).arg(id);
+        pipe.cmd("HGET")
+            .arg(&keys.state)
+            .arg(state_field(id, "last"));
         let (json, last): (Option<Vec<u8>>, Option<i64>) = self.query(&pipe).await?;
         match json {
             None => Ok(None),
@@ -444,33 +444,33 @@ impl ScheduleStore {
 
     /// One schedule as the API shows it.
     pub async fn view(&self, id: &str) -> Result<Option<View>, QueueError> {
-        let [next, def, state, ..] = self.keys(self.shard_of(id));
+        let keys = self.keys(self.shard_of(id));
         let mut pipe = redis::pipe();
-        pipe.cmd("HGET").arg(def).arg(id);
-        pipe.cmd("ZSCORE").arg(next).arg(id);
+        pipe.cmd("HGET").arg(&keys.def).arg(id);
+        pipe.cmd("ZSCORE").arg(&keys.next).arg(id);
         pipe.cmd("HMGET")
-            .arg(state)
-            .arg(format!("{id}\tlast"))
-            .arg(format!("{id}\toutcome"))
-            .arg(format!("{id}\tskipped"))
-            .arg(format!("{id}\tfailed"));
+            .arg(&keys.state)
+            .arg(state_field(id, "last"))
+            .arg(state_field(id, "outcome"))
+            .arg(state_field(id, "skipped"))
+            .arg(state_field(id, "failed"));
         let (json, next, st): (Option<Vec<u8>>, Option<f64>, StateFields) =
             self.query(&pipe).await?;
         Ok(json.map(|j| make_view(id, &j, next.map(|n| n as i64), st)))
     }
 
     /// Every schedule, sorted by id.
-    pub async fn list(&self) -> Result<Vec<View>, QueueError> {
+    pub(crate) async fn list(&self) -> Result<Vec<View>, QueueError> {
         let mut pipe = redis::pipe();
-        for s in 0..self.shards.len() {
-            let [next, def, state, ..] = self.keys(s);
-            pipe.cmd("HGETALL").arg(def);
+        for shard in &self.shards {
+            let keys = &shard.keys;
+            pipe.cmd("HGETALL").arg(&keys.def);
             pipe.cmd("ZRANGE")
-                .arg(next)
+                .arg(&keys.next)
                 .arg(0)
                 .arg(-1)
                 .arg("WITHSCORES");
-            pipe.cmd("HGETALL").arg(state);
+            pipe.cmd("HGETALL").arg(&keys.state);
         }
         type Shard = (
             Vec<(String, Vec<u8>)>,
@@ -490,11 +490,11 @@ impl ScheduleStore {
             };
             for (id, json) in defs {
                 let st = (
-                    int(format!("{id}\tlast")),
-                    state.get(&format!("{id}\toutcome")).cloned(),
-                    int(format!("{id}\tskipped")),
+                    int(state_field(&id, "last")),
+                    state.get(&state_field(&id, "outcome")).cloned(),
+                    int(state_field(&id, "skipped")),
                     state
-                        .get(&format!("{id}\tfailed"))
+                        .get(&state_field(&id, "failed"))
                         .map(|v| String::from_utf8_lossy(v).into_owned()),
                 );
                 out.push(make_view(&id, &json, nexts.get(&id).copied(), st));
@@ -506,12 +506,12 @@ impl ScheduleStore {
 
     /// Notes that schedule `id`'s stored definition cannot fire, and why
     /// (shown by the API until the schedule is replaced or deleted).
-    pub async fn mark_failed(&self, id: &str, reason: &str) -> Result<(), QueueError> {
-        let [_, _, state, ..] = self.keys(self.shard_of(id));
+    pub(crate) async fn mark_failed(&self, id: &str, reason: &str) -> Result<(), QueueError> {
+        let keys = self.keys(self.shard_of(id));
         let mut pipe = redis::pipe();
         pipe.cmd("HSET")
-            .arg(state)
-            .arg(format!("{id}\tfailed"))
+            .arg(&keys.state)
+            .arg(state_field(id, "failed"))
             .arg(reason)
             .ignore();
         let () = self.query(&pipe).await?;
@@ -519,7 +519,7 @@ impl ScheduleStore {
     }
 
     /// Records an occurrence's outcome; `over` ends its overlap hold.
-    pub async fn record_outcome(
+    pub(crate) async fn record_outcome(
         &self,
         schedule_id: &str,
         task_id: &str,
@@ -527,15 +527,21 @@ impl ScheduleStore {
         over: bool,
         outcome: &serde_json::Value,
     ) -> Result<(), QueueError> {
-        let [_, _, state, ..] = self.keys(self.shard_of(schedule_id));
+        let outcome = outcome.to_string();
         let mut pipe = redis::pipe();
-        pipe.add_command(evalsha(&OUTCOME, &[state]))
-            .arg(schedule_id)
-            .arg(task_id)
-            .arg(tick)
-            .arg(if over { "1" } else { "0" })
-            .arg(outcome.to_string());
-        let _: Vec<Value> = self.query(&pipe).await?;
+        pipe.add_command(
+            OutcomeArgs {
+                keys: self.keys(self.shard_of(schedule_id)),
+                schedule_id,
+                task_id,
+                tick,
+                over,
+                outcome: &outcome,
+            }
+            .command(),
+        );
+        let (reply,): (Value,) = self.query(&pipe).await?;
+        OutcomeArgs::decode(reply)?;
         Ok(())
     }
 
@@ -543,12 +549,7 @@ impl ScheduleStore {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, QueueError> {
-        query_scripts(
-            &self.redis,
-            pipe,
-            &[&DUE, &META, &DEFS, &FIRE, &PUT, &OUTCOME],
-        )
-        .await
+        scripts::run(&self.redis, pipe, None).await
     }
 
     /// Like [`query`](Self::query), grouping replies three by three.
@@ -573,6 +574,23 @@ impl ScheduleStore {
         }
         Ok(out)
     }
+}
+
+/// Milliseconds in a second, microseconds in a millisecond (Redis `TIME`).
+const MS_PER_S: i64 = 1000;
+const US_PER_MS: i64 = 1000;
+
+/// Pairs each index of `group` with its part of a per-id reply; a reply
+/// with another count of parts is an error.
+fn matched<T>(group: &[usize], values: Vec<T>) -> Result<Vec<(usize, T)>, QueueError> {
+    if values.len() != group.len() {
+        return Err(QueueError::Reply(format!(
+            "a script answered {} items for {}",
+            values.len(),
+            group.len()
+        )));
+    }
+    Ok(group.iter().copied().zip(values).collect())
 }
 
 /// A schedule's state: last fired tick, last outcome JSON, last skipped

@@ -1,7 +1,6 @@
 -- Claims a batch of due tasks from one shard into its lease set.
 -- KEYS[1] due index, KEYS[2] record hash, KEYS[3] lease zset (member ->
--- expiry), KEYS[4] the single due zset of Kairos before the index (drained),
--- KEYS[5] this claimer's last claim (see below)
+-- expiry), KEYS[4] this claimer's last claim (see below)
 -- ARGV[1] batch size, ARGV[2] lease ms, ARGV[3] ahead ms: tasks due up to
 -- this long after now are claimed too (the pump holds them until due),
 -- ARGV[4] the claim's round: the claimer's count of claims answered so far,
@@ -17,12 +16,10 @@
 -- A claim whose reply is lost (the client timed out while Redis was
 -- stalled) has still leased its tasks: the claimer would find them only
 -- when the lease expires. So each claim that leases tasks keeps their
--- members and due times under KEYS[5] with its round, for as long as the
+-- members and due times under KEYS[4] with its round, for as long as the
 -- lease; a claimer that did not get its reply sends the same round again
 -- and gets the same tasks back (those still leased), and nothing else.
--- (About a tenth more Redis time per claim of 500 tasks, within the noise
--- of a loaded 2-core machine.)
--- Run with allow-oom (the flags line is prepended, see delay_queue.rs): a
+-- Run with allow-oom (the flags line is prepended, see redis_io/scripts.rs): a
 -- claim moves tasks out and its memory is freed by complete; refusing it at
 -- maxmemory would stop the only way memory comes back.
 -- The claim's record is one string, round, member, due, member, due...
@@ -38,7 +35,7 @@ local function with_head(out)
   return out
 end
 
-local kept = redis.call('GET', KEYS[5])
+local kept = redis.call('GET', KEYS[4])
 if kept and string.sub(kept, 1, #ARGV[4] + 1) == ARGV[4] .. '\n' then
   local last = {}
   for part in string.gmatch(kept, '[^\n]+') do
@@ -61,17 +58,6 @@ if kept and string.sub(kept, 1, #ARGV[4] + 1) == ARGV[4] .. '\n' then
 end
 local now = dq_now()
 local batch = tonumber(ARGV[1])
--- Due times an older version left in one sorted set move into the index, a
--- batch per claim, so an upgrade (even a rolling one) loses nothing.
-local legacy = redis.call('ZRANGE', KEYS[4], 0, batch - 1, 'WITHSCORES')
-if #legacy > 0 then
-  local members = {}
-  for i = 1, #legacy, 2 do
-    dq_add(KEYS[1], legacy[i], legacy[i + 1])
-    members[#members + 1] = legacy[i]
-  end
-  redis.call('ZREM', KEYS[4], unpack(members))
-end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, batch)
 if #expired > 0 then
   for _, m in ipairs(expired) do
@@ -118,9 +104,10 @@ if #due > 0 then
     end
   end
   -- In slices: Lua unpacks at most about 8,000 values, and a full batch
-  -- of 5,000 leases is 10,000.
-  for i = 1, #live, 4000 do
-    redis.call('ZADD', KEYS[3], unpack(live, i, math.min(i + 3999, #live)))
+  -- of 5,000 leases is 10,000 (an even slice keeps score-member pairs).
+  local slice = 4000
+  for i = 1, #live, slice do
+    redis.call('ZADD', KEYS[3], unpack(live, i, math.min(i + slice - 1, #live)))
   end
 end
 if #out > 2 then
@@ -129,8 +116,8 @@ if #out > 2 then
     last[#last + 1] = out[i]
     last[#last + 1] = out[i + 1]
   end
-  redis.call('SET', KEYS[5], table.concat(last, '\n'), 'PX', ARGV[2])
+  redis.call('SET', KEYS[4], table.concat(last, '\n'), 'PX', ARGV[2])
 elseif kept then
-  redis.call('DEL', KEYS[5])
+  redis.call('DEL', KEYS[4])
 end
 return with_head(out)

@@ -1,5 +1,9 @@
--- Shared by every script that touches a shard's due times (prepended at
--- build time, see delay_queue.rs).
+-- The delay queue's Lua library, prepended to every script that touches a
+-- shard's due times or records (see redis_io/scripts.rs). Scripts of other
+-- features (schedules) hold and withdraw tasks only through dq_hold,
+-- dq_held, dq_withdraw and dq_head, with the delay-queue keys the delay
+-- queue gave them (its OccurrenceHold): the key layout and the record
+-- encoding stay the delay queue's.
 --
 -- A shard's due times live in DQ_BUCKETS small sorted sets, `IDX:<b>`, the
 -- bucket chosen by a hash of the member. Each stays small enough for Redis's
@@ -113,4 +117,29 @@ local function dq_take(idx, now, limit)
     end
   end
   return out
+end
+
+-- The hold API. IDX is the shard's due index, REC its record hash.
+
+-- Holds member at due with record unless member is already held (waiting
+-- or leased: first submission wins). Returns 1 when it was added.
+local function dq_hold(idx, rec, member, due, record)
+  if redis.call('HSETNX', rec, member, record) == 0 then
+    return 0
+  end
+  dq_add(idx, member, due)
+  return 1
+end
+
+-- True while member is held (waiting or leased for publishing).
+local function dq_held(rec, member)
+  return redis.call('HEXISTS', rec, member) == 1
+end
+
+-- Forgets member if it still waits for its due time; one already leased
+-- for publishing stays (it is on its way).
+local function dq_withdraw(idx, rec, member)
+  if dq_remove(idx, member) == 1 then
+    redis.call('HDEL', rec, member)
+  end
 end

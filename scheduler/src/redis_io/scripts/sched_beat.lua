@@ -13,6 +13,8 @@ if last == nil or since == nil or now - last > gap or last > now then
   since = now
 end
 redis.call('HSET', KEYS[1], 'last', string.format('%d', now), 'since', string.format('%d', since))
--- A beat older than the gap means the same as none: the key may go.
-redis.call('PEXPIRE', KEYS[1], gap + 60000)
+-- A beat older than the gap means the same as none: the key may go, a
+-- margin after that.
+local keep_ms = 60000
+redis.call('PEXPIRE', KEYS[1], gap + keep_ms)
 return since

@@ -3,7 +3,8 @@
 -- delay queue and the next tick, all in one atomic step. Of N schedulers that read the same
 -- tick, exactly one passes the compare; the others change nothing.
 -- KEYS[1] next zset, KEYS[2] definition hash, KEYS[3] state hash,
--- KEYS[4] delay-queue due index, KEYS[5] delay-queue record hash (same slot).
+-- KEYS[4], KEYS[5] the delay-queue shard's hold keys (same slot; passed on
+-- to the delay queue's library unchanged).
 -- ARGV[1] wake channel, ARGV[2] item count, then per item:
 --   id, expected next, the definition's digest as read ('' = it was
 --   missing), new next ('' = none), overlap skip '1'/'0', max run ms, n,
@@ -44,7 +45,7 @@ for _ = 1, tonumber(ARGV[2]) do
     -- Occurrences handed over earlier and still waiting: pause removes them.
     local pending = {}
     for m in string.gmatch(st[2] or '', '%S+') do
-      if redis.call('HEXISTS', KEYS[5], m) == 1 then
+      if dq_held(KEYS[5], m) then
         pending[#pending + 1] = m
       end
     end
@@ -57,8 +58,7 @@ for _ = 1, tonumber(ARGV[2]) do
         if skip_overlap and running and run_until > tick then
           skipped = skipped + 1
           redis.call('HSET', KEYS[3], f .. 'skipped', string.format('%d', tick))
-        elseif redis.call('HSETNX', KEYS[5], member, record) == 1 then
-          dq_add(KEYS[4], member, tick)
+        elseif dq_hold(KEYS[4], KEYS[5], member, tick, record) == 1 then
           added = added + 1
           pending[#pending + 1] = member
           if earliest == nil or tick < earliest then

@@ -1,6 +1,7 @@
 -- Creates, replaces, pauses, resumes or deletes one schedule.
 -- KEYS[1] next zset, KEYS[2] definition hash, KEYS[3] state hash,
--- KEYS[4] delay-queue due index, KEYS[5] delay-queue record hash.
+-- KEYS[4], KEYS[5] the delay-queue shard's hold keys (passed on to the
+-- delay queue's library unchanged).
 -- ARGV[1] id, ARGV[2] definition JSON ('' = delete), ARGV[3] next tick
 -- ('' = none), ARGV[4] '1' to withdraw occurrences handed to the delay
 -- queue ahead of their tick and not yet claimed for publishing.
@@ -10,9 +11,7 @@ local id = ARGV[1]
 local f = id .. '\t'
 if ARGV[4] == '1' then
   for m in string.gmatch(redis.call('HGET', KEYS[3], f .. 'pending') or '', '%S+') do
-    if dq_remove(KEYS[4], m) == 1 then
-      redis.call('HDEL', KEYS[5], m)
-    end
+    dq_withdraw(KEYS[4], KEYS[5], m)
   end
   redis.call('HDEL', KEYS[3], f .. 'pending')
 end
