@@ -5,9 +5,7 @@
 
 use anyhow::{Context, Result};
 use kairos_shared::contract::Names;
-use lapin::options::{
-    BasicConsumeOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use redis::AsyncCommands;
@@ -91,18 +89,7 @@ impl BenchEnv {
 
     /// Ready messages in a queue (unacked ones are not counted).
     pub async fn queue_depth(&self, queue: &str) -> Result<u32> {
-        let q = self
-            .channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(q.message_count())
+        Ok(kairos_shared::admin::queue_depth(&self.channel, queue).await?)
     }
 
     /// Tasks held in this namespace's delay queue (waiting or leased),
@@ -183,7 +170,7 @@ impl BenchEnv {
     async fn redis_keys(&self) -> Result<Vec<String>> {
         let mut con = self.redis.clone();
         let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.ns))
+            .arg(kairos_shared::admin::key_pattern(&self.names))
             .query_async(&mut con)
             .await?;
         Ok(keys)
@@ -202,27 +189,10 @@ impl BenchEnv {
         let channel = channel.as_ref().unwrap_or(&self.channel);
         let queues = [
             self.names.queue("default"),
-            self.names.delay(),
-            self.names.retry(),
-            self.names.dead(),
             kairos_scheduler::schedules::outcomes::queue_name(&self.names),
         ];
-        for q in queues.iter().chain(&self.extra_queues) {
-            let _ = channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for e in [
-            self.names.tasks_exchange(),
-            self.names.delay(),
-            self.names.retry(),
-            self.names.dead(),
-            self.names.events(),
-        ] {
-            let _ = channel
-                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        let queues = queues.into_iter().chain(self.extra_queues.iter().cloned());
+        let _ = kairos_shared::admin::delete_topology(channel, &self.names, queues).await;
         if let Ok(keys) = self.redis_keys().await {
             let mut con = self.redis.clone();
             // UNLINK frees big hashes in the background instead of blocking

@@ -3,7 +3,7 @@
 //! and the HTTP APIs ([`http_get`], [`ScheduleApi`]).
 
 use crate::namespace::TestEnv;
-use crate::processes::workspace_root;
+use crate::processes::{run_ok, workspace_root};
 use crate::servers::AMQP_URL;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueBindOptions,
@@ -207,6 +207,22 @@ impl DeadLetter {
     }
 }
 
+/// The dead letter of task `id` among `dead`; panics, listing them all,
+/// when it is not there.
+pub fn dead_letter_of<'a>(dead: &'a [DeadLetter], id: &str) -> &'a DeadLetter {
+    dead.iter()
+        .find(|d| d.id().as_deref() == Some(id))
+        .unwrap_or_else(|| panic!("{id} not dead-lettered: {dead:?}"))
+}
+
+/// Why task `id` was dead-lettered: its `x-error` header; panics when it
+/// is not among `dead` or has no such header.
+pub fn dead_letter_error(dead: &[DeadLetter], id: &str) -> String {
+    dead_letter_of(dead, id)
+        .header(kairos_shared::contract::H_ERROR)
+        .unwrap_or_else(|| panic!("{id} has no x-error"))
+}
+
 /// A task message as the contract describes it, for tests that publish
 /// raw AMQP like a client in another language would.
 pub fn task_props(name: &str, id: &str) -> BasicProperties {
@@ -246,16 +262,13 @@ pub fn python() -> PathBuf {
 /// Runs the documented Python example (docs/examples/python/enqueue.py)
 /// and returns what it printed.
 pub fn python_enqueue(env: &TestEnv, args: &[&str]) -> Value {
-    let out = Command::new(python())
-        .arg(workspace_root().join("docs/examples/python/enqueue.py"))
-        .args(["--namespace", &env.ns, "--amqp-url", AMQP_URL])
-        .args(args)
-        .output()
-        .expect("run python (scripts/test.sh installs pika into target/py)");
-    assert!(
-        out.status.success(),
-        "enqueue.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(python())
+            .arg(workspace_root().join("docs/examples/python/enqueue.py"))
+            .args(["--namespace", &env.ns, "--amqp-url", AMQP_URL])
+            .args(args),
+        "enqueue.py",
+        "run python (scripts/test.sh installs pika into target/py)",
     );
     serde_json::from_slice(&out.stdout).expect("enqueue.py prints JSON")
 }
@@ -263,20 +276,17 @@ pub fn python_enqueue(env: &TestEnv, args: &[&str]) -> Value {
 /// Runs the documented Node example (docs/examples/node/enqueue.js) with
 /// the amqplib that `scripts/test.sh` installs into `target/node`.
 pub fn node_enqueue(env: &TestEnv, args: &[&str]) -> Value {
-    let out = Command::new("node")
-        .arg(workspace_root().join("docs/examples/node/enqueue.js"))
-        .args(["--namespace", &env.ns, "--amqp-url", AMQP_URL])
-        .args(args)
-        .env(
-            "NODE_PATH",
-            workspace_root().join("target/node/node_modules"),
-        )
-        .output()
-        .expect("run node (scripts/test.sh installs amqplib into target/node)");
-    assert!(
-        out.status.success(),
-        "enqueue.js failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new("node")
+            .arg(workspace_root().join("docs/examples/node/enqueue.js"))
+            .args(["--namespace", &env.ns, "--amqp-url", AMQP_URL])
+            .args(args)
+            .env(
+                "NODE_PATH",
+                workspace_root().join("target/node/node_modules"),
+            ),
+        "enqueue.js",
+        "run node (scripts/test.sh installs amqplib into target/node)",
     );
     serde_json::from_slice(&out.stdout).expect("enqueue.js prints JSON")
 }

@@ -194,3 +194,16 @@ pub async fn scheduler_processes(env: &TestEnv, n: usize) -> (Vec<Proc>, Vec<Sch
     }
     (procs, apis)
 }
+
+/// Runs `cmd` to its end and returns its output; panics when it cannot
+/// start (`missing` says how to install it) or exits with a failure (the
+/// message names `what` and shows its stderr).
+pub fn run_ok(cmd: &mut Command, what: &str, missing: &str) -> std::process::Output {
+    let out = cmd.output().expect(missing);
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}

@@ -5,6 +5,7 @@
 //! in a temporary directory, and is killed and removed on drop: the shared
 //! servers are never touched.
 
+use crate::processes::run_ok;
 use crate::tls::TlsFiles;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -326,16 +327,13 @@ impl OwnRabbit {
     /// Runs `rabbitmqctl -n NODE ARGS` against this node only, and asserts
     /// that it succeeded. Blocking.
     pub fn ctl(&self, args: &[&str]) {
-        let out = Command::new(Path::new(RABBIT_BIN).join("rabbitmqctl"))
-            .envs(rabbit_env(&self.dir, &self.node))
-            .args(["-n", &self.node])
-            .args(args)
-            .output()
-            .expect("run rabbitmqctl");
-        assert!(
-            out.status.success(),
-            "rabbitmqctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            Command::new(Path::new(RABBIT_BIN).join("rabbitmqctl"))
+                .envs(rabbit_env(&self.dir, &self.node))
+                .args(["-n", &self.node])
+                .args(args),
+            &format!("rabbitmqctl {args:?}"),
+            "run rabbitmqctl",
         );
     }
 

@@ -7,22 +7,19 @@
 //! [`OwnRabbit::start_tls`](crate::OwnRabbit::start_tls) start servers that
 //! only speak TLS with them.
 
+use crate::processes::run_ok;
 use crate::servers::temp_dir;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Runs `openssl` with a command line of words without spaces.
 fn openssl(command_line: &str, dir: &Path) {
-    let args: Vec<&str> = command_line.split_whitespace().collect();
-    let out = Command::new("openssl")
-        .args(&args)
-        .current_dir(dir)
-        .output()
-        .expect("the openssl command must be installed");
-    assert!(
-        out.status.success(),
-        "openssl {command_line}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("openssl")
+            .args(command_line.split_whitespace())
+            .current_dir(dir),
+        &format!("openssl {command_line}"),
+        "the openssl command must be installed",
     );
 }
 

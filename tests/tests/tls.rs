@@ -84,16 +84,13 @@ async fn a_delayed_task_runs_over_amqps_and_rediss_with_a_private_ca() {
         .enqueue(NewTask::new("kairos.noop").id("tls-client").delay_ms(300))
         .await
         .expect("enqueue over amqps");
-    let out = Command::new(binary("kairosctl"))
-        .envs(env.iter().cloned())
-        .args(["task", "add", "--name", "kairos.noop", "--id", "tls-ctl"])
-        .args(["--delay-ms", "300"])
-        .output()
-        .expect("run kairosctl");
-    assert!(
-        out.status.success(),
-        "kairosctl over amqps/rediss: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(binary("kairosctl"))
+            .envs(env.iter().cloned())
+            .args(["task", "add", "--name", "kairos.noop", "--id", "tls-ctl"])
+            .args(["--delay-ms", "300"]),
+        "kairosctl over amqps/rediss",
+        "run kairosctl",
     );
 
     tap.wait_until(Duration::from_secs(60), "both tasks to succeed", |seen| {

@@ -12,8 +12,6 @@ use anyhow::Result;
 use futures_util::StreamExt;
 use kairos_shared::client::{Client, NewTask};
 use kairos_worker::Worker;
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -123,26 +121,13 @@ struct EventCounter {
 impl EventCounter {
     async fn start(env: &BenchEnv) -> Result<Self> {
         let ch = env.conn.create_channel().await?;
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        ch.queue_bind(
-            q.name().clone(),
-            env.names.events().into(),
-            "task.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
+        let queue = kairos_shared::admin::listen_to_events(
+            &ch,
+            &env.names,
+            kairos_shared::admin::ALL_TASK_EVENTS,
         )
         .await?;
-        let (consume_ch, mut consumer) = env.consume_no_ack(q.name().as_str()).await?;
+        let (consume_ch, mut consumer) = env.consume_no_ack(queue.as_str()).await?;
         let count = Arc::new(AtomicU64::new(0));
         let c = count.clone();
         tokio::spawn(async move {

@@ -89,13 +89,8 @@ async fn drain_ids(env: &BenchEnv, queue: &str, n: usize) -> Result<HashMap<Stri
     while got < n {
         match tokio::time::timeout(Duration::from_secs(5), consumer.next()).await {
             Ok(Some(Ok(d))) => {
-                let id = d
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default();
-                *ids.entry(id).or_default() += 1;
+                *ids.entry(kairos_shared::admin::message_id(&d.properties))
+                    .or_default() += 1;
                 got += 1;
             }
             _ => break,
