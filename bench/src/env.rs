@@ -11,20 +11,20 @@ use lapin::{Channel, Connection, Consumer};
 use redis::AsyncCommands;
 use std::time::Duration;
 
-pub struct BenchEnv {
-    pub ns: String,
-    pub names: Names,
-    pub amqp_url: String,
-    pub redis_url: String,
-    pub conn: Connection,
-    pub channel: Channel,
-    pub redis: redis::aio::MultiplexedConnection,
+pub(crate) struct BenchEnv {
+    pub(crate) ns: String,
+    pub(crate) names: Names,
+    pub(crate) amqp_url: String,
+    pub(crate) redis_url: String,
+    pub(crate) conn: Connection,
+    pub(crate) channel: Channel,
+    pub(crate) redis: redis::aio::MultiplexedConnection,
     /// Extra queues to delete on cleanup (baseline queues, event taps).
     extra_queues: Vec<String>,
 }
 
 impl BenchEnv {
-    pub async fn new(label: &str, amqp_url: &str, redis_url: &str) -> Result<Self> {
+    pub(crate) async fn new(label: &str, amqp_url: &str, redis_url: &str) -> Result<Self> {
         let ns = format!(
             "kb-{label}-{}",
             &uuid::Uuid::now_v7().simple().to_string()[24..]
@@ -52,18 +52,18 @@ impl BenchEnv {
         })
     }
 
-    pub fn forget_on_cleanup(&mut self, queue: &str) {
+    pub(crate) fn forget_on_cleanup(&mut self, queue: &str) {
         self.extra_queues.push(queue.to_string());
     }
 
-    pub fn scheduler_config(&self) -> kairos_scheduler::Config {
+    pub(crate) fn scheduler_config(&self) -> kairos_scheduler::Config {
         let mut c = kairos_scheduler::Config::for_namespace(&self.ns);
         c.common.amqp_url = self.amqp_url.clone();
         c.redis_url = self.redis_url.clone();
         c
     }
 
-    pub fn worker_config(&self) -> kairos_worker::Config {
+    pub(crate) fn worker_config(&self) -> kairos_worker::Config {
         let mut c = kairos_worker::Config::for_namespace(&self.ns);
         c.common.amqp_url = self.amqp_url.clone();
         c
@@ -71,7 +71,7 @@ impl BenchEnv {
 
     /// A consumer on `queue` that takes messages without acks, on its own
     /// channel (returned too: it must stay open while consuming).
-    pub async fn consume_no_ack(&self, queue: &str) -> Result<(Channel, Consumer)> {
+    pub(crate) async fn consume_no_ack(&self, queue: &str) -> Result<(Channel, Consumer)> {
         let ch = self.conn.create_channel().await?;
         let consumer = ch
             .basic_consume(
@@ -88,13 +88,13 @@ impl BenchEnv {
     }
 
     /// Ready messages in a queue (unacked ones are not counted).
-    pub async fn queue_depth(&self, queue: &str) -> Result<u32> {
+    pub(crate) async fn queue_depth(&self, queue: &str) -> Result<u32> {
         Ok(kairos_shared::admin::queue_depth(&self.channel, queue).await?)
     }
 
     /// Tasks held in this namespace's delay queue (waiting or leased),
     /// over the scheduler's default 8 shards.
-    pub async fn pending(&self) -> Result<u64> {
+    pub(crate) async fn pending(&self) -> Result<u64> {
         let mut con = self.redis.clone();
         let mut pipe = redis::pipe();
         for s in 0..8 {
@@ -108,7 +108,7 @@ impl BenchEnv {
     /// the index over them) and record hashes (over the default 8 shards;
     /// `MEMORY USAGE` sampling 1,000 members of each record hash), and the
     /// size of one stored record: where the memory per task goes.
-    pub async fn delay_queue_breakdown(&self) -> Result<(u64, u64, u64)> {
+    pub(crate) async fn delay_queue_breakdown(&self) -> Result<(u64, u64, u64)> {
         let mut con = self.redis.clone();
         let (mut zsets, mut hashes) = (0, 0);
         let mut index_keys: Vec<String> = Vec::new();
@@ -155,7 +155,7 @@ impl BenchEnv {
     }
 
     /// Redis's `used_memory`, bytes.
-    pub async fn redis_used_memory(&self) -> Result<u64> {
+    pub(crate) async fn redis_used_memory(&self) -> Result<u64> {
         let mut con = self.redis.clone();
         let info: String = redis::cmd("INFO")
             .arg("memory")
@@ -180,7 +180,7 @@ impl BenchEnv {
     /// connects afresh: the workload's own connection may have died with
     /// the broker (a restart by another user of the shared servers), and
     /// the namespace must go all the same.
-    pub async fn cleanup(self) {
+    pub(crate) async fn cleanup(self) {
         let fresh = kairos_shared::amqp::connect(&self.amqp_url, "kairos-bench-cleanup").await;
         let channel = match &fresh {
             Ok(conn) => conn.create_channel().await.ok(),

@@ -188,12 +188,16 @@ impl TestEnv {
 /// A message taken from `NS.dead`.
 #[derive(Clone, Debug)]
 pub struct DeadLetter {
+    /// The routing key it was dead-lettered with (its logical queue).
     pub routing_key: String,
+    /// Its properties, with the failure headers.
     pub props: BasicProperties,
+    /// Its body, as the task had it.
     pub body: Vec<u8>,
 }
 
 impl DeadLetter {
+    /// Header `name` as text, if present.
     pub fn header(&self, name: &str) -> Option<String> {
         self.props
             .headers()
@@ -202,6 +206,7 @@ impl DeadLetter {
             .map(kairos_shared::contract::value_to_string)
     }
 
+    /// The task id (`message_id`), if present.
     pub fn id(&self) -> Option<String> {
         self.props.message_id().as_ref().map(|s| s.to_string())
     }
@@ -232,6 +237,7 @@ pub fn task_props(name: &str, id: &str) -> BasicProperties {
         .with_delivery_mode(PERSISTENT)
 }
 
+/// `props` with `headers` added (replacing any of the same name).
 pub fn with_headers(props: BasicProperties, headers: &[(&str, AMQPValue)]) -> BasicProperties {
     let mut table = props.headers().clone().unwrap_or_default();
     for (k, v) in headers {
@@ -312,16 +318,20 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 /// (blocking, so each call runs on the blocking pool).
 #[derive(Clone)]
 pub struct ScheduleApi {
+    /// `HOST:PORT` of the scheduler's HTTP API.
     pub addr: String,
 }
 
 impl ScheduleApi {
+    /// The API at `addr`.
     pub fn new(addr: std::net::SocketAddr) -> Self {
         ScheduleApi {
             addr: addr.to_string(),
         }
     }
 
+    /// Runs `f` with a kairosctl client on the blocking pool; panics when
+    /// the API cannot be reached (a reply with an error status is returned).
     pub async fn call(
         &self,
         f: impl FnOnce(&kairosctl::Api) -> Result<kairosctl::Reply, String> + Send + 'static,
@@ -333,11 +343,13 @@ impl ScheduleApi {
             .expect("scheduler HTTP API")
     }
 
+    /// `PUT /v1/schedules/ID` with `spec`.
     pub async fn put(&self, id: &str, spec: Value) -> kairosctl::Reply {
         let id = id.to_string();
         self.call(move |a| a.put(&id, &spec)).await
     }
 
+    /// `GET /v1/schedules/ID`.
     pub async fn get(&self, id: &str) -> kairosctl::Reply {
         let id = id.to_string();
         self.call(move |a| a.get(&id)).await

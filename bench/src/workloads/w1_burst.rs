@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
+pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     for events in [false, true] {
         let mut env = BenchEnv::new("w1", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
         let result = once(ctx, &mut env, events).await;

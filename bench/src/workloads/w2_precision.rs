@@ -21,16 +21,16 @@ use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub struct Shape {
-    pub label: &'static str,
-    pub tasks: usize,
+pub(crate) struct Shape {
+    pub(crate) label: &'static str,
+    pub(crate) tasks: usize,
     /// Due times are uniform in [lead, lead + window) ms after the start.
-    pub lead_ms: i64,
-    pub window_ms: i64,
-    pub p99_target_ms: f64,
+    pub(crate) lead_ms: i64,
+    pub(crate) window_ms: i64,
+    pub(crate) p99_target_ms: f64,
 }
 
-pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
+pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let quick = ctx.args.quick;
     let shapes = [
         Shape {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 /// Backoff ceiling of the first retry; the second waits up to twice that.
 const RETRY_BASE_MS: u64 = 100;
 
-pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
+pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let env = BenchEnv::new("w4", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
     let result = once(ctx, &env).await;
     env.cleanup().await;
