@@ -156,6 +156,16 @@ impl EventTap {
         }
     }
 
+    /// The first event of `kind` for task `id` seen so far; panics when
+    /// there is none.
+    pub fn first(&self, kind: EventKind, id: &str) -> SeenEvent {
+        self.seen
+            .iter()
+            .find(|e| e.kind == kind.as_str() && e.id == id)
+            .unwrap_or_else(|| panic!("no {} event for {id}", kind.as_str()))
+            .clone()
+    }
+
     /// Events of one kind.
     pub fn of(&self, kind: EventKind) -> Vec<&SeenEvent> {
         self.seen
