@@ -11,6 +11,16 @@ use lapin::{Channel, Connection, Consumer};
 use redis::AsyncCommands;
 use std::time::Duration;
 
+/// Hex digits of a v7 UUID's random tail that make a namespace unique.
+const NS_SUFFIX_START: usize = 24;
+/// Members of a record hash `MEMORY USAGE` samples: enough for a stable
+/// mean, fast on a million-member hash.
+const MEMORY_SAMPLES: u32 = 1_000;
+/// `MEMORY USAGE` commands sent in one pipeline.
+const KEYS_PER_PIPELINE: usize = 1_000;
+/// How long cleanup waits for a connection to close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub(crate) struct BenchEnv {
     pub(crate) ns: String,
     pub(crate) names: Names,
@@ -27,7 +37,7 @@ impl BenchEnv {
     pub(crate) async fn new(label: &str, amqp_url: &str, redis_url: &str) -> Result<Self> {
         let ns = format!(
             "kb-{label}-{}",
-            &uuid::Uuid::now_v7().simple().to_string()[24..]
+            &uuid::Uuid::now_v7().simple().to_string()[NS_SUFFIX_START..]
         );
         let names = Names::new(&ns);
         let conn = kairos_shared::amqp::connect(amqp_url, "kairos-bench")
@@ -92,12 +102,18 @@ impl BenchEnv {
         Ok(kairos_shared::admin::queue_depth(&self.channel, queue).await?)
     }
 
+    /// The delay queue's shard count: the scheduler's default, which every
+    /// workload's scheduler runs with.
+    fn shards(&self) -> u16 {
+        self.scheduler_config().shards
+    }
+
     /// Tasks held in this namespace's delay queue (waiting or leased),
-    /// over the scheduler's default 8 shards.
+    /// over the shards of [`scheduler_config`](Self::scheduler_config).
     pub(crate) async fn pending(&self) -> Result<u64> {
         let mut con = self.redis.clone();
         let mut pipe = redis::pipe();
-        for s in 0..8 {
+        for s in 0..self.shards() {
             pipe.cmd("HLEN").arg(format!("{}:dq{{{s}}}:rec", self.ns));
         }
         let counts: Vec<u64> = pipe.query_async(&mut con).await?;
@@ -105,14 +121,14 @@ impl BenchEnv {
     }
 
     /// Bytes of the delay queue's due index (the bucket sorted sets and
-    /// the index over them) and record hashes (over the default 8 shards;
-    /// `MEMORY USAGE` sampling 1,000 members of each record hash), and the
+    /// the index over them) and record hashes (over every shard; `MEMORY
+    /// USAGE` sampling [`MEMORY_SAMPLES`] members of each record hash), and the
     /// size of one stored record: where the memory per task goes.
     pub(crate) async fn delay_queue_breakdown(&self) -> Result<(u64, u64, u64)> {
         let mut con = self.redis.clone();
         let (mut zsets, mut hashes) = (0, 0);
         let mut index_keys: Vec<String> = Vec::new();
-        for s in 0..8 {
+        for s in 0..self.shards() {
             let pattern = format!("{}:dq{{{s}}}:idx*", self.ns);
             let mut scan = self.redis.clone();
             let mut iter: redis::AsyncIter<String> = scan.scan_match(&pattern).await?;
@@ -123,12 +139,12 @@ impl BenchEnv {
                 .arg("USAGE")
                 .arg(format!("{}:dq{{{s}}}:rec", self.ns))
                 .arg("SAMPLES")
-                .arg(1000)
+                .arg(MEMORY_SAMPLES)
                 .query_async(&mut con)
                 .await?;
             hashes += used.unwrap_or(0);
         }
-        for chunk in index_keys.chunks(1000) {
+        for chunk in index_keys.chunks(KEYS_PER_PIPELINE) {
             let mut pipe = redis::pipe();
             for k in chunk {
                 pipe.cmd("MEMORY").arg("USAGE").arg(k).arg("SAMPLES").arg(0);
@@ -202,9 +218,7 @@ impl BenchEnv {
             }
         }
         for conn in fresh.iter().chain([&self.conn]) {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), conn.close(200, "bench done".into()))
-                    .await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "bench done".into())).await;
         }
     }
 }

@@ -17,6 +17,7 @@ use anyhow::Result;
 use futures_util::{StreamExt, TryStreamExt};
 use kairos_shared::client::{Client, NewTask};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What every workload gets.
 pub(crate) struct Ctx<'a> {
@@ -24,6 +25,10 @@ pub(crate) struct Ctx<'a> {
     pub(crate) base: Baseline,
     pub(crate) report: &'a mut Report,
 }
+
+/// Time for a newly started in-process scheduler or worker to start
+/// consuming, before a workload measures anything.
+pub(crate) const SERVICE_SETTLE: Duration = Duration::from_millis(500);
 
 /// Tasks per `enqueue_many` call, and calls in flight: 4 x 1,000 confirms
 /// outstanding keeps the broker busy without a gap between chunks.

@@ -16,6 +16,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How long events may trail the last task's completion before they are
+/// counted.
+const EVENTS_TAIL: Duration = Duration::from_millis(500);
+
+/// Runs W1 with events off, then on, each in a namespace of its own.
 pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     for events in [false, true] {
         let mut env = BenchEnv::new("w1", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
@@ -46,7 +51,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool) -> Result<()>
     );
     let client = Arc::new(Client::connect(&env.amqp_url, &env.ns).await?);
     // Let the worker connect and subscribe before the clock starts.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(super::SERVICE_SETTLE).await;
 
     let bytes = ctx.args.body_bytes;
     let t0 = Instant::now();
@@ -102,7 +107,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool) -> Result<()>
     if let Some(tap) = tap {
         // Events are best effort by design (dropped, never blocking, when
         // the broker falls behind): report how many arrived.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(EVENTS_TAIL).await;
         let got = tap.count.load(Ordering::Relaxed);
         println!(
             "  W1 (events on): {got} events received of {} expected (started + succeeded)",

@@ -67,7 +67,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv, shape: &Shape) -> Result<()> {
             .handler(kairos_worker::builtin::NOOP, rec.handler()),
     );
     let client = Arc::new(Client::connect(&env.amqp_url, &env.ns).await?);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(super::SERVICE_SETTLE).await;
 
     let start = now_ms();
     let (bytes, lead, window) = (ctx.args.body_bytes, shape.lead_ms, shape.window_ms);

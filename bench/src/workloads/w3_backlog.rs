@@ -20,8 +20,6 @@ use kairos_shared::client::{Client, NewTask};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Time for a newly started in-process scheduler to consume its intake.
-const SCHEDULER_SETTLE: Duration = Duration::from_millis(500);
 /// How far ahead the backlog is due: it stays pending throughout.
 const HOUR_MS: i64 = 3_600_000;
 /// Redis memory per pending task beyond its body, bytes: the target.
@@ -44,7 +42,7 @@ async fn stages(ctx: &mut Ctx<'_>, env: &BenchEnv, w3: bool, w6: bool) -> Result
     let n = ctx.args.w3_pending;
     let scheduler = InProcess::scheduler(env.scheduler_config());
     let client = Arc::new(Client::connect(&env.amqp_url, &env.ns).await?);
-    tokio::time::sleep(SCHEDULER_SETTLE).await;
+    tokio::time::sleep(super::SERVICE_SETTLE).await;
     let insert_rate = insert(ctx, env, &client, w3).await?;
 
     // 2. Idle cost, with the in-process scheduler out of the way.
@@ -136,7 +134,7 @@ async fn promotion(
     let bytes = ctx.args.body_bytes;
     let m = ctx.args.w3_burst;
     let scheduler = InProcess::scheduler(env.scheduler_config());
-    tokio::time::sleep(SCHEDULER_SETTLE).await;
+    tokio::time::sleep(super::SERVICE_SETTLE).await;
     // Due once they are surely all held: the insert rate says how long that
     // takes; add half again and two seconds.
     let lead_ms = (m as f64 / insert_rate * 1500.0) as i64 + 2_000;

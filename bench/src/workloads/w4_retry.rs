@@ -32,7 +32,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv) -> Result<()> {
     let scheduler = InProcess::scheduler(sconfig);
     let worker = InProcess::worker(Worker::new(env.worker_config()).with_builtins());
     let client = Arc::new(Client::connect(&env.amqp_url, &env.ns).await?);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(super::SERVICE_SETTLE).await;
 
     let bytes = ctx.args.body_bytes;
     let t0 = Instant::now();
