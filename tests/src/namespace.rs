@@ -32,7 +32,7 @@ pub struct TestEnv {
     pub channel: Channel,
     /// A connection to the shared Redis.
     pub redis: redis::aio::MultiplexedConnection,
-    /// The broker of this test: the shared one, or an [`OwnRabbit`].
+    /// The broker of this test: the shared one, or an [`OwnRabbit`](crate::OwnRabbit).
     pub amqp_url: String,
     /// Queues to delete with the namespace (task queues, refusing queues).
     pub(crate) queues: Arc<Mutex<Vec<String>>>,
@@ -46,7 +46,7 @@ impl TestEnv {
     }
 
     /// As [`new`](Self::new), on the broker at `amqp_url` (an
-    /// [`OwnRabbit`]); Redis is the shared one.
+    /// [`OwnRabbit`](crate::OwnRabbit)); Redis is the shared one.
     pub async fn on_broker(prefix: &str, amqp_url: &str) -> Self {
         crate::init_logging();
         let ns = format!(
