@@ -18,6 +18,8 @@ use std::time::Duration;
 
 /// How often [`TestEnv::dead_letters`] looks into an empty `NS.dead`.
 const DEAD_LETTER_POLL: Duration = Duration::from_millis(20);
+/// How often [`TestEnv::wait_depth`] looks at a queue.
+const DEPTH_POLL: Duration = Duration::from_millis(20);
 /// How long [`http_get`] waits for a reply.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often [`ScheduleApi::wait_ready`] asks a starting scheduler.
@@ -157,6 +159,22 @@ impl TestEnv {
             .expect("passive declare")
     }
 
+    /// Polls the depth of `queue` until `done(depth)` holds; panics,
+    /// saying `what` did not happen, after `within`.
+    pub async fn wait_depth(
+        &self,
+        queue: &str,
+        within: Duration,
+        what: &str,
+        done: impl Fn(u32) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !done(self.queue_depth(queue).await) {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(DEPTH_POLL).await;
+        }
+    }
+
     /// Redis keys of this namespace.
     pub async fn redis_keys(&self) -> Vec<String> {
         let mut con = self.redis.clone();
@@ -226,6 +244,26 @@ pub fn dead_letter_error(dead: &[DeadLetter], id: &str) -> String {
     dead_letter_of(dead, id)
         .header(kairos_shared::contract::H_ERROR)
         .unwrap_or_else(|| panic!("{id} has no x-error"))
+}
+
+/// Messages for [`TestEnv::publish_many`]: (routing key, properties, body).
+pub type Batch = Vec<(String, BasicProperties, Vec<u8>)>;
+
+/// `n` messages with empty bodies for the `default` queue, the i-th with
+/// properties `props(i)`.
+pub fn batch(n: usize, props: impl Fn(usize) -> BasicProperties) -> Batch {
+    (0..n)
+        .map(|i| ("default".to_string(), props(i), Vec::new()))
+        .collect()
+}
+
+/// A task for [`TestEnv::publish`] to `NS.delay` that is due `delay_ms`
+/// after the scheduler takes it (`x-delay-ms`).
+pub fn delayed_props(name: &str, id: &str, delay_ms: i32) -> BasicProperties {
+    with_headers(
+        task_props(name, id),
+        &[("x-delay-ms", AMQPValue::LongInt(delay_ms))],
+    )
 }
 
 /// A task message as the contract describes it, for tests that publish

@@ -17,15 +17,12 @@ async fn delayed_tasks_start_on_time_never_early() {
 
     const N: usize = 100;
     let base = now_ms() + 1000;
-    let tasks: Vec<_> = (0..N)
-        .map(|i| {
-            let p = with_headers(
-                task_props("kairos.noop", &format!("d-{i}")),
-                &[("x-run-at", AMQPValue::LongLongInt(base + i as i64 * 20))],
-            );
-            ("default".to_string(), p, Vec::new())
-        })
-        .collect();
+    let tasks: Vec<_> = batch(N, |i| {
+        with_headers(
+            task_props("kairos.noop", &format!("d-{i}")),
+            &[("x-run-at", AMQPValue::LongLongInt(base + i as i64 * 20))],
+        )
+    });
     env.publish_many(&env.names.delay(), tasks).await;
     tap.wait_distinct(EventKind::Started, N, Duration::from_secs(30))
         .await;
