@@ -175,6 +175,14 @@ impl TestEnv {
         }
     }
 
+    /// Waits until `NS.dead` holds at least `n` messages (without taking
+    /// them, unlike [`dead_letters`](Self::dead_letters)).
+    pub async fn wait_dead_depth(&self, n: u32, within: Duration) {
+        let what = format!("{n} dead letters did not arrive within {within:?}");
+        self.wait_depth(&self.names.dead(), within, &what, |depth| depth >= n)
+            .await;
+    }
+
     /// Redis keys of this namespace.
     pub async fn redis_keys(&self) -> Vec<String> {
         let mut con = self.redis.clone();

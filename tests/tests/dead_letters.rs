@@ -19,13 +19,7 @@ async fn dead_letters_can_be_listed_replayed_and_purged() {
     let untyped = BasicProperties::default().with_message_id("raw".into());
     env.publish(&tasks, "default", untyped, b"?").await;
 
-    env.wait_depth(
-        &env.names.dead(),
-        Duration::from_secs(20),
-        "dead letters did not arrive",
-        |depth| depth >= 3,
-    )
-    .await;
+    env.wait_dead_depth(3, Duration::from_secs(20)).await;
     first.stop().await;
 
     let listed = dead::list(&env.conn, &env.names, 100).await.expect("list");
@@ -91,13 +85,7 @@ async fn a_dead_letter_with_an_origin_queue_too_long_is_refused_not_a_panic() {
         )],
     );
     env.publish(&env.names.dead(), "", props, b"x").await;
-    env.wait_depth(
-        &env.names.dead(),
-        Duration::from_secs(20),
-        "no dead letter",
-        |depth| depth >= 1,
-    )
-    .await;
+    env.wait_dead_depth(1, Duration::from_secs(20)).await;
     let done = dead::replay(&env.conn, &env.names, &["LONG".to_string()], 100)
         .await
         .expect("replay answers");

@@ -90,13 +90,7 @@ async fn kairosctl_enqueues_and_manages_dead_letters() {
     assert!(ok, "{err}");
     assert_eq!(id.trim(), "lost-1");
     assert!(ctl(&["task", "add", "--name", "nobody.home", "--id", "lost-2"]).0);
-    env.wait_depth(
-        &env.names.dead(),
-        Duration::from_secs(20),
-        "dead letters did not arrive",
-        |depth| depth >= 2,
-    )
-    .await;
+    env.wait_dead_depth(2, Duration::from_secs(20)).await;
     let (ok, table, err) = ctl(&["dead", "list"]);
     assert!(ok, "{err}");
     assert!(
