@@ -129,3 +129,20 @@ pub fn message_id(props: &BasicProperties) -> String {
         .map(|s| s.to_string())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_pattern_covers_the_namespace_only() {
+        assert_eq!(key_pattern(&Names::new("kt-a.b:c")), "kt-a.b:c:*");
+    }
+
+    #[test]
+    fn message_id_is_empty_when_absent() {
+        let props = BasicProperties::default();
+        assert_eq!(message_id(&props), "");
+        assert_eq!(message_id(&props.with_message_id("t-1".into())), "t-1");
+    }
+}
