@@ -20,31 +20,32 @@ use std::time::{Duration, Instant};
 
 /// Publisher confirms kept in flight: the same as the bench's Rust client
 /// keeps (4 calls of 1,000), so the baseline is never the weaker publisher.
-pub const CONFIRM_WINDOW: usize = 4_000;
+pub(crate) const CONFIRM_WINDOW: usize = 4_000;
 /// Publishes handed to lapin together (see `publish`).
 const PUBLISH_SLICE: usize = 200;
-/// Consumer prefetch of the baseline (CRATES.md: above ~300 gains nothing).
-pub const PREFETCH: u16 = 300;
+/// Consumer prefetch of the baseline: measured on these servers, a
+/// prefetch above about 300 gains nothing.
+pub(crate) const PREFETCH: u16 = 300;
 
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-pub struct Rates {
+pub(crate) struct Rates {
     /// Publish alone, msg/s (first publish to last confirm).
-    pub publish: f64,
+    pub(crate) publish: f64,
     /// Consume alone from a full queue, msg/s (first delivery to last ack).
-    pub consume: f64,
+    pub(crate) consume: f64,
     /// Publish while consuming, msg/s (first publish to last ack).
-    pub concurrent: f64,
+    pub(crate) concurrent: f64,
 }
 
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-pub struct Baseline {
-    pub classic: Rates,
-    pub priority: Rates,
-    pub messages: usize,
-    pub body_bytes: usize,
+pub(crate) struct Baseline {
+    pub(crate) classic: Rates,
+    pub(crate) priority: Rates,
+    pub(crate) messages: usize,
+    pub(crate) body_bytes: usize,
 }
 
-pub async fn measure(env: &mut BenchEnv, n: usize, body_bytes: usize) -> Result<Baseline> {
+pub(crate) async fn measure(env: &mut BenchEnv, n: usize, body_bytes: usize) -> Result<Baseline> {
     let body = vec![b'x'; body_bytes];
     let publisher = kairos_shared::amqp::connect(&env.amqp_url, "bench-base-pub").await?;
     let consumer = kairos_shared::amqp::connect(&env.amqp_url, "bench-base-sub").await?;
@@ -219,7 +220,7 @@ async fn consume_each(
 /// (spread evenly, as W5's ticks are), confirms pipelined, while a consumer
 /// with the baseline's prefetch acks them. Returns each message's lateness
 /// (delivery time minus its instant), ms, sorted.
-pub async fn paced(
+pub(crate) async fn paced(
     env: &mut BenchEnv,
     rate: usize,
     secs: u64,

@@ -5,31 +5,39 @@
 
 use anyhow::{Context, Result};
 use kairos_shared::contract::Names;
-use lapin::options::{
-    BasicConsumeOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use redis::AsyncCommands;
 use std::time::Duration;
 
-pub struct BenchEnv {
-    pub ns: String,
-    pub names: Names,
-    pub amqp_url: String,
-    pub redis_url: String,
-    pub conn: Connection,
-    pub channel: Channel,
-    pub redis: redis::aio::MultiplexedConnection,
+/// Hex digits of a v7 UUID's random tail that make a namespace unique.
+const NS_SUFFIX_START: usize = 24;
+/// Members of a record hash `MEMORY USAGE` samples: enough for a stable
+/// mean, fast on a million-member hash.
+const MEMORY_SAMPLES: u32 = 1_000;
+/// `MEMORY USAGE` commands sent in one pipeline.
+const KEYS_PER_PIPELINE: usize = 1_000;
+/// How long cleanup waits for a connection to close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(crate) struct BenchEnv {
+    pub(crate) ns: String,
+    pub(crate) names: Names,
+    pub(crate) amqp_url: String,
+    pub(crate) redis_url: String,
+    pub(crate) conn: Connection,
+    pub(crate) channel: Channel,
+    pub(crate) redis: redis::aio::MultiplexedConnection,
     /// Extra queues to delete on cleanup (baseline queues, event taps).
     extra_queues: Vec<String>,
 }
 
 impl BenchEnv {
-    pub async fn new(label: &str, amqp_url: &str, redis_url: &str) -> Result<Self> {
+    pub(crate) async fn new(label: &str, amqp_url: &str, redis_url: &str) -> Result<Self> {
         let ns = format!(
             "kb-{label}-{}",
-            &uuid::Uuid::now_v7().simple().to_string()[24..]
+            &uuid::Uuid::now_v7().simple().to_string()[NS_SUFFIX_START..]
         );
         let names = Names::new(&ns);
         let conn = kairos_shared::amqp::connect(amqp_url, "kairos-bench")
@@ -54,18 +62,18 @@ impl BenchEnv {
         })
     }
 
-    pub fn forget_on_cleanup(&mut self, queue: &str) {
+    pub(crate) fn forget_on_cleanup(&mut self, queue: &str) {
         self.extra_queues.push(queue.to_string());
     }
 
-    pub fn scheduler_config(&self) -> kairos_scheduler::Config {
+    pub(crate) fn scheduler_config(&self) -> kairos_scheduler::Config {
         let mut c = kairos_scheduler::Config::for_namespace(&self.ns);
         c.common.amqp_url = self.amqp_url.clone();
         c.redis_url = self.redis_url.clone();
         c
     }
 
-    pub fn worker_config(&self) -> kairos_worker::Config {
+    pub(crate) fn worker_config(&self) -> kairos_worker::Config {
         let mut c = kairos_worker::Config::for_namespace(&self.ns);
         c.common.amqp_url = self.amqp_url.clone();
         c
@@ -73,7 +81,7 @@ impl BenchEnv {
 
     /// A consumer on `queue` that takes messages without acks, on its own
     /// channel (returned too: it must stay open while consuming).
-    pub async fn consume_no_ack(&self, queue: &str) -> Result<(Channel, Consumer)> {
+    pub(crate) async fn consume_no_ack(&self, queue: &str) -> Result<(Channel, Consumer)> {
         let ch = self.conn.create_channel().await?;
         let consumer = ch
             .basic_consume(
@@ -90,27 +98,22 @@ impl BenchEnv {
     }
 
     /// Ready messages in a queue (unacked ones are not counted).
-    pub async fn queue_depth(&self, queue: &str) -> Result<u32> {
-        let q = self
-            .channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(q.message_count())
+    pub(crate) async fn queue_depth(&self, queue: &str) -> Result<u32> {
+        Ok(kairos_shared::admin::queue_depth(&self.channel, queue).await?)
+    }
+
+    /// The delay queue's shard count: the scheduler's default, which every
+    /// workload's scheduler runs with.
+    fn shards(&self) -> u16 {
+        self.scheduler_config().shards
     }
 
     /// Tasks held in this namespace's delay queue (waiting or leased),
-    /// over the scheduler's default 8 shards.
-    pub async fn pending(&self) -> Result<u64> {
+    /// over the shards of [`scheduler_config`](Self::scheduler_config).
+    pub(crate) async fn pending(&self) -> Result<u64> {
         let mut con = self.redis.clone();
         let mut pipe = redis::pipe();
-        for s in 0..8 {
+        for s in 0..self.shards() {
             pipe.cmd("HLEN").arg(format!("{}:dq{{{s}}}:rec", self.ns));
         }
         let counts: Vec<u64> = pipe.query_async(&mut con).await?;
@@ -118,14 +121,14 @@ impl BenchEnv {
     }
 
     /// Bytes of the delay queue's due index (the bucket sorted sets and
-    /// the index over them) and record hashes (over the default 8 shards;
-    /// `MEMORY USAGE` sampling 1,000 members of each record hash), and the
+    /// the index over them) and record hashes (over every shard; `MEMORY
+    /// USAGE` sampling [`MEMORY_SAMPLES`] members of each record hash), and the
     /// size of one stored record: where the memory per task goes.
-    pub async fn delay_queue_breakdown(&self) -> Result<(u64, u64, u64)> {
+    pub(crate) async fn delay_queue_breakdown(&self) -> Result<(u64, u64, u64)> {
         let mut con = self.redis.clone();
         let (mut zsets, mut hashes) = (0, 0);
         let mut index_keys: Vec<String> = Vec::new();
-        for s in 0..8 {
+        for s in 0..self.shards() {
             let pattern = format!("{}:dq{{{s}}}:idx*", self.ns);
             let mut scan = self.redis.clone();
             let mut iter: redis::AsyncIter<String> = scan.scan_match(&pattern).await?;
@@ -136,12 +139,12 @@ impl BenchEnv {
                 .arg("USAGE")
                 .arg(format!("{}:dq{{{s}}}:rec", self.ns))
                 .arg("SAMPLES")
-                .arg(1000)
+                .arg(MEMORY_SAMPLES)
                 .query_async(&mut con)
                 .await?;
             hashes += used.unwrap_or(0);
         }
-        for chunk in index_keys.chunks(1000) {
+        for chunk in index_keys.chunks(KEYS_PER_PIPELINE) {
             let mut pipe = redis::pipe();
             for k in chunk {
                 pipe.cmd("MEMORY").arg("USAGE").arg(k).arg("SAMPLES").arg(0);
@@ -168,7 +171,7 @@ impl BenchEnv {
     }
 
     /// Redis's `used_memory`, bytes.
-    pub async fn redis_used_memory(&self) -> Result<u64> {
+    pub(crate) async fn redis_used_memory(&self) -> Result<u64> {
         let mut con = self.redis.clone();
         let info: String = redis::cmd("INFO")
             .arg("memory")
@@ -183,7 +186,7 @@ impl BenchEnv {
     async fn redis_keys(&self) -> Result<Vec<String>> {
         let mut con = self.redis.clone();
         let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.ns))
+            .arg(kairos_shared::admin::key_pattern(&self.names))
             .query_async(&mut con)
             .await?;
         Ok(keys)
@@ -193,7 +196,7 @@ impl BenchEnv {
     /// connects afresh: the workload's own connection may have died with
     /// the broker (a restart by another user of the shared servers), and
     /// the namespace must go all the same.
-    pub async fn cleanup(self) {
+    pub(crate) async fn cleanup(self) {
         let fresh = kairos_shared::amqp::connect(&self.amqp_url, "kairos-bench-cleanup").await;
         let channel = match &fresh {
             Ok(conn) => conn.create_channel().await.ok(),
@@ -202,27 +205,10 @@ impl BenchEnv {
         let channel = channel.as_ref().unwrap_or(&self.channel);
         let queues = [
             self.names.queue("default"),
-            self.names.delay(),
-            self.names.retry(),
-            self.names.dead(),
             kairos_scheduler::schedules::outcomes::queue_name(&self.names),
         ];
-        for q in queues.iter().chain(&self.extra_queues) {
-            let _ = channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for e in [
-            self.names.tasks_exchange(),
-            self.names.delay(),
-            self.names.retry(),
-            self.names.dead(),
-            self.names.events(),
-        ] {
-            let _ = channel
-                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        let queues = queues.into_iter().chain(self.extra_queues.iter().cloned());
+        let _ = kairos_shared::admin::delete_topology(channel, &self.names, queues).await;
         if let Ok(keys) = self.redis_keys().await {
             let mut con = self.redis.clone();
             // UNLINK frees big hashes in the background instead of blocking
@@ -232,9 +218,7 @@ impl BenchEnv {
             }
         }
         for conn in fresh.iter().chain([&self.conn]) {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), conn.close(200, "bench done".into()))
-                    .await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "bench done".into())).await;
         }
     }
 }

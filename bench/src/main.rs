@@ -37,73 +37,73 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     name = "kairos-bench",
     about = "Kairos benchmarks against raw RabbitMQ, Celery and BullMQ"
 )]
-pub struct Args {
+pub(crate) struct Args {
     /// Every workload at a tiny size, for CI: checks counts, not timings.
     #[arg(long)]
-    pub quick: bool,
+    pub(crate) quick: bool,
     /// Also run Celery and BullMQ (installs them under target/ on first use).
     #[arg(long)]
-    pub peers: bool,
+    pub(crate) peers: bool,
     /// Workloads to run, comma-separated (w1,w2,w3,w4,w5,w6,w7,w8); default all.
     #[arg(long, value_delimiter = ',')]
-    pub only: Vec<String>,
+    pub(crate) only: Vec<String>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench/results.json")]
-    pub json: PathBuf,
+    pub(crate) json: PathBuf,
     #[arg(long, env = "KAIROS_AMQP_URL", default_value = DEFAULT_AMQP_URL)]
-    pub amqp_url: String,
+    pub(crate) amqp_url: String,
     #[arg(long, env = "KAIROS_REDIS_URL", default_value = DEFAULT_REDIS_URL)]
-    pub redis_url: String,
+    pub(crate) redis_url: String,
     /// Body of every task and baseline message, bytes.
     #[arg(long, default_value_t = 100)]
-    pub body_bytes: usize,
+    pub(crate) body_bytes: usize,
     /// Messages per baseline measurement.
     #[arg(long, default_value_t = 50_000)]
-    pub baseline_messages: usize,
+    pub(crate) baseline_messages: usize,
     #[arg(long, default_value_t = 100_000)]
-    pub w1_tasks: usize,
+    pub(crate) w1_tasks: usize,
     /// Worker concurrency in W1 (`N` or `MIN..MAX`).
     #[arg(long, default_value = "64")]
-    pub w1_concurrency: Concurrency,
+    pub(crate) w1_concurrency: Concurrency,
     /// Worker prefetch in W1.
     #[arg(long, default_value_t = 300)]
-    pub w1_prefetch: u16,
+    pub(crate) w1_prefetch: u16,
     #[arg(long, default_value_t = 5_000)]
-    pub w2a_tasks: usize,
+    pub(crate) w2a_tasks: usize,
     #[arg(long, default_value_t = 20_000)]
-    pub w2b_tasks: usize,
+    pub(crate) w2b_tasks: usize,
     /// Pending tasks in the W3 backlog (also W6's backlog).
     #[arg(long, default_value_t = 1_000_000)]
-    pub w3_pending: usize,
+    pub(crate) w3_pending: usize,
     /// Tasks that fall due at once in W3's promotion.
     #[arg(long, default_value_t = 100_000)]
-    pub w3_burst: usize,
+    pub(crate) w3_burst: usize,
     #[arg(long, default_value_t = 10_000)]
-    pub w4_tasks: usize,
+    pub(crate) w4_tasks: usize,
     /// Interval schedules in W5 (each fires every second).
     #[arg(long, default_value_t = 10_000)]
-    pub w5_schedules: usize,
+    pub(crate) w5_schedules: usize,
     /// Seconds W5 lets the schedules fire.
     #[arg(long, default_value_t = 30)]
-    pub w5_secs: u64,
+    pub(crate) w5_secs: u64,
     /// Seconds W6 measures the idle processes.
     #[arg(long, default_value_t = 10)]
-    pub w6_secs: u64,
+    pub(crate) w6_secs: u64,
     /// Tasks W7 enqueues over HTTP (32 concurrent clients).
     #[arg(long, default_value_t = 20_000)]
-    pub http_tasks: usize,
+    pub(crate) http_tasks: usize,
     /// Tasks in W8 (big bodies through the scheduler).
     #[arg(long, default_value_t = 500)]
-    pub w8_tasks: usize,
+    pub(crate) w8_tasks: usize,
     /// Body size of each W8 task (bytes).
     #[arg(long, default_value_t = 5_000_000)]
-    pub w8_body_bytes: usize,
+    pub(crate) w8_body_bytes: usize,
     /// Tasks per peer in W1 (the peers' published figure is for 20,000).
     #[arg(long, default_value_t = 20_000)]
-    pub peer_w1_tasks: usize,
+    pub(crate) peer_w1_tasks: usize,
     /// Tasks per peer in W2(a).
     #[arg(long, default_value_t = 5_000)]
-    pub peer_w2_tasks: usize,
+    pub(crate) peer_w2_tasks: usize,
 }
 
 impl Args {
@@ -132,17 +132,7 @@ impl Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    // Failing tasks log a warning per attempt and an error per dead letter:
-    // W4 makes tens of thousands on purpose. lapin logs an error for every
-    // channel closed while its consumer is still registered, which each
-    // workload does on purpose when it ends. RUST_LOG overrides.
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| {
-        "warn,kairos_worker::disposition=off,kairos_scheduler::delay::intake=off,lapin::channels=off"
-            .into()
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .init();
+    init_logging();
     let mut args = Args::parse();
     if args.quick {
         args.shrink();
@@ -153,7 +143,48 @@ async fn main() -> Result<()> {
         "kairos-bench on {} CPUs, RabbitMQ {}, Redis {}",
         report.machine.cpus, report.machine.rabbitmq, report.machine.redis
     );
+    let base = measure_baseline(&args, &mut report).await?;
+    let mut ctx = Ctx {
+        args: &args,
+        base,
+        report: &mut report,
+    };
+    run_workloads(&args, &mut ctx).await;
+    if args.peers {
+        println!("peers");
+        peers::run(&mut ctx).await;
+    }
+    write_results(&args, &report)?;
+    // The plain closing line CI runners read: count checks, not timings.
+    let failed = report.failures.len();
+    println!(
+        "kairos-bench: {} passed, {failed} failed",
+        report.checks - failed
+    );
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
 
+/// Logs warnings, with the expected noise off. Failing tasks log a warning
+/// per attempt and an error per dead letter: W4 makes tens of thousands on
+/// purpose. lapin logs an error for every channel closed while its
+/// consumer is still registered, which each workload does on purpose when
+/// it ends. RUST_LOG overrides.
+fn init_logging() {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| {
+        "warn,kairos_worker::disposition=off,kairos_scheduler::delay::intake=off,lapin::channels=off"
+            .into()
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .init();
+}
+
+/// Raw lapin on a classic and a priority queue: what every workload is
+/// compared with. Its rows go into `report`.
+async fn measure_baseline(args: &Args, report: &mut Report) -> Result<baseline::Baseline> {
     println!(
         "baseline: raw lapin, {} persistent {}-byte messages, confirms window {}, prefetch {}",
         args.baseline_messages,
@@ -182,12 +213,12 @@ async fn main() -> Result<()> {
             ));
         }
     }
+    Ok(base)
+}
 
-    let mut ctx = Ctx {
-        args: &args,
-        base,
-        report: &mut report,
-    };
+/// Runs the workloads `--only` selects, in order; a workload that fails
+/// is a failed check, and the next one runs.
+async fn run_workloads(args: &Args, ctx: &mut Ctx<'_>) {
     let steps: [(&str, &str); 7] = [
         ("w1", "W1 burst"),
         ("w2", "W2 precision"),
@@ -207,41 +238,31 @@ async fn main() -> Result<()> {
         }
         println!("{title}");
         let result = match key {
-            "w1" => workloads::w1_burst::run(&mut ctx).await,
-            "w2" => workloads::w2_precision::run(&mut ctx).await,
-            "w3" => workloads::w3_backlog::run(&mut ctx, args.wants("w3"), args.wants("w6")).await,
-            "w4" => workloads::w4_retry::run(&mut ctx).await,
-            "w7" => workloads::w7_http::run(&mut ctx).await,
-            "w8" => workloads::w8_big_bodies::run(&mut ctx).await,
-            _ => workloads::w5_schedules::run(&mut ctx).await,
+            "w1" => workloads::w1_burst::run(ctx).await,
+            "w2" => workloads::w2_precision::run(ctx).await,
+            "w3" => workloads::w3_backlog::run(ctx, args.wants("w3"), args.wants("w6")).await,
+            "w4" => workloads::w4_retry::run(ctx).await,
+            "w7" => workloads::w7_http::run(ctx).await,
+            "w8" => workloads::w8_big_bodies::run(ctx).await,
+            _ => workloads::w5_schedules::run(ctx).await,
         };
         if let Err(err) = result {
             ctx.report.check(false, format!("{title} failed: {err:#}"));
         }
     }
-    if args.peers {
-        println!("peers");
-        peers::run(&mut ctx).await;
-    }
+}
 
+/// Prints the table, writes the JSON results, and lists the failures.
+fn write_results(args: &Args, report: &Report) -> Result<()> {
     println!("\n{}", report.table());
     if let Some(dir) = args.json.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&args.json, serde_json::to_vec_pretty(&report)?)
+    std::fs::write(&args.json, serde_json::to_vec_pretty(report)?)
         .with_context(|| format!("writing {}", args.json.display()))?;
     println!("results: {}", args.json.display());
     for f in &report.failures {
         eprintln!("FAILED: {f}");
-    }
-    // The plain closing line CI runners read: count checks, not timings.
-    let failed = report.failures.len();
-    println!(
-        "kairos-bench: {} passed, {failed} failed",
-        report.checks - failed
-    );
-    if failed > 0 {
-        std::process::exit(1);
     }
     Ok(())
 }

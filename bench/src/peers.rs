@@ -44,7 +44,7 @@ struct Lateness {
     max: Option<f64>,
 }
 
-pub async fn run(ctx: &mut Ctx<'_>) {
+pub(crate) async fn run(ctx: &mut Ctx<'_>) {
     for peer in ["celery", "bullmq"] {
         println!(
             "peer {peer} (W1 {} tasks, W2(a) {} tasks)",

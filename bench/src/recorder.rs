@@ -33,24 +33,24 @@ impl Inner {
 }
 
 #[derive(Clone, Default)]
-pub struct Recorder {
+pub(crate) struct Recorder {
     inner: Arc<Mutex<Inner>>,
     notify: Arc<Notify>,
 }
 
 /// What a recorder saw, for the report.
-pub struct Seen {
-    pub distinct: usize,
-    pub duplicated: usize,
-    pub lateness: Vec<i64>,
-    pub last_done: Option<Instant>,
+pub(crate) struct Seen {
+    pub(crate) distinct: usize,
+    pub(crate) duplicated: usize,
+    pub(crate) lateness: Vec<i64>,
+    pub(crate) last_done: Option<Instant>,
 }
 
 impl Recorder {
     /// A recorder with room for `n` runs: growing its map while tasks run
     /// would stall every recording handler for the rehash, inside the
     /// measurement.
-    pub fn with_capacity(n: usize) -> Self {
+    pub(crate) fn with_capacity(n: usize) -> Self {
         let rec = Recorder::default();
         if let Ok(mut inner) = rec.inner.lock() {
             inner.runs.reserve(n);
@@ -60,7 +60,7 @@ impl Recorder {
     }
 
     /// The handler to register (under `kairos.noop` or a bench task name).
-    pub fn handler(&self) -> impl Handler {
+    pub(crate) fn handler(&self) -> impl Handler {
         let rec = self.clone();
         move |ctx: TaskContext, _body: Vec<u8>| {
             let rec = rec.clone();
@@ -76,7 +76,7 @@ impl Recorder {
     /// `x-schedule-id` and `x-run-at` (the occurrence's instant), so a
     /// schedule that fires the same instant twice counts as duplicated
     /// whatever task ids the two fires got.
-    pub fn occurrence_handler(&self) -> impl Handler {
+    pub(crate) fn occurrence_handler(&self) -> impl Handler {
         let rec = self.clone();
         move |ctx: TaskContext, _body: Vec<u8>| {
             let rec = rec.clone();
@@ -101,7 +101,7 @@ impl Recorder {
 
     /// From now on, [`occurrence_handler`](Self::occurrence_handler)
     /// records only occurrences due in [from, to) (Unix ms).
-    pub fn only_due_in(&self, from: i64, to: i64) {
+    pub(crate) fn only_due_in(&self, from: i64, to: i64) {
         if let Ok(mut inner) = self.inner.lock() {
             inner.window = Some((from, to));
         }
@@ -127,13 +127,13 @@ impl Recorder {
         self.notify.notify_waiters();
     }
 
-    pub fn distinct(&self) -> usize {
+    pub(crate) fn distinct(&self) -> usize {
         self.inner.lock().map(|i| i.runs.len()).unwrap_or(0)
     }
 
     /// Waits until `n` distinct ids ran or `until` passes; returns whether
     /// all ran.
-    pub async fn wait_distinct(&self, n: usize, until: tokio::time::Instant) -> bool {
+    pub(crate) async fn wait_distinct(&self, n: usize, until: tokio::time::Instant) -> bool {
         loop {
             let notified = self.notify.notified();
             if self.distinct() >= n {
@@ -145,7 +145,7 @@ impl Recorder {
         }
     }
 
-    pub fn seen(&self) -> Seen {
+    pub(crate) fn seen(&self) -> Seen {
         let Ok(inner) = self.inner.lock() else {
             return Seen {
                 distinct: 0,

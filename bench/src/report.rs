@@ -6,23 +6,23 @@ use serde::Serialize;
 use std::fmt::Write as _;
 
 #[derive(Clone, Debug, Serialize)]
-pub struct Row {
-    pub workload: String,
-    pub metric: String,
+pub(crate) struct Row {
+    pub(crate) workload: String,
+    pub(crate) metric: String,
     /// `None` when the figure could not be measured (see `note`).
-    pub value: Option<f64>,
-    pub unit: String,
+    pub(crate) value: Option<f64>,
+    pub(crate) unit: String,
     /// Ratio to the matching baseline figure of the same run.
-    pub ratio: Option<f64>,
+    pub(crate) ratio: Option<f64>,
     /// The target, as text (e.g. ">= 0.8 x baseline", "<= 5 ms").
-    pub target: Option<String>,
+    pub(crate) target: Option<String>,
     /// Whether the target is met; `None` when there is no target.
-    pub met: Option<bool>,
-    pub note: String,
+    pub(crate) met: Option<bool>,
+    pub(crate) note: String,
 }
 
 impl Row {
-    pub fn new(workload: &str, metric: &str, value: f64, unit: &str) -> Self {
+    pub(crate) fn new(workload: &str, metric: &str, value: f64, unit: &str) -> Self {
         Row {
             workload: workload.into(),
             metric: metric.into(),
@@ -36,7 +36,7 @@ impl Row {
     }
 
     /// A figure that could not be measured in this build.
-    pub fn unavailable(workload: &str, metric: &str, why: &str) -> Self {
+    pub(crate) fn unavailable(workload: &str, metric: &str, why: &str) -> Self {
         Row {
             value: None,
             note: why.into(),
@@ -44,7 +44,7 @@ impl Row {
         }
     }
 
-    pub fn ratio(mut self, to: f64) -> Self {
+    pub(crate) fn ratio(mut self, to: f64) -> Self {
         if let Some(v) = self.value {
             if to > 0.0 {
                 self.ratio = Some(v / to);
@@ -54,55 +54,55 @@ impl Row {
     }
 
     /// Target: the ratio at least `min`.
-    pub fn ratio_at_least(mut self, min: f64) -> Self {
+    pub(crate) fn ratio_at_least(mut self, min: f64) -> Self {
         self.target = Some(format!(">= {min} x base"));
         self.met = self.ratio.map(|r| r >= min);
         self
     }
 
     /// Target: the value at most `max` (in the row's unit).
-    pub fn at_most(mut self, max: f64) -> Self {
+    pub(crate) fn at_most(mut self, max: f64) -> Self {
         self.target = Some(format!("<= {max} {}", self.unit));
         self.met = self.value.map(|v| v <= max);
         self
     }
 
-    pub fn note(mut self, note: impl Into<String>) -> Self {
+    pub(crate) fn note(mut self, note: impl Into<String>) -> Self {
         self.note = note.into();
         self
     }
 }
 
 #[derive(Default, Serialize)]
-pub struct Report {
-    pub machine: Machine,
-    pub rows: Vec<Row>,
+pub(crate) struct Report {
+    pub(crate) machine: Machine,
+    pub(crate) rows: Vec<Row>,
     /// Count checks made.
-    pub checks: usize,
+    pub(crate) checks: usize,
     /// Count checks that failed: the run exits non-zero when any did.
-    pub failures: Vec<String>,
+    pub(crate) failures: Vec<String>,
 }
 
 #[derive(Default, Serialize)]
-pub struct Machine {
-    pub cpus: usize,
-    pub kernel: String,
-    pub rabbitmq: String,
-    pub redis: String,
-    pub args: String,
+pub(crate) struct Machine {
+    pub(crate) cpus: usize,
+    pub(crate) kernel: String,
+    pub(crate) rabbitmq: String,
+    pub(crate) redis: String,
+    pub(crate) args: String,
     /// Unix ms.
-    pub started_at: String,
+    pub(crate) started_at: String,
 }
 
 impl Report {
     /// Adds a row and prints it at once, so a long run shows progress.
-    pub fn push(&mut self, row: Row) {
+    pub(crate) fn push(&mut self, row: Row) {
         println!("  {}", line(&row));
         self.rows.push(row);
     }
 
     /// Records a count check; a failed one is printed and remembered.
-    pub fn check(&mut self, ok: bool, what: impl Into<String>) {
+    pub(crate) fn check(&mut self, ok: bool, what: impl Into<String>) {
         let what = what.into();
         self.checks += 1;
         if !ok {
@@ -111,7 +111,7 @@ impl Report {
         }
     }
 
-    pub fn table(&self) -> String {
+    pub(crate) fn table(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -141,7 +141,7 @@ impl Report {
 }
 
 /// What the run ran on, for the JSON and docs/BENCHMARKS.md.
-pub async fn machine(args: &crate::Args) -> Machine {
+pub(crate) async fn machine(args: &crate::Args) -> Machine {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
@@ -208,7 +208,7 @@ fn fmt_value(v: f64) -> String {
 }
 
 /// Percentile of a sorted slice (nearest rank).
-pub fn percentile(sorted: &[i64], p: f64) -> i64 {
+pub(crate) fn percentile(sorted: &[i64], p: f64) -> i64 {
     if sorted.is_empty() {
         return 0;
     }

@@ -14,13 +14,13 @@ use tokio::task::JoinHandle;
 type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A scheduler or worker running in this process until [`stop`](Self::stop).
-pub struct InProcess {
+pub(crate) struct InProcess {
     stop: Option<oneshot::Sender<()>>,
     handle: JoinHandle<()>,
 }
 
 impl InProcess {
-    pub fn scheduler(config: kairos_scheduler::Config) -> Self {
+    pub(crate) fn scheduler(config: kairos_scheduler::Config) -> Self {
         Self::spawn(move |shutdown| async move {
             if let Err(err) = kairos_scheduler::run(config, shutdown).await {
                 tracing::error!(cause = %err, "bench scheduler failed");
@@ -28,7 +28,7 @@ impl InProcess {
         })
     }
 
-    pub fn worker(worker: kairos_worker::Worker) -> Self {
+    pub(crate) fn worker(worker: kairos_worker::Worker) -> Self {
         Self::spawn(move |shutdown| async move {
             if let Err(err) = worker.run(shutdown).await {
                 tracing::error!(cause = %err, "bench worker failed");
@@ -52,7 +52,7 @@ impl InProcess {
     }
 
     /// Signals shutdown and waits (at most 30 s) for `run` to return.
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
@@ -67,12 +67,12 @@ impl InProcess {
 
 /// A `kairos-*` binary next to this one (same cargo profile), killed when
 /// dropped.
-pub struct Proc {
-    pub child: Child,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
 }
 
 impl Proc {
-    pub fn spawn(name: &str, env: &[(&str, String)]) -> Result<Self> {
+    pub(crate) fn spawn(name: &str, env: &[(&str, String)]) -> Result<Self> {
         let path = sibling_binary(name)?;
         let child = Command::new(&path)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -84,12 +84,12 @@ impl Proc {
         Ok(Proc { child })
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// SIGTERM, then SIGKILL if it has not exited within `grace`.
-    pub async fn terminate(mut self, grace: Duration) {
+    pub(crate) async fn terminate(mut self, grace: Duration) {
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())

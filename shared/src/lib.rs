@@ -19,7 +19,10 @@
 //! * `supervise`: background loops restarted when they fail, with their
 //!   health for `/readyz`.
 //! * `secrets`: redacting URLs, secret settings and `*_FILE` variants.
+//! * `admin`: queue depth, listening to events, and removing a namespace
+//!   (the tests and the benchmark clean up with it).
 
+pub mod admin;
 pub mod amqp;
 pub mod client;
 pub mod config;

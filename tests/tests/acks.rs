@@ -44,12 +44,7 @@ async fn a_running_task_does_not_hold_back_the_acks_behind_it() {
     tokio::time::timeout(Duration::from_secs(30), started.notified())
         .await
         .expect("the slow task starts");
-    let quick: Vec<_> = (0..200)
-        .map(|i| {
-            let p = task_props("test.quick", &format!("quick-{i}"));
-            ("default".to_string(), p, Vec::new())
-        })
-        .collect();
+    let quick: Vec<_> = batch(200, |i| task_props("test.quick", &format!("quick-{i}")));
     env.publish_many(&tasks, quick).await;
     log.wait_distinct(200, Duration::from_secs(30)).await;
     assert_eq!(log.total(), 200, "each quick task ran once");
@@ -71,12 +66,7 @@ async fn a_graceful_stop_acks_every_settled_delivery() {
     let log = RunLog::default();
     let worker =
         InProcess::worker(Worker::new(env.worker_config()).handler("test.quick", log.handler(0)));
-    let quick: Vec<_> = (0..2000)
-        .map(|i| {
-            let p = task_props("test.quick", &format!("q-{i}"));
-            ("default".to_string(), p, Vec::new())
-        })
-        .collect();
+    let quick: Vec<_> = batch(2000, |i| task_props("test.quick", &format!("q-{i}")));
     env.publish_many(&env.names.tasks_exchange(), quick).await;
     log.wait_distinct(2000, Duration::from_secs(60)).await;
     // Stopped right after the last task ran: its ack may still be waiting

@@ -46,13 +46,7 @@ async fn bad_input_is_dead_lettered_with_a_reason() {
     .await;
 
     let dead = env.dead_letters(4, Duration::from_secs(30)).await;
-    let reason = |id: &str| {
-        dead.iter()
-            .find(|d| d.id().as_deref() == Some(id))
-            .unwrap_or_else(|| panic!("{id} not dead-lettered: {dead:?}"))
-            .header(H_ERROR)
-            .unwrap_or_else(|| panic!("{id} has no x-error"))
-    };
+    let reason = |id: &str| dead_letter_error(&dead, id);
     assert!(reason("no-type").contains("type"), "{}", reason("no-type"));
     assert!(
         reason("bad-time").contains("x-run-at"),

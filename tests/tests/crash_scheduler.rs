@@ -18,17 +18,14 @@ async fn killed_scheduler_loses_no_task() {
 
     const N: usize = 5000;
     let start = now_ms() + 3000;
-    let tasks: Vec<_> = (0..N)
-        .map(|i| {
-            // Due uniformly over one second, starting 3 s from now.
-            let run_at = start + (i as i64 * 1000) / N as i64;
-            let p = with_headers(
-                task_props("kairos.noop", &format!("t-{i}")),
-                &[("x-run-at", AMQPValue::LongLongInt(run_at))],
-            );
-            ("default".to_string(), p, Vec::new())
-        })
-        .collect();
+    let tasks: Vec<_> = batch(N, |i| {
+        // Due uniformly over one second, starting 3 s from now.
+        let run_at = start + (i as i64 * 1000) / N as i64;
+        with_headers(
+            task_props("kairos.noop", &format!("t-{i}")),
+            &[("x-run-at", AMQPValue::LongLongInt(run_at))],
+        )
+    });
     env.publish_many(&env.names.delay(), tasks).await;
 
     // Read what the schedulers publish, as a worker would.

@@ -19,14 +19,7 @@ async fn dead_letters_can_be_listed_replayed_and_purged() {
     let untyped = BasicProperties::default().with_message_id("raw".into());
     env.publish(&tasks, "default", untyped, b"?").await;
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while env.queue_depth(&env.names.dead()).await < 3 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "dead letters did not arrive"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.wait_dead_depth(3, Duration::from_secs(20)).await;
     first.stop().await;
 
     let listed = dead::list(&env.conn, &env.names, 100).await.expect("list");
@@ -92,11 +85,7 @@ async fn a_dead_letter_with_an_origin_queue_too_long_is_refused_not_a_panic() {
         )],
     );
     env.publish(&env.names.dead(), "", props, b"x").await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while env.queue_depth(&env.names.dead()).await < 1 {
-        assert!(tokio::time::Instant::now() < deadline, "no dead letter");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.wait_dead_depth(1, Duration::from_secs(20)).await;
     let done = dead::replay(&env.conn, &env.names, &["LONG".to_string()], 100)
         .await
         .expect("replay answers");

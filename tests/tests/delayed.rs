@@ -17,15 +17,12 @@ async fn delayed_tasks_start_on_time_never_early() {
 
     const N: usize = 100;
     let base = now_ms() + 1000;
-    let tasks: Vec<_> = (0..N)
-        .map(|i| {
-            let p = with_headers(
-                task_props("kairos.noop", &format!("d-{i}")),
-                &[("x-run-at", AMQPValue::LongLongInt(base + i as i64 * 20))],
-            );
-            ("default".to_string(), p, Vec::new())
-        })
-        .collect();
+    let tasks: Vec<_> = batch(N, |i| {
+        with_headers(
+            task_props("kairos.noop", &format!("d-{i}")),
+            &[("x-run-at", AMQPValue::LongLongInt(base + i as i64 * 20))],
+        )
+    });
     env.publish_many(&env.names.delay(), tasks).await;
     tap.wait_distinct(EventKind::Started, N, Duration::from_secs(30))
         .await;
@@ -93,12 +90,7 @@ async fn a_pending_id_is_unique_first_submission_wins() {
         .count();
     assert_eq!(scheduled, 1);
     // The first submission won: it was due at +400 ms, not +100 ms.
-    let sched = tap
-        .of(EventKind::Scheduled)
-        .into_iter()
-        .find(|e| e.id == "once")
-        .expect("scheduled")
-        .clone();
+    let sched = tap.first(EventKind::Scheduled, "once");
     assert!(runs[0].at >= sched.due_at.expect("due"));
     worker.stop().await;
     scheduler.stop().await;
@@ -183,12 +175,7 @@ async fn events_have_the_contract_shape() {
         assert_eq!(e.attempt, 1);
         assert!(e.error.is_none());
     }
-    let published = tap
-        .of(EventKind::Published)
-        .into_iter()
-        .find(|e| e.id == "ev-1")
-        .expect("published")
-        .clone();
+    let published = tap.first(EventKind::Published, "ev-1");
     assert!(
         published.due_at.is_some(),
         "the scheduler knows the due time"

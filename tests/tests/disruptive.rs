@@ -3,7 +3,6 @@
 #![cfg(feature = "disruptive")]
 
 use kairos_tests::*;
-use lapin::types::AMQPValue;
 use std::process::Command;
 use std::time::Duration;
 
@@ -50,15 +49,9 @@ async fn broker_restart_loses_no_acked_task() {
             )
         })
         .collect();
-    let delayed: Vec<_> = (0..LATER)
-        .map(|i| {
-            let p = with_headers(
-                task_props("test.record", &format!("later-{i}")),
-                &[("x-delay-ms", AMQPValue::LongInt(1000 + (i as i32) * 40))],
-            );
-            ("default".to_string(), p, Vec::new())
-        })
-        .collect();
+    let delayed: Vec<_> = batch(LATER, |i| {
+        delayed_props("test.record", &format!("later-{i}"), 1000 + (i as i32) * 40)
+    });
     env.publish_many(&env.names.tasks_exchange(), immediate)
         .await;
     env.publish_many(&env.names.delay(), delayed).await;

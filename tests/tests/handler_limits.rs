@@ -123,14 +123,10 @@ async fn kairos_sleep_is_bounded_and_dead_letters_say_why() {
 /// Runs `rabbitmqctl` on the shared broker (listing, and closing one
 /// connection of this test: nothing else is touched).
 fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl must be on PATH for this test");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new("rabbitmqctl").args(args),
+        &format!("rabbitmqctl {args:?}"),
+        "rabbitmqctl must be on PATH for this test",
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

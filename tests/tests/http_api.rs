@@ -90,14 +90,7 @@ async fn kairosctl_enqueues_and_manages_dead_letters() {
     assert!(ok, "{err}");
     assert_eq!(id.trim(), "lost-1");
     assert!(ctl(&["task", "add", "--name", "nobody.home", "--id", "lost-2"]).0);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while env.queue_depth(&env.names.dead()).await < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "dead letters did not arrive"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.wait_dead_depth(2, Duration::from_secs(20)).await;
     let (ok, table, err) = ctl(&["dead", "list"]);
     assert!(ok, "{err}");
     assert!(

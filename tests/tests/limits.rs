@@ -2,7 +2,7 @@
 //! bodies and headers, stable ids for messages without one, and duplicates
 //! reported rather than silently dropped.
 
-use kairos_shared::contract::{H_DELAY_MS, H_ERROR, H_MAX_RETRIES, H_RUN_AT};
+use kairos_shared::contract::{H_DELAY_MS, H_MAX_RETRIES, H_RUN_AT};
 use kairos_tests::*;
 use lapin::types::AMQPValue;
 use lapin::BasicProperties;
@@ -154,13 +154,7 @@ async fn limits_are_enforced_with_texts_that_name_them() {
     env.publish(&delay, "default", retries, b"{}").await;
 
     let dead = env.dead_letters(5, WAIT).await;
-    let reason = |id: &str| {
-        dead.iter()
-            .find(|d| d.id().as_deref() == Some(id))
-            .unwrap_or_else(|| panic!("{id} not dead-lettered: {dead:?}"))
-            .header(H_ERROR)
-            .unwrap_or_else(|| panic!("{id} has no x-error"))
-    };
+    let reason = |id: &str| dead_letter_error(&dead, id);
     let big = reason("big-body");
     assert!(
         big.contains("KAIROS_MAX_BODY_BYTES") && big.contains("65536"),
@@ -247,13 +241,7 @@ async fn many_big_bodies_pass_through_in_byte_bounded_batches() {
             .expect("consumer ended")
             .expect("delivery");
         assert_eq!(d.data.len(), SIZE);
-        let id = d
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        seen.insert(id);
+        seen.insert(kairos_shared::admin::message_id(&d.properties));
         ack(&d).await;
     }
     assert_eq!(seen.len(), N);

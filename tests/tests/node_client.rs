@@ -38,12 +38,7 @@ async fn node_tasks_run_now_and_delayed() {
             .all(|id| s.iter().any(|e| e.id == *id && e.kind == "succeeded"))
     })
     .await;
-    let started = tap
-        .of(EventKind::Started)
-        .into_iter()
-        .find(|e| e.id == "js-later")
-        .expect("started")
-        .clone();
+    let started = tap.first(EventKind::Started, "js-later");
     assert!(
         started.at >= sent_at + 700,
         "ran {} ms early",

@@ -56,14 +56,10 @@ conn.close()
 "#;
 
 fn publish_raw(messages: &serde_json::Value) {
-    let out = Command::new(python())
-        .args(["-c", PUBLISH_RAW, AMQP_URL, &messages.to_string()])
-        .output()
-        .expect("run python (scripts/test.sh installs pika into target/py)");
-    assert!(
-        out.status.success(),
-        "publishing with pika failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(python()).args(["-c", PUBLISH_RAW, AMQP_URL, &messages.to_string()]),
+        "publishing with pika",
+        "run python (scripts/test.sh installs pika into target/py)",
     );
 }
 

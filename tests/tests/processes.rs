@@ -79,36 +79,21 @@ async fn scheduler_survives_a_redis_restart() {
         InProcess::worker(kairos_worker::Worker::new(wc).handler("test.record", log.handler(0)));
 
     // Held in Redis before it dies...
-    let before: Vec<_> = (0..50)
-        .map(|i| {
-            let p = with_headers(
-                task_props("test.record", &format!("b-{i}")),
-                &[("x-delay-ms", AMQPValue::LongInt(1500))],
-            );
-            ("default".to_string(), p, Vec::new())
-        })
-        .collect();
+    let before: Vec<_> = batch(50, |i| {
+        delayed_props("test.record", &format!("b-{i}"), 1500)
+    });
     env.publish_many(&env.names.delay(), before).await;
     // The intake acks only after Redis has them: wait for the queue to drain.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while env.queue_depth(&env.names.delay()).await > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "intake did not take the tasks"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.wait_depth(
+        &env.names.delay(),
+        Duration::from_secs(10),
+        "intake did not take the tasks",
+        |depth| depth == 0,
+    )
+    .await;
     redis.kill9();
     // ...and submitted while it is down: the intake must not ack these.
-    let during: Vec<_> = (0..10)
-        .map(|i| {
-            let p = with_headers(
-                task_props("test.record", &format!("d-{i}")),
-                &[("x-delay-ms", AMQPValue::LongInt(10))],
-            );
-            ("default".to_string(), p, Vec::new())
-        })
-        .collect();
+    let during: Vec<_> = batch(10, |i| delayed_props("test.record", &format!("d-{i}"), 10));
     env.publish_many(&env.names.delay(), during).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // Redis stays down a while.
     redis.restart();
@@ -129,15 +114,7 @@ async fn metrics_are_served_when_asked_for() {
     senv.push(("KAIROS_METRICS_ADDR".into(), format!("127.0.0.1:{sport}")));
     let _worker = Proc::spawn("kairos-worker", &wenv);
     let _scheduler = Proc::spawn("kairos-scheduler", &senv);
-    let tasks: Vec<_> = (0..5)
-        .map(|i| {
-            let p = with_headers(
-                task_props("kairos.noop", &format!("m-{i}")),
-                &[("x-delay-ms", AMQPValue::LongInt(10))],
-            );
-            ("default".to_string(), p, Vec::new())
-        })
-        .collect();
+    let tasks: Vec<_> = batch(5, |i| delayed_props("kairos.noop", &format!("m-{i}"), 10));
     env.publish_many(&env.names.delay(), tasks).await;
     tap.wait_distinct(EventKind::Succeeded, 5, Duration::from_secs(20))
         .await;

@@ -12,7 +12,7 @@
 use kairos_shared::contract::H_DELAY_MS;
 use kairos_shared::events::EventKind;
 use kairos_tests::*;
-use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::options::BasicGetOptions;
 use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 use std::collections::HashSet;
@@ -42,19 +42,8 @@ async fn drain_ids(env: &TestEnv, queue: &str) -> Vec<String> {
         .await
         .expect("basic_get")
     {
-        ids.push(
-            m.delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default(),
-        );
-        m.delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .expect("ack");
+        ids.push(kairos_shared::admin::message_id(&m.delivery.properties));
+        ack(&m.delivery).await;
     }
     ids
 }

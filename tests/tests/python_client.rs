@@ -40,18 +40,8 @@ async fn python_tasks_run_now_and_delayed_on_time() {
             .any(|e| e.id == "py-later" && e.kind == "succeeded")
     })
     .await;
-    let scheduled = tap
-        .of(EventKind::Scheduled)
-        .into_iter()
-        .find(|e| e.id == "py-later")
-        .expect("scheduled event")
-        .clone();
-    let started = tap
-        .of(EventKind::Started)
-        .into_iter()
-        .find(|e| e.id == "py-later")
-        .expect("started event")
-        .clone();
+    let scheduled = tap.first(EventKind::Scheduled, "py-later");
+    let started = tap.first(EventKind::Started, "py-later");
     let due = scheduled.due_at.expect("due_at on scheduled");
     assert!(
         due >= sent_at + 1500,

@@ -359,15 +359,9 @@ async fn stalled_run(prefix: &str, timeout_ms: Option<u64>) -> StallReport {
     });
     let mut published = HashMap::new();
     for wave in 0..40 {
-        let msgs: Vec<_> = (0..10)
-            .map(|i| {
-                let p = with_headers(
-                    task_props("test.record", &format!("s-{wave}-{i}")),
-                    &[("x-delay-ms", AMQPValue::LongInt(200))],
-                );
-                ("default".to_string(), p, Vec::new())
-            })
-            .collect();
+        let msgs: Vec<_> = batch(10, |i| {
+            delayed_props("test.record", &format!("s-{wave}-{i}"), 200)
+        });
         let at = Instant::now();
         env.publish_many(&env.names.delay(), msgs).await;
         for i in 0..10 {
@@ -469,16 +463,10 @@ async fn held_in(con: &mut redis::aio::MultiplexedConnection, ns: &str) -> u64 {
     n
 }
 
-fn far_tasks(prefix: &str, n: usize) -> Vec<(String, lapin::BasicProperties, Vec<u8>)> {
-    (0..n)
-        .map(|i| {
-            let p = with_headers(
-                task_props("test.record", &format!("{prefix}-{i}")),
-                &[("x-delay-ms", AMQPValue::LongInt(600_000))],
-            );
-            ("default".to_string(), p, Vec::new())
-        })
-        .collect()
+fn far_tasks(prefix: &str, n: usize) -> Batch {
+    batch(n, |i| {
+        delayed_props("test.record", &format!("{prefix}-{i}"), 600_000)
+    })
 }
 
 /// Waits until the broker has let go of a stopped scheduler: no consumer

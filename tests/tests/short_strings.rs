@@ -162,10 +162,7 @@ async fn a_routing_key_that_cannot_name_a_queue_is_dead_lettered_and_its_batch_r
     let dead = env.dead_letters(3, Duration::from_secs(30)).await;
     for len in [247, 250, 255] {
         let id = format!("long-{len}");
-        let d = dead
-            .iter()
-            .find(|d| d.id().as_deref() == Some(id.as_str()))
-            .unwrap_or_else(|| panic!("{id} not dead-lettered: {dead:?}"));
+        let d = dead_letter_of(&dead, &id);
         let error = d.header(H_ERROR).unwrap_or_default();
         assert!(error.contains("routing key"), "{error}");
         assert_eq!(log.runs_of(&id), 0);

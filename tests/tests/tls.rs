@@ -6,7 +6,7 @@ use kairos_shared::amqp::{connect_to, Broker};
 use kairos_shared::client::{Client, NewTask};
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventKind;
-use kairos_tests::tls::{TlsFiles, TlsRabbit, TlsRedis};
+use kairos_tests::tls::TlsFiles;
 use kairos_tests::*;
 use std::process::Command;
 use std::time::Duration;
@@ -16,14 +16,14 @@ const REDIS_PASSWORD: &str = "s3cret-redis-pw";
 /// The environment of a `kairos-*` process on the TLS servers.
 fn process_env(
     ns: &str,
-    rabbit: &TlsRabbit,
-    redis: &TlsRedis,
+    rabbit: &OwnRabbit,
+    redis: &OwnRedis,
     files: &TlsFiles,
 ) -> Vec<(String, String)> {
     let mut env = vec![
         ("KAIROS_NAMESPACE".to_string(), ns.to_string()),
         ("KAIROS_AMQP_URL".into(), rabbit.url()),
-        ("KAIROS_REDIS_URL".into(), redis.url(REDIS_PASSWORD)),
+        ("KAIROS_REDIS_URL".into(), redis.url()),
         ("KAIROS_EVENTS".into(), "true".into()),
         (
             "RUST_LOG".into(),
@@ -41,8 +41,8 @@ fn process_env(
 async fn a_delayed_task_runs_over_amqps_and_rediss_with_a_private_ca() {
     init_logging();
     let files = TlsFiles::generate();
-    let redis = TlsRedis::start(&files, REDIS_PASSWORD, true);
-    let rabbit = TlsRabbit::start(&files, true);
+    let redis = OwnRedis::start_tls(&files, REDIS_PASSWORD, true);
+    let rabbit = OwnRabbit::start_tls(&files, true);
     let ns = "kt-tls";
     let names = Names::new(ns);
     let broker = Broker::new(&rabbit.url(), &files.settings(&files.ca, true));
@@ -84,16 +84,13 @@ async fn a_delayed_task_runs_over_amqps_and_rediss_with_a_private_ca() {
         .enqueue(NewTask::new("kairos.noop").id("tls-client").delay_ms(300))
         .await
         .expect("enqueue over amqps");
-    let out = Command::new(binary("kairosctl"))
-        .envs(env.iter().cloned())
-        .args(["task", "add", "--name", "kairos.noop", "--id", "tls-ctl"])
-        .args(["--delay-ms", "300"])
-        .output()
-        .expect("run kairosctl");
-    assert!(
-        out.status.success(),
-        "kairosctl over amqps/rediss: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(binary("kairosctl"))
+            .envs(env.iter().cloned())
+            .args(["task", "add", "--name", "kairos.noop", "--id", "tls-ctl"])
+            .args(["--delay-ms", "300"]),
+        "kairosctl over amqps/rediss",
+        "run kairosctl",
     );
 
     tap.wait_until(Duration::from_secs(60), "both tasks to succeed", |seen| {
@@ -123,13 +120,12 @@ async fn a_delayed_task_runs_over_amqps_and_rediss_with_a_private_ca() {
 async fn a_server_signed_by_another_ca_is_refused_with_a_clear_error() {
     init_logging();
     let files = TlsFiles::generate();
-    let redis = TlsRedis::start(&files, REDIS_PASSWORD, false);
-    let rabbit = TlsRabbit::start(&files, false);
+    let redis = OwnRedis::start_tls(&files, REDIS_PASSWORD, false);
+    let rabbit = OwnRabbit::start_tls(&files, false);
     let wrong = files.settings(&files.other_ca, false);
 
     // Redis, as the scheduler connects to it.
-    let client = kairos_scheduler::redis_io::conn::client(&redis.url(REDIS_PASSWORD), &wrong)
-        .expect("client");
+    let client = kairos_scheduler::redis_io::conn::client(&redis.url(), &wrong).expect("client");
     let err = client
         .get_multiplexed_async_connection()
         .await
@@ -155,7 +151,7 @@ async fn a_server_signed_by_another_ca_is_refused_with_a_clear_error() {
     // With the right CA both work (and with no client certificate, which
     // these servers do not ask for).
     let right = files.settings(&files.ca, false);
-    let mut con = kairos_scheduler::redis_io::conn::client(&redis.url(REDIS_PASSWORD), &right)
+    let mut con = kairos_scheduler::redis_io::conn::client(&redis.url(), &right)
         .expect("client")
         .get_multiplexed_async_connection()
         .await

@@ -1,14 +1,14 @@
 //! The workloads, one module each. Each runs in its own namespace, adds
 //! its rows and count checks to the report, and cleans up on every path.
 
-pub mod w1_burst;
-pub mod w2_precision;
-pub mod w3_backlog;
-pub mod w4_retry;
-pub mod w5_schedules;
-pub mod w6_idle;
-pub mod w7_http;
-pub mod w8_big_bodies;
+pub(crate) mod w1_burst;
+pub(crate) mod w2_precision;
+pub(crate) mod w3_backlog;
+pub(crate) mod w4_retry;
+pub(crate) mod w5_schedules;
+pub(crate) mod w6_idle;
+pub(crate) mod w7_http;
+pub(crate) mod w8_big_bodies;
 
 use crate::baseline::Baseline;
 use crate::report::Report;
@@ -17,13 +17,18 @@ use anyhow::Result;
 use futures_util::{StreamExt, TryStreamExt};
 use kairos_shared::client::{Client, NewTask};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What every workload gets.
-pub struct Ctx<'a> {
-    pub args: &'a Args,
-    pub base: Baseline,
-    pub report: &'a mut Report,
+pub(crate) struct Ctx<'a> {
+    pub(crate) args: &'a Args,
+    pub(crate) base: Baseline,
+    pub(crate) report: &'a mut Report,
 }
+
+/// Time for a newly started in-process scheduler or worker to start
+/// consuming, before a workload measures anything.
+pub(crate) const SERVICE_SETTLE: Duration = Duration::from_millis(500);
 
 /// Tasks per `enqueue_many` call, and calls in flight: 4 x 1,000 confirms
 /// outstanding keeps the broker busy without a gap between chunks.
@@ -33,7 +38,7 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 /// Enqueues `n` tasks made by `make(i)` with the Rust client, pipelining
 /// confirms. Tasks are built chunk by chunk, so a million of them never sit
 /// in memory at once.
-pub async fn enqueue_all(
+pub(crate) async fn enqueue_all(
     client: &Arc<Client>,
     n: usize,
     make: impl Fn(usize) -> NewTask,
@@ -52,6 +57,6 @@ pub async fn enqueue_all(
 }
 
 /// The body every bench task carries (the baseline uses the same size).
-pub fn body(bytes: usize) -> Vec<u8> {
+pub(crate) fn body(bytes: usize) -> Vec<u8> {
     vec![b'x'; bytes]
 }

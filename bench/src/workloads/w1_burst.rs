@@ -12,13 +12,16 @@ use anyhow::Result;
 use futures_util::StreamExt;
 use kairos_shared::client::{Client, NewTask};
 use kairos_worker::Worker;
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
+/// How long events may trail the last task's completion before they are
+/// counted.
+const EVENTS_TAIL: Duration = Duration::from_millis(500);
+
+/// Runs W1 with events off, then on, each in a namespace of its own.
+pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     for events in [false, true] {
         let mut env = BenchEnv::new("w1", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
         let result = once(ctx, &mut env, events).await;
@@ -48,7 +51,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool) -> Result<()>
     );
     let client = Arc::new(Client::connect(&env.amqp_url, &env.ns).await?);
     // Let the worker connect and subscribe before the clock starts.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(super::SERVICE_SETTLE).await;
 
     let bytes = ctx.args.body_bytes;
     let t0 = Instant::now();
@@ -104,7 +107,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool) -> Result<()>
     if let Some(tap) = tap {
         // Events are best effort by design (dropped, never blocking, when
         // the broker falls behind): report how many arrived.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(EVENTS_TAIL).await;
         let got = tap.count.load(Ordering::Relaxed);
         println!(
             "  W1 (events on): {got} events received of {} expected (started + succeeded)",
@@ -123,26 +126,13 @@ struct EventCounter {
 impl EventCounter {
     async fn start(env: &BenchEnv) -> Result<Self> {
         let ch = env.conn.create_channel().await?;
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        ch.queue_bind(
-            q.name().clone(),
-            env.names.events().into(),
-            "task.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
+        let queue = kairos_shared::admin::listen_to_events(
+            &ch,
+            &env.names,
+            kairos_shared::admin::ALL_TASK_EVENTS,
         )
         .await?;
-        let (consume_ch, mut consumer) = env.consume_no_ack(q.name().as_str()).await?;
+        let (consume_ch, mut consumer) = env.consume_no_ack(queue.as_str()).await?;
         let count = Arc::new(AtomicU64::new(0));
         let c = count.clone();
         tokio::spawn(async move {

@@ -21,16 +21,16 @@ use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub struct Shape {
-    pub label: &'static str,
-    pub tasks: usize,
+pub(crate) struct Shape {
+    pub(crate) label: &'static str,
+    pub(crate) tasks: usize,
     /// Due times are uniform in [lead, lead + window) ms after the start.
-    pub lead_ms: i64,
-    pub window_ms: i64,
-    pub p99_target_ms: f64,
+    pub(crate) lead_ms: i64,
+    pub(crate) window_ms: i64,
+    pub(crate) p99_target_ms: f64,
 }
 
-pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
+pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let quick = ctx.args.quick;
     let shapes = [
         Shape {
@@ -67,7 +67,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv, shape: &Shape) -> Result<()> {
             .handler(kairos_worker::builtin::NOOP, rec.handler()),
     );
     let client = Arc::new(Client::connect(&env.amqp_url, &env.ns).await?);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(super::SERVICE_SETTLE).await;
 
     let start = now_ms();
     let (bytes, lead, window) = (ctx.args.body_bytes, shape.lead_ms, shape.window_ms);

@@ -20,25 +20,60 @@ use kairos_shared::client::{Client, NewTask};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub async fn run(ctx: &mut Ctx<'_>, w3: bool, w6: bool) -> Result<()> {
+/// How far ahead the backlog is due: it stays pending throughout.
+const HOUR_MS: i64 = 3_600_000;
+/// Redis memory per pending task beyond its body, bytes: the target.
+const MEMORY_PER_TASK_TARGET: f64 = 200.0;
+/// How often [`wait_pending`] polls.
+const PENDING_POLL: Duration = Duration::from_millis(5);
+
+/// Runs W3 (when `w3`) and W6 (when `w6`) on one backlog, in a namespace
+/// of their own.
+pub(crate) async fn run(ctx: &mut Ctx<'_>, w3: bool, w6: bool) -> Result<()> {
     let env = BenchEnv::new("w3", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
     let result = stages(ctx, &env, w3, w6).await;
     env.cleanup().await;
     result
 }
 
+/// The three stages on one backlog; W6 runs between insert and promotion
+/// with the in-process scheduler stopped.
 async fn stages(ctx: &mut Ctx<'_>, env: &BenchEnv, w3: bool, w6: bool) -> Result<()> {
     let n = ctx.args.w3_pending;
-    let bytes = ctx.args.body_bytes;
     let scheduler = InProcess::scheduler(env.scheduler_config());
     let client = Arc::new(Client::connect(&env.amqp_url, &env.ns).await?);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(super::SERVICE_SETTLE).await;
+    let insert_rate = insert(ctx, env, &client, w3).await?;
 
-    // 1. Insert.
+    // 2. Idle cost, with the in-process scheduler out of the way.
+    scheduler.stop().await;
+    if w6 {
+        w6_idle::measure(ctx, env, n).await?;
+    }
+    if w3 {
+        promotion(ctx, env, &client, insert_rate).await?;
+    }
+    if let Ok(c) = Arc::try_unwrap(client) {
+        let _ = c.close().await;
+    }
+    Ok(())
+}
+
+/// Stage 1: inserts the backlog of `w3_pending` tasks due an hour ahead, checks
+/// they are all held, and reports (when `report`) the rate and the Redis
+/// memory per task. Returns the insert rate, tasks/s.
+async fn insert(
+    ctx: &mut Ctx<'_>,
+    env: &BenchEnv,
+    client: &Arc<Client>,
+    report: bool,
+) -> Result<f64> {
+    let n = ctx.args.w3_pending;
+    let bytes = ctx.args.body_bytes;
     let mem_before = env.redis_used_memory().await?;
-    let hour_ahead = now_ms() + 3_600_000;
+    let hour_ahead = now_ms() + HOUR_MS;
     let t0 = Instant::now();
-    let sent = enqueue_all(&client, n, |_| {
+    let sent = enqueue_all(client, n, |_| {
         NewTask::new(kairos_worker::builtin::NOOP)
             .run_at(hour_ahead)
             .body(body(bytes))
@@ -59,7 +94,7 @@ async fn stages(ctx: &mut Ctx<'_>, env: &BenchEnv, w3: bool, w6: bool) -> Result
     let insert_rate = n as f64 / insert_secs;
     let per_task = mem_after.saturating_sub(mem_before) as f64 / n as f64;
     let (zsets, hashes, record_len) = env.delay_queue_breakdown().await?;
-    if w3 {
+    if report {
         ctx.report.push(
             Row::new("W3 backlog", "insert", insert_rate, "tasks/s")
                 .ratio(ctx.base.priority.publish)
@@ -74,7 +109,7 @@ async fn stages(ctx: &mut Ctx<'_>, env: &BenchEnv, w3: bool, w6: bool) -> Result
                 per_task - bytes as f64,
                 "bytes",
             )
-            .at_most(200.0)
+            .at_most(MEMORY_PER_TASK_TARGET)
             .note(format!(
                 "{per_task:.0} bytes per task in all (INFO used_memory), body {bytes} bytes; \
                  due index {:.0} + record hashes {:.0} bytes per task; a record is {record_len} bytes",
@@ -83,25 +118,28 @@ async fn stages(ctx: &mut Ctx<'_>, env: &BenchEnv, w3: bool, w6: bool) -> Result
             )),
         );
     }
+    Ok(insert_rate)
+}
 
-    // 2. Idle cost, with the in-process scheduler out of the way.
-    scheduler.stop().await;
-    if w6 {
-        w6_idle::measure(ctx, env, n).await?;
-    }
-    if !w3 {
-        return Ok(());
-    }
-
-    // 3. Promotion of a burst that falls due at once.
+/// Stage 3, promotion: `w3_burst` more tasks all due at one instant, held before
+/// it (the insert rate says how long that takes); the rate is the burst
+/// over the time from its due instant until the last task left Redis.
+async fn promotion(
+    ctx: &mut Ctx<'_>,
+    env: &BenchEnv,
+    client: &Arc<Client>,
+    insert_rate: f64,
+) -> Result<()> {
+    let n = ctx.args.w3_pending;
+    let bytes = ctx.args.body_bytes;
     let m = ctx.args.w3_burst;
     let scheduler = InProcess::scheduler(env.scheduler_config());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(super::SERVICE_SETTLE).await;
     // Due once they are surely all held: the insert rate says how long that
     // takes; add half again and two seconds.
     let lead_ms = (m as f64 / insert_rate * 1500.0) as i64 + 2_000;
     let due = now_ms() + lead_ms;
-    let sent = enqueue_all(&client, m, |_| {
+    let sent = enqueue_all(client, m, |_| {
         NewTask::new(kairos_worker::builtin::NOOP)
             .run_at(due)
             .body(body(bytes))
@@ -146,9 +184,6 @@ async fn stages(ctx: &mut Ctx<'_>, env: &BenchEnv, w3: bool, w6: bool) -> Result
         ));
     }
     ctx.report.push(row);
-    if let Ok(c) = Arc::try_unwrap(client) {
-        let _ = c.close().await;
-    }
     Ok(())
 }
 
@@ -161,6 +196,6 @@ async fn wait_pending(env: &BenchEnv, done: impl Fn(u64) -> bool, within: Durati
         if done(p) || tokio::time::Instant::now() >= deadline {
             return Ok(p);
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(PENDING_POLL).await;
     }
 }

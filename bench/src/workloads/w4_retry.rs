@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 /// Backoff ceiling of the first retry; the second waits up to twice that.
 const RETRY_BASE_MS: u64 = 100;
 
-pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
+pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let env = BenchEnv::new("w4", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
     let result = once(ctx, &env).await;
     env.cleanup().await;
@@ -32,7 +32,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv) -> Result<()> {
     let scheduler = InProcess::scheduler(sconfig);
     let worker = InProcess::worker(Worker::new(env.worker_config()).with_builtins());
     let client = Arc::new(Client::connect(&env.amqp_url, &env.ns).await?);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(super::SERVICE_SETTLE).await;
 
     let bytes = ctx.args.body_bytes;
     let t0 = Instant::now();
@@ -89,13 +89,8 @@ async fn drain_ids(env: &BenchEnv, queue: &str, n: usize) -> Result<HashMap<Stri
     while got < n {
         match tokio::time::timeout(Duration::from_secs(5), consumer.next()).await {
             Ok(Some(Ok(d))) => {
-                let id = d
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default();
-                *ids.entry(id).or_default() += 1;
+                *ids.entry(kairos_shared::admin::message_id(&d.properties))
+                    .or_default() += 1;
                 got += 1;
             }
             _ => break,

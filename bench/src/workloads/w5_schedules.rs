@@ -37,7 +37,7 @@ const W5_LOOKAHEAD_MS: u64 = 1_000;
 /// before those not seen count as missed.
 const LATE_GRACE: Duration = Duration::from_secs(60);
 
-pub const NOT_AVAILABLE: &str = "not available: schedules not in this build";
+pub(crate) const NOT_AVAILABLE: &str = "not available: schedules not in this build";
 
 /// Creates `count` schedules firing `kairos.noop` every `every_ms` in the
 /// namespace, through the scheduler's own HTTP routes called in process
@@ -72,7 +72,7 @@ async fn create_interval_schedules(env: &BenchEnv, count: usize, every_ms: u64) 
     Ok(true)
 }
 
-pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
+pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let mut env = BenchEnv::new("w5", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
     let result = async {
         floor(ctx, &mut env).await?;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 /// for every mainstream architecture).
 const TICKS_PER_SEC: f64 = 100.0;
 
-pub async fn measure(ctx: &mut Ctx<'_>, env: &BenchEnv, pending: usize) -> Result<()> {
+pub(crate) async fn measure(ctx: &mut Ctx<'_>, env: &BenchEnv, pending: usize) -> Result<()> {
     let vars = vec![
         ("KAIROS_NAMESPACE", env.ns.clone()),
         ("KAIROS_AMQP_URL", env.amqp_url.clone()),

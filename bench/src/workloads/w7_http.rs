@@ -19,9 +19,9 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 /// Concurrent HTTP clients.
-pub const CLIENTS: usize = 32;
+pub(crate) const CLIENTS: usize = 32;
 
-pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
+pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let env = BenchEnv::new("w7", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
     let result = measure(ctx, &env).await;
     env.cleanup().await;

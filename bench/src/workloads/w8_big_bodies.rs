@@ -27,7 +27,7 @@ const TASK: &str = "bench.big";
 /// not hold hundreds of bodies either.
 const WINDOW: usize = 4;
 
-pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
+pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let env = BenchEnv::new("w8", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
     let result = once(ctx, &env).await;
     env.cleanup().await;
