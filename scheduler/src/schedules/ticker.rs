@@ -1,7 +1,7 @@
 //! The firing loop. Each round reads the schedules whose next tick falls
 //! within the lookahead, plans their ticks in Rust (croner), and hands the
 //! occurrences to the delay queue through one compare-and-set script per
-//! shard (`scripts/sched_fire.lua`). The pump then publishes them at their
+//! shard (`redis_io/scripts/sched_fire.lua`). The pump then publishes them at their
 //! tick with the delay queue's precision.
 //!
 //! Every scheduler runs this loop for every schedule; the compare-and-set
@@ -25,18 +25,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Schedules planned per shard in one round. A round's two pipelines (read,
-/// then compare-and-set) once carried every definition twice; a scheduler that
-/// fell behind at 500 per shard (the task batch) sent pipelines that an
-/// overloaded Redis did not answer within the client's 500 ms response
-/// timeout, and the whole round was retried. Smaller rounds, run back to
-/// back while more is due, keep every pipeline short.
+/// then compare-and-set) carry a definition each per schedule: they must
+/// stay short enough for an overloaded Redis to answer within the reply
+/// timeout, or the whole round is retried. Rounds run back to back while
+/// more is due.
 pub const MAX_SCHEDULES_PER_SHARD: usize = 100;
 
-/// Schedules planned between two yields to the runtime. A round plans up
-/// to [`MAX_SCHEDULES_PER_SHARD`] per shard, 800 with the default shards,
-/// which held a runtime thread for 3 to 9 ms at a time (W5 at 10,000
-/// ticks a second, a round every 80 ms): the pump's publishes and the
-/// worker's deliveries on the same runtime waited behind it.
+/// Schedules planned between two yields to the runtime: planning a whole
+/// round (up to [`MAX_SCHEDULES_PER_SHARD`] per shard) in one go would hold
+/// a runtime thread for milliseconds, and the pump's publishes and a
+/// worker's deliveries on the same runtime would wait behind it
+/// (docs/BENCHMARKS.md, "Ticker").
 const PLAN_SLICE: usize = 32;
 
 #[derive(Clone)]
@@ -57,11 +56,10 @@ pub struct Ticker {
 
 /// Parsed definitions by schedule id, with the digest of the bytes they were
 /// parsed from, and what this scheduler stored when it last fired each. A
-/// schedule that fires every second is read every second: parsing and
-/// validating its JSON each time cost more than planning its tick, sending
-/// it over cost Redis more than the compare-and-set, and reading back its
-/// digest and last tick, which the scheduler that fired it knows, cost
-/// Redis two reads and a SHA-1 per tick.
+/// schedule that fires every second is read every second: its JSON is
+/// parsed and validated once per definition, not per tick, and what this
+/// scheduler fired (digest, last tick) is remembered rather than read back
+/// from Redis.
 #[derive(Default)]
 pub struct ParsedCache {
     by_id: HashMap<String, Cached>,
