@@ -20,6 +20,7 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// The broker at `url`, reached with `tls`'s trust and identity.
     pub fn new(url: &str, tls: &TlsSettings) -> Self {
         Broker {
             url: url.to_string(),
@@ -32,6 +33,7 @@ impl Broker {
         Self::new(url, &TlsSettings::default())
     }
 
+    /// The URL, password included: never log it (log the `Debug` form).
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -120,6 +122,7 @@ impl Backoff {
     const FIRST: Duration = Duration::from_millis(100);
     const MAX: Duration = Duration::from_secs(5);
 
+    /// Steps from 100 ms doubling up to 5 s.
     pub fn new() -> Self {
         Self::between(Self::FIRST, Self::MAX)
     }
@@ -146,6 +149,7 @@ impl Backoff {
         now
     }
 
+    /// Starts again from the first step.
     pub fn reset(&mut self) {
         self.next = self.first;
     }
@@ -195,6 +199,7 @@ impl Blocked {
         Blocked { status: None }
     }
 
+    /// Whether the broker blocks the connection now.
     pub fn is_blocked(&self) -> bool {
         self.status.as_ref().is_some_and(|s| s.blocked())
     }
@@ -211,7 +216,9 @@ impl Blocked {
     }
 }
 
-/// Sleeps `d` unless cancelled first; returns false when cancelled.
+/// The longest wait for the broker to confirm a connection close.
+pub const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
 /// Closes `conn`, waiting at most `within` for the broker's confirmation.
 /// lapin 4.12 can lose a close requested while its internal task handles
 /// the close of a channel dropped just before (the channel's close fails on
@@ -230,6 +237,7 @@ pub async fn close_connection(conn: &Connection, reason: &str, within: Duration)
     }
 }
 
+/// Sleeps `d` unless cancelled first; returns false when cancelled.
 pub async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
         _ = cancel.cancelled() => false,

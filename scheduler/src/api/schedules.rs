@@ -11,6 +11,7 @@
 //! Errors are JSON: `{"error": "...", "field": "..."}` with 400 for bad
 //! input, 404 for an unknown id, 503 when Redis fails.
 
+use super::json_error;
 use crate::schedules::admin::{Admin, AdminError, Put};
 use crate::schedules::model::ScheduleSpec;
 use axum::body::Bytes;
@@ -22,6 +23,7 @@ use axum::{Json, Router};
 use kairos_shared::supervise::Health;
 use serde_json::json;
 
+/// The schedule routes over `admin`.
 pub fn router(admin: Admin) -> Router {
     Router::new()
         .route("/v1/schedules", get(list))
@@ -64,21 +66,19 @@ async fn readyz(State(health): State<Health>) -> Response {
 
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
-        let (status, body) = match &self {
+        let (status, message, detail) = match &self {
             AdminError::Invalid(e) => (
                 StatusCode::BAD_REQUEST,
-                json!({"error": e.to_string(), "field": e.field}),
+                e.to_string(),
+                Some(("field", json!(e.field))),
             ),
-            AdminError::NotFound(_) => (StatusCode::NOT_FOUND, json!({"error": self.to_string()})),
+            AdminError::NotFound(_) => (StatusCode::NOT_FOUND, self.to_string(), None),
             AdminError::Store(e) => {
                 tracing::warn!(cause = %e, "schedule API: Redis failed");
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"error": format!("redis: {e}")}),
-                )
+                (StatusCode::SERVICE_UNAVAILABLE, format!("redis: {e}"), None)
             }
         };
-        (status, Json(body)).into_response()
+        json_error(status, message, detail).into_response()
     }
 }
 
