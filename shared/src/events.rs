@@ -244,6 +244,9 @@ impl EventSink {
 /// second.
 const PUBLISH_BATCH: usize = 256;
 
+/// AMQP delivery mode 2: the broker writes the event to disk.
+const PERSISTENT: u8 = 2;
+
 /// The publisher loop: takes events off the sink's channel and publishes
 /// them on a connection of its own.
 struct Publisher {
@@ -320,7 +323,7 @@ impl Publisher {
                 BasicPublishOptions::default(),
                 body,
                 BasicProperties::default()
-                    .with_delivery_mode(2)
+                    .with_delivery_mode(PERSISTENT)
                     .with_content_type("application/json".into()),
             )
         });

@@ -30,11 +30,11 @@
 pub mod acks;
 pub mod builtin;
 pub mod config;
-pub mod consumer;
+mod consumer;
 pub mod disposition;
 pub mod handler;
 mod session;
-pub mod slots;
+mod slots;
 
 pub use config::Config;
 pub use handler::{Handler, Registry, TaskContext, TaskError, TaskResult};
