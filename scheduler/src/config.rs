@@ -15,13 +15,16 @@ use std::path::PathBuf;
 /// The shortest API token accepted: a short one can be guessed.
 pub const MIN_TOKEN_LEN: usize = 16;
 
+/// Every setting of the scheduler, from flags or the environment.
 #[derive(Parser, Clone, Debug)]
 #[command(
+    long_about = None,
     name = "kairos-scheduler",
     version,
     about = "Kairos trigger service: the Redis delay queue, retries, and promotion to RabbitMQ"
 )]
 pub struct Config {
+    /// The settings every Kairos process shares.
     #[command(flatten)]
     pub common: CommonConfig,
 
@@ -296,6 +299,7 @@ impl Config {
             .max(1)
     }
 
+    /// How failed attempts are retried.
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
             default_max_retries: self.max_retries,
@@ -334,6 +338,8 @@ pub fn redis_url_parser() -> SecretParser {
     }
 }
 
+/// Checks an API token is long enough and has no spaces or control
+/// characters. The error never quotes the token.
 pub fn check_token(token: &str) -> Result<(), String> {
     if token.chars().count() < MIN_TOKEN_LEN {
         return Err(format!(

@@ -106,6 +106,7 @@ impl Default for Pacing {
     }
 }
 
+/// [`run`] with `pacing`.
 async fn run_paced<L: Supervised>(
     mut looped: L,
     health: &Health,
@@ -154,14 +155,15 @@ fn report(name: &'static str, restart: Restart, panicked: bool, error: &str) {
     metrics::counter!("kairos_loop_restarts_total", "loop" => name).increment(1);
 }
 
-/// The message a panic carried, when it is text.
-fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
+/// The message a panic carried, when it is text (as `panic!` and
+/// `catch_unwind` hand it over).
+pub fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
         s.clone()
     } else {
-        "a non-text panic".to_string()
+        "non-text panic payload".to_string()
     }
 }
 

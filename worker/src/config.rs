@@ -9,13 +9,16 @@ use kairos_shared::config::{parse_queue_list, CommonConfig, Concurrency};
 /// unacked delivery and take every other running task of it along.
 pub const DEFAULT_TASK_TIMEOUT_MS: u64 = 900_000;
 
+/// Every setting of the worker, from flags or the environment.
 #[derive(Parser, Clone, Debug)]
 #[command(
+    long_about = None,
     name = "kairos-worker",
     version,
     about = "Kairos worker: runs tasks from RabbitMQ priority queues"
 )]
 pub struct Config {
+    /// The settings every Kairos process shares.
     #[command(flatten)]
     pub common: CommonConfig,
 
@@ -78,6 +81,8 @@ impl Config {
         c
     }
 
+    /// Unacked deliveries per queue: `KAIROS_PREFETCH`, else the maximum
+    /// concurrency.
     pub fn prefetch(&self) -> u16 {
         self.prefetch
             .unwrap_or_else(|| u16::try_from(self.concurrency.max).unwrap_or(u16::MAX))

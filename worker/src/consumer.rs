@@ -14,6 +14,7 @@ use kairos_shared::amqp::now_ms;
 use kairos_shared::contract::{Names, Task};
 use kairos_shared::events::{EventKind, EventSink};
 use kairos_shared::metrics::seconds_between;
+use kairos_shared::supervise::panic_text;
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -236,15 +237,5 @@ async fn run_task(
             let error = format!("handler panicked: {}", panic_text(payload));
             d.failed(delivery, acks, &task, &error).await
         }
-    }
-}
-
-fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-text panic payload".to_string()
     }
 }
