@@ -216,6 +216,9 @@ impl Blocked {
     }
 }
 
+/// The AMQP reply code of a normal close (`reply-success`).
+pub const REPLY_SUCCESS: u16 = 200;
+
 /// The longest wait for the broker to confirm a connection close.
 pub const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
@@ -226,7 +229,7 @@ pub const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 /// caller would wait forever: seen as a worker that never finished
 /// shutting down, about once in fifty test runs.
 pub async fn close_connection(conn: &Connection, reason: &str, within: Duration) {
-    if tokio::time::timeout(within, conn.close(200, reason.into()))
+    if tokio::time::timeout(within, conn.close(REPLY_SUCCESS, reason.into()))
         .await
         .is_err()
     {

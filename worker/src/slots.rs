@@ -11,6 +11,15 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+/// The slots shrink only while at most 1/`IDLE_SHARE` of them are busy
+/// and nothing waits...
+const IDLE_SHARE: usize = 2;
+/// ...and then by 1/`SHRINK_SHARE` of their number (at least one), so a
+/// lull does not drop a pool sized for the backlog all at once.
+const SHRINK_SHARE: usize = 4;
+
+/// The task slots of one worker: a semaphore whose size the autoscaler
+/// moves between the configured minimum and maximum.
 pub(crate) struct Slots {
     semaphore: Arc<Semaphore>,
     limits: Concurrency,
@@ -57,8 +66,8 @@ impl Slots {
             self.size.store(size + grow, Ordering::Relaxed);
             return size + grow;
         }
-        if waiting == 0 && size > self.limits.min && self.busy() * 2 <= size {
-            let shrink = (size / 4).max(1).min(size - self.limits.min);
+        if waiting == 0 && size > self.limits.min && self.busy() * IDLE_SHARE <= size {
+            let shrink = (size / SHRINK_SHARE).max(1).min(size - self.limits.min);
             // Only idle permits can be taken back; busy ones come back later.
             if let Ok(permits) = self.semaphore.try_acquire_many(shrink as u32) {
                 permits.forget();

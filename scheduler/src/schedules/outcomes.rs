@@ -18,6 +18,7 @@ use crate::schedules::store::ScheduleStore;
 use futures_util::StreamExt;
 use kairos_shared::amqp::{
     close_connection, connect_with_retry, sleep_or_cancel, Backoff, Broker, CLOSE_WITHIN,
+    REPLY_SUCCESS,
 };
 use kairos_shared::contract::Names;
 use kairos_shared::supervise::{Restart, Supervised};
@@ -153,7 +154,7 @@ async fn consume(
             _ = cancel.cancelled() => {
                 // Close the channel before the connection goes, so its
                 // consumer ends cleanly.
-                let _ = ch.close(200, "shutdown".into()).await;
+                let _ = ch.close(REPLY_SUCCESS, "shutdown".into()).await;
                 return Ok(());
             }
             d = consumer.next() => d,
