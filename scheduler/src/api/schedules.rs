@@ -24,7 +24,7 @@ use kairos_shared::supervise::Health;
 use serde_json::json;
 
 /// The schedule routes over `admin`.
-pub fn router(admin: Admin) -> Router {
+pub(crate) fn router(admin: Admin) -> Router {
     Router::new()
         .route("/v1/schedules", get(list))
         .route("/v1/schedules/{id}", get(show).put(put).delete(delete))
@@ -35,7 +35,7 @@ pub fn router(admin: Admin) -> Router {
 
 /// Readiness: `/healthz` (in the task API) says the process runs; this
 /// says whether its background loops do.
-pub fn probes(health: Health) -> Router {
+pub(crate) fn probes(health: Health) -> Router {
     Router::new()
         .route("/readyz", get(readyz))
         .with_state(health)

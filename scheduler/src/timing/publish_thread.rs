@@ -1,19 +1,26 @@
 //! The thread the pump's timed publishes run on: a current-thread tokio
 //! runtime of its own. On the shared runtime a batch whose due time came
-//! waited for a worker thread to finish whatever it was polling (a
-//! schedule round's planning, a worker's deliveries): W5 at 10,000 ticks a
-//! second published at p99 12 to 16 ms after the due time with the timer
-//! thread waking the task on time. Here the task is the only thing that
-//! runs, so it publishes as soon as the OS runs the thread.
+//! waits for a worker thread to finish whatever it is polling (a schedule
+//! round's planning, a worker's deliveries), however punctually the timer
+//! woke it. Here the task is the only thing that runs, so it publishes as
+//! soon as the OS runs the thread (docs/BENCHMARKS.md, W5, has the
+//! figures).
 //!
 //! The schedulers' heartbeat runs here too (`ticker.rs`): on the shared
-//! runtime of an overloaded process a beat came more than the grace late,
-//! which reads as an outage and makes the misfire policy drop ticks.
+//! runtime of an overloaded process a beat can come more than the grace
+//! late, which reads as an outage and makes the misfire policy drop ticks.
+//!
+//! This is the one exception to holding background work in the process's
+//! `kairos_shared::supervise::Supervisor`: what runs here is bound by its
+//! due time, not by a loop's lifetime, and its owners wait for it
+//! themselves (the pump's in-flight batches, the ticker's beat, which stops
+//! with its own token). A `TaskTracker` on the shared runtime would bring
+//! back the very wait this thread avoids.
 //!
 //! Nothing but timing moves here: the futures are the same, and lapin and
 //! redis drive their sockets from their own threads and tasks whichever
 //! runtime polls them. If the thread cannot start, the batches run on the
-//! caller's runtime as before.
+//! caller's runtime.
 
 use std::future::Future;
 use std::sync::OnceLock;
