@@ -102,12 +102,14 @@ pub async fn connect_with_retry(
 }
 
 /// Reconnect pacing: 100 ms doubling to 5 s, each delay jittered. Reset it
-/// after a connection that lived a while.
+/// after a connection that lived a while (the supervisor does, after
+/// `supervise::HEALTHY_AFTER`).
 ///
-/// The jitter spreads reconnects: after a broker restart every process saw
-/// its connection drop at the same instant, and with plain doubling they all
-/// came back at the same instants too (a thundering herd of connects,
-/// declares and consumer registrations against a broker still warming up).
+/// The jitter spreads reconnects: after a broker restart every process sees
+/// its connection drop at the same instant, and with plain doubling they
+/// would all come back at the same instants too (a thundering herd of
+/// connects, declares and consumer registrations against a broker still
+/// warming up).
 /// Each delay is drawn uniformly from the upper half of its step ("equal
 /// jitter"): never below half the step, so a retry loop still backs off,
 /// and never above it, so the cap holds.
@@ -223,11 +225,10 @@ pub const REPLY_SUCCESS: u16 = 200;
 pub const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
 /// Closes `conn`, waiting at most `within` for the broker's confirmation.
-/// lapin 4.12 can lose a close requested while its internal task handles
-/// the close of a channel dropped just before (the channel's close fails on
-/// the closing connection, and the task stops on that error), and the
-/// caller would wait forever: seen as a worker that never finished
-/// shutting down, about once in fifty test runs.
+/// A close must never wait forever: lapin (4.12) can lose a close requested
+/// while its internal task handles the close of a channel dropped just
+/// before (the channel's close fails on the closing connection, and the
+/// task stops on that error).
 pub async fn close_connection(conn: &Connection, reason: &str, within: Duration) {
     if tokio::time::timeout(within, conn.close(REPLY_SUCCESS, reason.into()))
         .await
