@@ -165,11 +165,11 @@ fn start_autoscale(work: &Supervisor, config: &Config) -> Arc<Slots> {
     slots
 }
 
-/// Sends the last tasks' `succeeded` events before the process exits, then
-/// waits for the rest of the background work (the autoscaler, sessions that
-/// ended early finishing their running tasks).
+/// Waits for the rest of the background work (the autoscaler, sessions that
+/// ended early finishing their running tasks), then sends the last tasks'
+/// `succeeded` events before the process exits.
 async fn shut_down(work: Supervisor, events: EventSink) {
-    events.close(EVENTS_FLUSH).await;
     work.wait().await;
+    events.close(EVENTS_FLUSH).await;
     tracing::info!("worker stopped");
 }
