@@ -2,7 +2,7 @@
 
 use crate::delay::retry::{Jitter, RetryPolicy};
 use clap::builder::BoolishValueParser;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use kairos_shared::config::{CommonConfig, DEFAULT_REDIS_URL};
 use kairos_shared::contract::MAX_RETRIES_CAP;
 use kairos_shared::limits::{
@@ -15,13 +15,16 @@ use std::path::PathBuf;
 /// The shortest API token accepted: a short one can be guessed.
 pub const MIN_TOKEN_LEN: usize = 16;
 
+/// Every setting of the scheduler, from flags or the environment.
 #[derive(Parser, Clone, Debug)]
 #[command(
+    long_about = None,
     name = "kairos-scheduler",
     version,
     about = "Kairos trigger service: the Redis delay queue, retries, and promotion to RabbitMQ"
 )]
 pub struct Config {
+    /// The settings every Kairos process shares.
     #[command(flatten)]
     pub common: CommonConfig,
 
@@ -222,10 +225,20 @@ pub struct Config {
 }
 
 impl Config {
+    /// Every setting at its default, reading no environment variable
+    /// (clap's `env` fallbacks are switched off).
+    fn defaults() -> Self {
+        let command = Config::command().mut_args(|arg| arg.env(None));
+        let matches = command.get_matches_from(["kairos-scheduler"]);
+        // The defaults are constants of this file: a unit test parses them.
+        Config::from_arg_matches(&matches)
+            .unwrap_or_else(|e| panic!("the default settings do not parse: {e}"))
+    }
+
     /// Defaults (ignoring the environment) for one namespace: for tests and
     /// programs that embed the scheduler.
     pub fn for_namespace(namespace: &str) -> Self {
-        let mut c = Config::parse_from(["kairos-scheduler"]);
+        let mut c = Config::defaults();
         c.common = CommonConfig::new(namespace);
         c.redis_url = DEFAULT_REDIS_URL.to_string();
         c.redis_url_file = None;
@@ -286,6 +299,7 @@ impl Config {
             .max(1)
     }
 
+    /// How failed attempts are retried.
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
             default_max_retries: self.max_retries,
@@ -324,6 +338,8 @@ pub fn redis_url_parser() -> SecretParser {
     }
 }
 
+/// Checks an API token is long enough and has no spaces or control
+/// characters. The error never quotes the token.
 pub fn check_token(token: &str) -> Result<(), String> {
     if token.chars().count() < MIN_TOKEN_LEN {
         return Err(format!(
@@ -506,5 +522,16 @@ mod tests {
         assert_eq!(c.intake_prefetch_effective(), 1000);
         c.max_body_bytes = 512 * MIB;
         assert_eq!(c.intake_prefetch_effective(), 1);
+    }
+    #[test]
+    fn for_namespace_ignores_the_environment() {
+        // No other unit test of this crate looks at lease_ms.
+        std::env::set_var("KAIROS_LEASE_MS", "1234");
+        let embedded = Config::for_namespace("ns");
+        let parsed = Config::try_parse_from(["x"]).unwrap();
+        std::env::remove_var("KAIROS_LEASE_MS");
+        assert_eq!(parsed.lease_ms, 1234, "the variable is set");
+        assert_eq!(embedded.lease_ms, 30_000);
+        assert_eq!(embedded.common.namespace, "ns");
     }
 }

@@ -1,29 +1,352 @@
-//! Starting and stopping the scheduler: the steps of `run`, the AMQP session
-//! and the background loops, and the in-process API for kairosctl.
+//! Starting and stopping the scheduler: the steps of `run`, the AMQP
+//! session, and the in-process API for kairosctl.
 
-use crate::api::{guard as api_guard, schedules as http, tasks as task_api};
+use crate::api::{self, tasks::TaskApi};
+use crate::delay::hold::Holder;
 use crate::delay::intake::{Intake, IntakeError, Source};
 use crate::delay::publisher::Publisher;
 use crate::delay::pump::{Pump, PumpError};
-use crate::delay::store::{self as delay_queue, RedisDelayQueue};
-use crate::delay::{hold, wake};
-use crate::redis_io::{conn as redis_conn, setup as redis_setup};
-use crate::schedules::{
-    admin as schedule_admin, file as schedule_file, outcomes, store as schedule_store, ticker,
-};
+use crate::delay::store::{QueueError, RedisDelayQueue};
+use crate::delay::wake;
+use crate::redis_io;
+use crate::schedules::admin::Admin;
+use crate::schedules::outcomes::Outcomes;
+use crate::schedules::store::ScheduleStore;
+use crate::schedules::{self, ticker};
 use crate::Config;
 use kairos_shared::amqp::{
-    close_connection, connect_with_retry, sleep_or_cancel, Backoff, Blocked,
+    close_connection, connect_with_retry, sleep_or_cancel, Backoff, Blocked, Broker, CLOSE_WITHIN,
 };
+use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
-use kairos_shared::supervise::{supervise, Health};
+use kairos_shared::supervise::{Restart, Supervised, Supervisor};
 use kairos_shared::topology;
+use lapin::Connection;
 use std::future::Future;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+/// How long a stopping scheduler waits for its last events to go out.
+const EVENTS_FLUSH: Duration = Duration::from_secs(5);
+
+/// How long a close waits while the broker blocks the connection: lapin
+/// cannot even send the close then.
+const CLOSE_WHILE_BLOCKED: Duration = Duration::from_millis(500);
+
+/// How often the `kairos_scheduler_pending` gauge is refreshed.
+const PENDING_EVERY: Duration = Duration::from_secs(5);
+
+/// Why the scheduler could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// A setting is wrong.
+    #[error("{0}")]
+    Config(String),
+    /// The Redis URL or its TLS settings are unusable.
+    #[error("KAIROS_REDIS_URL: {0}")]
+    Redis(String),
+    /// The delay queue refused the settings (shard count, eviction policy)
+    /// or failed.
+    #[error("{0}")]
+    Queue(#[from] QueueError),
+    /// The metrics exporter could not start.
+    #[error("{0}")]
+    Metrics(String),
+    /// The HTTP API's address could not be bound.
+    #[error("KAIROS_HTTP_ADDR: cannot listen on {addr}: {cause}")]
+    Http {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why binding failed.
+        #[source]
+        cause: std::io::Error,
+    },
+}
+
+/// Runs the scheduler until `shutdown` completes. On shutdown, intake stops
+/// taking deliveries (unacked ones return to RabbitMQ) and the pump finishes
+/// the batches it claimed before returning.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), SchedulerError> {
+    let scheduler = Scheduler::new(config)?;
+    let _stop = scheduler.work.stop_on_drop();
+    scheduler.work.stop_on(shutdown);
+    let http = scheduler.bind_http().await?;
+    let pool = redis_pool(&scheduler.config)?;
+    let queue = scheduler.delay_queue(&pool);
+    if !scheduler.wait_for_redis(&queue).await? {
+        return Ok(());
+    }
+    let wake = scheduler.start_redis_loops(&queue)?;
+    let events = EventSink::start(
+        scheduler.config.common.events,
+        &scheduler.broker,
+        &scheduler.names,
+        &scheduler.work,
+    );
+    let pump = scheduler.pump(&queue, &events, wake);
+    scheduler.start_schedules(pool, &pump, http).await;
+    scheduler.run_sessions(queue, pump).await;
+    scheduler.shut_down(events).await;
+    Ok(())
+}
+
+/// The scheduler while it starts and runs: its settings and its
+/// background work.
+struct Scheduler {
+    config: Config,
+    names: Names,
+    broker: Broker,
+    work: Supervisor,
+}
+
+impl Scheduler {
+    /// Checks the settings and starts the metrics exporter.
+    fn new(config: Config) -> Result<Self, SchedulerError> {
+        config.common.check().map_err(SchedulerError::Config)?;
+        config
+            .check_api_exposure()
+            .map_err(SchedulerError::Config)?;
+        if let Some(addr) = config.common.metrics_addr {
+            kairos_shared::metrics::install(addr).map_err(SchedulerError::Metrics)?;
+        }
+        Ok(Scheduler {
+            names: config.common.names(),
+            broker: config.common.broker(),
+            config,
+            work: Supervisor::new(),
+        })
+    }
+
+    /// Binds the HTTP API's address first: a taken address is a
+    /// configuration error, reported at once rather than after waiting for
+    /// Redis. Only the default address may be taken (a second scheduler on
+    /// one host): then the scheduler runs without the API (`None`).
+    async fn bind_http(&self) -> Result<Option<TcpListener>, SchedulerError> {
+        let addr = self.config.http_addr;
+        match TcpListener::bind(addr).await {
+            Ok(listener) => Ok(Some(listener)),
+            Err(cause) if self.config.http_addr_required => {
+                Err(SchedulerError::Http { addr, cause })
+            }
+            Err(cause) => {
+                tracing::warn!(%addr, %cause, "default KAIROS_HTTP_ADDR is taken; running without the HTTP API (set KAIROS_HTTP_ADDR to serve it)");
+                Ok(None)
+            }
+        }
+    }
+
+    /// The delay queue on `pool`, with the settings' replica wait and
+    /// timeouts.
+    fn delay_queue(&self, pool: &deadpool_redis::Pool) -> RedisDelayQueue {
+        let c = &self.config;
+        RedisDelayQueue::new(pool.clone(), &c.common.namespace, usize::from(c.shards))
+            .with_replica_wait(
+                c.redis_wait,
+                Duration::from_millis(c.redis_wait_timeout_ms),
+                Duration::from_millis(c.redis_timeout_ms),
+            )
+    }
+
+    /// Waits until Redis answers and agrees with the settings (shard
+    /// count, eviction policy): Redis may still be starting, so it is
+    /// waited for like RabbitMQ, but a configuration error stops the
+    /// scheduler. `false` when shutdown came first.
+    async fn wait_for_redis(&self, queue: &RedisDelayQueue) -> Result<bool, SchedulerError> {
+        let mut backoff = Backoff::new();
+        loop {
+            let checked = match queue.check_shard_count().await {
+                Ok(()) => {
+                    let allow = self.config.redis_allow_eviction;
+                    redis_io::setup::check_eviction_policy(queue.redis(), allow).await
+                }
+                Err(err) => Err(err),
+            };
+            match checked {
+                Ok(()) => return Ok(true),
+                Err(QueueError::Config(msg)) => return Err(QueueError::Config(msg).into()),
+                Err(err) => {
+                    let cause = err.to_string();
+                    tracing::warn!(%cause, hint = kairos_shared::tls::hint(&cause), "waiting for Redis");
+                    if !sleep_or_cancel(backoff.next_delay(), self.work.cancel_token()).await {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the loops that watch Redis: the pending gauge and the wake
+    /// listener. Returns what the listener notifies: the pump's wake-up.
+    fn start_redis_loops(&self, queue: &RedisDelayQueue) -> Result<Arc<Notify>, SchedulerError> {
+        let pending = queue.clone();
+        self.work.start_loop("report_pending", move |cancel| {
+            let queue = pending.clone();
+            async move {
+                report_pending(queue, cancel).await;
+                Ok(())
+            }
+        });
+        let wake = Arc::new(Notify::new());
+        let client = redis_io::conn::client(&self.config.redis_url, &self.config.common.tls)
+            .map_err(|e| SchedulerError::Redis(e.to_string()))?;
+        let (channel, notify) = (queue.wake_channel().to_string(), wake.clone());
+        self.work.start_loop("wake", move |cancel| {
+            let listen = wake::listen(client.clone(), channel.clone(), notify.clone(), cancel);
+            async move {
+                listen.await;
+                Ok(())
+            }
+        });
+        Ok(wake)
+    }
+
+    /// The pump, on a Redis connection of its own: its claims and
+    /// completions run every few ms under load, not behind an intake batch
+    /// on the same socket.
+    fn pump(&self, queue: &RedisDelayQueue, events: &EventSink, wake: Arc<Notify>) -> Pump {
+        let c = &self.config;
+        Pump {
+            queue: queue.with_own_connection(),
+            events: events.clone(),
+            wake,
+            batch: usize::from(c.batch),
+            batch_bytes: bytes(c.claim_batch_bytes),
+            lease_ms: c.lease_ms,
+            idle: Duration::from_millis(c.idle_ms),
+            refusals: Default::default(),
+        }
+    }
+
+    /// Syncs the schedule file, then starts the ticker, the HTTP API and
+    /// the outcomes consumer. Occurrences go to the pump's delay queue, and
+    /// the pump is woken when one is handed over.
+    async fn start_schedules(
+        &self,
+        pool: deadpool_redis::Pool,
+        pump: &Pump,
+        http: Option<TcpListener>,
+    ) {
+        let store = ScheduleStore::new(pool, self.names.namespace(), &pump.queue);
+        let changed = Arc::new(Notify::new());
+        let admin = Admin {
+            store: store.clone(),
+            changed: changed.clone(),
+        };
+        if let Some(path) = &self.config.schedule_file {
+            schedules::file::sync(&admin, path).await;
+        }
+        self.start_ticker(store.clone(), pump, changed);
+        if let Some(listener) = http {
+            self.start_http(listener, admin, pump);
+        }
+        self.work.start(Outcomes {
+            broker: self.broker.clone(),
+            names: self.names.clone(),
+            store,
+        });
+    }
+
+    /// Starts the ticker: it fires the schedules of `store`, and looks
+    /// again at once when `changed` is notified.
+    fn start_ticker(&self, store: ScheduleStore, pump: &Pump, changed: Arc<Notify>) {
+        let c = &self.config;
+        let ticker = ticker::Ticker {
+            store,
+            events: pump.events.clone(),
+            pump_wake: pump.wake.clone(),
+            changed,
+            lookahead_ms: c.schedule_lookahead_ms as i64,
+            grace_ms: c.schedule_grace_ms as i64,
+            batch: usize::from(c.batch).min(ticker::MAX_SCHEDULES_PER_SHARD),
+            idle: Duration::from_millis(c.idle_ms),
+            parsed: Default::default(),
+        };
+        self.work.start_loop("ticker", move |cancel| {
+            let ticker = ticker.clone();
+            async move {
+                ticker.run(cancel).await;
+                Ok(())
+            }
+        });
+    }
+
+    /// Starts the HTTP API on `listener`. Delayed tasks it takes go
+    /// straight into the delay queue (the pump's, on a connection of their
+    /// own).
+    fn start_http(&self, listener: TcpListener, admin: Admin, pump: &Pump) {
+        tracing::info!(addr = ?listener.local_addr().ok(), "HTTP API listening");
+        let holder = Holder {
+            queue: pump.queue.with_own_connection(),
+            events: pump.events.clone(),
+            limits: self.config.limits(),
+        };
+        let tasks = TaskApi::new(self.broker.clone(), self.names.clone())
+            .with_limits(holder.limits)
+            .with_holder(holder);
+        let health = Some(self.work.health().clone());
+        let router = api::router(admin, tasks, health, self.config.api_token.clone());
+        // The first run serves the listener bound at start; a restart
+        // binds the same address again.
+        let first = Mutex::new(Some(listener));
+        let addr = self.config.http_addr;
+        self.work.start_loop("http", move |cancel| {
+            let listener = first.lock().ok().and_then(|mut l| l.take());
+            serve(router.clone(), listener, addr, cancel)
+        });
+    }
+
+    /// Runs AMQP sessions (intake and pump) until shutdown, reconnecting
+    /// whenever one ends early.
+    async fn run_sessions(&self, queue: RedisDelayQueue, pump: Pump) {
+        let c = &self.config;
+        tracing::info!(namespace = %self.names.namespace(), shards = c.shards, intake_prefetch = c.intake_prefetch_effective(), max_body_bytes = c.max_body_bytes, "scheduler starting");
+        let session = AmqpSession {
+            config: c.clone(),
+            names: self.names.clone(),
+            broker: self.broker.clone(),
+            queue,
+            pump,
+        };
+        self.work.run(session).await;
+    }
+
+    /// Waits for the background loops to stop, then for the last events
+    /// to go out.
+    async fn shut_down(self, events: EventSink) {
+        self.work.wait().await;
+        events.close(EVENTS_FLUSH).await;
+        tracing::info!("scheduler stopped");
+    }
+}
+
+/// Serves `router` until `cancel`: on `listener` when given (the first
+/// run), else on `addr` bound again (a restart).
+async fn serve(
+    router: axum::Router,
+    listener: Option<TcpListener>,
+    addr: SocketAddr,
+    cancel: CancellationToken,
+) -> Result<(), String> {
+    let listener = match listener {
+        Some(l) => l,
+        None => TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
+    };
+    axum::serve(listener, router)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+        .map_err(|e| format!("HTTP API stopped: {e}"))
+}
+
+/// Why an AMQP session ended.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error("AMQP: {0}")]
@@ -34,256 +357,103 @@ enum SessionError {
     Pump(#[from] PumpError),
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SchedulerError {
-    #[error("{0}")]
-    Config(String),
-    #[error("KAIROS_REDIS_URL: {0}")]
-    Redis(String),
-    #[error("{0}")]
-    Queue(#[from] delay_queue::QueueError),
-    #[error("{0}")]
-    Metrics(String),
-    #[error("KAIROS_HTTP_ADDR: cannot listen on {addr}: {cause}")]
-    Http {
-        addr: std::net::SocketAddr,
-        cause: std::io::Error,
-    },
+/// The scheduler's AMQP session, supervised as `amqp_session`: the two
+/// intakes (`NS.delay`, `NS.retry`) and the pump on one connection.
+struct AmqpSession {
+    config: Config,
+    names: Names,
+    broker: Broker,
+    queue: RedisDelayQueue,
+    pump: Pump,
 }
 
-/// Runs the scheduler until `shutdown` completes. On shutdown, intake stops
-/// taking deliveries (unacked ones return to RabbitMQ) and the pump finishes
-/// the batches it claimed before returning.
-/// How long a stopping scheduler waits for its last events to go out.
-const EVENTS_FLUSH: Duration = Duration::from_secs(5);
+impl Supervised for AmqpSession {
+    /// A blocked connection writes nothing, not even its close: the close
+    /// is then not waited for long (see [`close_within`]).
+    type Conn = (Connection, Blocked);
+    type Error = SessionError;
 
-/// The longest wait for the broker to confirm a connection close.
-const CLOSE_WITHIN: Duration = Duration::from_secs(5);
-
-pub async fn run(
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), SchedulerError> {
-    config.common.check().map_err(SchedulerError::Config)?;
-    config
-        .check_api_exposure()
-        .map_err(SchedulerError::Config)?;
-    let names = config.common.names();
-    if let Some(addr) = config.common.metrics_addr {
-        kairos_shared::metrics::install(addr).map_err(SchedulerError::Metrics)?;
+    fn name(&self) -> &'static str {
+        "amqp_session"
     }
-    let cancel = CancellationToken::new();
-    let trigger = cancel.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        trigger.cancel();
-    });
-    let health = Health::new();
-    // Bind first: a taken address is a configuration error, reported at
-    // once rather than after waiting for Redis. Only the default address may
-    // be taken (a second scheduler on one host): then run without the API.
-    let http_listener = match tokio::net::TcpListener::bind(config.http_addr).await {
-        Ok(l) => Some(l),
-        Err(cause) if config.http_addr_required => {
-            return Err(SchedulerError::Http {
-                addr: config.http_addr,
-                cause,
-            })
-        }
-        Err(cause) => {
-            tracing::warn!(addr = %config.http_addr, %cause, "default KAIROS_HTTP_ADDR is taken; running without the HTTP API (set KAIROS_HTTP_ADDR to serve it)");
-            None
-        }
-    };
-    let pool = redis_pool(&config)?;
-    let queue = RedisDelayQueue::new(
-        pool.clone(),
-        &config.common.namespace,
-        usize::from(config.shards),
-    )
-    .with_replica_wait(
-        config.redis_wait,
-        Duration::from_millis(config.redis_wait_timeout_ms),
-        Duration::from_millis(config.redis_timeout_ms),
-    );
-    // Redis may still be starting: wait for it like RabbitMQ, but stop on a
-    // configuration error.
-    let mut backoff = Backoff::new();
-    loop {
-        let checked = match queue.check_shard_count().await {
-            Ok(()) => {
-                redis_setup::check_eviction_policy(queue.redis(), config.redis_allow_eviction).await
-            }
-            Err(err) => Err(err),
-        };
-        match checked {
-            Ok(()) => break,
-            Err(delay_queue::QueueError::Config(msg)) => {
-                return Err(delay_queue::QueueError::Config(msg).into())
-            }
-            Err(err) => {
-                let cause = err.to_string();
-                tracing::warn!(%cause, hint = kairos_shared::tls::hint(&cause), "waiting for Redis");
-                if !sleep_or_cancel(backoff.next_delay(), &cancel).await {
-                    return Ok(());
-                }
-            }
-        }
-    }
-    let pending = {
-        let (queue, cancel) = (queue.clone(), cancel.clone());
-        supervise(&health, "report_pending", cancel.clone(), move || {
-            let (queue, cancel) = (queue.clone(), cancel.clone());
-            async move {
-                report_pending(queue, cancel).await;
-                Ok(())
-            }
-        })
-    };
-    let wake = Arc::new(Notify::new());
-    let redis_client = redis_conn::client(&config.redis_url, &config.common.tls)
-        .map_err(|e| SchedulerError::Redis(e.to_string()))?;
-    let listener = {
-        let (channel, wake, cancel) = (
-            queue.wake_channel().to_string(),
-            wake.clone(),
-            cancel.clone(),
-        );
-        supervise(&health, "wake", cancel.clone(), move || {
-            let (client, channel, wake, cancel) = (
-                redis_client.clone(),
-                channel.clone(),
-                wake.clone(),
-                cancel.clone(),
-            );
-            async move {
-                wake::listen(client, channel, wake, cancel).await;
-                Ok(())
-            }
-        })
-    };
-    let broker = config.common.broker();
-    let events = EventSink::start(config.common.events, &broker, &names, cancel.clone());
-    let pump = Pump {
-        // The claims and completions run every few ms under load: not
-        // behind an intake batch on the same socket.
-        queue: queue.with_own_connection(),
-        events: events.clone(),
-        wake: wake.clone(),
-        batch: usize::from(config.batch),
-        batch_bytes: bytes(config.claim_batch_bytes),
-        lease_ms: config.lease_ms,
-        idle: Duration::from_millis(config.idle_ms),
-        refusals: Default::default(),
-    };
-    let schedules = start_schedules(
-        &config,
-        &names,
-        pool,
-        &pump,
-        http_listener,
-        &health,
-        &cancel,
-    )
-    .await;
-    tracing::info!(namespace = %names.namespace(), shards = config.shards, intake_prefetch = config.intake_prefetch_effective(), max_body_bytes = config.max_body_bytes, "scheduler starting");
 
-    let mut backoff = Backoff::new();
-    while !cancel.is_cancelled() {
-        let Some(conn) = connect_with_retry(&broker, "kairos-scheduler", &cancel).await else {
-            break;
-        };
-        // A blocked connection writes nothing, not even its close: the
-        // close is then not waited for long (see `close_within`).
+    fn restart(&self) -> Restart {
+        Restart::Reconnect("AMQP session")
+    }
+
+    async fn connect(&mut self, cancel: &CancellationToken) -> Option<(Connection, Blocked)> {
+        let conn = connect_with_retry(&self.broker, "kairos-scheduler", cancel).await?;
         let blocked = Blocked::watch(&conn);
-        let session = async {
-            let channel = conn.create_channel().await?;
-            topology::declare_base(&channel, &names).await?;
-            let publisher = Arc::new(Publisher::open(&conn, names.clone()).await?);
-            let make = |source| Intake {
-                source,
-                names: names.clone(),
-                queue: queue.clone(),
-                publisher: publisher.clone(),
-                policy: config.retry_policy(),
-                events: events.clone(),
-                wake: wake.clone(),
-                prefetch: config.intake_prefetch_effective(),
-                batch: usize::from(config.batch),
-                batch_bytes: bytes(config.intake_batch_bytes),
-                limits: config.limits(),
-            };
-            let (delay, retry) = (make(Source::Delay), make(Source::Retry));
-            tracing::info!("connected to RabbitMQ");
-            health.mark_running("amqp_session");
-            // Each role stops on shutdown or when another role fails; the
-            // pump then still finishes the batches it claimed.
-            let session_cancel = cancel.child_token();
-            let stop_on_err = |r: Result<(), SessionError>| {
-                if r.is_err() {
-                    session_cancel.cancel();
-                }
-                r
-            };
-            let (a, b, c) = tokio::join!(
-                async {
-                    stop_on_err(
-                        delay
-                            .run(&conn, session_cancel.clone())
-                            .await
-                            .map_err(Into::into),
-                    )
-                },
-                async {
-                    stop_on_err(
-                        retry
-                            .run(&conn, session_cancel.clone())
-                            .await
-                            .map_err(Into::into),
-                    )
-                },
-                async {
-                    stop_on_err(
-                        pump.run(publisher.clone(), session_cancel.clone())
-                            .await
-                            .map_err(Into::into),
-                    )
-                },
-            );
-            a.and(b).and(c)
-        };
-        let started = tokio::time::Instant::now();
-        match session.await {
-            Ok(()) => {}
-            Err(err) => {
-                if started.elapsed() > Duration::from_secs(10) {
-                    backoff.reset();
-                }
-                tracing::warn!(cause = %err, "AMQP session ended; reconnecting");
-                health.mark_failed("amqp_session", &err.to_string());
-                close_connection(&conn, "reconnecting", close_within(&blocked)).await;
-                sleep_or_cancel(backoff.next_delay(), &cancel).await;
-                continue;
-            }
+        Some((conn, blocked))
+    }
+
+    /// Declares the topology, then runs both intakes and the pump until
+    /// shutdown or until one of them fails. Each stops when another fails;
+    /// the pump then still finishes the batches it claimed.
+    async fn session(
+        &mut self,
+        (conn, _): &mut (Connection, Blocked),
+        cancel: &CancellationToken,
+    ) -> Result<(), SessionError> {
+        let channel = conn.create_channel().await?;
+        topology::declare_base(&channel, &self.names).await?;
+        let publisher = Arc::new(Publisher::open(conn, self.names.clone()).await?);
+        let delay = self.intake(Source::Delay, &publisher);
+        let retry = self.intake(Source::Retry, &publisher);
+        tracing::info!("connected to RabbitMQ");
+        let roles = cancel.child_token();
+        let (a, b, c) = tokio::join!(
+            until_failure(&roles, delay.run(conn, roles.clone())),
+            until_failure(&roles, retry.run(conn, roles.clone())),
+            until_failure(&roles, self.pump.run(publisher.clone(), roles.clone())),
+        );
+        a.and(b).and(c)
+    }
+
+    async fn close(&mut self, (conn, blocked): (Connection, Blocked), failed: bool) {
+        let reason = if failed { "reconnecting" } else { "shutdown" };
+        close_connection(&conn, reason, close_within(&blocked)).await;
+    }
+}
+
+impl AmqpSession {
+    /// The intake of `source`, publishing dead letters with `publisher`.
+    fn intake(&self, source: Source, publisher: &Arc<Publisher>) -> Intake {
+        let c = &self.config;
+        Intake {
+            source,
+            names: self.names.clone(),
+            queue: self.queue.clone(),
+            publisher: publisher.clone(),
+            policy: c.retry_policy(),
+            events: self.pump.events.clone(),
+            wake: self.pump.wake.clone(),
+            prefetch: c.intake_prefetch_effective(),
+            batch: usize::from(c.batch),
+            batch_bytes: bytes(c.intake_batch_bytes),
+            limits: c.limits(),
         }
-        close_connection(&conn, "shutdown", close_within(&blocked)).await;
     }
-    let _ = listener.await;
-    let _ = pending.await;
-    for task in schedules {
-        let _ = task.await;
+}
+
+/// Runs one role of a session; when it fails, `roles` is cancelled so the
+/// session's other roles stop too.
+async fn until_failure<E: Into<SessionError>>(
+    roles: &CancellationToken,
+    role: impl Future<Output = Result<(), E>>,
+) -> Result<(), SessionError> {
+    let outcome = role.await.map_err(Into::into);
+    if outcome.is_err() {
+        roles.cancel();
     }
-    drop(pump);
-    events.close(EVENTS_FLUSH).await;
-    tracing::info!("scheduler stopped");
-    Ok(())
+    outcome
 }
 
 /// How long to wait for the broker to confirm a close: not long while it
 /// blocks the connection, as lapin cannot even send the close then.
 fn close_within(blocked: &Blocked) -> Duration {
     if blocked.is_blocked() {
-        Duration::from_millis(500)
+        CLOSE_WHILE_BLOCKED
     } else {
         CLOSE_WITHIN
     }
@@ -301,105 +471,10 @@ async fn report_pending(queue: RedisDelayQueue, cancel: CancellationToken) {
         if let Ok(n) = queue.pending().await {
             metrics::gauge!("kairos_scheduler_pending").set(n as f64);
         }
-        if !sleep_or_cancel(Duration::from_secs(5), &cancel).await {
+        if !sleep_or_cancel(PENDING_EVERY, &cancel).await {
             return;
         }
     }
-}
-
-/// Syncs the schedule file, then starts the ticker, the HTTP API and the
-/// outcomes consumer, each supervised; each stops on `cancel`. Occurrences
-/// go to the pump's delay queue, and the pump is woken when one is handed
-/// over.
-async fn start_schedules(
-    config: &Config,
-    names: &kairos_shared::contract::Names,
-    pool: deadpool_redis::Pool,
-    pump: &Pump,
-    http_listener: Option<tokio::net::TcpListener>,
-    health: &Health,
-    cancel: &CancellationToken,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let store = schedule_store::ScheduleStore::new(pool, names.namespace(), &pump.queue);
-    let changed = Arc::new(Notify::new());
-    let admin = schedule_admin::Admin {
-        store: store.clone(),
-        changed: changed.clone(),
-    };
-    if let Some(path) = &config.schedule_file {
-        schedule_file::sync(&admin, path).await;
-    }
-    let ticker = ticker::Ticker {
-        store: store.clone(),
-        events: pump.events.clone(),
-        pump_wake: pump.wake.clone(),
-        changed,
-        lookahead_ms: config.schedule_lookahead_ms as i64,
-        grace_ms: config.schedule_grace_ms as i64,
-        batch: usize::from(config.batch).min(ticker::MAX_SCHEDULES_PER_SHARD),
-        idle: Duration::from_millis(config.idle_ms),
-        parsed: Default::default(),
-    };
-    let tick_cancel = cancel.clone();
-    let holder = hold::Holder {
-        queue: pump.queue.with_own_connection(),
-        events: pump.events.clone(),
-        limits: config.limits(),
-    };
-    let mut tasks = vec![supervise(health, "ticker", cancel.clone(), move || {
-        let (ticker, cancel) = (ticker.clone(), tick_cancel.clone());
-        async move {
-            ticker.run(cancel).await;
-            Ok(())
-        }
-    })];
-    if let Some(http_listener) = http_listener {
-        let addr = http_listener.local_addr().ok();
-        tracing::info!(addr = ?addr, "HTTP API listening");
-        let api = task_api::TaskApi::new(config.common.broker(), names.clone())
-            .with_limits(holder.limits)
-            .with_holder(holder);
-        let router = api_guard::guard(
-            http::router(admin)
-                .merge(task_api::router(api))
-                .merge(http::probes(health.clone())),
-            config.api_token.clone(),
-        );
-        // The first run serves the listener bound at start; a restart
-        // binds the same address again.
-        let first = Arc::new(std::sync::Mutex::new(Some(http_listener)));
-        let (bind_addr, http_cancel) = (config.http_addr, cancel.clone());
-        tasks.push(supervise(health, "http", cancel.clone(), move || {
-            let (router, cancel) = (router.clone(), http_cancel.clone());
-            let taken = first.lock().ok().and_then(|mut l| l.take());
-            async move {
-                let listener = match taken {
-                    Some(l) => l,
-                    None => tokio::net::TcpListener::bind(bind_addr)
-                        .await
-                        .map_err(|e| format!("cannot listen on {bind_addr}: {e}"))?,
-                };
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(cancel.cancelled_owned())
-                    .await
-                    .map_err(|e| format!("HTTP API stopped: {e}"))
-            }
-        }));
-    }
-    let (broker, names, out_cancel) = (config.common.broker(), names.clone(), cancel.clone());
-    tasks.push(supervise(health, "outcomes", cancel.clone(), move || {
-        let run = outcomes::run(
-            broker.clone(),
-            names.clone(),
-            store.clone(),
-            out_cancel.clone(),
-        );
-        async move {
-            run.await;
-            Ok(())
-        }
-    }));
-    tasks
 }
 
 /// The scheduler's HTTP API without a server or a running scheduler: the
@@ -413,24 +488,21 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
     let pool = redis_pool(config)?;
     let queue = RedisDelayQueue::new(pool.clone(), names.namespace(), usize::from(config.shards));
     queue.check_shard_count().await?;
-    let admin = schedule_admin::Admin {
-        store: schedule_store::ScheduleStore::new(pool, names.namespace(), &queue),
+    let admin = Admin {
+        store: ScheduleStore::new(pool, names.namespace(), &queue),
         changed: Arc::new(Notify::new()),
     };
     // No holder: without a running scheduler's event sink, delayed tasks go
     // through `NS.delay`, whose intake reports them.
-    let tasks = task_api::TaskApi::new(config.common.broker(), names).with_limits(config.limits());
+    let tasks = TaskApi::new(config.common.broker(), names).with_limits(config.limits());
     // In process, nobody else can call it: no token, but the same checks
     // of what is sent.
-    Ok(api_guard::guard(
-        http::router(admin).merge(task_api::router(tasks)),
-        None,
-    ))
+    Ok(api::router(admin, tasks, None, None))
 }
 
 /// The Redis pool with `KAIROS_REDIS_TIMEOUT_MS` as its reply timeout.
 fn redis_pool(config: &Config) -> Result<deadpool_redis::Pool, SchedulerError> {
-    redis_conn::pool(
+    redis_io::conn::pool(
         &config.redis_url,
         &config.common.tls,
         Duration::from_millis(config.redis_timeout_ms),

@@ -20,6 +20,7 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// The broker at `url`, reached with `tls`'s trust and identity.
     pub fn new(url: &str, tls: &TlsSettings) -> Self {
         Broker {
             url: url.to_string(),
@@ -32,6 +33,7 @@ impl Broker {
         Self::new(url, &TlsSettings::default())
     }
 
+    /// The URL, password included: never log it (log the `Debug` form).
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -100,12 +102,14 @@ pub async fn connect_with_retry(
 }
 
 /// Reconnect pacing: 100 ms doubling to 5 s, each delay jittered. Reset it
-/// after a connection that lived a while.
+/// after a connection that lived a while (the supervisor does, after
+/// `supervise::HEALTHY_AFTER`).
 ///
-/// The jitter spreads reconnects: after a broker restart every process saw
-/// its connection drop at the same instant, and with plain doubling they all
-/// came back at the same instants too (a thundering herd of connects,
-/// declares and consumer registrations against a broker still warming up).
+/// The jitter spreads reconnects: after a broker restart every process sees
+/// its connection drop at the same instant, and with plain doubling they
+/// would all come back at the same instants too (a thundering herd of
+/// connects, declares and consumer registrations against a broker still
+/// warming up).
 /// Each delay is drawn uniformly from the upper half of its step ("equal
 /// jitter"): never below half the step, so a retry loop still backs off,
 /// and never above it, so the cap holds.
@@ -120,6 +124,7 @@ impl Backoff {
     const FIRST: Duration = Duration::from_millis(100);
     const MAX: Duration = Duration::from_secs(5);
 
+    /// Steps from 100 ms doubling up to 5 s.
     pub fn new() -> Self {
         Self::between(Self::FIRST, Self::MAX)
     }
@@ -146,6 +151,7 @@ impl Backoff {
         now
     }
 
+    /// Starts again from the first step.
     pub fn reset(&mut self) {
         self.next = self.first;
     }
@@ -195,6 +201,7 @@ impl Blocked {
         Blocked { status: None }
     }
 
+    /// Whether the broker blocks the connection now.
     pub fn is_blocked(&self) -> bool {
         self.status.as_ref().is_some_and(|s| s.blocked())
     }
@@ -211,15 +218,19 @@ impl Blocked {
     }
 }
 
-/// Sleeps `d` unless cancelled first; returns false when cancelled.
+/// The AMQP reply code of a normal close (`reply-success`).
+pub const REPLY_SUCCESS: u16 = 200;
+
+/// The longest wait for the broker to confirm a connection close.
+pub const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
 /// Closes `conn`, waiting at most `within` for the broker's confirmation.
-/// lapin 4.12 can lose a close requested while its internal task handles
-/// the close of a channel dropped just before (the channel's close fails on
-/// the closing connection, and the task stops on that error), and the
-/// caller would wait forever: seen as a worker that never finished
-/// shutting down, about once in fifty test runs.
+/// A close must never wait forever: lapin (4.12) can lose a close requested
+/// while its internal task handles the close of a channel dropped just
+/// before (the channel's close fails on the closing connection, and the
+/// task stops on that error).
 pub async fn close_connection(conn: &Connection, reason: &str, within: Duration) {
-    if tokio::time::timeout(within, conn.close(200, reason.into()))
+    if tokio::time::timeout(within, conn.close(REPLY_SUCCESS, reason.into()))
         .await
         .is_err()
     {
@@ -230,6 +241,7 @@ pub async fn close_connection(conn: &Connection, reason: &str, within: Duration)
     }
 }
 
+/// Sleeps `d` unless cancelled first; returns false when cancelled.
 pub async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
         _ = cancel.cancelled() => false,

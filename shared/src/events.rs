@@ -6,30 +6,38 @@
 //! counted in the log) rather than slowing tasks down: events are a view of
 //! the pipeline, not part of its guarantees.
 
-use crate::amqp::{connect_with_retry, now_ms, sleep_or_cancel, Backoff, Broker};
+use crate::amqp::{close_connection, connect_with_retry, now_ms, Broker, CLOSE_WITHIN};
 use crate::contract::{int_header, readable, Names, Task, H_ATTEMPT};
 use crate::short::short;
+use crate::supervise::{Restart, Supervised, Supervisor};
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
-use lapin::BasicProperties;
+use lapin::{BasicProperties, Connection};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// The lifecycle steps of the contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventKind {
+    /// Taken into the delay queue.
     Scheduled,
+    /// Published to its task queue.
     Published,
+    /// A worker started an attempt.
     Started,
+    /// The attempt succeeded.
     Succeeded,
+    /// The attempt failed.
     Failed,
+    /// A failed attempt was scheduled again.
     Retried,
+    /// Dead-lettered.
     Dead,
     /// A second submission of an id already pending in the delay queue:
     /// ignored (the first wins), and reported.
@@ -37,6 +45,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// The name on the wire (routing key `task.NAME`, field `event`).
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Scheduled => "scheduled",
@@ -55,17 +64,26 @@ impl EventKind {
 /// null only on a `dead` event for a message that had none readable.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Event {
+    /// The lifecycle step.
     pub event: EventKind,
+    /// The task's id.
     pub id: Option<String>,
+    /// The task's name (its handler).
     pub name: Option<String>,
+    /// The logical queue.
     pub queue: String,
+    /// The attempt, from 1.
     pub attempt: u32,
+    /// When it happened, Unix ms.
     pub at: i64,
+    /// When the task is or was due, Unix ms.
     pub due_at: Option<i64>,
+    /// Why an attempt failed or a task died.
     pub error: Option<String>,
 }
 
 impl Event {
+    /// The event `kind` of `task`, now.
     pub fn for_task(
         kind: EventKind,
         task: &Task,
@@ -113,39 +131,49 @@ impl Event {
     }
 }
 
-/// Cheap to clone; a disabled sink drops everything at no cost.
+/// Where events are emitted. Cheap to clone; a disabled sink drops
+/// everything at no cost.
 #[derive(Clone, Default)]
 pub struct EventSink {
     tx: Option<mpsc::Sender<Event>>,
     dropped: Arc<AtomicU64>,
-    /// The publisher task, for [`close`](Self::close).
-    publisher: Option<Arc<std::sync::Mutex<Option<JoinHandle<()>>>>>,
+    /// Holds the publisher loop, for [`close`](Self::close). Apart from the
+    /// process's other background work: the publisher drains until the
+    /// loops that emit events have stopped, so it is waited for after them.
+    publisher: TaskTracker,
 }
 
+/// Events the sink holds for the publisher before it drops new ones.
 const QUEUE_DEPTH: usize = 16_384;
 
 impl EventSink {
+    /// A sink that drops everything (`KAIROS_EVENTS=false`).
     pub fn disabled() -> Self {
         Self::default()
     }
 
-    /// Starts the publisher task when `enabled`; it stops once `cancel`
-    /// fires and the queue is drained.
-    pub fn start(enabled: bool, broker: &Broker, names: &Names, cancel: CancellationToken) -> Self {
+    /// Starts the publisher loop when `enabled`, supervised as `events`
+    /// under `work`'s health and shutdown; after shutdown it still drains
+    /// what was emitted until every clone of the sink is gone.
+    pub fn start(enabled: bool, broker: &Broker, names: &Names, work: &Supervisor) -> Self {
         if !enabled {
             return Self::disabled();
         }
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let publisher = tokio::spawn(publish_loop(
-            broker.clone(),
-            names.short_events(),
+        let publisher = Publisher {
+            broker: broker.clone(),
+            exchange: names.short_events(),
             rx,
-            cancel,
-        ));
+            pending: Vec::new(),
+            done: false,
+        };
+        let (tracker, work) = (TaskTracker::new(), work.clone());
+        tracker.spawn(async move { work.run(publisher).await });
+        tracker.close();
         EventSink {
             tx: Some(tx),
             dropped: Arc::default(),
-            publisher: Some(Arc::new(std::sync::Mutex::new(Some(publisher)))),
+            publisher: tracker,
         }
     }
 
@@ -154,19 +182,23 @@ impl EventSink {
     /// take that task's `succeeded` with it. Call it once every other clone
     /// of the sink is gone: the publisher drains until then.
     pub async fn close(self, within: Duration) {
-        let handle = self.publisher.as_ref().and_then(|p| p.lock().ok()?.take());
+        let publisher = self.publisher.clone();
         drop(self);
-        if let Some(handle) = handle {
-            if tokio::time::timeout(within, handle).await.is_err() {
-                tracing::warn!("events not all published before shutdown");
-            }
+        if tokio::time::timeout(within, publisher.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("events not all published before shutdown");
         }
     }
 
+    /// Whether events are published at all.
     pub fn enabled(&self) -> bool {
         self.tx.is_some()
     }
 
+    /// Hands `event` to the publisher, or drops it (counted in the log)
+    /// when the publisher is behind.
     pub fn emit(&self, event: Event) {
         let Some(tx) = &self.tx else { return };
         if tx.try_send(event).is_err() {
@@ -208,78 +240,102 @@ impl EventSink {
 
 /// Events handed to lapin together: each `basic_publish` resolves only once
 /// lapin's I/O thread wrote it, so publishing one event at a time costs a
-/// thread hand-off per event and, at a few thousand tasks a second, fell so
-/// far behind that the queue overflowed and most events were dropped.
+/// thread hand-off per event and cannot keep up with a few thousand tasks a
+/// second.
 const PUBLISH_BATCH: usize = 256;
 
-async fn publish_loop(
+/// AMQP delivery mode 2: the broker writes the event to disk.
+const PERSISTENT: u8 = 2;
+
+/// The publisher loop: takes events off the sink's channel and publishes
+/// them on a connection of its own.
+struct Publisher {
     broker: Broker,
     exchange: ShortString,
-    mut rx: mpsc::Receiver<Event>,
-    cancel: CancellationToken,
-) {
-    let mut backoff = Backoff::new();
-    // Events whose publish failed, sent again first after reconnecting.
-    let mut pending: Vec<Event> = Vec::new();
-    'connect: loop {
-        let Some(conn) = connect_with_retry(&broker, "kairos-events", &cancel).await else {
-            return;
-        };
-        let channel = match conn.create_channel().await {
-            Ok(c) => c,
-            Err(err) => {
-                tracing::warn!(cause = %err, "events: cannot open channel");
-                if !sleep_or_cancel(backoff.next_delay(), &cancel).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        backoff.reset();
+    rx: mpsc::Receiver<Event>,
+    /// Events whose publish failed, sent again first after reconnecting.
+    pending: Vec<Event>,
+    /// Every sink is gone and everything was handed to the broker.
+    done: bool,
+}
+
+impl Supervised for Publisher {
+    type Conn = Connection;
+    type Error = lapin::Error;
+
+    fn name(&self) -> &'static str {
+        "events"
+    }
+
+    fn restart(&self) -> Restart {
+        Restart::Reconnect("events publisher")
+    }
+
+    async fn connect(&mut self, cancel: &CancellationToken) -> Option<Connection> {
+        connect_with_retry(&self.broker, "kairos-events", cancel).await
+    }
+
+    /// Publishes until every sink is gone (then `Ok`, [`finished`]) or a
+    /// publish fails. It does not stop on shutdown: what was emitted
+    /// before is still published.
+    ///
+    /// [`finished`]: Supervised::finished
+    async fn session(&mut self, conn: &mut Connection, _: &CancellationToken) -> lapin::Result<()> {
+        let channel = conn.create_channel().await?;
         loop {
-            let mut batch = std::mem::take(&mut pending);
-            if batch.is_empty() && rx.recv_many(&mut batch, PUBLISH_BATCH).await == 0 {
-                // Every sink is gone: close cleanly, so the broker takes
-                // what was written before the process exits.
-                let _ = conn.close(200, "done".into()).await;
-                return;
+            let mut batch = std::mem::take(&mut self.pending);
+            if batch.is_empty() && self.rx.recv_many(&mut batch, PUBLISH_BATCH).await == 0 {
+                self.done = true;
+                return Ok(());
             }
-            let encoded: Vec<(Event, ShortString, Vec<u8>)> = batch
-                .into_iter()
-                .filter_map(|e| {
-                    let body = serde_json::to_vec(&e).ok()?;
-                    let key = short("routing key", &format!("task.{}", e.event.as_str())).ok()?;
-                    Some((e, key, body))
-                })
-                .collect();
-            let sends = encoded.iter().map(|(_, key, body)| {
-                channel.basic_publish(
-                    exchange.clone(),
-                    key.clone(),
-                    BasicPublishOptions::default(),
-                    body,
-                    BasicProperties::default()
-                        .with_delivery_mode(2)
-                        .with_content_type("application/json".into()),
-                )
-            });
-            let results = futures_util::future::join_all(sends).await;
-            let mut failure = None;
-            for ((event, _, _), result) in encoded.into_iter().zip(results) {
-                if let Err(err) = result {
-                    failure = Some(err);
-                    pending.push(event);
-                }
-            }
-            if let Some(err) = failure {
-                tracing::warn!(cause = %err, "events: publish failed; reconnecting");
-                let _ = conn.close(200, "reconnect".into()).await;
-                if !sleep_or_cancel(Duration::from_millis(200), &cancel).await {
-                    return;
-                }
-                continue 'connect;
+            self.publish(&channel, batch).await?;
+        }
+    }
+
+    /// Closes cleanly, so the broker takes what was written before the
+    /// process exits.
+    async fn close(&mut self, conn: Connection, failed: bool) {
+        let reason = if failed { "reconnect" } else { "done" };
+        close_connection(&conn, reason, CLOSE_WITHIN).await;
+    }
+
+    fn finished(&self) -> bool {
+        self.done
+    }
+}
+
+impl Publisher {
+    /// Publishes `batch` together; the events whose publish failed stay
+    /// pending for the next connection.
+    async fn publish(&mut self, channel: &lapin::Channel, batch: Vec<Event>) -> lapin::Result<()> {
+        let encoded: Vec<(Event, ShortString, Vec<u8>)> = batch
+            .into_iter()
+            .filter_map(|e| {
+                let body = serde_json::to_vec(&e).ok()?;
+                let key = short("routing key", &format!("task.{}", e.event.as_str())).ok()?;
+                Some((e, key, body))
+            })
+            .collect();
+        let sends = encoded.iter().map(|(_, key, body)| {
+            channel.basic_publish(
+                self.exchange.clone(),
+                key.clone(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_delivery_mode(PERSISTENT)
+                    .with_content_type("application/json".into()),
+            )
+        });
+        let results = futures_util::future::join_all(sends).await;
+        let mut failure = None;
+        for ((event, _, _), result) in encoded.into_iter().zip(results) {
+            if let Err(err) = result {
+                failure = Some(err);
+                self.pending.push(event);
             }
         }
+        failure.map_or(Ok(()), Err)
     }
 }
 

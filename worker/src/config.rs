@@ -1,6 +1,6 @@
 //! Worker settings: environment variables, or the same as flags.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use kairos_shared::config::{parse_queue_list, CommonConfig, Concurrency};
 
 /// Time limit of an attempt without `x-timeout-ms`: 15 minutes. A handler
@@ -9,13 +9,16 @@ use kairos_shared::config::{parse_queue_list, CommonConfig, Concurrency};
 /// unacked delivery and take every other running task of it along.
 pub const DEFAULT_TASK_TIMEOUT_MS: u64 = 900_000;
 
+/// Every setting of the worker, from flags or the environment.
 #[derive(Parser, Clone, Debug)]
 #[command(
+    long_about = None,
     name = "kairos-worker",
     version,
     about = "Kairos worker: runs tasks from RabbitMQ priority queues"
 )]
 pub struct Config {
+    /// The settings every Kairos process shares.
     #[command(flatten)]
     pub common: CommonConfig,
 
@@ -56,10 +59,20 @@ pub struct Config {
 }
 
 impl Config {
+    /// Every setting at its default, reading no environment variable
+    /// (clap's `env` fallbacks are switched off).
+    fn defaults() -> Self {
+        let command = Config::command().mut_args(|arg| arg.env(None));
+        let matches = command.get_matches_from(["kairos-worker"]);
+        // The defaults are constants of this file: a unit test parses them.
+        Config::from_arg_matches(&matches)
+            .unwrap_or_else(|e| panic!("the default settings do not parse: {e}"))
+    }
+
     /// Defaults (ignoring the environment) for one namespace: for tests and
     /// programs that embed the worker.
     pub fn for_namespace(namespace: &str) -> Self {
-        let mut c = Config::parse_from(["kairos-worker"]);
+        let mut c = Config::defaults();
         c.common = CommonConfig::new(namespace);
         c.queues = vec!["default".into()];
         c.concurrency = Concurrency { min: 4, max: 64 };
@@ -68,6 +81,8 @@ impl Config {
         c
     }
 
+    /// Unacked deliveries per queue: `KAIROS_PREFETCH`, else the maximum
+    /// concurrency.
     pub fn prefetch(&self) -> u16 {
         self.prefetch
             .unwrap_or_else(|| u16::try_from(self.concurrency.max).unwrap_or(u16::MAX))
@@ -94,5 +109,16 @@ mod tests {
         assert_eq!(c.concurrency, Concurrency { min: 4, max: 64 });
         assert_eq!(c.prefetch(), 64);
         assert_eq!(c.task_timeout_ms, 900_000);
+    }
+    #[test]
+    fn for_namespace_ignores_the_environment() {
+        // No other unit test of this crate looks at shutdown_grace_ms.
+        std::env::set_var("KAIROS_SHUTDOWN_GRACE_MS", "1234");
+        let embedded = Config::for_namespace("ns");
+        let parsed = Config::try_parse_from(["x"]).unwrap();
+        std::env::remove_var("KAIROS_SHUTDOWN_GRACE_MS");
+        assert_eq!(parsed.shutdown_grace_ms, 1234, "the variable is set");
+        assert_eq!(embedded.shutdown_grace_ms, 30_000);
+        assert_eq!(embedded.common.namespace, "ns");
     }
 }

@@ -14,6 +14,7 @@ use kairos_shared::amqp::now_ms;
 use kairos_shared::contract::{Names, Task};
 use kairos_shared::events::{EventKind, EventSink};
 use kairos_shared::metrics::seconds_between;
+use kairos_shared::supervise::panic_text;
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -26,29 +27,29 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 /// What every delivery of a session shares.
-pub struct Shared {
-    pub names: Names,
-    pub registry: Registry,
-    pub disposition: Disposition,
-    pub events: EventSink,
-    pub slots: Arc<Slots>,
+pub(crate) struct Shared {
+    pub(crate) names: Names,
+    pub(crate) registry: Registry,
+    pub(crate) disposition: Disposition,
+    pub(crate) events: EventSink,
+    pub(crate) slots: Arc<Slots>,
     /// Time limit of an attempt without `x-timeout-ms`.
-    pub default_timeout: Duration,
+    pub(crate) default_timeout: Duration,
     /// Fired when an ack or a replacement publish failed: the session must
     /// reconnect (its channel is gone, deliveries will come back).
-    pub broken: CancellationToken,
+    pub(crate) broken: CancellationToken,
     /// Fired when the session's running tasks must stop: its connection
     /// is gone (RabbitMQ has requeued their deliveries already) or the
     /// grace period is over. Their handlers are dropped and their slots
     /// freed, so a handler that never returns cannot hold a slot the next
     /// session needs.
-    pub abandon: CancellationToken,
+    pub(crate) abandon: CancellationToken,
     /// The worker is stopping: pauses end early.
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConsumeError {
+pub(crate) enum ConsumeError {
     #[error("AMQP: {0}")]
     Amqp(#[from] lapin::Error),
     #[error("the broker cancelled the consumer of {0}")]
@@ -64,7 +65,7 @@ pub enum ConsumeError {
 /// consumer and hands back the deliveries it had not started, but leaves the
 /// channel open: running tasks still ack on it, and the session closes it
 /// after they finished.
-pub async fn consume(
+pub(crate) async fn consume(
     channel: &Channel,
     shared: Arc<Shared>,
     acks: Arc<Acks>,
@@ -235,15 +236,5 @@ async fn run_task(
             let error = TaskError::retry(format!("handler panicked: {}", panic_text(payload)));
             d.failed(delivery, acks, &task, &error).await
         }
-    }
-}
-
-fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-text panic payload".to_string()
     }
 }

@@ -11,7 +11,16 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-pub struct Slots {
+/// The slots shrink only while at most 1/`IDLE_SHARE` of them are busy
+/// and nothing waits...
+const IDLE_SHARE: usize = 2;
+/// ...and then by 1/`SHRINK_SHARE` of their number (at least one), so a
+/// lull does not drop a pool sized for the backlog all at once.
+const SHRINK_SHARE: usize = 4;
+
+/// The task slots of one worker: a semaphore whose size the autoscaler
+/// moves between the configured minimum and maximum.
+pub(crate) struct Slots {
     semaphore: Arc<Semaphore>,
     limits: Concurrency,
     /// Current pool size (permits in circulation).
@@ -20,7 +29,7 @@ pub struct Slots {
 }
 
 impl Slots {
-    pub fn new(limits: Concurrency) -> Arc<Self> {
+    pub(crate) fn new(limits: Concurrency) -> Arc<Self> {
         Arc::new(Slots {
             semaphore: Arc::new(Semaphore::new(limits.min)),
             limits,
@@ -30,7 +39,7 @@ impl Slots {
     }
 
     /// Waits for a free slot, counting as backlog while it waits.
-    pub async fn acquire(&self) -> OwnedSemaphorePermit {
+    pub(crate) async fn acquire(&self) -> OwnedSemaphorePermit {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let permit = self.semaphore.clone().acquire_owned().await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
@@ -38,17 +47,17 @@ impl Slots {
         permit.unwrap_or_else(|_| unreachable!("slots semaphore closed"))
     }
 
-    pub fn size(&self) -> usize {
+    pub(crate) fn size(&self) -> usize {
         self.size.load(Ordering::Relaxed)
     }
 
-    pub fn busy(&self) -> usize {
+    pub(crate) fn busy(&self) -> usize {
         self.size()
             .saturating_sub(self.semaphore.available_permits())
     }
 
     /// One scaling decision; returns the new size.
-    pub fn tick(&self) -> usize {
+    pub(crate) fn tick(&self) -> usize {
         let size = self.size();
         let waiting = self.waiting.load(Ordering::Relaxed);
         if waiting > 0 && size < self.limits.max {
@@ -57,8 +66,8 @@ impl Slots {
             self.size.store(size + grow, Ordering::Relaxed);
             return size + grow;
         }
-        if waiting == 0 && size > self.limits.min && self.busy() * 2 <= size {
-            let shrink = (size / 4).max(1).min(size - self.limits.min);
+        if waiting == 0 && size > self.limits.min && self.busy() * IDLE_SHARE <= size {
+            let shrink = (size / SHRINK_SHARE).max(1).min(size - self.limits.min);
             // Only idle permits can be taken back; busy ones come back later.
             if let Ok(permits) = self.semaphore.try_acquire_many(shrink as u32) {
                 permits.forget();
@@ -71,7 +80,7 @@ impl Slots {
 
     /// Runs [`tick`](Self::tick) periodically until cancelled (a fixed
     /// concurrency only reports its gauges).
-    pub async fn autoscale(self: Arc<Self>, every: Duration, cancel: CancellationToken) {
+    pub(crate) async fn autoscale(self: Arc<Self>, every: Duration, cancel: CancellationToken) {
         let mut interval = tokio::time::interval(every);
         loop {
             tokio::select! {

@@ -10,3 +10,42 @@
 pub mod guard;
 pub mod schedules;
 pub mod tasks;
+
+use crate::schedules::admin::Admin;
+use axum::http::StatusCode;
+use axum::{Json, Router};
+use kairos_shared::secrets::Secret;
+use kairos_shared::supervise::Health;
+use serde_json::{json, Value};
+
+/// Every route of the API behind its guard: the schedules and tasks
+/// routes, and `/readyz` when there are background loops to report
+/// (`health`; none in process, for kairosctl). Without a `token` the API
+/// is open.
+pub(crate) fn router(
+    admin: Admin,
+    tasks: tasks::TaskApi,
+    health: Option<Health>,
+    token: Option<Secret>,
+) -> Router {
+    let mut routes = schedules::router(admin).merge(tasks::router(tasks));
+    if let Some(health) = health {
+        routes = routes.merge(schedules::probes(health));
+    }
+    guard::guard(routes, token)
+}
+
+/// An error as the API answers it: `status` with the JSON body
+/// `{"error": message}`, plus `detail` (such as the `field` at fault) when
+/// given.
+pub(crate) fn json_error(
+    status: StatusCode,
+    message: impl std::fmt::Display,
+    detail: Option<(&str, Value)>,
+) -> (StatusCode, Json<Value>) {
+    let mut body = json!({ "error": message.to_string() });
+    if let Some((key, value)) = detail {
+        body[key] = value;
+    }
+    (status, Json(body))
+}

@@ -11,6 +11,7 @@
 //! Errors are JSON: `{"error": "...", "field": "..."}` with 400 for bad
 //! input, 404 for an unknown id, 503 when Redis fails.
 
+use super::json_error;
 use crate::schedules::admin::{Admin, AdminError, Put};
 use crate::schedules::model::ScheduleSpec;
 use axum::body::Bytes;
@@ -22,7 +23,8 @@ use axum::{Json, Router};
 use kairos_shared::supervise::Health;
 use serde_json::json;
 
-pub fn router(admin: Admin) -> Router {
+/// The schedule routes over `admin`.
+pub(crate) fn router(admin: Admin) -> Router {
     Router::new()
         .route("/v1/schedules", get(list))
         .route("/v1/schedules/{id}", get(show).put(put).delete(delete))
@@ -33,7 +35,7 @@ pub fn router(admin: Admin) -> Router {
 
 /// Readiness: `/healthz` (in the task API) says the process runs; this
 /// says whether its background loops do.
-pub fn probes(health: Health) -> Router {
+pub(crate) fn probes(health: Health) -> Router {
     Router::new()
         .route("/readyz", get(readyz))
         .with_state(health)
@@ -64,21 +66,19 @@ async fn readyz(State(health): State<Health>) -> Response {
 
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
-        let (status, body) = match &self {
+        let (status, message, detail) = match &self {
             AdminError::Invalid(e) => (
                 StatusCode::BAD_REQUEST,
-                json!({"error": e.to_string(), "field": e.field}),
+                e.to_string(),
+                Some(("field", json!(e.field))),
             ),
-            AdminError::NotFound(_) => (StatusCode::NOT_FOUND, json!({"error": self.to_string()})),
+            AdminError::NotFound(_) => (StatusCode::NOT_FOUND, self.to_string(), None),
             AdminError::Store(e) => {
                 tracing::warn!(cause = %e, "schedule API: Redis failed");
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"error": format!("redis: {e}")}),
-                )
+                (StatusCode::SERVICE_UNAVAILABLE, format!("redis: {e}"), None)
             }
         };
-        (status, Json(body)).into_response()
+        json_error(status, message, detail).into_response()
     }
 }
 

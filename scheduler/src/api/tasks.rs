@@ -19,6 +19,7 @@
 //! so concurrent requests have their confirms outstanding together instead
 //! of queueing behind one another's round trip.
 
+use super::json_error;
 use crate::delay::hold::{Held, HoldError, Holder};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -169,37 +170,22 @@ impl From<dead::DeadError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, body) = match &self {
-            ApiError::Invalid(e) => (
-                StatusCode::BAD_REQUEST,
-                json!({"error": e.to_string(), "field": e.field}),
-            ),
-            ApiError::TooLarge { field, message } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                json!({"error": message, "field": field}),
-            ),
-            ApiError::Duplicate(id) => (
-                StatusCode::CONFLICT,
-                json!({"error": self.to_string(), "id": id}),
-            ),
+        let (status, detail) = match &self {
+            ApiError::Invalid(e) => (StatusCode::BAD_REQUEST, Some(("field", json!(e.field)))),
+            ApiError::TooLarge { field, .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, Some(("field", json!(field))))
+            }
+            ApiError::Duplicate(id) => (StatusCode::CONFLICT, Some(("id", json!(id)))),
             ApiError::Broker(e) => {
                 tracing::warn!(cause = %e, "task API: broker failed");
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"error": self.to_string()}),
-                )
+                (StatusCode::SERVICE_UNAVAILABLE, None)
             }
             ApiError::Blocked => {
-                let body = json!({"error": self.to_string()});
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    [(axum::http::header::RETRY_AFTER, "5")],
-                    Json(body),
-                )
-                    .into_response();
+                let (status, body) = json_error(StatusCode::SERVICE_UNAVAILABLE, &self, None);
+                return (status, [(axum::http::header::RETRY_AFTER, "5")], body).into_response();
             }
         };
-        (status, Json(body)).into_response()
+        json_error(status, &self, detail).into_response()
     }
 }
 

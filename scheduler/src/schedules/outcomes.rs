@@ -16,8 +16,12 @@
 use crate::schedules::model::occurrence::parse_occurrence_id;
 use crate::schedules::store::ScheduleStore;
 use futures_util::StreamExt;
-use kairos_shared::amqp::{connect_with_retry, sleep_or_cancel, Backoff, Broker};
+use kairos_shared::amqp::{
+    close_connection, connect_with_retry, sleep_or_cancel, Backoff, Broker, CLOSE_WITHIN,
+    REPLY_SUCCESS,
+};
 use kairos_shared::contract::Names;
+use kairos_shared::supervise::{Restart, Supervised};
 use kairos_shared::topology;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
@@ -25,14 +29,16 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{json, Value};
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Deliveries handled per acknowledgement.
 const BATCH: usize = 100;
 /// Most events the outcomes queue holds.
 const MAX_BACKLOG: i32 = 100_000;
+/// Unacked deliveries the broker sends this consumer ahead.
+const PREFETCH: u16 = 500;
 
+/// The outcomes queue of a namespace: `NS.schedules.outcomes`.
 pub fn queue_name(names: &Names) -> String {
     format!("{}.schedules.outcomes", names.namespace())
 }
@@ -45,7 +51,7 @@ fn queue_short(names: &Names) -> lapin::types::ShortString {
 
 /// What an event means for its schedule: (schedule id, task id, tick,
 /// occurrence over, outcome JSON). `None` for other tasks' events.
-pub fn interpret(event: &Value) -> Option<(String, String, i64, bool, Value)> {
+pub(crate) fn interpret(event: &Value) -> Option<(String, String, i64, bool, Value)> {
     let id = event.get("id")?.as_str()?;
     let (schedule, tick) = parse_occurrence_id(id)?;
     let kind = event.get("event")?.as_str()?;
@@ -65,24 +71,46 @@ pub fn interpret(event: &Value) -> Option<(String, String, i64, bool, Value)> {
     Some((schedule.to_string(), id.to_string(), tick, over, outcome))
 }
 
-pub async fn run(broker: Broker, names: Names, store: ScheduleStore, cancel: CancellationToken) {
-    let mut backoff = Backoff::new();
-    while !cancel.is_cancelled() {
-        let Some(conn) = connect_with_retry(&broker, "kairos-scheduler-outcomes", &cancel).await
-        else {
-            return;
-        };
-        let started = tokio::time::Instant::now();
-        if let Err(err) = consume(&conn, &names, &store, &cancel).await {
-            tracing::warn!(cause = %err, "schedule outcomes: consumer ended; reconnecting");
-        }
-        let _ = conn.close(200, "outcomes".into()).await;
-        if started.elapsed() > Duration::from_secs(10) {
-            backoff.reset();
-        }
-        if !sleep_or_cancel(backoff.next_delay(), &cancel).await {
-            return;
-        }
+/// The outcomes consumer, as a supervised loop (`outcomes`) on a
+/// connection of its own.
+pub(crate) struct Outcomes {
+    /// Where the events are.
+    pub(crate) broker: Broker,
+    /// The namespace's names.
+    pub(crate) names: Names,
+    /// Where outcomes are recorded.
+    pub(crate) store: ScheduleStore,
+}
+
+impl Supervised for Outcomes {
+    type Conn = lapin::Connection;
+    type Error = lapin::Error;
+
+    fn name(&self) -> &'static str {
+        "outcomes"
+    }
+
+    fn restart(&self) -> Restart {
+        Restart::Reconnect("schedule outcomes consumer")
+    }
+
+    async fn connect(&mut self, cancel: &CancellationToken) -> Option<lapin::Connection> {
+        connect_with_retry(&self.broker, "kairos-scheduler-outcomes", cancel).await
+    }
+
+    /// Consumes until `cancel` (then `Ok`), or until the broker cancels
+    /// the consumer (also `Ok`, before shutdown: the supervisor reports
+    /// it and declares and consumes again).
+    async fn session(
+        &mut self,
+        conn: &mut lapin::Connection,
+        cancel: &CancellationToken,
+    ) -> lapin::Result<()> {
+        consume(conn, &self.names, &self.store, cancel).await
+    }
+
+    async fn close(&mut self, conn: lapin::Connection, _failed: bool) {
+        close_connection(&conn, "outcomes", CLOSE_WITHIN).await;
     }
 }
 
@@ -109,7 +137,7 @@ async fn consume(
         )
         .await?;
     }
-    ch.basic_qos(500, BasicQosOptions::default()).await?;
+    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let mut consumer = ch
         .basic_consume(
             queue,
@@ -126,7 +154,7 @@ async fn consume(
             _ = cancel.cancelled() => {
                 // Close the channel before the connection goes, so its
                 // consumer ends cleanly.
-                let _ = ch.close(200, "shutdown".into()).await;
+                let _ = ch.close(REPLY_SUCCESS, "shutdown".into()).await;
                 return Ok(());
             }
             d = consumer.next() => d,

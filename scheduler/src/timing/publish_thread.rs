@@ -14,6 +14,13 @@
 //! reason: a beat must never come more than the grace late, or it reads as
 //! an outage and the misfire policy drops ticks of a running system.
 //!
+//! This is the one exception to holding background work in the process's
+//! `kairos_shared::supervise::Supervisor`: what runs here is bound by its
+//! due time, not by a loop's lifetime, and its owners wait for it
+//! themselves (the pump's in-flight batches, the ticker's beat, which stops
+//! with its own token). A `TaskTracker` on the shared runtime would bring
+//! back the very wait this thread avoids.
+//!
 //! Nothing but timing moves here: the futures are the same, and lapin and
 //! redis drive their sockets from their own threads and tasks whichever
 //! runtime polls them. If the thread cannot start, the work runs on the
