@@ -2,6 +2,10 @@
 //! through a scheduler's HTTP API (`KAIROS_HTTP_ADDR`). The library part is
 //! the small blocking client the binary and the tests share.
 
+// Every public item is documented, and nothing is public that no other
+// crate can reach (issue 15).
+#![warn(missing_docs, unreachable_pub)]
+
 use serde::Serialize;
 use serde_json::Value;
 use std::time::Duration;

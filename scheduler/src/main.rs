@@ -1,3 +1,7 @@
+//! The `kairos-scheduler` binary: reads the settings (flags, `KAIROS_*`,
+//! `*_FILE`), sets up logging, and runs [`kairos_scheduler::run`] until
+//! SIGTERM or SIGINT.
+
 use clap::{CommandFactory, FromArgMatches};
 use kairos_scheduler::{run, Config};
 

@@ -8,8 +8,11 @@ use clap::Args;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+/// The broker when `KAIROS_AMQP_URL` is not set: a local RabbitMQ.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Redis when `KAIROS_REDIS_URL` is not set: a local Redis, database 0.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+/// The namespace when `KAIROS_NAMESPACE` is not set.
 pub const DEFAULT_NAMESPACE: &str = "kairos";
 
 /// Broker, namespace and events: used by every process.
@@ -64,6 +67,7 @@ impl CommonConfig {
         crate::amqp::Broker::new(&self.amqp_url, &self.tls)
     }
 
+    /// The AMQP names and key prefix of this process's namespace.
     pub fn names(&self) -> crate::contract::Names {
         crate::contract::Names::new(&self.namespace)
     }
@@ -132,7 +136,9 @@ pub fn parse_queue_list(list: &str) -> Result<Vec<String>, String> {
 /// backlog.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Concurrency {
+    /// The fewest tasks run at once (the floor when idle).
     pub min: usize,
+    /// The most tasks run at once (the ceiling under backlog).
     pub max: usize,
 }
 

@@ -22,6 +22,10 @@
 //! * `admin`: queue depth, listening to events, and removing a namespace
 //!   (the tests and the benchmark clean up with it).
 
+// Every public item is documented, and nothing is public that no other
+// crate can reach (issue 15).
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod admin;
 pub mod amqp;
 pub mod client;

@@ -27,6 +27,10 @@
 //! * `session`: one AMQP session: the consumers of every queue and the
 //!   tasks they run, finished (acked) before the connection closes.
 
+// Every public item is documented, and nothing is public that no other
+// crate can reach (issue 15).
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod acks;
 pub mod builtin;
 pub mod config;

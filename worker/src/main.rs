@@ -1,3 +1,7 @@
+//! The `kairos-worker` binary: the built-in handlers only; reads the
+//! settings, sets up logging, and runs [`kairos_worker::run`] until SIGTERM
+//! or SIGINT. Your own handlers: use the library (`kairos_worker::Worker`).
+
 use clap::Parser;
 use kairos_worker::{run, Config};
 

@@ -100,6 +100,8 @@ impl TaskApi {
     }
 }
 
+/// The task routes: enqueue (`POST /v1/tasks`), the dead letters (list,
+/// replay, purge) and `/healthz`, over `api`.
 pub fn router(api: TaskApi) -> Router {
     Router::new()
         .route(
@@ -112,19 +114,29 @@ pub fn router(api: TaskApi) -> Router {
         .with_state(api)
 }
 
+/// Why a task route failed; each maps to one HTTP status (see
+/// `IntoResponse`).
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// The request is not a valid task (400).
     #[error("{0}")]
     Invalid(#[from] RequestError),
+    /// RabbitMQ or the delay queue could not take it now (503). The text
+    /// says which and why; it never holds a URL or secret.
     #[error("broker: {0}")]
     Broker(String),
+    /// RabbitMQ blocks publishers (a memory or disk alarm) (503).
     #[error("broker: RabbitMQ blocks publishing (memory or disk alarm); retry later")]
     Blocked,
+    /// A size limit was exceeded (413).
     #[error("{message}")]
     TooLarge {
+        /// The request field over its limit.
         field: &'static str,
+        /// What the limit is and by how much it was exceeded.
         message: String,
     },
+    /// A task with this id is already pending (409).
     #[error("task {0} is already pending: the first submission wins")]
     Duplicate(String),
 }

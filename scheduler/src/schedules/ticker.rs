@@ -38,17 +38,25 @@ pub const MAX_SCHEDULES_PER_SHARD: usize = 100;
 /// (docs/BENCHMARKS.md, "Ticker").
 const PLAN_SLICE: usize = 32;
 
+/// The firing loop of one scheduler, with what it needs; cheap to clone
+/// (a restart of the loop starts from a clone).
 #[derive(Clone)]
 pub struct Ticker {
+    /// The schedules in Redis.
     pub store: ScheduleStore,
+    /// Where `scheduled` and schedule events go.
     pub events: EventSink,
     /// The local pump: woken when an occurrence is handed over.
     pub pump_wake: Arc<Notify>,
     /// Notified when a schedule changed through this instance.
     pub changed: Arc<Notify>,
+    /// How far ahead of a tick its occurrence is handed to the delay queue.
     pub lookahead_ms: i64,
+    /// A tick later than this is late (the misfire policy decides).
     pub grace_ms: i64,
+    /// Schedules read per shard in one round.
     pub batch: usize,
+    /// The longest sleep between rounds when nothing is due.
     pub idle: Duration,
     /// Definitions parsed in earlier rounds.
     pub parsed: Arc<Mutex<ParsedCache>>,
@@ -176,6 +184,8 @@ impl ParsedCache {
 }
 
 impl Ticker {
+    /// Fires due ticks round after round until `cancel`, beating the
+    /// schedulers' heartbeat between rounds.
     pub async fn run(&self, cancel: CancellationToken) {
         // Beats between rounds too: a round that takes longer than the
         // grace on a loaded machine is no outage. On a thread of their
