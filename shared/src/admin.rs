@@ -11,6 +11,7 @@
 //! callers `SCAN`/`KEYS` that pattern with their own.
 
 use crate::contract::Names;
+use crate::short::short;
 use lapin::options::{
     ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -88,8 +89,12 @@ pub async fn delete_topology(
         .into_iter()
         .chain([names.delay(), names.retry(), names.dead()]);
     for queue in all_queues {
+        // A name too long for AMQP cannot name a queue: nothing to delete.
+        let Ok(queue) = short("queue", &queue) else {
+            continue;
+        };
         let deleted = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .queue_delete(queue, QueueDeleteOptions::default())
             .await;
         if let Err(e) = deleted {
             first_error.get_or_insert(e);
@@ -103,8 +108,11 @@ pub async fn delete_topology(
         names.events(),
     ];
     for exchange in exchanges {
+        let Ok(exchange) = short("exchange", &exchange) else {
+            continue;
+        };
         let deleted = channel
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .exchange_delete(exchange, ExchangeDeleteOptions::default())
             .await;
         if let Err(e) = deleted {
             first_error.get_or_insert(e);
