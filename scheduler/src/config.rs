@@ -300,7 +300,7 @@ impl Config {
     }
 
     /// How failed attempts are retried.
-    pub fn retry_policy(&self) -> RetryPolicy {
+    pub(crate) fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
             default_max_retries: self.max_retries,
             base_ms: self.retry_base_ms,

@@ -8,7 +8,7 @@
 //! * [`schedules`]: timed triggers (model, store, ticker, admin, outcomes).
 //! * [`api`]: the HTTP API behind one guard.
 //! * [`redis_io`]: the Redis connection, start-up checks and Lua scripts.
-//! * [`timing`]: Redis's clock and the sub-millisecond publish timers.
+//! * `timing`: Redis's clock and the sub-millisecond publish timers.
 //! * `service`: `run` (the scheduler's steps) and `local_api`.
 //! * [`config`]: every setting, from flags and the environment.
 //!
@@ -24,7 +24,7 @@ pub mod delay;
 pub mod redis_io;
 pub mod schedules;
 mod service;
-pub mod timing;
+mod timing;
 
 pub use config::Config;
 pub use service::{local_api, run, SchedulerError};

@@ -41,7 +41,7 @@ pub fn header_name(name: &str) -> Result<ShortString, TooLong> {
 /// which value it was, short enough that a huge one does not flood a log.
 const PREVIEW_CHARS: usize = 32;
 
-/// The first [`PREVIEW_CHARS`] characters of a (possibly huge) value, for
+/// The first `PREVIEW_CHARS` (32) characters of a (possibly huge) value, for
 /// error texts; `…` marks a cut.
 pub fn preview(value: &str) -> String {
     let mut out: String = value.chars().take(PREVIEW_CHARS).collect();

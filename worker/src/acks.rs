@@ -58,7 +58,7 @@ pub(crate) const HOLD: Duration = Duration::from_millis(10);
 /// A delivery goes [`register`](Self::register)ed, then either
 /// [`settle`](Self::settle)d (to be acked) or [`requeue`](Self::requeue)d
 /// (to be handed back); [`close`](Self::close) acks what is left.
-pub struct Acks {
+pub(crate) struct Acks {
     channel: Channel,
     state: Mutex<State>,
     wake: Notify,

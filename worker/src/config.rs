@@ -7,7 +7,7 @@ use kairos_shared::config::{parse_queue_list, CommonConfig, Concurrency};
 /// that hangs frees its slot by then; well below RabbitMQ's default
 /// `consumer_timeout` (30 minutes), which would close the channel under an
 /// unacked delivery and take every other running task of it along.
-pub const DEFAULT_TASK_TIMEOUT_MS: u64 = 900_000;
+pub(crate) const DEFAULT_TASK_TIMEOUT_MS: u64 = 900_000;
 
 /// Every setting of the worker, from flags or the environment.
 #[derive(Parser, Clone, Debug)]

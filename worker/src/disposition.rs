@@ -41,7 +41,7 @@ pub(crate) enum DispositionError {
 /// Disposes of a session's deliveries: publishes each replacement on a
 /// channel in confirm mode of its own, and settles the delivery with
 /// [`Acks`] once the broker confirmed it.
-pub struct Disposition {
+pub(crate) struct Disposition {
     channel: Channel,
     names: Names,
     events: EventSink,

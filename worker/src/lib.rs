@@ -31,12 +31,12 @@
 // crate can reach (issue 15).
 #![warn(missing_docs, unreachable_pub)]
 
-pub mod acks;
+mod acks;
 pub mod builtin;
-pub mod config;
+mod config;
 mod consumer;
-pub mod disposition;
-pub mod handler;
+mod disposition;
+mod handler;
 mod session;
 mod slots;
 

@@ -24,7 +24,7 @@ const OPEN_PATHS: [&str; 2] = ["/healthz", "/readyz"];
 
 /// `router` behind the checks above; `token` `None` leaves it open (the
 /// content type is checked either way).
-pub fn guard(router: Router, token: Option<Secret>) -> Router {
+pub(crate) fn guard(router: Router, token: Option<Secret>) -> Router {
     router.layer(axum::middleware::from_fn_with_state(Arc::new(token), check))
 }
 

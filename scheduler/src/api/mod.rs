@@ -7,8 +7,8 @@
 //! May touch: the delay queue (through `crate::delay::hold`), the schedule
 //! admin, RabbitMQ (publishing tasks). Holds no state of its own.
 
-pub mod guard;
-pub mod schedules;
+pub(crate) mod guard;
+pub(crate) mod schedules;
 pub mod tasks;
 
 use crate::schedules::admin::Admin;

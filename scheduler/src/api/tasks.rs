@@ -3,7 +3,7 @@
 //!
 //! * `POST /v1/tasks`: enqueue one task (JSON, see `kairos_shared::request`);
 //!   202 with its id once the broker confirmed it (a delayed task: once it
-//!   is in the delay queue, see [`crate::delay::hold`]); 409 when a delayed task's
+//!   is in the delay queue, see `crate::delay::hold`); 409 when a delayed task's
 //!   id is already pending; 413 when the body is over its limit
 //! * `GET /v1/dead?limit=N`: the dead letters, oldest first
 //! * `POST /v1/dead/replay`: `{"ids": [...]}` replays those (all when empty)
@@ -85,7 +85,7 @@ impl TaskApi {
 
     /// Holds delayed tasks in the delay queue directly, so a duplicate id
     /// can be answered with 409.
-    pub fn with_holder(mut self, holder: Holder) -> Self {
+    pub(crate) fn with_holder(mut self, holder: Holder) -> Self {
         self.holder = Some(holder);
         self
     }

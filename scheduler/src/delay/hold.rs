@@ -14,7 +14,7 @@ use kairos_shared::record;
 
 /// Puts delayed tasks of the HTTP API into the delay queue.
 #[derive(Clone)]
-pub struct Holder {
+pub(crate) struct Holder {
     /// The delay queue.
     pub(crate) queue: RedisDelayQueue,
     /// Where `scheduled` and `duplicate` events go.

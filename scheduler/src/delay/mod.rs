@@ -21,12 +21,12 @@
 pub mod conformance;
 #[cfg(test)]
 mod fakes;
-pub mod hold;
+pub(crate) mod hold;
 pub(crate) mod intake;
 pub mod memory;
 pub mod ports;
 pub(crate) mod publisher;
 pub(crate) mod pump;
-pub mod retry;
+pub(crate) mod retry;
 pub mod store;
 pub mod wake;

@@ -36,7 +36,7 @@ pub enum Jitter {
 
 /// How long failed attempts wait, and how many retries a task gets.
 #[derive(Clone, Debug)]
-pub struct RetryPolicy {
+pub(crate) struct RetryPolicy {
     /// Retries when a task has no `x-max-retries` header.
     pub default_max_retries: u32,
     /// The ceiling of the delay after the first failed attempt; it doubles
@@ -61,7 +61,7 @@ impl Default for RetryPolicy {
 
 /// What becomes of a failed attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Hold the task again, then run attempt `next_attempt`.
     Retry {
         /// The attempt the retry is.
@@ -75,14 +75,14 @@ pub enum Decision {
 
 impl RetryPolicy {
     /// The upper bound of the delay after `failed_attempt` fails.
-    pub fn ceiling_ms(&self, failed_attempt: u32) -> u64 {
+    pub(crate) fn ceiling_ms(&self, failed_attempt: u32) -> u64 {
         let shift = failed_attempt.saturating_sub(1).min(MAX_DOUBLINGS);
         self.base_ms.saturating_mul(1u64 << shift).min(self.max_ms)
     }
 
     /// The delay after `failed_attempt` fails: below its ceiling, per the
     /// jitter.
-    pub fn delay_ms(&self, failed_attempt: u32, rng: &mut impl Rng) -> u64 {
+    pub(crate) fn delay_ms(&self, failed_attempt: u32, rng: &mut impl Rng) -> u64 {
         let c = self.ceiling_ms(failed_attempt);
         match self.jitter {
             Jitter::None => c,
@@ -95,7 +95,7 @@ impl RetryPolicy {
     /// `max_retries + 1` is the last. The arithmetic saturates: an attempt
     /// number at the top of its range (a forged `x-attempt`) is exhausted,
     /// never wrapped to attempt 0, which no record can hold.
-    pub fn decide(
+    pub(crate) fn decide(
         &self,
         failed_attempt: u32,
         max_retries: Option<u32>,

@@ -36,7 +36,7 @@ pub(crate) enum Put {
 
 /// The one way schedules are created, changed and deleted.
 #[derive(Clone)]
-pub struct Admin {
+pub(crate) struct Admin {
     /// Where schedules live.
     pub(crate) store: ScheduleStore,
     /// Wakes the local ticker so a new tick is not slept through.

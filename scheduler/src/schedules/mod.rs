@@ -12,8 +12,8 @@
 //! May touch: Redis (through `crate::redis_io`), `NS.events`, and the delay
 //! queue, which holds each occurrence until its time.
 
-pub mod admin;
-pub mod file;
+pub(crate) mod admin;
+pub(crate) mod file;
 pub mod model;
 pub mod outcomes;
 pub mod store;

@@ -18,7 +18,7 @@
 //!
 //! * `fire_once`: one occurrence, for the latest missed tick;
 //! * `skip`: none;
-//! * `fire_all`: one per missed tick, at most [`MAX_CATCH_UP`] (the latest).
+//! * `fire_all`: one per missed tick, at most `MAX_CATCH_UP` (100) (the latest).
 //!
 //! Catch-up occurrences keep their tick as due time, so they run at once and
 //! their lateness stays visible.

@@ -54,7 +54,7 @@ pub enum Misfire {
     FireOnce,
     /// No catch-up: the schedule resumes at its next tick.
     Skip,
-    /// One run per missed tick, the latest [`super::plan::MAX_CATCH_UP`].
+    /// One run per missed tick, the latest `MAX_CATCH_UP` (100).
     FireAll,
 }
 
