@@ -48,14 +48,14 @@ pub enum SchedulerError {
     Config(String),
     /// The Redis URL or its TLS settings are unusable.
     #[error("KAIROS_REDIS_URL: {0}")]
-    Redis(String),
+    Redis(#[from] redis_io::conn::RedisSetupError),
     /// The delay queue refused the settings (shard count, eviction policy)
     /// or failed.
     #[error("{0}")]
     Queue(#[from] QueueError),
     /// The metrics exporter could not start.
     #[error("{0}")]
-    Metrics(String),
+    Metrics(#[from] kairos_shared::metrics::MetricsError),
     /// The HTTP API's address could not be bound.
     #[error("KAIROS_HTTP_ADDR: cannot listen on {addr}: {cause}")]
     Http {
@@ -114,7 +114,7 @@ impl Scheduler {
             .check_api_exposure()
             .map_err(SchedulerError::Config)?;
         if let Some(addr) = config.common.metrics_addr {
-            kairos_shared::metrics::install(addr).map_err(SchedulerError::Metrics)?;
+            kairos_shared::metrics::install(addr)?;
         }
         Ok(Scheduler {
             names: config.common.names(),
@@ -195,7 +195,7 @@ impl Scheduler {
         });
         let wake = Arc::new(Notify::new());
         let client = redis_io::conn::client(&self.config.redis_url, &self.config.common.tls)
-            .map_err(|e| SchedulerError::Redis(e.to_string()))?;
+            .map_err(redis_io::conn::RedisSetupError::Client)?;
         let (channel, notify) = (queue.wake_channel().to_string(), wake.clone());
         self.work.start_loop("wake", move |cancel| {
             let listen = wake::listen(client.clone(), channel.clone(), notify.clone(), cancel);

@@ -3,7 +3,7 @@
 //! no exporter is installed costs next to nothing, so the hot paths record
 //! unconditionally.
 
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{BuildError, PrometheusBuilder};
 use std::net::SocketAddr;
 
 /// Buckets for lateness and durations, in seconds: fine below 10 ms, where
@@ -15,14 +15,24 @@ const BUCKETS: &[f64] = &[
 /// Milliseconds in a second: histograms are in seconds, instants in Unix ms.
 const MS_PER_SECOND: f64 = 1000.0;
 
+/// The exporter could not start on `addr` (taken, or not allowed).
+#[derive(Debug, thiserror::Error)]
+#[error("KAIROS_METRICS_ADDR {addr}: {source}")]
+pub struct MetricsError {
+    /// The address asked for.
+    pub addr: SocketAddr,
+    /// Why the exporter refused.
+    #[source]
+    pub source: BuildError,
+}
+
 /// Starts the exporter on `addr`. Must run inside the tokio runtime.
-pub fn install(addr: SocketAddr) -> Result<(), String> {
+pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets(BUCKETS)
-        .map_err(|e| e.to_string())?
-        .install()
-        .map_err(|e| format!("KAIROS_METRICS_ADDR {addr}: {e}"))
+        .and_then(PrometheusBuilder::install)
+        .map_err(|source| MetricsError { addr, source })
 }
 
 /// Seconds between two Unix-ms instants, for histograms (never negative).

@@ -70,7 +70,7 @@ pub enum WorkerError {
     Config(String),
     /// The metrics exporter could not start.
     #[error("{0}")]
-    Metrics(String),
+    Metrics(#[from] kairos_shared::metrics::MetricsError),
 }
 
 /// Runs `kairos-worker`: the built-in handlers only.
@@ -148,7 +148,7 @@ impl Worker {
         }
         self.config.common.check().map_err(WorkerError::Config)?;
         if let Some(addr) = self.config.common.metrics_addr {
-            kairos_shared::metrics::install(addr).map_err(WorkerError::Metrics)?;
+            kairos_shared::metrics::install(addr)?;
         }
         Ok(self.config.common.names())
     }

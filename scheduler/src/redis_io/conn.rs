@@ -38,25 +38,36 @@ pub fn client(url: &str, tls: &TlsSettings) -> redis::RedisResult<redis::Client>
     redis::Client::build_with_tls(url, certificates)
 }
 
+/// Why a Redis client or pool could not be set up from the settings.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSetupError {
+    /// The URL, or its TLS files, are unusable.
+    #[error("{0}")]
+    Client(#[source] redis::RedisError),
+    /// deadpool refused the pool's settings.
+    #[error("{0}")]
+    Pool(#[source] deadpool_redis::BuildError),
+}
+
 /// The connection pool of `url`, with [`client`]'s TLS settings (deadpool's
 /// own `Config` cannot carry certificates), whose connections wait
 /// `timeout` for a reply and for a connection (`KAIROS_REDIS_TIMEOUT_MS`):
 /// redis-rs's own default is short enough that a briefly stalled Redis
 /// turns every script in flight into an error whose script had run.
-pub fn pool(url: &str, tls: &TlsSettings, timeout: Duration) -> Result<Pool, String> {
+pub fn pool(url: &str, tls: &TlsSettings, timeout: Duration) -> Result<Pool, RedisSetupError> {
     let info = client(url, tls)
-        .map_err(|e| e.to_string())?
+        .map_err(RedisSetupError::Client)?
         .get_connection_info()
         .clone();
     let settings = redis::AsyncConnectionConfig::new()
         .set_response_timeout(Some(timeout))
         .set_connection_timeout(Some(timeout));
-    let manager =
-        deadpool_redis::Manager::new_with_config(info, settings).map_err(|e| e.to_string())?;
+    let manager = deadpool_redis::Manager::new_with_config(info, settings)
+        .map_err(RedisSetupError::Client)?;
     Pool::builder(manager)
         .runtime(deadpool_redis::Runtime::Tokio1)
         .build()
-        .map_err(|e| e.to_string())
+        .map_err(RedisSetupError::Pool)
 }
 
 /// A handle on the pool that keeps one multiplexed connection between
