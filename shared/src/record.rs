@@ -15,9 +15,9 @@
 //! the record is stored under), not `x-attempt` (the varint), not `x-run-at`
 //! (the due time the record is held at, which the scheduler writes back
 //! into `x-run-at` when it publishes), not the delivery mode (always
-//! persistent) nor a priority of 0 (the default). Format 2 (`K` 2,
-//! fixed-width attempt and length, all properties) is still read, for
-//! records written before an upgrade.
+//! persistent) nor a priority of 0 (the default). The leading `k` marks this format;
+//! a record that starts with anything else is unreadable and is
+//! dead-lettered with what can be salvaged.
 
 use crate::contract::{
     int_header, ProtocolError, Task, H_ATTEMPT, H_MAX_RETRIES, H_RUN_AT, MAX_RETRIES_CAP,
@@ -26,10 +26,8 @@ use lapin::protocol::basic::{gen_properties, parse_properties};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 
-/// Format 3.
+/// The first byte of every record.
 const MAGIC: u8 = b'k';
-/// Format 2: `K` followed by the version byte 2.
-const MAGIC_2: [u8; 2] = [b'K', 2];
 
 /// The properties to store: the task's publish properties without its id,
 /// `x-attempt` and `x-run-at` (see the module comment).
@@ -107,10 +105,7 @@ pub fn encode(task: &Task) -> Result<Vec<u8>, ProtocolError> {
 pub fn decode(id: &str, bytes: &[u8]) -> Result<Task, ProtocolError> {
     let err = |what: &str| ProtocolError::BadRecord(what.to_string());
     let (attempt, queue, props_and_body) = match bytes {
-        [MAGIC, rest @ ..] => split_v3(rest).ok_or_else(|| err("truncated record"))?,
-        [a, b, rest @ ..] if [*a, *b] == MAGIC_2 => {
-            split_v2(rest).ok_or_else(|| err("truncated record"))?
-        }
+        [MAGIC, rest @ ..] => split(rest).ok_or_else(|| err("truncated record"))?,
         _ => return Err(err("unknown record format")),
     };
     let queue = std::str::from_utf8(queue).map_err(|_| err("queue is not UTF-8"))?;
@@ -142,8 +137,7 @@ pub fn decode(id: &str, bytes: &[u8]) -> Result<Task, ProtocolError> {
 /// headers (the error, and the queue it was meant for when known).
 pub fn salvage(id: &str, bytes: &[u8], error: &str, failed_at: i64) -> (BasicProperties, Vec<u8>) {
     let parts = match bytes {
-        [MAGIC, rest @ ..] => split_v3(rest),
-        [a, b, rest @ ..] if [*a, *b] == MAGIC_2 => split_v2(rest),
+        [MAGIC, rest @ ..] => split(rest),
         _ => None,
     };
     let parsed = parts.and_then(|(_, queue, props_and_body)| {
@@ -167,21 +161,11 @@ pub fn salvage(id: &str, bytes: &[u8], error: &str, failed_at: i64) -> (BasicPro
 /// the body.
 type Parts<'a> = (u32, &'a [u8], &'a [u8]);
 
-fn split_v3(rest: &[u8]) -> Option<Parts<'_>> {
+fn split(rest: &[u8]) -> Option<Parts<'_>> {
     let (attempt, rest) = take_varint(rest)?;
     let (&queue_len, rest) = rest.split_first()?;
     let (queue, rest) = rest.split_at_checked(usize::from(queue_len))?;
     Some((attempt, queue, rest))
-}
-
-/// Format 2 also stored the properties' length; it is only checked.
-fn split_v2(rest: &[u8]) -> Option<Parts<'_>> {
-    let (attempt, rest) = rest.split_first_chunk::<4>()?;
-    let (&queue_len, rest) = rest.split_first()?;
-    let (queue, rest) = rest.split_at_checked(usize::from(queue_len))?;
-    let (props_len, rest) = rest.split_first_chunk::<4>()?;
-    (u32::from_be_bytes(*props_len) as usize <= rest.len()).then_some(())?;
-    Some((u32::from_be_bytes(*attempt), queue, rest))
 }
 
 #[cfg(test)]
@@ -280,24 +264,6 @@ mod tests {
         }
         assert_eq!(take_varint(&[0x80, 0x80]), None);
         assert_eq!(take_varint(&[0xff; 6]), None);
-    }
-
-    #[test]
-    fn format_2_records_are_still_read() {
-        // Written by the previous version: attempt 2, queue "q", properties
-        // with only a type ("t"), body "b".
-        let props = cookie_factory::gen_simple(
-            gen_properties(&BasicProperties::default().with_type("t".into())),
-            Vec::new(),
-        )
-        .unwrap();
-        let mut rec = vec![b'K', 2, 0, 0, 0, 2, 1, b'q'];
-        rec.extend_from_slice(&(props.len() as u32).to_be_bytes());
-        rec.extend_from_slice(&props);
-        rec.push(b'b');
-        let task = decode("id-1", &rec).unwrap();
-        assert_eq!((task.attempt, task.queue.as_str()), (2, "q"));
-        assert_eq!((task.name.as_str(), &task.body[..]), ("t", &b"b"[..]));
     }
 
     #[test]
