@@ -142,6 +142,11 @@ pub struct Concurrency {
     pub max: usize,
 }
 
+/// The most tasks one worker process runs at once: each running task
+/// holds an unacked delivery, and the prefetch follows the concurrency, so
+/// a larger figure is a typo rather than a plan.
+const MAX_CONCURRENCY: usize = 10_000;
+
 impl FromStr for Concurrency {
     type Err = String;
 
@@ -158,9 +163,9 @@ impl FromStr for Concurrency {
                 (n, n)
             }
         };
-        if min == 0 || max < min || max > 10_000 {
+        if min == 0 || max < min || max > MAX_CONCURRENCY {
             return Err(format!(
-                "{s:?}: need 1 <= MIN <= MAX <= 10000 (use N or MIN..MAX)"
+                "{s:?}: need 1 <= MIN <= MAX <= {MAX_CONCURRENCY} (use N or MIN..MAX)"
             ));
         }
         Ok(Concurrency { min, max })
