@@ -62,6 +62,19 @@ fn until(rx: &mpsc::Receiver<Value>, last: impl Fn(&Value) -> bool) -> Vec<Value
     }
 }
 
+/// The lines `from` gives, read on a thread of their own.
+fn lines_of(from: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 fn enqueue(addr: SocketAddr, id: &str) {
     let api = Api::new(&addr.to_string()).with_token(Some(TOKEN.into()));
     let r = api
@@ -194,18 +207,7 @@ async fn kairosctl_tail_prints_the_events_as_json() {
         .expect("run kairosctl tail");
     let stderr = child.stderr.take().expect("stderr");
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let (out_tx, out_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = out_tx.send(line);
-        }
-    });
+    let (rx, out_rx) = (lines_of(stderr), lines_of(stdout));
     let first = rx.recv_timeout(EVENT_WAIT).expect("tail says it follows");
     assert!(first.contains("following"), "{first}");
 
