@@ -3,7 +3,8 @@
 //!
 //! Each client gets a queue of its own: server-named, exclusive and
 //! auto-delete, on a channel of its own over one connection the streams
-//! share. Dropping the stream (the client went away) drops the consumer
+//! share. Dropping the stream (the client went away, noticed at the next
+//! write, a keep-alive at the latest) drops the consumer
 //! and the channel, which cancels the consumer and closes the channel; the
 //! broker then deletes the auto-delete queue. The stream only carries what
 //! other processes publish: events must be on (`KAIROS_EVENTS=true`) in the
