@@ -13,6 +13,8 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// The scheduler's `MAX_EVENT_STREAMS` (docs/HTTP.md, "Events").
+const MAX_STREAMS: usize = 64;
 const TOKEN: &str = "events-token-0123456789abcdef";
 /// The longest any one event may take to arrive.
 const EVENT_WAIT: Duration = Duration::from_secs(20);
