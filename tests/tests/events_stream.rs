@@ -180,6 +180,19 @@ async fn bad_parameters_and_missing_tokens_are_refused() {
             ),
             "a wrong token must be refused"
         );
+        // Streams are bounded: one past the limit is refused with 503.
+        let held: Vec<EventStream> = (0..MAX_STREAMS)
+            .map(|_| EventStream::open(&a, Some(TOKEN), &TailFilter::default()).expect("open"))
+            .collect();
+        assert!(
+            matches!(
+                open(Some(TOKEN)),
+                Some(TailError::Status { status: 503, .. })
+            ),
+            "stream {} must be refused",
+            MAX_STREAMS + 1
+        );
+        drop(held);
     })
     .await
     .expect("checks");
