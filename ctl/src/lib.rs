@@ -10,6 +10,8 @@ use serde::Serialize;
 use serde_json::Value;
 use std::time::Duration;
 
+pub mod tail;
+
 /// The longest one HTTP request may take, connecting included.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest answer read in process: a dead-letter listing at its most.
@@ -50,14 +52,20 @@ impl Reply {
     }
 }
 
+/// The scheduler's base URL from `addr`: `host:port`, or a URL starting
+/// with `http://` or `https://`.
+fn base_url(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
 impl Api {
     /// Over HTTP; `addr` is `host:port`, or a URL starting with `http://`.
     pub fn new(addr: &str) -> Self {
-        let base = if addr.starts_with("http://") || addr.starts_with("https://") {
-            addr.trim_end_matches('/').to_string()
-        } else {
-            format!("http://{addr}")
-        };
+        let base = base_url(addr);
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(HTTP_TIMEOUT))

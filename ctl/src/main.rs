@@ -12,6 +12,7 @@ use kairos_shared::config::{
 use kairos_shared::secrets::read_secret_file;
 use kairos_shared::template::{TaskTemplate, DEFAULT_QUEUE};
 use kairos_shared::tls::TlsSettings;
+use kairosctl::tail::{self, TailFilter};
 use kairosctl::{Api, Reply};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -121,6 +122,31 @@ enum Command {
     /// The dead-letter queue.
     #[command(subcommand)]
     Dead(DeadCmd),
+    /// Follow the lifecycle events live (needs --http-addr; events must be
+    /// on, KAIROS_EVENTS=true, in the scheduler and workers).
+    Tail(Tail),
+}
+
+#[derive(Args)]
+struct Tail {
+    /// Only this task id.
+    #[arg(long)]
+    id: Option<String>,
+    /// Only tasks of this name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Only tasks of this logical queue.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Only these events, comma-separated (started,succeeded,...).
+    #[arg(long)]
+    event: Option<String>,
+    /// Print each event's JSON as published.
+    #[arg(long)]
+    json: bool,
+    /// Exit after this many events.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    count: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -298,6 +324,9 @@ fn read_secret_files(cli: &mut Cli) -> Result<(), String> {
 
 fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
     read_secret_files(&mut cli).map_err(anyhow::Error::msg)?;
+    if let Command::Tail(args) = &cli.command {
+        return tail(&cli, args);
+    }
     let api = match &cli.http_addr {
         Some(addr) => Api::new(addr).with_token(cli.api_token.clone()),
         None => {
@@ -322,6 +351,7 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(print_reply(&reply));
         }
         Command::Dead(cmd) => return dead(&api, cmd),
+        Command::Tail(_) => unreachable!("tail is handled before connecting"),
     };
     let reply = match cmd {
         ScheduleCmd::Add(add) => {
@@ -344,6 +374,47 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
     }
     .map_err(anyhow::Error::msg)?;
     Ok(print_reply(&reply))
+}
+
+/// `kairosctl tail`: follows `/v1/events` over HTTP only (the stream is
+/// the scheduler's; in direct mode there is none to follow).
+fn tail(cli: &Cli, args: &Tail) -> anyhow::Result<ExitCode> {
+    let Some(addr) = &cli.http_addr else {
+        bail!("tail follows a scheduler's event stream: give --http-addr (or KAIROS_HTTP_ADDR)");
+    };
+    let filter = TailFilter {
+        id: args.id.clone(),
+        name: args.name.clone(),
+        queue: args.queue.clone(),
+        event: args.event.clone(),
+    };
+    let followed =
+        tail::EventStream::open(addr, cli.api_token.as_deref(), &filter).and_then(|mut stream| {
+            // Said once the server listens, so a script knows that what it
+            // does next is seen.
+            eprintln!("kairosctl: following {addr}");
+            let mut printed = 0;
+            while let Some(event) = stream.next_event()? {
+                if args.json {
+                    println!("{event}");
+                } else {
+                    println!("{}", tail::human_line(&event));
+                }
+                printed += 1;
+                if args.count.is_some_and(|n| printed >= n) {
+                    break;
+                }
+            }
+            Ok(())
+        });
+    match followed {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(tail::TailError::Status { status, message }) => {
+            eprintln!("kairosctl: HTTP {status}: {message}");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn print_reply(r: &Reply) -> ExitCode {

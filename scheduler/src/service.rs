@@ -291,7 +291,18 @@ impl Scheduler {
             .with_limits(holder.limits)
             .with_holder(holder);
         let health = Some(self.work.health().clone());
-        let router = api::router(admin, tasks, health, self.config.api_token.clone());
+        let events = api::events::EventStreams::new(
+            self.broker.clone(),
+            self.names.clone(),
+            self.work.cancel_token().clone(),
+        );
+        let router = api::router(
+            admin,
+            tasks,
+            health,
+            Some(events),
+            self.config.api_token.clone(),
+        );
         // The first run serves the listener bound at start; a restart
         // binds the same address again.
         let first = Mutex::new(Some(listener));
@@ -497,7 +508,7 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
     let tasks = TaskApi::new(config.common.broker(), names).with_limits(config.limits());
     // In process, nobody else can call it: no token, but the same checks
     // of what is sent.
-    Ok(api::router(admin, tasks, None, None))
+    Ok(api::router(admin, tasks, None, None, None))
 }
 
 /// The Redis pool with `KAIROS_REDIS_TIMEOUT_MS` as its reply timeout.

@@ -3,10 +3,12 @@
 //! * `guard`: the API token and the JSON content type, before every route.
 //! * `tasks`: enqueue, look up and dead letters.
 //! * `schedules`: the schedule routes and the probes.
+//! * `events`: the live event stream (`GET /v1/events`).
 //!
 //! May touch: the delay queue (through `crate::delay::hold`), the schedule
 //! admin, RabbitMQ (publishing tasks). Holds no state of its own.
 
+pub(crate) mod events;
 pub(crate) mod guard;
 pub(crate) mod schedules;
 pub mod tasks;
@@ -19,18 +21,23 @@ use kairos_shared::supervise::Health;
 use serde_json::{json, Value};
 
 /// Every route of the API behind its guard: the schedules and tasks
-/// routes, and `/readyz` when there are background loops to report
-/// (`health`; none in process, for kairosctl). Without a `token` the API
-/// is open.
+/// routes, `/readyz` when there are background loops to report
+/// (`health`; none in process, for kairosctl), and the event stream when
+/// given `events` (none in process: kairosctl's in-process calls answer
+/// once and cannot stream). Without a `token` the API is open.
 pub(crate) fn router(
     admin: Admin,
     tasks: tasks::TaskApi,
     health: Option<Health>,
+    events: Option<events::EventStreams>,
     token: Option<Secret>,
 ) -> Router {
     let mut routes = schedules::router(admin).merge(tasks::router(tasks));
     if let Some(health) = health {
         routes = routes.merge(schedules::probes(health));
+    }
+    if let Some(events) = events {
+        routes = routes.merge(events::router(events));
     }
     guard::guard(routes, token)
 }
