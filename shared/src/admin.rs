@@ -48,6 +48,18 @@ pub async fn listen_to_events(
     names: &Names,
     pattern: &str,
 ) -> lapin::Result<ShortString> {
+    listen_to_events_with(channel, names, &[pattern], FieldTable::default()).await
+}
+
+/// [`listen_to_events`] for several routing-key `patterns`, with queue
+/// `arguments` (a length cap, say). The patterns are Kairos's own
+/// (`task.KIND`, `task.*`), well within a short string.
+pub async fn listen_to_events_with(
+    channel: &Channel,
+    names: &Names,
+    patterns: &[&str],
+    arguments: FieldTable,
+) -> lapin::Result<ShortString> {
     let queue = channel
         .queue_declare(
             "".into(),
@@ -56,18 +68,20 @@ pub async fn listen_to_events(
                 auto_delete: true,
                 ..QueueDeclareOptions::default()
             },
-            FieldTable::default(),
+            arguments,
         )
         .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            names.short_events(),
-            pattern.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    for pattern in patterns {
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                names.short_events(),
+                (*pattern).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     Ok(queue.name().clone())
 }
 

@@ -18,11 +18,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures_util::{Stream, StreamExt};
+use kairos_shared::admin::listen_to_events_with;
 use kairos_shared::amqp::{connect_to, Broker};
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventKind;
-use lapin::options::QueueDeclareOptions;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Connection, Consumer};
 use serde_json::Value;
@@ -112,28 +112,12 @@ impl EventStreams {
             "x-overflow".into(),
             AMQPValue::LongString(LongString::from("drop-head")),
         );
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                args,
-            )
-            .await?;
-        for kind in kinds {
-            channel
-                .queue_bind(
-                    queue.name().clone(),
-                    self.names.short_events(),
-                    format!("task.{}", kind.as_str()).into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
+        let keys: Vec<String> = kinds
+            .iter()
+            .map(|kind| format!("task.{}", kind.as_str()))
+            .collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let queue = listen_to_events_with(&channel, &self.names, &keys, args).await?;
         channel
             .basic_qos(EVENT_PREFETCH, BasicQosOptions::default())
             .await?;
@@ -142,7 +126,7 @@ impl EventStreams {
         // The consumer holds its channel: dropping it closes both.
         channel
             .basic_consume(
-                queue.name().clone(),
+                queue,
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
