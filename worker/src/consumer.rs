@@ -6,7 +6,7 @@
 
 use crate::acks::Acks;
 use crate::disposition::{Disposition, DispositionError};
-use crate::handler::{Registry, TaskContext, TaskError};
+use crate::handler::{Registry, TaskContext, TaskError, TaskIo};
 use crate::slots::Slots;
 use futures_util::FutureExt;
 use futures_util::StreamExt;
@@ -46,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) abandon: CancellationToken,
     /// The worker is stopping: pauses end early.
     pub(crate) shutdown: CancellationToken,
+    /// What handlers reach through their context (a client...).
+    pub(crate) io: TaskIo,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,8 +212,9 @@ async fn run_task(
         .timeout_ms
         .map(Duration::from_millis)
         .unwrap_or(shared.default_timeout);
-    let mut ctx = TaskContext::from_task(&task);
+    let mut ctx = TaskContext::from_task(&task).with_io(shared.io.clone());
     ctx.timeout = limit;
+    ctx.redelivered = delivery.redelivered;
     // A panic in the handler is caught here as a failed attempt, and a
     // timeout drops (cancels) the handler's future. Running it inline rather
     // than in a task of its own saves a spawn and a wake-up per task.
@@ -230,7 +233,7 @@ async fn run_task(
     metrics::histogram!("kairos_worker_task_seconds", "queue" => task.queue.clone())
         .record(seconds_between(started_ms, now_ms()));
     match outcome {
-        Ok(Ok(())) => d.succeeded(delivery, acks, &task).await,
+        Ok(Ok(output)) => d.succeeded(delivery, acks, &task, output).await,
         Ok(Err(error)) => d.failed(delivery, acks, &task, &error).await,
         Err(payload) => {
             let error = TaskError::retry(format!("handler panicked: {}", panic_text(payload)));

@@ -15,15 +15,16 @@
 //! go on) and hands the delivery back to its queue, never acking it.
 
 use crate::acks::Acks;
-use crate::handler::TaskError;
+use crate::handler::{TaskError, TaskOutput};
 use kairos_shared::amqp::{now_ms, Backoff};
 use kairos_shared::client::check;
-use kairos_shared::contract::{raw_dead_letter_properties, Names, Task};
+use kairos_shared::contract::{raw_dead_letter_properties, Names, Task, H_RETRY_AFTER_MS};
 use kairos_shared::events::{EventKind, EventSink};
 use lapin::message::Delivery;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
+use std::time::Duration;
 
 /// Why a delivery could not be disposed of. Either way it is not acked.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +87,13 @@ impl Disposition {
     }
 
     /// A successful attempt: nothing to replace, ack.
-    pub(crate) async fn succeeded(&self, d: &Delivery, acks: &Acks, task: &Task) -> Disposed {
+    pub(crate) async fn succeeded(
+        &self,
+        d: &Delivery,
+        acks: &Acks,
+        task: &Task,
+        _output: TaskOutput,
+    ) -> Disposed {
         acks.settle(d.delivery_tag);
         finished(&task.queue, "succeeded");
         self.events.task(EventKind::Succeeded, task, None, None);
@@ -104,19 +111,30 @@ impl Disposition {
         task: &Task,
         failure: &TaskError,
     ) -> Disposed {
-        let (error, props) = match failure {
-            TaskError::Retry(error) => {
-                tracing::warn!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "attempt failed");
-                (error, task.with_failure_headers(error, now_ms()))
+        let error = failure.message();
+        let (props, exchange, outcome, event) = match failure {
+            TaskError::Retry(_) | TaskError::RetryAfter { .. } => {
+                let after = match failure {
+                    TaskError::RetryAfter { after, .. } => Some(*after),
+                    _ => None,
+                };
+                tracing::warn!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, retry_after_ms = after.map(|a| a.as_millis() as u64), "attempt failed");
+                (
+                    retry_properties(task, error, after),
+                    self.names.short_retry(),
+                    "failed",
+                    EventKind::Failed,
+                )
             }
-            TaskError::Permanent(error) => {
+            TaskError::Permanent(_) => {
                 tracing::error!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "dead-lettered");
-                (error, task.dead_letter_properties(error, now_ms()))
+                (
+                    task.dead_letter_properties(error, now_ms()),
+                    self.names.short_dead(),
+                    "dead",
+                    EventKind::Dead,
+                )
             }
-        };
-        let (exchange, outcome, event) = match failure {
-            TaskError::Retry(_) => (self.names.short_retry(), "failed", EventKind::Failed),
-            TaskError::Permanent(_) => (self.names.short_dead(), "dead", EventKind::Dead),
         };
         self.replace(exchange, &task.queue, props, &task.body)
             .await?;
@@ -145,6 +163,21 @@ impl Disposition {
             .message(EventKind::Dead, &d.properties, queue, error);
         Ok(())
     }
+}
+
+/// A failed attempt's properties for `NS.retry`: the failure headers, and
+/// `x-retry-after-ms` when the handler chose the delay (the scheduler's
+/// retry intake takes it off again). Without one, a stale header from an
+/// earlier hop is left out, so it can never apply to the wrong retry.
+fn retry_properties(task: &Task, error: &str, after: Option<Duration>) -> BasicProperties {
+    let props = task.with_failure_headers(error, now_ms());
+    let mut headers = props.headers().clone().unwrap_or_default().inner().clone();
+    headers.remove(H_RETRY_AFTER_MS);
+    if let Some(after) = after {
+        let ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+        headers.insert(H_RETRY_AFTER_MS.into(), AMQPValue::LongLongInt(ms));
+    }
+    props.with_headers(FieldTable::from(headers))
 }
 
 /// What disposing of a delivery comes to: `Ok` once it is settled.

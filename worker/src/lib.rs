@@ -41,7 +41,9 @@ mod session;
 mod slots;
 
 pub use config::Config;
-pub use handler::{Handler, Registry, TaskContext, TaskError, TaskResult};
+pub use handler::{
+    Handler, HandlerOutcome, Json, Registry, TaskContext, TaskError, TaskOutput, TaskResult,
+};
 
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;

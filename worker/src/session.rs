@@ -9,9 +9,11 @@
 use crate::acks::Acks;
 use crate::consumer::{consume, ConsumeError, Shared};
 use crate::disposition::Disposition;
+use crate::handler::TaskIo;
 use crate::slots::Slots;
 use crate::{Config, Registry};
 use kairos_shared::amqp::{close_connection, connect_with_retry, Broker, CLOSE_WITHIN};
+use kairos_shared::client::Enqueuer;
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
 use kairos_shared::supervise::{Restart, Supervised, Supervisor};
@@ -36,6 +38,8 @@ pub(crate) enum SessionError {
     Declare(#[from] kairos_shared::topology::DeclareError),
     #[error("a delivery could not be settled")]
     Broken,
+    #[error("handlers' client: {0}")]
+    Client(#[from] kairos_shared::client::ClientError),
 }
 
 /// The worker's AMQP session loop.
@@ -87,6 +91,8 @@ impl AmqpSession {
         let disposition =
             Disposition::open(&s.conn, self.names.clone(), self.events.clone()).await?;
         s.channels.push(disposition.channel().clone());
+        let client = Enqueuer::open(&s.conn, self.names.clone()).await?;
+        s.channels.push(client.channel().clone());
         let shared = Arc::new(Shared {
             names: self.names.clone(),
             registry: self.registry.clone(),
@@ -97,6 +103,9 @@ impl AmqpSession {
             broken: s.broken.clone(),
             abandon: s.abandon.clone(),
             shutdown: self.work.cancel_token().clone(),
+            io: TaskIo {
+                client: Some(Arc::new(client)),
+            },
         });
         let mut consumer_channels = Vec::with_capacity(self.config.queues.len());
         for _ in &self.config.queues {
