@@ -56,6 +56,10 @@ pub struct Config {
     /// remain).
     #[arg(long, env = "KAIROS_TASK_TIMEOUT_MS", value_name = "KAIROS_TASK_TIMEOUT_MS", default_value_t = DEFAULT_TASK_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..))]
     pub task_timeout_ms: u64,
+
+    /// Bounds on handlers' results and checkpoints.
+    #[command(flatten)]
+    pub handler_limits: kairos_shared::limits::HandlerLimits,
 }
 
 impl Config {

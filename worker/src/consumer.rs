@@ -6,8 +6,9 @@
 
 use crate::acks::Acks;
 use crate::disposition::{Disposition, DispositionError};
-use crate::handler::{Registry, TaskContext, TaskError, TaskIo};
+use crate::handler::{Registry, TaskContext, TaskError};
 use crate::slots::Slots;
+use crate::task_io::TaskIo;
 use futures_util::FutureExt;
 use futures_util::StreamExt;
 use kairos_shared::amqp::now_ms;
@@ -212,7 +213,11 @@ async fn run_task(
         .timeout_ms
         .map(Duration::from_millis)
         .unwrap_or(shared.default_timeout);
-    let mut ctx = TaskContext::from_task(&task).with_io(shared.io.clone());
+    let io = match load_checkpoint(&shared.io, &task, delivery.redelivered).await {
+        Ok(checkpoint) => shared.io.for_task(checkpoint),
+        Err(error) => return d.failed(delivery, acks, &task, &error).await,
+    };
+    let mut ctx = TaskContext::from_task(&task).with_io(io);
     ctx.timeout = limit;
     ctx.redelivered = delivery.redelivered;
     // A panic in the handler is caught here as a failed attempt, and a
@@ -240,4 +245,27 @@ async fn run_task(
             d.failed(delivery, acks, &task, &error).await
         }
     }
+}
+
+/// The task's last checkpoint, when this attempt may follow one that saved
+/// it: a retry (attempt > 1) or a redelivery (a worker died in it). A first
+/// delivery of a first attempt has none and costs no Redis call. When
+/// Redis cannot say, the attempt fails (and is retried) rather than start
+/// over from nothing: a task that checkpoints is one that is costly to
+/// redo.
+async fn load_checkpoint(
+    io: &TaskIo,
+    task: &Task,
+    redelivered: bool,
+) -> Result<Option<Vec<u8>>, TaskError> {
+    let Some(store) = &io.store else {
+        return Ok(None);
+    };
+    if task.attempt <= 1 && !redelivered {
+        return Ok(None);
+    }
+    store
+        .load_checkpoint(&task.id)
+        .await
+        .map_err(|e| TaskError::retry(format!("cannot load the task's checkpoint: {e}")))
 }

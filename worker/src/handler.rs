@@ -1,5 +1,6 @@
 //! What a handler sees and returns, and the registry that finds it by name.
 
+use crate::task_io::{CheckpointError, TaskIo};
 use futures_util::future::BoxFuture;
 use kairos_shared::client::{ClientError, Enqueuer};
 use kairos_shared::contract::Task;
@@ -45,22 +46,6 @@ pub struct TaskContext {
     pub redelivered: bool,
     /// What the worker lends the handler: a client, the status store.
     io: TaskIo,
-}
-
-/// What a context reaches beyond its task, set by the worker: empty in a
-/// context made with [`TaskContext::from_task`] (a unit test's).
-#[derive(Clone, Default)]
-pub(crate) struct TaskIo {
-    /// Enqueues follow-up tasks on the worker's connection.
-    pub(crate) client: Option<Arc<Enqueuer>>,
-}
-
-impl std::fmt::Debug for TaskIo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TaskIo")
-            .field("client", &self.client.is_some())
-            .finish()
-    }
 }
 
 impl TaskContext {
@@ -127,6 +112,52 @@ impl TaskContext {
             .client
             .as_deref()
             .ok_or_else(|| TaskError::retry("no client: this context was not made by a worker"))
+    }
+
+    /// Reports progress: `percent` (0 to 100; more counts as 100) and a
+    /// message (cut at 1 KiB), shown in the task's status (`progress`,
+    /// `progress_message`), the dashboard and `kairosctl task show`. It
+    /// never waits for Redis nor fails: when Redis is down or status is
+    /// off (`KAIROS_STATUS=false`) it is dropped.
+    pub async fn progress(&self, percent: u8, message: impl AsRef<str>) {
+        self.io.progress(&self.id, percent, message.as_ref());
+    }
+
+    /// The task's last saved checkpoint: the one an earlier attempt (or an
+    /// earlier delivery of this one, whose worker died) saved, loaded
+    /// before the handler started, or the last this attempt saved. `None`
+    /// on a first attempt.
+    pub fn checkpoint(&self) -> Option<Vec<u8>> {
+        self.io.checkpoint()
+    }
+
+    /// The last checkpoint read as JSON (`None` without one; an error when
+    /// it is not `T`'s JSON).
+    pub fn checkpoint_json<T: serde::de::DeserializeOwned>(
+        &self,
+    ) -> Option<Result<T, serde_json::Error>> {
+        self.checkpoint().map(|c| serde_json::from_slice(&c))
+    }
+
+    /// Saves a checkpoint: where the task got to, so that the next attempt
+    /// (after a failure, a timeout, or a worker that died) resumes from
+    /// there with [`checkpoint`](Self::checkpoint) instead of starting
+    /// over. Durable in Redis when it returns `Ok`; kept as long as the
+    /// task's status (`KAIROS_STATUS_TTL_S`) and at most
+    /// `KAIROS_MAX_CHECKPOINT_BYTES` (1 MiB by default). `?` turns an
+    /// error into a failed attempt: permanent for one too large,
+    /// retryable when Redis did not take it.
+    pub async fn save_checkpoint(&self, bytes: impl Into<Vec<u8>>) -> Result<(), CheckpointError> {
+        self.io.save_checkpoint(&self.id, bytes.into()).await
+    }
+
+    /// [`save_checkpoint`](Self::save_checkpoint) of `value` as JSON.
+    pub async fn save_checkpoint_json<T: serde::Serialize>(
+        &self,
+        value: &T,
+    ) -> Result<(), CheckpointError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| CheckpointError::Json(e.to_string()))?;
+        self.save_checkpoint(bytes).await
     }
 }
 

@@ -23,7 +23,9 @@
 //! * `handler`: the handler trait, its context and errors, the registry.
 //! * `consumer`: one consumer per queue, bounded by the `slots`.
 //! * `disposition`: ack, retry or dead-letter, in one place.
-//! * `builtin`: `kairos.noop`, `kairos.sleep`, `kairos.fail`.
+//! * `builtin`: `kairos.noop`, `kairos.sleep`, `kairos.fail`, `kairos.count`.
+//! * `task_io`: what a handler's context reaches: the client, progress,
+//!   checkpoints.
 //! * `session`: one AMQP session: the consumers of every queue and the
 //!   tasks they run, finished (acked) before the connection closes.
 
@@ -39,11 +41,13 @@ mod disposition;
 mod handler;
 mod session;
 mod slots;
+mod task_io;
 
 pub use config::Config;
 pub use handler::{
     Handler, HandlerOutcome, Json, Registry, TaskContext, TaskError, TaskOutput, TaskResult,
 };
+pub use task_io::CheckpointError;
 
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
@@ -98,7 +102,8 @@ impl Worker {
         }
     }
 
-    /// Registers `kairos.noop`, `kairos.sleep` and `kairos.fail`.
+    /// Registers `kairos.noop`, `kairos.sleep`, `kairos.fail` and
+    /// `kairos.count`.
     pub fn with_builtins(mut self) -> Self {
         builtin::register(&mut self.registry);
         self

@@ -9,8 +9,8 @@
 use crate::acks::Acks;
 use crate::consumer::{consume, ConsumeError, Shared};
 use crate::disposition::Disposition;
-use crate::handler::TaskIo;
 use crate::slots::Slots;
+use crate::task_io::TaskIo;
 use crate::{Config, Registry};
 use kairos_shared::amqp::{close_connection, connect_with_retry, Broker, CLOSE_WITHIN};
 use kairos_shared::client::Enqueuer;
@@ -105,6 +105,8 @@ impl AmqpSession {
             shutdown: self.work.cancel_token().clone(),
             io: TaskIo {
                 client: Some(Arc::new(client)),
+                limits: self.config.handler_limits,
+                ..TaskIo::default()
             },
         });
         let mut consumer_channels = Vec::with_capacity(self.config.queues.len());
