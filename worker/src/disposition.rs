@@ -16,6 +16,7 @@
 
 use crate::acks::Acks;
 use crate::handler::{TaskError, TaskOutput};
+use crate::status::WorkerStatus;
 use kairos_shared::amqp::{now_ms, Backoff};
 use kairos_shared::client::check;
 use kairos_shared::contract::{raw_dead_letter_properties, Names, Task, H_RETRY_AFTER_MS};
@@ -46,6 +47,7 @@ pub(crate) struct Disposition {
     channel: Channel,
     names: Names,
     events: EventSink,
+    status: WorkerStatus,
     /// Paces the deliveries whose replacement was refused; reset by the next
     /// replacement the broker accepts.
     refusals: std::sync::Mutex<Backoff>,
@@ -57,6 +59,7 @@ impl Disposition {
         conn: &Connection,
         names: Names,
         events: EventSink,
+        status: WorkerStatus,
     ) -> lapin::Result<Self> {
         let channel = conn.create_channel().await?;
         channel
@@ -66,6 +69,7 @@ impl Disposition {
             channel,
             names,
             events,
+            status,
             refusals: std::sync::Mutex::new(Backoff::new()),
         })
     }
@@ -92,11 +96,12 @@ impl Disposition {
         d: &Delivery,
         acks: &Acks,
         task: &Task,
-        _output: TaskOutput,
+        output: TaskOutput,
     ) -> Disposed {
         acks.settle(d.delivery_tag);
         finished(&task.queue, "succeeded");
         self.events.task(EventKind::Succeeded, task, None, None);
+        self.status.succeeded(task, output);
         Ok(())
     }
 
@@ -141,6 +146,10 @@ impl Disposition {
         acks.settle(d.delivery_tag);
         finished(&task.queue, outcome);
         self.events.task(event, task, None, Some(error));
+        match failure {
+            TaskError::Retry(_) | TaskError::RetryAfter { .. } => self.status.failed(task, error),
+            TaskError::Permanent(_) => self.status.dead(task, error),
+        }
         Ok(())
     }
 

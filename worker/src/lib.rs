@@ -41,6 +41,7 @@ mod disposition;
 mod handler;
 mod session;
 mod slots;
+mod status;
 mod task_io;
 
 pub use config::Config;
@@ -132,6 +133,8 @@ impl Worker {
             &names,
             &work,
         );
+        let status =
+            status::WorkerStatus::start(&self.config, &work).map_err(WorkerError::Config)?;
         let slots = start_autoscale(&work, &self.config);
         tracing::info!(namespace = %names.namespace(), queues = ?self.config.queues, concurrency = %self.config.concurrency, "worker starting");
         let session = AmqpSession::new(
@@ -139,11 +142,12 @@ impl Worker {
             names,
             self.registry,
             events.clone(),
+            status.clone(),
             slots,
             &work,
         );
         work.run(session).await;
-        shut_down(work, events).await;
+        shut_down(work, events, status).await;
         Ok(())
     }
 
@@ -179,8 +183,9 @@ fn start_autoscale(work: &Supervisor, config: &Config) -> Arc<Slots> {
 /// Waits for the rest of the background work (the autoscaler, sessions that
 /// ended early finishing their running tasks), then sends the last tasks'
 /// `succeeded` events before the process exits.
-async fn shut_down(work: Supervisor, events: EventSink) {
+async fn shut_down(work: Supervisor, events: EventSink, status: status::WorkerStatus) {
     work.wait().await;
     events.close(EVENTS_FLUSH).await;
+    status.close().await;
     tracing::info!("worker stopped");
 }

@@ -10,6 +10,7 @@ use crate::acks::Acks;
 use crate::consumer::{consume, ConsumeError, Shared};
 use crate::disposition::Disposition;
 use crate::slots::Slots;
+use crate::status::WorkerStatus;
 use crate::task_io::TaskIo;
 use crate::{Config, Registry};
 use kairos_shared::amqp::{close_connection, connect_with_retry, Broker, CLOSE_WITHIN};
@@ -49,6 +50,8 @@ pub(crate) struct AmqpSession {
     broker: Broker,
     registry: Registry,
     events: EventSink,
+    /// Task status: the writer and the store.
+    status: WorkerStatus,
     slots: Arc<Slots>,
     /// Where a session that ended early finishes its running tasks, and
     /// the worker's shutdown.
@@ -62,6 +65,7 @@ impl AmqpSession {
         names: Names,
         registry: Registry,
         events: EventSink,
+        status: WorkerStatus,
         slots: Arc<Slots>,
         work: &Supervisor,
     ) -> Self {
@@ -71,6 +75,7 @@ impl AmqpSession {
             names,
             registry,
             events,
+            status,
             slots,
             work: work.clone(),
         }
@@ -88,8 +93,13 @@ impl AmqpSession {
         for q in &self.config.queues {
             topology::declare_task_queue(&channel, &self.names, q).await?;
         }
-        let disposition =
-            Disposition::open(&s.conn, self.names.clone(), self.events.clone()).await?;
+        let disposition = Disposition::open(
+            &s.conn,
+            self.names.clone(),
+            self.events.clone(),
+            self.status.clone(),
+        )
+        .await?;
         s.channels.push(disposition.channel().clone());
         let client = Enqueuer::open(&s.conn, self.names.clone()).await?;
         s.channels.push(client.channel().clone());
@@ -98,6 +108,7 @@ impl AmqpSession {
             registry: self.registry.clone(),
             disposition,
             events: self.events.clone(),
+            status: self.status.clone(),
             slots: self.slots.clone(),
             default_timeout: Duration::from_millis(self.config.task_timeout_ms),
             broken: s.broken.clone(),
@@ -105,6 +116,7 @@ impl AmqpSession {
             shutdown: self.work.cancel_token().clone(),
             io: TaskIo {
                 client: Some(Arc::new(client)),
+                store: Some(Arc::new(self.status.clone())),
                 limits: self.config.handler_limits,
                 ..TaskIo::default()
             },

@@ -3,9 +3,11 @@
 //! to. One [`TaskIo`] per session, made per task with
 //! [`TaskIo::for_task`] (each task has its own checkpoint cell).
 
+use crate::handler::TaskOutput;
 use futures_util::future::BoxFuture;
 use kairos_shared::client::Enqueuer;
 use kairos_shared::limits::HandlerLimits;
+use kairos_shared::status::{StatusUpdate, TaskResultValue};
 use std::sync::{Arc, Mutex};
 
 /// Where progress and checkpoints go: the worker's status store (see
@@ -126,6 +128,72 @@ impl std::fmt::Debug for TaskIo {
     }
 }
 
+/// The worker's status store: checkpoints awaited in Redis, progress
+/// through the writer (never waited for).
+impl HandlerStore for crate::status::WorkerStatus {
+    fn load_checkpoint<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, String>> {
+        Box::pin(async move {
+            self.store
+                .load_checkpoint(id)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn save_checkpoint<'a>(
+        &'a self,
+        id: &'a str,
+        bytes: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.store
+                .save_checkpoint(id, bytes)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn progress(&self, id: &str, percent: u8, message: &str) {
+        self.writer
+            .record_with(|| StatusUpdate::progress(id, percent, Some(message)));
+    }
+}
+
+/// The status fields a successful attempt's `output` is kept in:
+/// `result` and `result_type`, none without a result. A result over
+/// `KAIROS_MAX_RESULT_BYTES` is dropped, not the task: its work is done
+/// (failing it now would run it again, side effects and all), so it
+/// succeeds without a result, its status's `error` says why, and the
+/// worker logs a warning and counts it
+/// (`kairos_worker_results_dropped_total`).
+pub(crate) fn result_fields(
+    id: &str,
+    output: TaskOutput,
+    limits: &HandlerLimits,
+) -> Vec<(&'static str, Vec<u8>)> {
+    let value = match output {
+        TaskOutput::None => return Vec::new(),
+        TaskOutput::Json(v) => TaskResultValue::Json(v),
+        TaskOutput::Bytes(b) => TaskResultValue::Bytes(b),
+    };
+    let fields = value.fields();
+    let len = fields
+        .iter()
+        .find(|(n, _)| *n == "result")
+        .map_or(0, |(_, v)| v.len());
+    match limits.check_result(len) {
+        Ok(()) => fields.into(),
+        Err(reason) => {
+            tracing::warn!(task_id = %id, bytes = len, "the task's result is dropped: {reason}");
+            metrics::counter!("kairos_worker_results_dropped_total").increment(1);
+            vec![("error", format!("result dropped: {reason}").into_bytes())]
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -215,6 +283,33 @@ pub(crate) mod tests {
         assert_eq!(io.checkpoint(), None);
         let none = TaskIo::default().save_checkpoint("t", vec![1]).await;
         assert_eq!(none, Err(CheckpointError::Unavailable));
+    }
+
+    #[test]
+    fn results_are_kept_within_their_bound() {
+        let limits = HandlerLimits {
+            max_result_bytes: 8,
+            ..HandlerLimits::default()
+        };
+        assert!(result_fields("t", TaskOutput::None, &limits).is_empty());
+        let json = result_fields("t", TaskOutput::Json(serde_json::json!([1, 2])), &limits);
+        assert_eq!(
+            json,
+            vec![
+                ("result", b"[1,2]".to_vec()),
+                ("result_type", b"json".to_vec())
+            ]
+        );
+        let bytes = result_fields("t", TaskOutput::Bytes(vec![0, 1]), &limits);
+        assert_eq!(
+            bytes,
+            vec![("result", vec![0, 1]), ("result_type", b"bytes".to_vec())]
+        );
+        let over = result_fields("t", TaskOutput::Bytes(vec![0; 9]), &limits);
+        assert_eq!(over.len(), 1);
+        assert_eq!(over[0].0, "error");
+        let reason = String::from_utf8_lossy(&over[0].1).into_owned();
+        assert!(reason.contains("KAIROS_MAX_RESULT_BYTES"), "{reason}");
     }
 
     #[test]
