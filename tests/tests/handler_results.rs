@@ -3,10 +3,49 @@
 //! the client in its context, and a result kept with its status.
 
 use kairos_shared::client::NewTask;
+use kairos_shared::contract::Task;
 use kairos_shared::events::EventKind;
+use kairos_shared::status::{ShardCount, StatusStore, StatusUpdate, TaskState, TaskStatus};
 use kairos_tests::*;
-use kairos_worker::{TaskContext, TaskError, Worker};
+use kairos_worker::{Json, TaskContext, TaskError, TaskOutput, Worker};
+use serde_json::{json, Value};
 use std::time::Duration;
+
+/// The namespace's task status store, as the worker sees it.
+fn status_store(env: &TestEnv) -> StatusStore {
+    let pool = kairos_shared::redis::pool(REDIS_URL, &Default::default(), Duration::from_secs(5))
+        .expect("redis pool");
+    StatusStore::new(
+        kairos_shared::redis::RedisConn::new(pool),
+        &env.ns,
+        ShardCount::lookup(),
+        3_600,
+    )
+}
+
+/// Waits until task `id`'s status is `state` (statuses are written in the
+/// background, so there is no event to await).
+async fn wait_state(store: &StatusStore, id: &str, state: TaskState) -> TaskStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(s)) = store.get(id).await {
+            if s.state == Some(state) {
+                return s;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "task {id} never reached {state:?}: {:?}",
+            store.get(id).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A stored result as the API shows it.
+fn result_of(s: &TaskStatus) -> Value {
+    serde_json::to_value(s).expect("status as JSON")["result"].clone()
+}
 
 /// Fails its first attempt asking to come back after [`RETRY_AFTER`],
 /// succeeds on the next.
@@ -109,5 +148,213 @@ async fn a_handler_enqueues_follow_ups_through_its_context() {
     assert_eq!(log.runs_of("p-1-now"), 1);
     assert_eq!(log.runs_of("p-1-later"), 1);
     worker.stop().await;
+    scheduler.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_result_is_kept_with_its_status() {
+    let env = TestEnv::new("result").await;
+    let store = status_store(&env);
+    let mut wc = env.worker_config();
+    wc.handler_limits.max_result_bytes = 64;
+    let worker = InProcess::worker(
+        Worker::new(wc)
+            .handler("test.json", |_: TaskContext, _: Vec<u8>| async {
+                // Any Serialize value.
+                Ok::<_, TaskError>(Json(std::collections::BTreeMap::from([
+                    ("rows", 3),
+                    ("cols", 2),
+                ])))
+            })
+            .handler("test.bytes", |_: TaskContext, _: Vec<u8>| async {
+                Ok::<_, TaskError>(vec![0u8, 1, 2])
+            })
+            .handler("test.value", |_: TaskContext, _: Vec<u8>| async {
+                Ok::<_, TaskError>(json!(["a", 1]))
+            })
+            .handler("test.big", |_: TaskContext, _: Vec<u8>| async {
+                Ok::<_, TaskError>(TaskOutput::Bytes(vec![7; 65]))
+            })
+            .handler("test.none", |_: TaskContext, _: Vec<u8>| async {
+                Ok::<_, TaskError>(())
+            }),
+    );
+    for name in ["json", "bytes", "value", "big", "none"] {
+        let props = task_props(&format!("test.{name}"), &format!("r-{name}"));
+        env.publish(&env.names.tasks_exchange(), "default", props, b"")
+            .await;
+    }
+    let s = wait_state(&store, "r-json", TaskState::Succeeded).await;
+    assert_eq!(result_of(&s), json!({"rows": 3, "cols": 2}));
+    let s = wait_state(&store, "r-bytes", TaskState::Succeeded).await;
+    assert_eq!(result_of(&s), json!({"base64": "AAEC"}));
+    let s = wait_state(&store, "r-value", TaskState::Succeeded).await;
+    assert_eq!(result_of(&s), json!(["a", 1]));
+    // Over KAIROS_MAX_RESULT_BYTES: the task succeeds, without a result,
+    // and its status says why.
+    let s = wait_state(&store, "r-big", TaskState::Succeeded).await;
+    assert_eq!(result_of(&s), Value::Null);
+    let error = s.error.unwrap_or_default();
+    assert!(error.contains("KAIROS_MAX_RESULT_BYTES"), "{error}");
+    let s = wait_state(&store, "r-none", TaskState::Succeeded).await;
+    assert_eq!(result_of(&s), Value::Null);
+    assert_eq!(s.error, None);
+    worker.stop().await;
+}
+
+/// A status for `id`, as a worker running it would leave.
+async fn running_status(store: &StatusStore, id: &str) {
+    let (_, props) = NewTask::new("test.other-language")
+        .id(id)
+        .to_message()
+        .expect("message");
+    let task = Task::decode("default", &props, b"").expect("task");
+    store
+        .merge(&StatusUpdate::running(&task, "python-worker-1"))
+        .await
+        .expect("status written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_in_other_languages_report_over_http() {
+    let env = TestEnv::new("hio").await;
+    let store = status_store(&env);
+    let addr = free_addr();
+    let mut sc = env.scheduler_config();
+    sc.http_addr = addr;
+    sc.handler_limits.max_result_bytes = 32;
+    sc.handler_limits.max_checkpoint_bytes = 32;
+    let scheduler = InProcess::scheduler(sc);
+    let api = ScheduleApi::new(addr);
+    api.wait_ready(Duration::from_secs(20)).await;
+    let send = |method: &'static str, path: String, body: Option<Value>| {
+        let api = api.clone();
+        async move {
+            api.call(move |a| {
+                let raw = body.map(|b| b.to_string().into_bytes());
+                a.send(method, &path, raw.as_deref())
+            })
+            .await
+        }
+    };
+
+    // Progress and results need a status; checkpoints do not.
+    let r = send(
+        "PUT",
+        "/v1/tasks/py-1/progress".into(),
+        Some(json!({"percent": 5})),
+    )
+    .await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    let r = send(
+        "PUT",
+        "/v1/tasks/py-1/result".into(),
+        Some(json!({"result": 1})),
+    )
+    .await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    let r = send("GET", "/v1/tasks/py-1/checkpoint".into(), None).await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    running_status(&store, "py-1").await;
+
+    let r = send(
+        "PUT",
+        "/v1/tasks/py-1/progress".into(),
+        Some(json!({"percent": 40, "message": "rows 40 of 100"})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let s = store.get("py-1").await.expect("redis").expect("status");
+    assert_eq!(s.progress, Some(40));
+    assert_eq!(s.progress_message.as_deref(), Some("rows 40 of 100"));
+    for (body, field) in [
+        (json!({"percent": 101}), "percent"),
+        (json!({"percent": -1}), "percent"),
+        (json!({"percent": "half"}), "percent"),
+        (json!({"percent": 5, "colour": "red"}), "body"),
+        (json!([1]), "body"),
+    ] {
+        let r = send("PUT", "/v1/tasks/py-1/progress".into(), Some(body.clone())).await;
+        assert_eq!(r.status, 400, "{body}: {:?}", r.body);
+        assert_eq!(r.body["field"], field, "{body}: {:?}", r.body);
+    }
+
+    // Checkpoints: JSON or bytes, read back both ways.
+    let r = send(
+        "PUT",
+        "/v1/tasks/py-1/checkpoint".into(),
+        Some(json!({"checkpoint": {"at": 3}})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = send("GET", "/v1/tasks/py-1/checkpoint".into(), None).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["checkpoint"], json!({"at": 3}));
+    assert_eq!(r.body["checkpoint_base64"], "eyJhdCI6M30=");
+    assert_eq!(
+        store.load_checkpoint("py-1").await.expect("redis"),
+        Some(br#"{"at":3}"#.to_vec()),
+        "where a Kairos worker loads it from"
+    );
+    let r = send(
+        "PUT",
+        "/v1/tasks/py-1/checkpoint".into(),
+        Some(json!({"checkpoint_base64": "AAEC"})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = send("GET", "/v1/tasks/py-1/checkpoint".into(), None).await;
+    assert_eq!(r.body["checkpoint"], Value::Null, "not JSON");
+    assert_eq!(r.body["checkpoint_base64"], "AAEC");
+    let big = "x".repeat(40);
+    let r = send(
+        "PUT",
+        "/v1/tasks/py-1/checkpoint".into(),
+        Some(json!({"checkpoint": big})),
+    )
+    .await;
+    assert_eq!(r.status, 413, "{:?}", r.body);
+    assert_eq!(r.body["field"], "checkpoint");
+    assert!(r.body["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("KAIROS_MAX_CHECKPOINT_BYTES")));
+    let r = send(
+        "PUT",
+        "/v1/tasks/py-1/checkpoint".into(),
+        Some(json!({"checkpoint_base64": "not base64!"})),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(r.body["field"], "checkpoint_base64");
+
+    // Results: JSON or bytes, bounded.
+    let r = send(
+        "PUT",
+        "/v1/tasks/py-1/result".into(),
+        Some(json!({"result": {"ok": true}})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let s = store.get("py-1").await.expect("redis").expect("status");
+    assert_eq!(result_of(&s), json!({"ok": true}));
+    let r = send(
+        "PUT",
+        "/v1/tasks/py-1/result".into(),
+        Some(json!({"result_base64": "AAEC"})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let s = store.get("py-1").await.expect("redis").expect("status");
+    assert_eq!(result_of(&s), json!({"base64": "AAEC"}));
+    let r = send(
+        "PUT",
+        "/v1/tasks/py-1/result".into(),
+        Some(json!({"result": big})),
+    )
+    .await;
+    assert_eq!(r.status, 413, "{:?}", r.body);
+    assert_eq!(r.body["field"], "result");
+    let r = send("PUT", "/v1/tasks/py-1/result".into(), Some(json!({}))).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
     scheduler.stop().await;
 }
