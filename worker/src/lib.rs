@@ -20,6 +20,11 @@
 //! # }
 //! ```
 //!
+//! A handler may also return a result, ask for its own retry delay, enqueue
+//! follow-up tasks, report progress and save checkpoints: see
+//! [`TaskContext`], [`TaskOutput`], [`TaskError::retry_after`] and
+//! docs/HANDLERS.md.
+//!
 //! * `handler`: the handler trait, its context and errors, the registry.
 //! * `consumer`: one consumer per queue, bounded by the `slots`.
 //! * `disposition`: ack, retry or dead-letter, in one place.
