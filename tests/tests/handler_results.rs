@@ -103,6 +103,56 @@ async fn retry_after_replaces_the_backoff_for_one_retry() {
     scheduler.stop().await;
 }
 
+/// A consumer in another language cannot put a header on a reject: it
+/// publishes the failed delivery to `NS.retry` itself, with
+/// `x-retry-after-ms` (docs/CONTRACT.md), then acks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_consumer_sets_retry_after_by_republishing() {
+    use kairos_shared::contract::{H_ATTEMPT, H_ERROR, H_RETRY_AFTER_MS};
+    use lapin::types::AMQPValue;
+    let env = TestEnv::new("raforeign").await;
+    let mut sc = env.scheduler_config();
+    sc.retry_base_ms = 20_000;
+    let scheduler = InProcess::scheduler(sc);
+    let mut consumer = env.consume_queue("default", 10).await;
+    let props = with_headers(
+        task_props("test.foreign", "fr-1"),
+        &[
+            (H_ATTEMPT, AMQPValue::LongLongInt(1)),
+            (H_ERROR, AMQPValue::LongString("503 from upstream".into())),
+            (H_RETRY_AFTER_MS, AMQPValue::LongString("1200".into())),
+        ],
+    );
+    let sent = std::time::Instant::now();
+    env.publish(&env.names.retry(), "default", props, b"{}")
+        .await;
+    let d = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_util::StreamExt::next(&mut consumer),
+    )
+    .await
+    .expect("the retry within 10 s, not after the 10 to 20 s backoff")
+    .expect("a delivery")
+    .expect("no error");
+    let waited = sent.elapsed();
+    assert!(waited >= Duration::from_millis(1_100), "{waited:?}");
+    let headers = d.properties.headers().clone().unwrap_or_default();
+    assert_eq!(
+        headers
+            .inner()
+            .get(H_ATTEMPT)
+            .map(kairos_shared::contract::value_to_string)
+            .as_deref(),
+        Some("2")
+    );
+    assert!(
+        !headers.contains_key(H_RETRY_AFTER_MS),
+        "for one retry only"
+    );
+    ack(&d).await;
+    scheduler.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_enqueues_follow_ups_through_its_context() {
     let env = TestEnv::new("follow").await;
@@ -177,9 +227,12 @@ async fn a_handler_result_is_kept_with_its_status() {
             })
             .handler("test.none", |_: TaskContext, _: Vec<u8>| async {
                 Ok::<_, TaskError>(())
+            })
+            .handler("test.text", |_: TaskContext, _: Vec<u8>| async {
+                Ok::<_, TaskError>("done")
             }),
     );
-    for name in ["json", "bytes", "value", "big", "none"] {
+    for name in ["json", "bytes", "value", "big", "none", "text"] {
         let props = task_props(&format!("test.{name}"), &format!("r-{name}"));
         env.publish(&env.names.tasks_exchange(), "default", props, b"")
             .await;
@@ -199,6 +252,8 @@ async fn a_handler_result_is_kept_with_its_status() {
     let s = wait_state(&store, "r-none", TaskState::Succeeded).await;
     assert_eq!(result_of(&s), Value::Null);
     assert_eq!(s.error, None);
+    let s = wait_state(&store, "r-text", TaskState::Succeeded).await;
+    assert_eq!(result_of(&s), json!("done"));
     worker.stop().await;
 }
 

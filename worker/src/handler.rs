@@ -232,7 +232,7 @@ pub type TaskResult = Result<(), TaskError>;
 /// (`GET /v1/tasks/{id}` answers it as `result`). A handler returns
 /// anything that converts into it: `()` (no result), a
 /// [`serde_json::Value`], [`Json`] of any `Serialize` value, `Vec<u8>`
-/// (bytes), or an `Option` of those.
+/// (bytes), a `String` (a JSON string), or an `Option` of those.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub enum TaskOutput {
     /// No result.
@@ -269,6 +269,20 @@ impl From<()> for TaskOutput {
 impl From<serde_json::Value> for TaskOutput {
     fn from(v: serde_json::Value) -> Self {
         TaskOutput::Json(v)
+    }
+}
+
+/// Stored as a JSON string.
+impl From<String> for TaskOutput {
+    fn from(s: String) -> Self {
+        TaskOutput::Json(serde_json::Value::String(s))
+    }
+}
+
+/// Stored as a JSON string.
+impl From<&'static str> for TaskOutput {
+    fn from(s: &'static str) -> Self {
+        TaskOutput::Json(serde_json::Value::String(s.to_string()))
     }
 }
 
