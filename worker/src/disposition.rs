@@ -223,3 +223,41 @@ impl Disposition {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kairos_shared::client::NewTask;
+
+    fn task_with(headers: &[(&str, AMQPValue)]) -> Task {
+        let t = headers
+            .iter()
+            .fold(NewTask::new("x").id("t-1"), |t, (k, v)| {
+                t.header(k, v.clone())
+            });
+        let (_, props) = t.to_message().expect("message");
+        Task::decode("q", &props, b"").expect("task")
+    }
+
+    fn retry_after_of(props: &BasicProperties) -> Option<AMQPValue> {
+        props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(H_RETRY_AFTER_MS).cloned())
+    }
+
+    #[test]
+    fn a_retry_carries_the_handler_s_delay_and_never_a_stale_one() {
+        let plain = task_with(&[]);
+        let props = retry_properties(&plain, "429", Some(Duration::from_millis(1_500)));
+        assert_eq!(retry_after_of(&props), Some(AMQPValue::LongLongInt(1_500)));
+        // A header left from an earlier hop does not apply to this retry.
+        let stale = task_with(&[(H_RETRY_AFTER_MS, AMQPValue::LongLongInt(9))]);
+        assert_eq!(
+            retry_after_of(&retry_properties(&stale, "boom", None)),
+            None
+        );
+        let props = retry_properties(&stale, "boom", Some(Duration::from_secs(2)));
+        assert_eq!(retry_after_of(&props), Some(AMQPValue::LongLongInt(2_000)));
+    }
+}
