@@ -67,7 +67,7 @@ async fn a_killed_worker_s_task_resumes_from_its_checkpoint() {
     let mut tap = EventTap::new(&env).await;
     let penv = env.process_env();
     let mut first = Proc::spawn("kairos-worker", &penv);
-    let to = 40;
+    let to = 100;
     env.publish(
         &env.names.tasks_exchange(),
         "default",
@@ -92,7 +92,7 @@ async fn a_killed_worker_s_task_resumes_from_its_checkpoint() {
     );
     assert_eq!(result["to"], to);
     assert_eq!(s.progress, Some(100));
-    assert_eq!(s.progress_message.as_deref(), Some("40 of 40"));
+    assert_eq!(s.progress_message.as_deref(), Some("100 of 100"));
     assert_eq!(saved_step(&store, "count-1").await, Some(to));
     // One attempt, delivered twice: no retry, RabbitMQ's redelivery.
     tap.wait_until(Duration::from_secs(10), "the succeeded event", |seen| {
