@@ -611,3 +611,52 @@ async fn kairosctl_dead_lists_shows_replays_and_purges_by_filter() {
     assert_eq!(env.queue_depth(&env.names.dead()).await, 0);
     scheduler.stop().await;
 }
+
+/// Reads run ahead of the caller (many `basic.get`s in flight): over a
+/// thousand letters the pages still hold each once, in order, and a page
+/// that stops early puts back the letters read ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_over_a_long_queue_keep_the_order() {
+    let env = TestEnv::new("dllong").await;
+    let n = 1_000;
+    let letters = (0..n)
+        .map(|i| {
+            (
+                String::new(),
+                with_headers(
+                    task_props("test.long", &format!("L{i:04}")),
+                    &[
+                        (
+                            H_ORIGIN_QUEUE,
+                            text(if i % 10 == 0 { "rare" } else { "common" }),
+                        ),
+                        (H_ERROR, text("boom")),
+                    ],
+                ),
+                b"{}".to_vec(),
+            )
+        })
+        .collect();
+    env.publish_many(&env.names.dead(), letters).await;
+    env.wait_dead_depth(n, Duration::from_secs(30)).await;
+    let all: Vec<String> = (0..n).map(|i| format!("L{i:04}")).collect();
+    assert_eq!(page_all(&env, &Filter::default(), 150, None).await, all);
+    let rare = Filter {
+        queue: Some("rare".into()),
+        ..Filter::default()
+    };
+    let want: Vec<String> = (0..n).step_by(10).map(|i| format!("L{i:04}")).collect();
+    assert_eq!(page_all(&env, &rare, 7, None).await, want);
+    let shown = dead::show(&env.conn, &env.names, "L0998")
+        .await
+        .expect("show")
+        .expect("found");
+    assert_eq!(shown.letter.queue, "common");
+    assert_eq!(env.queue_depth(&env.names.dead()).await, n);
+    let counts = dead::count_by_queue(&env.conn, &env.names, 500)
+        .await
+        .expect("count");
+    assert!(!counts.complete, "bounded at 500");
+    assert_eq!(counts.queues.values().sum::<u64>(), 500);
+    assert_eq!(counts.total, 1_000);
+}

@@ -30,14 +30,14 @@ pub use filter::{
     Filter, FilterError, MAX_FILTER_ERROR_BYTES, MAX_FILTER_IDS, MAX_FILTER_NAME_BYTES,
 };
 pub use letter::{base64, to_json, DeadLetter, LetterDetail};
-pub use scan::MAX_SCAN;
+pub use scan::{MAX_SCAN, REQUEUE_WAIT};
 
 use crate::client::check;
 use crate::contract::ProtocolError::BadQueue;
 use crate::contract::{Names, ProtocolError, H_ATTEMPT, H_ERROR, H_FAILED_AT, H_ORIGIN_QUEUE};
 use crate::short::short;
 use crate::topology::{self, DeclareError};
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueuePurgeOptions};
+use lapin::options::{BasicPublishOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
 use letter::{describe, detail, origin_queue};
@@ -392,18 +392,9 @@ pub async fn count_by_queue(
 ) -> Result<DeadCounts, DeadError> {
     let total = {
         let channel = conn.create_channel().await?;
-        let q = channel
-            .queue_declare(
-                names.short_dead(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
+        let n = scan::ready_count(&channel, &names.short_dead()).await;
         let _ = channel.close(200, "counted".into()).await;
-        u64::from(q?.message_count())
+        n?
     };
     if total == 0 {
         return Ok(DeadCounts {
