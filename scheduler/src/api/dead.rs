@@ -15,6 +15,7 @@
 
 use super::json_error;
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -153,10 +154,20 @@ async fn connect(api: &DeadApi) -> Result<lapin::Connection, DeadApiError> {
         .map_err(|e| DeadApiError::Broker(e.to_string()))
 }
 
+/// The query parameters, or 400 (JSON, field `query`) when the query
+/// string cannot be read.
+fn query_params(
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<HashMap<String, String>, DeadApiError> {
+    q.map(|Query(p)| p)
+        .map_err(|e| invalid("query", e.body_text()))
+}
+
 async fn list_dead(
     State(api): State<DeadApi>,
-    Query(params): Query<HashMap<String, String>>,
+    params: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, DeadApiError> {
+    let params = query_params(params)?;
     let filter = query_filter(&params, &["limit", "cursor"])?;
     let limit = match params.get("limit") {
         None => DEFAULT_PAGE,
@@ -245,8 +256,9 @@ async fn replay_dead(State(api): State<DeadApi>, body: Bytes) -> Result<Response
 
 async fn purge_dead(
     State(api): State<DeadApi>,
-    Query(params): Query<HashMap<String, String>>,
+    params: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, DeadApiError> {
+    let params = query_params(params)?;
     let filter = query_filter(&params, &["ids"])?;
     let conn = connect(&api).await?;
     let purged = dead::purge_matching(&conn, &api.names, &filter).await;
