@@ -660,3 +660,51 @@ async fn pages_over_a_long_queue_keep_the_order() {
     assert_eq!(counts.queues.values().sum::<u64>(), 500);
     assert_eq!(counts.total, 1_000);
 }
+
+/// The new routes sit behind the API token like every other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_routes_need_the_token() {
+    let env = TestEnv::new("dltoken").await;
+    let addr = free_addr();
+    let mut sc = env.scheduler_config();
+    sc.http_addr = addr;
+    sc.api_token = Some(kairos_shared::secrets::Secret::new("dead-letter-token"));
+    let scheduler = InProcess::scheduler(sc);
+    let with = |token: Option<&str>, method: &'static str, path: &'static str| {
+        let addr = addr.to_string();
+        let token = token.map(str::to_string);
+        tokio::task::spawn_blocking(move || {
+            kairosctl::Api::new(&addr)
+                .with_token(token)
+                .send(method, path, None)
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while with(Some("dead-letter-token"), "GET", "/v1/dead")
+        .await
+        .expect("join")
+        .map(|r| r.status)
+        != Ok(200)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "API did not answer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (method, path) in [
+        ("GET", "/v1/dead/some-id"),
+        ("GET", "/v1/dead?queue=q"),
+        ("POST", "/v1/dead/replay"),
+        ("DELETE", "/v1/dead?name=x"),
+    ] {
+        let r = with(None, method, path)
+            .await
+            .expect("join")
+            .expect("answer");
+        assert_eq!(r.status, 401, "{method} {path}");
+        let r = with(Some("dead-letter-token"), method, path)
+            .await
+            .expect("join")
+            .expect("answer");
+        assert!(r.status == 200 || r.status == 404, "{method} {path}: {r:?}");
+    }
+    scheduler.stop().await;
+}
