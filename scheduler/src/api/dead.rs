@@ -186,7 +186,7 @@ async fn list_dead(
             )
         })?),
     };
-    if cursor.is_some_and(|c| c.position >= MAX_SCAN) {
+    if cursor.as_ref().is_some_and(|c| c.position >= MAX_SCAN) {
         return Err(invalid(
             "cursor",
             format!("beyond the first {MAX_SCAN} letters, which is as far as a listing reads"),

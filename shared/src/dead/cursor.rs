@@ -2,53 +2,86 @@
 //!
 //! A page is read from the head of `NS.dead` with `basic.get` (the letters
 //! are held unacked and put back in order), so a cursor cannot be a broker
-//! position. It is the position after the last letter returned, counted
-//! from the head, plus a fingerprint of that letter (id, failed-at,
-//! attempt). The next page looks for the fingerprint at or before that
-//! position and resumes right after it: letters removed in front of it
-//! (replayed, purged) do not make the next page skip any; new dead letters
-//! go to the tail and show up on a later page. Only when the letter the
-//! cursor points after was itself removed does the next page resume at
-//! its old position minus one, which skips as many letters as were removed
-//! before it besides itself.
+//! position. It holds the position after the last letter returned, counted
+//! from the head, and fingerprints (id, failed-at, attempt) of the page's
+//! last [`MARKS`] letters with the position of the oldest of them. The next
+//! page looks for those letters at or before the position and resumes right
+//! after the furthest one it finds:
+//!
+//! * letters removed (replayed, purged) in front of the cursor make the
+//!   next page skip nothing, nor does the removal of some of the marked
+//!   letters themselves;
+//! * new dead letters go to the tail and show up on a later page;
+//! * only when every marked letter is gone does the next page resume where
+//!   the oldest of them was, which skips as many letters as were removed in
+//!   front of them (none when only the page's own letters went).
 
 use super::letter::DeadLetter;
 
-/// Where the next page starts. Printed as `POSITION-FINGERPRINT`; clients
-/// treat it as opaque.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Letters of a page a cursor remembers.
+pub const MARKS: usize = 8;
+
+/// Where the next page starts. Printed as
+/// `POSITION-FIRST-FP.FP...`; clients treat it as opaque.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cursor {
     /// Letters from the head up to and including the last one returned.
     pub position: usize,
-    /// [`fingerprint`] of that letter.
-    pub fingerprint: u64,
+    /// 0-based position of the oldest marked letter.
+    pub first: usize,
+    /// [`fingerprint`]s of the page's last letters, oldest first (1 to
+    /// [`MARKS`]).
+    pub marks: Vec<u64>,
 }
 
 impl Cursor {
-    /// The cursor after `letter`, found at 0-based `index`.
-    pub fn after(index: usize, letter: &DeadLetter) -> Self {
-        Cursor {
-            position: index + 1,
-            fingerprint: fingerprint(letter),
-        }
+    /// The cursor after a page's letters (with their 0-based positions, in
+    /// order); None for an empty page.
+    pub fn after(page: &[(usize, DeadLetter)]) -> Option<Self> {
+        let (last, _) = page.last()?;
+        let marked = &page[page.len().saturating_sub(MARKS)..];
+        Some(Cursor {
+            position: last + 1,
+            first: marked[0].0,
+            marks: marked.iter().map(|(_, d)| fingerprint(d)).collect(),
+        })
     }
 
     /// Parses what [`Display`](std::fmt::Display) printed.
     pub fn parse(text: &str) -> Option<Self> {
-        let (position, fp) = text.split_once('-')?;
-        if fp.len() != 16 {
+        let mut parts = text.splitn(3, '-');
+        let position: usize = parts.next()?.parse().ok().filter(|p| *p > 0)?;
+        let first: usize = parts.next()?.parse().ok().filter(|f| *f < position)?;
+        let marks = parts
+            .next()?
+            .split('.')
+            .map(|fp| {
+                (fp.len() == 16)
+                    .then(|| u64::from_str_radix(fp, 16).ok())
+                    .flatten()
+            })
+            .collect::<Option<Vec<u64>>>()?;
+        if marks.is_empty() || marks.len() > MARKS {
             return None;
         }
         Some(Cursor {
-            position: position.parse().ok().filter(|p| *p > 0)?,
-            fingerprint: u64::from_str_radix(fp, 16).ok()?,
+            position,
+            first,
+            marks,
         })
     }
 }
 
 impl std::fmt::Display for Cursor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{:016x}", self.position, self.fingerprint)
+        write!(f, "{}-{}-", self.position, self.first)?;
+        for (i, m) in self.marks.iter().enumerate() {
+            if i > 0 {
+                f.write_str(".")?;
+            }
+            write!(f, "{m:016x}")?;
+        }
+        Ok(())
     }
 }
 
@@ -74,30 +107,39 @@ pub fn fingerprint(letter: &DeadLetter) -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_cursor_prints_and_parses_back() {
-        let l = DeadLetter {
-            id: Some("x".into()),
+    fn letter(id: &str, failed_at: i64) -> DeadLetter {
+        DeadLetter {
+            id: Some(id.into()),
             name: None,
             queue: "q".into(),
             attempt: Some("3".into()),
             error: None,
-            failed_at: Some(17),
+            failed_at: Some(failed_at),
             body_bytes: 0,
-        };
-        let c = Cursor::after(41, &l);
-        assert_eq!(c.position, 42);
+        }
+    }
+
+    #[test]
+    fn a_cursor_prints_and_parses_back() {
+        let page: Vec<(usize, DeadLetter)> = (0..12)
+            .map(|i| (i * 2, letter(&format!("x{i}"), 17)))
+            .collect();
+        let c = Cursor::after(&page).expect("a page");
+        assert_eq!(c.position, 23);
+        assert_eq!(c.first, 8, "the last eight letters are marked");
+        assert_eq!(c.marks.len(), MARKS);
         assert_eq!(Cursor::parse(&c.to_string()), Some(c));
-        let mut other = l.clone();
-        other.failed_at = Some(18);
-        assert_ne!(fingerprint(&l), fingerprint(&other));
+        assert_eq!(Cursor::after(&[]), None);
+        assert_ne!(fingerprint(&letter("x", 17)), fingerprint(&letter("x", 18)));
         for bad in [
             "",
             "12",
-            "x-0000000000000000",
-            "0-0000000000000000",
-            "3-zz",
-            "3-00",
+            "x-0-0000000000000000",
+            "0-0-0000000000000000",
+            "3-3-0000000000000000",
+            "3-1-zz",
+            "3-1-00",
+            "3-1-",
         ] {
             assert_eq!(Cursor::parse(bad), None, "{bad}");
         }

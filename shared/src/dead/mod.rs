@@ -25,7 +25,7 @@ mod filter;
 mod letter;
 mod scan;
 
-pub use cursor::{fingerprint, Cursor};
+pub use cursor::{fingerprint, Cursor, MARKS};
 pub use filter::{
     Filter, FilterError, MAX_FILTER_ERROR_BYTES, MAX_FILTER_IDS, MAX_FILTER_NAME_BYTES,
 };
@@ -157,24 +157,31 @@ pub async fn page(
     with_scan(conn, names, MAX_SCAN, false, async |scan: &mut Scan| {
         // (position, letter) of the matches after the start.
         let mut out: Vec<(usize, DeadLetter)> = Vec::new();
-        if let Some(c) = cursor {
-            // Look for the letter the cursor points after, at or before
-            // its position; the page starts after its last sighting.
+        if let Some(c) = &cursor {
+            // Look for the letters the cursor marked, at or before its
+            // position: the page starts after the furthest one found; if
+            // none is left, where the oldest of them was.
             let mut found = false;
+            let mut unmarked: Vec<(usize, DeadLetter)> = Vec::new();
             while scan.read < c.position {
                 let Some(m) = scan.next().await? else { break };
                 scan.keep(&m);
                 let i = scan.read - 1;
                 let d = describe(&m);
-                if fingerprint(&d) == c.fingerprint {
+                if c.marks.contains(&fingerprint(&d)) {
                     found = true;
                     out.clear();
-                } else if (found || i + 1 == c.position) && out.len() < limit && filter.matches(&d)
-                {
-                    // Not found by its position: it was removed; resume
-                    // where it was.
-                    out.push((i, d));
+                } else if filter.matches(&d) {
+                    if out.len() < limit {
+                        out.push((i, d.clone()));
+                    }
+                    if i >= c.first && unmarked.len() < limit {
+                        unmarked.push((i, d));
+                    }
                 }
+            }
+            if !found {
+                out = unmarked;
             }
         }
         while out.len() < limit {
@@ -187,10 +194,10 @@ pub async fn page(
         }
         out.truncate(limit);
         let at_end = scan.remaining == 0 || scan.truncated || scan.read >= MAX_SCAN;
-        let next_cursor = match out.last() {
-            _ if at_end => None,
-            Some((i, d)) if out.len() == limit => Some(Cursor::after(*i, d).to_string()),
-            _ => None,
+        let next_cursor = if at_end || out.len() < limit {
+            None
+        } else {
+            Cursor::after(&out).map(|c| c.to_string())
         };
         Ok(Page {
             dead: out.into_iter().map(|(_, d)| d).collect(),
