@@ -423,7 +423,7 @@ pub async fn count_by_queue(
             Ok(DeadCounts {
                 queues,
                 total: total.max(scan.read as u64),
-                complete: !scan.truncated,
+                complete: !scan.truncated && max > 0,
             })
         },
     )
