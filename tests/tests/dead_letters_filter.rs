@@ -323,8 +323,9 @@ async fn the_http_api_filters_shows_and_replays_or_purges_only_the_matches() {
         ],
     )
     .await;
-    // Two that really failed: kairos.fail without retries.
-    for id in ["F1", "F2"] {
+    // Two that really failed: kairos.fail without retries, one after the
+    // other so that they die in this order.
+    for (n, id) in [(7, "F1"), (8, "F2")] {
         let r = call(
             &api,
             "POST",
@@ -333,8 +334,8 @@ async fn the_http_api_filters_shows_and_replays_or_purges_only_the_matches() {
         )
         .await;
         assert_eq!(r.status, 202, "{:?}", r.body);
+        env.wait_dead_depth(n, Duration::from_secs(20)).await;
     }
-    env.wait_dead_depth(8, Duration::from_secs(20)).await;
 
     // Paging a filter over HTTP.
     let p1 = call(&api, "GET", "/v1/dead?queue=qa&limit=2", None).await;
