@@ -1,7 +1,8 @@
 //! The HTTP API: tasks, schedules, probes, behind one guard.
 //!
 //! * `guard`: the API token and the JSON content type, before every route.
-//! * `tasks`: enqueue, look up and dead letters.
+//! * `tasks`: enqueue (and `/healthz`); merges `dead`.
+//! * `dead`: the dead letters: page, show, replay, purge.
 //! * `schedules`: the schedule routes and the probes.
 //! * `events`: the live event stream (`GET /v1/events`).
 //! * `handler_io`: checkpoints, progress and results from handlers in
@@ -10,6 +11,7 @@
 //! May touch: the delay queue (through `crate::delay::hold`), the schedule
 //! admin, RabbitMQ (publishing tasks). Holds no state of its own.
 
+pub(crate) mod dead;
 pub(crate) mod events;
 pub(crate) mod guard;
 pub(crate) mod handler_io;
