@@ -7,6 +7,8 @@
 //! * `events`: the live event stream (`GET /v1/events`).
 //! * `handler_io`: checkpoints, progress and results from handlers in
 //!   other languages (`/v1/tasks/{id}/checkpoint|progress|result`).
+//! * `openapi`: the OpenAPI document of all of them (`/v1/openapi.json`),
+//!   made from the same definitions that register the routes.
 //!
 //! May touch: the delay queue (through `crate::delay::hold`), the schedule
 //! admin, RabbitMQ (publishing tasks). Holds no state of its own.
@@ -15,6 +17,7 @@ pub(crate) mod dead;
 pub(crate) mod events;
 pub(crate) mod guard;
 pub(crate) mod handler_io;
+pub(crate) mod openapi;
 pub(crate) mod schedules;
 pub mod tasks;
 
@@ -29,7 +32,8 @@ use serde_json::{json, Value};
 /// routes, `/readyz` when there are background loops to report
 /// (`health`; none in process, for kairosctl), and the event stream when
 /// given `events` (none in process: kairosctl's in-process calls answer
-/// once and cannot stream). Without a `token` the API is open.
+/// once and cannot stream), with the OpenAPI document of those at
+/// `/v1/openapi.json`. Without a `token` the API is open.
 pub(crate) fn router(
     admin: Admin,
     tasks: tasks::TaskApi,
@@ -39,7 +43,7 @@ pub(crate) fn router(
     token: Option<Secret>,
 ) -> Router {
     let mut routes = schedules::router(admin)
-        .merge(tasks::router(tasks))
+        .merge(tasks::routes(tasks))
         .merge(handler_io::router(handler_io));
     if let Some(health) = health {
         routes = routes.merge(schedules::probes(health));
@@ -47,7 +51,7 @@ pub(crate) fn router(
     if let Some(events) = events {
         routes = routes.merge(events::router(events));
     }
-    guard::guard(routes, token)
+    guard::guard(openapi::serve(routes), token)
 }
 
 /// An error as the API answers it: `status` with the JSON body
