@@ -126,6 +126,18 @@ async fn the_document_lists_every_route_and_names_only_served_ones() {
             "{method} {path} is missing from the document"
         );
     }
+    let mut ids: Vec<&str> = operations
+        .iter()
+        .filter_map(|(_, _, op)| op["operationId"].as_str())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        operations.len(),
+        "an operation without operationId"
+    );
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), operations.len(), "operationIds must be unique");
     for (method, path, op) in &operations {
         let what = format!("{method} {path}");
         assert!(

@@ -100,6 +100,7 @@ impl IntoResponse for AdminError {
 #[utoipa::path(
     get,
     path = "/v1/schedules",
+    operation_id = "list_schedules",
     tag = "schedules",
     responses(
         (status = 200, description = "`{\"schedules\": [...]}`", body = Schedules),
@@ -115,6 +116,7 @@ async fn list(State(admin): State<Admin>) -> Result<Response, AdminError> {
 #[utoipa::path(
     get,
     path = "/v1/schedules/{id}",
+    operation_id = "show_schedule",
     tag = "schedules",
     params(("id" = String, Path, description = "The schedule id: 1 to 128 of A-Z a-z 0-9 . _ : -")),
     responses(
@@ -132,6 +134,7 @@ async fn show(State(admin): State<Admin>, Path(id): Path<String>) -> Result<Resp
 #[utoipa::path(
     put,
     path = "/v1/schedules/{id}",
+    operation_id = "put_schedule",
     tag = "schedules",
     params(("id" = String, Path, description = "The schedule id: 1 to 128 of A-Z a-z 0-9 . _ : -")),
     request_body = ScheduleSpec,
@@ -162,6 +165,7 @@ async fn put(
 #[utoipa::path(
     post,
     path = "/v1/schedules/{id}/pause",
+    operation_id = "pause_schedule",
     tag = "schedules",
     params(("id" = String, Path, description = "The schedule id: 1 to 128 of A-Z a-z 0-9 . _ : -")),
     responses(
@@ -179,6 +183,7 @@ async fn pause(State(admin): State<Admin>, Path(id): Path<String>) -> Result<Res
 #[utoipa::path(
     post,
     path = "/v1/schedules/{id}/resume",
+    operation_id = "resume_schedule",
     tag = "schedules",
     params(("id" = String, Path, description = "The schedule id: 1 to 128 of A-Z a-z 0-9 . _ : -")),
     responses(
@@ -199,6 +204,7 @@ async fn resume(
 #[utoipa::path(
     delete,
     path = "/v1/schedules/{id}",
+    operation_id = "delete_schedule",
     tag = "schedules",
     params(("id" = String, Path, description = "The schedule id: 1 to 128 of A-Z a-z 0-9 . _ : -")),
     responses(
