@@ -492,8 +492,12 @@ impl Api {
                     drop(done_tx);
                     let stop = &stop;
                     s.spawn(move || {
-                        for job in requests {
-                            if stop() || job_tx.send(job).is_err() {
+                        let mut requests = requests;
+                        // `stop` is asked before a request is taken, so
+                        // every request taken is sent and answered.
+                        while !stop() {
+                            let Some(job) = requests.next() else { break };
+                            if job_tx.send(job).is_err() {
                                 break;
                             }
                         }

@@ -551,16 +551,14 @@ fn task_add_file(
         indicatif::ProgressBar::hidden()
     } else if stdin {
         indicatif::ProgressBar::new_spinner().with_style(
-            indicatif::ProgressStyle::with_template("{spinner} {pos} lines  {per_sec}")
+            indicatif::ProgressStyle::with_template("{spinner} {pos} lines  {elapsed}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
         )
     } else {
         let total = count_lines(path)?;
         indicatif::ProgressBar::new(total).with_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} lines  {per_sec}  eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} lines  eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         )
     };
     let on_line = {
