@@ -19,11 +19,12 @@ use serde::Serialize;
 use serde_json::Value;
 use std::time::Duration;
 
+pub mod tail;
+
 pub mod bulk;
 pub mod exit;
 pub mod ops;
 pub mod table;
-pub mod tail;
 
 /// The longest one HTTP request may take, connecting included.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);

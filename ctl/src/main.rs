@@ -1,7 +1,5 @@
 //! `kairosctl schedule add|list|show|pause|resume|rm`,
-//! `kairosctl task add|show|cancel|abort|list`, `kairosctl queues`,
-//! `kairosctl queue pause|resume`, `kairosctl dead list|replay|purge`,
-//! `kairosctl tail`. Exit codes: `kairosctl::exit` (docs/KAIROSCTL.md).
+//! `kairosctl task add`, `kairosctl dead list|replay|purge`.
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -452,7 +450,11 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let cmd = match cli.command {
         Command::Schedule(cmd) => cmd,
-        Command::Task(TaskCmd::Add(add)) => return task_add(&api, *add),
+        Command::Task(TaskCmd::Add(add)) => {
+            return task_add(&api, *add);
+        }
+        Command::Dead(cmd) => return dead(&api, cmd),
+        Command::Tail(_) => unreachable!("tail is handled before connecting"),
         Command::Task(TaskCmd::Show { id, json }) => {
             return Ok(code(ops::task_show(&api, &id, Output::from_flag(json))))
         }
@@ -493,8 +495,6 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
                 Output::from_flag(json),
             )))
         }
-        Command::Dead(cmd) => return dead(&api, cmd),
-        Command::Tail(_) => unreachable!("tail is handled before connecting"),
     };
     let reply = match cmd {
         ScheduleCmd::Add(add) => {
