@@ -364,15 +364,17 @@ fn when(task: &Value, now: i64) -> String {
         "running" => at("started_at").map(|t| format!("running {}", span(now - t))),
         _ => at("finished_at").map(|t| format!("finished {}", relative(t, now))),
     };
-    described.unwrap_or_else(|| "-".into())
+    described
+        .or_else(|| at("updated_at").map(|t| format!("updated {}", relative(t, now))))
+        .unwrap_or_else(|| "-".into())
 }
 
-/// `task list`: one row per task; the error cut to one short line.
+/// `task list`: one row per task (ids in full, to copy); the error cut to
+/// one short line.
 pub fn render_task_list(body: &Value, now: i64) -> String {
     let mut t = Table::new(&[
         "ID", "STATE", "NAME", "QUEUE", "ATTEMPT", "PROGRESS", "WHEN", "ERROR",
     ])
-    .cap(0, 40)
     .cap(2, 30)
     .cap(3, 20)
     .cap(7, 60);
