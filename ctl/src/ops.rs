@@ -463,6 +463,15 @@ pub fn render_queues(body: &Value) -> String {
             text(&dq["due"]).unwrap_or_else(|| "-".into())
         ));
     }
+    let dead = &body["dead_letters"];
+    if let Some(total) = dead["total"].as_u64() {
+        match dead["counted"].as_u64() {
+            Some(counted) if counted < total => out.push_str(&format!(
+                "dead letters: {total} (the per-queue DEAD counts the first {counted})\n"
+            )),
+            _ => out.push_str(&format!("dead letters: {total}\n")),
+        }
+    }
     out
 }
 
@@ -536,13 +545,14 @@ mod tests {
         let body = json!({"queues": [
             {"name": "default", "ready": 12, "consumers": 2, "delayed": 5, "due": 1, "dead": 0,
              "paused": true, "rates": {"enqueued": 60, "succeeded": 58.5, "failed": 0, "dead": 0}}
-        ], "delay_queue": {"waiting": 5, "due": 1}});
+        ], "delay_queue": {"waiting": 5, "due": 1}, "dead_letters": {"total": 7, "counted": 7}});
         let text = render_queues(&body);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("NAME     READY  CONSUMERS"), "{text}");
         assert!(lines[1].starts_with("default  12     2"), "{text}");
         assert!(lines[1].contains("paused  60      58.5"), "{text}");
         assert_eq!(lines[2], "delay queue: 5 waiting, 1 due");
+        assert_eq!(lines[3], "dead letters: 7");
     }
 
     #[test]

@@ -475,6 +475,13 @@ async fn queues_pause_and_resume() {
             .unwrap_or_else(|| panic!("no queue default in {body}"))
     };
 
+    // Paused, the queue is listed (the paused set names it).
+    let out = ctl.run(&["queue", "pause", "default"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(
+        out.stdout,
+        "queue default paused: workers stop taking from it\n"
+    );
     let out = ctl.run(&["queues", "--json"]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
     let body = out.json();
@@ -482,16 +489,9 @@ async fn queues_pause_and_resume() {
     for k in ["ready", "consumers", "delayed", "due", "dead"] {
         assert!(q[k].is_number(), "{k}: {q}");
     }
-    assert_eq!(q["paused"], false, "{q}");
+    assert_eq!(q["paused"], true, "{q}");
     assert!(q["rates"].is_object(), "{q}");
     assert!(body["delay_queue"]["waiting"].is_number(), "{body}");
-
-    let out = ctl.run(&["queue", "pause", "default"]).await;
-    assert_eq!(out.code, Some(0), "{out:?}");
-    assert_eq!(
-        out.stdout,
-        "queue default paused: workers stop taking from it\n"
-    );
     let out = ctl.run(&["queues"]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.starts_with("NAME "), "{out:?}");
@@ -502,11 +502,29 @@ async fn queues_pause_and_resume() {
         "{out:?}"
     );
     assert!(out.stdout.contains("delay queue: "), "{out:?}");
+
     let out = ctl.run(&["queue", "resume", "default", "--json"]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(out.json(), json!({"name": "default", "paused": false}));
-    let out = ctl.run(&["queues", "--json"]).await;
-    assert_eq!(default_queue(&out.json())["paused"], false);
+    // Listed now because its worker said it consumes it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = ctl.run(&["queues", "--json"]).await;
+        assert_eq!(out.code, Some(0), "{out:?}");
+        let listed = out.json()["queues"]
+            .as_array()
+            .and_then(|q| q.iter().find(|q| q["name"] == "default").cloned());
+        if let Some(q) = listed {
+            assert_eq!(q["paused"], false, "{q}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{out:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A name no queue can have: 400, exit 1.
+    let out = ctl.run(&["queue", "pause", "bad\u{1}name"]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("cannot pause queue"), "{out:?}");
     worker.stop().await;
     scheduler.stop().await;
 }
