@@ -534,6 +534,14 @@ fn task_add(api: &Api, add: TaskAdd) -> anyhow::Result<ExitCode> {
         println!("{}", reply.body["id"].as_str().unwrap_or_default());
         return Ok(ExitCode::SUCCESS);
     }
+    if json && !reply.ok() && !reply.body.is_null() {
+        // The answer on stdout (a duplicate's 409 names the id), the
+        // error on stderr.
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reply.body).unwrap_or_default()
+        );
+    }
     Ok(print_reply(&reply))
 }
 
