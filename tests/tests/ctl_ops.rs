@@ -205,6 +205,23 @@ async fn task_add_file_sends_the_good_lines_and_reports_the_bad_ones_by_number()
     );
     // No progress bar when stderr is not a terminal.
     assert!(out.stderr.is_empty(), "{out:?}");
+    // One more of the pending id: 409, exit 1, the answer as JSON.
+    let out = ctl
+        .run(&[
+            "task",
+            "add",
+            "--name",
+            "test.record",
+            "--id",
+            "bulk-dup",
+            "--delay-ms",
+            "600000",
+            "--json",
+        ])
+        .await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert_eq!(out.json()["id"], "bulk-dup", "{out:?}");
+    assert!(out.stderr.contains("HTTP 409"), "{out:?}");
     // 42 run now (bulk-dup is due in 10 minutes), each once.
     log.wait_distinct(42, Duration::from_secs(30)).await;
     for id in ["bulk-a", "bulk-b", "bulk-0", "bulk-39"] {
