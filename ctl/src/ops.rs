@@ -174,17 +174,17 @@ fn refusal(verb: &str, id: &str, reply: &Reply) -> String {
     let state = reply.body["state"].as_str();
     match (reply.status, state) {
         (404, _) => format!("task {id} not found (unknown, or its status expired)"),
+        (409, Some("cancelled")) => format!("cannot {verb} task {id}: it is already cancelled"),
         (409, Some(state)) => {
             let hint = match (verb, state) {
                 ("cancel", "ready" | "running") => {
                     ": only a task waiting in the delay queue (scheduled or retrying) can be cancelled; \
                      abort a running one with `kairosctl task abort`"
                 }
-                ("cancel", _) => ": it has finished",
                 ("abort", "ready") => {
                     ": it is published and not started yet; try again once it runs"
                 }
-                ("abort", _) => ": it has finished",
+                (_, "succeeded" | "dead") => ": it has finished",
                 _ => "",
             };
             format!("cannot {verb} task {id}: it is {state}{hint}")
@@ -571,6 +571,14 @@ mod tests {
             body: json!({"error": "unknown"}),
         };
         assert!(refusal("show", "t", &r).contains("not found"));
+        let r = Reply {
+            status: 409,
+            body: json!({"error": "x", "id": "t", "state": "cancelled"}),
+        };
+        assert_eq!(
+            refusal("abort", "t", &r),
+            "cannot abort task t: it is already cancelled"
+        );
     }
 
     #[test]

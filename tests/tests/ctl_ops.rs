@@ -457,7 +457,7 @@ async fn task_show_cancel_and_list_a_delayed_task() {
     let out = ctl.run(&["task", "cancel", "later-1", "--json"]).await;
     assert_eq!(out.code, Some(1), "{out:?}");
     assert_eq!(out.json()["state"], "cancelled", "{out:?}");
-    assert!(out.stderr.contains("it is cancelled"), "{out:?}");
+    assert!(out.stderr.contains("it is already cancelled"), "{out:?}");
     let out = ctl.run(&["task", "show", "later-1", "--json"]).await;
     assert_eq!(out.json()["state"], "cancelled", "{out:?}");
 
