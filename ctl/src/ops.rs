@@ -173,6 +173,10 @@ fn answer(
 fn refusal(verb: &str, id: &str, reply: &Reply) -> String {
     let state = reply.body["state"].as_str();
     match (reply.status, state) {
+        // The route's own 404 is JSON; an empty one is a server without it.
+        (404, _) if reply.body.is_null() => format!(
+            "cannot {verb} task {id}: HTTP 404 without a body: this scheduler does not serve the route (an older version?)"
+        ),
         (404, _) => format!("task {id} not found (unknown, or its status expired)"),
         (409, Some("cancelled")) => format!("cannot {verb} task {id}: it is already cancelled"),
         (409, Some(state)) => {
@@ -571,6 +575,11 @@ mod tests {
             body: json!({"error": "unknown"}),
         };
         assert!(refusal("show", "t", &r).contains("not found"));
+        let r = Reply {
+            status: 404,
+            body: Value::Null,
+        };
+        assert!(refusal("show", "t", &r).contains("does not serve the route"));
         let r = Reply {
             status: 409,
             body: json!({"error": "x", "id": "t", "state": "cancelled"}),
