@@ -7,11 +7,13 @@
 //! counted with its line number and the rest go on. Only a server that
 //! stops answering stops the run: after [`GIVE_UP_AFTER`] answers in a
 //! row that did not come (or were 503), no more lines are read, and the
-//! summary says from which line on nothing was sent.
+//! summary says from which line on nothing was sent. With a `failed_out`
+//! writer, every line that was not accepted (bad, refused, unanswered, or
+//! never sent because the run stopped) is copied there, to send again.
 
 use crate::{exit, Api, CallError, Reply};
 use serde::Serialize;
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -56,14 +58,20 @@ pub struct Summary {
     /// Whether some failure was for want of an answer (exit code 3).
     #[serde(skip)]
     pub unreachable: bool,
+    /// Why the lines not accepted could not all be copied, if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_error: Option<String>,
 }
 
 impl Summary {
     /// The exit code: 3 when the server could not be reached (for some
-    /// lines or from some line on), 1 when a line failed, else 0.
+    /// lines or from some line on), 2 when the lines not accepted could
+    /// not be copied, 1 when a line failed, else 0.
     pub fn exit_code(&self) -> u8 {
         if self.unreachable || self.stopped.is_some() {
             exit::UNREACHABLE
+        } else if self.write_error.is_some() {
+            exit::USAGE
         } else if self.failed > 0 {
             exit::ANSWERED_ERROR
         } else {
@@ -99,6 +107,9 @@ impl Summary {
             if let Some(line) = self.not_sent_from_line {
                 out.push_str(&format!("lines from {line} on were not sent\n"));
             }
+        }
+        if let Some(e) = &self.write_error {
+            out.push_str(&format!("{e}\n"));
         }
         out
     }
@@ -156,15 +167,16 @@ enum Outcome {
 }
 
 /// Reads lines as they are needed; bad ones go to `bad`, good ones are
-/// yielded with their line number.
-struct Lines<'a, R> {
+/// yielded with their line number (and a copy of the line when lines not
+/// accepted are kept).
+struct Lines<'s, 'a, R> {
     input: R,
     line: u64,
-    shared: &'a Shared,
+    shared: &'s Shared<'a>,
 }
 
 /// What the reading side and the answering side share.
-struct Shared {
+struct Shared<'a> {
     bad: Mutex<Vec<Failure>>,
     /// Lines holding something, read so far.
     lines: AtomicU64,
@@ -172,6 +184,10 @@ struct Shared {
     last_line: AtomicU64,
     /// Why reading stopped (an I/O error), if it did.
     read_error: Mutex<Option<String>>,
+    /// Where lines not accepted are copied, if anywhere.
+    failed_out: Option<Mutex<&'a mut (dyn Write + Send)>>,
+    /// The first error writing there.
+    write_error: Mutex<Option<String>>,
     /// No-answers in a row.
     no_answer_run: AtomicUsize,
     give_up: AtomicBool,
@@ -179,35 +195,78 @@ struct Shared {
     on_bad: Box<dyn Fn() + Send + Sync>,
 }
 
-impl<R: BufRead> Iterator for Lines<'_, R> {
-    type Item = (u64, Vec<u8>);
+impl Shared<'_> {
+    /// Copies a line that was not accepted to `failed_out`.
+    fn keep(&self, line: &[u8]) {
+        let Some(out) = &self.failed_out else { return };
+        let written = match out.lock() {
+            Ok(mut out) => out.write_all(line).and_then(|()| out.write_all(b"\n")),
+            Err(_) => return,
+        };
+        if let Err(e) = written {
+            if let Ok(mut slot) = self.write_error.lock() {
+                slot.get_or_insert_with(|| format!("writing the lines not accepted: {e}"));
+            }
+        }
+    }
+}
+
+/// A line read: its number, and its text again when it may have to be
+/// kept.
+type LineKey = (u64, Vec<u8>);
+
+impl<R: BufRead> Lines<'_, '_, R> {
+    /// The next line and its number, without its line break; `None` at
+    /// the end or on a read error (kept in `read_error`).
+    fn next_raw(&mut self) -> Option<Vec<u8>> {
+        let mut buf = Vec::new();
+        match self.input.read_until(b'\n', &mut buf) {
+            Ok(0) => None,
+            Ok(_) => {
+                self.line += 1;
+                while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    buf.pop();
+                }
+                if self.line == 1 && buf.starts_with(UTF8_BOM) {
+                    buf.drain(..UTF8_BOM.len());
+                }
+                Some(buf)
+            }
+            Err(e) => {
+                if let Ok(mut slot) = self.shared.read_error.lock() {
+                    *slot = Some(format!("reading line {}: {e}", self.line + 1));
+                }
+                None
+            }
+        }
+    }
+}
+
+/// A byte-order mark some editors put first: not part of the JSON.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+impl<R: BufRead> Iterator for Lines<'_, '_, R> {
+    type Item = (LineKey, Vec<u8>);
 
     fn next(&mut self) -> Option<Self::Item> {
-        let mut buf = Vec::new();
         loop {
-            buf.clear();
-            match self.input.read_until(b'\n', &mut buf) {
-                Ok(0) => return None,
-                Ok(_) => {}
-                Err(e) => {
-                    if let Ok(mut slot) = self.shared.read_error.lock() {
-                        *slot = Some(format!("reading line {}: {e}", self.line + 1));
-                    }
-                    return None;
-                }
-            }
-            self.line += 1;
+            let buf = self.next_raw()?;
             self.shared.last_line.store(self.line, Ordering::Relaxed);
-            while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                buf.pop();
-            }
             if buf.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
             self.shared.lines.fetch_add(1, Ordering::Relaxed);
             match check_line(&buf) {
-                Ok(()) => return Some((self.line, buf)),
+                Ok(()) => {
+                    let copy = if self.shared.failed_out.is_some() {
+                        buf.clone()
+                    } else {
+                        Vec::new()
+                    };
+                    return Some(((self.line, copy), buf));
+                }
                 Err(error) => {
+                    self.shared.keep(&buf);
                     if let Ok(mut bad) = self.shared.bad.lock() {
                         bad.push(Failure {
                             line: self.line,
@@ -236,11 +295,15 @@ pub fn check_line(line: &[u8]) -> Result<(), String> {
 
 /// Sends every task of `input` through `api`, at most `concurrency` at
 /// once. `on_line` is called once per line that holds something, when its
-/// outcome is known (for a progress bar).
+/// outcome is known (for a progress bar). Lines not accepted are copied to
+/// `failed_out` when given (in the order they failed; a duplicate is not a
+/// failure and is not copied), and so is the rest of the input when the
+/// run stops.
 pub fn send(
     api: &Api,
     input: impl BufRead + Send,
     concurrency: usize,
+    failed_out: Option<&mut (dyn Write + Send)>,
     on_line: impl Fn() + Send + Sync + 'static,
 ) -> Summary {
     let on_line = std::sync::Arc::new(on_line);
@@ -253,11 +316,13 @@ pub fn send(
         lines: AtomicU64::new(0),
         last_line: AtomicU64::new(0),
         read_error: Mutex::new(None),
+        failed_out: failed_out.map(Mutex::new),
+        write_error: Mutex::new(None),
         no_answer_run: AtomicUsize::new(0),
         give_up: AtomicBool::new(false),
         on_bad,
     };
-    let lines = Lines {
+    let mut lines = Lines {
         input,
         line: 0,
         shared: &shared,
@@ -267,10 +332,14 @@ pub fn send(
     api.send_many(
         "POST",
         "/v1/tasks",
-        lines,
+        lines.by_ref(),
         concurrency,
-        |line, outcome| {
+        |(line, text): LineKey, outcome| {
+            let failed = summary.failed;
             let what = summary.record(line, outcome);
+            if summary.failed > failed {
+                shared.keep(&text);
+            }
             if what == Outcome::NoAnswer {
                 last_no_answer = summary.failures.last().map(|f| f.error.clone());
                 let run = shared.no_answer_run.fetch_add(1, Ordering::Relaxed) + 1;
@@ -284,7 +353,11 @@ pub fn send(
         },
         || shared.give_up.load(Ordering::Relaxed),
     );
-    let bad = shared.bad.into_inner().unwrap_or_default();
+    let bad = shared
+        .bad
+        .lock()
+        .map(|mut b| std::mem::take(&mut *b))
+        .unwrap_or_default();
     summary.failed += bad.len() as u64;
     summary.failures.extend(bad);
     summary.failures.sort_by_key(|f| f.line);
@@ -294,11 +367,22 @@ pub fn send(
             "{GIVE_UP_AFTER} requests in a row got no answer (last: {})",
             last_no_answer.unwrap_or_default()
         ));
-        summary.not_sent_from_line = Some(shared.last_line.load(Ordering::Relaxed) + 1);
-    } else if let Some(e) = shared.read_error.into_inner().ok().flatten() {
+        summary.not_sent_from_line = Some(lines.line + 1);
+        if shared.failed_out.is_some() {
+            // The rest was never read: copied as it is, to send later.
+            while let Some(rest) = lines.next_raw() {
+                if !rest.iter().all(u8::is_ascii_whitespace) {
+                    shared.keep(&rest);
+                }
+            }
+        }
+    }
+    let read_error = shared.read_error.lock().ok().and_then(|mut e| e.take());
+    if let (None, Some(e)) = (&summary.stopped, read_error) {
         summary.stopped = Some(e);
         summary.not_sent_from_line = Some(shared.last_line.load(Ordering::Relaxed) + 1);
     }
+    summary.write_error = shared.write_error.lock().ok().and_then(|mut e| e.take());
     summary
 }
 
@@ -316,6 +400,42 @@ mod tests {
         assert!(check_line(b"{\"name\":\"\xff\"}")
             .unwrap_err()
             .contains("UTF-8"));
+    }
+
+    #[test]
+    fn lines_skip_blanks_and_a_bom_and_keep_the_bad_ones() {
+        let mut kept: Vec<u8> = Vec::new();
+        let shared = Shared {
+            bad: Mutex::new(Vec::new()),
+            lines: AtomicU64::new(0),
+            last_line: AtomicU64::new(0),
+            read_error: Mutex::new(None),
+            failed_out: Some(Mutex::new(&mut kept)),
+            write_error: Mutex::new(None),
+            no_answer_run: AtomicUsize::new(0),
+            give_up: AtomicBool::new(false),
+            on_bad: Box::new(|| {}),
+        };
+        let input = b"\xEF\xBB\xBF{\"name\":\"a\"}\r\n\n  \nnope\n{\"name\":\"b\"}";
+        let lines = Lines {
+            input: &input[..],
+            line: 0,
+            shared: &shared,
+        };
+        let got: Vec<(u64, Vec<u8>)> = lines.map(|((n, _), body)| (n, body)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, br#"{"name":"a"}"#.to_vec()),
+                (5, br#"{"name":"b"}"#.to_vec())
+            ]
+        );
+        assert_eq!(shared.lines.load(Ordering::Relaxed), 3);
+        let bad = shared.bad.lock().map(|b| b.clone()).unwrap_or_default();
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].line, 4);
+        drop(shared);
+        assert_eq!(kept, b"nope\n");
     }
 
     #[test]

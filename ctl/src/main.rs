@@ -299,6 +299,11 @@ struct TaskAdd {
     #[arg(long, default_value_t = bulk::DEFAULT_CONCURRENCY, requires = "file",
           value_parser = clap::value_parser!(u16).range(1..=256))]
     concurrency: u16,
+    /// With --file: write the lines not accepted (bad, refused, unanswered,
+    /// or not sent because the run stopped) to this file, to send again
+    /// once fixed; empty when every line was accepted.
+    #[arg(long, value_name = "PATH", requires = "file")]
+    failed_out: Option<PathBuf>,
     /// Print the API's JSON (with --file: the summary as JSON, and no
     /// progress bar).
     #[arg(long)]
@@ -526,7 +531,13 @@ fn code(c: u8) -> ExitCode {
 /// `task add`: one task from the flags, or many from `--file`.
 fn task_add(api: &Api, add: TaskAdd) -> anyhow::Result<ExitCode> {
     if let Some(path) = add.file.clone() {
-        return task_add_file(api, &path, usize::from(add.concurrency), add.json);
+        return task_add_file(
+            api,
+            &path,
+            usize::from(add.concurrency),
+            add.failed_out.as_deref(),
+            add.json,
+        );
     }
     let json = add.json;
     let reply = api.enqueue(&task_template(add)?).map_err(no_answer)?;
@@ -551,9 +562,25 @@ fn task_add_file(
     api: &Api,
     path: &std::path::Path,
     concurrency: usize,
+    failed_out: Option<&std::path::Path>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let stdin = path.as_os_str() == "-";
+    let mut failed_file = match failed_out {
+        Some(out) => {
+            let same = !stdin
+                && std::fs::canonicalize(out)
+                    .ok()
+                    .is_some_and(|o| std::fs::canonicalize(path).is_ok_and(|p| p == o));
+            if same {
+                bail!("--failed-out {} is the --file itself", out.display());
+            }
+            let file = std::fs::File::create(out)
+                .with_context(|| format!("--failed-out {}", out.display()))?;
+            Some(std::io::BufWriter::new(file))
+        }
+        None => None,
+    };
     let show_bar = !json && std::io::stderr().is_terminal();
     let bar = if !show_bar {
         indicatif::ProgressBar::hidden()
@@ -573,18 +600,33 @@ fn task_add_file(
         let bar = bar.clone();
         move || bar.inc(1)
     };
-    let summary = if stdin {
+    let keep = failed_file
+        .as_mut()
+        .map(|w| w as &mut (dyn std::io::Write + Send));
+    let mut summary = if stdin {
         bulk::send(
             api,
             std::io::BufReader::new(std::io::stdin()),
             concurrency,
+            keep,
             on_line,
         )
     } else {
         let file =
             std::fs::File::open(path).with_context(|| format!("--file {}", path.display()))?;
-        bulk::send(api, std::io::BufReader::new(file), concurrency, on_line)
+        bulk::send(
+            api,
+            std::io::BufReader::new(file),
+            concurrency,
+            keep,
+            on_line,
+        )
     };
+    if let Some(Err(e)) = failed_file.as_mut().map(std::io::Write::flush) {
+        summary
+            .write_error
+            .get_or_insert_with(|| format!("writing the lines not accepted: {e}"));
+    }
     bar.finish_and_clear();
     if json {
         println!(

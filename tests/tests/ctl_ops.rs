@@ -184,8 +184,18 @@ async fn task_add_file_sends_the_good_lines_and_reports_the_bad_ones_by_number()
         lines.push(format!(r#"{{"name":"test.record","id":"bulk-{i}"}}"#));
     }
     let file = TempFile::new("bulk", &(lines.join("\n") + "\n"));
+    let failed = TempFile::new("bulk-failed", "");
     let out = ctl
-        .run(&["task", "add", "--file", file.path(), "--concurrency", "8"])
+        .run(&[
+            "task",
+            "add",
+            "--file",
+            file.path(),
+            "--concurrency",
+            "8",
+            "--failed-out",
+            failed.path(),
+        ])
         .await;
     // Bad lines make the run fail (1), but every good line was sent.
     assert_eq!(out.code, Some(1), "{out:?}");
@@ -205,6 +215,16 @@ async fn task_add_file_sends_the_good_lines_and_reports_the_bad_ones_by_number()
     );
     // No progress bar when stderr is not a terminal.
     assert!(out.stderr.is_empty(), "{out:?}");
+    // The lines not accepted, to fix and send again (not the duplicate).
+    let mut kept: Vec<String> = std::fs::read_to_string(failed.path())
+        .expect("--failed-out written")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    kept.sort();
+    let mut expected = vec![lines[2].clone(), lines[4].clone(), lines[5].clone()];
+    expected.sort();
+    assert_eq!(kept, expected);
     // One more of the pending id: 409, exit 1, the answer as JSON.
     let out = ctl
         .run(&[
@@ -340,10 +360,25 @@ async fn exit_codes_scripts_can_use() {
         .map(|i| format!("{{\"name\":\"test.record\",\"id\":\"gone-{i}\"}}\n"))
         .collect();
     let file = TempFile::new("gone", &text);
+    let failed = TempFile::new("gone-failed", "");
     let out = nobody
-        .run(&["task", "add", "--file", file.path(), "--concurrency", "1"])
+        .run(&[
+            "task",
+            "add",
+            "--file",
+            file.path(),
+            "--concurrency",
+            "1",
+            "--failed-out",
+            failed.path(),
+        ])
         .await;
     assert_eq!(out.code, Some(3), "{out:?}");
+    // Every line is kept to send later: those that failed and the rest.
+    assert_eq!(
+        std::fs::read_to_string(failed.path()).expect("--failed-out"),
+        text
+    );
     assert!(
         out.stdout.starts_with("sent 0, duplicates 0, failed "),
         "{out:?}"
@@ -354,6 +389,19 @@ async fn exit_codes_scripts_can_use() {
         "{out:?}"
     );
     assert!(out.stdout.contains("on were not sent"), "{out:?}");
+    // The file itself is never overwritten.
+    let out = nobody
+        .run(&[
+            "task",
+            "add",
+            "--file",
+            file.path(),
+            "--failed-out",
+            file.path(),
+        ])
+        .await;
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert_eq!(std::fs::read_to_string(file.path()).expect("file"), text);
 
     // 2: a scheduler that wants a token nobody gave (401).
     let addr = free_addr();
