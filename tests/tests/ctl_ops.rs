@@ -508,6 +508,19 @@ async fn task_show_cancel_and_list_a_delayed_task() {
     assert!(out.stderr.contains("it is already cancelled"), "{out:?}");
     let out = ctl.run(&["task", "show", "later-1", "--json"]).await;
     assert_eq!(out.json()["state"], "cancelled", "{out:?}");
+    // In process (no scheduler address): the same answers.
+    let direct = Ctl::direct(&env);
+    let out = direct.run(&["task", "show", "later-1", "--json"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.json()["state"], "cancelled", "{out:?}");
+    let out = direct.run(&["task", "list", "--state", "cancelled"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.lines().any(|l| l.starts_with("later-1")),
+        "{out:?}"
+    );
+    let out = direct.run(&["task", "cancel", "later-1"]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
 
     // Unknown: 404, exit 1, in words or as JSON.
     let out = ctl.run(&["task", "show", "nobody-knows"]).await;
