@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde_json::Value;
 use std::time::Duration;
 
+pub mod dead;
 pub mod tail;
 
 pub mod bulk;

@@ -1,5 +1,5 @@
 //! `kairosctl schedule add|list|show|pause|resume|rm`,
-//! `kairosctl task add`, `kairosctl dead list|replay|purge`.
+//! `kairosctl task add`, `kairosctl dead list|show|replay|purge`.
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -21,8 +21,6 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// How many dead letters `dead list` shows unless told.
-const DEFAULT_DEAD_LIST_LIMIT: usize = 100;
 /// Delay-queue shards, as the schedulers default to (`KAIROS_SHARDS`).
 const DEFAULT_SHARDS: u16 = 8;
 
@@ -123,7 +121,7 @@ enum Command {
     Task(TaskCmd),
     /// The dead-letter queue.
     #[command(subcommand)]
-    Dead(DeadCmd),
+    Dead(kairosctl::dead::DeadCmd),
     /// Follow the lifecycle events live (needs --http-addr; events must be
     /// on, KAIROS_EVENTS=true, in the scheduler and workers).
     Tail(Tail),
@@ -325,23 +323,6 @@ struct TaskAdd {
 }
 
 #[derive(Subcommand)]
-enum DeadCmd {
-    /// Show dead letters (nothing is removed).
-    List {
-        #[arg(long, default_value_t = DEFAULT_DEAD_LIST_LIMIT)]
-        limit: usize,
-        /// Print the raw JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Send dead letters back to their queues with fresh retries: the ids
-    /// given, or all.
-    Replay { ids: Vec<String> },
-    /// Delete every dead letter.
-    Purge,
-}
-
-#[derive(Subcommand)]
 enum ScheduleCmd {
     /// Create or replace a schedule.
     Add(Box<Add>),
@@ -458,7 +439,7 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Task(TaskCmd::Add(add)) => {
             return task_add(&api, *add);
         }
-        Command::Dead(cmd) => return dead(&api, cmd),
+        Command::Dead(cmd) => return kairosctl::dead::run(&api, cmd).map_err(anyhow::Error::msg),
         Command::Tail(_) => unreachable!("tail is handled before connecting"),
         Command::Task(TaskCmd::Show { id, json }) => {
             return Ok(code(ops::task_show(&api, &id, Output::from_flag(json))))
@@ -724,46 +705,6 @@ fn print_reply(r: &Reply) -> ExitCode {
             msg.unwrap_or_else(|| r.body.to_string())
         );
         code(r.exit_code())
-    }
-}
-
-fn dead(api: &Api, cmd: DeadCmd) -> anyhow::Result<ExitCode> {
-    let reply = match cmd {
-        DeadCmd::List { limit, json } => {
-            let r = api.dead_list(limit).map_err(anyhow::Error::msg)?;
-            if r.ok() && !json {
-                print_dead(&r.body);
-                return Ok(ExitCode::SUCCESS);
-            }
-            r
-        }
-        DeadCmd::Replay { ids } => api.dead_replay(&ids).map_err(anyhow::Error::msg)?,
-        DeadCmd::Purge => api.dead_purge().map_err(anyhow::Error::msg)?,
-    };
-    Ok(print_reply(&reply))
-}
-
-fn print_dead(body: &Value) {
-    let empty = Vec::new();
-    let rows = body["dead"].as_array().unwrap_or(&empty);
-    println!(
-        "{:<38} {:<20} {:<12} {:<7} {:<24} ERROR",
-        "ID", "NAME", "QUEUE", "ATTEMPT", "FAILED_AT"
-    );
-    for d in rows {
-        let text = |k: &str| d[k].as_str().unwrap_or("-").to_string();
-        println!(
-            "{:<38} {:<20} {:<12} {:<7} {:<24} {}",
-            text("id"),
-            text("name"),
-            text("queue"),
-            text("attempt"),
-            d["failed_at"]
-                .as_i64()
-                .map(utc)
-                .unwrap_or_else(|| "-".into()),
-            text("error")
-        );
     }
 }
 
