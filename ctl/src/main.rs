@@ -439,7 +439,7 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Task(TaskCmd::Add(add)) => {
             return task_add(&api, *add);
         }
-        Command::Dead(cmd) => return kairosctl::dead::run(&api, cmd).map_err(anyhow::Error::msg),
+        Command::Dead(cmd) => return kairosctl::dead::run(&api, cmd).map_err(no_answer),
         Command::Tail(_) => unreachable!("tail is handled before connecting"),
         Command::Task(TaskCmd::Show { id, json }) => {
             return Ok(code(ops::task_show(&api, &id, Output::from_flag(json))))

@@ -345,6 +345,7 @@ async fn exit_codes_scripts_can_use() {
         &["queues"],
         &["queue", "resume", "default"],
         &["schedule", "list"],
+        &["dead", "list"],
         &["task", "add", "--name", "test.record"],
     ] {
         let out = nobody.run(args).await;
