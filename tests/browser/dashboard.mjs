@@ -9,6 +9,7 @@
 //   KAIROS_UI_DEAD_ID      a dead letter to replay
 //   KAIROS_UI_SCHEDULE_ID  a schedule to pause and resume
 //   KAIROS_UI_QUEUE        a queue the test filled, KAIROS_UI_QUEUE_READY its depth
+//   KAIROS_UI_LATER_ID     a task waiting in the delay queue
 //   KAIROS_CHROMIUM        the browser binary
 //   KAIROS_NODE_MODULES    where playwright-core is installed
 //   KAIROS_UI_SCREENSHOTS  a directory: when set, screenshots go there
@@ -40,6 +41,7 @@ const deadId = env('KAIROS_UI_DEAD_ID');
 const scheduleId = env('KAIROS_UI_SCHEDULE_ID');
 const queue = env('KAIROS_UI_QUEUE');
 const queueReady = Number(env('KAIROS_UI_QUEUE_READY'));
+const laterId = env('KAIROS_UI_LATER_ID');
 const shots = process.env.KAIROS_UI_SCREENSHOTS || '';
 
 const step = (what) => console.log(`[dashboard] ${what}`);
@@ -118,9 +120,19 @@ async function run(page) {
       return row && Number(row.children[1].textContent.replace(/\D/g, '')) >= n;
     }, [queue, queueReady]);
     step(`queue ${queue} shows ${queueReady} ready`);
+    await page.waitForFunction(() => /^[1-9]/.test(document.getElementById('delay-summary').textContent));
+    step('the delay queue shows a waiting task');
   } else {
     await page.waitForFunction(() => document.getElementById('queues-note').textContent.includes('not available'));
     step('queues: GET /v1/queues not on this branch, "not available" shown (TODO(issue16-merge))');
+  }
+
+  // What falls due soon (GET /v1/tasks?state=scheduled, with the task route).
+  if (EXPECT_TASK_ROUTE) {
+    await page.locator(`#delay-body tr[data-task=${css(laterId)}]`).waitFor();
+    step(`${laterId} listed as falling due`);
+  } else {
+    await page.waitForFunction(() => document.getElementById('delay-note').textContent.includes('not available'));
   }
 
   // A task looked up by id, watched until it succeeded.

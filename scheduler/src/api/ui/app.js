@@ -288,8 +288,22 @@
     renderTask();
   }
 
+  // How far along a state is, as the status store orders updates
+  // (docs/HTTP.md): a later attempt is further, a finished task furthest.
+  function rank(state, attempt) {
+    if (TERMINAL.includes(state)) return Number.MAX_SAFE_INTEGER;
+    const phase = { scheduled: 1, retrying: 1, ready: 2, running: 3 }[state] || 0;
+    return (Number(attempt) || 1) * 16 + phase;
+  }
+
+  // The state the status store holds, unless a live event already told of
+  // a later one (the store is written in batches, so it may lag a little).
   function currentState() {
-    return (task.status && task.status.state) || task.fromEvents || null;
+    const s = task.status;
+    const e = task.fromEvents;
+    if (!s) return e ? e.state : null;
+    if (e && rank(e.state, e.attempt) > rank(s.state, s.attempt)) return e.state;
+    return s.state;
   }
 
   function renderTask() {
@@ -466,7 +480,11 @@
     }
     if (e.id && e.id === task.id) {
       task.events.push(e);
-      if (STATE_OF_EVENT[e.event] && !TERMINAL.includes(task.fromEvents)) task.fromEvents = STATE_OF_EVENT[e.event];
+      const next = STATE_OF_EVENT[e.event];
+      const seen = task.fromEvents;
+      if (next && (!seen || rank(next, e.attempt) > rank(seen.state, seen.attempt))) {
+        task.fromEvents = { state: next, attempt: e.attempt };
+      }
       renderTask();
       refreshTask();
     }
