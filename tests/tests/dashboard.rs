@@ -3,6 +3,9 @@
 //! driven by `tests/browser/dashboard.mjs` (playwright-core). The page asks
 //! for the token, shows the queue this test filled, follows a task until it
 //! succeeded, pauses and resumes a schedule and replays a dead letter.
+//! A second test runs the page against a stand-in of the documented API
+//! (`tests/browser/dashboard-spec.mjs`): every route it uses, even those a
+//! scheduler may not have yet, and markup in every field.
 //!
 //! Needs Debian's `chromium` and playwright-core in `target/node`:
 //! `scripts/browser-test.sh --install-only` installs both, and this test
@@ -72,6 +75,15 @@ fn browser() -> Option<PathBuf> {
     ready()
 }
 
+/// Skips `test` loudly, or fails it where the browser test must run.
+fn skip(test: &str) {
+    let message = "chromium (Debian's package) or playwright-core (npm, in target/node) \
+                   is missing and could not be installed: scripts/browser-test.sh --install-only";
+    assert!(!required(), "{message}");
+    let bar = "!".repeat(72);
+    eprintln!("\n{bar}\nSKIPPED {test}: {message}\n{bar}\n");
+}
+
 fn required() -> bool {
     std::env::var_os("CI").is_some()
         || std::env::var("KAIROS_BROWSER_TEST").is_ok_and(|v| v == "required")
@@ -98,15 +110,7 @@ async fn enqueue(addr: std::net::SocketAddr, task: Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_in_chromium() {
     let Some(chromium) = browser() else {
-        let message = "chromium (Debian's package) or playwright-core (npm, in target/node) \
-                       is missing and could not be installed: scripts/browser-test.sh --install-only";
-        assert!(!required(), "{message}");
-        eprintln!(
-            "\n{}\nSKIPPED dashboard_in_chromium: {message}\n{}\n",
-            "!".repeat(72),
-            "!".repeat(72)
-        );
-        return;
+        return skip("dashboard_in_chromium");
     };
 
     let env = TestEnv::new("ui").await;
@@ -200,16 +204,14 @@ async fn dashboard_in_chromium() {
     .await;
 }
 
-/// Runs tests/browser/dashboard.mjs against the scheduler at `addr`; its
-/// output goes to the test's.
+/// Runs tests/browser/dashboard.mjs against the scheduler at `addr`.
 async fn run_browser(
     chromium: &Path,
     addr: std::net::SocketAddr,
     shots: Option<&Path>,
 ) -> std::process::Output {
-    let mut cmd = Command::new("node");
-    cmd.arg(workspace_root().join("tests/browser/dashboard.mjs"))
-        .env("KAIROS_UI_URL", format!("http://{addr}/"))
+    let mut cmd = node("dashboard.mjs", chromium);
+    cmd.env("KAIROS_UI_URL", format!("http://{addr}/"))
         .env("KAIROS_UI_TOKEN", TOKEN)
         .env("KAIROS_UI_TASK_ID", TASK_ID)
         .env("KAIROS_UI_DEAD_ID", DEAD_ID)
@@ -217,13 +219,25 @@ async fn run_browser(
         .env("KAIROS_UI_QUEUE", FILLED_QUEUE)
         .env("KAIROS_UI_QUEUE_READY", FILLED.to_string())
         .env("KAIROS_UI_LATER_ID", LATER_ID)
-        .env("KAIROS_CHROMIUM", chromium)
-        .env("KAIROS_NODE_MODULES", node_modules())
         .env_remove("KAIROS_UI_SCREENSHOTS");
     if let Some(dir) = shots {
         std::fs::create_dir_all(dir).expect("screenshot directory");
         cmd.env("KAIROS_UI_SCREENSHOTS", dir);
     }
+    output(cmd).await
+}
+
+/// `node tests/browser/SCRIPT` with the browser and playwright-core.
+fn node(script: &str, chromium: &Path) -> Command {
+    let mut cmd = Command::new("node");
+    cmd.arg(workspace_root().join("tests/browser").join(script))
+        .env("KAIROS_CHROMIUM", chromium)
+        .env("KAIROS_NODE_MODULES", node_modules());
+    cmd
+}
+
+/// Runs `cmd` to its end; its output goes to the test's.
+async fn output(mut cmd: Command) -> std::process::Output {
     let out = tokio::task::spawn_blocking(move || {
         cmd.output()
             .expect("run node (scripts/browser-test.sh installs it)")
@@ -233,4 +247,25 @@ async fn run_browser(
     print!("{}", String::from_utf8_lossy(&out.stdout));
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
     out
+}
+
+/// The page against a stand-in API with every route of docs/HTTP.md it
+/// uses, including those a scheduler may not have yet, and markup in the
+/// data (tests/browser/dashboard-spec.mjs): it renders everything as text
+/// and calls the routes as documented. Needs no servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_against_the_documented_api() {
+    let Some(chromium) = browser() else {
+        return skip("dashboard_against_the_documented_api");
+    };
+    let mut cmd = node("dashboard-spec.mjs", &chromium);
+    cmd.env(
+        "KAIROS_UI_DIR",
+        workspace_root().join("scheduler/src/api/ui"),
+    );
+    let out = output(cmd).await;
+    assert!(
+        out.status.success(),
+        "the page failed against the documented API (output above)"
+    );
 }

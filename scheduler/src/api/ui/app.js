@@ -568,7 +568,11 @@
 
     every(QUEUES_EVERY_MS, refreshQueues);
     every(SLOW_EVERY_MS, () => { refreshDueSoon(); refreshSchedules(); refreshDead(); });
-    every(TASK_EVERY_MS, () => { if (task.id && !TERMINAL.includes(currentState())) refreshTask(); });
+    // Until the status store has the task finished (live events may tell
+    // of it first: the store is written in batches).
+    every(TASK_EVERY_MS, () => {
+      if (task.id && !(task.status && TERMINAL.includes(task.status.state))) refreshTask();
+    });
     setInterval(() => { $('clock').textContent = clock(Date.now()); }, 1000);
 
     try {
