@@ -426,7 +426,7 @@
       const data = await api('GET', `/v1/dead?${q}`);
       // The filter again here, for a scheduler that does not filter.
       shownDead = (data.dead || []).filter((d) => (!f.queue || d.queue === f.queue) &&
-        (!f.name || d.name === f.name) && (!f.error || String(d.error || '').includes(f.error)));
+        (!f.name || d.name === f.name) && (!f.error || String(d.error || '').toLowerCase().includes(f.error.toLowerCase())));
       const rows = shownDead.map((d) => el('tr', { data: { dead: d.id } },
         timeCell(d.failed_at), el('td', {}, taskLink(d.id)), cell(d.name), cell(d.queue), num(d.attempt),
         cell(d.error, 'error'),
