@@ -7,6 +7,7 @@
 //! * `events`: the live event stream (`GET /v1/events`).
 //! * `handler_io`: checkpoints, progress and results from handlers in
 //!   other languages (`/v1/tasks/{id}/checkpoint|progress|result`).
+//! * `ui`: the dashboard page (`/`, `/ui/...`), served with the stream.
 //!
 //! May touch: the delay queue (through `crate::delay::hold`), the schedule
 //! admin, RabbitMQ (publishing tasks). Holds no state of its own.
@@ -17,6 +18,7 @@ pub(crate) mod guard;
 pub(crate) mod handler_io;
 pub(crate) mod schedules;
 pub mod tasks;
+pub(crate) mod ui;
 
 use crate::schedules::admin::Admin;
 use axum::http::StatusCode;
@@ -29,7 +31,8 @@ use serde_json::{json, Value};
 /// routes, `/readyz` when there are background loops to report
 /// (`health`; none in process, for kairosctl), and the event stream when
 /// given `events` (none in process: kairosctl's in-process calls answer
-/// once and cannot stream). Without a `token` the API is open.
+/// once and cannot stream) and with it the dashboard page, which needs
+/// it. Without a `token` the API is open.
 pub(crate) fn router(
     admin: Admin,
     tasks: tasks::TaskApi,
@@ -45,7 +48,7 @@ pub(crate) fn router(
         routes = routes.merge(schedules::probes(health));
     }
     if let Some(events) = events {
-        routes = routes.merge(events::router(events));
+        routes = routes.merge(events::router(events)).merge(ui::router());
     }
     guard::guard(routes, token)
 }
