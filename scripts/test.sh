@@ -33,6 +33,11 @@ if [ ! -d target/node/node_modules/amqplib ]; then
   (cd target/node && npm install --silent --no-audit --no-fund amqplib@0.10 >/dev/null)
 fi
 
+# Chromium and playwright-core for the dashboard's browser test, which
+# must run here (not skip).
+scripts/browser-test.sh --install-only
+export KAIROS_BROWSER_TEST=required
+
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast
 # Tests that disturb the shared servers: alone, one at a time.

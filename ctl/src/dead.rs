@@ -154,7 +154,7 @@ impl Api {
 }
 
 /// Runs one `kairosctl dead` subcommand; the error is for the caller to
-/// print (exit status 2).
+/// print: no answer came (exit status 3, `crate::exit::UNREACHABLE`).
 pub fn run(api: &Api, cmd: DeadCmd) -> Result<ExitCode, String> {
     match cmd {
         DeadCmd::List {
@@ -263,7 +263,8 @@ fn list(
     Ok(ExitCode::SUCCESS)
 }
 
-/// An error answer: its message on stderr, exit status 1.
+/// An error answer: its message on stderr, exit status per
+/// `crate::exit::for_status` (1; 2 for a 401, 3 for a 503).
 fn failed(r: &Reply) -> ExitCode {
     let msg = r
         .body
@@ -272,7 +273,7 @@ fn failed(r: &Reply) -> ExitCode {
         .map(str::to_string)
         .unwrap_or_else(|| r.body.to_string());
     eprintln!("kairosctl: HTTP {}: {msg}", r.status);
-    ExitCode::FAILURE
+    ExitCode::from(r.exit_code())
 }
 
 fn print_json(v: &Value) {

@@ -7,8 +7,10 @@
 //! * `events`: the live event stream (`GET /v1/events`).
 //! * `handler_io`: checkpoints, progress and results from handlers in
 //!   other languages (`/v1/tasks/{id}/checkpoint|progress|result`).
-//! * `openapi`: the OpenAPI document of all of them (`/v1/openapi.json`),
-//!   made from the same definitions that register the routes.
+//! * `ui`: the dashboard page (`/`, `/ui/...`), served with the stream.
+//! * `openapi`: the OpenAPI document of the API routes (`/v1/openapi.json`,
+//!   the dashboard page is no API route), made from the same definitions
+//!   that register them.
 //!
 //! May touch: the delay queue (through `crate::delay::hold`), the schedule
 //! admin, RabbitMQ (publishing tasks). Holds no state of its own.
@@ -20,6 +22,7 @@ pub(crate) mod handler_io;
 pub(crate) mod openapi;
 pub(crate) mod schedules;
 pub mod tasks;
+pub(crate) mod ui;
 
 use crate::schedules::admin::Admin;
 use axum::http::StatusCode;
@@ -32,8 +35,9 @@ use serde_json::{json, Value};
 /// routes, `/readyz` when there are background loops to report
 /// (`health`; none in process, for kairosctl), and the event stream when
 /// given `events` (none in process: kairosctl's in-process calls answer
-/// once and cannot stream), with the OpenAPI document of those at
-/// `/v1/openapi.json`. Without a `token` the API is open.
+/// once and cannot stream) and with it the dashboard page, which needs
+/// it; and the OpenAPI document of the API routes at `/v1/openapi.json`.
+/// Without a `token` the API is open.
 pub(crate) fn router(
     admin: Admin,
     tasks: tasks::TaskApi,
@@ -49,7 +53,10 @@ pub(crate) fn router(
         routes = routes.merge(schedules::probes(health));
     }
     if let Some(events) = events {
-        routes = routes.merge(events::router(events));
+        // The page is no API route: served, not in the OpenAPI document.
+        routes = routes
+            .merge(events::router(events))
+            .merge(ui::router().into());
     }
     guard::guard(openapi::serve(routes), token)
 }
