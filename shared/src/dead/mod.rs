@@ -85,6 +85,7 @@ pub struct Refused {
 
 /// One page of dead letters, oldest first.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = DeadPage)]
 pub struct Page {
     /// The letters of this page.
     pub dead: Vec<DeadLetter>,
