@@ -15,7 +15,9 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use std::sync::{Arc, OnceLock};
+use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{Content, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -110,8 +112,54 @@ pub(crate) fn serve(routes: OpenApiRouter) -> axum::Router {
         .merge(routes)
         .merge(router(doc.clone()))
         .split_for_parts();
+    let mut openapi = openapi;
+    add_guard_answers(&mut openapi);
     doc.set(&openapi);
     router
+}
+
+/// The answers of the guard (`super::guard`), which no handler lists: 401
+/// on every operation that needs the token, 415 on every one that takes a
+/// body (POST, PUT, PATCH).
+fn add_guard_answers(openapi: &mut utoipa::openapi::OpenApi) {
+    let error = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                Content::new(Some(Ref::from_schema_name("Error"))),
+            )
+            .build()
+    };
+    for item in openapi.paths.paths.values_mut() {
+        let ops: [(&mut Option<Operation>, bool); 8] = [
+            (&mut item.get, false),
+            (&mut item.head, false),
+            (&mut item.delete, false),
+            (&mut item.options, false),
+            (&mut item.trace, false),
+            (&mut item.post, true),
+            (&mut item.put, true),
+            (&mut item.patch, true),
+        ];
+        for (op, takes_body) in ops {
+            let Some(op) = op.as_mut() else { continue };
+            // `security(())` marks the open probes; the rest inherit the
+            // document's bearer requirement.
+            if op.security.is_none() {
+                op.responses.responses.insert(
+                    "401".into(),
+                    error("Missing or wrong token (`WWW-Authenticate: Bearer`)").into(),
+                );
+            }
+            if takes_body {
+                op.responses.responses.insert(
+                    "415".into(),
+                    error("The request does not declare `Content-Type: application/json`; `field` is `content-type`").into(),
+                );
+            }
+        }
+    }
 }
 
 /// This OpenAPI 3.1 document: every route of this scheduler, with its
@@ -208,5 +256,33 @@ mod tests {
         );
         assert!(json["paths"]["/v1/openapi.json"]["get"].is_object());
         assert!(json["components"]["schemas"]["Error"].is_object());
+    }
+
+    /// An open route, as the probes are.
+    #[utoipa::path(get, path = "/open", tag = "probes", security(()), responses((status = 200, description = "ok")))]
+    async fn open() {}
+
+    /// A route that takes a body, behind the token.
+    #[utoipa::path(post, path = "/closed", tag = "tasks", responses((status = 200, description = "ok")))]
+    async fn closed() {}
+
+    #[test]
+    fn the_guards_answers_are_listed() {
+        let (_, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+            .routes(routes!(open))
+            .routes(routes!(closed))
+            .merge(router(Document::default()))
+            .split_for_parts();
+        add_guard_answers(&mut doc);
+        let json = serde_json::to_value(&doc).expect("json");
+        let answers = |path: &str, method: &str| -> Vec<String> {
+            json["paths"][path][method]["responses"]
+                .as_object()
+                .map(|r| r.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(answers("/v1/openapi.json", "get"), ["200", "401"]);
+        assert_eq!(answers("/open", "get"), ["200"]);
+        assert_eq!(answers("/closed", "post"), ["200", "401", "415"]);
     }
 }
