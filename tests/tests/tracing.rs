@@ -1,0 +1,216 @@
+//! Tracing across processes: a W3C `traceparent` set by the client rides
+//! with the task through the delay queue, the retry and the dead letter,
+//! and every attempt's handler span names its trace.
+
+use kairos_shared::client::{Client, NewTask};
+use kairos_shared::trace::{TraceParent, H_TRACEPARENT, H_TRACESTATE};
+use kairos_tests::*;
+use kairos_worker::{TaskContext, TaskError, Worker};
+use lapin::types::AMQPValue;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::Layer;
+
+const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT: &str = "00f067aa0ba902b7";
+
+/// The fields of every `task` span this process opened, by span id.
+#[derive(Clone, Default)]
+struct SpanFields(Arc<Mutex<HashMap<u64, HashMap<String, String>>>>);
+
+impl SpanFields {
+    fn of(&self, id: &Id) -> HashMap<String, String> {
+        let spans = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        spans.get(&id.into_u64()).cloned().unwrap_or_default()
+    }
+}
+
+struct Fields<'a>(&'a mut HashMap<String, String>);
+
+impl Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().to_string(), format!("{value:?}"));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_string(), value.to_string());
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for SpanFields {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _: Context<'_, S>) {
+        if attrs.metadata().name() == "task" {
+            let mut fields = HashMap::new();
+            attrs.record(&mut Fields(&mut fields));
+            let mut spans = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            spans.insert(id.into_u64(), fields);
+        }
+    }
+    fn on_record(&self, id: &Id, values: &Record<'_>, _: Context<'_, S>) {
+        let mut spans = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fields) = spans.get_mut(&id.into_u64()) {
+            values.record(&mut Fields(fields));
+        }
+    }
+}
+
+/// The process-wide span recorder (a test binary has one global
+/// subscriber).
+fn spans() -> SpanFields {
+    static SPANS: OnceLock<SpanFields> = OnceLock::new();
+    SPANS
+        .get_or_init(|| {
+            let spans = SpanFields::default();
+            let subscriber = tracing_subscriber::registry().with(spans.clone());
+            tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
+            spans
+        })
+        .clone()
+}
+
+/// What a handler saw on one attempt: (task id, attempt, the span's
+/// `trace_id` and `parent_span` fields, the `traceparent` header).
+type Seen = (String, u32, Option<String>, Option<String>, Option<String>);
+
+/// A handler that records what its span and context say, and fails while
+/// the task id starts with `fail`.
+fn recording(spans: SpanFields, seen: Arc<Mutex<Vec<Seen>>>) -> impl kairos_worker::Handler {
+    move |ctx: TaskContext, _body: Vec<u8>| {
+        let (spans, seen) = (spans.clone(), seen.clone());
+        async move {
+            let fields = tracing::Span::current()
+                .id()
+                .map(|id| spans.of(&id))
+                .unwrap_or_default();
+            let header = ctx.headers.inner().get(H_TRACEPARENT).map(|v| match v {
+                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                other => format!("{other:?}"),
+            });
+            seen.lock().unwrap_or_else(|p| p.into_inner()).push((
+                ctx.id.clone(),
+                ctx.attempt,
+                fields.get("trace_id").cloned(),
+                fields.get("parent_span").cloned(),
+                header,
+            ));
+            if ctx.id.starts_with("fail") {
+                Err(TaskError::retry("failing on purpose"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+fn seen_of(seen: &Arc<Mutex<Vec<Seen>>>, id: &str) -> Vec<Seen> {
+    let all = seen.lock().unwrap_or_else(|p| p.into_inner());
+    all.iter().filter(|s| s.0 == id).cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traceparent_follows_the_task_through_delay_retry_and_dead_letter() {
+    let spans = spans();
+    let env = TestEnv::new("trace").await;
+    let mut sc = env.scheduler_config();
+    sc.retry_base_ms = 100;
+    let addr = free_addr();
+    sc.http_addr = addr;
+    let scheduler = InProcess::scheduler(sc);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let worker = InProcess::worker(
+        Worker::new(env.worker_config()).handler("test.traced", recording(spans, seen.clone())),
+    );
+    let client = Client::connect(&env.amqp_url, &env.ns)
+        .await
+        .expect("client");
+
+    // Delayed, fails on both attempts (one retry), then dead-lettered.
+    client
+        .enqueue(
+            NewTask::new("test.traced")
+                .id("fail-1")
+                .delay_ms(200)
+                .max_retries(1)
+                .traceparent(TP)
+                .tracestate("congo=t61rcWkgMzE"),
+        )
+        .await
+        .expect("enqueue");
+    // A value that is no traceparent is ignored by the setter, and one
+    // set anyway as a raw header runs the task without a trace.
+    client
+        .enqueue(
+            NewTask::new("test.traced")
+                .id("bad-setter")
+                .traceparent("00-nothex-00f067aa0ba902b7-01"),
+        )
+        .await
+        .expect("enqueue");
+    client
+        .enqueue(NewTask::new("test.traced").id("bad-raw").header(
+            H_TRACEPARENT,
+            AMQPValue::LongString("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01".into()),
+        ))
+        .await
+        .expect("enqueue");
+
+    let dead = env.dead_letters(1, Duration::from_secs(30)).await;
+    let dl = dead_letter_of(&dead, "fail-1");
+    assert_eq!(dl.header(H_TRACEPARENT).as_deref(), Some(TP), "{dl:?}");
+    assert_eq!(
+        dl.header(H_TRACESTATE).as_deref(),
+        Some("congo=t61rcWkgMzE"),
+        "{dl:?}"
+    );
+
+    let attempts = seen_of(&seen, "fail-1");
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    for (n, (_, attempt, trace_id, parent, header)) in attempts.iter().enumerate() {
+        assert_eq!(*attempt as usize, n + 1);
+        assert_eq!(trace_id.as_deref(), Some(TRACE_ID), "{attempts:?}");
+        assert_eq!(parent.as_deref(), Some(PARENT), "{attempts:?}");
+        assert_eq!(header.as_deref(), Some(TP), "{attempts:?}");
+    }
+
+    // Over HTTP, in `headers`: the same, for a task run at once.
+    let api = ScheduleApi::new(addr);
+    api.wait_ready(Duration::from_secs(20)).await;
+    let other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    let r = api
+        .call(move |a| {
+            a.enqueue(&json!({"name": "test.traced", "id": "http-1",
+                "headers": {"traceparent": other}}))
+        })
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while ["bad-setter", "bad-raw", "http-1"]
+        .iter()
+        .any(|id| seen_of(&seen, id).is_empty())
+    {
+        assert!(tokio::time::Instant::now() < deadline, "tasks never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let http = &seen_of(&seen, "http-1")[0];
+    assert_eq!(http.2.as_deref(), Some("0af7651916cd43dd8448eb211c80319c"));
+    assert_eq!(http.3.as_deref(), Some("b7ad6b7169203331"));
+    let setter = &seen_of(&seen, "bad-setter")[0];
+    assert_eq!((&setter.2, &setter.4), (&None, &None), "{setter:?}");
+    let raw = &seen_of(&seen, "bad-raw")[0];
+    assert_eq!(
+        raw.2, None,
+        "an invalid traceparent names no trace: {raw:?}"
+    );
+    assert!(raw.4.is_some(), "but the header is passed on: {raw:?}");
+    assert!(TraceParent::parse(TP).is_some());
+
+    worker.stop().await;
+    scheduler.stop().await;
+}
