@@ -2,7 +2,8 @@
 //!
 //! * `guard`: the API token and the JSON content type, before every route.
 //! * `tasks`: enqueue, look up and dead letters.
-//! * `schedules`: the schedule routes and the probes.
+//! * `schedules`: the schedule routes.
+//! * `probes`: `/readyz` (Redis, RabbitMQ, loops) and `/metrics`.
 //! * `events`: the live event stream (`GET /v1/events`).
 //!
 //! May touch: the delay queue (through `crate::delay::hold`), the schedule
@@ -10,6 +11,7 @@
 
 pub(crate) mod events;
 pub(crate) mod guard;
+pub(crate) mod probes;
 pub(crate) mod schedules;
 pub mod tasks;
 
@@ -17,24 +19,23 @@ use crate::schedules::admin::Admin;
 use axum::http::StatusCode;
 use axum::{Json, Router};
 use kairos_shared::secrets::Secret;
-use kairos_shared::supervise::Health;
 use serde_json::{json, Value};
 
 /// Every route of the API behind its guard: the schedules and tasks
-/// routes, `/readyz` when there are background loops to report
-/// (`health`; none in process, for kairosctl), and the event stream when
+/// routes, `/readyz` and `/metrics` when given `probes` (none in process,
+/// for kairosctl), and the event stream when
 /// given `events` (none in process: kairosctl's in-process calls answer
 /// once and cannot stream). Without a `token` the API is open.
 pub(crate) fn router(
     admin: Admin,
     tasks: tasks::TaskApi,
-    health: Option<Health>,
+    probes: Option<probes::Probes>,
     events: Option<events::EventStreams>,
     token: Option<Secret>,
 ) -> Router {
     let mut routes = schedules::router(admin).merge(tasks::router(tasks));
-    if let Some(health) = health {
-        routes = routes.merge(schedules::probes(health));
+    if let Some(probes) = probes {
+        routes = routes.merge(probes::router(probes));
     }
     if let Some(events) = events {
         routes = routes.merge(events::router(events));
