@@ -294,6 +294,8 @@ impl Client {
             // Checked first: a queue name that cannot be declared is the
             // task's fault, reported as such.
             let (id, props) = task.to_message()?;
+            let headers = props.headers().as_ref();
+            crate::trace::step_of("kairos.enqueue", &id, &task.name, &task.queue, 1, headers);
             self.declared
                 .ensure(&self.channel, &self.names, &task.queue)
                 .await?;

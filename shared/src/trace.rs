@@ -146,15 +146,38 @@ pub fn task_span(task: &Task) -> tracing::Span {
     span
 }
 
-/// Marks a step of `task`'s journey outside the worker (`kairos.enqueue`,
-/// `kairos.hold`, `kairos.publish`) with a span in the caller's trace,
-/// while spans are exported (`KAIROS_OTLP_ENDPOINT`) and the task carries
-/// a `traceparent`. Otherwise it costs one atomic load.
+/// Marks a step of `task`'s journey outside the worker (`kairos.hold`,
+/// `kairos.publish`) with a span in the caller's trace, while spans are
+/// exported (`KAIROS_OTLP_ENDPOINT`) and the task carries a
+/// `traceparent`. Otherwise it costs one atomic load.
 pub fn step(name: &'static str, task: &Task) {
+    if crate::trace_init::exporting() {
+        let headers = task.properties.headers().as_ref();
+        step_of(
+            name,
+            &task.id,
+            &task.name,
+            &task.queue,
+            task.attempt,
+            headers,
+        );
+    }
+}
+
+/// [`step`] for a task given by its parts (the client's `kairos.enqueue`,
+/// before there is a [`Task`]).
+pub fn step_of(
+    name: &'static str,
+    id: &str,
+    kind: &str,
+    queue: &str,
+    attempt: u32,
+    headers: Option<&FieldTable>,
+) {
     if !crate::trace_init::exporting() {
         return;
     }
-    let Some(headers) = task.properties.headers() else {
+    let Some(headers) = headers else {
         return;
     };
     let Some(tp) = TraceParent::from_headers(headers) else {
@@ -163,11 +186,10 @@ pub fn step(name: &'static str, task: &Task) {
     let span = tracing::info_span!(
         "step",
         otel.name = name,
-        task_id = %task.id,
-        kind = %task.name,
-        queue = %task.queue,
-        attempt = task.attempt,
-        due_at = task.run_at,
+        task_id = %id,
+        kind = %kind,
+        queue = %queue,
+        attempt = attempt,
     );
     crate::trace_init::set_parent(&span, &tp, tracestate(headers).as_deref());
 }

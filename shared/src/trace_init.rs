@@ -199,9 +199,10 @@ mod otlp {
                 "KAIROS_OTLP_ENDPOINT: {endpoint:?} is not an http:// or https:// URL (OTLP over HTTP, e.g. http://otel-collector:4318)"
             ));
         }
-        if endpoint.starts_with("https://") {
-            crate::tls::install_crypto_provider();
-        }
+        // reqwest's client is built on rustls without a provider of its
+        // own: the ring provider Kairos uses everywhere (kept if the
+        // embedding program installed one first).
+        crate::tls::install_crypto_provider();
         let url = if endpoint.ends_with("/v1/traces") {
             endpoint.to_string()
         } else {

@@ -500,6 +500,7 @@ impl<S: DelayStore> Pump<S> {
         let now = now_ms();
         metrics::counter!("kairos_scheduler_published_total").increment(published.len() as u64);
         for (task, due) in published {
+            kairos_shared::trace::step("kairos.publish", task);
             metrics::histogram!("kairos_scheduler_publish_lateness_seconds")
                 .record(kairos_shared::metrics::seconds_between(*due, now));
             self.events
