@@ -61,7 +61,8 @@ impl<S: tracing::Subscriber> Layer<S> for SpanFields {
 }
 
 /// The process-wide span recorder (a test binary has one global
-/// subscriber).
+/// subscriber: each test asks for it before `TestEnv::new`, which would
+/// install the test logger instead).
 fn spans() -> SpanFields {
     static SPANS: OnceLock<SpanFields> = OnceLock::new();
     SPANS
@@ -213,4 +214,83 @@ async fn a_traceparent_follows_the_task_through_delay_retry_and_dead_letter() {
 
     worker.stop().await;
     scheduler.stop().await;
+}
+
+/// `KAIROS_LOG_FORMAT=json` writes one JSON object per line; a bad value,
+/// or `KAIROS_OTLP_ENDPOINT` in a build without the `otlp` feature, stops
+/// the binary at start with the setting named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_format_json_and_bad_settings_name_the_setting() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    // Before TestEnv: this binary's one global subscriber is the recorder.
+    let _ = spans();
+    let env = TestEnv::new("logfmt").await;
+    let mut child = Command::new(binary("kairos-worker"))
+        .envs(env.process_env())
+        .env("KAIROS_LOG_FORMAT", "json")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let first = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("worker starting"))
+    });
+    let line = tokio::time::timeout(Duration::from_secs(20), first)
+        .await
+        .expect("a log line in time")
+        .expect("reader")
+        .expect("the start line");
+    let _ = child.kill();
+    let _ = child.wait();
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(v["level"], "INFO", "{v}");
+    assert_eq!(v["fields"]["message"], "worker starting", "{v}");
+    assert!(v["timestamp"].is_string(), "{v}");
+
+    let mut bad: Vec<(&str, Vec<(&str, &str)>, &str)> = vec![
+        (
+            "kairos-worker",
+            vec![("KAIROS_LOG_FORMAT", "yaml")],
+            "KAIROS_LOG_FORMAT",
+        ),
+        (
+            "kairos-scheduler",
+            vec![("KAIROS_LOG_FORMAT", "yaml")],
+            "KAIROS_LOG_FORMAT",
+        ),
+        (
+            "kairosctl",
+            vec![("KAIROS_LOG_FORMAT", "yaml")],
+            "KAIROS_LOG_FORMAT",
+        ),
+    ];
+    if !cfg!(feature = "otlp") {
+        for bin in ["kairos-worker", "kairos-scheduler"] {
+            bad.push((
+                bin,
+                vec![("KAIROS_OTLP_ENDPOINT", "http://127.0.0.1:4318")],
+                "KAIROS_OTLP_ENDPOINT",
+            ));
+        }
+    }
+    for (bin, vars, named) in bad {
+        let mut cmd = Command::new(binary(bin));
+        cmd.envs(env.process_env()).envs(vars.iter().copied());
+        if bin == "kairosctl" {
+            cmd.args(["schedule", "list"]);
+        }
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .expect("runs")
+            .expect("output");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bin} {vars:?}: {stderr}");
+        assert!(stderr.contains(named), "{bin} {vars:?}: {stderr}");
+    }
 }
