@@ -253,7 +253,9 @@ async fn log_format_json_and_bad_settings_name_the_setting() {
     assert_eq!(v["fields"]["message"], "worker starting", "{v}");
     assert!(v["timestamp"].is_string(), "{v}");
 
-    let mut bad: Vec<(&str, Vec<(&str, &str)>, &str)> = vec![
+    // (binary, environment, the setting its error must name)
+    type Bad<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let mut bad: Vec<Bad> = vec![
         (
             "kairos-worker",
             vec![("KAIROS_LOG_FORMAT", "yaml")],
