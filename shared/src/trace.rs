@@ -146,6 +146,28 @@ pub fn task_span(task: &Task) -> tracing::Span {
     span
 }
 
+/// `task` with the `traceparent` (and `tracestate`) of the HTTP request
+/// that enqueues it, when the task's own headers carry none and the HTTP
+/// one is valid: a traced HTTP client's span becomes the task's parent
+/// without it having to copy the header into the body.
+pub fn adopt_http_traceparent(
+    task: crate::client::NewTask,
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) -> crate::client::NewTask {
+    if task.headers.inner().contains_key(H_TRACEPARENT) {
+        return task;
+    }
+    let Some(tp) = traceparent.and_then(|v| TraceParent::parse(v.trim())) else {
+        return task;
+    };
+    let task = task.traceparent(tp.to_string());
+    match tracestate {
+        Some(state) if !task.headers.inner().contains_key(H_TRACESTATE) => task.tracestate(state),
+        _ => task,
+    }
+}
+
 /// Marks a step of `task`'s journey outside the worker (`kairos.hold`,
 /// `kairos.publish`) with a span in the caller's trace, while spans are
 /// exported (`KAIROS_OTLP_ENDPOINT`) and the task carries a

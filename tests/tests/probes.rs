@@ -156,3 +156,74 @@ async fn readyz_names_rabbitmq_and_the_session_while_the_broker_is_unreachable()
     assert!(down["checks"]["rabbitmq"]["error"].is_string(), "{down}");
     scheduler.stop().await;
 }
+
+/// The words `kairos_...` of `text`, histogram suffixes removed.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("kairos_") && w.len() > "kairos_".len())
+        .map(|w| {
+            w.trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count")
+                .to_string()
+        })
+        .collect()
+}
+
+/// The metric names the code records (`counter!("kairos_...")` and the like).
+fn recorded_metrics(dir: &std::path::Path, out: &mut std::collections::BTreeSet<String>) {
+    for entry in std::fs::read_dir(dir).expect("source dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            recorded_metrics(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&path).expect("source");
+            for macro_name in ["counter!(", "gauge!(", "histogram!("] {
+                for part in text.split(macro_name).skip(1) {
+                    if let Some(name) = part.trim_start().strip_prefix('"') {
+                        if let Some(end) = name.find('"') {
+                            out.insert(name[..end].to_string());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The Grafana dashboard uses only metrics the code records, and
+/// docs/OPERATIONS.md lists every one of them.
+#[test]
+fn the_dashboard_and_the_docs_name_real_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace");
+    let mut recorded = std::collections::BTreeSet::new();
+    for krate in ["shared", "scheduler", "worker"] {
+        recorded_metrics(&root.join(krate).join("src"), &mut recorded);
+    }
+    assert!(recorded.len() > 20, "{recorded:?}");
+    let dashboard = std::fs::read_to_string(root.join("deploy/grafana/kairos.json"))
+        .expect("deploy/grafana/kairos.json");
+    let _: Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    let used = metric_names(&dashboard);
+    let unknown: Vec<_> = used.difference(&recorded).collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard uses unknown metrics: {unknown:?}"
+    );
+    let docs = std::fs::read_to_string(root.join("docs/OPERATIONS.md")).expect("docs");
+    // The metrics table: rows that start with a metric name.
+    let rows: Vec<&str> = docs
+        .lines()
+        .filter(|l| l.starts_with("| `kairos_"))
+        .collect();
+    let documented = metric_names(&rows.join("\n"));
+    let missing: Vec<_> = recorded.difference(&documented).collect();
+    assert!(missing.is_empty(), "docs/OPERATIONS.md misses {missing:?}");
+    let stale: Vec<_> = documented.difference(&recorded).collect();
+    assert!(
+        stale.is_empty(),
+        "docs/OPERATIONS.md names unknown metrics {stale:?}"
+    );
+}

@@ -77,11 +77,47 @@ fn spans() -> SpanFields {
 
 /// What a handler saw on one attempt: (task id, attempt, the span's
 /// `trace_id` and `parent_span` fields, the `traceparent` header).
-type Seen = (String, u32, Option<String>, Option<String>, Option<String>);
+type Attempt = (String, u32, Option<String>, Option<String>, Option<String>);
+
+/// Every attempt the handler saw, and a wake-up for each.
+#[derive(Default)]
+struct Seen {
+    all: Mutex<Vec<Attempt>>,
+    added: tokio::sync::Notify,
+}
+
+impl Seen {
+    fn push(&self, attempt: Attempt) {
+        self.all
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(attempt);
+        self.added.notify_waiters();
+    }
+
+    fn of(&self, id: &str) -> Vec<Attempt> {
+        let all = self.all.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter().filter(|s| s.0 == id).cloned().collect()
+    }
+
+    /// Waits until each of `ids` ran at least once.
+    async fn wait_for(&self, ids: &[&str], within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let added = self.added.notified();
+            if ids.iter().all(|id| !self.of(id).is_empty()) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, added).await.is_err() {
+                panic!("not all of {ids:?} ran: {:?}", self.all.lock());
+            }
+        }
+    }
+}
 
 /// A handler that records what its span and context say, and fails while
 /// the task id starts with `fail`.
-fn recording(spans: SpanFields, seen: Arc<Mutex<Vec<Seen>>>) -> impl kairos_worker::Handler {
+fn recording(spans: SpanFields, seen: Arc<Seen>) -> impl kairos_worker::Handler {
     move |ctx: TaskContext, _body: Vec<u8>| {
         let (spans, seen) = (spans.clone(), seen.clone());
         async move {
@@ -93,7 +129,7 @@ fn recording(spans: SpanFields, seen: Arc<Mutex<Vec<Seen>>>) -> impl kairos_work
                 AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
                 other => format!("{other:?}"),
             });
-            seen.lock().unwrap_or_else(|p| p.into_inner()).push((
+            seen.push((
                 ctx.id.clone(),
                 ctx.attempt,
                 fields.get("trace_id").cloned(),
@@ -109,9 +145,24 @@ fn recording(spans: SpanFields, seen: Arc<Mutex<Vec<Seen>>>) -> impl kairos_work
     }
 }
 
-fn seen_of(seen: &Arc<Mutex<Vec<Seen>>>, id: &str) -> Vec<Seen> {
-    let all = seen.lock().unwrap_or_else(|p| p.into_inner());
-    all.iter().filter(|s| s.0 == id).cloned().collect()
+/// `POST /v1/tasks` with `body` and an HTTP `traceparent` header: the
+/// status.
+fn post_with_traceparent(port: u16, body: &str, traceparent: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let req = format!(
+        "POST /v1/tasks HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\ntraceparent: {traceparent}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("send");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    raw.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,7 +174,7 @@ async fn a_traceparent_follows_the_task_through_delay_retry_and_dead_letter() {
     let addr = free_addr();
     sc.http_addr = addr;
     let scheduler = InProcess::scheduler(sc);
-    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::new(Seen::default());
     let worker = InProcess::worker(
         Worker::new(env.worker_config()).handler("test.traced", recording(spans, seen.clone())),
     );
@@ -170,7 +221,7 @@ async fn a_traceparent_follows_the_task_through_delay_retry_and_dead_letter() {
         "{dl:?}"
     );
 
-    let attempts = seen_of(&seen, "fail-1");
+    let attempts = seen.of("fail-1");
     assert_eq!(attempts.len(), 2, "{attempts:?}");
     for (n, (_, attempt, trace_id, parent, header)) in attempts.iter().enumerate() {
         assert_eq!(*attempt as usize, n + 1);
@@ -190,21 +241,34 @@ async fn a_traceparent_follows_the_task_through_delay_retry_and_dead_letter() {
         })
         .await;
     assert_eq!(r.status, 202, "{:?}", r.body);
+    // Or as the request's own HTTP header, as a traced HTTP client sends it.
+    let body = r#"{"name": "test.traced", "id": "http-2"}"#;
+    let port = addr.port();
+    let status = tokio::task::spawn_blocking(move || {
+        post_with_traceparent(
+            port,
+            body,
+            "00-11111111111111111111111111111111-2222222222222222-01",
+        )
+    })
+    .await
+    .expect("post");
+    assert_eq!(status, 202);
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while ["bad-setter", "bad-raw", "http-1"]
-        .iter()
-        .any(|id| seen_of(&seen, id).is_empty())
-    {
-        assert!(tokio::time::Instant::now() < deadline, "tasks never ran");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let http = &seen_of(&seen, "http-1")[0];
+    seen.wait_for(
+        &["bad-setter", "bad-raw", "http-1", "http-2"],
+        Duration::from_secs(20),
+    )
+    .await;
+    let http = &seen.of("http-1")[0];
     assert_eq!(http.2.as_deref(), Some("0af7651916cd43dd8448eb211c80319c"));
     assert_eq!(http.3.as_deref(), Some("b7ad6b7169203331"));
-    let setter = &seen_of(&seen, "bad-setter")[0];
+    let http = &seen.of("http-2")[0];
+    assert_eq!(http.2.as_deref(), Some("11111111111111111111111111111111"));
+    assert_eq!(http.3.as_deref(), Some("2222222222222222"));
+    let setter = &seen.of("bad-setter")[0];
     assert_eq!((&setter.2, &setter.4), (&None, &None), "{setter:?}");
-    let raw = &seen_of(&seen, "bad-raw")[0];
+    let raw = &seen.of("bad-raw")[0];
     assert_eq!(
         raw.2, None,
         "an invalid traceparent names no trace: {raw:?}"
