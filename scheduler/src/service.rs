@@ -299,8 +299,12 @@ impl Scheduler {
         let tasks = TaskApi::new(self.broker.clone(), self.names.clone())
             .with_limits(holder.limits)
             .with_holder(holder);
-        let probes =
-            api::probes::Probes::new(self.work.health().clone(), redis, self.broker.clone());
+        let probes = api::probes::Probes::new(
+            self.work.health().clone(),
+            redis,
+            self.broker.clone(),
+            self.work.cancel_token().clone(),
+        );
         let events = api::events::EventStreams::new(
             self.broker.clone(),
             self.names.clone(),

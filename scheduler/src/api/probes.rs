@@ -16,7 +16,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use kairos_shared::amqp::{connect_to, Broker};
+use kairos_shared::amqp::{close_connection, connect_to, Broker};
 use kairos_shared::supervise::Health;
 use lapin::Connection;
 use serde_json::{json, Value};
@@ -24,6 +24,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 
 /// The longest one check of Redis or RabbitMQ may take.
 pub(crate) const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -76,16 +77,27 @@ impl Check {
 
 impl Probes {
     /// Probes of the loops in `health`, Redis behind `redis` and the broker.
-    pub(crate) fn new(health: Health, redis: deadpool_redis::Pool, broker: Broker) -> Self {
-        Probes {
-            health,
-            checks: Arc::new(Checks {
-                redis,
-                broker,
-                amqp: Mutex::new(None),
-                last: Mutex::new(None),
-            }),
-        }
+    /// The probe's RabbitMQ connection is closed when `stop` fires.
+    pub(crate) fn new(
+        health: Health,
+        redis: deadpool_redis::Pool,
+        broker: Broker,
+        stop: CancellationToken,
+    ) -> Self {
+        let checks = Arc::new(Checks {
+            redis,
+            broker,
+            amqp: Mutex::new(None),
+            last: Mutex::new(None),
+        });
+        let closing = checks.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            if let Some(conn) = closing.amqp.lock().await.take() {
+                close_connection(&conn, "shutdown", CHECK_TIMEOUT).await;
+            }
+        });
+        Probes { health, checks }
     }
 }
 
