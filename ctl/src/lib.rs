@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 use std::time::Duration;
 
+pub mod dead;
 pub mod tail;
 
 /// The longest one HTTP request may take, connecting included.

@@ -1,5 +1,5 @@
 //! `kairosctl schedule add|list|show|pause|resume|rm`,
-//! `kairosctl task add`, `kairosctl dead list|replay|purge`.
+//! `kairosctl task add`, `kairosctl dead list|show|replay|purge`.
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -19,8 +19,6 @@ use serde_json::{Map, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// How many dead letters `dead list` shows unless told.
-const DEFAULT_DEAD_LIST_LIMIT: usize = 100;
 /// Delay-queue shards, as the schedulers default to (`KAIROS_SHARDS`).
 const DEFAULT_SHARDS: u16 = 8;
 
@@ -125,7 +123,7 @@ enum Command {
     Task(TaskCmd),
     /// The dead-letter queue.
     #[command(subcommand)]
-    Dead(DeadCmd),
+    Dead(kairosctl::dead::DeadCmd),
     /// Follow the lifecycle events live (needs --http-addr; events must be
     /// on, KAIROS_EVENTS=true, in the scheduler and workers).
     Tail(Tail),
@@ -222,23 +220,6 @@ struct TaskAdd {
     /// Run at this Unix time in ms.
     #[arg(long)]
     run_at: Option<i64>,
-}
-
-#[derive(Subcommand)]
-enum DeadCmd {
-    /// Show dead letters (nothing is removed).
-    List {
-        #[arg(long, default_value_t = DEFAULT_DEAD_LIST_LIMIT)]
-        limit: usize,
-        /// Print the raw JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Send dead letters back to their queues with fresh retries: the ids
-    /// given, or all.
-    Replay { ids: Vec<String> },
-    /// Delete every dead letter.
-    Purge,
 }
 
 #[derive(Subcommand)]
@@ -359,7 +340,7 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
             }
             return Ok(print_reply(&reply));
         }
-        Command::Dead(cmd) => return dead(&api, cmd),
+        Command::Dead(cmd) => return kairosctl::dead::run(&api, cmd).map_err(anyhow::Error::msg),
         Command::Tail(_) => unreachable!("tail is handled before connecting"),
     };
     let reply = match cmd {
@@ -447,46 +428,6 @@ fn print_reply(r: &Reply) -> ExitCode {
             msg.unwrap_or_else(|| r.body.to_string())
         );
         ExitCode::FAILURE
-    }
-}
-
-fn dead(api: &Api, cmd: DeadCmd) -> anyhow::Result<ExitCode> {
-    let reply = match cmd {
-        DeadCmd::List { limit, json } => {
-            let r = api.dead_list(limit).map_err(anyhow::Error::msg)?;
-            if r.ok() && !json {
-                print_dead(&r.body);
-                return Ok(ExitCode::SUCCESS);
-            }
-            r
-        }
-        DeadCmd::Replay { ids } => api.dead_replay(&ids).map_err(anyhow::Error::msg)?,
-        DeadCmd::Purge => api.dead_purge().map_err(anyhow::Error::msg)?,
-    };
-    Ok(print_reply(&reply))
-}
-
-fn print_dead(body: &Value) {
-    let empty = Vec::new();
-    let rows = body["dead"].as_array().unwrap_or(&empty);
-    println!(
-        "{:<38} {:<20} {:<12} {:<7} {:<24} ERROR",
-        "ID", "NAME", "QUEUE", "ATTEMPT", "FAILED_AT"
-    );
-    for d in rows {
-        let text = |k: &str| d[k].as_str().unwrap_or("-").to_string();
-        println!(
-            "{:<38} {:<20} {:<12} {:<7} {:<24} {}",
-            text("id"),
-            text("name"),
-            text("queue"),
-            text("attempt"),
-            d["failed_at"]
-                .as_i64()
-                .map(utc)
-                .unwrap_or_else(|| "-".into()),
-            text("error")
-        );
     }
 }
 

@@ -1,6 +1,7 @@
 //! Starting and stopping the scheduler: the steps of `run`, the AMQP
 //! session, and the in-process API for kairosctl.
 
+use crate::api::handler_io::HandlerIo;
 use crate::api::{self, tasks::TaskApi};
 use crate::delay::hold::Holder;
 use crate::delay::intake::{Intake, IntakeError, Source};
@@ -19,6 +20,8 @@ use kairos_shared::amqp::{
 };
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
+use kairos_shared::redis::RedisConn;
+use kairos_shared::status::{ShardCount, StatusStore};
 use kairos_shared::supervise::{Restart, Supervised, Supervisor};
 use kairos_shared::topology;
 use lapin::Connection;
@@ -236,7 +239,7 @@ impl Scheduler {
         http: Option<TcpListener>,
     ) {
         let redis = pool.clone();
-        let store = ScheduleStore::new(pool, self.names.namespace(), &pump.queue);
+        let store = ScheduleStore::new(pool.clone(), self.names.namespace(), &pump.queue);
         let changed = Arc::new(Notify::new());
         let admin = Admin {
             store: store.clone(),
@@ -247,7 +250,8 @@ impl Scheduler {
         }
         self.start_ticker(store.clone(), pump, changed);
         if let Some(listener) = http {
-            self.start_http(listener, admin, pump, redis);
+            let io = handler_io(&self.config, pool);
+            self.start_http(listener, admin, pump, io, redis);
         }
         self.work.start(Outcomes {
             broker: self.broker.clone(),
@@ -288,6 +292,7 @@ impl Scheduler {
         listener: TcpListener,
         admin: Admin,
         pump: &Pump,
+        io: HandlerIo,
         redis: deadpool_redis::Pool,
     ) {
         tracing::info!(addr = ?listener.local_addr().ok(), "HTTP API listening");
@@ -315,6 +320,7 @@ impl Scheduler {
             tasks,
             Some(probes),
             Some(events),
+            io,
             self.config.api_token.clone(),
         );
         // The first run serves the listener bound at start; a restart
@@ -513,6 +519,7 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
     let pool = redis_pool(config)?;
     let queue = RedisDelayQueue::new(pool.clone(), names.namespace(), usize::from(config.shards));
     queue.check_shard_count().await?;
+    let io = handler_io(config, pool.clone());
     let admin = Admin {
         store: ScheduleStore::new(pool, names.namespace(), &queue),
         changed: Arc::new(Notify::new()),
@@ -522,7 +529,22 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
     let tasks = TaskApi::new(config.common.broker(), names).with_limits(config.limits());
     // In process, nobody else can call it: no token, but the same checks
     // of what is sent.
-    Ok(api::router(admin, tasks, None, None, None))
+    Ok(api::router(admin, tasks, None, None, io, None))
+}
+
+/// What the handler routes (`/v1/tasks/{id}/checkpoint|progress|result`)
+/// write to: the task status store on `pool`.
+fn handler_io(config: &Config, pool: deadpool_redis::Pool) -> HandlerIo {
+    let store = StatusStore::new(
+        RedisConn::new(pool),
+        &config.common.namespace,
+        ShardCount::known(usize::from(config.shards)),
+        config.status.status_ttl_s,
+    );
+    HandlerIo {
+        store,
+        limits: config.handler_limits,
+    }
 }
 
 /// The Redis pool with `KAIROS_REDIS_TIMEOUT_MS` as its reply timeout.

@@ -8,6 +8,8 @@ use crate::acks::Acks;
 use crate::disposition::{Disposition, DispositionError};
 use crate::handler::{Registry, TaskContext, TaskError};
 use crate::slots::Slots;
+use crate::status::WorkerStatus;
+use crate::task_io::TaskIo;
 use futures_util::FutureExt;
 use futures_util::StreamExt;
 use kairos_shared::amqp::now_ms;
@@ -32,6 +34,9 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     pub(crate) disposition: Disposition,
     pub(crate) events: EventSink,
+    /// Task status: the writer, and the store handlers' checkpoints,
+    /// progress and results go through.
+    pub(crate) status: WorkerStatus,
     pub(crate) slots: Arc<Slots>,
     /// Time limit of an attempt without `x-timeout-ms`.
     pub(crate) default_timeout: Duration,
@@ -46,6 +51,8 @@ pub(crate) struct Shared {
     pub(crate) abandon: CancellationToken,
     /// The worker is stopping: pauses end early.
     pub(crate) shutdown: CancellationToken,
+    /// What handlers reach through their context (a client...).
+    pub(crate) io: TaskIo,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +207,7 @@ async fn run_task(
         return d.failed(delivery, acks, &task, &error).await;
     };
     shared.events.task(EventKind::Started, &task, None, None);
+    shared.status.running(&task);
     let started_ms = now_ms();
     metrics::counter!("kairos_worker_started_total", "queue" => task.queue.clone()).increment(1);
     if let Some(due) = task.run_at {
@@ -210,8 +218,13 @@ async fn run_task(
         .timeout_ms
         .map(Duration::from_millis)
         .unwrap_or(shared.default_timeout);
-    let mut ctx = TaskContext::from_task(&task);
+    let io = match load_checkpoint(&shared.io, &task, delivery.redelivered).await {
+        Ok(checkpoint) => shared.io.for_task(checkpoint),
+        Err(error) => return d.failed(delivery, acks, &task, &error).await,
+    };
+    let mut ctx = TaskContext::from_task(&task).with_io(io);
     ctx.timeout = limit;
+    ctx.redelivered = delivery.redelivered;
     // A panic in the handler is caught here as a failed attempt, and a
     // timeout drops (cancels) the handler's future. Running it inline rather
     // than in a task of its own saves a spawn and a wake-up per task.
@@ -230,11 +243,34 @@ async fn run_task(
     metrics::histogram!("kairos_worker_task_seconds", "queue" => task.queue.clone())
         .record(seconds_between(started_ms, now_ms()));
     match outcome {
-        Ok(Ok(())) => d.succeeded(delivery, acks, &task).await,
+        Ok(Ok(output)) => d.succeeded(delivery, acks, &task, output).await,
         Ok(Err(error)) => d.failed(delivery, acks, &task, &error).await,
         Err(payload) => {
             let error = TaskError::retry(format!("handler panicked: {}", panic_text(payload)));
             d.failed(delivery, acks, &task, &error).await
         }
     }
+}
+
+/// The task's last checkpoint, when this attempt may follow one that saved
+/// it: a retry (attempt > 1) or a redelivery (a worker died in it). A first
+/// delivery of a first attempt has none and costs no Redis call. When
+/// Redis cannot say, the attempt fails (and is retried) rather than start
+/// over from nothing: a task that checkpoints is one that is costly to
+/// redo.
+async fn load_checkpoint(
+    io: &TaskIo,
+    task: &Task,
+    redelivered: bool,
+) -> Result<Option<Vec<u8>>, TaskError> {
+    let Some(store) = &io.store else {
+        return Ok(None);
+    };
+    if task.attempt <= 1 && !redelivered {
+        return Ok(None);
+    }
+    store
+        .load_checkpoint(&task.id)
+        .await
+        .map_err(|e| TaskError::retry(format!("cannot load the task's checkpoint: {e}")))
 }

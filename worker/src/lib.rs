@@ -20,10 +20,17 @@
 //! # }
 //! ```
 //!
+//! A handler may also return a result, ask for its own retry delay, enqueue
+//! follow-up tasks, report progress and save checkpoints: see
+//! [`TaskContext`], [`TaskOutput`], [`TaskError::retry_after`] and
+//! docs/HANDLERS.md.
+//!
 //! * `handler`: the handler trait, its context and errors, the registry.
 //! * `consumer`: one consumer per queue, bounded by the `slots`.
 //! * `disposition`: ack, retry or dead-letter, in one place.
-//! * `builtin`: `kairos.noop`, `kairos.sleep`, `kairos.fail`.
+//! * `builtin`: `kairos.noop`, `kairos.sleep`, `kairos.fail`, `kairos.count`.
+//! * `task_io`: what a handler's context reaches: the client, progress,
+//!   checkpoints.
 //! * `session`: one AMQP session: the consumers of every queue and the
 //!   tasks they run, finished (acked) before the connection closes.
 
@@ -39,9 +46,14 @@ mod disposition;
 mod handler;
 mod session;
 mod slots;
+mod status;
+mod task_io;
 
 pub use config::Config;
-pub use handler::{Handler, Registry, TaskContext, TaskError, TaskResult};
+pub use handler::{
+    Handler, HandlerOutcome, Json, Registry, TaskContext, TaskError, TaskOutput, TaskResult,
+};
+pub use task_io::CheckpointError;
 
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
@@ -96,7 +108,8 @@ impl Worker {
         }
     }
 
-    /// Registers `kairos.noop`, `kairos.sleep` and `kairos.fail`.
+    /// Registers `kairos.noop`, `kairos.sleep`, `kairos.fail` and
+    /// `kairos.count`.
     pub fn with_builtins(mut self) -> Self {
         builtin::register(&mut self.registry);
         self
@@ -125,6 +138,8 @@ impl Worker {
             &names,
             &work,
         );
+        let status =
+            status::WorkerStatus::start(&self.config, &work).map_err(WorkerError::Config)?;
         let slots = start_autoscale(&work, &self.config);
         tracing::info!(namespace = %names.namespace(), queues = ?self.config.queues, concurrency = %self.config.concurrency, "worker starting");
         let session = AmqpSession::new(
@@ -132,11 +147,12 @@ impl Worker {
             names,
             self.registry,
             events.clone(),
+            status.clone(),
             slots,
             &work,
         );
         work.run(session).await;
-        shut_down(work, events).await;
+        shut_down(work, events, status).await;
         Ok(())
     }
 
@@ -172,8 +188,9 @@ fn start_autoscale(work: &Supervisor, config: &Config) -> Arc<Slots> {
 /// Waits for the rest of the background work (the autoscaler, sessions that
 /// ended early finishing their running tasks), then sends the last tasks'
 /// `succeeded` events before the process exits.
-async fn shut_down(work: Supervisor, events: EventSink) {
+async fn shut_down(work: Supervisor, events: EventSink, status: status::WorkerStatus) {
     work.wait().await;
     events.close(EVENTS_FLUSH).await;
+    status.close().await;
     tracing::info!("worker stopped");
 }

@@ -10,8 +10,11 @@ use crate::acks::Acks;
 use crate::consumer::{consume, ConsumeError, Shared};
 use crate::disposition::Disposition;
 use crate::slots::Slots;
+use crate::status::WorkerStatus;
+use crate::task_io::TaskIo;
 use crate::{Config, Registry};
 use kairos_shared::amqp::{close_connection, connect_with_retry, Broker, CLOSE_WITHIN};
+use kairos_shared::client::Enqueuer;
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
 use kairos_shared::supervise::{Restart, Supervised, Supervisor};
@@ -36,6 +39,8 @@ pub(crate) enum SessionError {
     Declare(#[from] kairos_shared::topology::DeclareError),
     #[error("a delivery could not be settled")]
     Broken,
+    #[error("handlers' client: {0}")]
+    Client(#[from] kairos_shared::client::ClientError),
 }
 
 /// The worker's AMQP session loop.
@@ -45,6 +50,8 @@ pub(crate) struct AmqpSession {
     broker: Broker,
     registry: Registry,
     events: EventSink,
+    /// Task status: the writer and the store.
+    status: WorkerStatus,
     slots: Arc<Slots>,
     /// Where a session that ended early finishes its running tasks, and
     /// the worker's shutdown.
@@ -58,6 +65,7 @@ impl AmqpSession {
         names: Names,
         registry: Registry,
         events: EventSink,
+        status: WorkerStatus,
         slots: Arc<Slots>,
         work: &Supervisor,
     ) -> Self {
@@ -67,6 +75,7 @@ impl AmqpSession {
             names,
             registry,
             events,
+            status,
             slots,
             work: work.clone(),
         }
@@ -84,19 +93,33 @@ impl AmqpSession {
         for q in &self.config.queues {
             topology::declare_task_queue(&channel, &self.names, q).await?;
         }
-        let disposition =
-            Disposition::open(&s.conn, self.names.clone(), self.events.clone()).await?;
+        let disposition = Disposition::open(
+            &s.conn,
+            self.names.clone(),
+            self.events.clone(),
+            self.status.clone(),
+        )
+        .await?;
         s.channels.push(disposition.channel().clone());
+        let client = Enqueuer::open(&s.conn, self.names.clone()).await?;
+        s.channels.push(client.channel().clone());
         let shared = Arc::new(Shared {
             names: self.names.clone(),
             registry: self.registry.clone(),
             disposition,
             events: self.events.clone(),
+            status: self.status.clone(),
             slots: self.slots.clone(),
             default_timeout: Duration::from_millis(self.config.task_timeout_ms),
             broken: s.broken.clone(),
             abandon: s.abandon.clone(),
             shutdown: self.work.cancel_token().clone(),
+            io: TaskIo {
+                client: Some(Arc::new(client)),
+                store: Some(Arc::new(self.status.clone())),
+                limits: self.config.handler_limits,
+                ..TaskIo::default()
+            },
         });
         let mut consumer_channels = Vec::with_capacity(self.config.queues.len());
         for _ in &self.config.queues {

@@ -1,16 +1,21 @@
 //! The HTTP API: tasks, schedules, probes, behind one guard.
 //!
 //! * `guard`: the API token and the JSON content type, before every route.
-//! * `tasks`: enqueue, look up and dead letters.
+//! * `tasks`: enqueue (and `/healthz`); merges `dead`.
+//! * `dead`: the dead letters: page, show, replay, purge.
 //! * `schedules`: the schedule routes.
 //! * `probes`: `/readyz` (Redis, RabbitMQ, loops) and `/metrics`.
 //! * `events`: the live event stream (`GET /v1/events`).
+//! * `handler_io`: checkpoints, progress and results from handlers in
+//!   other languages (`/v1/tasks/{id}/checkpoint|progress|result`).
 //!
 //! May touch: the delay queue (through `crate::delay::hold`), the schedule
 //! admin, RabbitMQ (publishing tasks). Holds no state of its own.
 
+pub(crate) mod dead;
 pub(crate) mod events;
 pub(crate) mod guard;
+pub(crate) mod handler_io;
 pub(crate) mod probes;
 pub(crate) mod schedules;
 pub mod tasks;
@@ -31,9 +36,12 @@ pub(crate) fn router(
     tasks: tasks::TaskApi,
     probes: Option<probes::Probes>,
     events: Option<events::EventStreams>,
+    handler_io: handler_io::HandlerIo,
     token: Option<Secret>,
 ) -> Router {
-    let mut routes = schedules::router(admin).merge(tasks::router(tasks));
+    let mut routes = schedules::router(admin)
+        .merge(tasks::router(tasks))
+        .merge(handler_io::router(handler_io));
     if let Some(probes) = probes {
         routes = routes.merge(probes::router(probes));
     }
