@@ -3,7 +3,8 @@
 //! * `guard`: the API token and the JSON content type, before every route.
 //! * `tasks`: enqueue (and `/healthz`); merges `dead`.
 //! * `dead`: the dead letters: page, show, replay, purge.
-//! * `schedules`: the schedule routes and the probes.
+//! * `schedules`: the schedule routes.
+//! * `probes`: `/readyz` (Redis, RabbitMQ, loops) and `/metrics`.
 //! * `events`: the live event stream (`GET /v1/events`).
 //! * `handler_io`: checkpoints, progress and results from handlers in
 //!   other languages (`/v1/tasks/{id}/checkpoint|progress|result`).
@@ -16,6 +17,7 @@ pub(crate) mod dead;
 pub(crate) mod events;
 pub(crate) mod guard;
 pub(crate) mod handler_io;
+pub(crate) mod probes;
 pub(crate) mod schedules;
 pub mod tasks;
 pub(crate) mod ui;
@@ -24,19 +26,18 @@ use crate::schedules::admin::Admin;
 use axum::http::StatusCode;
 use axum::{Json, Router};
 use kairos_shared::secrets::Secret;
-use kairos_shared::supervise::Health;
 use serde_json::{json, Value};
 
 /// Every route of the API behind its guard: the schedules and tasks
-/// routes, `/readyz` when there are background loops to report
-/// (`health`; none in process, for kairosctl), and the event stream when
+/// routes, `/readyz` and `/metrics` when given `probes` (none in process,
+/// for kairosctl), and the event stream when
 /// given `events` (none in process: kairosctl's in-process calls answer
 /// once and cannot stream) and with it the dashboard page, which needs
 /// it. Without a `token` the API is open.
 pub(crate) fn router(
     admin: Admin,
     tasks: tasks::TaskApi,
-    health: Option<Health>,
+    probes: Option<probes::Probes>,
     events: Option<events::EventStreams>,
     handler_io: handler_io::HandlerIo,
     token: Option<Secret>,
@@ -44,8 +45,8 @@ pub(crate) fn router(
     let mut routes = schedules::router(admin)
         .merge(tasks::router(tasks))
         .merge(handler_io::router(handler_io));
-    if let Some(health) = health {
-        routes = routes.merge(schedules::probes(health));
+    if let Some(probes) = probes {
+        routes = routes.merge(probes::router(probes));
     }
     if let Some(events) = events {
         routes = routes.merge(events::router(events)).merge(ui::router());
