@@ -40,6 +40,9 @@ export KAIROS_BROWSER_TEST=required
 
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast
+# The `otlp` feature (OpenTelemetry export, off by default): it builds, and
+# its spans reach a fake collector (docs/OPERATIONS.md#tracing).
+cargo test -p kairos-tests --features otlp --test otlp
 # Tests that disturb the shared servers: alone, one at a time.
 cargo test -p kairos-tests --features disruptive --test disruptive --test blocked_broker -- --test-threads=1
 # The soak test: 2 minutes of steady load through kills and a Redis

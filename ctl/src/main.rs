@@ -107,6 +107,10 @@ struct Cli {
     #[command(flatten)]
     tls: TlsSettings,
 
+    /// `KAIROS_LOG_FORMAT` of the warnings kairosctl logs (to stderr).
+    #[command(flatten)]
+    log: kairos_shared::trace_init::LogSettings,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -384,6 +388,11 @@ struct Add {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let init = kairos_shared::trace_init::init(&cli.log, None, "kairosctl", "warn", true);
+    if let Err(e) = init {
+        eprintln!("kairosctl: {e}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

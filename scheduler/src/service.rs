@@ -116,6 +116,8 @@ impl Scheduler {
         config
             .check_api_exposure()
             .map_err(SchedulerError::Config)?;
+        // Recorded from the start, served at `/metrics` on the HTTP API.
+        let _ = kairos_shared::metrics::recorder();
         if let Some(addr) = config.common.metrics_addr {
             kairos_shared::metrics::install(addr)?;
         }
@@ -236,6 +238,7 @@ impl Scheduler {
         pump: &Pump,
         http: Option<TcpListener>,
     ) {
+        let redis = pool.clone();
         let store = ScheduleStore::new(pool.clone(), self.names.namespace(), &pump.queue);
         let changed = Arc::new(Notify::new());
         let admin = Admin {
@@ -248,7 +251,7 @@ impl Scheduler {
         self.start_ticker(store.clone(), pump, changed);
         if let Some(listener) = http {
             let io = handler_io(&self.config, pool);
-            self.start_http(listener, admin, pump, io);
+            self.start_http(listener, admin, pump, io, redis);
         }
         self.work.start(Outcomes {
             broker: self.broker.clone(),
@@ -284,7 +287,14 @@ impl Scheduler {
     /// Starts the HTTP API on `listener`. Delayed tasks it takes go
     /// straight into the delay queue (the pump's, on a connection of their
     /// own).
-    fn start_http(&self, listener: TcpListener, admin: Admin, pump: &Pump, io: HandlerIo) {
+    fn start_http(
+        &self,
+        listener: TcpListener,
+        admin: Admin,
+        pump: &Pump,
+        io: HandlerIo,
+        redis: deadpool_redis::Pool,
+    ) {
         tracing::info!(addr = ?listener.local_addr().ok(), "HTTP API listening");
         let holder = Holder {
             queue: pump.queue.with_own_connection(),
@@ -294,7 +304,12 @@ impl Scheduler {
         let tasks = TaskApi::new(self.broker.clone(), self.names.clone())
             .with_limits(holder.limits)
             .with_holder(holder);
-        let health = Some(self.work.health().clone());
+        let probes = api::probes::Probes::new(
+            self.work.health().clone(),
+            redis,
+            self.broker.clone(),
+            self.work.cancel_token().clone(),
+        );
         let events = api::events::EventStreams::new(
             self.broker.clone(),
             self.names.clone(),
@@ -303,7 +318,7 @@ impl Scheduler {
         let router = api::router(
             admin,
             tasks,
-            health,
+            Some(probes),
             Some(events),
             io,
             self.config.api_token.clone(),

@@ -12,7 +12,7 @@
 //! ```
 
 use crate::contract::{
-    validate_id, validate_queue, Names, ProtocolError, H_DELAY_MS, H_MAX_RETRIES, H_RUN_AT,
+    text, validate_id, validate_queue, Names, ProtocolError, H_DELAY_MS, H_MAX_RETRIES, H_RUN_AT,
     H_TIMEOUT_MS,
 };
 use crate::short::{header_name, short};
@@ -150,6 +150,19 @@ impl NewTask {
     pub fn timeout_ms(mut self, ms: u64) -> Self {
         self.timeout_ms = Some(ms);
         self
+    }
+    /// Sets the W3C `traceparent` header (`00-TRACEID-PARENTID-FLAGS`), so
+    /// the handler's span joins the caller's trace on every attempt. A value
+    /// that is not a valid `traceparent` is ignored: the task goes without.
+    pub fn traceparent(self, value: impl AsRef<str>) -> Self {
+        match crate::trace::TraceParent::parse(value.as_ref().trim()) {
+            Some(tp) => self.header(crate::trace::H_TRACEPARENT, text(&tp.to_string())),
+            None => self,
+        }
+    }
+    /// Sets the W3C `tracestate` header carried with `traceparent`.
+    pub fn tracestate(self, value: impl AsRef<str>) -> Self {
+        self.header(crate::trace::H_TRACESTATE, text(value.as_ref()))
     }
     /// Adds a header; a name over 255 bytes fails [`to_message`](Self::to_message).
     pub fn header(mut self, name: &str, value: AMQPValue) -> Self {
@@ -330,6 +343,8 @@ impl Enqueuer {
             // Checked first: a queue name that cannot be declared is the
             // task's fault, reported as such.
             let (id, props) = task.to_message()?;
+            let headers = props.headers().as_ref();
+            crate::trace::step_of("kairos.enqueue", &id, &task.name, &task.queue, 1, headers);
             self.declared
                 .ensure(&self.channel, &self.names, &task.queue)
                 .await?;

@@ -165,7 +165,7 @@ async fn process(shared: &Shared, acks: &Acks, queue: &str, delivery: Delivery) 
                 .await
         }
         Ok(task) => {
-            let span = tracing::info_span!("task", task_id = %task.id, kind = %task.name, attempt = task.attempt);
+            let span = kairos_shared::trace::task_span(&task);
             run_task(shared, acks, &delivery, task)
                 .instrument(span)
                 .await

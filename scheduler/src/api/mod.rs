@@ -3,7 +3,8 @@
 //! * `guard`: the API token and the JSON content type, before every route.
 //! * `tasks`: enqueue (and `/healthz`); merges `dead`.
 //! * `dead`: the dead letters: page, show, replay, purge.
-//! * `schedules`: the schedule routes and the probes.
+//! * `schedules`: the schedule routes.
+//! * `probes`: `/readyz` (Redis, RabbitMQ, loops) and `/metrics`.
 //! * `events`: the live event stream (`GET /v1/events`).
 //! * `handler_io`: checkpoints, progress and results from handlers in
 //!   other languages (`/v1/tasks/{id}/checkpoint|progress|result`).
@@ -20,6 +21,7 @@ pub(crate) mod events;
 pub(crate) mod guard;
 pub(crate) mod handler_io;
 pub(crate) mod openapi;
+pub(crate) mod probes;
 pub(crate) mod schedules;
 pub mod tasks;
 pub(crate) mod ui;
@@ -28,12 +30,11 @@ use crate::schedules::admin::Admin;
 use axum::http::StatusCode;
 use axum::{Json, Router};
 use kairos_shared::secrets::Secret;
-use kairos_shared::supervise::Health;
 use serde_json::{json, Value};
 
 /// Every route of the API behind its guard: the schedules and tasks
-/// routes, `/readyz` when there are background loops to report
-/// (`health`; none in process, for kairosctl), and the event stream when
+/// routes, `/readyz` and `/metrics` when given `probes` (none in process,
+/// for kairosctl), and the event stream when
 /// given `events` (none in process: kairosctl's in-process calls answer
 /// once and cannot stream) and with it the dashboard page, which needs
 /// it; and the OpenAPI document of the API routes at `/v1/openapi.json`.
@@ -41,7 +42,7 @@ use serde_json::{json, Value};
 pub(crate) fn router(
     admin: Admin,
     tasks: tasks::TaskApi,
-    health: Option<Health>,
+    probes: Option<probes::Probes>,
     events: Option<events::EventStreams>,
     handler_io: handler_io::HandlerIo,
     token: Option<Secret>,
@@ -49,8 +50,8 @@ pub(crate) fn router(
     let mut routes = schedules::router(admin)
         .merge(tasks::routes(tasks))
         .merge(handler_io::router(handler_io));
-    if let Some(health) = health {
-        routes = routes.merge(schedules::probes(health));
+    if let Some(probes) = probes {
+        routes = routes.merge(probes::router(probes));
     }
     if let Some(events) = events {
         // The page is no API route: served, not in the OpenAPI document.

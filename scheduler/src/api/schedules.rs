@@ -5,9 +5,6 @@
 //! * `POST /v1/schedules/{id}/pause`, `POST /v1/schedules/{id}/resume`
 //! * `DELETE /v1/schedules/{id}` (204)
 //!
-//! * `GET /readyz`: 200 while every background loop runs, 503 naming the
-//!   loops that failed and wait for their restart
-//!
 //! Errors are JSON: `{"error": "...", "field": "..."}` with 400 for bad
 //! input, 404 for an unknown id, 503 when Redis fails.
 
@@ -21,7 +18,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use kairos_shared::supervise::Health;
 use serde_json::json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -34,48 +30,6 @@ pub(crate) fn router(admin: Admin) -> OpenApiRouter {
         .routes(routes!(pause))
         .routes(routes!(resume))
         .with_state(admin)
-}
-
-/// Readiness: `/healthz` (in the task API) says the process runs; this
-/// says whether its background loops do.
-pub(crate) fn probes(health: Health) -> OpenApiRouter {
-    OpenApiRouter::default()
-        .routes(routes!(readyz))
-        .with_state(health)
-}
-
-/// Readiness: whether every background loop of the scheduler runs.
-#[utoipa::path(
-    get,
-    path = "/readyz",
-    tag = "probes",
-    security(()),
-    responses(
-        (status = 200, description = "Every loop runs: `{\"status\": \"ready\", \"loops\": {...}}`", body = Object),
-        (status = 503, description = "Loops failed and wait for their restart: `{\"status\": \"unavailable\", \"error\", \"failing\": [...], \"loops\"}`", body = Object),
-    )
-)]
-async fn readyz(State(health): State<Health>) -> Response {
-    let failing = health.failing();
-    let loops = health.snapshot();
-    if failing.is_empty() {
-        (
-            StatusCode::OK,
-            Json(json!({"status": "ready", "loops": loops})),
-        )
-            .into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({
-                "status": "unavailable",
-                "error": format!("background loops not running: {}", failing.join(", ")),
-                "failing": failing,
-                "loops": loops,
-            })),
-        )
-            .into_response()
-    }
 }
 
 impl IntoResponse for AdminError {

@@ -4,7 +4,9 @@
 //! * `POST /v1/tasks`: enqueue one task (JSON, see `kairos_shared::request`);
 //!   202 with its id once the broker confirmed it (a delayed task: once it
 //!   is in the delay queue, see `crate::delay::hold`); 409 when a delayed task's
-//!   id is already pending; 413 when the body is over its limit
+//!   id is already pending; 413 when the body is over its limit. The
+//!   request's own `traceparent` (and `tracestate`) HTTP header is taken
+//!   when the task's `headers` have none
 //! * the dead-letter routes of `super::dead`, over the same broker
 //! * `GET /healthz`: 200 while the process runs
 //!
@@ -23,7 +25,7 @@ use crate::delay::hold::{Held, HoldError, Holder};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use kairos_shared::amqp::{Blocked, Broker};
@@ -275,6 +277,10 @@ async fn connected(api: &TaskApi) -> Result<Connected, ApiError> {
     path = "/v1/tasks",
     tag = "tasks",
     request_body = TaskTemplate,
+    params(
+        ("traceparent" = Option<String>, Header, description = "W3C trace context for the task when its `headers` carry none"),
+        ("tracestate" = Option<String>, Header, description = "W3C trace state, taken with `traceparent`"),
+    ),
     responses(
         (status = 202, description = "Accepted: `{\"id\", \"queue\", \"delayed\"}`", body = Enqueued),
         (status = 400, description = "Not a valid task; `field` names the fault", body = ErrorBody),
@@ -285,10 +291,15 @@ async fn connected(api: &TaskApi) -> Result<Connected, ApiError> {
 )]
 async fn enqueue(
     State(api): State<TaskApi>,
+    http_headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|e| body_rejection(e, &api))?;
-    let task = request::from_json(&body)?;
+    let task = kairos_shared::trace::adopt_http_traceparent(
+        request::from_json(&body)?,
+        header_text(&http_headers, "traceparent"),
+        header_text(&http_headers, "tracestate"),
+    );
     api.limits
         .check_body(task.body.len())
         .map_err(|e| ApiError::TooLarge {
@@ -322,6 +333,11 @@ async fn enqueue(
         Json(json!({"id": id, "queue": queue, "delayed": delayed})),
     )
         .into_response())
+}
+
+/// An HTTP header's value as text, when it is one.
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// A request body that could not be read: over the size limit (413, JSON

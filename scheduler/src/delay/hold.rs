@@ -75,6 +75,7 @@ impl Holder {
             return Err(QueueError::Reply("no reply for the task".into()).into());
         };
         if s.added {
+            kairos_shared::trace::step("kairos.hold", &task);
             metrics::counter!("kairos_scheduler_held_total", "source" => "http").increment(1);
             self.events
                 .task(EventKind::Scheduled, &task, Some(s.due), None);

@@ -365,6 +365,7 @@ impl<S: DelayStore, P: TaskPublisher> Intake<S, P> {
     /// task whose id was already pending.
     fn report_hold(&self, task: &Task, kind: EventKind, s: &Scheduled) {
         if s.added {
+            kairos_shared::trace::step("kairos.hold", task);
             self.events.task(kind, task, Some(s.due), None);
         } else if self.source == Source::Delay {
             // A retry held twice is a redelivery of one failed attempt,
