@@ -79,6 +79,8 @@ pub(crate) struct ErrorBody {
     field: Option<String>,
     /// The task or letter id concerned (409, some 404s).
     id: Option<String>,
+    /// The task's state, when it forbids the request (409).
+    state: Option<kairos_shared::status::TaskState>,
 }
 
 /// The document as served, filled in once the whole router is built.
