@@ -5,6 +5,7 @@
 //! RabbitMQ redelivers it to another consumer.
 
 use crate::acks::Acks;
+use crate::control::{abortable, Control};
 use crate::disposition::{Disposition, DispositionError};
 use crate::handler::{Registry, TaskContext, TaskError};
 use crate::slots::Slots;
@@ -46,6 +47,8 @@ pub(crate) struct Shared {
     pub(crate) abandon: CancellationToken,
     /// The worker is stopping: pauses end early.
     pub(crate) shutdown: CancellationToken,
+    /// Running attempts by task id, for aborts (`crate::control`).
+    pub(crate) control: Arc<Control>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,13 +213,19 @@ async fn run_task(
         .timeout_ms
         .map(Duration::from_millis)
         .unwrap_or(shared.default_timeout);
+    let running = shared.control.register(&task.id);
     let mut ctx = TaskContext::from_task(&task);
     ctx.timeout = limit;
+    ctx.cancel = running.token().clone();
     // A panic in the handler is caught here as a failed attempt, and a
     // timeout drops (cancels) the handler's future. Running it inline rather
     // than in a task of its own saves a spawn and a wake-up per task.
     let run = AssertUnwindSafe(handler.call(ctx, task.body.clone())).catch_unwind();
-    let outcome = match tokio::time::timeout(limit, run).await {
+    let timed = tokio::time::timeout(limit, run);
+    let Some(timed) = abortable(timed, running.token()).await else {
+        return d.cancelled(delivery, acks, &task).await;
+    };
+    let outcome = match timed {
         Ok(finished) => finished,
         Err(_) => {
             metrics::counter!("kairos_worker_timeouts_total", "queue" => task.queue.clone())

@@ -147,6 +147,18 @@ impl Disposition {
     }
 }
 
+impl Disposition {
+    /// An aborted attempt (`crate::control`): ack, no retry; the task
+    /// ends `cancelled`.
+    pub(crate) async fn cancelled(&self, d: &Delivery, acks: &Acks, task: &Task) -> Disposed {
+        tracing::info!(task_id = %task.id, kind = %task.name, attempt = task.attempt, "task aborted: cancelled, not retried");
+        acks.settle(d.delivery_tag);
+        finished(&task.queue, "cancelled");
+        self.events.task(EventKind::Cancelled, task, None, None);
+        Ok(())
+    }
+}
+
 /// What disposing of a delivery comes to: `Ok` once it is settled.
 type Disposed = Result<(), DispositionError>;
 

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Everything about the delivery a handler may want, besides the body.
 #[derive(Clone, Debug)]
@@ -38,6 +39,8 @@ pub struct TaskContext {
     /// This attempt's time limit (`x-timeout-ms`, else the worker's
     /// `KAIROS_TASK_TIMEOUT_MS`): the handler is dropped when it runs out.
     pub timeout: Duration,
+    /// Fired when the task is aborted (`POST /v1/tasks/{id}/abort`).
+    pub(crate) cancel: CancellationToken,
 }
 
 impl TaskContext {
@@ -72,7 +75,22 @@ impl TaskContext {
                 task.timeout_ms
                     .unwrap_or(crate::config::DEFAULT_TASK_TIMEOUT_MS),
             ),
+            cancel: CancellationToken::new(),
         }
+    }
+
+    /// Whether the task was aborted: the handler should stop soon. It gets
+    /// a short grace to return (`crate::control::ABORT_GRACE`, 1 s), then
+    /// it is dropped; either way the task ends `cancelled` and is not
+    /// retried.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Completes when the task is aborted, for a handler to `select!` on
+    /// and clean up (see [`is_cancelled`](Self::is_cancelled)).
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
     }
 }
 

@@ -35,6 +35,7 @@ mod acks;
 pub mod builtin;
 mod config;
 mod consumer;
+mod control;
 mod disposition;
 mod handler;
 mod session;
@@ -43,6 +44,7 @@ mod slots;
 pub use config::Config;
 pub use handler::{Handler, Registry, TaskContext, TaskError, TaskResult};
 
+use control::{Control, ControlListener};
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
 use kairos_shared::supervise::Supervisor;
@@ -126,6 +128,7 @@ impl Worker {
             &work,
         );
         let slots = start_autoscale(&work, &self.config);
+        let control = start_control(&work, &self.config, &names);
         tracing::info!(namespace = %names.namespace(), queues = ?self.config.queues, concurrency = %self.config.concurrency, "worker starting");
         let session = AmqpSession::new(
             self.config,
@@ -133,6 +136,7 @@ impl Worker {
             self.registry,
             events.clone(),
             slots,
+            control,
             &work,
         );
         work.run(session).await;
@@ -167,6 +171,19 @@ fn start_autoscale(work: &Supervisor, config: &Config) -> Arc<Slots> {
         }
     });
     slots
+}
+
+/// Aborts and paused queues: the supervised listener on `NS.control`.
+fn start_control(work: &Supervisor, config: &Config, names: &Names) -> Arc<Control> {
+    let control = Control::new(&config.queues);
+    // TODO(status merge): read `NS:paused` at start and every PAUSED_POLL.
+    control.start_without_paused();
+    work.start(ControlListener::new(
+        config.common.broker(),
+        names.clone(),
+        control.clone(),
+    ));
+    control
 }
 
 /// Waits for the rest of the background work (the autoscaler, sessions that

@@ -8,6 +8,7 @@
 
 use crate::acks::Acks;
 use crate::consumer::{consume, ConsumeError, Shared};
+use crate::control::Control;
 use crate::disposition::Disposition;
 use crate::slots::Slots;
 use crate::{Config, Registry};
@@ -46,6 +47,8 @@ pub(crate) struct AmqpSession {
     registry: Registry,
     events: EventSink,
     slots: Arc<Slots>,
+    /// Aborts and paused queues (`crate::control`).
+    control: Arc<Control>,
     /// Where a session that ended early finishes its running tasks, and
     /// the worker's shutdown.
     work: Supervisor,
@@ -59,9 +62,11 @@ impl AmqpSession {
         registry: Registry,
         events: EventSink,
         slots: Arc<Slots>,
+        control: Arc<Control>,
         work: &Supervisor,
     ) -> Self {
         AmqpSession {
+            control,
             broker: config.common.broker(),
             config,
             names,
@@ -97,6 +102,7 @@ impl AmqpSession {
             broken: s.broken.clone(),
             abandon: s.abandon.clone(),
             shutdown: self.work.cancel_token().clone(),
+            control: self.control.clone(),
         });
         let mut consumer_channels = Vec::with_capacity(self.config.queues.len());
         for _ in &self.config.queues {
@@ -172,9 +178,23 @@ impl Supervised for AmqpSession {
             .zip(s.acks.clone())
             .map(|((q, channel), acks)| {
                 let (stop, shared) = (stop.clone(), shared.clone());
+                let control = self.control.clone();
                 async move {
-                    let r =
-                        consume(&channel, shared, acks, q, prefetch, tracker, stop.clone()).await;
+                    // A paused queue's consumer is cancelled, and started
+                    // again on resume (`crate::control`).
+                    let r = control
+                        .serve_queue(q, &stop, |run| {
+                            consume(
+                                &channel,
+                                shared.clone(),
+                                acks.clone(),
+                                q,
+                                prefetch,
+                                tracker,
+                                run,
+                            )
+                        })
+                        .await;
                     stop.cancel();
                     r
                 }

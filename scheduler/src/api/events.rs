@@ -54,7 +54,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Every event kind a client can ask for, with its routing key
 /// `task.NAME`.
-const KINDS: [EventKind; 8] = [
+const KINDS: [EventKind; 9] = [
     EventKind::Scheduled,
     EventKind::Published,
     EventKind::Started,
@@ -63,6 +63,7 @@ const KINDS: [EventKind; 8] = [
     EventKind::Retried,
     EventKind::Dead,
     EventKind::Duplicate,
+    EventKind::Cancelled,
 ];
 
 /// Shared by the streams: the broker, one connection (made on first use,
