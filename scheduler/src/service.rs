@@ -296,11 +296,18 @@ impl Scheduler {
             self.names.clone(),
             self.work.cancel_token().clone(),
         );
+        let control = api::control::ControlApi::new(
+            self.broker.clone(),
+            self.names.clone(),
+            pump.queue.redis().separate(),
+            pump.queue.shard_count(),
+        );
         let router = api::router(
             admin,
             tasks,
             health,
             Some(events),
+            control,
             self.config.api_token.clone(),
         );
         // The first run serves the listener bound at start; a restart
@@ -505,10 +512,16 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
     };
     // No holder: without a running scheduler's event sink, delayed tasks go
     // through `NS.delay`, whose intake reports them.
+    let control = api::control::ControlApi::new(
+        config.common.broker(),
+        names.clone(),
+        queue.redis().separate(),
+        queue.shard_count(),
+    );
     let tasks = TaskApi::new(config.common.broker(), names).with_limits(config.limits());
     // In process, nobody else can call it: no token, but the same checks
     // of what is sent.
-    Ok(api::router(admin, tasks, None, None, None))
+    Ok(api::router(admin, tasks, None, None, control, None))
 }
 
 /// The Redis pool with `KAIROS_REDIS_TIMEOUT_MS` as its reply timeout.

@@ -24,6 +24,8 @@
 //! * `consumer`: one consumer per queue, bounded by the `slots`.
 //! * `disposition`: ack, retry or dead-letter, in one place.
 //! * `builtin`: `kairos.noop`, `kairos.sleep`, `kairos.fail`.
+//! * `control`: what `NS.control` says: abort a running task (its handler
+//!   sees `ctx.cancelled()`), pause or resume a queue.
 //! * `session`: one AMQP session: the consumers of every queue and the
 //!   tasks they run, finished (acked) before the connection closes.
 

@@ -4,12 +4,16 @@
 //! * `tasks`: enqueue, look up and dead letters.
 //! * `schedules`: the schedule routes and the probes.
 //! * `events`: the live event stream (`GET /v1/events`).
+//! * `control`: pause and resume a queue, abort a task (`NS.control`).
+//! * `queues`: the queue overview (`GET /v1/queues`).
 //!
 //! May touch: the delay queue (through `crate::delay::hold`), the schedule
 //! admin, RabbitMQ (publishing tasks). Holds no state of its own.
 
+pub(crate) mod control;
 pub(crate) mod events;
 pub(crate) mod guard;
+pub(crate) mod queues;
 pub(crate) mod schedules;
 pub mod tasks;
 
@@ -30,9 +34,13 @@ pub(crate) fn router(
     tasks: tasks::TaskApi,
     health: Option<Health>,
     events: Option<events::EventStreams>,
+    control: control::ControlApi,
     token: Option<Secret>,
 ) -> Router {
-    let mut routes = schedules::router(admin).merge(tasks::router(tasks));
+    let mut routes = schedules::router(admin)
+        .merge(tasks::router(tasks))
+        .merge(control::router(control.clone()))
+        .merge(queues::router(control));
     if let Some(health) = health {
         routes = routes.merge(schedules::probes(health));
     }

@@ -1,0 +1,230 @@
+//! Control routes: what reaches every worker through `NS.control`
+//! (`kairos_shared::control`), and the state that outlives the message.
+//!
+//! * `POST /v1/queues/{name}/pause` / `resume`: `SADD`/`SREM NS:paused`,
+//!   then the message; 200 `{"name","paused"}`. The set is what counts:
+//!   workers read it at start and every 5 s, so a message that reaches no
+//!   worker (none is connected, or the publish failed after the set
+//!   changed) still takes effect.
+//! * `POST /v1/tasks/{id}/abort`: a `running` task gets the message and
+//!   202 `{"id","state":"running","abort":"requested"}`; a `scheduled` or
+//!   `retrying` one is cancelled as `DELETE /v1/tasks/{id}` does (200
+//!   `{"id","state":"cancelled"}`); any other state 409 with it; an
+//!   unknown id 404.
+//!
+//! [`ControlApi`] is shared with `super::queues` (`GET /v1/queues`): one
+//! AMQP connection, made on first use and made again after it failed, and
+//! the delay queue's Redis.
+
+use super::json_error;
+use crate::redis_io::conn::RedisConn;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use kairos_shared::amqp::Broker;
+use kairos_shared::contract::{validate_queue, Names};
+use kairos_shared::control::{self, ControlMessage};
+use lapin::options::ConfirmSelectOptions;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// The longest a control route waits for the broker (connect, publish and
+/// confirm) or for Redis before answering 503.
+pub(crate) const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the control and queue routes share.
+#[derive(Clone)]
+pub(crate) struct ControlApi {
+    pub(crate) broker: Broker,
+    pub(crate) names: Names,
+    /// The delay queue's Redis (a connection of its own).
+    pub(crate) redis: RedisConn,
+    /// The delay queue's shard count (also the status keys' `{S}`).
+    pub(crate) shards: usize,
+    conn: Arc<Mutex<Option<Arc<lapin::Connection>>>>,
+}
+
+impl ControlApi {
+    /// The routes' state over `broker` and `redis` in namespace `names`.
+    pub(crate) fn new(broker: Broker, names: Names, redis: RedisConn, shards: usize) -> Self {
+        ControlApi {
+            broker,
+            names,
+            redis,
+            shards,
+            conn: Arc::default(),
+        }
+    }
+
+    /// The shared connection, connecting first if there is none or it is
+    /// gone.
+    pub(crate) async fn connection(&self) -> Result<Arc<lapin::Connection>, ControlError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(conn) = guard.as_ref() {
+            if conn.status().connected() {
+                return Ok(conn.clone());
+            }
+        }
+        let conn = kairos_shared::amqp::connect_to(&self.broker, "kairos-http-control")
+            .await
+            .map_err(|e| ControlError::Broker(e.to_string()))?;
+        let conn = Arc::new(conn);
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// A new channel on the shared connection.
+    pub(crate) async fn channel(&self) -> Result<lapin::Channel, ControlError> {
+        Ok(self.connection().await?.create_channel().await?)
+    }
+
+    /// Publishes `message` to `NS.control` and waits for the broker's
+    /// confirm.
+    async fn publish(&self, message: &ControlMessage) -> Result<(), ControlError> {
+        let send = async {
+            let channel = self.channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            control::publish(&channel, &self.names, message).await?;
+            let _ = channel.close(200, "done".into()).await;
+            Ok(())
+        };
+        tokio::time::timeout(CONTROL_TIMEOUT, send)
+            .await
+            .map_err(|_| ControlError::Broker("no confirm in time".into()))?
+    }
+
+    /// Runs `pipe` on the Redis connection, within [`CONTROL_TIMEOUT`].
+    pub(crate) async fn redis<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, ControlError> {
+        let query = async {
+            let mut con = self
+                .redis
+                .get()
+                .await
+                .map_err(|e| ControlError::Redis(e.to_string()))?;
+            self.redis
+                .watch(pipe.query_async(&mut con).await)
+                .map_err(|e| ControlError::Redis(e.to_string()))
+        };
+        tokio::time::timeout(CONTROL_TIMEOUT, query)
+            .await
+            .map_err(|_| ControlError::Redis("no reply in time".into()))?
+    }
+}
+
+/// Why a control or queue route failed.
+#[derive(Debug, thiserror::Error)]
+#[allow(dead_code)] // TODO(status merge): the abort route.
+pub(crate) enum ControlError {
+    /// Not a queue name (400).
+    #[error("{0}")]
+    BadQueue(String),
+    /// RabbitMQ could not be reached or did not confirm (503).
+    #[error("broker: {0}")]
+    Broker(String),
+    /// Redis could not be reached (503).
+    #[error("redis: {0}")]
+    Redis(String),
+    /// No such task, or its status expired (404).
+    #[error("no task {0}")]
+    NotFound(String),
+    /// The task is in a state that cannot be aborted (409).
+    #[error("task {id} is {state}: only a running, scheduled or retrying task can be aborted")]
+    Conflict {
+        /// The task id.
+        id: String,
+        /// Its state.
+        state: String,
+    },
+}
+
+impl From<lapin::Error> for ControlError {
+    fn from(e: lapin::Error) -> Self {
+        ControlError::Broker(e.to_string())
+    }
+}
+
+impl IntoResponse for ControlError {
+    fn into_response(self) -> Response {
+        let (status, detail) = match &self {
+            ControlError::BadQueue(_) => (StatusCode::BAD_REQUEST, Some(("field", json!("name")))),
+            ControlError::Broker(e) | ControlError::Redis(e) => {
+                tracing::warn!(cause = %e, "control API: {}", self);
+                (StatusCode::SERVICE_UNAVAILABLE, None)
+            }
+            ControlError::NotFound(id) => (StatusCode::NOT_FOUND, Some(("id", json!(id)))),
+            ControlError::Conflict { id, state } => {
+                let (status, Json(mut body)) = json_error(StatusCode::CONFLICT, &self, None);
+                body["id"] = json!(id);
+                body["state"] = json!(state);
+                return (status, Json(body)).into_response();
+            }
+        };
+        json_error(status, &self, detail).into_response()
+    }
+}
+
+/// The control routes: pause, resume, abort.
+pub(crate) fn router(api: ControlApi) -> Router {
+    Router::new()
+        .route("/v1/queues/{name}/pause", post(pause))
+        .route("/v1/queues/{name}/resume", post(resume))
+        .with_state(api)
+}
+
+async fn pause(
+    State(api): State<ControlApi>,
+    Path(name): Path<String>,
+) -> Result<Response, ControlError> {
+    set_paused(&api, name, true).await
+}
+
+async fn resume(
+    State(api): State<ControlApi>,
+    Path(name): Path<String>,
+) -> Result<Response, ControlError> {
+    set_paused(&api, name, false).await
+}
+
+/// Records the pause (or its end) in `NS:paused`, then tells the workers.
+/// A failed publish is logged, not answered: the workers' next read of the
+/// set (within 5 s) takes the change.
+async fn set_paused(
+    api: &ControlApi,
+    name: String,
+    paused: bool,
+) -> Result<Response, ControlError> {
+    validate_queue(&name).map_err(ControlError::BadQueue)?;
+    let mut pipe = redis::pipe();
+    let key = control::paused_key(&api.names);
+    if paused {
+        pipe.cmd("SADD").arg(&key).arg(&name).ignore();
+    } else {
+        pipe.cmd("SREM").arg(&key).arg(&name).ignore();
+    }
+    api.redis::<()>(&pipe).await?;
+    let message = if paused {
+        ControlMessage::Pause {
+            queue: name.clone(),
+        }
+    } else {
+        ControlMessage::Resume {
+            queue: name.clone(),
+        }
+    };
+    if let Err(e) = api.publish(&message).await {
+        tracing::warn!(queue = %name, cause = %e, "control message not sent; workers see the change at their next read of the paused set");
+    }
+    tracing::info!(queue = %name, paused, "queue {}", if paused { "paused" } else { "resumed" });
+    metrics::counter!("kairos_queue_pause_changes_total", "op" => if paused { "pause" } else { "resume" })
+        .increment(1);
+    Ok(Json(json!({"name": name, "paused": paused})).into_response())
+}
