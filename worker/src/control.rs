@@ -39,7 +39,6 @@ use tokio_util::sync::CancellationToken;
 pub(crate) const ABORT_GRACE: Duration = Duration::from_secs(1);
 
 /// How often the paused queues are read again from Redis.
-#[allow(dead_code)] // TODO(status merge): the Redis poll.
 pub(crate) const PAUSED_POLL: Duration = Duration::from_secs(5);
 
 /// The paused queues as the consumers see them.
@@ -179,7 +178,6 @@ impl Control {
 
     /// A token to pass to [`set_paused`](Self::set_paused) with what a
     /// Redis read started now finds.
-    #[allow(dead_code)] // TODO(status merge): the Redis poll.
     pub(crate) fn read_begins(&self) -> u64 {
         self.changes.load(Ordering::SeqCst)
     }
@@ -187,7 +185,6 @@ impl Control {
     /// Replaces the paused set with `queues` (read from Redis), unless a
     /// message changed it since the read began (`began`, from
     /// [`read_begins`](Self::read_begins)): the next read converges then.
-    #[allow(dead_code)] // TODO(status merge): the Redis poll.
     pub(crate) fn set_paused(&self, queues: BTreeSet<String>, began: u64) {
         if self.changes.load(Ordering::SeqCst) != began {
             return;
@@ -212,7 +209,6 @@ impl Control {
     }
 
     /// Whether `queue` is paused now.
-    #[allow(dead_code)] // TODO(status merge): the Redis poll.
     pub(crate) fn is_paused(&self, queue: &str) -> bool {
         self.paused.borrow().queues.contains(queue)
     }
@@ -252,6 +248,41 @@ impl Control {
                 return Ok(());
             }
             tracing::debug!(queue = %queue, "consumer cancelled while the queue is paused");
+        }
+    }
+}
+
+/// Reads the paused queues with `read` now and every [`PAUSED_POLL`] until
+/// `cancel`. The consumers wait for the first read; when it fails they start
+/// without it (a pause then takes effect at the first read that succeeds,
+/// or with the next message), and the failure is logged once until a read
+/// succeeds again.
+pub(crate) async fn poll_paused<R, Fut>(control: Arc<Control>, mut read: R, cancel: CancellationToken)
+where
+    R: FnMut() -> Fut,
+    Fut: Future<Output = Result<BTreeSet<String>, String>>,
+{
+    let mut failing = false;
+    loop {
+        let began = control.read_begins();
+        match read().await {
+            Ok(queues) => {
+                if failing {
+                    tracing::info!("paused queues read from Redis again");
+                }
+                failing = false;
+                control.set_paused(queues, began);
+            }
+            Err(cause) => {
+                if !failing {
+                    tracing::warn!(%cause, "cannot read the paused queues from Redis; going on with what is known");
+                }
+                failing = true;
+                control.start_without_paused();
+            }
+        }
+        if !kairos_shared::amqp::sleep_or_cancel(PAUSED_POLL, &cancel).await {
+            return;
         }
     }
 }
