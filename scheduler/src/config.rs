@@ -8,7 +8,7 @@ use kairos_shared::contract::MAX_RETRIES_CAP;
 use kairos_shared::limits::{
     Limits, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DELAY_MS, DEFAULT_MAX_HEADER_BYTES,
 };
-use kairos_shared::secrets::{read_secret_file, redact_url, Secret, SecretParser, MASK};
+use kairos_shared::secrets::{read_secret_file, Secret, SecretParser, MASK};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -222,6 +222,10 @@ pub struct Config {
     /// applies; its ticks from while a scheduler ran all fire, late.
     #[arg(long, env = "KAIROS_SCHEDULE_GRACE_MS", value_name = "KAIROS_SCHEDULE_GRACE_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub schedule_grace_ms: u64,
+
+    /// Task status settings (`KAIROS_STATUS`, `KAIROS_STATUS_TTL_S`).
+    #[command(flatten)]
+    pub status: kairos_shared::status::StatusSettings,
 }
 
 impl Config {
@@ -312,31 +316,7 @@ impl Config {
 
 const MIB: u64 = 1024 * 1024;
 
-/// Checks the URL is one the Redis client accepts. The error never quotes
-/// the URL (it may hold a password).
-pub fn check_redis_url(url: &str) -> Result<(), String> {
-    // redis-rs turns certificate checks off for `rediss://...#insecure`;
-    // Kairos is built without that ability, so say why at start rather
-    // than fail at every connect.
-    if url.ends_with("#insecure") {
-        return Err(
-            "`#insecure` (no certificate check) is not supported: trust the server's CA with KAIROS_TLS_CA_FILE"
-                .into(),
-        );
-    }
-    redis::Client::open(url)
-        .map(|_| ())
-        .map_err(|e| format!("not a Redis URL: {e}"))
-}
-
-/// [`check_redis_url`] as a clap parser that masks the password of a URL
-/// it refuses.
-pub fn redis_url_parser() -> SecretParser {
-    SecretParser {
-        check: check_redis_url,
-        shown: redact_url,
-    }
-}
+pub use kairos_shared::redis::{check_redis_url, redis_url_parser};
 
 /// Checks an API token is long enough and has no spaces or control
 /// characters. The error never quotes the token.

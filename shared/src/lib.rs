@@ -10,6 +10,9 @@
 //! * `tls`: trust and identity for `amqps://` and `rediss://`.
 //! * `events`: lifecycle events on `NS.events`.
 //! * `metrics`: the optional Prometheus exporter.
+//! * `redis`: the Redis client, pool and kept connection, and the shard of
+//!   a task id.
+//! * `status`: every task's status in Redis (writer, store, settings).
 //! * `client`: the Rust client for enqueueing.
 //! * `template`: a task as a user describes it (HTTP API, schedules,
 //!   kairosctl), its check and its conversion to a [`client::NewTask`].
@@ -37,10 +40,12 @@ pub mod events;
 pub mod limits;
 pub mod metrics;
 pub mod record;
+pub mod redis;
 pub mod request;
 pub mod secrets;
 pub mod short;
 pub mod shutdown;
+pub mod status;
 pub mod supervise;
 pub mod template;
 pub mod tls;

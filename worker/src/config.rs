@@ -1,7 +1,11 @@
 //! Worker settings: environment variables, or the same as flags.
 
 use clap::{CommandFactory, FromArgMatches, Parser};
-use kairos_shared::config::{parse_queue_list, CommonConfig, Concurrency};
+use kairos_shared::config::{parse_queue_list, CommonConfig, Concurrency, DEFAULT_REDIS_URL};
+use kairos_shared::redis::{check_redis_url, redis_url_parser};
+use kairos_shared::secrets::read_secret_file;
+use kairos_shared::status::StatusSettings;
+use std::path::PathBuf;
 
 /// Time limit of an attempt without `x-timeout-ms`: 15 minutes. A handler
 /// that hangs frees its slot by then; well below RabbitMQ's default
@@ -56,6 +60,35 @@ pub struct Config {
     /// remain).
     #[arg(long, env = "KAIROS_TASK_TIMEOUT_MS", value_name = "KAIROS_TASK_TIMEOUT_MS", default_value_t = DEFAULT_TASK_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..))]
     pub task_timeout_ms: u64,
+
+    /// Redis URL: task status, checkpoints and results (the scheduler's
+    /// Redis). A worker whose Redis is down still runs tasks; their status
+    /// is not recorded meanwhile. Shown with its password masked.
+    #[arg(long, env = "KAIROS_REDIS_URL", value_name = "KAIROS_REDIS_URL", default_value = DEFAULT_REDIS_URL, value_parser = redis_url_parser(), hide_env_values = true)]
+    pub redis_url: String,
+
+    /// A file holding the Redis URL (a mounted secret), instead of
+    /// KAIROS_REDIS_URL.
+    #[arg(
+        long,
+        env = "KAIROS_REDIS_URL_FILE",
+        value_name = "KAIROS_REDIS_URL_FILE",
+        conflicts_with = "redis_url"
+    )]
+    pub redis_url_file: Option<PathBuf>,
+
+    /// Longest wait for a Redis reply or connection (ms).
+    #[arg(long, env = "KAIROS_REDIS_TIMEOUT_MS", value_name = "KAIROS_REDIS_TIMEOUT_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub redis_timeout_ms: u64,
+
+    /// This worker's name in task statuses (`worker`); `HOST:PID` when
+    /// unset.
+    #[arg(long, env = "KAIROS_WORKER_ID", value_name = "KAIROS_WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    /// Task status settings (`KAIROS_STATUS`, `KAIROS_STATUS_TTL_S`).
+    #[command(flatten)]
+    pub status: StatusSettings,
 }
 
 impl Config {
@@ -78,7 +111,38 @@ impl Config {
         c.concurrency = Concurrency { min: 4, max: 64 };
         c.prefetch = None;
         c.task_timeout_ms = DEFAULT_TASK_TIMEOUT_MS;
+        c.redis_url = DEFAULT_REDIS_URL.to_string();
+        c.redis_url_file = None;
+        c.worker_id = None;
+        c.status = StatusSettings::default();
         c
+    }
+
+    /// Takes the settings given as files (`KAIROS_AMQP_URL_FILE`,
+    /// `KAIROS_REDIS_URL_FILE`) in. Call it once after parsing.
+    pub fn read_secret_files(&mut self) -> Result<(), String> {
+        self.common.read_secret_files()?;
+        if let Some(path) = &self.redis_url_file {
+            self.redis_url = read_secret_file("KAIROS_REDIS_URL_FILE", path, check_redis_url)?;
+        }
+        Ok(())
+    }
+
+    /// This worker's name in task statuses: `KAIROS_WORKER_ID`, else
+    /// `HOST:PID`.
+    pub fn worker_id(&self) -> String {
+        self.worker_id.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| {
+                    std::fs::read_to_string("/etc/hostname")
+                        .ok()
+                        .map(|h| h.trim().to_string())
+                })
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "worker".into());
+            format!("{host}:{}", std::process::id())
+        })
     }
 
     /// Unacked deliveries per queue: `KAIROS_PREFETCH`, else the maximum
@@ -109,6 +173,9 @@ mod tests {
         assert_eq!(c.concurrency, Concurrency { min: 4, max: 64 });
         assert_eq!(c.prefetch(), 64);
         assert_eq!(c.task_timeout_ms, 900_000);
+        assert_eq!(c.redis_url, DEFAULT_REDIS_URL);
+        assert!(c.status.status);
+        assert!(c.worker_id().contains(':'));
     }
     #[test]
     fn for_namespace_ignores_the_environment() {

@@ -9,6 +9,7 @@ use crate::control::{abortable, Control};
 use crate::disposition::{Disposition, DispositionError};
 use crate::handler::{Registry, TaskContext, TaskError};
 use crate::slots::Slots;
+use crate::status::WorkerStatus;
 use futures_util::FutureExt;
 use futures_util::StreamExt;
 use kairos_shared::amqp::now_ms;
@@ -33,6 +34,9 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     pub(crate) disposition: Disposition,
     pub(crate) events: EventSink,
+    /// Task status: the writer, and the store handlers' checkpoints,
+    /// progress and results go through.
+    pub(crate) status: WorkerStatus,
     pub(crate) slots: Arc<Slots>,
     /// Time limit of an attempt without `x-timeout-ms`.
     pub(crate) default_timeout: Duration,
@@ -203,6 +207,7 @@ async fn run_task(
         return d.failed(delivery, acks, &task, &error).await;
     };
     shared.events.task(EventKind::Started, &task, None, None);
+    shared.status.running(&task);
     let started_ms = now_ms();
     metrics::counter!("kairos_worker_started_total", "queue" => task.queue.clone()).increment(1);
     if let Some(due) = task.run_at {

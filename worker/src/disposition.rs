@@ -16,6 +16,7 @@
 
 use crate::acks::Acks;
 use crate::handler::TaskError;
+use crate::status::WorkerStatus;
 use kairos_shared::amqp::{now_ms, Backoff};
 use kairos_shared::client::check;
 use kairos_shared::contract::{raw_dead_letter_properties, Names, Task};
@@ -45,6 +46,7 @@ pub(crate) struct Disposition {
     channel: Channel,
     names: Names,
     events: EventSink,
+    status: WorkerStatus,
     /// Paces the deliveries whose replacement was refused; reset by the next
     /// replacement the broker accepts.
     refusals: std::sync::Mutex<Backoff>,
@@ -56,6 +58,7 @@ impl Disposition {
         conn: &Connection,
         names: Names,
         events: EventSink,
+        status: WorkerStatus,
     ) -> lapin::Result<Self> {
         let channel = conn.create_channel().await?;
         channel
@@ -65,6 +68,7 @@ impl Disposition {
             channel,
             names,
             events,
+            status,
             refusals: std::sync::Mutex::new(Backoff::new()),
         })
     }
@@ -90,6 +94,7 @@ impl Disposition {
         acks.settle(d.delivery_tag);
         finished(&task.queue, "succeeded");
         self.events.task(EventKind::Succeeded, task, None, None);
+        self.status.succeeded(task);
         Ok(())
     }
 
@@ -123,6 +128,10 @@ impl Disposition {
         acks.settle(d.delivery_tag);
         finished(&task.queue, outcome);
         self.events.task(event, task, None, Some(error));
+        match failure {
+            TaskError::Retry(_) => self.status.failed(task, error),
+            TaskError::Permanent(_) => self.status.dead(task, error),
+        }
         Ok(())
     }
 

@@ -42,6 +42,7 @@ mod disposition;
 mod handler;
 mod session;
 mod slots;
+mod status;
 
 pub use config::Config;
 pub use handler::{Handler, Registry, TaskContext, TaskError, TaskResult};
@@ -129,6 +130,8 @@ impl Worker {
             &names,
             &work,
         );
+        let status =
+            status::WorkerStatus::start(&self.config, &work).map_err(WorkerError::Config)?;
         let slots = start_autoscale(&work, &self.config);
         let control = start_control(&work, &self.config, &names);
         tracing::info!(namespace = %names.namespace(), queues = ?self.config.queues, concurrency = %self.config.concurrency, "worker starting");
@@ -137,12 +140,13 @@ impl Worker {
             names,
             self.registry,
             events.clone(),
+            status.clone(),
             slots,
             control,
             &work,
         );
         work.run(session).await;
-        shut_down(work, events).await;
+        shut_down(work, events, status).await;
         Ok(())
     }
 
@@ -191,8 +195,9 @@ fn start_control(work: &Supervisor, config: &Config, names: &Names) -> Arc<Contr
 /// Waits for the rest of the background work (the autoscaler, sessions that
 /// ended early finishing their running tasks), then sends the last tasks'
 /// `succeeded` events before the process exits.
-async fn shut_down(work: Supervisor, events: EventSink) {
+async fn shut_down(work: Supervisor, events: EventSink, status: status::WorkerStatus) {
     work.wait().await;
     events.close(EVENTS_FLUSH).await;
+    status.close().await;
     tracing::info!("worker stopped");
 }

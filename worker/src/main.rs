@@ -14,7 +14,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut config = Config::parse();
-    if let Err(e) = config.common.read_secret_files() {
+    if let Err(e) = config.read_secret_files() {
         eprintln!("error: {e}");
         std::process::exit(2);
     }

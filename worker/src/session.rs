@@ -11,6 +11,7 @@ use crate::consumer::{consume, ConsumeError, Shared};
 use crate::control::Control;
 use crate::disposition::Disposition;
 use crate::slots::Slots;
+use crate::status::WorkerStatus;
 use crate::{Config, Registry};
 use kairos_shared::amqp::{close_connection, connect_with_retry, Broker, CLOSE_WITHIN};
 use kairos_shared::contract::Names;
@@ -46,6 +47,8 @@ pub(crate) struct AmqpSession {
     broker: Broker,
     registry: Registry,
     events: EventSink,
+    /// Task status: the writer and the store.
+    status: WorkerStatus,
     slots: Arc<Slots>,
     /// Aborts and paused queues (`crate::control`).
     control: Arc<Control>,
@@ -61,6 +64,7 @@ impl AmqpSession {
         names: Names,
         registry: Registry,
         events: EventSink,
+        status: WorkerStatus,
         slots: Arc<Slots>,
         control: Arc<Control>,
         work: &Supervisor,
@@ -72,6 +76,7 @@ impl AmqpSession {
             names,
             registry,
             events,
+            status,
             slots,
             work: work.clone(),
         }
@@ -89,14 +94,20 @@ impl AmqpSession {
         for q in &self.config.queues {
             topology::declare_task_queue(&channel, &self.names, q).await?;
         }
-        let disposition =
-            Disposition::open(&s.conn, self.names.clone(), self.events.clone()).await?;
+        let disposition = Disposition::open(
+            &s.conn,
+            self.names.clone(),
+            self.events.clone(),
+            self.status.clone(),
+        )
+        .await?;
         s.channels.push(disposition.channel().clone());
         let shared = Arc::new(Shared {
             names: self.names.clone(),
             registry: self.registry.clone(),
             disposition,
             events: self.events.clone(),
+            status: self.status.clone(),
             slots: self.slots.clone(),
             default_timeout: Duration::from_millis(self.config.task_timeout_ms),
             broken: s.broken.clone(),

@@ -176,19 +176,8 @@ pub fn member(id: &str, attempt: u32) -> String {
 /// Microseconds in a millisecond (a claim reports Redis's clock in µs).
 const US_PER_MS: i64 = 1000;
 
-/// FNV-1a offset basis and prime (64-bit).
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0100_0000_01b3;
-
-/// FNV-1a: a stable hash, so every instance maps an id to the same shard.
-pub(crate) fn shard_of(id: &str, shards: usize) -> usize {
-    let mut h: u64 = FNV_OFFSET;
-    for b in id.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(FNV_PRIME);
-    }
-    (h % shards as u64) as usize
-}
+/// The shard of a task id (FNV-1a; shared with the task status).
+pub(crate) use kairos_shared::redis::shard_of;
 
 /// What a script of another feature needs to hold tasks in one delay-queue
 /// shard atomically with its own writes (see the module doc). The script
