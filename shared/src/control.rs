@@ -71,11 +71,6 @@ pub fn paused_key(names: &Names) -> String {
     format!("{}:paused", names.namespace())
 }
 
-/// `NS:queues`: the Redis set of every logical queue seen.
-pub fn queues_key(names: &Names) -> String {
-    format!("{}:queues", names.namespace())
-}
-
 /// Publishes `message` to `NS.control`. On a channel in confirm mode the
 /// result says the broker took it; with no worker bound it is dropped,
 /// which is no error (the state in Redis is what counts).
@@ -173,6 +168,5 @@ mod tests {
         let n = Names::new("kx");
         assert_eq!(exchange(&n), "kx.control");
         assert_eq!(paused_key(&n), "kx:paused");
-        assert_eq!(queues_key(&n), "kx:queues");
     }
 }

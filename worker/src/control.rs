@@ -209,6 +209,7 @@ impl Control {
     }
 
     /// Whether `queue` is paused now.
+    #[cfg(test)]
     pub(crate) fn is_paused(&self, queue: &str) -> bool {
         self.paused.borrow().queues.contains(queue)
     }
@@ -257,8 +258,11 @@ impl Control {
 /// without it (a pause then takes effect at the first read that succeeds,
 /// or with the next message), and the failure is logged once until a read
 /// succeeds again.
-pub(crate) async fn poll_paused<R, Fut>(control: Arc<Control>, mut read: R, cancel: CancellationToken)
-where
+pub(crate) async fn poll_paused<R, Fut>(
+    control: Arc<Control>,
+    mut read: R,
+    cancel: CancellationToken,
+) where
     R: FnMut() -> Fut,
     Fut: Future<Output = Result<BTreeSet<String>, String>>,
 {

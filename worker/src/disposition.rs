@@ -164,6 +164,9 @@ impl Disposition {
         acks.settle(d.delivery_tag);
         finished(&task.queue, "cancelled");
         self.events.task(EventKind::Cancelled, task, None, None);
+        self.status
+            .writer
+            .record_with(|| kairos_shared::status::StatusUpdate::cancelled(task));
         Ok(())
     }
 }

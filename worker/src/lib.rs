@@ -50,9 +50,11 @@ pub use handler::{Handler, Registry, TaskContext, TaskError, TaskResult};
 use control::{Control, ControlListener};
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
+use kairos_shared::redis::RedisConn;
 use kairos_shared::supervise::Supervisor;
 use session::AmqpSession;
 use slots::Slots;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,7 +135,7 @@ impl Worker {
         let status =
             status::WorkerStatus::start(&self.config, &work).map_err(WorkerError::Config)?;
         let slots = start_autoscale(&work, &self.config);
-        let control = start_control(&work, &self.config, &names);
+        let control = start_control(&work, &self.config, &names)?;
         tracing::info!(namespace = %names.namespace(), queues = ?self.config.queues, concurrency = %self.config.concurrency, "worker starting");
         let session = AmqpSession::new(
             self.config,
@@ -179,17 +181,52 @@ fn start_autoscale(work: &Supervisor, config: &Config) -> Arc<Slots> {
     slots
 }
 
-/// Aborts and paused queues: the supervised listener on `NS.control`.
-fn start_control(work: &Supervisor, config: &Config, names: &Names) -> Arc<Control> {
+/// Aborts and paused queues: the supervised listener on `NS.control`, and
+/// the paused set read from Redis (`NS:paused`) at start and every
+/// `control::PAUSED_POLL`, on a connection of its own.
+fn start_control(
+    work: &Supervisor,
+    config: &Config,
+    names: &Names,
+) -> Result<Arc<Control>, WorkerError> {
     let control = Control::new(&config.queues);
-    // TODO(status merge): read `NS:paused` at start and every PAUSED_POLL.
-    control.start_without_paused();
+    let pool = kairos_shared::redis::pool(
+        &config.redis_url,
+        &config.common.tls,
+        Duration::from_millis(config.redis_timeout_ms),
+    )
+    .map_err(|e| WorkerError::Config(format!("KAIROS_REDIS_URL: {e}")))?;
+    let redis = RedisConn::new(pool);
+    let key = kairos_shared::control::paused_key(names);
+    let polled = control.clone();
+    work.start_loop("paused_queues", move |cancel| {
+        let (redis, key) = (redis.clone(), key.clone());
+        let read = move || {
+            let (redis, key) = (redis.clone(), key.clone());
+            async move {
+                let mut con = redis.get().await.map_err(|e| e.to_string())?;
+                redis
+                    .watch(
+                        redis::cmd("SMEMBERS")
+                            .arg(&key)
+                            .query_async::<BTreeSet<String>>(&mut con)
+                            .await,
+                    )
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let poll = control::poll_paused(polled.clone(), read, cancel);
+        async move {
+            poll.await;
+            Ok(())
+        }
+    });
     work.start(ControlListener::new(
         config.common.broker(),
         names.clone(),
         control.clone(),
     ));
-    control
+    Ok(control)
 }
 
 /// Waits for the rest of the background work (the autoscaler, sessions that

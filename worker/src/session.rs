@@ -59,6 +59,8 @@ pub(crate) struct AmqpSession {
 
 impl AmqpSession {
     /// The session loop of a worker with these settings and handlers.
+    // What every session shares, handed over once at start.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         config: Config,
         names: Names,

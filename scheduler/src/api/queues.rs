@@ -29,6 +29,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use kairos_shared::contract::validate_queue;
 use kairos_shared::control;
+use kairos_shared::status::StatusKeys;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use serde::Serialize;
@@ -81,7 +82,8 @@ pub(crate) fn router(api: ControlApi) -> Router {
 
 async fn list_queues(State(api): State<ControlApi>) -> Result<Response, ControlError> {
     let mut pipe = redis::pipe();
-    pipe.cmd("SMEMBERS").arg(control::queues_key(&api.names));
+    pipe.cmd("SMEMBERS")
+        .arg(StatusKeys::new(api.names.namespace()).queues());
     pipe.cmd("SMEMBERS").arg(control::paused_key(&api.names));
     pipe.cmd("TIME");
     let (known, paused, time): (BTreeSet<String>, BTreeSet<String>, (i64, i64)) =
@@ -184,6 +186,7 @@ async fn stored_counts(
     now_ms: i64,
 ) -> Result<Stored, ControlError> {
     let ns = api.names.namespace();
+    let keys = StatusKeys::new(ns);
     let bucket = now_ms / 1000 / BUCKET_S;
     let fields: Vec<String> = RATE_EVENTS
         .iter()
@@ -192,7 +195,7 @@ async fn stored_counts(
     let mut pipe = redis::pipe();
     for name in names {
         for s in 0..api.shards {
-            let key = format!("{ns}:st{{{s}}}:wait:{name}");
+            let key = keys.wait(s, name);
             pipe.cmd("ZCARD").arg(&key);
             pipe.cmd("ZCOUNT").arg(&key).arg("-inf").arg(now_ms);
         }
