@@ -26,6 +26,7 @@ use axum::{Json, Router};
 use kairos_shared::amqp::Broker;
 use kairos_shared::contract::{validate_queue, Names};
 use kairos_shared::control::{self, ControlMessage};
+use kairos_shared::status::{ShardCount, StatusStore, TaskState};
 use lapin::options::ConfirmSelectOptions;
 use serde_json::json;
 use std::sync::Arc;
@@ -45,17 +46,27 @@ pub(crate) struct ControlApi {
     pub(crate) redis: RedisConn,
     /// The delay queue's shard count (also the status keys' `{S}`).
     pub(crate) shards: usize,
+    /// Task statuses: what an abort finds.
+    status: StatusStore,
     conn: Arc<Mutex<Option<Arc<lapin::Connection>>>>,
 }
 
 impl ControlApi {
     /// The routes' state over `broker` and `redis` in namespace `names`.
     pub(crate) fn new(broker: Broker, names: Names, redis: RedisConn, shards: usize) -> Self {
+        // Reads only: the TTL is not used.
+        let status = StatusStore::new(
+            redis.clone(),
+            names.namespace(),
+            ShardCount::known(shards),
+            kairos_shared::status::DEFAULT_TTL_S,
+        );
         ControlApi {
             broker,
             names,
             redis,
             shards,
+            status,
             conn: Arc::default(),
         }
     }
@@ -122,7 +133,6 @@ impl ControlApi {
 
 /// Why a control or queue route failed.
 #[derive(Debug, thiserror::Error)]
-#[allow(dead_code)] // TODO(status merge): the abort route.
 pub(crate) enum ControlError {
     /// Not a queue name (400).
     #[error("{0}")]
@@ -177,6 +187,7 @@ pub(crate) fn router(api: ControlApi) -> Router {
     Router::new()
         .route("/v1/queues/{name}/pause", post(pause))
         .route("/v1/queues/{name}/resume", post(resume))
+        .route("/v1/tasks/{id}/abort", post(abort))
         .with_state(api)
 }
 
@@ -227,4 +238,35 @@ async fn set_paused(
     metrics::counter!("kairos_queue_pause_changes_total", "op" => if paused { "pause" } else { "resume" })
         .increment(1);
     Ok(Json(json!({"name": name, "paused": paused})).into_response())
+}
+
+/// Aborts task `id` by its state: a running one through `NS.control`, a
+/// waiting one by cancelling it in the delay queue.
+async fn abort(
+    State(api): State<ControlApi>,
+    Path(id): Path<String>,
+) -> Result<Response, ControlError> {
+    let status = tokio::time::timeout(CONTROL_TIMEOUT, api.status.get(&id))
+        .await
+        .map_err(|_| ControlError::Redis("no reply in time".into()))?
+        .map_err(|e| ControlError::Redis(e.to_string()))?
+        .ok_or_else(|| ControlError::NotFound(id.clone()))?;
+    match status.state {
+        Some(TaskState::Running) => {
+            api.publish(&ControlMessage::Abort { id: id.clone() })
+                .await?;
+            tracing::info!(task_id = %id, "abort requested");
+            metrics::counter!("kairos_scheduler_aborts_requested_total").increment(1);
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({"id": id, "state": TaskState::Running, "abort": "requested"})),
+            )
+                .into_response())
+        }
+        // TODO(status merge): cancel in the delay queue as DELETE does.
+        state => Err(ControlError::Conflict {
+            id,
+            state: state.map_or("unknown", TaskState::as_str).to_string(),
+        }),
+    }
 }
