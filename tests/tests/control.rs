@@ -251,3 +251,62 @@ async fn a_malformed_control_message_is_dropped_and_the_worker_goes_on() {
     .await;
     wait_consumers(&env, "work", 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_overview_counts_delayed_due_and_dead_per_queue() {
+    let env = TestEnv::new("qview").await;
+    let (_schedulers, apis) = scheduler_processes(&env, 1).await;
+    let api = &apis[0];
+    // Two tasks for `late` held for a minute (no queue `NS.q.late` yet)...
+    let held: Vec<_> = (0..2)
+        .map(|i| {
+            (
+                "late".to_string(),
+                delayed_props("kairos.noop", &format!("l-{i}"), 60_000),
+                Vec::new(),
+            )
+        })
+        .collect();
+    env.publish_many(&env.names.delay(), held).await;
+    // ...and a dead letter that came from it.
+    let dead = with_headers(
+        task_props("kairos.fail", "d-1"),
+        &[(
+            kairos_shared::contract::H_ORIGIN_QUEUE,
+            lapin::types::AMQPValue::LongString("late".into()),
+        )],
+    );
+    env.publish(&env.names.dead(), "late", dead, b"").await;
+
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let overview = loop {
+        let overview = queues(api).await;
+        let late = overview["queues"]
+            .as_array()
+            .and_then(|qs| qs.iter().find(|q| q["name"] == "late").cloned());
+        if late.as_ref().is_some_and(|l| l["delayed"] == 2) {
+            break overview;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the held tasks never showed: {overview}"
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    let late = queue_entry(&overview, "late");
+    assert_eq!(late["due"], 0, "{late}");
+    assert_eq!(late["dead"], 1, "{late}");
+    assert_eq!(
+        (late["ready"].clone(), late["consumers"].clone()),
+        (0.into(), 0.into())
+    );
+    assert_eq!(late["paused"], false, "{late}");
+    assert_eq!(late["rates"]["scheduled"], 2, "{late}");
+    assert!(
+        overview["delay_queue"]["waiting"].as_u64() >= Some(2),
+        "{overview}"
+    );
+    assert_eq!(overview["dead_letters"]["total"], 1, "{overview}");
+    // The dead letter is still there (the count put it back).
+    assert_eq!(env.queue_depth(&env.names.dead()).await, 1);
+}
