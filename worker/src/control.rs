@@ -95,6 +95,9 @@ impl Drop for Running {
 impl Control {
     /// No task running, no queue paused yet, the paused set not read.
     pub(crate) fn new(queues: &[String]) -> Arc<Self> {
+        for q in queues {
+            metrics::gauge!("kairos_worker_queue_paused", "queue" => q.clone()).set(0.0);
+        }
         Arc::new(Control {
             queues: queues.to_vec(),
             running: Mutex::default(),
