@@ -4,6 +4,7 @@
 //! * `tasks`: enqueue, look up and dead letters.
 //! * `schedules`: the schedule routes and the probes.
 //! * `events`: the live event stream (`GET /v1/events`).
+//! * `status`: task status, cancel and the task list (`/v1/tasks/{id}`).
 //!
 //! May touch: the delay queue (through `crate::delay::hold`), the schedule
 //! admin, RabbitMQ (publishing tasks). Holds no state of its own.
@@ -11,6 +12,7 @@
 pub(crate) mod events;
 pub(crate) mod guard;
 pub(crate) mod schedules;
+pub mod status;
 pub mod tasks;
 
 use crate::schedules::admin::Admin;
@@ -28,11 +30,14 @@ use serde_json::{json, Value};
 pub(crate) fn router(
     admin: Admin,
     tasks: tasks::TaskApi,
+    status: status::StatusApi,
     health: Option<Health>,
     events: Option<events::EventStreams>,
     token: Option<Secret>,
 ) -> Router {
-    let mut routes = schedules::router(admin).merge(tasks::router(tasks));
+    let mut routes = schedules::router(admin)
+        .merge(tasks::router(tasks))
+        .merge(status::router(status));
     if let Some(health) = health {
         routes = routes.merge(schedules::probes(health));
     }
