@@ -7,6 +7,11 @@ use kairos_shared::contract::Task;
 use kairos_shared::redis::RedisConn;
 use kairos_shared::status::{ShardCount, StatusStore, StatusUpdate, TaskState};
 use kairos_tests::*;
+use kairos_worker::Worker;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
 
 /// A store on the shared Redis in `env`'s namespace, keeping `ttl_s`.
 fn store(env: &TestEnv, shards: usize, ttl_s: u64) -> StatusStore {
@@ -86,4 +91,218 @@ async fn merges_keep_the_highest_rank_and_fill_what_is_missing() {
         st.load_checkpoint("m1").await.expect("load").as_deref(),
         Some(&b"\x00cp"[..])
     );
+}
+
+/// How often a test looks at a status written in the background.
+const POLL: Duration = Duration::from_millis(20);
+/// How long a status may take to reach a state.
+const WITHIN: Duration = Duration::from_secs(20);
+
+/// A scheduler in process with its HTTP API on a free port, its config
+/// changed by `tweak`; its API once it answers.
+async fn scheduler(
+    env: &TestEnv,
+    tweak: impl FnOnce(&mut SchedulerConfig),
+) -> (InProcess, ScheduleApi, SchedulerConfig) {
+    let addr = free_addr();
+    let mut sc = env.scheduler_config();
+    sc.http_addr = addr;
+    tweak(&mut sc);
+    let scheduler = InProcess::scheduler(sc.clone());
+    let api = ScheduleApi::new(addr);
+    api.wait_ready(WITHIN).await;
+    (scheduler, api, sc)
+}
+
+/// `METHOD PATH` on the API.
+async fn call(api: &ScheduleApi, method: &'static str, path: String) -> kairosctl::Reply {
+    api.call(move |a| a.send(method, &path, None)).await
+}
+
+/// Enqueues `task` over HTTP; its id.
+async fn enqueue(api: &ScheduleApi, task: Value) -> String {
+    let r = api.call(move |a| a.enqueue(&task)).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    r.body["id"].as_str().expect("id").to_string()
+}
+
+/// Polls `GET /v1/tasks/ID` until its state is `state`; the status.
+async fn wait_state(api: &ScheduleApi, id: &str, state: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    loop {
+        let r = call(api, "GET", format!("/v1/tasks/{id}")).await;
+        if r.status == 200 && r.body["state"] == state {
+            return r.body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "task {id} never became {state}: {} {:?}",
+            r.status,
+            r.body
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A handler that runs until `gate` is notified.
+fn gated(gate: Arc<Notify>) -> impl kairos_worker::Handler {
+    move |_ctx: kairos_worker::TaskContext, _body: Vec<u8>| {
+        let gate = gate.clone();
+        async move {
+            gate.notified().await;
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_moves_from_scheduled_to_ready_running_and_succeeded() {
+    let env = TestEnv::new("st-flow").await;
+    let mut tap = EventTap::new(&env).await;
+    let (scheduler, api, _) = scheduler(&env, |_| {}).await;
+    let id = enqueue(
+        &api,
+        json!({"name": "test.gated", "id": "flow-1", "delay_ms": 600, "priority": 2}),
+    )
+    .await;
+    let s = wait_state(&api, &id, "scheduled").await;
+    assert_eq!(
+        (s["name"].clone(), s["queue"].clone()),
+        (json!("test.gated"), json!("default"))
+    );
+    assert_eq!(
+        (s["priority"].clone(), s["attempt"].clone()),
+        (json!(2), json!(1))
+    );
+    assert!(s["due_at"].as_i64().is_some() && s["enqueued_at"].as_i64().is_some());
+    assert!(s["started_at"].is_null() && s["worker"].is_null() && s["result"].is_null());
+    // No worker yet: it stays ready once published.
+    tap.wait_until(WITHIN, "published", |seen| {
+        seen.iter().any(|e| e.kind == "published" && e.id == id)
+    })
+    .await;
+    wait_state(&api, &id, "ready").await;
+    let gate = Arc::new(Notify::new());
+    let mut wc = env.worker_config();
+    wc.worker_id = Some("w-flow".into());
+    let worker = InProcess::worker(Worker::new(wc).handler("test.gated", gated(gate.clone())));
+    let running = wait_state(&api, &id, "running").await;
+    assert_eq!(running["worker"], "w-flow");
+    assert!(running["started_at"].as_i64().is_some());
+    gate.notify_one();
+    let done = wait_state(&api, &id, "succeeded").await;
+    assert!(done["finished_at"].as_i64() >= done["started_at"].as_i64());
+    assert_eq!(done["due_at"], s["due_at"], "one due time all along");
+    worker.stop().await;
+    scheduler.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_task_is_retrying_then_dead_with_its_error() {
+    let env = TestEnv::new("st-dead").await;
+    // A backoff long enough to see `retrying`.
+    let (scheduler, api, _) = scheduler(&env, |c| c.retry_base_ms = 2_000).await;
+    let worker = InProcess::worker(Worker::new(env.worker_config()).handler(
+        "test.fail",
+        |_ctx: kairos_worker::TaskContext, _body: Vec<u8>| async move {
+            Err(kairos_worker::TaskError::retry("boom"))
+        },
+    ));
+    let id = enqueue(
+        &api,
+        json!({"name": "test.fail", "id": "dead-1", "max_retries": 1}),
+    )
+    .await;
+    let retrying = wait_state(&api, &id, "retrying").await;
+    assert_eq!(retrying["attempt"], 2);
+    assert_eq!(retrying["error"], "boom");
+    let dead = wait_state(&api, &id, "dead").await;
+    assert_eq!(
+        (dead["attempt"].clone(), dead["error"].clone()),
+        (json!(2), json!("boom"))
+    );
+    assert!(dead["finished_at"].as_i64().is_some());
+    // Finished: too late to cancel.
+    let r = call(&api, "DELETE", format!("/v1/tasks/{id}")).await;
+    assert_eq!(r.status, 409, "{:?}", r.body);
+    assert_eq!(
+        (r.body["id"].clone(), r.body["state"].clone()),
+        (json!(id), json!("dead"))
+    );
+    worker.stop().await;
+    scheduler.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_task_is_404_and_a_cancelled_one_never_runs() {
+    let env = TestEnv::new("st-cancel").await;
+    let mut tap = EventTap::new(&env).await;
+    let (scheduler, api, sc) = scheduler(&env, |_| {}).await;
+    let log = RunLog::default();
+    let worker =
+        InProcess::worker(Worker::new(env.worker_config()).handler("test.record", log.handler(0)));
+    for method in ["GET", "DELETE"] {
+        let r = call(&api, method, "/v1/tasks/nobody".into()).await;
+        assert_eq!(r.status, 404, "{method}: {:?}", r.body);
+        assert!(r.body["error"].as_str().is_some());
+    }
+    // `late` is due after `gone`: once it ran, `gone` would have too.
+    let gone = enqueue(
+        &api,
+        json!({"name": "test.record", "id": "gone", "delay_ms": 1_500}),
+    )
+    .await;
+    let late = enqueue(
+        &api,
+        json!({"name": "test.record", "id": "late", "delay_ms": 2_000}),
+    )
+    .await;
+    let r = call(&api, "DELETE", format!("/v1/tasks/{gone}")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body, json!({"id": "gone", "state": "cancelled"}));
+    let s = wait_state(&api, &gone, "cancelled").await;
+    assert!(s["finished_at"].as_i64().is_some());
+    tap.wait_until(WITHIN, "late succeeded", |seen| {
+        seen.iter().any(|e| e.kind == "succeeded" && e.id == late)
+    })
+    .await;
+    assert_eq!(log.runs_of(&gone), 0, "a cancelled task never runs");
+    assert!(!tap
+        .seen
+        .iter()
+        .any(|e| e.id == gone && e.kind == "published"));
+    assert_eq!(
+        wait_state(&api, &gone, "cancelled").await["state"],
+        "cancelled"
+    );
+    // Cancelling again, or a finished task: 409 with the state.
+    let again = call(&api, "DELETE", format!("/v1/tasks/{gone}")).await;
+    assert_eq!(
+        (again.status, again.body["state"].clone()),
+        (409, json!("cancelled"))
+    );
+    wait_state(&api, &late, "succeeded").await;
+    let r = call(&api, "DELETE", format!("/v1/tasks/{late}")).await;
+    assert_eq!(
+        (r.status, r.body["state"].clone()),
+        (409, json!("succeeded"))
+    );
+    // kairosctl's in-process mode has the same routes.
+    let local = tokio::task::spawn_blocking(move || {
+        let api = kairosctl::Api::local(&sc).expect("in-process API");
+        (
+            api.send("GET", "/v1/tasks/late", None).expect("get"),
+            api.send("DELETE", "/v1/tasks/nobody", None)
+                .expect("delete"),
+        )
+    })
+    .await
+    .expect("in-process calls");
+    assert_eq!(
+        (local.0.status, local.0.body["state"].clone()),
+        (200, json!("succeeded"))
+    );
+    assert_eq!(local.1.status, 404);
+    worker.stop().await;
+    scheduler.stop().await;
 }
