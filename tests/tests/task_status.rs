@@ -2,6 +2,7 @@
 //! through a real scheduler and worker, the task routes (get, cancel,
 //! list), the cancel/promotion race, expiry, and status off.
 
+use futures_util::StreamExt;
 use kairos_shared::client::NewTask;
 use kairos_shared::contract::Task;
 use kairos_shared::redis::RedisConn;
@@ -305,4 +306,275 @@ async fn an_unknown_task_is_404_and_a_cancelled_one_never_runs() {
     assert_eq!(local.1.status, 404);
     worker.stop().await;
     scheduler.stop().await;
+}
+
+/// Tasks waiting or leased in the delay queue of `env` (8 shards).
+async fn pending(env: &TestEnv) -> u64 {
+    let mut con = env.redis.clone();
+    let mut pipe = redis::pipe();
+    for s in 0..8 {
+        pipe.cmd("HLEN").arg(format!("{}:dq{{{s}}}:rec", env.ns));
+    }
+    let counts: Vec<u64> = pipe.query_async(&mut con).await.expect("HLEN");
+    counts.into_iter().sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_racing_the_promotion_either_wins_or_gets_409_never_both() {
+    const TASKS: usize = 200;
+    let env = TestEnv::new("st-race").await;
+    let (scheduler, api, _) = scheduler(&env, |_| {}).await;
+    // Every task due at one instant; the pump claims them up to 100 ms
+    // ahead. The cancels are spread around that moment.
+    let due = now_ms() + 3_000;
+    let enqueues = (0..TASKS).map(|i| {
+        let api = api.clone();
+        async move {
+            enqueue(
+                &api,
+                json!({"name": "test.race", "id": format!("race-{i}"), "run_at": due}),
+            )
+            .await
+        }
+    });
+    let ids = futures_util::future::join_all(enqueues).await;
+    assert!(
+        now_ms() < due - 400,
+        "enqueueing took too long for the race"
+    );
+    let start = due - 250;
+    let cancels = ids.iter().enumerate().map(|(i, id)| {
+        let (api, id) = (api.clone(), id.clone());
+        let at = start + (i as i64 * 300) / TASKS as i64;
+        tokio::spawn(async move {
+            let wait = u64::try_from(at - now_ms()).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let r = call(&api, "DELETE", format!("/v1/tasks/{id}")).await;
+            (id, r.status, r.body)
+        })
+    });
+    let outcomes: Vec<(String, u16, Value)> = futures_util::future::join_all(cancels)
+        .await
+        .into_iter()
+        .map(|r| r.expect("cancel task"))
+        .collect();
+    // Everything not withdrawn is published: wait until the delay queue
+    // is empty (a task leaves it only after the broker confirmed it).
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while pending(&env).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the delay queue never emptied"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let published = env.queue_depth(&env.names.queue("default")).await as usize;
+    let mut consumer = env.consume_queue("default", 500).await;
+    let mut delivered = std::collections::HashSet::new();
+    while delivered.len() < published {
+        let d = consumer.next().await.expect("delivery").expect("delivery");
+        delivered.insert(d.properties.message_id().as_ref().expect("id").to_string());
+        ack(&d).await;
+    }
+    let (mut won, mut lost) = (0, 0);
+    for (id, status, body) in &outcomes {
+        match status {
+            200 => {
+                won += 1;
+                assert!(
+                    !delivered.contains(id),
+                    "{id}: cancelled (200) and delivered"
+                );
+            }
+            409 => {
+                lost += 1;
+                assert!(
+                    delivered.contains(id),
+                    "{id}: 409 and never delivered: {body:?}"
+                );
+                assert_eq!(body["state"], "ready", "{id}");
+            }
+            other => panic!("{id}: cancel answered {other}: {body:?}"),
+        }
+    }
+    assert_eq!(won + lost, TASKS);
+    assert_eq!(
+        delivered.len(),
+        lost,
+        "only the tasks whose cancel lost were delivered"
+    );
+    eprintln!("race: {won} cancelled, {lost} published first");
+    assert!(
+        won > 0 && lost > 0,
+        "the cancels did not straddle the promotion: {won} won, {lost} lost"
+    );
+    scheduler.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_list_filters_and_pages_newest_first() {
+    let env = TestEnv::new("st-list").await;
+    let (scheduler, api, _) = scheduler(&env, |_| {}).await;
+    for i in 0..5 {
+        enqueue(
+            &api,
+            json!({"name": "a.one", "id": format!("one-{i}"), "delay_ms": 600_000}),
+        )
+        .await;
+    }
+    for i in 0..3 {
+        enqueue(
+            &api,
+            json!({"name": "b.two", "id": format!("two-{i}"), "queue": "other", "delay_ms": 600_000}),
+        )
+        .await;
+    }
+    let list = |query: &'static str| call(&api, "GET", format!("/v1/tasks?{query}"));
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while list("state=scheduled").await.body["tasks"]
+        .as_array()
+        .map_or(0, Vec::len)
+        < 8
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "statuses never written"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let names = |r: &kairosctl::Reply| -> Vec<String> {
+        r.body["tasks"]
+            .as_array()
+            .expect("tasks")
+            .iter()
+            .map(|t| t["id"].as_str().expect("id").to_string())
+            .collect()
+    };
+    let ones = list("name=a.one").await;
+    assert_eq!(names(&ones).len(), 5, "{:?}", ones.body);
+    assert!(ones.body["next_cursor"].is_null());
+    assert!(
+        ones.body["tasks"][0].get("result").is_none(),
+        "lists leave results out"
+    );
+    let other = list("queue=other&state=scheduled").await;
+    assert_eq!(names(&other).len(), 3);
+    assert!(names(&list("state=running").await).is_empty());
+    // Pages of 3: every task once, newest first.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..4 {
+        let path = match &cursor {
+            Some(c) => format!("/v1/tasks?limit=3&cursor={c}"),
+            None => "/v1/tasks?limit=3".to_string(),
+        };
+        let page = call(&api, "GET", path).await;
+        assert_eq!(page.status, 200, "{:?}", page.body);
+        let times: Vec<i64> = page.body["tasks"]
+            .as_array()
+            .expect("tasks")
+            .iter()
+            .map(|t| t["updated_at"].as_i64().expect("updated_at"))
+            .collect();
+        assert!(
+            times.windows(2).all(|w| w[0] >= w[1]),
+            "newest first: {times:?}"
+        );
+        seen.extend(names(&page));
+        cursor = page.body["next_cursor"].as_str().map(str::to_string);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 8, "{seen:?}");
+    assert!(cursor.is_none());
+    for (query, field) in [
+        ("state=nope", "state"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("cursor=zzz", "cursor"),
+    ] {
+        let r = list(query).await;
+        assert_eq!(
+            (r.status, r.body["field"].clone()),
+            (400, json!(field)),
+            "{query}: {:?}",
+            r.body
+        );
+    }
+    scheduler.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_status_expires_after_its_ttl_and_a_waiting_one_lasts_past_its_due_time() {
+    let env = TestEnv::new("st-ttl").await;
+    let (scheduler, api, _) = scheduler(&env, |c| c.status.status_ttl_s = 1).await;
+    let mut wc = env.worker_config();
+    wc.status.status_ttl_s = 1;
+    let log = RunLog::default();
+    let worker = InProcess::worker(Worker::new(wc).handler("test.record", log.handler(0)));
+    let id = enqueue(&api, json!({"name": "test.record", "id": "short"})).await;
+    wait_state(&api, &id, "succeeded").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while call(&api, "GET", format!("/v1/tasks/{id}")).await.status != 404 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the status never expired"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    // Due in a minute: kept until a TTL after that.
+    let later = enqueue(
+        &api,
+        json!({"name": "test.record", "id": "later", "delay_ms": 60_000}),
+    )
+    .await;
+    wait_state(&api, &later, "scheduled").await;
+    let mut con = env.redis.clone();
+    let shard = kairos_shared::redis::shard_of(&later, 8);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("{}:st{{{shard}}}:t:{later}", env.ns))
+        .query_async(&mut con)
+        .await
+        .expect("TTL");
+    assert!((55..=61).contains(&ttl), "{ttl}");
+    worker.stop().await;
+    scheduler.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_status_off_nothing_is_written() {
+    let env = TestEnv::new("st-off").await;
+    let mut tap = EventTap::new(&env).await;
+    let (running, api, _) = scheduler(&env, |c| c.status.status = false).await;
+    let mut wc = env.worker_config();
+    wc.status.status = false;
+    let log = RunLog::default();
+    let worker = InProcess::worker(Worker::new(wc).handler("test.record", log.handler(0)));
+    let now = enqueue(&api, json!({"name": "test.record", "id": "off-now"})).await;
+    let later = enqueue(
+        &api,
+        json!({"name": "test.record", "id": "off-later", "delay_ms": 100}),
+    )
+    .await;
+    tap.wait_distinct(kairos_shared::events::EventKind::Succeeded, 2, WITHIN)
+        .await;
+    worker.stop().await;
+    running.stop().await;
+    let status_keys: Vec<String> = env
+        .redis_keys()
+        .await
+        .into_iter()
+        .filter(|k| k.contains(":st{") || k.contains(":rate:"))
+        .collect();
+    assert!(status_keys.is_empty(), "{status_keys:?}");
+    let (_scheduler, api, _) = scheduler(&env, |c| c.status.status = false).await;
+    for id in [now, later] {
+        assert_eq!(
+            call(&api, "GET", format!("/v1/tasks/{id}")).await.status,
+            404
+        );
+    }
 }
