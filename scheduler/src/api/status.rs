@@ -134,12 +134,15 @@ async fn cancel_task(State(api): State<StatusApi>, Path(id): Path<String>) -> Re
             metrics::counter!("kairos_scheduler_cancelled_total").increment(1);
             return Json(json!({"id": id, "state": TaskState::Cancelled})).into_response();
         }
-        // Claimed by a pump: it is being published.
-        Ok(Cancelled::Leased(_)) => TaskState::Ready,
-        // Not in the delay queue although its status says it waits: it
-        // was published and its `ready` status is on its way.
-        Ok(Cancelled::Absent(Some(TaskState::Scheduled | TaskState::Retrying))) => TaskState::Ready,
-        Ok(Cancelled::Absent(Some(state))) => state,
+        // Claimed by a pump (it is being published), or gone from the
+        // delay queue although its status says it waits (published, its
+        // `ready` on its way): ready, unless its status is further on (a
+        // worker ran it before the pump had its confirm).
+        Ok(Cancelled::Leased(None)) => TaskState::Ready,
+        Ok(Cancelled::Leased(Some(state)) | Cancelled::Absent(Some(state))) => match state {
+            TaskState::Scheduled | TaskState::Retrying => TaskState::Ready,
+            other => other,
+        },
         Ok(Cancelled::Absent(None)) => return not_found(&id),
         Err(err) => return unavailable(err),
     };

@@ -272,7 +272,7 @@ impl StatusStore {
     pub async fn merge(&self, update: &StatusUpdate) -> Result<(), StatusError> {
         let shard = self.shard(&update.id).await?;
         let mut pipe = redis::pipe();
-        pipe.add_command(merge_command(&self.keys, shard, self.ttl_s, update))
+        pipe.add_command(merge_command(&self.keys, shard, self.ttl_s, &[update]))
             .ignore();
         run::<()>(&self.redis, &pipe).await
     }
