@@ -145,6 +145,16 @@ async fn wait_state(api: &ScheduleApi, id: &str, state: &str) -> Value {
     }
 }
 
+/// Members of the sorted set `key`.
+async fn zcard(env: &TestEnv, key: &str) -> u64 {
+    let mut con = env.redis.clone();
+    redis::cmd("ZCARD")
+        .arg(key)
+        .query_async(&mut con)
+        .await
+        .expect("ZCARD")
+}
+
 /// A handler that runs until `gate` is notified.
 fn gated(gate: Arc<Notify>) -> impl kairos_worker::Handler {
     move |_ctx: kairos_worker::TaskContext, _body: Vec<u8>| {
@@ -177,12 +187,16 @@ async fn a_task_moves_from_scheduled_to_ready_running_and_succeeded() {
     );
     assert!(s["due_at"].as_i64().is_some() && s["enqueued_at"].as_i64().is_some());
     assert!(s["started_at"].is_null() && s["worker"].is_null() && s["result"].is_null());
+    let shard = kairos_shared::redis::shard_of(&id, 8);
+    let waiting = format!("{}:st{{{shard}}}:wait:default", env.ns);
+    assert_eq!(zcard(&env, &waiting).await, 1, "waiting in the delay queue");
     // No worker yet: it stays ready once published.
     tap.wait_until(WITHIN, "published", |seen| {
         seen.iter().any(|e| e.kind == "published" && e.id == id)
     })
     .await;
     wait_state(&api, &id, "ready").await;
+    assert_eq!(zcard(&env, &waiting).await, 0, "no longer waiting");
     let gate = Arc::new(Notify::new());
     let mut wc = env.worker_config();
     wc.worker_id = Some("w-flow".into());
@@ -194,6 +208,27 @@ async fn a_task_moves_from_scheduled_to_ready_running_and_succeeded() {
     let done = wait_state(&api, &id, "succeeded").await;
     assert!(done["finished_at"].as_i64() >= done["started_at"].as_i64());
     assert_eq!(done["due_at"], s["due_at"], "one due time all along");
+    // The queue is known, and each step counted in its rates.
+    let mut con = env.redis.clone();
+    let queues: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(format!("{}:queues", env.ns))
+        .query_async(&mut con)
+        .await
+        .expect("SMEMBERS");
+    assert!(queues.contains(&"default".to_string()), "{queues:?}");
+    let rates: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
+        .arg(format!("{}:rate:default", env.ns))
+        .query_async(&mut con)
+        .await
+        .expect("HGETALL");
+    for event in ["scheduled", "ready", "started", "succeeded"] {
+        let n: u64 = rates
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{event}:")))
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(n, 1, "{event}: {rates:?}");
+    }
     worker.stop().await;
     scheduler.stop().await;
 }
