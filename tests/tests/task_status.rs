@@ -83,6 +83,16 @@ async fn merges_keep_the_highest_rank_and_fill_what_is_missing() {
     let s = st.get("m1").await.expect("get").expect("known");
     assert_eq!(s.state, Some(TaskState::Scheduled));
     assert_eq!((s.due_at, s.worker), (Some(2_000), None));
+    // A replayed dead letter runs again: its finished status is forgotten
+    // even at the same due time.
+    st.merge(&StatusUpdate::dead(&t, "boom"))
+        .await
+        .expect("dead");
+    st.merge(&StatusUpdate::replayed(&t))
+        .await
+        .expect("replayed");
+    let s = st.get("m1").await.expect("get").expect("known");
+    assert_eq!((s.state, s.error), (Some(TaskState::Ready), None));
     // Fields only for an unknown task create nothing.
     st.set_progress("nobody", 5, None).await.expect("progress");
     assert!(st.get("nobody").await.expect("get").is_none());

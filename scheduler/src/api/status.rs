@@ -73,8 +73,9 @@ impl StatusApi {
         }
     }
 
-    /// Runs the cancel script for `id`.
-    async fn cancel(&self, id: &str) -> Result<Cancelled, QueueError> {
+    /// Runs the cancel script for `id`: withdraws it from the delay queue
+    /// and marks it cancelled when it waits there.
+    pub(crate) async fn cancel(&self, id: &str) -> Result<Cancelled, QueueError> {
         let shard = shard_of(id, self.shards);
         let dq = self.dq.delay_shard(shard, "api");
         let call = CancelArgs {

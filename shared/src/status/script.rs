@@ -47,7 +47,11 @@ pub(super) fn merge_command(
         cmd.arg(&u.id)
             .arg(u.state.map_or("", |s| s.as_str()))
             .arg(u.rank())
-            .arg(if u.fresh { "1" } else { "" })
+            .arg(match (u.fresh, u.again) {
+                (_, true) => "2",
+                (true, false) => "1",
+                _ => "",
+            })
             .arg(2 * u.fields.len());
         for (name, value) in &u.fields {
             cmd.arg(*name).arg(value.as_slice());

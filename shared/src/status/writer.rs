@@ -272,6 +272,7 @@ mod tests {
             state: Some(state),
             attempt,
             fresh: false,
+            again: false,
             queue: Some("q".into()),
             event: Some(RateEvent::Started),
             fields: Vec::new(),
