@@ -19,6 +19,8 @@ use kairos_shared::amqp::{
 };
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
+use kairos_shared::redis::RedisConn;
+use kairos_shared::status::{ShardCount, StatusWriter};
 use kairos_shared::supervise::{Restart, Supervised, Supervisor};
 use kairos_shared::topology;
 use lapin::Connection;
@@ -90,10 +92,11 @@ pub async fn run(
         &scheduler.names,
         &scheduler.work,
     );
-    let pump = scheduler.pump(&queue, &events, wake);
+    let status = scheduler.status_writer(&pool);
+    let pump = scheduler.pump(&queue, &events, &status, wake);
     scheduler.start_schedules(pool, &pump, http).await;
     scheduler.run_sessions(queue, pump).await;
-    scheduler.shut_down(events).await;
+    scheduler.shut_down(events, status).await;
     Ok(())
 }
 
@@ -207,14 +210,33 @@ impl Scheduler {
         Ok(wake)
     }
 
+    /// The task status writer (off with `KAIROS_STATUS=false`), on a
+    /// Redis connection of its own.
+    fn status_writer(&self, pool: &deadpool_redis::Pool) -> StatusWriter {
+        StatusWriter::start(
+            &self.config.status,
+            RedisConn::new(pool.clone()),
+            self.names.namespace(),
+            ShardCount::known(usize::from(self.config.shards)),
+            &self.work,
+        )
+    }
+
     /// The pump, on a Redis connection of its own: its claims and
     /// completions run every few ms under load, not behind an intake batch
     /// on the same socket.
-    fn pump(&self, queue: &RedisDelayQueue, events: &EventSink, wake: Arc<Notify>) -> Pump {
+    fn pump(
+        &self,
+        queue: &RedisDelayQueue,
+        events: &EventSink,
+        status: &StatusWriter,
+        wake: Arc<Notify>,
+    ) -> Pump {
         let c = &self.config;
         Pump {
             queue: queue.with_own_connection(),
             events: events.clone(),
+            status: status.clone(),
             wake,
             batch: usize::from(c.batch),
             batch_bytes: bytes(c.claim_batch_bytes),
@@ -233,7 +255,7 @@ impl Scheduler {
         pump: &Pump,
         http: Option<TcpListener>,
     ) {
-        let store = ScheduleStore::new(pool, self.names.namespace(), &pump.queue);
+        let store = ScheduleStore::new(pool.clone(), self.names.namespace(), &pump.queue);
         let changed = Arc::new(Notify::new());
         let admin = Admin {
             store: store.clone(),
@@ -244,7 +266,7 @@ impl Scheduler {
         }
         self.start_ticker(store.clone(), pump, changed);
         if let Some(listener) = http {
-            self.start_http(listener, admin, pump);
+            self.start_http(listener, admin, pump, pool);
         }
         self.work.start(Outcomes {
             broker: self.broker.clone(),
@@ -260,6 +282,7 @@ impl Scheduler {
         let ticker = ticker::Ticker {
             store,
             events: pump.events.clone(),
+            status: pump.status.clone(),
             pump_wake: pump.wake.clone(),
             changed,
             lookahead_ms: c.schedule_lookahead_ms as i64,
@@ -280,11 +303,18 @@ impl Scheduler {
     /// Starts the HTTP API on `listener`. Delayed tasks it takes go
     /// straight into the delay queue (the pump's, on a connection of their
     /// own).
-    fn start_http(&self, listener: TcpListener, admin: Admin, pump: &Pump) {
+    fn start_http(
+        &self,
+        listener: TcpListener,
+        admin: Admin,
+        pump: &Pump,
+        pool: deadpool_redis::Pool,
+    ) {
         tracing::info!(addr = ?listener.local_addr().ok(), "HTTP API listening");
         let holder = Holder {
             queue: pump.queue.with_own_connection(),
             events: pump.events.clone(),
+            status: pump.status.clone(),
             limits: self.config.limits(),
         };
         let tasks = TaskApi::new(self.broker.clone(), self.names.clone())
@@ -296,15 +326,23 @@ impl Scheduler {
             self.names.clone(),
             self.work.cancel_token().clone(),
         );
+        let status = api::status::StatusApi::new(
+            pool,
+            self.names.namespace(),
+            usize::from(self.config.shards),
+            &self.config.status,
+        );
         let control = api::control::ControlApi::new(
             self.broker.clone(),
             self.names.clone(),
             pump.queue.redis().separate(),
             pump.queue.shard_count(),
+            status.clone(),
         );
         let router = api::router(
             admin,
             tasks,
+            status,
             health,
             Some(events),
             control,
@@ -336,10 +374,11 @@ impl Scheduler {
     }
 
     /// Waits for the background loops to stop, then for the last events
-    /// to go out.
-    async fn shut_down(self, events: EventSink) {
+    /// and statuses to go out.
+    async fn shut_down(self, events: EventSink, status: StatusWriter) {
         self.work.wait().await;
         events.close(EVENTS_FLUSH).await;
+        status.close(EVENTS_FLUSH).await;
         tracing::info!("scheduler stopped");
     }
 }
@@ -445,6 +484,7 @@ impl AmqpSession {
             publisher: publisher.clone(),
             policy: c.retry_policy(),
             events: self.pump.events.clone(),
+            status: self.pump.status.clone(),
             wake: self.pump.wake.clone(),
             prefetch: c.intake_prefetch_effective(),
             batch: usize::from(c.batch),
@@ -506,22 +546,29 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
     let pool = redis_pool(config)?;
     let queue = RedisDelayQueue::new(pool.clone(), names.namespace(), usize::from(config.shards));
     queue.check_shard_count().await?;
+    let status = api::status::StatusApi::new(
+        pool.clone(),
+        names.namespace(),
+        usize::from(config.shards),
+        &config.status,
+    );
     let admin = Admin {
         store: ScheduleStore::new(pool, names.namespace(), &queue),
         changed: Arc::new(Notify::new()),
     };
-    // No holder: without a running scheduler's event sink, delayed tasks go
-    // through `NS.delay`, whose intake reports them.
     let control = api::control::ControlApi::new(
         config.common.broker(),
         names.clone(),
         queue.redis().separate(),
         queue.shard_count(),
+        status.clone(),
     );
+    // No holder: without a running scheduler's event sink, delayed tasks go
+    // through `NS.delay`, whose intake reports them.
     let tasks = TaskApi::new(config.common.broker(), names).with_limits(config.limits());
     // In process, nobody else can call it: no token, but the same checks
     // of what is sent.
-    Ok(api::router(admin, tasks, None, None, control, None))
+    Ok(api::router(admin, tasks, status, None, None, control, None))
 }
 
 /// The Redis pool with `KAIROS_REDIS_TIMEOUT_MS` as its reply timeout.

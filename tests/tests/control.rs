@@ -77,6 +77,24 @@ fn queue_entry<'a>(overview: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no queue {name} in {overview}"))
 }
 
+/// Polls `GET /v1/tasks/{id}` until its state is `state`.
+async fn wait_state(api: &ScheduleApi, id: &str, state: &str) {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let path = format!("/v1/tasks/{id}");
+        let s = api.call(move |a| a.send("GET", &path, None)).await;
+        if s.body["state"] == state {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{id} never {state}: {:?}",
+            s.body
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// Publishes a `kairos.noop` on `other` and waits for it to succeed: the
 /// workers are alive and taking tasks from a queue that is not paused.
 async fn probe(env: &TestEnv, tap: &mut EventTap, id: &str) {
@@ -175,6 +193,8 @@ async fn abort_cancels_a_running_task_without_retry_and_frees_its_slot() {
     })
     .await;
 
+    // Its `running` status is written off the hot path, shortly after.
+    wait_state(api, "long", "running").await;
     let asked = std::time::Instant::now();
     let reply = post(api, "/v1/tasks/long/abort").await;
     assert_eq!(reply.status, 202, "{:?}", reply.body);
@@ -202,6 +222,19 @@ async fn abort_cancels_a_running_task_without_retry_and_frees_its_slot() {
     let status = api.call(|a| a.send("GET", "/v1/tasks/long", None)).await;
     assert_eq!(status.status, 200, "{:?}", status.body);
     assert_eq!(status.body["state"], "cancelled", "{:?}", status.body);
+
+    // A task waiting in the delay queue is cancelled there, as DELETE does.
+    env.publish(
+        &env.names.delay(),
+        "work",
+        delayed_props("kairos.noop", "later", 60_000),
+        b"",
+    )
+    .await;
+    wait_state(api, "later", "scheduled").await;
+    let waiting = post(api, "/v1/tasks/later/abort").await;
+    assert_eq!(waiting.status, 200, "{:?}", waiting.body);
+    assert_eq!(waiting.body["state"], "cancelled", "{:?}", waiting.body);
 
     let unknown = post(api, "/v1/tasks/no-such-task/abort").await;
     assert_eq!(unknown.status, 404, "{:?}", unknown.body);

@@ -17,7 +17,9 @@
 //! the delay queue's Redis.
 
 use super::json_error;
+use super::status::StatusApi;
 use crate::redis_io::conn::RedisConn;
+use crate::redis_io::status_calls::Cancelled;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -46,14 +48,23 @@ pub(crate) struct ControlApi {
     pub(crate) redis: RedisConn,
     /// The delay queue's shard count (also the status keys' `{S}`).
     pub(crate) shards: usize,
-    /// Task statuses: what an abort finds.
+    /// Task statuses: what an abort finds (reads only).
     status: StatusStore,
+    /// The cancel of a task waiting in the delay queue (`DELETE
+    /// /v1/tasks/{id}`'s).
+    cancel: StatusApi,
     conn: Arc<Mutex<Option<Arc<lapin::Connection>>>>,
 }
 
 impl ControlApi {
     /// The routes' state over `broker` and `redis` in namespace `names`.
-    pub(crate) fn new(broker: Broker, names: Names, redis: RedisConn, shards: usize) -> Self {
+    pub(crate) fn new(
+        broker: Broker,
+        names: Names,
+        redis: RedisConn,
+        shards: usize,
+        cancel: StatusApi,
+    ) -> Self {
         // Reads only: the TTL is not used.
         let status = StatusStore::new(
             redis.clone(),
@@ -67,6 +78,7 @@ impl ControlApi {
             redis,
             shards,
             status,
+            cancel,
             conn: Arc::default(),
         }
     }
@@ -252,21 +264,51 @@ async fn abort(
         .map_err(|e| ControlError::Redis(e.to_string()))?
         .ok_or_else(|| ControlError::NotFound(id.clone()))?;
     match status.state {
-        Some(TaskState::Running) => {
-            api.publish(&ControlMessage::Abort { id: id.clone() })
-                .await?;
-            tracing::info!(task_id = %id, "abort requested");
-            metrics::counter!("kairos_scheduler_aborts_requested_total").increment(1);
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(json!({"id": id, "state": TaskState::Running, "abort": "requested"})),
-            )
-                .into_response())
-        }
-        // TODO(status merge): cancel in the delay queue as DELETE does.
+        Some(TaskState::Running) => request_abort(&api, id).await,
+        Some(TaskState::Scheduled | TaskState::Retrying) => cancel_waiting(&api, id).await,
         state => Err(ControlError::Conflict {
             id,
             state: state.map_or("unknown", TaskState::as_str).to_string(),
         }),
     }
+}
+
+/// Tells the workers to abort running task `id`: 202.
+async fn request_abort(api: &ControlApi, id: String) -> Result<Response, ControlError> {
+    api.publish(&ControlMessage::Abort { id: id.clone() })
+        .await?;
+    tracing::info!(task_id = %id, "abort requested");
+    metrics::counter!("kairos_scheduler_aborts_requested_total").increment(1);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "state": TaskState::Running, "abort": "requested"})),
+    )
+        .into_response())
+}
+
+/// Cancels task `id` waiting in the delay queue, as `DELETE
+/// /v1/tasks/{id}` does (one atomic script). Promoted and started
+/// meanwhile, it is aborted as a running one.
+async fn cancel_waiting(api: &ControlApi, id: String) -> Result<Response, ControlError> {
+    let cancelled = tokio::time::timeout(CONTROL_TIMEOUT, api.cancel.cancel(&id))
+        .await
+        .map_err(|_| ControlError::Redis("no reply in time".into()))?
+        .map_err(|e| ControlError::Redis(e.to_string()))?;
+    let state = match cancelled {
+        Cancelled::Withdrawn => {
+            tracing::info!(task_id = %id, "task cancelled (abort of a waiting task)");
+            metrics::counter!("kairos_scheduler_cancelled_total").increment(1);
+            return Ok(Json(json!({"id": id, "state": TaskState::Cancelled})).into_response());
+        }
+        Cancelled::Absent(Some(TaskState::Running)) => return request_abort(api, id).await,
+        // Being published, or published with its `ready` on its way.
+        Cancelled::Leased(_)
+        | Cancelled::Absent(Some(TaskState::Scheduled | TaskState::Retrying)) => TaskState::Ready,
+        Cancelled::Absent(Some(state)) => state,
+        Cancelled::Absent(None) => return Err(ControlError::NotFound(id)),
+    };
+    Err(ControlError::Conflict {
+        id,
+        state: state.as_str().to_string(),
+    })
 }

@@ -4,6 +4,7 @@
 //! * `tasks`: enqueue, look up and dead letters.
 //! * `schedules`: the schedule routes and the probes.
 //! * `events`: the live event stream (`GET /v1/events`).
+//! * `status`: task status, cancel and the task list (`/v1/tasks/{id}`).
 //! * `control`: pause and resume a queue, abort a task (`NS.control`).
 //! * `queues`: the queue overview (`GET /v1/queues`).
 //!
@@ -15,6 +16,7 @@ pub(crate) mod events;
 pub(crate) mod guard;
 pub(crate) mod queues;
 pub(crate) mod schedules;
+pub mod status;
 pub mod tasks;
 
 use crate::schedules::admin::Admin;
@@ -32,6 +34,7 @@ use serde_json::{json, Value};
 pub(crate) fn router(
     admin: Admin,
     tasks: tasks::TaskApi,
+    status: status::StatusApi,
     health: Option<Health>,
     events: Option<events::EventStreams>,
     control: control::ControlApi,
@@ -39,6 +42,7 @@ pub(crate) fn router(
 ) -> Router {
     let mut routes = schedules::router(admin)
         .merge(tasks::router(tasks))
+        .merge(status::router(status))
         .merge(control::router(control.clone()))
         .merge(queues::router(control));
     if let Some(health) = health {
