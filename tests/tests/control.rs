@@ -343,3 +343,64 @@ async fn queues_overview_counts_delayed_due_and_dead_per_queue() {
     // The dead letter is still there (the count put it back).
     assert_eq!(env.queue_depth(&env.names.dead()).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_watches_its_context_cleans_up_and_ends_at_once() {
+    let env = TestEnv::new("coop").await;
+    let mut tap = EventTap::new(&env).await;
+    let cleaned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = cleaned.clone();
+    let handler = move |ctx: kairos_worker::TaskContext, _body: Vec<u8>| {
+        let seen = seen.clone();
+        async move {
+            tokio::select! {
+                _ = ctx.cancelled() => {
+                    assert!(ctx.is_cancelled());
+                    seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                    Ok(())
+                }
+                _ = tokio::time::sleep(Duration::from_secs(60)) => Ok(()),
+            }
+        }
+    };
+    let worker = InProcess::worker(
+        kairos_worker::Worker::new(env.worker_config()).handler("test.coop", handler),
+    );
+    env.publish(
+        &env.names.tasks_exchange(),
+        "default",
+        task_props("test.coop", "coop-1"),
+        b"",
+    )
+    .await;
+    tap.wait_until(SETTLE, "the task to start", |seen| {
+        seen.iter().any(|e| e.kind == "started" && e.id == "coop-1")
+    })
+    .await;
+    let abort = kairos_shared::control::ControlMessage::Abort {
+        id: "coop-1".into(),
+    };
+    let asked = std::time::Instant::now();
+    env.publish(
+        &kairos_shared::control::exchange(&env.names),
+        "",
+        lapin::BasicProperties::default(),
+        &abort.encode(),
+    )
+    .await;
+    tap.wait_until(SETTLE, "the task to be cancelled", |seen| {
+        seen.iter()
+            .any(|e| e.kind == "cancelled" && e.id == "coop-1")
+    })
+    .await;
+    // Well within the 1 s grace: the handler returned by itself.
+    assert!(
+        asked.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(cleaned.load(std::sync::atomic::Ordering::SeqCst));
+    // Its `Ok` does not make it a success: it was aborted.
+    assert!(tap.of(EventKind::Succeeded).is_empty(), "{:?}", tap.seen);
+    worker.stop().await;
+}
