@@ -17,7 +17,7 @@
 use crate::contract::Names;
 use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, Confirmation};
 use serde::{Deserialize, Serialize};
 
 /// One control message, as it goes over `NS.control`.
@@ -71,14 +71,15 @@ pub fn paused_key(names: &Names) -> String {
     format!("{}:paused", names.namespace())
 }
 
-/// Publishes `message` to `NS.control`. On a channel in confirm mode the
-/// result says the broker took it; with no worker bound it is dropped,
-/// which is no error (the state in Redis is what counts).
+/// Publishes `message` to `NS.control` and returns the broker's
+/// confirmation (on a channel in confirm mode: an ack, or a nack when the
+/// broker refused it). With no worker bound the message is dropped, which
+/// is no error (the state in Redis is what counts).
 pub async fn publish(
     channel: &Channel,
     names: &Names,
     message: &ControlMessage,
-) -> lapin::Result<()> {
+) -> lapin::Result<Confirmation> {
     channel
         .basic_publish(
             short_exchange(names),
@@ -88,8 +89,7 @@ pub async fn publish(
             BasicProperties::default().with_content_type("application/json".into()),
         )
         .await?
-        .await?;
-    Ok(())
+        .await
 }
 
 /// Declares a server-named queue, exclusive to `channel`'s connection and

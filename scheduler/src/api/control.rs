@@ -113,8 +113,13 @@ impl ControlApi {
             channel
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;
-            control::publish(&channel, &self.names, message).await?;
+            let confirm = control::publish(&channel, &self.names, message).await?;
             let _ = channel.close(200, "done".into()).await;
+            if confirm.is_nack() {
+                return Err(ControlError::Broker(
+                    "the broker refused the message".into(),
+                ));
+            }
             Ok(())
         };
         tokio::time::timeout(CONTROL_TIMEOUT, send)
