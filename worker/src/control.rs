@@ -9,7 +9,9 @@
 //!   logged and dropped.
 //! * The paused set is also read from Redis (`NS:paused`) before the
 //!   consumers start and every [`PAUSED_POLL`], so a message lost while
-//!   this worker was away is made up for.
+//!   this worker was away is made up for. The first read waits for the
+//!   listener to be bound (at most [`LISTEN_WAIT`]): bound, read, consume,
+//!   so the consumers take no task before an abort of it can reach them.
 //!
 //! An aborted attempt's handler sees it in its context
 //! (`ctx.cancelled()`, `ctx.is_cancelled()`) and gets [`ABORT_GRACE`] to
@@ -41,6 +43,11 @@ pub(crate) const ABORT_GRACE: Duration = Duration::from_secs(1);
 /// How often the paused queues are read again from Redis.
 pub(crate) const PAUSED_POLL: Duration = Duration::from_secs(5);
 
+/// How long the first read of the paused queues waits for the listener to
+/// be bound to `NS.control` (so that no message falls between the read
+/// and the bind); past it the worker starts without it.
+pub(crate) const LISTEN_WAIT: Duration = Duration::from_secs(10);
+
 /// The paused queues as the consumers see them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Paused {
@@ -62,6 +69,8 @@ pub(crate) struct Control {
     /// Bumped by every pause or resume message, so that a Redis read that
     /// began before one does not undo it.
     changes: AtomicU64,
+    /// Whether the listener's queue was bound to `NS.control` once.
+    listening: watch::Sender<bool>,
 }
 
 /// One running attempt's place in [`Control`]: its abort token, removed
@@ -104,6 +113,7 @@ impl Control {
             serial: AtomicU64::new(0),
             paused: watch::Sender::new(Paused::default()),
             changes: AtomicU64::new(0),
+            listening: watch::Sender::new(false),
         })
     }
 
@@ -269,6 +279,17 @@ pub(crate) async fn poll_paused<R, Fut>(
     R: FnMut() -> Fut,
     Fut: Future<Output = Result<BTreeSet<String>, String>>,
 {
+    // Bound first, then read, then consume: a message sent after the read
+    // reaches this worker, and the consumers start only once it hears
+    // aborts for the tasks they take.
+    let mut listening = control.listening.subscribe();
+    tokio::select! {
+        _ = cancel.cancelled() => return,
+        _ = listening.wait_for(|l| *l) => {}
+        _ = tokio::time::sleep(LISTEN_WAIT) => {
+            tracing::warn!("not listening to NS.control yet; consuming anyway");
+        }
+    }
     let mut failing = false;
     loop {
         let began = control.read_begins();
@@ -325,9 +346,14 @@ pub(crate) async fn abortable<F: Future>(
     abort: &CancellationToken,
 ) -> Option<F::Output> {
     tokio::pin!(attempt);
-    tokio::select! {
-        out = &mut attempt => return Some(out),
-        _ = abort.cancelled() => {}
+    let finished = tokio::select! {
+        out = &mut attempt => Some(out),
+        _ = abort.cancelled() => None,
+    };
+    if let Some(out) = finished {
+        // A handler that returns on seeing the abort may end in the same
+        // poll as the token fires: it was aborted all the same.
+        return (!abort.is_cancelled()).then_some(out);
     }
     if tokio::time::timeout(ABORT_GRACE, attempt).await.is_err() {
         tracing::warn!(
@@ -403,6 +429,7 @@ impl Supervised for ControlListener {
                 FieldTable::default(),
             )
             .await?;
+        self.control.listening.send_replace(true);
         loop {
             let delivery = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -454,6 +481,17 @@ mod tests {
         assert!(started.elapsed() >= ABORT_GRACE);
         let fresh = CancellationToken::new();
         assert_eq!(abortable(async { 7 }, &fresh).await, Some(7));
+        // A handler that returns because it saw the abort is aborted.
+        let seen = CancellationToken::new();
+        let handler = {
+            let seen = seen.clone();
+            async move {
+                seen.cancelled().await;
+                7
+            }
+        };
+        seen.cancel();
+        assert_eq!(abortable(handler, &seen).await, None);
     }
 
     #[test]
