@@ -20,12 +20,19 @@
 //! # }
 //! ```
 //!
+//! A handler may also return a result, ask for its own retry delay, enqueue
+//! follow-up tasks, report progress and save checkpoints: see
+//! [`TaskContext`], [`TaskOutput`], [`TaskError::retry_after`] and
+//! docs/HANDLERS.md.
+//!
 //! * `handler`: the handler trait, its context and errors, the registry.
 //! * `consumer`: one consumer per queue, bounded by the `slots`.
 //! * `disposition`: ack, retry or dead-letter, in one place.
-//! * `builtin`: `kairos.noop`, `kairos.sleep`, `kairos.fail`.
+//! * `builtin`: `kairos.noop`, `kairos.sleep`, `kairos.fail`, `kairos.count`.
 //! * `control`: what `NS.control` says: abort a running task (its handler
 //!   sees `ctx.cancelled()`), pause or resume a queue.
+//! * `task_io`: what a handler's context reaches: the client, progress,
+//!   checkpoints.
 //! * `session`: one AMQP session: the consumers of every queue and the
 //!   tasks they run, finished (acked) before the connection closes.
 
@@ -43,9 +50,13 @@ mod handler;
 mod session;
 mod slots;
 mod status;
+mod task_io;
 
 pub use config::Config;
-pub use handler::{Handler, Registry, TaskContext, TaskError, TaskResult};
+pub use handler::{
+    Handler, HandlerOutcome, Json, Registry, TaskContext, TaskError, TaskOutput, TaskResult,
+};
+pub use task_io::CheckpointError;
 
 use control::{Control, ControlListener};
 use kairos_shared::contract::Names;
@@ -103,7 +114,8 @@ impl Worker {
         }
     }
 
-    /// Registers `kairos.noop`, `kairos.sleep` and `kairos.fail`.
+    /// Registers `kairos.noop`, `kairos.sleep`, `kairos.fail` and
+    /// `kairos.count`.
     pub fn with_builtins(mut self) -> Self {
         builtin::register(&mut self.registry);
         self

@@ -12,8 +12,10 @@ use crate::control::Control;
 use crate::disposition::Disposition;
 use crate::slots::Slots;
 use crate::status::WorkerStatus;
+use crate::task_io::TaskIo;
 use crate::{Config, Registry};
 use kairos_shared::amqp::{close_connection, connect_with_retry, Broker, CLOSE_WITHIN};
+use kairos_shared::client::Enqueuer;
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
 use kairos_shared::supervise::{Restart, Supervised, Supervisor};
@@ -38,6 +40,8 @@ pub(crate) enum SessionError {
     Declare(#[from] kairos_shared::topology::DeclareError),
     #[error("a delivery could not be settled")]
     Broken,
+    #[error("handlers' client: {0}")]
+    Client(#[from] kairos_shared::client::ClientError),
 }
 
 /// The worker's AMQP session loop.
@@ -104,6 +108,8 @@ impl AmqpSession {
         )
         .await?;
         s.channels.push(disposition.channel().clone());
+        let client = Enqueuer::open(&s.conn, self.names.clone()).await?;
+        s.channels.push(client.channel().clone());
         let shared = Arc::new(Shared {
             names: self.names.clone(),
             registry: self.registry.clone(),
@@ -116,6 +122,12 @@ impl AmqpSession {
             abandon: s.abandon.clone(),
             shutdown: self.work.cancel_token().clone(),
             control: self.control.clone(),
+            io: TaskIo {
+                client: Some(Arc::new(client)),
+                store: Some(Arc::new(self.status.clone())),
+                limits: self.config.handler_limits,
+                ..TaskIo::default()
+            },
         });
         let mut consumer_channels = Vec::with_capacity(self.config.queues.len());
         for _ in &self.config.queues {

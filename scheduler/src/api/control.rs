@@ -252,7 +252,7 @@ async fn set_paused(
         tracing::warn!(queue = %name, cause = %e, "control message not sent; workers see the change at their next read of the paused set");
     }
     tracing::info!(queue = %name, paused, "queue {}", if paused { "paused" } else { "resumed" });
-    metrics::counter!("kairos_queue_pause_changes_total", "op" => if paused { "pause" } else { "resume" })
+    metrics::counter!("kairos_scheduler_queue_pause_changes_total", "op" => if paused { "pause" } else { "resume" })
         .increment(1);
     Ok(Json(json!({"name": name, "paused": paused})).into_response())
 }

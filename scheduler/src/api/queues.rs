@@ -29,6 +29,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use kairos_shared::contract::validate_queue;
 use kairos_shared::control;
+use kairos_shared::dead::DeadCounts;
 use kairos_shared::status::StatusKeys;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -40,7 +41,7 @@ use std::collections::{BTreeMap, BTreeSet};
 pub(crate) const MAX_QUEUES: usize = 500;
 
 /// The most dead letters read to count them by origin queue.
-pub(crate) const DEAD_SCAN: usize = 1_000;
+pub(crate) const DEAD_SCAN: usize = 10_000;
 
 /// The rate counters (`NS:rate:QUEUE` fields `EVENT:B`), as the status
 /// writer names them.
@@ -93,7 +94,7 @@ async fn list_queues(State(api): State<ControlApi>) -> Result<Response, ControlE
     let names: Vec<String> = known
         .iter()
         .chain(&paused)
-        .chain(dead.counts.keys())
+        .chain(dead.queues.keys())
         .filter(|q| validate_queue(q).is_ok())
         .cloned()
         .collect::<BTreeSet<_>>()
@@ -108,7 +109,7 @@ async fn list_queues(State(api): State<ControlApi>) -> Result<Response, ControlE
         .zip(stored.queues)
         .map(
             |((name, (ready, consumers)), (delayed, due, rates))| QueueView {
-                dead: dead.counts.get(&name).copied().unwrap_or(0),
+                dead: dead.queues.get(&name).copied().unwrap_or(0),
                 paused: paused.contains(&name),
                 name,
                 ready,
@@ -123,7 +124,11 @@ async fn list_queues(State(api): State<ControlApi>) -> Result<Response, ControlE
     Ok(Json(json!({
         "queues": queues,
         "delay_queue": {"waiting": stored.waiting, "due": due},
-        "dead_letters": {"total": dead.total, "counted": dead.counted},
+        "dead_letters": {
+            "total": dead.total,
+            "counted": dead.queues.values().sum::<u64>(),
+            "complete": dead.complete,
+        },
     }))
     .into_response())
 }
@@ -253,42 +258,13 @@ fn rates(counts: &[Option<u64>]) -> Map<String, Value> {
     out
 }
 
-/// Dead letters by origin queue.
-struct DeadCounts {
-    counts: BTreeMap<String, u64>,
-    /// Every dead letter in `NS.dead`.
-    total: u32,
-    /// How many were read to count them (at most [`DEAD_SCAN`]).
-    counted: usize,
-}
-
 /// Counts the dead letters by origin queue, reading at most [`DEAD_SCAN`]
-/// (they go back in order).
-// TODO(lead, after merging h/dead): use `kairos_shared::dead::count_by_queue`
-// (helper D) instead of this scan.
+/// (they stay in place, in order).
 async fn count_dead(api: &ControlApi) -> Result<DeadCounts, ControlError> {
-    let channel = api.channel().await?;
-    let total = kairos_shared::admin::queue_depth(&channel, &api.names.dead())
+    let conn = api.connection().await?;
+    kairos_shared::dead::count_by_queue(&conn, &api.names, DEAD_SCAN)
         .await
-        .unwrap_or(0);
-    let _ = channel.close(200, "done".into()).await;
-    let mut counts = BTreeMap::new();
-    let mut counted = 0;
-    if total > 0 {
-        let conn = api.connection().await?;
-        let letters = kairos_shared::dead::list(&conn, &api.names, DEAD_SCAN)
-            .await
-            .map_err(|e| ControlError::Broker(e.to_string()))?;
-        counted = letters.len();
-        for l in letters {
-            *counts.entry(l.queue).or_insert(0) += 1;
-        }
-    }
-    Ok(DeadCounts {
-        counts,
-        total,
-        counted,
-    })
+        .map_err(|e| ControlError::Broker(e.to_string()))
 }
 
 #[cfg(test)]
