@@ -18,6 +18,8 @@ const NS_SUFFIX_START: usize = 24;
 const MEMORY_SAMPLES: u32 = 1_000;
 /// `MEMORY USAGE` commands sent in one pipeline.
 const KEYS_PER_PIPELINE: usize = 1_000;
+/// Status hashes `MEMORY USAGE` samples per shard.
+const STATUS_SAMPLES_PER_SHARD: usize = 125;
 /// How long cleanup waits for a connection to close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -168,6 +170,54 @@ impl BenchEnv {
             None => 0,
         };
         Ok((zsets, hashes, record_len))
+    }
+
+    /// Task statuses written in this namespace (entries of the recent
+    /// sets), and the memory one takes: the mean `MEMORY USAGE` of a
+    /// sample of status hashes plus the recent sets' usage per entry.
+    pub(crate) async fn status_memory(&self) -> Result<(u64, f64)> {
+        let mut con = self.redis.clone();
+        let (mut entries, mut recent_bytes) = (0u64, 0u64);
+        let mut sample: Vec<(usize, String)> = Vec::new();
+        for s in 0..usize::from(self.shards()) {
+            let recent = format!("{}:st{{{s}}}:recent", self.ns);
+            let n: u64 = redis::cmd("ZCARD")
+                .arg(&recent)
+                .query_async(&mut con)
+                .await?;
+            let used: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&recent)
+                .arg("SAMPLES")
+                .arg(0)
+                .query_async(&mut con)
+                .await?;
+            entries += n;
+            recent_bytes += used.unwrap_or(0);
+            let ids: Vec<String> = redis::cmd("ZRANDMEMBER")
+                .arg(&recent)
+                .arg(STATUS_SAMPLES_PER_SHARD)
+                .query_async(&mut con)
+                .await?;
+            sample.extend(ids.into_iter().map(|id| (s, id)));
+        }
+        let mut pipe = redis::pipe();
+        for (s, id) in &sample {
+            pipe.cmd("MEMORY")
+                .arg("USAGE")
+                .arg(format!("{}:st{{{s}}}:t:{id}", self.ns))
+                .arg("SAMPLES")
+                .arg(0);
+        }
+        let used: Vec<Option<u64>> = if sample.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut con).await?
+        };
+        let hashes: Vec<u64> = used.into_iter().flatten().collect();
+        let per_hash = hashes.iter().sum::<u64>() as f64 / hashes.len().max(1) as f64;
+        let per_entry = recent_bytes as f64 / entries.max(1) as f64;
+        Ok((entries, per_hash + per_entry))
     }
 
     /// Redis's `used_memory`, bytes.

@@ -98,12 +98,48 @@ pub(crate) struct Args {
     /// Body size of each W8 task (bytes).
     #[arg(long, default_value_t = 5_000_000)]
     pub(crate) w8_body_bytes: usize,
+    /// Task status (KAIROS_STATUS) in W1 and W2: `on`, `off`, or `both`
+    /// (each variant in a namespace of its own, in the same run, so the
+    /// cost of status is read within one run).
+    #[arg(long, value_enum, default_value = "both")]
+    pub(crate) status: StatusMode,
     /// Tasks per peer in W1 (the peers' published figure is for 20,000).
     #[arg(long, default_value_t = 20_000)]
     pub(crate) peer_w1_tasks: usize,
     /// Tasks per peer in W2(a).
     #[arg(long, default_value_t = 5_000)]
     pub(crate) peer_w2_tasks: usize,
+}
+
+/// Which task-status variants W1 and W2 run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum StatusMode {
+    /// Status on only (the default setting).
+    On,
+    /// Status off only.
+    Off,
+    /// Both, off first.
+    Both,
+}
+
+impl StatusMode {
+    /// The `KAIROS_STATUS` values to run, in order.
+    pub(crate) fn variants(self) -> &'static [bool] {
+        match self {
+            StatusMode::On => &[true],
+            StatusMode::Off => &[false],
+            StatusMode::Both => &[false, true],
+        }
+    }
+}
+
+/// `on` or `off`, for labels.
+pub(crate) fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 impl Args {

@@ -21,7 +21,7 @@ use kairos_shared::amqp::{
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
 use kairos_shared::redis::RedisConn;
-use kairos_shared::status::{ShardCount, StatusStore};
+use kairos_shared::status::{ShardCount, StatusStore, StatusWriter};
 use kairos_shared::supervise::{Restart, Supervised, Supervisor};
 use kairos_shared::topology;
 use lapin::Connection;
@@ -93,10 +93,11 @@ pub async fn run(
         &scheduler.names,
         &scheduler.work,
     );
-    let pump = scheduler.pump(&queue, &events, wake);
+    let status = scheduler.status_writer(&pool);
+    let pump = scheduler.pump(&queue, &events, &status, wake);
     scheduler.start_schedules(pool, &pump, http).await;
     scheduler.run_sessions(queue, pump).await;
-    scheduler.shut_down(events).await;
+    scheduler.shut_down(events, status).await;
     Ok(())
 }
 
@@ -212,14 +213,33 @@ impl Scheduler {
         Ok(wake)
     }
 
+    /// The task status writer (off with `KAIROS_STATUS=false`), on a
+    /// Redis connection of its own.
+    fn status_writer(&self, pool: &deadpool_redis::Pool) -> StatusWriter {
+        StatusWriter::start(
+            &self.config.status,
+            RedisConn::new(pool.clone()),
+            self.names.namespace(),
+            ShardCount::known(usize::from(self.config.shards)),
+            &self.work,
+        )
+    }
+
     /// The pump, on a Redis connection of its own: its claims and
     /// completions run every few ms under load, not behind an intake batch
     /// on the same socket.
-    fn pump(&self, queue: &RedisDelayQueue, events: &EventSink, wake: Arc<Notify>) -> Pump {
+    fn pump(
+        &self,
+        queue: &RedisDelayQueue,
+        events: &EventSink,
+        status: &StatusWriter,
+        wake: Arc<Notify>,
+    ) -> Pump {
         let c = &self.config;
         Pump {
             queue: queue.with_own_connection(),
             events: events.clone(),
+            status: status.clone(),
             wake,
             batch: usize::from(c.batch),
             batch_bytes: bytes(c.claim_batch_bytes),
@@ -267,6 +287,7 @@ impl Scheduler {
         let ticker = ticker::Ticker {
             store,
             events: pump.events.clone(),
+            status: pump.status.clone(),
             pump_wake: pump.wake.clone(),
             changed,
             lookahead_ms: c.schedule_lookahead_ms as i64,
@@ -299,6 +320,7 @@ impl Scheduler {
         let holder = Holder {
             queue: pump.queue.with_own_connection(),
             events: pump.events.clone(),
+            status: pump.status.clone(),
             limits: self.config.limits(),
         };
         let tasks = TaskApi::new(self.broker.clone(), self.names.clone())
@@ -306,7 +328,7 @@ impl Scheduler {
             .with_holder(holder);
         let probes = api::probes::Probes::new(
             self.work.health().clone(),
-            redis,
+            redis.clone(),
             self.broker.clone(),
             self.work.cancel_token().clone(),
         );
@@ -315,12 +337,27 @@ impl Scheduler {
             self.names.clone(),
             self.work.cancel_token().clone(),
         );
+        let status = api::status::StatusApi::new(
+            redis,
+            self.names.namespace(),
+            usize::from(self.config.shards),
+            &self.config.status,
+        );
+        let control = api::control::ControlApi::new(
+            self.broker.clone(),
+            self.names.clone(),
+            pump.queue.redis().separate(),
+            pump.queue.shard_count(),
+            status.clone(),
+        );
         let router = api::router(
             admin,
             tasks,
+            status,
             Some(probes),
             Some(events),
             io,
+            control,
             self.config.api_token.clone(),
         );
         // The first run serves the listener bound at start; a restart
@@ -349,10 +386,11 @@ impl Scheduler {
     }
 
     /// Waits for the background loops to stop, then for the last events
-    /// to go out.
-    async fn shut_down(self, events: EventSink) {
+    /// and statuses to go out.
+    async fn shut_down(self, events: EventSink, status: StatusWriter) {
         self.work.wait().await;
         events.close(EVENTS_FLUSH).await;
+        status.close(EVENTS_FLUSH).await;
         tracing::info!("scheduler stopped");
     }
 }
@@ -458,6 +496,7 @@ impl AmqpSession {
             publisher: publisher.clone(),
             policy: c.retry_policy(),
             events: self.pump.events.clone(),
+            status: self.pump.status.clone(),
             wake: self.pump.wake.clone(),
             prefetch: c.intake_prefetch_effective(),
             batch: usize::from(c.batch),
@@ -519,17 +558,32 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
     let pool = redis_pool(config)?;
     let queue = RedisDelayQueue::new(pool.clone(), names.namespace(), usize::from(config.shards));
     queue.check_shard_count().await?;
+    let status = api::status::StatusApi::new(
+        pool.clone(),
+        names.namespace(),
+        usize::from(config.shards),
+        &config.status,
+    );
     let io = handler_io(config, pool.clone());
     let admin = Admin {
         store: ScheduleStore::new(pool, names.namespace(), &queue),
         changed: Arc::new(Notify::new()),
     };
+    let control = api::control::ControlApi::new(
+        config.common.broker(),
+        names.clone(),
+        queue.redis().separate(),
+        queue.shard_count(),
+        status.clone(),
+    );
     // No holder: without a running scheduler's event sink, delayed tasks go
     // through `NS.delay`, whose intake reports them.
     let tasks = TaskApi::new(config.common.broker(), names).with_limits(config.limits());
     // In process, nobody else can call it: no token, but the same checks
     // of what is sent.
-    Ok(api::router(admin, tasks, None, None, io, None))
+    Ok(api::router(
+        admin, tasks, status, None, None, io, control, None,
+    ))
 }
 
 /// What the handler routes (`/v1/tasks/{id}/checkpoint|progress|result`)

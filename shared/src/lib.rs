@@ -36,6 +36,7 @@ pub mod amqp;
 pub mod client;
 pub mod config;
 pub mod contract;
+pub mod control;
 pub mod dead;
 pub mod events;
 pub mod limits;

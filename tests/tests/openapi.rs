@@ -14,7 +14,10 @@ const TOKEN: &str = "openapi-token-0123456789abcdef";
 /// schedules): a user relies on each, so each must be in the document.
 const DOCUMENTED: &[(&str, &str)] = &[
     ("post", "/v1/tasks"),
+    ("get", "/v1/tasks"),
     ("get", "/v1/tasks/{id}"),
+    ("delete", "/v1/tasks/{id}"),
+    ("post", "/v1/tasks/{id}/abort"),
     ("put", "/v1/tasks/{id}/checkpoint"),
     ("get", "/v1/tasks/{id}/checkpoint"),
     ("put", "/v1/tasks/{id}/progress"),
@@ -24,6 +27,9 @@ const DOCUMENTED: &[(&str, &str)] = &[
     ("get", "/v1/dead/{id}"),
     ("post", "/v1/dead/replay"),
     ("get", "/v1/events"),
+    ("get", "/v1/queues"),
+    ("post", "/v1/queues/{name}/pause"),
+    ("post", "/v1/queues/{name}/resume"),
     ("get", "/v1/schedules"),
     ("get", "/v1/schedules/{id}"),
     ("put", "/v1/schedules/{id}"),

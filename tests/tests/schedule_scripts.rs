@@ -136,6 +136,7 @@ fn ticker_for(env: &TestEnv) -> (Ticker, RedisDelayQueue) {
     let ticker = Ticker {
         store: ScheduleStore::new(pool, &env.ns, &queue),
         events: EventSink::disabled(),
+        status: kairos_shared::status::StatusWriter::disabled(),
         pump_wake: Arc::new(Notify::new()),
         changed: Arc::new(Notify::new()),
         lookahead_ms: 100,

@@ -5,6 +5,7 @@
 //! RabbitMQ redelivers it to another consumer.
 
 use crate::acks::Acks;
+use crate::control::{abortable, Control};
 use crate::disposition::{Disposition, DispositionError};
 use crate::handler::{Registry, TaskContext, TaskError};
 use crate::slots::Slots;
@@ -51,6 +52,8 @@ pub(crate) struct Shared {
     pub(crate) abandon: CancellationToken,
     /// The worker is stopping: pauses end early.
     pub(crate) shutdown: CancellationToken,
+    /// Running attempts by task id, for aborts (`crate::control`).
+    pub(crate) control: Arc<Control>,
     /// What handlers reach through their context (a client...).
     pub(crate) io: TaskIo,
 }
@@ -218,6 +221,7 @@ async fn run_task(
         .timeout_ms
         .map(Duration::from_millis)
         .unwrap_or(shared.default_timeout);
+    let running = shared.control.register(&task.id);
     let io = match load_checkpoint(&shared.io, &task, delivery.redelivered).await {
         Ok(checkpoint) => shared.io.for_task(checkpoint),
         Err(error) => return d.failed(delivery, acks, &task, &error).await,
@@ -225,11 +229,16 @@ async fn run_task(
     let mut ctx = TaskContext::from_task(&task).with_io(io);
     ctx.timeout = limit;
     ctx.redelivered = delivery.redelivered;
+    ctx.cancel = running.token().clone();
     // A panic in the handler is caught here as a failed attempt, and a
     // timeout drops (cancels) the handler's future. Running it inline rather
     // than in a task of its own saves a spawn and a wake-up per task.
     let run = AssertUnwindSafe(handler.call(ctx, task.body.clone())).catch_unwind();
-    let outcome = match tokio::time::timeout(limit, run).await {
+    let timed = tokio::time::timeout(limit, run);
+    let Some(timed) = abortable(timed, running.token()).await else {
+        return d.cancelled(delivery, acks, &task).await;
+    };
+    let outcome = match timed {
         Ok(finished) => finished,
         Err(_) => {
             metrics::counter!("kairos_worker_timeouts_total", "queue" => task.queue.clone())

@@ -174,6 +174,21 @@ impl Disposition {
     }
 }
 
+impl Disposition {
+    /// An aborted attempt (`crate::control`): ack, no retry; the task
+    /// ends `cancelled`.
+    pub(crate) async fn cancelled(&self, d: &Delivery, acks: &Acks, task: &Task) -> Disposed {
+        tracing::info!(task_id = %task.id, kind = %task.name, attempt = task.attempt, "task aborted: cancelled, not retried");
+        acks.settle(d.delivery_tag);
+        finished(&task.queue, "cancelled");
+        self.events.task(EventKind::Cancelled, task, None, None);
+        self.status
+            .writer
+            .record_with(|| kairos_shared::status::StatusUpdate::cancelled(task));
+        Ok(())
+    }
+}
+
 /// A failed attempt's properties for `NS.retry`: the failure headers, and
 /// `x-retry-after-ms` when the handler chose the delay (the scheduler's
 /// retry intake takes it off again). Without one, a stale header from an

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Everything about the delivery a handler may want, besides the body.
 #[derive(Clone, Debug)]
@@ -46,6 +47,8 @@ pub struct TaskContext {
     pub redelivered: bool,
     /// What the worker lends the handler: a client, the status store.
     io: TaskIo,
+    /// Fired when the task is aborted (`POST /v1/tasks/{id}/abort`).
+    pub(crate) cancel: CancellationToken,
 }
 
 impl TaskContext {
@@ -82,6 +85,7 @@ impl TaskContext {
             ),
             redelivered: false,
             io: TaskIo::default(),
+            cancel: CancellationToken::new(),
         }
     }
 
@@ -158,6 +162,20 @@ impl TaskContext {
     ) -> Result<(), CheckpointError> {
         let bytes = serde_json::to_vec(value).map_err(|e| CheckpointError::Json(e.to_string()))?;
         self.save_checkpoint(bytes).await
+    }
+
+    /// Whether the task was aborted: the handler should stop soon. It gets
+    /// a short grace to return (`crate::control::ABORT_GRACE`, 1 s), then
+    /// it is dropped; either way the task ends `cancelled` and is not
+    /// retried.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Completes when the task is aborted, for a handler to `select!` on
+    /// and clean up (see [`is_cancelled`](Self::is_cancelled)).
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
     }
 }
 

@@ -29,6 +29,8 @@
 //! * `consumer`: one consumer per queue, bounded by the `slots`.
 //! * `disposition`: ack, retry or dead-letter, in one place.
 //! * `builtin`: `kairos.noop`, `kairos.sleep`, `kairos.fail`, `kairos.count`.
+//! * `control`: what `NS.control` says: abort a running task (its handler
+//!   sees `ctx.cancelled()`), pause or resume a queue.
 //! * `task_io`: what a handler's context reaches: the client, progress,
 //!   checkpoints.
 //! * `session`: one AMQP session: the consumers of every queue and the
@@ -42,6 +44,7 @@ mod acks;
 pub mod builtin;
 mod config;
 mod consumer;
+mod control;
 mod disposition;
 mod handler;
 mod session;
@@ -55,11 +58,14 @@ pub use handler::{
 };
 pub use task_io::CheckpointError;
 
+use control::{Control, ControlListener};
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
+use kairos_shared::redis::RedisConn;
 use kairos_shared::supervise::Supervisor;
 use session::AmqpSession;
 use slots::Slots;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,6 +147,7 @@ impl Worker {
         let status =
             status::WorkerStatus::start(&self.config, &work).map_err(WorkerError::Config)?;
         let slots = start_autoscale(&work, &self.config);
+        let control = start_control(&work, &self.config, &names)?;
         tracing::info!(namespace = %names.namespace(), queues = ?self.config.queues, concurrency = %self.config.concurrency, "worker starting");
         let session = AmqpSession::new(
             self.config,
@@ -149,6 +156,7 @@ impl Worker {
             events.clone(),
             status.clone(),
             slots,
+            control,
             &work,
         );
         work.run(session).await;
@@ -183,6 +191,54 @@ fn start_autoscale(work: &Supervisor, config: &Config) -> Arc<Slots> {
         }
     });
     slots
+}
+
+/// Aborts and paused queues: the supervised listener on `NS.control`, and
+/// the paused set read from Redis (`NS:paused`) at start and every
+/// `control::PAUSED_POLL`, on a connection of its own.
+fn start_control(
+    work: &Supervisor,
+    config: &Config,
+    names: &Names,
+) -> Result<Arc<Control>, WorkerError> {
+    let control = Control::new(&config.queues);
+    let pool = kairos_shared::redis::pool(
+        &config.redis_url,
+        &config.common.tls,
+        Duration::from_millis(config.redis_timeout_ms),
+    )
+    .map_err(|e| WorkerError::Config(format!("KAIROS_REDIS_URL: {e}")))?;
+    let redis = RedisConn::new(pool);
+    let key = kairos_shared::control::paused_key(names);
+    let polled = control.clone();
+    work.start_loop("paused_queues", move |cancel| {
+        let (redis, key) = (redis.clone(), key.clone());
+        let read = move || {
+            let (redis, key) = (redis.clone(), key.clone());
+            async move {
+                let mut con = redis.get().await.map_err(|e| e.to_string())?;
+                redis
+                    .watch(
+                        redis::cmd("SMEMBERS")
+                            .arg(&key)
+                            .query_async::<BTreeSet<String>>(&mut con)
+                            .await,
+                    )
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let poll = control::poll_paused(polled.clone(), read, cancel);
+        async move {
+            poll.await;
+            Ok(())
+        }
+    });
+    work.start(ControlListener::new(
+        config.common.broker(),
+        names.clone(),
+        control.clone(),
+    ));
+    Ok(control)
 }
 
 /// Waits for the rest of the background work (the autoscaler, sessions that

@@ -8,6 +8,7 @@
 
 use crate::acks::Acks;
 use crate::consumer::{consume, ConsumeError, Shared};
+use crate::control::Control;
 use crate::disposition::Disposition;
 use crate::slots::Slots;
 use crate::status::WorkerStatus;
@@ -53,6 +54,8 @@ pub(crate) struct AmqpSession {
     /// Task status: the writer and the store.
     status: WorkerStatus,
     slots: Arc<Slots>,
+    /// Aborts and paused queues (`crate::control`).
+    control: Arc<Control>,
     /// Where a session that ended early finishes its running tasks, and
     /// the worker's shutdown.
     work: Supervisor,
@@ -60,6 +63,8 @@ pub(crate) struct AmqpSession {
 
 impl AmqpSession {
     /// The session loop of a worker with these settings and handlers.
+    // What every session shares, handed over once at start.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         config: Config,
         names: Names,
@@ -67,9 +72,11 @@ impl AmqpSession {
         events: EventSink,
         status: WorkerStatus,
         slots: Arc<Slots>,
+        control: Arc<Control>,
         work: &Supervisor,
     ) -> Self {
         AmqpSession {
+            control,
             broker: config.common.broker(),
             config,
             names,
@@ -114,6 +121,7 @@ impl AmqpSession {
             broken: s.broken.clone(),
             abandon: s.abandon.clone(),
             shutdown: self.work.cancel_token().clone(),
+            control: self.control.clone(),
             io: TaskIo {
                 client: Some(Arc::new(client)),
                 store: Some(Arc::new(self.status.clone())),
@@ -195,9 +203,23 @@ impl Supervised for AmqpSession {
             .zip(s.acks.clone())
             .map(|((q, channel), acks)| {
                 let (stop, shared) = (stop.clone(), shared.clone());
+                let control = self.control.clone();
                 async move {
-                    let r =
-                        consume(&channel, shared, acks, q, prefetch, tracker, stop.clone()).await;
+                    // A paused queue's consumer is cancelled, and started
+                    // again on resume (`crate::control`).
+                    let r = control
+                        .serve_queue(q, &stop, |run| {
+                            consume(
+                                &channel,
+                                shared.clone(),
+                                acks.clone(),
+                                q,
+                                prefetch,
+                                tracker,
+                                run,
+                            )
+                        })
+                        .await;
                     stop.cancel();
                     r
                 }

@@ -5,6 +5,7 @@
 
 use super::{body, enqueue_all, Ctx};
 use crate::env::BenchEnv;
+use crate::on_off;
 use crate::recorder::Recorder;
 use crate::report::Row;
 use crate::service::InProcess;
@@ -20,20 +21,29 @@ use std::time::{Duration, Instant};
 /// counted.
 const EVENTS_TAIL: Duration = Duration::from_millis(500);
 
-/// Runs W1 with events off, then on, each in a namespace of its own.
+/// Runs W1 with events off for each task-status variant (`--status`),
+/// then with events on (and status as in the last variant), each in a
+/// namespace of its own.
 pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
-    for events in [false, true] {
+    let variants = ctx.args.status.variants();
+    let last = variants.last().copied().unwrap_or(true);
+    let runs = variants
+        .iter()
+        .map(|&status| (false, status))
+        .chain([(true, last)]);
+    for (events, status) in runs {
         let mut env = BenchEnv::new("w1", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
-        let result = once(ctx, &mut env, events).await;
+        let result = once(ctx, &mut env, events, status).await;
         env.cleanup().await;
         result?;
     }
     Ok(())
 }
 
-async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool) -> Result<()> {
+async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool, status: bool) -> Result<()> {
     let n = ctx.args.w1_tasks;
-    let label = if events { "events on" } else { "events off" };
+    let label = format!("events {}, status {}", on_off(events), on_off(status));
+    let label = label.as_str();
     let tap = if events {
         Some(EventCounter::start(env).await?)
     } else {
@@ -42,6 +52,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool) -> Result<()>
     let rec = Recorder::with_capacity(n);
     let mut config = env.worker_config();
     config.common.events = events;
+    config.status.status = status;
     config.concurrency = ctx.args.w1_concurrency;
     config.prefetch = Some(ctx.args.w1_prefetch);
     let worker = InProcess::worker(
@@ -53,6 +64,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool) -> Result<()>
     // Let the worker connect and subscribe before the clock starts.
     tokio::time::sleep(super::SERVICE_SETTLE).await;
 
+    let memory_before = env.redis_used_memory().await?;
     let bytes = ctx.args.body_bytes;
     let t0 = Instant::now();
     let sent = enqueue_all(&client, n, |_| {
@@ -101,6 +113,10 @@ async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool) -> Result<()>
             sent, seen.distinct
         ),
     );
+    if status && !events {
+        // The worker wrote its last statuses before it stopped.
+        status_memory(ctx, env, n, memory_before).await?;
+    }
     if seen.duplicated > 0 {
         println!("  note: W1 ({label}): {} tasks ran twice", seen.duplicated);
     }
@@ -143,4 +159,23 @@ impl EventCounter {
         });
         Ok(EventCounter { count })
     }
+}
+
+/// Redis memory per finished task's status: `INFO memory` before and
+/// after the run (which other users of a shared Redis also move), and
+/// `MEMORY USAGE` of a sample of status hashes plus the recent sets.
+async fn status_memory(ctx: &mut Ctx<'_>, env: &BenchEnv, n: usize, before: u64) -> Result<()> {
+    let after = env.redis_used_memory().await?;
+    let (written, sampled) = env.status_memory().await?;
+    let delta = after.saturating_sub(before) as f64 / n.max(1) as f64;
+    ctx.report.push(
+        Row::new("W1 burst", "status memory per finished task", sampled, "bytes").note(format!(
+            "MEMORY USAGE of sampled hashes + recent sets; INFO used_memory delta {delta:.0} B/task; {written} of {n} statuses written"
+        )),
+    );
+    ctx.report.check(
+        written == n as u64,
+        format!("W1 (status on): {written} of {n} task statuses written"),
+    );
+    Ok(())
 }

@@ -10,6 +10,7 @@
 
 use super::{body, enqueue_all, Ctx};
 use crate::env::BenchEnv;
+use crate::on_off;
 use crate::recorder::Recorder;
 use crate::report::{percentile, Row};
 use crate::service::InProcess;
@@ -49,20 +50,26 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
         },
     ];
     for shape in shapes {
-        let env = BenchEnv::new("w2", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
-        let result = once(ctx, &env, &shape).await;
-        env.cleanup().await;
-        result?;
+        for &status in ctx.args.status.variants() {
+            let env = BenchEnv::new("w2", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
+            let result = once(ctx, &env, &shape, status).await;
+            env.cleanup().await;
+            result?;
+        }
     }
     Ok(())
 }
 
-async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv, shape: &Shape) -> Result<()> {
+async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv, shape: &Shape, status: bool) -> Result<()> {
     let n = shape.tasks;
-    let scheduler = InProcess::scheduler(env.scheduler_config());
+    let mut sc = env.scheduler_config();
+    sc.status.status = status;
+    let scheduler = InProcess::scheduler(sc);
     let rec = Recorder::with_capacity(n);
+    let mut wc = env.worker_config();
+    wc.status.status = status;
     let worker = InProcess::worker(
-        Worker::new(env.worker_config())
+        Worker::new(wc)
             .with_builtins()
             .handler(kairos_worker::builtin::NOOP, rec.handler()),
     );
@@ -95,7 +102,8 @@ async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv, shape: &Shape) -> Result<()> {
 
     let l = &seen.lateness;
     let lost = n.saturating_sub(seen.distinct);
-    let w = shape.label;
+    let label = format!("{} (status {})", shape.label, on_off(status));
+    let w = label.as_str();
     let note = format!(
         "{n} tasks due {}-{} s ahead, accepted in {} ms",
         shape.lead_ms / 1000,

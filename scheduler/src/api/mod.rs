@@ -9,6 +9,9 @@
 //! * `handler_io`: checkpoints, progress and results from handlers in
 //!   other languages (`/v1/tasks/{id}/checkpoint|progress|result`).
 //! * `ui`: the dashboard page (`/`, `/ui/...`), served with the stream.
+//! * `status`: task status, cancel and the task list (`/v1/tasks/{id}`).
+//! * `control`: pause and resume a queue, abort a task (`NS.control`).
+//! * `queues`: the queue overview (`GET /v1/queues`).
 //! * `openapi`: the OpenAPI document of the API routes (`/v1/openapi.json`,
 //!   the dashboard page is no API route), made from the same definitions
 //!   that register them.
@@ -16,13 +19,16 @@
 //! May touch: the delay queue (through `crate::delay::hold`), the schedule
 //! admin, RabbitMQ (publishing tasks). Holds no state of its own.
 
+pub(crate) mod control;
 pub(crate) mod dead;
 pub(crate) mod events;
 pub(crate) mod guard;
 pub(crate) mod handler_io;
 pub(crate) mod openapi;
 pub(crate) mod probes;
+pub(crate) mod queues;
 pub(crate) mod schedules;
+pub mod status;
 pub mod tasks;
 pub(crate) mod ui;
 
@@ -39,17 +45,24 @@ use serde_json::{json, Value};
 /// once and cannot stream) and with it the dashboard page, which needs
 /// it; and the OpenAPI document of the API routes at `/v1/openapi.json`.
 /// Without a `token` the API is open.
+// One state per part of the API, handed over once at start.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn router(
     admin: Admin,
     tasks: tasks::TaskApi,
+    status: status::StatusApi,
     probes: Option<probes::Probes>,
     events: Option<events::EventStreams>,
     handler_io: handler_io::HandlerIo,
+    control: control::ControlApi,
     token: Option<Secret>,
 ) -> Router {
     let mut routes = schedules::router(admin)
         .merge(tasks::routes(tasks))
-        .merge(handler_io::router(handler_io));
+        .merge(handler_io::router(handler_io))
+        .merge(status::router(status))
+        .merge(control::router(control.clone()))
+        .merge(queues::router(control));
     if let Some(probes) = probes {
         routes = routes.merge(probes::router(probes));
     }

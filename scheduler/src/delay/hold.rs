@@ -11,6 +11,7 @@ use kairos_shared::contract::{ProtocolError, Task};
 use kairos_shared::events::{EventKind, EventSink};
 use kairos_shared::limits::Limits;
 use kairos_shared::record;
+use kairos_shared::status::{StatusUpdate, StatusWriter};
 
 /// Puts delayed tasks of the HTTP API into the delay queue.
 #[derive(Clone)]
@@ -19,6 +20,8 @@ pub(crate) struct Holder {
     pub(crate) queue: RedisDelayQueue,
     /// Where `scheduled` and `duplicate` events go.
     pub(crate) events: EventSink,
+    /// Where the `scheduled` status goes.
+    pub(crate) status: StatusWriter,
     /// The limits a task is checked against before it is written.
     pub(crate) limits: Limits,
 }
@@ -77,6 +80,8 @@ impl Holder {
         if s.added {
             kairos_shared::trace::step("kairos.hold", &task);
             metrics::counter!("kairos_scheduler_held_total", "source" => "http").increment(1);
+            self.status
+                .record_with(|| StatusUpdate::scheduled(&task, s.due, true));
             self.events
                 .task(EventKind::Scheduled, &task, Some(s.due), None);
             Ok(Held::Added { id, due: s.due })

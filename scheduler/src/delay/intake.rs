@@ -39,6 +39,7 @@ use kairos_shared::contract::{
 use kairos_shared::events::{EventKind, EventSink};
 use kairos_shared::limits::Limits;
 use kairos_shared::record;
+use kairos_shared::status::{StatusUpdate, StatusWriter};
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, Consumer};
@@ -105,6 +106,8 @@ pub(crate) struct Intake<S = RedisDelayQueue, P = Publisher> {
     pub(crate) policy: RetryPolicy,
     /// Where `scheduled`, `retried`, `duplicate` and `dead` events go.
     pub(crate) events: EventSink,
+    /// Where `scheduled`, `retrying` and `dead` statuses go.
+    pub(crate) status: StatusWriter,
     /// Notified when a held task became its shard's earliest.
     pub(crate) wake: Arc<Notify>,
     /// The consumer's prefetch.
@@ -352,6 +355,9 @@ impl<S: DelayStore, P: TaskPublisher> Intake<S, P> {
                     tracing::error!(queue = %origin, error = %error, "dead-lettered");
                     // Every dead letter has its event, decodable or not:
                     // task status is built on them.
+                    if let Some(task) = task {
+                        self.status.record_with(|| StatusUpdate::dead(task, error));
+                    }
                     match task {
                         Some(task) => self.events.task(EventKind::Dead, task, None, Some(error)),
                         None => self.events.message(EventKind::Dead, props, origin, error),
@@ -365,6 +371,10 @@ impl<S: DelayStore, P: TaskPublisher> Intake<S, P> {
     /// task whose id was already pending.
     fn report_hold(&self, task: &Task, kind: EventKind, s: &Scheduled) {
         if s.added {
+            self.status.record_with(|| match self.source {
+                Source::Delay => StatusUpdate::scheduled(task, s.due, true),
+                Source::Retry => StatusUpdate::retrying(task, s.due, &failure_reason(task)),
+            });
             kairos_shared::trace::step("kairos.hold", task);
             self.events.task(kind, task, Some(s.due), None);
         } else if self.source == Source::Delay {
@@ -637,6 +647,7 @@ mod tests {
                 jitter: Jitter::None,
             },
             events: EventSink::disabled(),
+            status: StatusWriter::disabled(),
             wake: Arc::new(Notify::new()),
             prefetch: 10,
             batch: 10,

@@ -48,6 +48,7 @@ use kairos_shared::amqp::{now_ms, sleep_or_cancel, Backoff, Blocked};
 use kairos_shared::contract::{Task, H_RUN_AT};
 use kairos_shared::events::{EventKind, EventSink};
 use kairos_shared::record;
+use kairos_shared::status::{StatusUpdate, StatusWriter};
 use kairos_shared::topology::DeclareError;
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Confirmation};
@@ -123,6 +124,8 @@ pub(crate) struct Pump<S = RedisDelayQueue> {
     pub(crate) queue: S,
     /// Where `published` events go.
     pub(crate) events: EventSink,
+    /// Where `ready` statuses go.
+    pub(crate) status: StatusWriter,
     /// Notified when an earlier task arrived: the pump claims again.
     pub(crate) wake: Arc<Notify>,
     /// Tasks one claim takes per shard.
@@ -506,6 +509,7 @@ impl<S: DelayStore> Pump<S> {
             lateness.record(kairos_shared::metrics::seconds_between(*due, now));
             self.events
                 .task(EventKind::Published, task, Some(*due), None);
+            self.status.record_with(|| StatusUpdate::ready(task, *due));
         }
     }
 
@@ -838,6 +842,7 @@ mod tests {
         Pump {
             queue: store.clone(),
             events: EventSink::disabled(),
+            status: StatusWriter::disabled(),
             wake: Arc::new(Notify::new()),
             batch: 10,
             batch_bytes: 1 << 20,

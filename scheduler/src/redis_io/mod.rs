@@ -7,7 +7,8 @@
 //! * `keys`: every key name, built in one place.
 //! * `scripts`: the script registry: loading, `EVALSHA`, `NOSCRIPT`.
 //! * `reply`: reading script replies without panicking.
-//! * `delay_calls`, `schedule_calls`: each script's arguments and reply.
+//! * `delay_calls`, `schedule_calls`, `status_calls`: each script's
+//!   arguments and reply.
 
 pub mod conn;
 pub(crate) mod delay_calls;
@@ -16,3 +17,4 @@ pub mod reply;
 pub(crate) mod schedule_calls;
 pub(crate) mod scripts;
 pub(crate) mod setup;
+pub(crate) mod status_calls;

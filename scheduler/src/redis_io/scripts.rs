@@ -23,6 +23,9 @@ const ALLOW_OOM: &str = "#!lua flags=allow-oom\n";
 /// The delay queue's Lua library: the due index and the hold functions.
 const DELAY_LIBRARY: &str = include_str!("scripts/due_index.lua");
 
+/// The task status's Lua library (`kairos_shared::status`): `st_merge`.
+const STATUS_LIBRARY: &str = kairos_shared::status::STATUS_LUA_LIBRARY;
+
 /// One of the scheduler's Lua scripts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Script {
@@ -48,6 +51,8 @@ pub(crate) enum Script {
     SchedOutcome,
     /// `sched_beat.lua`: the schedulers' heartbeat.
     SchedBeat,
+    /// `cancel.lua`: withdraws a waiting task and marks it cancelled.
+    Cancel,
 }
 
 /// How one script's source is put together.
@@ -55,12 +60,14 @@ struct Source {
     file: &'static str,
     allow_oom: bool,
     library: bool,
+    /// The task status's library is prepended (after the delay queue's).
+    status: bool,
     body: &'static str,
 }
 
 impl Script {
     /// Every script, once.
-    pub(crate) const ALL: [Script; 11] = [
+    pub(crate) const ALL: [Script; 12] = [
         Script::Schedule,
         Script::Claim,
         Script::Complete,
@@ -72,15 +79,20 @@ impl Script {
         Script::SchedPut,
         Script::SchedOutcome,
         Script::SchedBeat,
+        Script::Cancel,
     ];
 
     fn source(self) -> Source {
         macro_rules! src {
             ($file:literal, allow_oom: $oom:expr, library: $lib:expr) => {
+                src!($file, allow_oom: $oom, library: $lib, status: false)
+            };
+            ($file:literal, allow_oom: $oom:expr, library: $lib:expr, status: $st:expr) => {
                 Source {
                     file: $file,
                     allow_oom: $oom,
                     library: $lib,
+                    status: $st,
                     body: include_str!(concat!("scripts/", $file)),
                 }
             };
@@ -97,6 +109,7 @@ impl Script {
             Script::SchedPut => src!("sched_put.lua", allow_oom: false, library: true),
             Script::SchedOutcome => src!("sched_outcome.lua", allow_oom: false, library: false),
             Script::SchedBeat => src!("sched_beat.lua", allow_oom: false, library: false),
+            Script::Cancel => src!("cancel.lua", allow_oom: false, library: true, status: true),
         }
     }
 
@@ -109,6 +122,9 @@ impl Script {
         }
         if s.library {
             text.push_str(DELAY_LIBRARY);
+        }
+        if s.status {
+            text.push_str(STATUS_LIBRARY);
         }
         text.push_str(s.body);
         text

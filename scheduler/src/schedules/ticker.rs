@@ -17,6 +17,7 @@ use kairos_shared::amqp::{sleep_or_cancel, Backoff};
 use kairos_shared::contract::ProtocolError;
 use kairos_shared::contract::Task;
 use kairos_shared::events::{EventKind, EventSink};
+use kairos_shared::status::{StatusUpdate, StatusWriter};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,6 +47,8 @@ pub struct Ticker {
     pub store: ScheduleStore,
     /// Where `scheduled` and schedule events go.
     pub events: EventSink,
+    /// Where occurrences' `scheduled` statuses go.
+    pub status: StatusWriter,
     /// The local pump: woken when an occurrence is handed over.
     pub pump_wake: Arc<Notify>,
     /// Notified when a schedule changed through this instance.
@@ -317,6 +320,10 @@ impl Ticker {
                     woke = true;
                     for t in tasks {
                         self.events.task(EventKind::Scheduled, t, t.run_at, None);
+                        if let Some(due) = t.run_at {
+                            self.status
+                                .record_with(|| StatusUpdate::scheduled(t, due, true));
+                        }
                     }
                 }
             }
@@ -418,8 +425,9 @@ impl Ticker {
         fire.overlap_skip = schedule.spec.overlap == Overlap::Skip;
         fire.max_run_ms = schedule.max_run_ms();
         let mut tasks = Vec::new();
-        // The task itself is only needed for its `scheduled` event.
-        let events = self.events.enabled();
+        // The task itself is only needed for its `scheduled` event and
+        // status.
+        let events = self.events.enabled() || self.status.enabled();
         for tick in p.fire {
             if item.last.is_some_and(|l| tick <= l) {
                 continue;

@@ -28,7 +28,9 @@ end
 -- new submission (the intake added the task): a finished status of an
 -- earlier submission of the same id is forgotten first, unless it holds
 -- the same due_at (then it is this very submission, finished before its
--- `scheduled` update arrived). Returns 1 when the state changed.
+-- `scheduled` update arrived); fresh == 'again' (a replayed dead letter)
+-- forgets a finished status whatever its due_at. Returns 1 when the state
+-- changed.
 local function st_merge(hash, recent, wait_prefix, cp, id, ttl, state, rank, fresh, fields, now)
   local due_in, queue_in = nil, nil
   for i = 1, #fields, 2 do
@@ -39,7 +41,8 @@ local function st_merge(hash, recent, wait_prefix, cp, id, ttl, state, rank, fre
     end
   end
   local cur = redis.call('HMGET', hash, 'state', 'rank', 'due_at', 'queue')
-  if fresh and cur[1] and (tonumber(cur[2]) or 0) >= ST_TERMINAL and cur[3] ~= due_in then
+  if fresh and cur[1] and (tonumber(cur[2]) or 0) >= ST_TERMINAL
+      and (fresh == 'again' or cur[3] ~= due_in) then
     redis.call('DEL', hash, cp)
     cur = {false, false, false, false}
   end

@@ -274,7 +274,7 @@ impl StatusStore {
     pub async fn merge(&self, update: &StatusUpdate) -> Result<(), StatusError> {
         let shard = self.shard(&update.id).await?;
         let mut pipe = redis::pipe();
-        pipe.add_command(merge_command(&self.keys, shard, self.ttl_s, update))
+        pipe.add_command(merge_command(&self.keys, shard, self.ttl_s, &[update]))
             .ignore();
         run::<()>(&self.redis, &pipe).await
     }
@@ -372,27 +372,11 @@ impl StatusStore {
         shards: usize,
         after: Option<&Position>,
     ) -> Result<(Vec<Position>, bool), StatusError> {
-        let mut merged = Vec::new();
-        // The lowest position up to which every shard with more to read
-        // was read: entries below it may miss some of that shard's.
-        let mut frontier: Option<Position> = None;
+        let mut reads = Vec::with_capacity(shards);
         for shard in 0..shards {
-            let (entries, full) = self.read_shard(shard, after).await?;
-            if full {
-                if let Some(last) = entries.last() {
-                    if frontier.as_ref().is_none_or(|f| newer(f, last)) {
-                        frontier = Some(last.clone());
-                    }
-                }
-            }
-            merged.extend(entries);
+            reads.push(self.read_shard(shard, after).await?);
         }
-        merged.sort_by(|a, b| b.cmp(a));
-        let exhausted = frontier.is_none();
-        if let Some(f) = frontier {
-            merged.retain(|p| !newer(&f, p));
-        }
-        Ok((merged, exhausted))
+        Ok(merge_reads(reads))
     }
 
     /// Up to [`LIST_CHUNK`] entries of one shard strictly after `after`;
@@ -451,6 +435,31 @@ impl StatusStore {
             .map(|((_, id), f)| (!f.is_empty()).then(|| TaskStatus::from_fields(id, f, false)))
             .collect())
     }
+}
+
+/// Merges the shards' reads (each newest first, and whether the shard may
+/// have more) into list order, as far as every read reaches: past the
+/// newest last entry of a shard with more, that shard's next entries are
+/// unknown. `true` when no shard has more.
+fn merge_reads(reads: Vec<(Vec<Position>, bool)>) -> (Vec<Position>, bool) {
+    let mut merged = Vec::new();
+    let mut frontier: Option<Position> = None;
+    for (entries, more) in reads {
+        if more {
+            if let Some(last) = entries.last() {
+                if frontier.as_ref().is_none_or(|f| newer(last, f)) {
+                    frontier = Some(last.clone());
+                }
+            }
+        }
+        merged.extend(entries);
+    }
+    merged.sort_by(|a, b| b.cmp(a));
+    let exhausted = frontier.is_none();
+    if let Some(f) = frontier {
+        merged.retain(|p| !newer(&f, p));
+    }
+    (merged, exhausted)
 }
 
 /// `p` comes after `a` in the list (older, or as old with a lower id).
@@ -517,6 +526,23 @@ mod tests {
         let (a, b) = ((5, "b".to_string()), (5, "a".to_string()));
         assert!(newer(&a, &b) && !newer(&b, &a));
         assert!(newer(&a, &(4, "z".to_string())));
+    }
+
+    #[test]
+    fn merged_reads_stop_where_a_shard_with_more_was_read_to() {
+        let p = |ms: i64, id: &str| (ms, id.to_string());
+        // Shard 0 read to 8 and has more; shard 1 read to 5 and has more;
+        // shard 2 is done.
+        let (merged, done) = merge_reads(vec![
+            (vec![p(10, "a"), p(8, "b")], true),
+            (vec![p(9, "c"), p(5, "d")], true),
+            (vec![p(7, "e"), p(1, "f")], false),
+        ]);
+        // Below 8 shard 0 may hold entries not read yet.
+        assert_eq!(merged, vec![p(10, "a"), p(9, "c"), p(8, "b")]);
+        assert!(!done);
+        let (merged, done) = merge_reads(vec![(vec![p(3, "x")], false), (vec![], false)]);
+        assert_eq!((merged, done), (vec![p(3, "x")], true));
     }
 
     #[test]

@@ -133,6 +133,9 @@ pub struct StatusUpdate {
     pub attempt: u32,
     /// A new submission: a finished status of an earlier one is forgotten.
     pub fresh: bool,
+    /// A finished task runs again (a replayed dead letter): its finished
+    /// status is forgotten whatever its due time.
+    pub again: bool,
     /// The logical queue, when known (rates, the wait set).
     pub queue: Option<String>,
     /// What the rate counters count for it.
@@ -149,6 +152,7 @@ impl StatusUpdate {
             state,
             attempt: task.attempt.max(1),
             fresh: false,
+            again: false,
             queue: Some(task.queue.clone()),
             event,
             fields: Vec::with_capacity(10),
@@ -212,6 +216,15 @@ impl StatusUpdate {
         u
     }
 
+    /// A finished `task` (a dead letter replayed) was published again: it
+    /// is `ready`, its finished status forgotten.
+    pub fn replayed(task: &Task) -> Self {
+        let mut u = Self::of_task(task, Some(TaskState::Ready), Some(RateEvent::Ready));
+        u.again = true;
+        u.set("enqueued_at", now_ms());
+        u
+    }
+
     /// Worker `worker` started `task`.
     pub fn running(task: &Task, worker: &str) -> Self {
         let mut u = Self::of_task(task, Some(TaskState::Running), Some(RateEvent::Started));
@@ -259,6 +272,7 @@ impl StatusUpdate {
             state: None,
             attempt: 1,
             fresh: false,
+            again: false,
             queue: None,
             event: None,
             fields: Vec::new(),
@@ -278,7 +292,7 @@ impl StatusUpdate {
     /// state, the later value of each field. A later fresh update starts
     /// over.
     pub fn absorb(&mut self, later: StatusUpdate) {
-        if later.fresh {
+        if later.fresh || later.again {
             *self = later;
             return;
         }
