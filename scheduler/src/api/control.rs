@@ -216,6 +216,7 @@ pub(crate) fn router(api: ControlApi) -> OpenApiRouter {
 #[utoipa::path(
     post,
     path = "/v1/queues/{name}/pause",
+    operation_id = "pause_queue",
     tag = "queues",
     params(("name" = String, Path, description = "The logical queue")),
     responses(
@@ -235,6 +236,7 @@ async fn pause(
 #[utoipa::path(
     post,
     path = "/v1/queues/{name}/resume",
+    operation_id = "resume_queue",
     tag = "queues",
     params(("name" = String, Path, description = "The logical queue")),
     responses(
@@ -293,6 +295,7 @@ async fn set_paused(
 #[utoipa::path(
     post,
     path = "/v1/tasks/{id}/abort",
+    operation_id = "abort_task",
     tag = "tasks",
     params(("id" = String, Path, description = "The task id")),
     responses(
