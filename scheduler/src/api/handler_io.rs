@@ -339,7 +339,6 @@ async fn put_result(
 #[allow(dead_code)]
 struct CheckpointBody {
     /// Any JSON value, saved as its text.
-    #[schema(value_type = Option<Object>)]
     checkpoint: Option<Value>,
     /// Bytes, in base64.
     checkpoint_base64: Option<String>,
@@ -352,7 +351,6 @@ struct CheckpointBody {
 #[allow(dead_code)]
 struct ResultBody {
     /// Any JSON value.
-    #[schema(value_type = Option<Object>)]
     result: Option<Value>,
     /// Bytes, in base64.
     result_base64: Option<String>,

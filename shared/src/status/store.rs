@@ -59,7 +59,7 @@ pub struct TaskStatus {
     /// The handler's result: the JSON value, or `{"base64": ...}` for
     /// bytes. Left out of lists.
     #[serde(skip_serializing_if = "is_omitted")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub result: ResultField,
     /// The last change, Unix ms (Redis's clock).
     pub updated_at: Option<i64>,
