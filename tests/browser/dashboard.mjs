@@ -18,11 +18,6 @@
 import { createRequire } from 'node:module';
 import path from 'node:path';
 
-// TODO(issue16-merge): set to true once GET /v1/queues (helper C) is merged.
-const EXPECT_QUEUES_ROUTE = false;
-// TODO(issue16-merge): set to true once GET /v1/tasks/{id} (helper S) is merged.
-const EXPECT_TASK_ROUTE = false;
-
 const STEP_MS = 30000;
 
 function env(name) {
@@ -114,26 +109,17 @@ async function run(page) {
   step(`schedule ${scheduleId} paused and resumed`);
 
   // Queues.
-  if (EXPECT_QUEUES_ROUTE) {
-    await page.waitForFunction(([q, n]) => {
-      const row = document.querySelector(`tr[data-queue="${q}"]`);
-      return row && Number(row.children[1].textContent.replace(/\D/g, '')) >= n;
-    }, [queue, queueReady]);
-    step(`queue ${queue} shows ${queueReady} ready`);
-    await page.waitForFunction(() => /^[1-9]/.test(document.getElementById('delay-summary').textContent));
-    step('the delay queue shows a waiting task');
-  } else {
-    await page.waitForFunction(() => document.getElementById('queues-note').textContent.includes('not available'));
-    step('queues: GET /v1/queues not on this branch, "not available" shown (TODO(issue16-merge))');
-  }
+  await page.waitForFunction(([q, n]) => {
+    const row = document.querySelector(`tr[data-queue="${q}"]`);
+    return row && Number(row.children[1].textContent.replace(/\D/g, '')) >= n;
+  }, [queue, queueReady]);
+  step(`queue ${queue} shows ${queueReady} ready`);
+  await page.waitForFunction(() => /^[1-9]/.test(document.getElementById('delay-summary').textContent));
+  step('the delay queue shows a waiting task');
 
   // What falls due soon (GET /v1/tasks?state=scheduled, with the task route).
-  if (EXPECT_TASK_ROUTE) {
-    await page.locator(`#delay-body tr[data-task=${css(laterId)}]`).waitFor();
-    step(`${laterId} listed as falling due`);
-  } else {
-    await page.waitForFunction(() => document.getElementById('delay-note').textContent.includes('not available'));
-  }
+  await page.locator(`#delay-body tr[data-task=${css(laterId)}]`).waitFor();
+  step(`${laterId} listed as falling due`);
 
   // A task looked up by id, watched until it succeeded.
   await page.fill('#task-id', taskId);
@@ -155,16 +141,9 @@ async function run(page) {
   await page.locator('#task-timeline li[data-event=started]').waitFor();
   await page.locator('#task-timeline li[data-event=succeeded]').waitFor();
   step('task succeeded, timeline shows started and succeeded');
-  if (EXPECT_TASK_ROUTE) {
-    await page.waitForFunction(() => document.getElementById('task-source').textContent.includes('status store'));
-    await page.locator('#task-fields dd[data-field=worker]').waitFor();
-    step('task status from GET /v1/tasks/{id}');
-  } else {
-    const source = await page.textContent('#task-source');
-    if (!source.includes('not available')) {
-      throw new Error(`expected the "not available" note for GET /v1/tasks/{id}: ${source}`);
-    }
-  }
+  await page.waitForFunction(() => document.getElementById('task-source').textContent.includes('status store'));
+  await page.locator('#task-fields dd[data-field=worker]').waitFor();
+  step('task status from GET /v1/tasks/{id}');
   await page.locator(`#events-body tr[data-task=${css(taskId)}][data-event=succeeded]`).waitFor();
   step('live events show the task');
 
