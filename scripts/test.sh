@@ -33,8 +33,16 @@ if [ ! -d target/node/node_modules/amqplib ]; then
   (cd target/node && npm install --silent --no-audit --no-fund amqplib@0.10 >/dev/null)
 fi
 
+# Chromium and playwright-core for the dashboard's browser test, which
+# must run here (not skip).
+scripts/browser-test.sh --install-only
+export KAIROS_BROWSER_TEST=required
+
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast
+# The `otlp` feature (OpenTelemetry export, off by default): it builds, and
+# its spans reach a fake collector (docs/OPERATIONS.md#tracing).
+cargo test -p kairos-tests --features otlp --test otlp
 # Tests that disturb the shared servers: alone, one at a time.
 cargo test -p kairos-tests --features disruptive --test disruptive --test blocked_broker -- --test-threads=1
 # The soak test: 2 minutes of steady load through kills and a Redis

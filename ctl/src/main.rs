@@ -1,5 +1,5 @@
 //! `kairosctl schedule add|list|show|pause|resume|rm`,
-//! `kairosctl task add`, `kairosctl dead list|replay|purge`.
+//! `kairosctl task add`, `kairosctl dead list|show|replay|purge`.
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -12,15 +12,15 @@ use kairos_shared::config::{
 use kairos_shared::secrets::read_secret_file;
 use kairos_shared::template::{TaskTemplate, DEFAULT_QUEUE};
 use kairos_shared::tls::TlsSettings;
+use kairosctl::ops::{self, Output};
 use kairosctl::tail::{self, TailFilter};
-use kairosctl::{Api, Reply};
+use kairosctl::{bulk, exit, Api, CallError, Reply, TaskQuery};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// How many dead letters `dead list` shows unless told.
-const DEFAULT_DEAD_LIST_LIMIT: usize = 100;
 /// Delay-queue shards, as the schedulers default to (`KAIROS_SHARDS`).
 const DEFAULT_SHARDS: u16 = 8;
 
@@ -107,6 +107,10 @@ struct Cli {
     #[command(flatten)]
     tls: TlsSettings,
 
+    /// `KAIROS_LOG_FORMAT` of the warnings kairosctl logs (to stderr).
+    #[command(flatten)]
+    log: kairos_shared::trace_init::LogSettings,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -121,10 +125,40 @@ enum Command {
     Task(TaskCmd),
     /// The dead-letter queue.
     #[command(subcommand)]
-    Dead(DeadCmd),
+    Dead(kairosctl::dead::DeadCmd),
     /// Follow the lifecycle events live (needs --http-addr; events must be
     /// on, KAIROS_EVENTS=true, in the scheduler and workers).
     Tail(Tail),
+    /// Every logical queue: ready, consumers, delayed, due, dead, paused,
+    /// rates of the last minute.
+    Queues {
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause or resume a queue on every worker.
+    #[command(subcommand)]
+    Queue(QueueCmd),
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// Workers stop taking tasks from this queue (what they run goes on).
+    Pause {
+        /// The logical queue.
+        name: String,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Workers take tasks from this queue again.
+    Resume {
+        /// The logical queue.
+        name: String,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -151,8 +185,59 @@ struct Tail {
 
 #[derive(Subcommand)]
 enum TaskCmd {
-    /// Enqueue one task; prints its id.
+    /// Enqueue one task (prints its id), or many from a file of JSON lines
+    /// (--file; prints a summary).
     Add(Box<TaskAdd>),
+    /// A task's state, timeline, progress, error and result.
+    Show {
+        /// The task id.
+        id: String,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a task waiting in the delay queue (scheduled or retrying).
+    Cancel {
+        /// The task id.
+        id: String,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Abort a running task (its worker cancels it); a waiting one is
+    /// cancelled.
+    Abort {
+        /// The task id.
+        id: String,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent tasks, newest first.
+    List(TaskList),
+}
+
+#[derive(Args)]
+struct TaskList {
+    /// Only tasks in this state: scheduled, ready, running, retrying,
+    /// succeeded, dead, cancelled.
+    #[arg(long)]
+    state: Option<String>,
+    /// Only tasks of this logical queue.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Only tasks of this name.
+    #[arg(long)]
+    name: Option<String>,
+    /// At most this many (1 to 1000; the server's default is 100).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    limit: Option<u32>,
+    /// Continue after the previous page (its next_cursor).
+    #[arg(long)]
+    cursor: Option<String>,
+    /// Print the API's JSON (with next_cursor).
+    #[arg(long)]
+    json: bool,
 }
 
 /// The task flags `task add` and `schedule add` share: a
@@ -202,8 +287,29 @@ impl TemplateFlags {
 #[derive(Args)]
 struct TaskAdd {
     /// Task name, e.g. email.send.
+    #[arg(long, required_unless_present = "file")]
+    name: Option<String>,
+    /// Many tasks: a file of JSON lines, one POST /v1/tasks body per line
+    /// (`-` reads standard input). Prints a summary; bad lines are
+    /// reported by number and the rest still sent.
+    #[arg(long, conflicts_with_all = [
+        "name", "id", "body", "body_text", "headers", "max_retries",
+        "timeout_ms", "delay_ms", "run_at", "priority", "queue",
+    ])]
+    file: Option<PathBuf>,
+    /// With --file: requests in flight at once (1 to 256).
+    #[arg(long, default_value_t = bulk::DEFAULT_CONCURRENCY, requires = "file",
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    concurrency: u16,
+    /// With --file: write the lines not accepted (bad, refused, unanswered,
+    /// or not sent because the run stopped) to this file, to send again
+    /// once fixed; empty when every line was accepted.
+    #[arg(long, value_name = "PATH", requires = "file")]
+    failed_out: Option<PathBuf>,
+    /// Print the API's JSON (with --file: the summary as JSON, and no
+    /// progress bar).
     #[arg(long)]
-    name: String,
+    json: bool,
     /// Task id (default: a new UUIDv7).
     #[arg(long)]
     id: Option<String>,
@@ -218,23 +324,6 @@ struct TaskAdd {
     /// Run at this Unix time in ms.
     #[arg(long)]
     run_at: Option<i64>,
-}
-
-#[derive(Subcommand)]
-enum DeadCmd {
-    /// Show dead letters (nothing is removed).
-    List {
-        #[arg(long, default_value_t = DEFAULT_DEAD_LIST_LIMIT)]
-        limit: usize,
-        /// Print the raw JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Send dead letters back to their queues with fresh retries: the ids
-    /// given, or all.
-    Replay { ids: Vec<String> },
-    /// Delete every dead letter.
-    Purge,
 }
 
 #[derive(Subcommand)]
@@ -299,13 +388,29 @@ struct Add {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let init = kairos_shared::trace_init::init(&cli.log, None, "kairosctl", "warn", true);
+    if let Err(e) = init {
+        eprintln!("kairosctl: {e}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("kairosctl: {e:#}");
-            ExitCode::from(2)
+            // A call that got no answer: 3; anything else before a request
+            // (flags, files, settings): 2.
+            let code = e
+                .downcast_ref::<CallError>()
+                .map_or(exit::USAGE, CallError::exit_code);
+            ExitCode::from(code)
         }
     }
+}
+
+/// An error of the older `Api` methods (a `String`): it means no answer
+/// came, as the address was checked before.
+fn no_answer(message: String) -> anyhow::Error {
+    CallError::Unreachable(message).into()
 }
 
 /// Takes the settings given as files (`KAIROS_*_FILE`) in.
@@ -328,30 +433,63 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         return tail(&cli, args);
     }
     let api = match &cli.http_addr {
-        Some(addr) => Api::new(addr).with_token(cli.api_token.clone()),
+        Some(addr) => Api::try_new(addr)?.with_token(cli.api_token.clone()),
         None => {
             let mut config = kairos_scheduler::Config::for_namespace(&cli.namespace);
             config.redis_url = cli.redis_url.clone();
             config.common.amqp_url = cli.amqp_url.clone();
             config.common.tls = cli.tls.clone();
             config.shards = cli.shards;
-            Api::local(&config).map_err(anyhow::Error::msg)?
+            Api::connect_local(&config)?
         }
     };
     let cmd = match cli.command {
         Command::Schedule(cmd) => cmd,
         Command::Task(TaskCmd::Add(add)) => {
-            let reply = api
-                .enqueue(&task_template(*add)?)
-                .map_err(anyhow::Error::msg)?;
-            if reply.ok() {
-                println!("{}", reply.body["id"].as_str().unwrap_or_default());
-                return Ok(ExitCode::SUCCESS);
-            }
-            return Ok(print_reply(&reply));
+            return task_add(&api, *add);
         }
-        Command::Dead(cmd) => return dead(&api, cmd),
+        Command::Dead(cmd) => return kairosctl::dead::run(&api, cmd).map_err(no_answer),
         Command::Tail(_) => unreachable!("tail is handled before connecting"),
+        Command::Task(TaskCmd::Show { id, json }) => {
+            return Ok(code(ops::task_show(&api, &id, Output::from_flag(json))))
+        }
+        Command::Task(TaskCmd::Cancel { id, json }) => {
+            return Ok(code(ops::task_cancel(&api, &id, Output::from_flag(json))))
+        }
+        Command::Task(TaskCmd::Abort { id, json }) => {
+            return Ok(code(ops::task_abort(&api, &id, Output::from_flag(json))))
+        }
+        Command::Task(TaskCmd::List(list)) => {
+            let query = TaskQuery {
+                state: list.state,
+                queue: list.queue,
+                name: list.name,
+                limit: list.limit,
+                cursor: list.cursor,
+            };
+            return Ok(code(ops::task_list(
+                &api,
+                &query,
+                Output::from_flag(list.json),
+            )));
+        }
+        Command::Queues { json } => return Ok(code(ops::queues(&api, Output::from_flag(json)))),
+        Command::Queue(QueueCmd::Pause { name, json }) => {
+            return Ok(code(ops::queue_pause(
+                &api,
+                &name,
+                true,
+                Output::from_flag(json),
+            )))
+        }
+        Command::Queue(QueueCmd::Resume { name, json }) => {
+            return Ok(code(ops::queue_pause(
+                &api,
+                &name,
+                false,
+                Output::from_flag(json),
+            )))
+        }
     };
     let reply = match cmd {
         ScheduleCmd::Add(add) => {
@@ -360,7 +498,7 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
             api.put(&id, &spec)
         }
         ScheduleCmd::List { json } => {
-            let r = api.list().map_err(anyhow::Error::msg)?;
+            let r = api.list().map_err(no_answer)?;
             if r.ok() && !json {
                 print_table(&r.body);
                 return Ok(ExitCode::SUCCESS);
@@ -372,8 +510,143 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         ScheduleCmd::Resume { id } => api.resume(&id),
         ScheduleCmd::Rm { id } => api.delete(&id),
     }
-    .map_err(anyhow::Error::msg)?;
+    .map_err(no_answer)?;
     Ok(print_reply(&reply))
+}
+
+fn code(c: u8) -> ExitCode {
+    ExitCode::from(c)
+}
+
+/// `task add`: one task from the flags, or many from `--file`.
+fn task_add(api: &Api, add: TaskAdd) -> anyhow::Result<ExitCode> {
+    if let Some(path) = add.file.clone() {
+        return task_add_file(
+            api,
+            &path,
+            usize::from(add.concurrency),
+            add.failed_out.as_deref(),
+            add.json,
+        );
+    }
+    let json = add.json;
+    let reply = api.enqueue(&task_template(add)?).map_err(no_answer)?;
+    if reply.ok() && !json {
+        println!("{}", reply.body["id"].as_str().unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if json && !reply.ok() && !reply.body.is_null() {
+        // The answer on stdout (a duplicate's 409 names the id), the
+        // error on stderr.
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reply.body).unwrap_or_default()
+        );
+    }
+    Ok(print_reply(&reply))
+}
+
+/// `task add --file`: every line sent, a progress bar on a terminal, then
+/// the summary (stdout) and its exit code.
+fn task_add_file(
+    api: &Api,
+    path: &std::path::Path,
+    concurrency: usize,
+    failed_out: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let stdin = path.as_os_str() == "-";
+    let mut failed_file = match failed_out {
+        Some(out) => {
+            let same = !stdin
+                && std::fs::canonicalize(out)
+                    .ok()
+                    .is_some_and(|o| std::fs::canonicalize(path).is_ok_and(|p| p == o));
+            if same {
+                bail!("--failed-out {} is the --file itself", out.display());
+            }
+            let file = std::fs::File::create(out)
+                .with_context(|| format!("--failed-out {}", out.display()))?;
+            Some(std::io::BufWriter::new(file))
+        }
+        None => None,
+    };
+    let show_bar = !json && std::io::stderr().is_terminal();
+    let bar = if !show_bar {
+        indicatif::ProgressBar::hidden()
+    } else if stdin {
+        indicatif::ProgressBar::new_spinner().with_style(
+            indicatif::ProgressStyle::with_template("{spinner} {pos} lines  {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        )
+    } else {
+        let total = count_lines(path)?;
+        indicatif::ProgressBar::new(total).with_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} lines  eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        )
+    };
+    let on_line = {
+        let bar = bar.clone();
+        move || bar.inc(1)
+    };
+    let keep = failed_file
+        .as_mut()
+        .map(|w| w as &mut (dyn std::io::Write + Send));
+    let mut summary = if stdin {
+        bulk::send(
+            api,
+            std::io::BufReader::new(std::io::stdin()),
+            concurrency,
+            keep,
+            on_line,
+        )
+    } else {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("--file {}", path.display()))?;
+        bulk::send(
+            api,
+            std::io::BufReader::new(file),
+            concurrency,
+            keep,
+            on_line,
+        )
+    };
+    if let Some(Err(e)) = failed_file.as_mut().map(std::io::Write::flush) {
+        summary
+            .write_error
+            .get_or_insert_with(|| format!("writing the lines not accepted: {e}"));
+    }
+    bar.finish_and_clear();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).context("encoding the summary")?
+        );
+    } else {
+        print!("{}", summary.render());
+    }
+    Ok(code(summary.exit_code()))
+}
+
+/// Lines that hold something (the progress bar's length).
+fn count_lines(path: &std::path::Path) -> anyhow::Result<u64> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).with_context(|| format!("--file {}", path.display()))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut buf = Vec::new();
+    let mut n = 0;
+    while reader
+        .read_until(b'\n', &mut buf)
+        .with_context(|| format!("reading {}", path.display()))?
+        > 0
+    {
+        if !buf.iter().all(u8::is_ascii_whitespace) {
+            n += 1;
+        }
+        buf.clear();
+    }
+    Ok(n)
 }
 
 /// `kairosctl tail`: follows `/v1/events` over HTTP only (the stream is
@@ -411,12 +684,15 @@ fn tail(cli: &Cli, args: &Tail) -> anyhow::Result<ExitCode> {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(tail::TailError::Status { status, message }) => {
             eprintln!("kairosctl: HTTP {status}: {message}");
-            Ok(ExitCode::FAILURE)
+            Ok(code(exit::for_status(status)))
         }
+        Err(e @ tail::TailError::Http { .. }) => Err(CallError::Unreachable(e.to_string()).into()),
         Err(e) => Err(e.into()),
     }
 }
 
+/// Prints an answer: its JSON when it is a success, the error on stderr
+/// when not; the exit code per `kairosctl::exit::for_status`.
 fn print_reply(r: &Reply) -> ExitCode {
     if r.ok() {
         if !r.body.is_null() {
@@ -437,58 +713,21 @@ fn print_reply(r: &Reply) -> ExitCode {
             r.status,
             msg.unwrap_or_else(|| r.body.to_string())
         );
-        ExitCode::FAILURE
-    }
-}
-
-fn dead(api: &Api, cmd: DeadCmd) -> anyhow::Result<ExitCode> {
-    let reply = match cmd {
-        DeadCmd::List { limit, json } => {
-            let r = api.dead_list(limit).map_err(anyhow::Error::msg)?;
-            if r.ok() && !json {
-                print_dead(&r.body);
-                return Ok(ExitCode::SUCCESS);
-            }
-            r
-        }
-        DeadCmd::Replay { ids } => api.dead_replay(&ids).map_err(anyhow::Error::msg)?,
-        DeadCmd::Purge => api.dead_purge().map_err(anyhow::Error::msg)?,
-    };
-    Ok(print_reply(&reply))
-}
-
-fn print_dead(body: &Value) {
-    let empty = Vec::new();
-    let rows = body["dead"].as_array().unwrap_or(&empty);
-    println!(
-        "{:<38} {:<20} {:<12} {:<7} {:<24} ERROR",
-        "ID", "NAME", "QUEUE", "ATTEMPT", "FAILED_AT"
-    );
-    for d in rows {
-        let text = |k: &str| d[k].as_str().unwrap_or("-").to_string();
-        println!(
-            "{:<38} {:<20} {:<12} {:<7} {:<24} {}",
-            text("id"),
-            text("name"),
-            text("queue"),
-            text("attempt"),
-            d["failed_at"]
-                .as_i64()
-                .map(utc)
-                .unwrap_or_else(|| "-".into()),
-            text("error")
-        );
+        code(r.exit_code())
     }
 }
 
 /// The task of `POST /v1/tasks` from the flags.
 fn task_template(add: TaskAdd) -> anyhow::Result<TaskTemplate> {
+    let Some(name) = add.name else {
+        bail!("--name NAME is required (or --file)");
+    };
     Ok(TaskTemplate {
         id: add.id,
         body_text: add.body_text,
         run_at: add.run_at,
         delay_ms: add.delay_ms,
-        ..add.task.template(add.name)?
+        ..add.task.template(name)?
     })
 }
 

@@ -223,6 +223,11 @@ pub struct Config {
     #[arg(long, env = "KAIROS_SCHEDULE_GRACE_MS", value_name = "KAIROS_SCHEDULE_GRACE_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub schedule_grace_ms: u64,
 
+    /// Bounds on results and checkpoints set over HTTP by handlers in
+    /// other languages.
+    #[command(flatten)]
+    pub handler_limits: kairos_shared::limits::HandlerLimits,
+
     /// Task status settings (`KAIROS_STATUS`, `KAIROS_STATUS_TTL_S`).
     #[command(flatten)]
     pub status: kairos_shared::status::StatusSettings,

@@ -1,9 +1,11 @@
 //! The `kairos-scheduler` binary: reads the settings (flags, `KAIROS_*`,
-//! `*_FILE`), sets up logging, and runs [`kairos_scheduler::run`] until
+//! `*_FILE`), sets up logging (`KAIROS_LOG_FORMAT`, `RUST_LOG`) and trace
+//! export (`KAIROS_OTLP_ENDPOINT`), and runs [`kairos_scheduler::run`] until
 //! SIGTERM or SIGINT.
 
 use clap::{CommandFactory, FromArgMatches};
 use kairos_scheduler::{run, Config};
+use kairos_shared::trace_init::init;
 
 /// mimalloc rather than glibc's malloc: under the scheduler's and worker's
 /// many small, short-lived allocations across threads, glibc spent about a
@@ -21,13 +23,14 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
-    init_tracing();
+    let c = &config.common;
+    let _traces = match init(&c.log, Some(&c.otlp), "kairos-scheduler", "info", false) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     run(config, kairos_shared::shutdown::signal()).await?;
     Ok(())
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
 }

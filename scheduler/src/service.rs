@@ -1,6 +1,7 @@
 //! Starting and stopping the scheduler: the steps of `run`, the AMQP
 //! session, and the in-process API for kairosctl.
 
+use crate::api::handler_io::HandlerIo;
 use crate::api::{self, tasks::TaskApi};
 use crate::delay::hold::Holder;
 use crate::delay::intake::{Intake, IntakeError, Source};
@@ -20,7 +21,7 @@ use kairos_shared::amqp::{
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
 use kairos_shared::redis::RedisConn;
-use kairos_shared::status::{ShardCount, StatusWriter};
+use kairos_shared::status::{ShardCount, StatusStore, StatusWriter};
 use kairos_shared::supervise::{Restart, Supervised, Supervisor};
 use kairos_shared::topology;
 use lapin::Connection;
@@ -116,6 +117,8 @@ impl Scheduler {
         config
             .check_api_exposure()
             .map_err(SchedulerError::Config)?;
+        // Recorded from the start, served at `/metrics` on the HTTP API.
+        let _ = kairos_shared::metrics::recorder();
         if let Some(addr) = config.common.metrics_addr {
             kairos_shared::metrics::install(addr)?;
         }
@@ -255,6 +258,7 @@ impl Scheduler {
         pump: &Pump,
         http: Option<TcpListener>,
     ) {
+        let redis = pool.clone();
         let store = ScheduleStore::new(pool.clone(), self.names.namespace(), &pump.queue);
         let changed = Arc::new(Notify::new());
         let admin = Admin {
@@ -266,7 +270,8 @@ impl Scheduler {
         }
         self.start_ticker(store.clone(), pump, changed);
         if let Some(listener) = http {
-            self.start_http(listener, admin, pump, pool);
+            let io = handler_io(&self.config, pool);
+            self.start_http(listener, admin, pump, io, redis);
         }
         self.work.start(Outcomes {
             broker: self.broker.clone(),
@@ -308,7 +313,8 @@ impl Scheduler {
         listener: TcpListener,
         admin: Admin,
         pump: &Pump,
-        pool: deadpool_redis::Pool,
+        io: HandlerIo,
+        redis: deadpool_redis::Pool,
     ) {
         tracing::info!(addr = ?listener.local_addr().ok(), "HTTP API listening");
         let holder = Holder {
@@ -320,24 +326,38 @@ impl Scheduler {
         let tasks = TaskApi::new(self.broker.clone(), self.names.clone())
             .with_limits(holder.limits)
             .with_holder(holder);
-        let health = Some(self.work.health().clone());
+        let probes = api::probes::Probes::new(
+            self.work.health().clone(),
+            redis.clone(),
+            self.broker.clone(),
+            self.work.cancel_token().clone(),
+        );
         let events = api::events::EventStreams::new(
             self.broker.clone(),
             self.names.clone(),
             self.work.cancel_token().clone(),
         );
         let status = api::status::StatusApi::new(
-            pool,
+            redis,
             self.names.namespace(),
             usize::from(self.config.shards),
             &self.config.status,
+        );
+        let control = api::control::ControlApi::new(
+            self.broker.clone(),
+            self.names.clone(),
+            pump.queue.redis().separate(),
+            pump.queue.shard_count(),
+            status.clone(),
         );
         let router = api::router(
             admin,
             tasks,
             status,
-            health,
+            Some(probes),
             Some(events),
+            io,
+            control,
             self.config.api_token.clone(),
         );
         // The first run serves the listener bound at start; a restart
@@ -544,16 +564,41 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
         usize::from(config.shards),
         &config.status,
     );
+    let io = handler_io(config, pool.clone());
     let admin = Admin {
         store: ScheduleStore::new(pool, names.namespace(), &queue),
         changed: Arc::new(Notify::new()),
     };
+    let control = api::control::ControlApi::new(
+        config.common.broker(),
+        names.clone(),
+        queue.redis().separate(),
+        queue.shard_count(),
+        status.clone(),
+    );
     // No holder: without a running scheduler's event sink, delayed tasks go
     // through `NS.delay`, whose intake reports them.
     let tasks = TaskApi::new(config.common.broker(), names).with_limits(config.limits());
     // In process, nobody else can call it: no token, but the same checks
     // of what is sent.
-    Ok(api::router(admin, tasks, status, None, None, None))
+    Ok(api::router(
+        admin, tasks, status, None, None, io, control, None,
+    ))
+}
+
+/// What the handler routes (`/v1/tasks/{id}/checkpoint|progress|result`)
+/// write to: the task status store on `pool`.
+fn handler_io(config: &Config, pool: deadpool_redis::Pool) -> HandlerIo {
+    let store = StatusStore::new(
+        RedisConn::new(pool),
+        &config.common.namespace,
+        ShardCount::known(usize::from(config.shards)),
+        config.status.status_ttl_s,
+    );
+    HandlerIo {
+        store,
+        limits: config.handler_limits,
+    }
 }
 
 /// The Redis pool with `KAIROS_REDIS_TIMEOUT_MS` as its reply timeout.

@@ -120,6 +120,7 @@ pub async fn delete_topology(
         names.retry(),
         names.dead(),
         names.events(),
+        crate::control::exchange(names),
     ];
     for exchange in exchanges {
         let Ok(exchange) = short("exchange", &exchange) else {

@@ -12,7 +12,7 @@
 //! ```
 
 use crate::contract::{
-    validate_id, validate_queue, Names, ProtocolError, H_DELAY_MS, H_MAX_RETRIES, H_RUN_AT,
+    text, validate_id, validate_queue, Names, ProtocolError, H_DELAY_MS, H_MAX_RETRIES, H_RUN_AT,
     H_TIMEOUT_MS,
 };
 use crate::short::{header_name, short};
@@ -151,6 +151,19 @@ impl NewTask {
         self.timeout_ms = Some(ms);
         self
     }
+    /// Sets the W3C `traceparent` header (`00-TRACEID-PARENTID-FLAGS`), so
+    /// the handler's span joins the caller's trace on every attempt. A value
+    /// that is not a valid `traceparent` is ignored: the task goes without.
+    pub fn traceparent(self, value: impl AsRef<str>) -> Self {
+        match crate::trace::TraceParent::parse(value.as_ref().trim()) {
+            Some(tp) => self.header(crate::trace::H_TRACEPARENT, text(&tp.to_string())),
+            None => self,
+        }
+    }
+    /// Sets the W3C `tracestate` header carried with `traceparent`.
+    pub fn tracestate(self, value: impl AsRef<str>) -> Self {
+        self.header(crate::trace::H_TRACESTATE, text(value.as_ref()))
+    }
     /// Adds a header; a name over 255 bytes fails [`to_message`](Self::to_message).
     pub fn header(mut self, name: &str, value: AMQPValue) -> Self {
         match header_name(name) {
@@ -220,9 +233,7 @@ impl NewTask {
 /// so one client can be shared across tasks (wrap it in an `Arc`).
 pub struct Client {
     conn: Connection,
-    channel: Channel,
-    names: Names,
-    declared: topology::QueueCache,
+    sender: Enqueuer,
 }
 
 impl Client {
@@ -239,31 +250,82 @@ impl Client {
         broker: &crate::amqp::Broker,
         namespace: &str,
     ) -> Result<Self, ClientError> {
-        let conn = crate::amqp::connect_to(broker, "kairos-client").await?;
-        let channel = conn.create_channel().await?;
         crate::contract::validate_namespace(namespace).map_err(ClientError::Namespace)?;
-        let names = Names::new(namespace);
-        topology::declare_base(&channel, &names).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Client {
-            conn,
-            channel,
-            names,
-            declared: topology::QueueCache::default(),
-        })
+        let conn = crate::amqp::connect_to(broker, "kairos-client").await?;
+        let sender = Enqueuer::open(&conn, Names::new(namespace)).await?;
+        Ok(Client { conn, sender })
     }
 
     /// The AMQP names of the client's namespace.
     pub fn names(&self) -> &Names {
-        &self.names
+        self.sender.names()
     }
 
     /// The client's connection, e.g. to follow whether the broker blocks
     /// its publishing ([`crate::amqp::Blocked::watch`]).
     pub fn connection(&self) -> &Connection {
         &self.conn
+    }
+
+    /// The enqueueing half of the client, on its connection.
+    pub fn enqueuer(&self) -> &Enqueuer {
+        &self.sender
+    }
+
+    /// Enqueues one task and waits for the broker's confirm. Returns its id.
+    pub async fn enqueue(&self, task: NewTask) -> Result<String, ClientError> {
+        self.sender.enqueue(task).await
+    }
+
+    /// Enqueues many tasks with all their confirms outstanding at once,
+    /// which is how a client reaches the broker's rate.
+    pub async fn enqueue_many(&self, tasks: &[NewTask]) -> Result<Vec<String>, ClientError> {
+        self.sender.enqueue_many(tasks).await
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) -> Result<(), ClientError> {
+        self.conn.close(200, "bye".into()).await?;
+        Ok(())
+    }
+}
+
+/// Enqueues tasks on one confirming channel of a connection someone else
+/// owns: what a [`Client`] does, without owning the connection. A worker
+/// hands one to its handlers (on its own connection) so they can enqueue
+/// follow-up tasks without a connection of their own.
+pub struct Enqueuer {
+    channel: Channel,
+    names: Names,
+    declared: topology::QueueCache,
+}
+
+impl Enqueuer {
+    /// Opens a channel on `conn`, declares the namespace's exchanges
+    /// (idempotent) and puts the channel in confirm mode. `names` must be
+    /// of a checked namespace ([`crate::contract::validate_namespace`]).
+    pub async fn open(conn: &Connection, names: Names) -> Result<Self, ClientError> {
+        let channel = conn.create_channel().await?;
+        topology::declare_base(&channel, &names).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Enqueuer {
+            channel,
+            names,
+            declared: topology::QueueCache::default(),
+        })
+    }
+
+    /// The AMQP names of the namespace it enqueues into.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// The channel it publishes on (for the owner of the connection to
+    /// keep open as long as it is used).
+    pub fn channel(&self) -> &Channel {
+        &self.channel
     }
 
     /// Enqueues one task and waits for the broker's confirm. Returns its id.
@@ -281,6 +343,8 @@ impl Client {
             // Checked first: a queue name that cannot be declared is the
             // task's fault, reported as such.
             let (id, props) = task.to_message()?;
+            let headers = props.headers().as_ref();
+            crate::trace::step_of("kairos.enqueue", &id, &task.name, &task.queue, 1, headers);
             self.declared
                 .ensure(&self.channel, &self.names, &task.queue)
                 .await?;
@@ -323,12 +387,6 @@ impl Client {
             check(confirmation)?;
         }
         Ok(ids)
-    }
-
-    /// Closes the connection.
-    pub async fn close(self) -> Result<(), ClientError> {
-        self.conn.close(200, "bye".into()).await?;
-        Ok(())
     }
 }
 

@@ -47,6 +47,14 @@ pub struct CommonConfig {
     /// CA and client certificate for `amqps://` (and `rediss://`).
     #[command(flatten)]
     pub tls: crate::tls::TlsSettings,
+
+    /// `KAIROS_LOG_FORMAT`.
+    #[command(flatten)]
+    pub log: crate::trace_init::LogSettings,
+
+    /// `KAIROS_OTLP_ENDPOINT`.
+    #[command(flatten)]
+    pub otlp: crate::trace_init::OtlpSettings,
 }
 
 impl CommonConfig {
@@ -59,6 +67,8 @@ impl CommonConfig {
             events: false,
             metrics_addr: None,
             tls: Default::default(),
+            log: Default::default(),
+            otlp: Default::default(),
         }
     }
 

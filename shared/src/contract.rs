@@ -35,6 +35,9 @@ pub const H_FAILED_AT: &str = "x-failed-at";
 pub const H_ORIGIN_QUEUE: &str = "x-origin-queue";
 /// Header set on tasks fired by a schedule.
 pub const H_SCHEDULE_ID: &str = "x-schedule-id";
+/// Retry header: how long to wait before the next attempt, in milliseconds,
+/// instead of the computed backoff (set by a handler's Retry-After).
+pub const H_RETRY_AFTER_MS: &str = "x-retry-after-ms";
 
 /// Highest priority the contract knows; queues are declared with it.
 pub const MAX_PRIORITY: u8 = 9;

@@ -42,6 +42,9 @@ pub enum EventKind {
     /// A second submission of an id already pending in the delay queue:
     /// ignored (the first wins), and reported.
     Duplicate,
+    /// Cancelled: a running attempt aborted (`POST /v1/tasks/{id}/abort`),
+    /// never retried.
+    Cancelled,
 }
 
 impl EventKind {
@@ -56,6 +59,7 @@ impl EventKind {
             EventKind::Retried => "retried",
             EventKind::Dead => "dead",
             EventKind::Duplicate => "duplicate",
+            EventKind::Cancelled => "cancelled",
         }
     }
 }

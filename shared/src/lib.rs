@@ -22,6 +22,8 @@
 //! * `supervise`: background loops restarted when they fail, with their
 //!   health for `/readyz`.
 //! * `secrets`: redacting URLs, secret settings and `*_FILE` variants.
+//! * `trace`: W3C `traceparent`/`tracestate` on tasks, and the logging
+//!   and OpenTelemetry set-up of every binary.
 //! * `admin`: queue depth, listening to events, and removing a namespace
 //!   (the tests and the benchmark clean up with it).
 
@@ -34,6 +36,7 @@ pub mod amqp;
 pub mod client;
 pub mod config;
 pub mod contract;
+pub mod control;
 pub mod dead;
 pub mod events;
 pub mod limits;
@@ -49,5 +52,7 @@ pub mod supervise;
 pub mod template;
 pub mod tls;
 pub mod topology;
+pub mod trace;
+pub mod trace_init;
 
 pub use lapin;

@@ -22,6 +22,87 @@ pub const DEFAULT_MAX_DELAY_MS: i64 = 3_650 * DAY_MS;
 
 const DAY_MS: i64 = 86_400_000;
 
+/// Default bound of a handler's result: 1 MiB.
+pub const DEFAULT_MAX_RESULT_BYTES: u64 = 1024 * 1024;
+/// Default bound of a handler's checkpoint: 1 MiB.
+pub const DEFAULT_MAX_CHECKPOINT_BYTES: u64 = 1024 * 1024;
+/// Highest bound either setting takes: 64 MiB. Results and checkpoints
+/// live in Redis's memory beside every task's status.
+pub const MAX_HANDLER_BYTES: u64 = 64 * 1024 * 1024;
+/// Longest progress message kept, in bytes: a longer one is cut at a
+/// character boundary.
+pub const MAX_PROGRESS_MESSAGE_BYTES: usize = 1024;
+
+/// Bounds on what a handler leaves in Redis: its result and its
+/// checkpoints. The worker checks them for Rust handlers, the scheduler's
+/// HTTP routes for handlers in other languages; set them alike on both.
+#[derive(clap::Args, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandlerLimits {
+    /// Largest result a handler may leave, in bytes (the JSON text, or the
+    /// bytes). A larger result is dropped: the task still succeeds, its
+    /// status says why it has no result (over HTTP: 413).
+    #[arg(long, env = "KAIROS_MAX_RESULT_BYTES", value_name = "KAIROS_MAX_RESULT_BYTES", default_value_t = DEFAULT_MAX_RESULT_BYTES, value_parser = clap::value_parser!(u64).range(1..=MAX_HANDLER_BYTES))]
+    pub max_result_bytes: u64,
+
+    /// Largest checkpoint a handler may save, in bytes; a larger one is
+    /// refused (the handler gets an error; over HTTP: 413).
+    #[arg(long, env = "KAIROS_MAX_CHECKPOINT_BYTES", value_name = "KAIROS_MAX_CHECKPOINT_BYTES", default_value_t = DEFAULT_MAX_CHECKPOINT_BYTES, value_parser = clap::value_parser!(u64).range(1..=MAX_HANDLER_BYTES))]
+    pub max_checkpoint_bytes: u64,
+}
+
+impl Default for HandlerLimits {
+    fn default() -> Self {
+        HandlerLimits {
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+            max_checkpoint_bytes: DEFAULT_MAX_CHECKPOINT_BYTES,
+        }
+    }
+}
+
+impl HandlerLimits {
+    /// Checks a result of `len` bytes; the error names the setting.
+    pub fn check_result(&self, len: usize) -> Result<(), String> {
+        over(
+            "result",
+            len,
+            self.max_result_bytes,
+            "KAIROS_MAX_RESULT_BYTES",
+        )
+    }
+
+    /// Checks a checkpoint of `len` bytes; the error names the setting.
+    pub fn check_checkpoint(&self, len: usize) -> Result<(), String> {
+        over(
+            "checkpoint",
+            len,
+            self.max_checkpoint_bytes,
+            "KAIROS_MAX_CHECKPOINT_BYTES",
+        )
+    }
+}
+
+fn over(what: &str, len: usize, max: u64, setting: &str) -> Result<(), String> {
+    if u64::try_from(len).unwrap_or(u64::MAX) > max {
+        return Err(format!(
+            "{what} of {len} bytes exceeds {setting} ({max} bytes)"
+        ));
+    }
+    Ok(())
+}
+
+/// `message` cut to at most [`MAX_PROGRESS_MESSAGE_BYTES`], at a character
+/// boundary.
+pub fn progress_message(message: &str) -> &str {
+    if message.len() <= MAX_PROGRESS_MESSAGE_BYTES {
+        return message;
+    }
+    let mut end = MAX_PROGRESS_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message[..end]
+}
+
 /// The limits in force (the scheduler's `KAIROS_MAX_*` settings).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -118,6 +199,27 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handler_limits_name_their_setting() {
+        let l = HandlerLimits::default();
+        assert!(l.check_result(1024 * 1024).is_ok());
+        let err = l.check_result(1024 * 1024 + 1).unwrap_err();
+        assert!(err.contains("KAIROS_MAX_RESULT_BYTES"), "{err}");
+        let err = l.check_checkpoint(2 << 20).unwrap_err();
+        assert!(err.contains("KAIROS_MAX_CHECKPOINT_BYTES"), "{err}");
+    }
+
+    #[test]
+    fn progress_messages_are_cut_at_a_character() {
+        assert_eq!(progress_message("half way"), "half way");
+        let long = "é".repeat(MAX_PROGRESS_MESSAGE_BYTES);
+        let cut = progress_message(&long);
+        assert!(
+            cut.len() <= MAX_PROGRESS_MESSAGE_BYTES && cut.len() >= MAX_PROGRESS_MESSAGE_BYTES - 1
+        );
+        assert!(cut.chars().all(|c| c == 'é'));
+    }
     use lapin::types::{AMQPValue, FieldTable};
 
     const NOW: i64 = 1_764_000_000_000;

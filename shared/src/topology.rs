@@ -1,4 +1,5 @@
-//! Declares the contract's AMQP names. Every Kairos process declares all of
+//! Declares the contract's AMQP names (with `NS.control`, see
+//! [`crate::control`]). Every Kairos process declares all of
 //! them (durable) at start, so a client that only publishes never hits a
 //! missing exchange, and a retry published before any scheduler ever ran
 //! still has a queue to wait in.
@@ -15,7 +16,8 @@ fn durable_exchange() -> ExchangeDeclareOptions {
     }
 }
 
-/// Exchanges, the dead-letter queue, and the scheduler's intake queues.
+/// Exchanges (`NS.control` among them), the dead-letter queue, and the
+/// scheduler's intake queues.
 pub async fn declare_base(channel: &Channel, names: &Names) -> lapin::Result<()> {
     let exchanges = [
         (names.short_tasks_exchange(), ExchangeKind::Direct),
@@ -23,6 +25,7 @@ pub async fn declare_base(channel: &Channel, names: &Names) -> lapin::Result<()>
         (names.short_retry(), ExchangeKind::Fanout),
         (names.short_dead(), ExchangeKind::Fanout),
         (names.short_events(), ExchangeKind::Topic),
+        (crate::control::short_exchange(names), ExchangeKind::Fanout),
     ];
     for (name, kind) in exchanges {
         channel

@@ -251,7 +251,7 @@ async fn a_failing_task_is_retrying_then_dead_with_its_error() {
     let worker = InProcess::worker(Worker::new(env.worker_config()).handler(
         "test.fail",
         |_ctx: kairos_worker::TaskContext, _body: Vec<u8>| async move {
-            Err(kairos_worker::TaskError::retry("boom"))
+            Err::<(), _>(kairos_worker::TaskError::retry("boom"))
         },
     ));
     let id = enqueue(

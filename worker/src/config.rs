@@ -61,6 +61,10 @@ pub struct Config {
     #[arg(long, env = "KAIROS_TASK_TIMEOUT_MS", value_name = "KAIROS_TASK_TIMEOUT_MS", default_value_t = DEFAULT_TASK_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..))]
     pub task_timeout_ms: u64,
 
+    /// Bounds on handlers' results and checkpoints.
+    #[command(flatten)]
+    pub handler_limits: kairos_shared::limits::HandlerLimits,
+
     /// Redis URL: task status, checkpoints and results (the scheduler's
     /// Redis). A worker whose Redis is down still runs tasks; their status
     /// is not recorded meanwhile. Shown with its password masked.

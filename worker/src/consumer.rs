@@ -5,10 +5,12 @@
 //! RabbitMQ redelivers it to another consumer.
 
 use crate::acks::Acks;
+use crate::control::{abortable, Control};
 use crate::disposition::{Disposition, DispositionError};
 use crate::handler::{Registry, TaskContext, TaskError};
 use crate::slots::Slots;
 use crate::status::WorkerStatus;
+use crate::task_io::TaskIo;
 use futures_util::FutureExt;
 use futures_util::StreamExt;
 use kairos_shared::amqp::now_ms;
@@ -50,6 +52,10 @@ pub(crate) struct Shared {
     pub(crate) abandon: CancellationToken,
     /// The worker is stopping: pauses end early.
     pub(crate) shutdown: CancellationToken,
+    /// Running attempts by task id, for aborts (`crate::control`).
+    pub(crate) control: Arc<Control>,
+    /// What handlers reach through their context (a client...).
+    pub(crate) io: TaskIo,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +168,7 @@ async fn process(shared: &Shared, acks: &Acks, queue: &str, delivery: Delivery) 
                 .await
         }
         Ok(task) => {
-            let span = tracing::info_span!("task", task_id = %task.id, kind = %task.name, attempt = task.attempt);
+            let span = kairos_shared::trace::task_span(&task);
             run_task(shared, acks, &delivery, task)
                 .instrument(span)
                 .await
@@ -215,13 +221,24 @@ async fn run_task(
         .timeout_ms
         .map(Duration::from_millis)
         .unwrap_or(shared.default_timeout);
-    let mut ctx = TaskContext::from_task(&task);
+    let running = shared.control.register(&task.id);
+    let io = match load_checkpoint(&shared.io, &task, delivery.redelivered).await {
+        Ok(checkpoint) => shared.io.for_task(checkpoint),
+        Err(error) => return d.failed(delivery, acks, &task, &error).await,
+    };
+    let mut ctx = TaskContext::from_task(&task).with_io(io);
     ctx.timeout = limit;
+    ctx.redelivered = delivery.redelivered;
+    ctx.cancel = running.token().clone();
     // A panic in the handler is caught here as a failed attempt, and a
     // timeout drops (cancels) the handler's future. Running it inline rather
     // than in a task of its own saves a spawn and a wake-up per task.
     let run = AssertUnwindSafe(handler.call(ctx, task.body.clone())).catch_unwind();
-    let outcome = match tokio::time::timeout(limit, run).await {
+    let timed = tokio::time::timeout(limit, run);
+    let Some(timed) = abortable(timed, running.token()).await else {
+        return d.cancelled(delivery, acks, &task).await;
+    };
+    let outcome = match timed {
         Ok(finished) => finished,
         Err(_) => {
             metrics::counter!("kairos_worker_timeouts_total", "queue" => task.queue.clone())
@@ -235,11 +252,34 @@ async fn run_task(
     metrics::histogram!("kairos_worker_task_seconds", "queue" => task.queue.clone())
         .record(seconds_between(started_ms, now_ms()));
     match outcome {
-        Ok(Ok(())) => d.succeeded(delivery, acks, &task).await,
+        Ok(Ok(output)) => d.succeeded(delivery, acks, &task, output).await,
         Ok(Err(error)) => d.failed(delivery, acks, &task, &error).await,
         Err(payload) => {
             let error = TaskError::retry(format!("handler panicked: {}", panic_text(payload)));
             d.failed(delivery, acks, &task, &error).await
         }
     }
+}
+
+/// The task's last checkpoint, when this attempt may follow one that saved
+/// it: a retry (attempt > 1) or a redelivery (a worker died in it). A first
+/// delivery of a first attempt has none and costs no Redis call. When
+/// Redis cannot say, the attempt fails (and is retried) rather than start
+/// over from nothing: a task that checkpoints is one that is costly to
+/// redo.
+async fn load_checkpoint(
+    io: &TaskIo,
+    task: &Task,
+    redelivered: bool,
+) -> Result<Option<Vec<u8>>, TaskError> {
+    let Some(store) = &io.store else {
+        return Ok(None);
+    };
+    if task.attempt <= 1 && !redelivered {
+        return Ok(None);
+    }
+    store
+        .load_checkpoint(&task.id)
+        .await
+        .map_err(|e| TaskError::retry(format!("cannot load the task's checkpoint: {e}")))
 }

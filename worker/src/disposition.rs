@@ -15,16 +15,17 @@
 //! go on) and hands the delivery back to its queue, never acking it.
 
 use crate::acks::Acks;
-use crate::handler::TaskError;
+use crate::handler::{TaskError, TaskOutput};
 use crate::status::WorkerStatus;
 use kairos_shared::amqp::{now_ms, Backoff};
 use kairos_shared::client::check;
-use kairos_shared::contract::{raw_dead_letter_properties, Names, Task};
+use kairos_shared::contract::{raw_dead_letter_properties, Names, Task, H_RETRY_AFTER_MS};
 use kairos_shared::events::{EventKind, EventSink};
 use lapin::message::Delivery;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
+use std::time::Duration;
 
 /// Why a delivery could not be disposed of. Either way it is not acked.
 #[derive(Debug, thiserror::Error)]
@@ -90,11 +91,17 @@ impl Disposition {
     }
 
     /// A successful attempt: nothing to replace, ack.
-    pub(crate) async fn succeeded(&self, d: &Delivery, acks: &Acks, task: &Task) -> Disposed {
+    pub(crate) async fn succeeded(
+        &self,
+        d: &Delivery,
+        acks: &Acks,
+        task: &Task,
+        output: TaskOutput,
+    ) -> Disposed {
         acks.settle(d.delivery_tag);
         finished(&task.queue, "succeeded");
         self.events.task(EventKind::Succeeded, task, None, None);
-        self.status.succeeded(task);
+        self.status.succeeded(task, output);
         Ok(())
     }
 
@@ -109,19 +116,30 @@ impl Disposition {
         task: &Task,
         failure: &TaskError,
     ) -> Disposed {
-        let (error, props) = match failure {
-            TaskError::Retry(error) => {
-                tracing::warn!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "attempt failed");
-                (error, task.with_failure_headers(error, now_ms()))
+        let error = failure.message();
+        let (props, exchange, outcome, event) = match failure {
+            TaskError::Retry(_) | TaskError::RetryAfter { .. } => {
+                let after = match failure {
+                    TaskError::RetryAfter { after, .. } => Some(*after),
+                    _ => None,
+                };
+                tracing::warn!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, retry_after_ms = after.map(|a| a.as_millis() as u64), "attempt failed");
+                (
+                    retry_properties(task, error, after),
+                    self.names.short_retry(),
+                    "failed",
+                    EventKind::Failed,
+                )
             }
-            TaskError::Permanent(error) => {
+            TaskError::Permanent(_) => {
                 tracing::error!(task_id = %task.id, kind = %task.name, attempt = task.attempt, error = %error, "dead-lettered");
-                (error, task.dead_letter_properties(error, now_ms()))
+                (
+                    task.dead_letter_properties(error, now_ms()),
+                    self.names.short_dead(),
+                    "dead",
+                    EventKind::Dead,
+                )
             }
-        };
-        let (exchange, outcome, event) = match failure {
-            TaskError::Retry(_) => (self.names.short_retry(), "failed", EventKind::Failed),
-            TaskError::Permanent(_) => (self.names.short_dead(), "dead", EventKind::Dead),
         };
         self.replace(exchange, &task.queue, props, &task.body)
             .await?;
@@ -129,7 +147,7 @@ impl Disposition {
         finished(&task.queue, outcome);
         self.events.task(event, task, None, Some(error));
         match failure {
-            TaskError::Retry(_) => self.status.failed(task, error),
+            TaskError::Retry(_) | TaskError::RetryAfter { .. } => self.status.failed(task, error),
             TaskError::Permanent(_) => self.status.dead(task, error),
         }
         Ok(())
@@ -154,6 +172,36 @@ impl Disposition {
             .message(EventKind::Dead, &d.properties, queue, error);
         Ok(())
     }
+}
+
+impl Disposition {
+    /// An aborted attempt (`crate::control`): ack, no retry; the task
+    /// ends `cancelled`.
+    pub(crate) async fn cancelled(&self, d: &Delivery, acks: &Acks, task: &Task) -> Disposed {
+        tracing::info!(task_id = %task.id, kind = %task.name, attempt = task.attempt, "task aborted: cancelled, not retried");
+        acks.settle(d.delivery_tag);
+        finished(&task.queue, "cancelled");
+        self.events.task(EventKind::Cancelled, task, None, None);
+        self.status
+            .writer
+            .record_with(|| kairos_shared::status::StatusUpdate::cancelled(task));
+        Ok(())
+    }
+}
+
+/// A failed attempt's properties for `NS.retry`: the failure headers, and
+/// `x-retry-after-ms` when the handler chose the delay (the scheduler's
+/// retry intake takes it off again). Without one, a stale header from an
+/// earlier hop is left out, so it can never apply to the wrong retry.
+fn retry_properties(task: &Task, error: &str, after: Option<Duration>) -> BasicProperties {
+    let props = task.with_failure_headers(error, now_ms());
+    let mut headers = props.headers().clone().unwrap_or_default().inner().clone();
+    headers.remove(H_RETRY_AFTER_MS);
+    if let Some(after) = after {
+        let ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+        headers.insert(H_RETRY_AFTER_MS.into(), AMQPValue::LongLongInt(ms));
+    }
+    props.with_headers(FieldTable::from(headers))
 }
 
 /// What disposing of a delivery comes to: `Ok` once it is settled.
@@ -188,5 +236,43 @@ impl Disposition {
             .unwrap_or_else(|p| p.into_inner())
             .reset();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kairos_shared::client::NewTask;
+
+    fn task_with(headers: &[(&str, AMQPValue)]) -> Task {
+        let t = headers
+            .iter()
+            .fold(NewTask::new("x").id("t-1"), |t, (k, v)| {
+                t.header(k, v.clone())
+            });
+        let (_, props) = t.to_message().expect("message");
+        Task::decode("q", &props, b"").expect("task")
+    }
+
+    fn retry_after_of(props: &BasicProperties) -> Option<AMQPValue> {
+        props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(H_RETRY_AFTER_MS).cloned())
+    }
+
+    #[test]
+    fn a_retry_carries_the_handler_s_delay_and_never_a_stale_one() {
+        let plain = task_with(&[]);
+        let props = retry_properties(&plain, "429", Some(Duration::from_millis(1_500)));
+        assert_eq!(retry_after_of(&props), Some(AMQPValue::LongLongInt(1_500)));
+        // A header left from an earlier hop does not apply to this retry.
+        let stale = task_with(&[(H_RETRY_AFTER_MS, AMQPValue::LongLongInt(9))]);
+        assert_eq!(
+            retry_after_of(&retry_properties(&stale, "boom", None)),
+            None
+        );
+        let props = retry_properties(&stale, "boom", Some(Duration::from_secs(2)));
+        assert_eq!(retry_after_of(&props), Some(AMQPValue::LongLongInt(2_000)));
     }
 }

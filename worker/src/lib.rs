@@ -20,10 +20,19 @@
 //! # }
 //! ```
 //!
+//! A handler may also return a result, ask for its own retry delay, enqueue
+//! follow-up tasks, report progress and save checkpoints: see
+//! [`TaskContext`], [`TaskOutput`], [`TaskError::retry_after`] and
+//! docs/HANDLERS.md.
+//!
 //! * `handler`: the handler trait, its context and errors, the registry.
 //! * `consumer`: one consumer per queue, bounded by the `slots`.
 //! * `disposition`: ack, retry or dead-letter, in one place.
-//! * `builtin`: `kairos.noop`, `kairos.sleep`, `kairos.fail`.
+//! * `builtin`: `kairos.noop`, `kairos.sleep`, `kairos.fail`, `kairos.count`.
+//! * `control`: what `NS.control` says: abort a running task (its handler
+//!   sees `ctx.cancelled()`), pause or resume a queue.
+//! * `task_io`: what a handler's context reaches: the client, progress,
+//!   checkpoints.
 //! * `session`: one AMQP session: the consumers of every queue and the
 //!   tasks they run, finished (acked) before the connection closes.
 
@@ -35,20 +44,28 @@ mod acks;
 pub mod builtin;
 mod config;
 mod consumer;
+mod control;
 mod disposition;
 mod handler;
 mod session;
 mod slots;
 mod status;
+mod task_io;
 
 pub use config::Config;
-pub use handler::{Handler, Registry, TaskContext, TaskError, TaskResult};
+pub use handler::{
+    Handler, HandlerOutcome, Json, Registry, TaskContext, TaskError, TaskOutput, TaskResult,
+};
+pub use task_io::CheckpointError;
 
+use control::{Control, ControlListener};
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
+use kairos_shared::redis::RedisConn;
 use kairos_shared::supervise::Supervisor;
 use session::AmqpSession;
 use slots::Slots;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,7 +114,8 @@ impl Worker {
         }
     }
 
-    /// Registers `kairos.noop`, `kairos.sleep` and `kairos.fail`.
+    /// Registers `kairos.noop`, `kairos.sleep`, `kairos.fail` and
+    /// `kairos.count`.
     pub fn with_builtins(mut self) -> Self {
         builtin::register(&mut self.registry);
         self
@@ -129,6 +147,7 @@ impl Worker {
         let status =
             status::WorkerStatus::start(&self.config, &work).map_err(WorkerError::Config)?;
         let slots = start_autoscale(&work, &self.config);
+        let control = start_control(&work, &self.config, &names)?;
         tracing::info!(namespace = %names.namespace(), queues = ?self.config.queues, concurrency = %self.config.concurrency, "worker starting");
         let session = AmqpSession::new(
             self.config,
@@ -137,6 +156,7 @@ impl Worker {
             events.clone(),
             status.clone(),
             slots,
+            control,
             &work,
         );
         work.run(session).await;
@@ -171,6 +191,54 @@ fn start_autoscale(work: &Supervisor, config: &Config) -> Arc<Slots> {
         }
     });
     slots
+}
+
+/// Aborts and paused queues: the supervised listener on `NS.control`, and
+/// the paused set read from Redis (`NS:paused`) at start and every
+/// `control::PAUSED_POLL`, on a connection of its own.
+fn start_control(
+    work: &Supervisor,
+    config: &Config,
+    names: &Names,
+) -> Result<Arc<Control>, WorkerError> {
+    let control = Control::new(&config.queues);
+    let pool = kairos_shared::redis::pool(
+        &config.redis_url,
+        &config.common.tls,
+        Duration::from_millis(config.redis_timeout_ms),
+    )
+    .map_err(|e| WorkerError::Config(format!("KAIROS_REDIS_URL: {e}")))?;
+    let redis = RedisConn::new(pool);
+    let key = kairos_shared::control::paused_key(names);
+    let polled = control.clone();
+    work.start_loop("paused_queues", move |cancel| {
+        let (redis, key) = (redis.clone(), key.clone());
+        let read = move || {
+            let (redis, key) = (redis.clone(), key.clone());
+            async move {
+                let mut con = redis.get().await.map_err(|e| e.to_string())?;
+                redis
+                    .watch(
+                        redis::cmd("SMEMBERS")
+                            .arg(&key)
+                            .query_async::<BTreeSet<String>>(&mut con)
+                            .await,
+                    )
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let poll = control::poll_paused(polled.clone(), read, cancel);
+        async move {
+            poll.await;
+            Ok(())
+        }
+    });
+    work.start(ControlListener::new(
+        config.common.broker(),
+        names.clone(),
+        control.clone(),
+    ));
+    Ok(control)
 }
 
 /// Waits for the rest of the background work (the autoscaler, sessions that

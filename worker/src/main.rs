@@ -1,8 +1,9 @@
 //! The `kairos-worker` binary: the built-in handlers only; reads the
-//! settings, sets up logging, and runs [`kairos_worker::run`] until SIGTERM
+//! settings, sets up logging and trace export, and runs [`kairos_worker::run`] until SIGTERM
 //! or SIGINT. Your own handlers: use the library (`kairos_worker::Worker`).
 
 use clap::Parser;
+use kairos_shared::trace_init::init;
 use kairos_worker::{run, Config};
 
 /// mimalloc rather than glibc's malloc: under the scheduler's and worker's
@@ -18,9 +19,14 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let c = &config.common;
+    let _traces = match init(&c.log, Some(&c.otlp), "kairos-worker", "info", false) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     run(config, kairos_shared::shutdown::signal()).await?;
     Ok(())
 }

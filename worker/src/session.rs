@@ -8,11 +8,14 @@
 
 use crate::acks::Acks;
 use crate::consumer::{consume, ConsumeError, Shared};
+use crate::control::Control;
 use crate::disposition::Disposition;
 use crate::slots::Slots;
 use crate::status::WorkerStatus;
+use crate::task_io::TaskIo;
 use crate::{Config, Registry};
 use kairos_shared::amqp::{close_connection, connect_with_retry, Broker, CLOSE_WITHIN};
+use kairos_shared::client::Enqueuer;
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
 use kairos_shared::supervise::{Restart, Supervised, Supervisor};
@@ -37,6 +40,8 @@ pub(crate) enum SessionError {
     Declare(#[from] kairos_shared::topology::DeclareError),
     #[error("a delivery could not be settled")]
     Broken,
+    #[error("handlers' client: {0}")]
+    Client(#[from] kairos_shared::client::ClientError),
 }
 
 /// The worker's AMQP session loop.
@@ -49,6 +54,8 @@ pub(crate) struct AmqpSession {
     /// Task status: the writer and the store.
     status: WorkerStatus,
     slots: Arc<Slots>,
+    /// Aborts and paused queues (`crate::control`).
+    control: Arc<Control>,
     /// Where a session that ended early finishes its running tasks, and
     /// the worker's shutdown.
     work: Supervisor,
@@ -56,6 +63,8 @@ pub(crate) struct AmqpSession {
 
 impl AmqpSession {
     /// The session loop of a worker with these settings and handlers.
+    // What every session shares, handed over once at start.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         config: Config,
         names: Names,
@@ -63,9 +72,11 @@ impl AmqpSession {
         events: EventSink,
         status: WorkerStatus,
         slots: Arc<Slots>,
+        control: Arc<Control>,
         work: &Supervisor,
     ) -> Self {
         AmqpSession {
+            control,
             broker: config.common.broker(),
             config,
             names,
@@ -97,6 +108,8 @@ impl AmqpSession {
         )
         .await?;
         s.channels.push(disposition.channel().clone());
+        let client = Enqueuer::open(&s.conn, self.names.clone()).await?;
+        s.channels.push(client.channel().clone());
         let shared = Arc::new(Shared {
             names: self.names.clone(),
             registry: self.registry.clone(),
@@ -108,6 +121,13 @@ impl AmqpSession {
             broken: s.broken.clone(),
             abandon: s.abandon.clone(),
             shutdown: self.work.cancel_token().clone(),
+            control: self.control.clone(),
+            io: TaskIo {
+                client: Some(Arc::new(client)),
+                store: Some(Arc::new(self.status.clone())),
+                limits: self.config.handler_limits,
+                ..TaskIo::default()
+            },
         });
         let mut consumer_channels = Vec::with_capacity(self.config.queues.len());
         for _ in &self.config.queues {
@@ -183,9 +203,23 @@ impl Supervised for AmqpSession {
             .zip(s.acks.clone())
             .map(|((q, channel), acks)| {
                 let (stop, shared) = (stop.clone(), shared.clone());
+                let control = self.control.clone();
                 async move {
-                    let r =
-                        consume(&channel, shared, acks, q, prefetch, tracker, stop.clone()).await;
+                    // A paused queue's consumer is cancelled, and started
+                    // again on resume (`crate::control`).
+                    let r = control
+                        .serve_queue(q, &stop, |run| {
+                            consume(
+                                &channel,
+                                shared.clone(),
+                                acks.clone(),
+                                q,
+                                prefetch,
+                                tracker,
+                                run,
+                            )
+                        })
+                        .await;
                     stop.cancel();
                     r
                 }

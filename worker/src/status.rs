@@ -4,8 +4,11 @@
 //! through. Redis being down never stops a task: the writer drops what it
 //! cannot write, and store calls return their error to the caller.
 
+use crate::handler::TaskOutput;
+use crate::task_io::result_fields;
 use crate::Config;
 use kairos_shared::contract::Task;
+use kairos_shared::limits::HandlerLimits;
 use kairos_shared::redis::RedisConn;
 use kairos_shared::status::{ShardCount, StatusStore, StatusUpdate, StatusWriter};
 use kairos_shared::supervise::Supervisor;
@@ -23,10 +26,11 @@ pub(crate) struct WorkerStatus {
     pub(crate) writer: StatusWriter,
     /// Reads and awaited writes (the handler context's checkpoints,
     /// progress and results).
-    #[allow(dead_code)]
     pub(crate) store: StatusStore,
     /// This worker's name in statuses (`KAIROS_WORKER_ID` or `HOST:PID`).
     pub(crate) worker_id: Arc<str>,
+    /// The result bound (`KAIROS_MAX_RESULT_BYTES`).
+    pub(crate) limits: HandlerLimits,
 }
 
 impl WorkerStatus {
@@ -69,6 +73,7 @@ impl WorkerStatus {
             writer,
             store,
             worker_id: config.worker_id().into(),
+            limits: config.handler_limits,
         })
     }
 
@@ -78,9 +83,17 @@ impl WorkerStatus {
             .record_with(|| StatusUpdate::running(task, &self.worker_id));
     }
 
-    /// `task` succeeded.
-    pub(crate) fn succeeded(&self, task: &Task) {
-        self.writer.record_with(|| StatusUpdate::succeeded(task));
+    /// `task` succeeded, leaving `output` as its result (see
+    /// [`result_fields`]).
+    pub(crate) fn succeeded(&self, task: &Task, output: TaskOutput) {
+        let limits = self.limits;
+        self.writer.record_with(|| {
+            let mut u = StatusUpdate::succeeded(task);
+            for (name, value) in result_fields(&task.id, output, &limits) {
+                u.set_bytes(name, value);
+            }
+            u
+        });
     }
 
     /// An attempt of `task` failed and went to the retry intake.

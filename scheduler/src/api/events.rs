@@ -54,7 +54,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Every event kind a client can ask for, with its routing key
 /// `task.NAME`.
-const KINDS: [EventKind; 8] = [
+const KINDS: [EventKind; 9] = [
     EventKind::Scheduled,
     EventKind::Published,
     EventKind::Started,
@@ -63,6 +63,7 @@ const KINDS: [EventKind; 8] = [
     EventKind::Retried,
     EventKind::Dead,
     EventKind::Duplicate,
+    EventKind::Cancelled,
 ];
 
 /// Shared by the streams: the broker, one connection (made on first use,
@@ -303,7 +304,10 @@ mod tests {
             Filter::parse(params(&[("id", "t1"), ("event", "started, succeeded")])).expect("valid");
         assert_eq!(f.id.as_deref(), Some("t1"));
         assert_eq!(f.kinds, vec![EventKind::Started, EventKind::Succeeded]);
-        assert_eq!(Filter::parse(params(&[])).expect("valid").kinds.len(), 8);
+        assert_eq!(
+            Filter::parse(params(&[])).expect("valid").kinds.len(),
+            KINDS.len()
+        );
         let (field, _) = Filter::parse(params(&[("ids", "x")])).expect_err("unknown");
         assert_eq!(field, "ids");
         let (field, _) = Filter::parse(params(&[("event", "started,nope")])).expect_err("kind");

@@ -2,7 +2,9 @@
 //!
 //! * the bearer token (`KAIROS_API_TOKEN`), when one is set: 401 without it
 //!   or with another, on every path but the probes `/healthz` and `/readyz`
-//!   (load balancers and orchestrators call those without credentials);
+//!   (load balancers and orchestrators call those without credentials)
+//!   and the GETs of the dashboard page and its assets (`ui`: they hold no
+//!   data; the page asks the user for the token);
 //! * a JSON content type on every POST, PUT and PATCH, even an empty one:
 //!   a web page can make a browser send a cross-site POST with a form or
 //!   text content type (or none) without asking the API first, but not one
@@ -30,7 +32,7 @@ pub(crate) fn guard(router: Router, token: Option<Secret>) -> Router {
 
 async fn check(State(token): State<Arc<Option<Secret>>>, req: Request, next: Next) -> Response {
     if let Some(token) = token.as_ref() {
-        if !OPEN_PATHS.contains(&req.uri().path()) && !authorized(&req, token) {
+        if !is_open(&req) && !authorized(&req, token) {
             return unauthorized();
         }
     }
@@ -45,6 +47,13 @@ async fn check(State(token): State<Arc<Option<Secret>>>, req: Request, next: Nex
             .into_response();
     }
     next.run(req).await
+}
+
+/// A probe, or a GET (or HEAD) of the dashboard page or an asset of it.
+fn is_open(req: &Request) -> bool {
+    let path = req.uri().path();
+    OPEN_PATHS.contains(&path)
+        || (matches!(*req.method(), Method::GET | Method::HEAD) && super::ui::is_page(path))
 }
 
 fn authorized(req: &Request, token: &Secret) -> bool {
@@ -106,7 +115,9 @@ mod tests {
         let routes = Router::new()
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(|| async { "ok" }))
-            .route("/v1/x", get(|| async { "x" }).post(|| async { "posted" }));
+            .route("/v1/x", get(|| async { "x" }).post(|| async { "posted" }))
+            .route("/", get(|| async { "page" }).post(|| async { "posted" }))
+            .route("/ui/app.js", get(|| async { "js" }));
         guard(routes, token.map(Secret::new))
     }
 
@@ -159,6 +170,12 @@ mod tests {
             (request("GET", "/%68ealthz", &[]), 401),
             (request("GET", "/healthz", &[]), 200),
             (request("GET", "/readyz", &[]), 200),
+            // The dashboard page holds no data: served without the token.
+            (request("GET", "/", &[]), 200),
+            (request("GET", "/ui/app.js", &[]), 200),
+            (request("POST", "/", &[json]), 401),
+            (request("GET", "/ui/nope.js", &[]), 401),
+            (request("GET", "/ui/../v1/x", &[]), 401),
         ] {
             let what = format!("{} {} {:?}", req.method(), req.uri(), req.headers());
             assert_eq!(status(&app, req).await, want, "{what}");

@@ -1,48 +1,68 @@
 //! The HTTP API: tasks, schedules, probes, behind one guard.
 //!
 //! * `guard`: the API token and the JSON content type, before every route.
-//! * `tasks`: enqueue, look up and dead letters.
-//! * `schedules`: the schedule routes and the probes.
+//! * `tasks`: enqueue (and `/healthz`); merges `dead`.
+//! * `dead`: the dead letters: page, show, replay, purge.
+//! * `schedules`: the schedule routes.
+//! * `probes`: `/readyz` (Redis, RabbitMQ, loops) and `/metrics`.
 //! * `events`: the live event stream (`GET /v1/events`).
+//! * `handler_io`: checkpoints, progress and results from handlers in
+//!   other languages (`/v1/tasks/{id}/checkpoint|progress|result`).
+//! * `ui`: the dashboard page (`/`, `/ui/...`), served with the stream.
 //! * `status`: task status, cancel and the task list (`/v1/tasks/{id}`).
+//! * `control`: pause and resume a queue, abort a task (`NS.control`).
+//! * `queues`: the queue overview (`GET /v1/queues`).
 //!
 //! May touch: the delay queue (through `crate::delay::hold`), the schedule
 //! admin, RabbitMQ (publishing tasks). Holds no state of its own.
 
+pub(crate) mod control;
+pub(crate) mod dead;
 pub(crate) mod events;
 pub(crate) mod guard;
+pub(crate) mod handler_io;
+pub(crate) mod probes;
+pub(crate) mod queues;
 pub(crate) mod schedules;
 pub mod status;
 pub mod tasks;
+pub(crate) mod ui;
 
 use crate::schedules::admin::Admin;
 use axum::http::StatusCode;
 use axum::{Json, Router};
 use kairos_shared::secrets::Secret;
-use kairos_shared::supervise::Health;
 use serde_json::{json, Value};
 
 /// Every route of the API behind its guard: the schedules and tasks
-/// routes, `/readyz` when there are background loops to report
-/// (`health`; none in process, for kairosctl), and the event stream when
+/// routes, `/readyz` and `/metrics` when given `probes` (none in process,
+/// for kairosctl), and the event stream when
 /// given `events` (none in process: kairosctl's in-process calls answer
-/// once and cannot stream). Without a `token` the API is open.
+/// once and cannot stream) and with it the dashboard page, which needs
+/// it. Without a `token` the API is open.
+// One state per part of the API, handed over once at start.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn router(
     admin: Admin,
     tasks: tasks::TaskApi,
     status: status::StatusApi,
-    health: Option<Health>,
+    probes: Option<probes::Probes>,
     events: Option<events::EventStreams>,
+    handler_io: handler_io::HandlerIo,
+    control: control::ControlApi,
     token: Option<Secret>,
 ) -> Router {
     let mut routes = schedules::router(admin)
         .merge(tasks::router(tasks))
-        .merge(status::router(status));
-    if let Some(health) = health {
-        routes = routes.merge(schedules::probes(health));
+        .merge(handler_io::router(handler_io))
+        .merge(status::router(status))
+        .merge(control::router(control.clone()))
+        .merge(queues::router(control));
+    if let Some(probes) = probes {
+        routes = routes.merge(probes::router(probes));
     }
     if let Some(events) = events {
-        routes = routes.merge(events::router(events));
+        routes = routes.merge(events::router(events)).merge(ui::router());
     }
     guard::guard(routes, token)
 }

@@ -5,9 +5,6 @@
 //! * `POST /v1/schedules/{id}/pause`, `POST /v1/schedules/{id}/resume`
 //! * `DELETE /v1/schedules/{id}` (204)
 //!
-//! * `GET /readyz`: 200 while every background loop runs, 503 naming the
-//!   loops that failed and wait for their restart
-//!
 //! Errors are JSON: `{"error": "...", "field": "..."}` with 400 for bad
 //! input, 404 for an unknown id, 503 when Redis fails.
 
@@ -20,7 +17,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kairos_shared::supervise::Health;
 use serde_json::json;
 
 /// The schedule routes over `admin`.
@@ -31,37 +27,6 @@ pub(crate) fn router(admin: Admin) -> Router {
         .route("/v1/schedules/{id}/pause", post(pause))
         .route("/v1/schedules/{id}/resume", post(resume))
         .with_state(admin)
-}
-
-/// Readiness: `/healthz` (in the task API) says the process runs; this
-/// says whether its background loops do.
-pub(crate) fn probes(health: Health) -> Router {
-    Router::new()
-        .route("/readyz", get(readyz))
-        .with_state(health)
-}
-
-async fn readyz(State(health): State<Health>) -> Response {
-    let failing = health.failing();
-    let loops = health.snapshot();
-    if failing.is_empty() {
-        (
-            StatusCode::OK,
-            Json(json!({"status": "ready", "loops": loops})),
-        )
-            .into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({
-                "status": "unavailable",
-                "error": format!("background loops not running: {}", failing.join(", ")),
-                "failing": failing,
-                "loops": loops,
-            })),
-        )
-            .into_response()
-    }
 }
 
 impl IntoResponse for AdminError {

@@ -1,13 +1,13 @@
-//! The tasks and dead-letter part of the HTTP API, for clients that would
-//! rather speak HTTP than AMQP (docs/HTTP.md):
+//! The tasks part of the HTTP API, for clients that would rather speak
+//! HTTP than AMQP (docs/HTTP.md):
 //!
 //! * `POST /v1/tasks`: enqueue one task (JSON, see `kairos_shared::request`);
 //!   202 with its id once the broker confirmed it (a delayed task: once it
 //!   is in the delay queue, see `crate::delay::hold`); 409 when a delayed task's
-//!   id is already pending; 413 when the body is over its limit
-//! * `GET /v1/dead?limit=N`: the dead letters, oldest first
-//! * `POST /v1/dead/replay`: `{"ids": [...]}` replays those (all when empty)
-//! * `DELETE /v1/dead`: purge
+//!   id is already pending; 413 when the body is over its limit. The
+//!   request's own `traceparent` (and `tracestate`) HTTP header is taken
+//!   when the task's `headers` have none
+//! * the dead-letter routes of `super::dead`, over the same broker
 //! * `GET /healthz`: 200 while the process runs
 //!
 //! Errors are JSON `{"error": "...", "field": "..."}`: 400 for bad input, 503
@@ -23,18 +23,16 @@ use super::json_error;
 use crate::delay::hold::{Held, HoldError, Holder};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kairos_shared::amqp::{Blocked, Broker};
 use kairos_shared::client::{Client, ClientError};
 use kairos_shared::contract::{Names, ProtocolError};
-use kairos_shared::dead;
 use kairos_shared::limits::Limits;
 use kairos_shared::request::{self, RequestError};
-use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,18 +98,21 @@ impl TaskApi {
     }
 }
 
-/// The task routes: enqueue (`POST /v1/tasks`), the dead letters (list,
-/// replay, purge) and `/healthz`, over `api`.
+/// The task routes: enqueue (`POST /v1/tasks`), the dead letters (see
+/// `super::dead`) and `/healthz`, over `api`.
 pub fn router(api: TaskApi) -> Router {
+    let dead = super::dead::router(super::dead::DeadApi::new(
+        api.broker.clone(),
+        api.names.clone(),
+    ));
     Router::new()
         .route(
             "/v1/tasks",
             post(enqueue).layer(DefaultBodyLimit::max(api.request_limit())),
         )
-        .route("/v1/dead", get(list_dead).delete(purge_dead))
-        .route("/v1/dead/replay", post(replay_dead))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .with_state(api)
+        .merge(dead)
 }
 
 /// Why a task route failed; each maps to one HTTP status (see
@@ -171,12 +172,6 @@ impl From<ClientError> for ApiError {
             }),
             other => ApiError::Broker(other.to_string()),
         }
-    }
-}
-
-impl From<dead::DeadError> for ApiError {
-    fn from(e: dead::DeadError) -> Self {
-        ApiError::Broker(e.to_string())
     }
 }
 
@@ -257,10 +252,15 @@ async fn connected(api: &TaskApi) -> Result<Connected, ApiError> {
 
 async fn enqueue(
     State(api): State<TaskApi>,
+    http_headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|e| body_rejection(e, &api))?;
-    let task = request::from_json(&body)?;
+    let task = kairos_shared::trace::adopt_http_traceparent(
+        request::from_json(&body)?,
+        header_text(&http_headers, "traceparent"),
+        header_text(&http_headers, "tracestate"),
+    );
     api.limits
         .check_body(task.body.len())
         .map_err(|e| ApiError::TooLarge {
@@ -296,6 +296,11 @@ async fn enqueue(
         .into_response())
 }
 
+/// An HTTP header's value as text, when it is one.
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
 /// A request body that could not be read: over the size limit (413, JSON
 /// like every other error) or broken.
 fn body_rejection(e: BytesRejection, api: &TaskApi) -> ApiError {
@@ -314,60 +319,4 @@ fn body_rejection(e: BytesRejection, api: &TaskApi) -> ApiError {
             message: e.body_text(),
         })
     }
-}
-
-#[derive(Deserialize)]
-struct ListQuery {
-    limit: Option<usize>,
-}
-
-async fn list_dead(
-    State(api): State<TaskApi>,
-    Query(q): Query<ListQuery>,
-) -> Result<Response, ApiError> {
-    let limit = q.limit.unwrap_or(100).min(10_000);
-    let conn = broker(&api).await?;
-    let letters = dead::list(&conn, &api.names, limit).await;
-    let _ = conn.close(200, "done".into()).await;
-    Ok(Json(json!({ "dead": letters? })).into_response())
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ReplayBody {
-    #[serde(default)]
-    ids: Vec<String>,
-    limit: Option<usize>,
-}
-
-async fn replay_dead(State(api): State<TaskApi>, body: Bytes) -> Result<Response, ApiError> {
-    let req: ReplayBody = if body.is_empty() {
-        ReplayBody::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| RequestError {
-            field: "body",
-            message: format!("expected {{\"ids\": [...]}}: {e}"),
-        })?
-    };
-    let conn = broker(&api).await?;
-    let replayed = dead::replay(&conn, &api.names, &req.ids, req.limit.unwrap_or(10_000)).await;
-    let _ = conn.close(200, "done".into()).await;
-    // Letters that cannot be replayed stay dead and are listed, each
-    // with its reason.
-    let done = replayed?;
-    Ok(Json(json!({ "replayed": done.replayed, "refused": done.refused })).into_response())
-}
-
-async fn purge_dead(State(api): State<TaskApi>) -> Result<Response, ApiError> {
-    let conn = broker(&api).await?;
-    let purged = dead::purge(&conn, &api.names).await;
-    let _ = conn.close(200, "done".into()).await;
-    Ok(Json(json!({ "purged": purged? })).into_response())
-}
-
-/// Dead-letter operations are rare and administrative: a connection each.
-async fn broker(api: &TaskApi) -> Result<lapin::Connection, ApiError> {
-    kairos_shared::amqp::connect_to(&api.broker, "kairos-http")
-        .await
-        .map_err(|e| ApiError::Broker(e.to_string()))
 }

@@ -78,6 +78,7 @@ impl Holder {
             return Err(QueueError::Reply("no reply for the task".into()).into());
         };
         if s.added {
+            kairos_shared::trace::step("kairos.hold", &task);
             metrics::counter!("kairos_scheduler_held_total", "source" => "http").increment(1);
             self.status
                 .record_with(|| StatusUpdate::scheduled(&task, s.due, true));

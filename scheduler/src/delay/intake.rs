@@ -27,7 +27,7 @@
 
 use crate::delay::ports::{DelayStore, IntakeDelivery, TaskPublisher};
 use crate::delay::publisher::Publisher;
-use crate::delay::retry::{Decision, RetryPolicy};
+use crate::delay::retry::{take_retry_after, Decision, RetryPolicy};
 use crate::delay::store::{member, Entry, Held, QueueError, RedisDelayQueue, Scheduled};
 use futures_util::future::join_all;
 use futures_util::StreamExt;
@@ -375,6 +375,7 @@ impl<S: DelayStore, P: TaskPublisher> Intake<S, P> {
                 Source::Delay => StatusUpdate::scheduled(task, s.due, true),
                 Source::Retry => StatusUpdate::retrying(task, s.due, &failure_reason(task)),
             });
+            kairos_shared::trace::step("kairos.hold", task);
             self.events.task(kind, task, Some(s.due), None);
         } else if self.source == Source::Delay {
             // A retry held twice is a redelivery of one failed attempt,
@@ -515,14 +516,17 @@ impl<S, P> Intake<S, P> {
     /// The next attempt's entry for a failed one, its headers updated; None
     /// when its retries are used up.
     fn retry_entry(&self, task: &mut Task, rng: &mut impl rand::Rng) -> Option<Entry> {
+        // Taken off in either case: a dead letter does not carry it either.
+        let retry_after = take_retry_after(task, self.limits.max_delay_ms);
         match self.policy.decide(task.attempt, task.max_retries, rng) {
             Decision::Exhausted => None,
             Decision::Retry {
                 next_attempt,
                 delay_ms,
             } => {
+                let delay_ms = retry_after.unwrap_or(delay_ms);
                 let error = failure_reason(task);
-                tracing::warn!(task_id = %task.id, kind = %task.name, attempt = task.attempt, retry_in_ms = delay_ms, error = %error, "retrying");
+                tracing::warn!(task_id = %task.id, kind = %task.name, attempt = task.attempt, retry_in_ms = delay_ms, retry_after = retry_after.is_some(), error = %error, "retrying");
                 task.attempt = next_attempt;
                 task.set_header(H_ERROR, kairos_shared::contract::text(&error));
                 Some(Entry {
@@ -750,6 +754,28 @@ mod tests {
         let backoff = i64::try_from(RETRY_BASE_MS).expect("small");
         assert!(due >= before + backoff && due <= before + backoff + CLOCK_SLACK_MS);
         assert_eq!(make.log(), [Settled::AckUpTo(1, 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_replaces_the_backoff_once() {
+        use kairos_shared::contract::H_RETRY_AFTER_MS;
+        let (store, publisher, mut make) = fixture(1, &[]);
+        let wanted = 30_000;
+        let batch =
+            [make
+                .task(&failed("a", 1, 3).header(H_RETRY_AFTER_MS, AMQPValue::LongLongInt(wanted)))];
+        let before = store.now_ms();
+        handle(Source::Retry, &store, &publisher, &batch)
+            .await
+            .expect("handled");
+        let next = member("a", 2);
+        let due = store.due_of(&next).expect("waiting");
+        assert!(due >= before + wanted && due <= before + wanted + CLOCK_SLACK_MS);
+        let task = held_task(&store, &next);
+        assert!(
+            task.header(H_RETRY_AFTER_MS).is_none(),
+            "for this retry only"
+        );
     }
 
     #[tokio::test]

@@ -502,9 +502,11 @@ impl<S: DelayStore> Pump<S> {
     fn report_published(&self, published: &[(Task, i64)]) {
         let now = now_ms();
         metrics::counter!("kairos_scheduler_published_total").increment(published.len() as u64);
+        // One registry lookup per batch, not per task.
+        let lateness = metrics::histogram!("kairos_scheduler_publish_lateness_seconds");
         for (task, due) in published {
-            metrics::histogram!("kairos_scheduler_publish_lateness_seconds")
-                .record(kairos_shared::metrics::seconds_between(*due, now));
+            kairos_shared::trace::step("kairos.publish", task);
+            lateness.record(kairos_shared::metrics::seconds_between(*due, now));
             self.events
                 .task(EventKind::Published, task, Some(*due), None);
             self.status.record_with(|| StatusUpdate::ready(task, *due));

@@ -9,8 +9,14 @@
 //! * `full`: uniform in `[0, ceiling]` (best spreading, but a later gap can
 //!   be shorter than an earlier one).
 //! * `none`: exactly the ceiling.
+//!
+//! A handler may choose the delay of one retry itself (Retry-After): the
+//! failed attempt then carries `x-retry-after-ms`, which replaces the drawn
+//! delay for that retry only ([`take_retry_after`]). It does not add
+//! retries: a task whose retries are used up is dead-lettered all the same.
 
-use kairos_shared::contract::MAX_RETRIES_CAP;
+use kairos_shared::contract::{int_header, Task, H_RETRY_AFTER_MS, MAX_RETRIES_CAP};
+use lapin::types::FieldTable;
 use rand::Rng;
 
 /// Retries of a task without an `x-max-retries` header, by default.
@@ -114,6 +120,35 @@ impl RetryPolicy {
     }
 }
 
+/// Takes the handler's Retry-After off a failed attempt: removes
+/// `x-retry-after-ms` from its headers (so it applies to this retry only,
+/// never to a later one) and returns the delay it asks for. A value that
+/// is not an integer from 0 to `max_delay_ms` (`KAIROS_MAX_DELAY_MS`) is
+/// ignored with a warning: the computed backoff applies. A delay beyond the
+/// horizon is a unit mistake (seconds taken for milliseconds, or worse),
+/// not something to hold a task for.
+pub(crate) fn take_retry_after(task: &mut Task, max_delay_ms: i64) -> Option<u64> {
+    let headers = task.properties.headers().as_ref()?;
+    if !headers.contains_key(H_RETRY_AFTER_MS) {
+        return None;
+    }
+    let wanted = int_header(headers, H_RETRY_AFTER_MS);
+    let mut rest = headers.inner().clone();
+    rest.remove(H_RETRY_AFTER_MS);
+    task.properties = std::mem::take(&mut task.properties).with_headers(FieldTable::from(rest));
+    match wanted {
+        Ok(Some(ms)) if (0..=max_delay_ms).contains(&ms) => u64::try_from(ms).ok(),
+        Ok(value) => {
+            tracing::warn!(task_id = %task.id, value = ?value, max_delay_ms, "x-retry-after-ms out of range (0 to KAIROS_MAX_DELAY_MS); the backoff applies");
+            None
+        }
+        Err(err) => {
+            tracing::warn!(task_id = %task.id, cause = %err, "x-retry-after-ms unusable; the backoff applies");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,5 +239,37 @@ mod tests {
             p.decide(cap + 1, Some(u32::MAX), &mut rng),
             Decision::Exhausted
         );
+    }
+
+    fn failed_with(value: Option<lapin::types::AMQPValue>) -> Task {
+        let mut t = kairos_shared::client::NewTask::new("x").id("t-1");
+        if let Some(v) = value {
+            t = t.header(H_RETRY_AFTER_MS, v);
+        }
+        let (_, props) = t.to_message().expect("message");
+        Task::decode("q", &props, b"").expect("task")
+    }
+
+    #[test]
+    fn retry_after_is_taken_once_and_checked() {
+        use lapin::types::AMQPValue;
+        let mut t = failed_with(Some(AMQPValue::LongLongInt(2_500)));
+        assert_eq!(take_retry_after(&mut t, 10_000), Some(2_500));
+        assert!(t.header(H_RETRY_AFTER_MS).is_none(), "removed");
+        assert_eq!(take_retry_after(&mut t, 10_000), None);
+        // Any integer width, or a decimal string, as every integer header.
+        let mut t = failed_with(Some(AMQPValue::LongString("0".into())));
+        assert_eq!(take_retry_after(&mut t, 10_000), Some(0));
+        for bad in [
+            AMQPValue::LongLongInt(-1),
+            AMQPValue::LongLongInt(10_001),
+            AMQPValue::LongString("soon".into()),
+            AMQPValue::Boolean(true),
+        ] {
+            let mut t = failed_with(Some(bad.clone()));
+            assert_eq!(take_retry_after(&mut t, 10_000), None, "{bad:?}");
+            assert!(t.header(H_RETRY_AFTER_MS).is_none(), "{bad:?} removed");
+        }
+        assert_eq!(take_retry_after(&mut failed_with(None), 10_000), None);
     }
 }
