@@ -623,3 +623,47 @@ async fn with_status_off_nothing_is_written() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_without_redis_drops_and_counts_and_never_waits() {
+    let env = TestEnv::new("st-down").await;
+    // Nothing listens there: every flush fails at once.
+    let pool = kairos_shared::redis::pool(
+        &format!("redis://{}/0", free_addr()),
+        &Default::default(),
+        Duration::from_millis(200),
+    )
+    .expect("pool");
+    let work = kairos_shared::supervise::Supervisor::new();
+    let writer = kairos_shared::status::StatusWriter::start(
+        &kairos_shared::status::StatusSettings::default(),
+        RedisConn::new(pool),
+        &env.ns,
+        ShardCount::known(8),
+        &work,
+    );
+    let t = task("down-1", "default", 1);
+    let n = 100_000;
+    let started = std::time::Instant::now();
+    for _ in 0..n {
+        writer.record(StatusUpdate::running(&t, "w"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "recording waited: {:?}",
+        started.elapsed()
+    );
+    // Dropped when the channel was full, or when their flush failed.
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while writer.dropped() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {n} counted",
+            writer.dropped()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    assert_eq!(writer.dropped(), n, "every update dropped and counted once");
+    writer.close(Duration::from_secs(5)).await;
+    work.stop();
+}

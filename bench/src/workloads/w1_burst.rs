@@ -21,21 +21,17 @@ use std::time::{Duration, Instant};
 /// counted.
 const EVENTS_TAIL: Duration = Duration::from_millis(500);
 
-/// Runs W1 with events off for each task-status variant (`--status`),
-/// then with events on (and status as in the last variant), each in a
-/// namespace of its own.
+/// Runs W1 for each task-status variant (`--status`), with events off,
+/// then on, each in a namespace of its own.
 pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let variants = ctx.args.status.variants();
-    let last = variants.last().copied().unwrap_or(true);
-    let runs = variants
-        .iter()
-        .map(|&status| (false, status))
-        .chain([(true, last)]);
-    for (events, status) in runs {
-        let mut env = BenchEnv::new("w1", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
-        let result = once(ctx, &mut env, events, status).await;
-        env.cleanup().await;
-        result?;
+    for events in [false, true] {
+        for &status in variants {
+            let mut env = BenchEnv::new("w1", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
+            let result = once(ctx, &mut env, events, status).await;
+            env.cleanup().await;
+            result?;
+        }
     }
     Ok(())
 }
@@ -126,7 +122,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool, status: bool)
         tokio::time::sleep(EVENTS_TAIL).await;
         let got = tap.count.load(Ordering::Relaxed);
         println!(
-            "  W1 (events on): {got} events received of {} expected (started + succeeded)",
+            "  W1 ({label}): {got} events received of {} expected (started + succeeded)",
             2 * n
         );
     }

@@ -21,4 +21,5 @@ for i = 1, (#KEYS - 1) / 2 do
     ARGV[a + 1], tonumber(ARGV[a + 2]) or 0, fresh_of[ARGV[a + 3]] or false, fields, now)
   a = a + 5 + n
 end
+st_trim(KEYS[1], ttl, now)
 return changed

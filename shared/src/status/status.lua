@@ -80,20 +80,18 @@ local function st_merge(hash, recent, wait_prefix, cp, id, ttl, state, rank, fre
       due = tonumber(due_in)
     end
     local queue = queue_in or cur[4]
-    if queue then
+    if queue and st_waiting(state) and due then
       local wk = wait_prefix .. queue
-      if st_waiting(state) and due then
-        redis.call('ZADD', wk, due, id)
-      else
-        redis.call('ZREM', wk, id)
-      end
+      redis.call('ZADD', wk, due, id)
       -- Entries due more than a TTL ago are left over (an update lost
       -- while Redis was down).
       redis.call('ZREMRANGEBYSCORE', wk, '-inf', now - ttl * 1000)
+    elseif queue and st_waiting(cur[1]) then
+      redis.call('ZREM', wait_prefix .. queue, id)
     end
   end
+  -- The caller trims the recent set once per call (st_trim).
   redis.call('ZADD', recent, now, id)
-  redis.call('ZREMRANGEBYSCORE', recent, '-inf', now - ttl * 1000)
   local keep = ttl
   local final_rank = cur_rank
   if wins then
@@ -108,4 +106,9 @@ local function st_merge(hash, recent, wait_prefix, cp, id, ttl, state, rank, fre
     return 1
   end
   return 0
+end
+
+-- Forgets recent entries older than the TTL: once per script run.
+local function st_trim(recent, ttl, now)
+  redis.call('ZREMRANGEBYSCORE', recent, '-inf', now - ttl * 1000)
 end

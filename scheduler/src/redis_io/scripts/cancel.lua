@@ -41,6 +41,7 @@ for _, m in ipairs(members) do
       end
       st_merge(KEYS[4], KEYS[5], ARGV[2], KEYS[6], id, tonumber(ARGV[3]), 'cancelled',
         ST_TERMINAL, false, fields, now)
+      st_trim(KEYS[5], tonumber(ARGV[3]), now)
     end
     return {'cancelled', 'cancelled'}
   end
