@@ -259,7 +259,9 @@ async fn pump_backs_off_on_nacks_and_delivers_afterwards() {
     eventually(
         Duration::from_secs(60),
         "the delay queue empty",
-        async || env.redis_keys().await.iter().all(|k| !k.contains(":rec")),
+        // The delay queue's record hashes (`NS:dq{S}:rec`), not the task
+        // status's `NS:st{S}:recent`.
+        async || env.redis_keys().await.iter().all(|k| !k.ends_with(":rec")),
     )
     .await;
     scheduler.terminate(Duration::from_secs(30));

@@ -96,6 +96,8 @@ impl StatusWriter {
             queues: HashSet::new(),
             dropped: dropped.clone(),
             done: false,
+            shed_until: None,
+            memory: None,
         };
         let (tracker, work) = (TaskTracker::new(), work.clone());
         tracker.spawn(async move { work.run(flusher).await });
@@ -161,6 +163,45 @@ struct Flusher {
     dropped: Arc<Dropped>,
     /// Every writer is gone and everything was handled.
     done: bool,
+    /// Until when updates are shed after Redis answered OOM.
+    shed_until: Option<Instant>,
+    /// When Redis's memory was last looked at, and whether it was near
+    /// `maxmemory` then.
+    memory: Option<(Instant, bool)>,
+}
+
+/// Above this share of `maxmemory`, statuses are shed: the rest is kept
+/// for tasks.
+const MEMORY_SHARE_FOR_STATUS: f64 = 0.9;
+
+/// How often the writer reads Redis's memory (`INFO memory`).
+const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Whether `info` (an `INFO memory` reply) shows Redis above
+/// [`MEMORY_SHARE_FOR_STATUS`] of a `maxmemory` limit.
+fn near_maxmemory(info: &str) -> bool {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    match (field("used_memory"), field("maxmemory")) {
+        (Some(used), Some(max)) if max > 0 => used as f64 > max as f64 * MEMORY_SHARE_FOR_STATUS,
+        _ => false,
+    }
+}
+
+/// How long the writer sheds updates after Redis refused one for want of
+/// memory (`maxmemory`, `noeviction`). Statuses are a view, tasks are not:
+/// a status written into the room that a published task just freed would
+/// keep the intake's next task out (the intake is refused at maxmemory
+/// too), so while Redis is full the room goes to tasks. Shed updates are
+/// counted in `kairos_status_dropped_total`.
+const SHED_AFTER_OOM: Duration = Duration::from_secs(10);
+
+/// Redis refused a write because it is at `maxmemory`.
+fn is_oom(e: &StatusError) -> bool {
+    matches!(e, StatusError::Redis(e) if e.code() == Some("OOM"))
 }
 
 impl Supervised for Flusher {
@@ -185,7 +226,19 @@ impl Supervised for Flusher {
                 return Ok(());
             }
             let n = batch.len() as u64;
+            if self.shed_until.is_some_and(|t| Instant::now() < t) || self.near_full().await {
+                batch.clear();
+                self.dropped.add(
+                    n,
+                    "Redis is near maxmemory: statuses shed, tasks keep the room",
+                );
+                continue;
+            }
+            self.shed_until = None;
             if let Err(err) = self.flush(std::mem::take(&mut batch)).await {
+                if is_oom(&err) {
+                    self.shed_until = Some(Instant::now() + SHED_AFTER_OOM);
+                }
                 self.dropped.add(n, &err.to_string());
             }
         }
@@ -199,6 +252,25 @@ impl Supervised for Flusher {
 }
 
 impl Flusher {
+    /// Whether Redis is near `maxmemory` (looked at once a second; an
+    /// unanswered look counts as not full, and the write itself then
+    /// finds out).
+    async fn near_full(&mut self) -> bool {
+        if let Some((at, full)) = self.memory {
+            if at.elapsed() < MEMORY_CHECK_EVERY {
+                return full;
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("INFO").arg("memory");
+        let full = match run::<(String,)>(&self.redis, &pipe).await {
+            Ok((info,)) => near_maxmemory(&info),
+            Err(_) => false,
+        };
+        self.memory = Some((Instant::now(), full));
+        full
+    }
+
     /// Writes one batch: one pipeline round trip.
     async fn flush(&mut self, batch: Vec<StatusUpdate>) -> Result<(), StatusError> {
         let (updates, rates) = coalesce(batch);
@@ -277,6 +349,17 @@ mod tests {
             event: Some(RateEvent::Started),
             fields: Vec::new(),
         }
+    }
+
+    #[test]
+    fn statuses_give_way_near_maxmemory() {
+        let info = |used: u64, max: u64| {
+            format!("# Memory\r\nused_memory:{used}\r\nused_memory_human:1M\r\nmaxmemory:{max}\r\n")
+        };
+        assert!(!near_maxmemory(&info(950, 0)), "no limit");
+        assert!(!near_maxmemory(&info(899, 1000)));
+        assert!(near_maxmemory(&info(901, 1000)));
+        assert!(!near_maxmemory("garbage"));
     }
 
     #[test]
