@@ -46,7 +46,7 @@ const SCHEDULER_HEADERS: [&str; 4] = [H_RUN_AT, H_DELAY_MS, H_ATTEMPT, H_SCHEDUL
 /// A task as a user gives it. The field order is the stored order of a
 /// schedule's template; every optional field is left out when unset, so a
 /// stored template holds what its author wrote.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskTemplate {
     /// Task name (AMQP `type`).

@@ -17,14 +17,14 @@
 //! the delay queue's Redis.
 
 use super::json_error;
+use super::openapi::ErrorBody;
 use super::status::StatusApi;
 use crate::redis_io::conn::RedisConn;
 use crate::redis_io::status_calls::Cancelled;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
+use axum::Json;
 use kairos_shared::amqp::Broker;
 use kairos_shared::contract::{validate_queue, Names};
 use kairos_shared::control::{self, ControlMessage};
@@ -34,6 +34,8 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The longest a control route waits for the broker (connect, publish and
 /// confirm) or for Redis before answering 503.
@@ -200,14 +202,29 @@ impl IntoResponse for ControlError {
 }
 
 /// The control routes: pause, resume, abort.
-pub(crate) fn router(api: ControlApi) -> Router {
-    Router::new()
-        .route("/v1/queues/{name}/pause", post(pause))
-        .route("/v1/queues/{name}/resume", post(resume))
-        .route("/v1/tasks/{id}/abort", post(abort))
+pub(crate) fn router(api: ControlApi) -> OpenApiRouter {
+    OpenApiRouter::default()
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(abort))
         .with_state(api)
 }
 
+/// Pauses a queue: every worker stops taking its tasks (running ones
+/// finish); tasks keep arriving and wait. Kept in Redis, so it outlives
+/// worker restarts.
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{name}/pause",
+    operation_id = "pause_queue",
+    tag = "queues",
+    params(("name" = String, Path, description = "The logical queue")),
+    responses(
+        (status = 200, description = "`{\"name\", \"paused\": true}`, also when it was paused already", body = Object),
+        (status = 400, description = "Not a queue name (`field`: `name`)", body = ErrorBody),
+        (status = 503, description = "Redis cannot be reached", body = ErrorBody),
+    )
+)]
 async fn pause(
     State(api): State<ControlApi>,
     Path(name): Path<String>,
@@ -215,6 +232,19 @@ async fn pause(
     set_paused(&api, name, true).await
 }
 
+/// Resumes a paused queue: the workers consume it again.
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{name}/resume",
+    operation_id = "resume_queue",
+    tag = "queues",
+    params(("name" = String, Path, description = "The logical queue")),
+    responses(
+        (status = 200, description = "`{\"name\", \"paused\": false}`, also when it was not paused", body = Object),
+        (status = 400, description = "Not a queue name (`field`: `name`)", body = ErrorBody),
+        (status = 503, description = "Redis cannot be reached", body = ErrorBody),
+    )
+)]
 async fn resume(
     State(api): State<ControlApi>,
     Path(name): Path<String>,
@@ -259,6 +289,23 @@ async fn set_paused(
 
 /// Aborts task `id` by its state: a running one through `NS.control`, a
 /// waiting one by cancelling it in the delay queue.
+/// Stops a task by its state: a running one through `NS.control` (it ends
+/// `cancelled`), a `scheduled` or `retrying` one cancelled in the delay
+/// queue as `DELETE /v1/tasks/{id}` does.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{id}/abort",
+    operation_id = "abort_task",
+    tag = "tasks",
+    params(("id" = String, Path, description = "The task id")),
+    responses(
+        (status = 202, description = "Running: `{\"id\", \"state\": \"running\", \"abort\": \"requested\"}`", body = Object),
+        (status = 200, description = "Was waiting, now cancelled: `{\"id\", \"state\": \"cancelled\"}`", body = Object),
+        (status = 404, description = "Unknown or expired id", body = ErrorBody),
+        (status = 409, description = "Ready or finished: cannot be aborted; `state` says which", body = ErrorBody),
+        (status = 503, description = "Redis or the broker cannot be reached", body = ErrorBody),
+    )
+)]
 async fn abort(
     State(api): State<ControlApi>,
     Path(id): Path<String>,

@@ -14,20 +14,22 @@
 //! its own: these operations are rare and administrative.
 
 use super::json_error;
+use super::openapi::ErrorBody;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::routing::post;
-use axum::{Json, Router};
+use axum::Json;
 use kairos_shared::amqp::Broker;
 use kairos_shared::contract::Names;
 use kairos_shared::dead::{self, Cursor, DeadError, Filter, FilterError, MAX_SCAN};
+use kairos_shared::dead::{LetterDetail, Page, Purged, Replayed};
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Letters per page unless `limit` says otherwise.
 pub(crate) const DEFAULT_PAGE: usize = 100;
@@ -51,11 +53,11 @@ impl DeadApi {
 }
 
 /// The dead-letter routes over `api`.
-pub(crate) fn router(api: DeadApi) -> Router {
-    Router::new()
-        .route("/v1/dead", get(list_dead).delete(purge_dead))
-        .route("/v1/dead/replay", post(replay_dead))
-        .route("/v1/dead/{id}", get(show_dead))
+pub(crate) fn router(api: DeadApi) -> OpenApiRouter {
+    OpenApiRouter::default()
+        .routes(routes!(list_dead, purge_dead))
+        .routes(routes!(replay_dead))
+        .routes(routes!(show_dead))
         .with_state(api)
 }
 
@@ -163,6 +165,24 @@ fn query_params(
         .map_err(|e| invalid("query", e.body_text()))
 }
 
+/// A page of dead letters, oldest first; nothing is removed.
+#[utoipa::path(
+    get,
+    path = "/v1/dead",
+    tag = "dead letters",
+    params(
+        ("queue" = Option<String>, Query, description = "Only letters meant for this logical queue"),
+        ("name" = Option<String>, Query, description = "Only letters of this task name"),
+        ("error" = Option<String>, Query, description = "Only letters whose error contains this text"),
+        ("limit" = Option<usize>, Query, description = "Letters per page, 1 to 10000 (default 100)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page; keep going while `next_cursor` is not null", body = Page),
+        (status = 400, description = "A bad or unknown parameter; `field` names it", body = ErrorBody),
+        (status = 503, description = "The broker cannot be reached", body = ErrorBody),
+    )
+)]
 async fn list_dead(
     State(api): State<DeadApi>,
     params: Result<Query<HashMap<String, String>>, QueryRejection>,
@@ -198,6 +218,18 @@ async fn list_dead(
     Ok(Json(page?).into_response())
 }
 
+/// One dead letter with its body, headers and properties.
+#[utoipa::path(
+    get,
+    path = "/v1/dead/{id}",
+    tag = "dead letters",
+    params(("id" = String, Path, description = "The task id of the letter")),
+    responses(
+        (status = 200, description = "The letter", body = LetterDetail),
+        (status = 404, description = "No dead letter with this id", body = ErrorBody),
+        (status = 503, description = "The broker cannot be reached", body = ErrorBody),
+    )
+)]
 async fn show_dead(
     State(api): State<DeadApi>,
     Path(id): Path<String>,
@@ -212,17 +244,36 @@ async fn show_dead(
 }
 
 /// The body of `POST /v1/dead/replay`: a [`Filter`] and a limit.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReplayBody {
+    /// Only letters with these task ids.
     #[serde(default)]
     ids: Vec<String>,
+    /// Only letters meant for this logical queue.
     queue: Option<String>,
+    /// Only letters of this task name.
     name: Option<String>,
+    /// Only letters whose error contains this text.
     error: Option<String>,
+    /// At most this many (default 10000).
     limit: Option<usize>,
 }
 
+/// Sends the matching letters back to their queues with full retries
+/// (all of them when the body is empty or `{}`); letters that cannot be
+/// replayed stay dead and are listed in `refused`.
+#[utoipa::path(
+    post,
+    path = "/v1/dead/replay",
+    tag = "dead letters",
+    request_body(content = Option<ReplayBody>, description = "Ids and/or a filter; empty replays all"),
+    responses(
+        (status = 200, description = "What was replayed, refused and not found", body = Replayed),
+        (status = 400, description = "A bad body; `field` names the fault", body = ErrorBody),
+        (status = 503, description = "The broker cannot be reached", body = ErrorBody),
+    )
+)]
 async fn replay_dead(State(api): State<DeadApi>, body: Bytes) -> Result<Response, DeadApiError> {
     let req: ReplayBody = if body.iter().all(u8::is_ascii_whitespace) {
         ReplayBody::default()
@@ -254,6 +305,23 @@ async fn replay_dead(State(api): State<DeadApi>, body: Bytes) -> Result<Response
     Ok(Json(replayed?).into_response())
 }
 
+/// Deletes the matching letters (all of them without a filter).
+#[utoipa::path(
+    delete,
+    path = "/v1/dead",
+    tag = "dead letters",
+    params(
+        ("queue" = Option<String>, Query, description = "Only letters meant for this logical queue"),
+        ("name" = Option<String>, Query, description = "Only letters of this task name"),
+        ("error" = Option<String>, Query, description = "Only letters whose error contains this text"),
+        ("ids" = Option<String>, Query, description = "Only these task ids, comma-separated"),
+    ),
+    responses(
+        (status = 200, description = "How many were deleted", body = Purged),
+        (status = 400, description = "A bad or unknown parameter; `field` names it", body = ErrorBody),
+        (status = 503, description = "The broker cannot be reached", body = ErrorBody),
+    )
+)]
 async fn purge_dead(
     State(api): State<DeadApi>,
     params: Result<Query<HashMap<String, String>>, QueryRejection>,

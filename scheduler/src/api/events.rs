@@ -11,12 +11,11 @@
 //! scheduler and workers that publish them.
 
 use super::json_error;
+use super::openapi::ErrorBody;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use futures_util::{Stream, StreamExt};
 use kairos_shared::admin::listen_to_events_with;
 use kairos_shared::amqp::{connect_to, Broker};
@@ -32,6 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Streams open at once; one more is answered 503, so clients cannot use
 /// up the broker's channels.
@@ -137,9 +138,9 @@ impl EventStreams {
 }
 
 /// The events route over `streams`.
-pub(crate) fn router(streams: EventStreams) -> Router {
-    Router::new()
-        .route("/v1/events", get(stream_events))
+pub(crate) fn router(streams: EventStreams) -> OpenApiRouter {
+    OpenApiRouter::default()
+        .routes(routes!(stream_events))
         .with_state(streams)
 }
 
@@ -216,6 +217,25 @@ fn to_sse(body: &[u8], filter: &Filter) -> Option<SseEvent> {
     Some(SseEvent::default().event(kind).data(data))
 }
 
+/// Follows the lifecycle events live as Server-Sent Events: one SSE event
+/// per published event, its `event:` the event's name and its `data:` the
+/// event's JSON. Parameters combine; matches are exact.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    params(
+        ("id" = Option<String>, Query, description = "Events of this task id"),
+        ("name" = Option<String>, Query, description = "Events of tasks of this name"),
+        ("queue" = Option<String>, Query, description = "Events of this logical queue"),
+        ("event" = Option<String>, Query, description = "These events, comma-separated (`started,succeeded`); all when absent"),
+    ),
+    responses(
+        (status = 200, description = "The stream; a comment line every 15 s keeps it open", content_type = "text/event-stream", body = String),
+        (status = 400, description = "An unknown parameter or event name; `field` names it", body = ErrorBody),
+        (status = 503, description = "Too many streams open, or the broker cannot be reached", body = ErrorBody),
+    )
+)]
 async fn stream_events(
     State(streams): State<EventStreams>,
     Query(params): Query<HashMap<String, String>>,

@@ -20,19 +20,21 @@
 //! cannot be reached.
 
 use super::json_error;
+use super::openapi::ErrorBody;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::put;
-use axum::{Json, Router};
+use axum::Json;
 use base64::Engine;
 use kairos_shared::contract::validate_id;
 use kairos_shared::limits::{progress_message, HandlerLimits};
 use kairos_shared::status::{StatusError, StatusStore, TaskResultValue};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The status store the routes write to, and the bounds they check.
 #[derive(Clone)]
@@ -57,15 +59,12 @@ impl HandlerIo {
 }
 
 /// The routes over `io`.
-pub(crate) fn router(io: HandlerIo) -> Router {
+pub(crate) fn router(io: HandlerIo) -> OpenApiRouter {
     let limit = DefaultBodyLimit::max(io.request_limit());
-    Router::new()
-        .route(
-            "/v1/tasks/{id}/checkpoint",
-            put(put_checkpoint).get(get_checkpoint),
-        )
-        .route("/v1/tasks/{id}/progress", put(put_progress))
-        .route("/v1/tasks/{id}/result", put(put_result))
+    OpenApiRouter::default()
+        .routes(routes!(put_checkpoint, get_checkpoint))
+        .routes(routes!(put_progress))
+        .routes(routes!(put_result))
         .layer(limit)
         .with_state(io)
 }
@@ -186,6 +185,21 @@ async fn known(io: &HandlerIo, id: &str) -> Result<(), IoError> {
     }
 }
 
+/// Saves the task's checkpoint, replacing the last one: the JSON value of
+/// `checkpoint`, or the bytes of `checkpoint_base64` (exactly one).
+#[utoipa::path(
+    put,
+    path = "/v1/tasks/{id}/checkpoint",
+    tag = "tasks",
+    params(("id" = String, Path, description = "The task id (`message_id`)")),
+    request_body(content = CheckpointBody, description = "`{\"checkpoint\": JSON}` or `{\"checkpoint_base64\": \"...\"}`"),
+    responses(
+        (status = 200, description = "Durable in Redis: `{\"id\", \"bytes\": N}`", body = Object),
+        (status = 400, description = "A bad id or body; `field` names it", body = ErrorBody),
+        (status = 413, description = "Over `KAIROS_MAX_CHECKPOINT_BYTES` (`field`: `checkpoint`) or the request limit (`body`)", body = ErrorBody),
+        (status = 503, description = "Redis cannot be reached", body = ErrorBody),
+    )
+)]
 async fn put_checkpoint(
     State(io): State<HandlerIo>,
     Path(id): Path<String>,
@@ -203,6 +217,19 @@ async fn put_checkpoint(
     Ok(Json(json!({"id": id, "bytes": bytes.len()})).into_response())
 }
 
+/// The task's last checkpoint.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{id}/checkpoint",
+    tag = "tasks",
+    params(("id" = String, Path, description = "The task id (`message_id`)")),
+    responses(
+        (status = 200, description = "`{\"id\", \"checkpoint\": JSON or null, \"checkpoint_base64\"}`: `checkpoint` when the bytes are JSON, `checkpoint_base64` always", body = Object),
+        (status = 400, description = "A bad id or body; `field` names it", body = ErrorBody),
+        (status = 404, description = "No checkpoint", body = ErrorBody),
+        (status = 503, description = "Redis cannot be reached", body = ErrorBody),
+    )
+)]
 async fn get_checkpoint(
     State(io): State<HandlerIo>,
     Path(id): Path<String>,
@@ -219,14 +246,31 @@ async fn get_checkpoint(
     )
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Progress {
+    /// An integer from 0 to 100.
+    #[schema(value_type = u8, maximum = 100)]
     percent: Value,
+    /// What the task is doing, cut at 1 KiB.
     #[serde(default)]
     message: Option<String>,
 }
 
+/// Sets the progress shown in the task's status.
+#[utoipa::path(
+    put,
+    path = "/v1/tasks/{id}/progress",
+    tag = "tasks",
+    params(("id" = String, Path, description = "The task id (`message_id`)")),
+    request_body = Progress,
+    responses(
+        (status = 200, description = "`{\"id\", \"progress\", \"progress_message\"}`", body = Object),
+        (status = 400, description = "A bad id or body; `field` names it", body = ErrorBody),
+        (status = 404, description = "The task has no status (unknown, expired, or status off)", body = ErrorBody),
+        (status = 503, description = "Redis cannot be reached", body = ErrorBody),
+    )
+)]
 async fn put_progress(
     State(io): State<HandlerIo>,
     Path(id): Path<String>,
@@ -247,6 +291,22 @@ async fn put_progress(
     Ok(Json(json!({"id": id, "progress": percent, "progress_message": message})).into_response())
 }
 
+/// Sets the task's result: the JSON value of `result`, or the bytes of
+/// `result_base64` (exactly one).
+#[utoipa::path(
+    put,
+    path = "/v1/tasks/{id}/result",
+    tag = "tasks",
+    params(("id" = String, Path, description = "The task id (`message_id`)")),
+    request_body(content = ResultBody, description = "`{\"result\": JSON}` or `{\"result_base64\": \"...\"}`"),
+    responses(
+        (status = 200, description = "`{\"id\", \"result_type\": \"json\" or \"bytes\"}`", body = Object),
+        (status = 400, description = "A bad id or body; `field` names it", body = ErrorBody),
+        (status = 404, description = "The task has no status (unknown, expired, or status off)", body = ErrorBody),
+        (status = 413, description = "Over `KAIROS_MAX_RESULT_BYTES` (`field`: `result`) or the request limit (`body`)", body = ErrorBody),
+        (status = 503, description = "Redis cannot be reached", body = ErrorBody),
+    )
+)]
 async fn put_result(
     State(io): State<HandlerIo>,
     Path(id): Path<String>,
@@ -270,6 +330,30 @@ async fn put_result(
     io.store.set_result(&id, &value).await?;
     let kind = if is_json { "json" } else { "bytes" };
     Ok(Json(json!({"id": id, "result_type": kind})).into_response())
+}
+
+/// The body of `PUT /v1/tasks/{id}/checkpoint`, as `json_or_base64`
+/// reads it: exactly one of the two fields.
+#[derive(utoipa::ToSchema)]
+// Only describes what `json_or_base64` reads: never constructed.
+#[allow(dead_code)]
+struct CheckpointBody {
+    /// Any JSON value, saved as its text.
+    checkpoint: Option<Value>,
+    /// Bytes, in base64.
+    checkpoint_base64: Option<String>,
+}
+
+/// The body of `PUT /v1/tasks/{id}/result`: exactly one of the two
+/// fields.
+#[derive(utoipa::ToSchema)]
+// Only describes what `json_or_base64` reads: never constructed.
+#[allow(dead_code)]
+struct ResultBody {
+    /// Any JSON value.
+    result: Option<Value>,
+    /// Bytes, in base64.
+    result_base64: Option<String>,
 }
 
 #[cfg(test)]

@@ -12,6 +12,9 @@
 //! * `status`: task status, cancel and the task list (`/v1/tasks/{id}`).
 //! * `control`: pause and resume a queue, abort a task (`NS.control`).
 //! * `queues`: the queue overview (`GET /v1/queues`).
+//! * `openapi`: the OpenAPI document of the API routes (`/v1/openapi.json`,
+//!   the dashboard page is no API route), made from the same definitions
+//!   that register them.
 //!
 //! May touch: the delay queue (through `crate::delay::hold`), the schedule
 //! admin, RabbitMQ (publishing tasks). Holds no state of its own.
@@ -21,6 +24,7 @@ pub(crate) mod dead;
 pub(crate) mod events;
 pub(crate) mod guard;
 pub(crate) mod handler_io;
+pub(crate) mod openapi;
 pub(crate) mod probes;
 pub(crate) mod queues;
 pub(crate) mod schedules;
@@ -39,7 +43,8 @@ use serde_json::{json, Value};
 /// for kairosctl), and the event stream when
 /// given `events` (none in process: kairosctl's in-process calls answer
 /// once and cannot stream) and with it the dashboard page, which needs
-/// it. Without a `token` the API is open.
+/// it; and the OpenAPI document of the API routes at `/v1/openapi.json`.
+/// Without a `token` the API is open.
 // One state per part of the API, handed over once at start.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn router(
@@ -53,7 +58,7 @@ pub(crate) fn router(
     token: Option<Secret>,
 ) -> Router {
     let mut routes = schedules::router(admin)
-        .merge(tasks::router(tasks))
+        .merge(tasks::routes(tasks))
         .merge(handler_io::router(handler_io))
         .merge(status::router(status))
         .merge(control::router(control.clone()))
@@ -62,9 +67,12 @@ pub(crate) fn router(
         routes = routes.merge(probes::router(probes));
     }
     if let Some(events) = events {
-        routes = routes.merge(events::router(events)).merge(ui::router());
+        // The page is no API route: served, not in the OpenAPI document.
+        routes = routes
+            .merge(events::router(events))
+            .merge(ui::router().into());
     }
-    guard::guard(routes, token)
+    guard::guard(openapi::serve(routes), token)
 }
 
 /// An error as the API answers it: `status` with the JSON body

@@ -14,8 +14,7 @@
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use kairos_shared::amqp::{close_connection, connect_to, Broker};
 use kairos_shared::supervise::Health;
 use lapin::Connection;
@@ -25,6 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The longest one check of Redis or RabbitMQ may take.
 pub(crate) const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -102,13 +103,25 @@ impl Probes {
 }
 
 /// `/readyz` and `/metrics` over `probes`.
-pub(crate) fn router(probes: Probes) -> Router {
-    Router::new()
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+pub(crate) fn router(probes: Probes) -> OpenApiRouter {
+    OpenApiRouter::default()
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
         .with_state(probes)
 }
 
+/// Readiness: whether Redis and RabbitMQ answer and every background
+/// loop of the scheduler runs. Needs no token.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "probes",
+    security(()),
+    responses(
+        (status = 200, description = "Ready: `{\"status\": \"ready\", \"checks\": {\"redis\", \"rabbitmq\"}, \"loops\": {...}}`", body = Object),
+        (status = 503, description = "Not ready: `{\"status\": \"unavailable\", \"error\", \"failing\": [...], \"checks\", \"loops\"}`", body = Object),
+    )
+)]
 async fn readyz(State(probes): State<Probes>) -> Response {
     let servers = probes.checks.servers().await;
     let loops = probes.health.snapshot();
@@ -146,6 +159,16 @@ async fn readyz(State(probes): State<Probes>) -> Response {
     }
 }
 
+/// The process's metrics in the Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "probes",
+    responses(
+        (status = 200, description = "Prometheus text exposition", content_type = "text/plain; version=0.0.4", body = String),
+        (status = 404, description = "Metrics go to the recorder of a program embedding Kairos", body = super::openapi::ErrorBody),
+    )
+)]
 async fn metrics() -> Response {
     match kairos_shared::metrics::render() {
         Some(text) => (

@@ -23,10 +23,10 @@
 //! declare per queue, and a scan of at most [`DEAD_SCAN`] dead letters.
 
 use super::control::{ControlApi, ControlError};
+use super::openapi::ErrorBody;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use kairos_shared::contract::validate_queue;
 use kairos_shared::control;
 use kairos_shared::dead::DeadCounts;
@@ -36,6 +36,8 @@ use lapin::types::FieldTable;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The most queues one answer lists (the first by name).
 pub(crate) const MAX_QUEUES: usize = 500;
@@ -62,7 +64,7 @@ const RATE_BUCKETS: i64 = 6;
 const BUCKET_S: i64 = 10;
 
 /// One queue of the overview.
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub(crate) struct QueueView {
     name: String,
     ready: u32,
@@ -71,16 +73,46 @@ pub(crate) struct QueueView {
     due: u64,
     dead: u64,
     paused: bool,
+    /// Events of the last minute, by name.
+    #[schema(value_type = std::collections::BTreeMap<String, u64>)]
     rates: Map<String, Value>,
 }
 
 /// The queue routes.
-pub(crate) fn router(api: ControlApi) -> Router {
-    Router::new()
-        .route("/v1/queues", get(list_queues))
+pub(crate) fn router(api: ControlApi) -> OpenApiRouter {
+    OpenApiRouter::default()
+        .routes(routes!(list_queues))
         .with_state(api)
 }
 
+/// The answer of `GET /v1/queues`.
+#[derive(utoipa::ToSchema)]
+// Only describes the JSON that `list_queues` builds: never constructed.
+#[allow(dead_code)]
+struct Overview {
+    /// Every logical queue seen, sorted, at most 500.
+    queues: Vec<QueueView>,
+    /// `waiting`: every task held in the delay queue; `due`: the queues'
+    /// `due` summed.
+    #[schema(value_type = Object)]
+    delay_queue: Value,
+    /// `total` in `NS.dead`, how many were `counted` by queue, and whether
+    /// that is all of them (`complete`).
+    #[schema(value_type = Object)]
+    dead_letters: Value,
+}
+
+/// The overview of every logical queue: ready and waiting tasks,
+/// consumers, dead letters, pause, and the last minute's event rates.
+#[utoipa::path(
+    get,
+    path = "/v1/queues",
+    tag = "queues",
+    responses(
+        (status = 200, description = "The overview", body = Overview),
+        (status = 503, description = "Redis or the broker cannot be reached", body = ErrorBody),
+    )
+)]
 async fn list_queues(State(api): State<ControlApi>) -> Result<Response, ControlError> {
     let mut pipe = redis::pipe();
     pipe.cmd("SMEMBERS")

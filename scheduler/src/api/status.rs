@@ -15,6 +15,7 @@
 //! 503 when Redis cannot be reached.
 
 use super::json_error;
+use super::openapi::ErrorBody;
 use crate::delay::store::QueueError;
 use crate::redis_io::keys::Keys;
 use crate::redis_io::scripts;
@@ -23,14 +24,16 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use kairos_shared::redis::{shard_of, RedisConn};
 use kairos_shared::status::{
-    ListFilter, ShardCount, StatusError, StatusKeys, StatusSettings, StatusStore, TaskState,
+    ListFilter, Page, ShardCount, StatusError, StatusKeys, StatusSettings, StatusStore, TaskState,
+    TaskStatus,
 };
 use serde::Deserialize;
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Tasks a list page shows by default.
 pub const DEFAULT_LIST_LIMIT: usize = 100;
@@ -94,10 +97,10 @@ impl StatusApi {
 }
 
 /// The task status routes over `api`.
-pub(crate) fn router(api: StatusApi) -> Router {
-    Router::new()
-        .route("/v1/tasks", get(list_tasks))
-        .route("/v1/tasks/{id}", get(get_task).delete(cancel_task))
+pub(crate) fn router(api: StatusApi) -> OpenApiRouter {
+    OpenApiRouter::default()
+        .routes(routes!(list_tasks))
+        .routes(routes!(get_task, cancel_task))
         .with_state(api)
 }
 
@@ -120,6 +123,18 @@ fn not_found(id: &str) -> Response {
     .into_response()
 }
 
+/// A task's status, with its result; absent fields are null.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{id}",
+    tag = "tasks",
+    params(("id" = String, Path, description = "The task id")),
+    responses(
+        (status = 200, description = "The status", body = TaskStatus),
+        (status = 404, description = "Unknown id, or its status expired (or status is off)", body = ErrorBody),
+        (status = 503, description = "Redis cannot be reached", body = ErrorBody),
+    )
+)]
 async fn get_task(State(api): State<StatusApi>, Path(id): Path<String>) -> Response {
     match api.store.get(&id).await {
         Ok(Some(status)) => Json(status).into_response(),
@@ -128,6 +143,20 @@ async fn get_task(State(api): State<StatusApi>, Path(id): Path<String>) -> Respo
     }
 }
 
+/// Cancels a task waiting in the delay queue (`scheduled` or
+/// `retrying`): it never runs.
+#[utoipa::path(
+    delete,
+    path = "/v1/tasks/{id}",
+    tag = "tasks",
+    params(("id" = String, Path, description = "The task id")),
+    responses(
+        (status = 200, description = "Cancelled: `{\"id\", \"state\": \"cancelled\"}`", body = Object),
+        (status = 404, description = "Unknown id", body = ErrorBody),
+        (status = 409, description = "Ready, running or finished: cannot be cancelled; `state` says which", body = ErrorBody),
+        (status = 503, description = "Redis cannot be reached", body = ErrorBody),
+    )
+)]
 async fn cancel_task(State(api): State<StatusApi>, Path(id): Path<String>) -> Response {
     let state = match api.cancel(&id).await {
         Ok(Cancelled::Withdrawn) => {
@@ -175,6 +204,25 @@ fn bad(field: &str, message: String) -> Response {
     .into_response()
 }
 
+/// Recent tasks, newest change first, a page at a time (each without its
+/// result).
+#[utoipa::path(
+    get,
+    path = "/v1/tasks",
+    tag = "tasks",
+    params(
+        ("state" = Option<TaskState>, Query, description = "Only tasks in this state"),
+        ("queue" = Option<String>, Query, description = "Only tasks of this logical queue"),
+        ("name" = Option<String>, Query, description = "Only tasks of this name"),
+        ("limit" = Option<usize>, Query, description = "Tasks per page, 1 to 1000 (default 100)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page; keep going while `next_cursor` is not null", body = Page),
+        (status = 400, description = "An unknown state, a limit out of range, or a cursor this API did not hand out; `field` names it", body = ErrorBody),
+        (status = 503, description = "Redis cannot be reached", body = ErrorBody),
+    )
+)]
 async fn list_tasks(
     State(api): State<StatusApi>,
     query: Result<Query<ListQuery>, QueryRejection>,

@@ -20,23 +20,26 @@
 //! of queueing behind one another's round trip.
 
 use super::json_error;
+use super::openapi::ErrorBody;
 use crate::delay::hold::{Held, HoldError, Holder};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use kairos_shared::amqp::{Blocked, Broker};
 use kairos_shared::client::{Client, ClientError};
 use kairos_shared::contract::{Names, ProtocolError};
 use kairos_shared::limits::Limits;
 use kairos_shared::request::{self, RequestError};
+use kairos_shared::template::TaskTemplate;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 /// The longest an enqueue waits for the broker (connect, publish and
 /// confirm) before answering 503. A blocked broker (resource alarm) takes
@@ -100,19 +103,35 @@ impl TaskApi {
 
 /// The task routes: enqueue (`POST /v1/tasks`), the dead letters (see
 /// `super::dead`) and `/healthz`, over `api`.
-pub fn router(api: TaskApi) -> Router {
+pub(crate) fn routes(api: TaskApi) -> OpenApiRouter {
     let dead = super::dead::router(super::dead::DeadApi::new(
         api.broker.clone(),
         api.names.clone(),
     ));
-    Router::new()
-        .route(
-            "/v1/tasks",
-            post(enqueue).layer(DefaultBodyLimit::max(api.request_limit())),
-        )
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+    let limit = DefaultBodyLimit::max(api.request_limit());
+    OpenApiRouter::default()
+        .routes(routes!(enqueue).layer(limit))
+        .routes(routes!(healthz))
         .with_state(api)
         .merge(dead)
+}
+
+/// [`routes`] as a plain axum router, without the OpenAPI document (the
+/// benchmark serves it alone).
+pub fn router(api: TaskApi) -> Router {
+    routes(api).split_for_parts().0
+}
+
+/// Liveness: answers while the process runs.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "probes",
+    security(()),
+    responses((status = 200, description = "`{\"status\": \"ok\"}`", body = Object))
+)]
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
 }
 
 /// Why a task route failed; each maps to one HTTP status (see
@@ -250,6 +269,26 @@ async fn connected(api: &TaskApi) -> Result<Connected, ApiError> {
     Ok(c)
 }
 
+/// Enqueues one task, as if published per the wire contract; with
+/// `run_at` or `delay_ms` it goes into the delay queue. Answers once the
+/// broker confirmed it (or it is durable in Redis).
+#[utoipa::path(
+    post,
+    path = "/v1/tasks",
+    tag = "tasks",
+    request_body = TaskTemplate,
+    params(
+        ("traceparent" = Option<String>, Header, description = "W3C trace context for the task when its `headers` carry none"),
+        ("tracestate" = Option<String>, Header, description = "W3C trace state, taken with `traceparent`"),
+    ),
+    responses(
+        (status = 202, description = "Accepted: `{\"id\", \"queue\", \"delayed\"}`", body = Enqueued),
+        (status = 400, description = "Not a valid task; `field` names the fault", body = ErrorBody),
+        (status = 409, description = "A delayed task with this id is already pending; `id` names it", body = ErrorBody),
+        (status = 413, description = "The body (`field`: `body`) or headers are over their limit", body = ErrorBody),
+        (status = 503, description = "The broker cannot be reached, blocks publishing (with `Retry-After`), or did not confirm in time", body = ErrorBody),
+    )
+)]
 async fn enqueue(
     State(api): State<TaskApi>,
     http_headers: HeaderMap,
@@ -319,4 +358,17 @@ fn body_rejection(e: BytesRejection, api: &TaskApi) -> ApiError {
             message: e.body_text(),
         })
     }
+}
+
+/// The answer of `POST /v1/tasks`.
+#[derive(utoipa::ToSchema)]
+// Only describes the JSON that `enqueue` builds: never constructed.
+#[allow(dead_code)]
+struct Enqueued {
+    /// The task id: the one given, or a new UUIDv7.
+    id: String,
+    /// Its logical queue.
+    queue: String,
+    /// Whether it went into the delay queue (`run_at` or `delay_ms`).
+    delayed: bool,
 }

@@ -131,12 +131,14 @@ pub struct Fired {
 }
 
 /// A schedule as the API shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Schedule)]
 pub struct View {
     /// The schedule's id.
     pub id: String,
     /// The definition, without its id, with defaults filled in.
     #[serde(flatten)]
+    #[schema(value_type = ScheduleSpec)]
     pub spec: serde_json::Value,
     /// The stored next tick; `None` when paused or exhausted.
     pub next_fire_at: Option<i64>,
@@ -144,6 +146,7 @@ pub struct View {
     pub last_fire_at: Option<i64>,
     /// From the workers' events; `null` until one arrived (or with events
     /// off).
+    #[schema(value_type = Option<Object>)]
     pub last_outcome: Option<serde_json::Value>,
     /// Last tick skipped because the previous occurrence still ran.
     pub last_skipped_at: Option<i64>,

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 /// One dead letter, as `kairosctl dead list` shows it.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct DeadLetter {
     /// Task id (`message_id`), if it had a readable one.
     pub id: Option<String>,
@@ -30,7 +30,7 @@ pub struct DeadLetter {
 
 /// A dead letter with its body, headers and properties
 /// (`GET /v1/dead/{id}`, `kairosctl dead show`).
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct LetterDetail {
     /// What a listing shows of it.
     #[serde(flatten)]
@@ -39,11 +39,13 @@ pub struct LetterDetail {
     pub routing_key: String,
     /// `content_type`, `content_encoding`, `priority`, `timestamp`,
     /// `correlation_id`, `app_id` (absent ones null).
+    #[schema(value_type = Object)]
     pub properties: Value,
     /// Every header, as JSON (byte arrays as `{"base64": ...}`).
     pub headers: Map<String, Value>,
     /// How the body is given: `json` (`body` is its JSON value), `text`
     /// (`body` is a string) or `base64` (`body_base64`).
+    #[schema(value_type = String)]
     pub body_encoding: &'static str,
     /// The body when it is JSON or UTF-8 text, else null.
     pub body: Option<Value>,

@@ -60,7 +60,7 @@ pub enum DeadError {
 }
 
 /// What a replay did.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Replayed {
     /// Ids of the tasks sent back to their queues.
     pub replayed: Vec<String>,
@@ -75,7 +75,7 @@ pub struct Replayed {
 }
 
 /// A dead letter a replay left dead, and why.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Refused {
     /// Its task id, if readable.
     pub id: Option<String>,
@@ -84,7 +84,8 @@ pub struct Refused {
 }
 
 /// One page of dead letters, oldest first.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = DeadPage)]
 pub struct Page {
     /// The letters of this page.
     pub dead: Vec<DeadLetter>,
@@ -98,7 +99,7 @@ pub struct Page {
 }
 
 /// What a purge by filter did.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Purged {
     /// Letters deleted.
     pub purged: u64,

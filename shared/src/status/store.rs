@@ -24,7 +24,7 @@ pub enum StatusError {
 }
 
 /// A task's status as the API shows it: absent fields are `null`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct TaskStatus {
     /// The task id.
     pub id: String,
@@ -59,6 +59,7 @@ pub struct TaskStatus {
     /// The handler's result: the JSON value, or `{"base64": ...}` for
     /// bytes. Left out of lists.
     #[serde(skip_serializing_if = "is_omitted")]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub result: ResultField,
     /// The last change, Unix ms (Redis's clock).
     pub updated_at: Option<i64>,
@@ -202,7 +203,8 @@ impl ListFilter {
 }
 
 /// One page of a list, newest first.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = TaskPage)]
 pub struct Page {
     /// The tasks.
     pub tasks: Vec<TaskStatus>,

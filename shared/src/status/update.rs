@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 pub const RANK_TERMINAL: u64 = 1 << 40;
 
 /// Where a task is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
     /// Waiting in the delay queue for its due time.

@@ -46,7 +46,7 @@ fn err(field: &str, message: impl Into<String>) -> SpecError {
 }
 
 /// What to do with ticks that fell due while no scheduler ran.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Misfire {
     /// One catch-up run for all missed ticks (the latest of them).
@@ -59,7 +59,7 @@ pub enum Misfire {
 }
 
 /// Whether a tick fires while the previous occurrence still runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Overlap {
     /// Every tick fires.
@@ -109,7 +109,7 @@ fn is_utc(tz: &String) -> bool {
 }
 
 /// A schedule as declared. Exactly one of `cron`, `every_ms` and `at`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSpec {
     /// Set from the URL for HTTP; required in the file.
