@@ -292,6 +292,19 @@ async fn an_unknown_task_is_404_and_a_cancelled_one_never_runs() {
         assert_eq!(r.status, 404, "{method}: {:?}", r.body);
         assert!(r.body["error"].as_str().is_some());
     }
+    // Ids no task can have are refused before they reach Redis: a tab
+    // would let an id name another task's retry member (`ID<TAB>N`).
+    let long = "x".repeat(129);
+    for (method, id) in [
+        ("DELETE", "gone%092"),
+        ("GET", "gone%092"),
+        ("DELETE", "%FF%FE"),
+        ("GET", long.as_str()),
+    ] {
+        let r = call(&api, method, format!("/v1/tasks/{id}")).await;
+        assert_eq!(r.status, 400, "{method} {id}: {:?}", r.body);
+        assert_eq!(r.body["field"], "id", "{method} {id}");
+    }
     // `late` is due after `gone`: once it ran, `gone` would have too.
     let gone = enqueue(
         &api,

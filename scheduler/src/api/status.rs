@@ -20,11 +20,12 @@ use crate::delay::store::QueueError;
 use crate::redis_io::keys::Keys;
 use crate::redis_io::scripts;
 use crate::redis_io::status_calls::{CancelArgs, Cancelled};
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use kairos_shared::contract::validate_id;
 use kairos_shared::redis::{shard_of, RedisConn};
 use kairos_shared::status::{
     ListFilter, Page, ShardCount, StatusError, StatusKeys, StatusSettings, StatusStore, TaskState,
@@ -114,6 +115,28 @@ fn unavailable(err: impl std::fmt::Display) -> Response {
     .into_response()
 }
 
+/// An id no task can have (the contract's 1 to 128 printable ASCII
+/// characters): 400. Checked before any key is built from it, since the
+/// cancel script also tries `ID<TAB>N`, and an id that carried its own tab
+/// would name another task's retry.
+/// A path that is not text (invalid UTF-8 after decoding) is refused the
+/// same way, as JSON.
+fn checked_id(id: Result<Path<String>, PathRejection>) -> Result<String, Box<Response>> {
+    let refuse = |e: &dyn std::fmt::Display| {
+        Box::new(
+            json_error(
+                StatusCode::BAD_REQUEST,
+                format!("not a task id: {e}"),
+                Some(("field", json!("id"))),
+            )
+            .into_response(),
+        )
+    };
+    let Path(id) = id.map_err(|e| refuse(&e.body_text()))?;
+    validate_id(&id).map_err(|e| refuse(&e))?;
+    Ok(id)
+}
+
 fn not_found(id: &str) -> Response {
     json_error(
         StatusCode::NOT_FOUND,
@@ -131,11 +154,19 @@ fn not_found(id: &str) -> Response {
     params(("id" = String, Path, description = "The task id")),
     responses(
         (status = 200, description = "The status", body = TaskStatus),
+        (status = 400, description = "Not a task id (1 to 128 printable ASCII characters)", body = ErrorBody),
         (status = 404, description = "Unknown id, or its status expired (or status is off)", body = ErrorBody),
         (status = 503, description = "Redis cannot be reached", body = ErrorBody),
     )
 )]
-async fn get_task(State(api): State<StatusApi>, Path(id): Path<String>) -> Response {
+async fn get_task(
+    State(api): State<StatusApi>,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
+    let id = match checked_id(id) {
+        Ok(id) => id,
+        Err(bad) => return *bad,
+    };
     match api.store.get(&id).await {
         Ok(Some(status)) => Json(status).into_response(),
         Ok(None) => not_found(&id),
@@ -152,12 +183,20 @@ async fn get_task(State(api): State<StatusApi>, Path(id): Path<String>) -> Respo
     params(("id" = String, Path, description = "The task id")),
     responses(
         (status = 200, description = "Cancelled: `{\"id\", \"state\": \"cancelled\"}`", body = Object),
+        (status = 400, description = "Not a task id (1 to 128 printable ASCII characters)", body = ErrorBody),
         (status = 404, description = "Unknown id", body = ErrorBody),
         (status = 409, description = "Ready, running or finished: cannot be cancelled; `state` says which", body = ErrorBody),
         (status = 503, description = "Redis cannot be reached", body = ErrorBody),
     )
 )]
-async fn cancel_task(State(api): State<StatusApi>, Path(id): Path<String>) -> Response {
+async fn cancel_task(
+    State(api): State<StatusApi>,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
+    let id = match checked_id(id) {
+        Ok(id) => id,
+        Err(bad) => return *bad,
+    };
     let state = match api.cancel(&id).await {
         Ok(Cancelled::Withdrawn) => {
             tracing::info!(task_id = %id, "task cancelled");
