@@ -12,8 +12,8 @@
 //! ```
 
 use crate::contract::{
-    text, validate_id, validate_queue, Names, ProtocolError, H_DELAY_MS, H_MAX_RETRIES, H_RUN_AT,
-    H_TIMEOUT_MS,
+    text, validate_id, validate_queue, Names, ProtocolError, H_COST, H_DELAY_MS, H_ESTIMATE_MS,
+    H_MAX_RETRIES, H_RUN_AT, H_TIMEOUT_MS,
 };
 use crate::short::{header_name, short};
 use crate::topology::{self, DeclareError};
@@ -79,6 +79,12 @@ pub struct NewTask {
     pub max_retries: Option<u32>,
     /// Time limit of one attempt (`x-timeout-ms`).
     pub timeout_ms: Option<u64>,
+    /// Resource units the task occupies while it runs (`x-cost`, 1 to
+    /// [`MAX_COST`](crate::contract::MAX_COST); 1 when unset).
+    pub cost: Option<u32>,
+    /// Expected run time in ms (`x-estimate-ms`): a `shortest-first`
+    /// queue orders by it.
+    pub estimate_ms: Option<u64>,
     /// Other headers, sent as they are.
     pub headers: FieldTable,
     /// A header that could not be added (its name is over 255 bytes):
@@ -101,6 +107,8 @@ impl NewTask {
             delay_ms: None,
             max_retries: None,
             timeout_ms: None,
+            cost: None,
+            estimate_ms: None,
             headers: FieldTable::default(),
             bad_header: None,
         }
@@ -151,6 +159,16 @@ impl NewTask {
         self.timeout_ms = Some(ms);
         self
     }
+    /// Sets the resource units the task occupies while it runs (`x-cost`).
+    pub fn cost(mut self, units: u32) -> Self {
+        self.cost = Some(units);
+        self
+    }
+    /// Sets the expected run time (`x-estimate-ms`).
+    pub fn estimate_ms(mut self, ms: u64) -> Self {
+        self.estimate_ms = Some(ms);
+        self
+    }
     /// Sets the W3C `traceparent` header (`00-TRACEID-PARENTID-FLAGS`), so
     /// the handler's span joins the caller's trace on every attempt. A value
     /// that is not a valid `traceparent` is ignored: the task goes without.
@@ -198,6 +216,14 @@ impl NewTask {
             }
             None => uuid::Uuid::now_v7().to_string(),
         };
+        if let Some(cost) = self.cost {
+            crate::contract::cost_in_range(i64::from(cost)).map_err(|reason| {
+                ProtocolError::BadHeader {
+                    name: H_COST,
+                    reason,
+                }
+            })?;
+        }
         let mut headers = self.headers.clone();
         let mut put = |k: &str, v: Option<i64>| {
             if let Some(v) = v {
@@ -210,6 +236,12 @@ impl NewTask {
         put(
             H_TIMEOUT_MS,
             self.timeout_ms
+                .map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
+        );
+        put(H_COST, self.cost.map(i64::from));
+        put(
+            H_ESTIMATE_MS,
+            self.estimate_ms
                 .map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
         );
         let message_id =

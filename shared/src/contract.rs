@@ -38,6 +38,13 @@ pub const H_SCHEDULE_ID: &str = "x-schedule-id";
 /// Retry header: how long to wait before the next attempt, in milliseconds,
 /// instead of the computed backoff (set by a handler's Retry-After).
 pub const H_RETRY_AFTER_MS: &str = "x-retry-after-ms";
+/// Header: the resource units a task occupies while it runs (1 when
+/// absent); a worker runs it only when that many of its `KAIROS_CAPACITY`
+/// units are free.
+pub const H_COST: &str = "x-cost";
+/// Header: how long the task is expected to run, in milliseconds; a
+/// `shortest-first` queue derives the priority from it.
+pub const H_ESTIMATE_MS: &str = "x-estimate-ms";
 
 /// Highest priority the contract knows; queues are declared with it.
 pub const MAX_PRIORITY: u8 = 9;
@@ -53,6 +60,10 @@ pub const MAX_QUEUE_LEN: usize = 200;
 /// backoff (capped at an hour) 1,000 retries already span six weeks; more
 /// is a bug in the client, not a retry policy.
 pub const MAX_RETRIES_CAP: u32 = 1_000;
+/// Most resource units one task may declare with `x-cost`. Far above any
+/// real worker's capacity: the bound only keeps the arithmetic of the
+/// units in range.
+pub const MAX_COST: u32 = 1_000_000;
 /// Prefix of the ids Kairos derives for messages without `message_id`.
 pub const DERIVED_ID_PREFIX: &str = "h-";
 
@@ -268,6 +279,11 @@ pub struct Task {
     pub max_retries: Option<u32>,
     /// `x-timeout-ms`: time limit of one attempt.
     pub timeout_ms: Option<u64>,
+    /// `x-cost`: resource units the task occupies while it runs, 1 to
+    /// [`MAX_COST`] (1 when absent).
+    pub cost: u32,
+    /// `x-estimate-ms`: the expected run time, when the publisher gave one.
+    pub estimate_ms: Option<u64>,
     /// All properties as received, headers included.
     pub properties: BasicProperties,
     /// The message body.
@@ -315,6 +331,15 @@ impl Task {
             .map(timeout_in_range)
             .transpose()
             .map_err(|reason| bad(H_TIMEOUT_MS, reason))?;
+        let cost = int_header(headers, H_COST)?
+            .map(cost_in_range)
+            .transpose()
+            .map_err(|reason| bad(H_COST, reason))?
+            .unwrap_or(1);
+        let estimate_ms = int_header(headers, H_ESTIMATE_MS)?
+            .map(estimate_in_range)
+            .transpose()
+            .map_err(|reason| bad(H_ESTIMATE_MS, reason))?;
         // The routing key names the queue `NS.q.KEY`: a key that cannot
         // make a queue name is refused here, where it enters, rather than
         // when the task is published.
@@ -333,6 +358,8 @@ impl Task {
             delay_ms: int_header(headers, H_DELAY_MS)?,
             max_retries,
             timeout_ms,
+            cost,
+            estimate_ms,
             properties,
             body: body.to_vec(),
         })
@@ -593,6 +620,19 @@ pub fn timeout_in_range(n: i64) -> Result<u64, String> {
         .ok_or_else(|| format!("{n} is not positive"))
 }
 
+/// The contract's range of `x-cost`: 1 to [`MAX_COST`].
+pub fn cost_in_range(n: i64) -> Result<u32, String> {
+    u32::try_from(n)
+        .ok()
+        .filter(|n| (1..=MAX_COST).contains(n))
+        .ok_or_else(|| format!("{n} is not 1 to {MAX_COST}"))
+}
+
+/// The contract's range of `x-estimate-ms`: 0 or more.
+pub fn estimate_in_range(n: i64) -> Result<u64, String> {
+    u64::try_from(n).map_err(|_| format!("{n} is negative"))
+}
+
 /// Checks the contract's id rule: 1 to 128 printable ASCII characters.
 pub fn validate_id(id: &str) -> Result<(), ProtocolError> {
     if id.is_empty() {
@@ -731,6 +771,26 @@ mod tests {
             assert!(matches!(err, ProtocolError::BadQueue(_)), "{err}");
             assert!(err.to_string().contains("routing key"), "{err}");
         }
+    }
+
+    #[test]
+    fn cost_defaults_to_one_and_is_checked() {
+        let t = Task::decode("q", &props("t"), b"").unwrap();
+        assert_eq!((t.cost, t.estimate_ms), (1, None));
+        let p = with_header(props("t"), H_COST, AMQPValue::LongLongInt(4));
+        let p = with_header(p, H_ESTIMATE_MS, AMQPValue::LongString("250".into()));
+        let t = Task::decode("q", &p, b"").unwrap();
+        assert_eq!((t.cost, t.estimate_ms), (4, Some(250)));
+        for bad_cost in [0, -1, i64::from(MAX_COST) + 1, i64::MAX] {
+            let p = with_header(props("t"), H_COST, AMQPValue::LongLongInt(bad_cost));
+            let err = Task::decode("q", &p, b"").unwrap_err().to_string();
+            assert!(err.contains("x-cost"), "{err}");
+        }
+        let p = with_header(props("t"), H_COST, AMQPValue::Boolean(true));
+        assert!(Task::decode("q", &p, b"").is_err());
+        let p = with_header(props("t"), H_ESTIMATE_MS, AMQPValue::LongLongInt(-5));
+        let err = Task::decode("q", &p, b"").unwrap_err().to_string();
+        assert!(err.contains("x-estimate-ms"), "{err}");
     }
 
     #[test]

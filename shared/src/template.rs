@@ -15,9 +15,9 @@
 
 use crate::client::NewTask;
 use crate::contract::{
-    max_retries_in_range, timeout_in_range, validate_id, validate_queue, H_ATTEMPT, H_DELAY_MS,
-    H_ERROR, H_FAILED_AT, H_MAX_RETRIES, H_ORIGIN_QUEUE, H_RUN_AT, H_SCHEDULE_ID, H_TIMEOUT_MS,
-    MAX_PRIORITY,
+    cost_in_range, estimate_in_range, max_retries_in_range, timeout_in_range, validate_id,
+    validate_queue, H_ATTEMPT, H_COST, H_DELAY_MS, H_ERROR, H_ESTIMATE_MS, H_FAILED_AT,
+    H_MAX_RETRIES, H_ORIGIN_QUEUE, H_RUN_AT, H_SCHEDULE_ID, H_TIMEOUT_MS, MAX_PRIORITY,
 };
 use crate::short::{header_name, MAX_SHORT_STRING};
 use lapin::types::{AMQPValue, LongString};
@@ -72,6 +72,14 @@ pub struct TaskTemplate {
     /// Time limit of one attempt (`x-timeout-ms`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Resource units the task occupies while it runs (`x-cost`, 1 to
+    /// 1,000,000; 1 when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<u32>,
+    /// Expected run time in ms (`x-estimate-ms`), for `shortest-first`
+    /// queues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate_ms: Option<u64>,
     /// Task id (one-off tasks; default: a new UUIDv7).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
@@ -152,6 +160,8 @@ impl TaskTemplate {
             headers: Map::new(),
             max_retries: None,
             timeout_ms: None,
+            cost: None,
+            estimate_ms: None,
             id: None,
             body_text: None,
             run_at: None,
@@ -204,6 +214,8 @@ impl TaskTemplate {
         task.delay_ms = self.delay_ms.or(task.delay_ms);
         task.max_retries = self.max_retries.or(task.max_retries);
         task.timeout_ms = self.timeout_ms.or(task.timeout_ms);
+        task.cost = self.cost.or(task.cost);
+        task.estimate_ms = self.estimate_ms.or(task.estimate_ms);
         if let Some(n) = task.max_retries {
             max_retries_in_range(i64::from(n))
                 .map_err(|message| TemplateError::new("max_retries", message))?;
@@ -251,6 +263,10 @@ impl TaskTemplate {
             timeout_in_range(i64::try_from(ms).unwrap_or(i64::MAX))
                 .map_err(|message| TemplateError::new("timeout_ms", message))?;
         }
+        if let Some(units) = self.cost {
+            cost_in_range(i64::from(units))
+                .map_err(|message| TemplateError::new("cost", message))?;
+        }
         Ok(())
     }
 }
@@ -288,6 +304,14 @@ fn apply_header(
         H_TIMEOUT_MS => {
             let n = timeout_in_range(int()?).map_err(|m| TemplateError::header(name, m))?;
             task.timeout_ms = Some(n);
+        }
+        H_COST => {
+            let n = cost_in_range(int()?).map_err(|m| TemplateError::header(name, m))?;
+            task.cost = Some(n);
+        }
+        H_ESTIMATE_MS => {
+            let n = estimate_in_range(int()?).map_err(|m| TemplateError::header(name, m))?;
+            task.estimate_ms = Some(n);
         }
         _ => task = task.header(name, header_value(name, value, origin)?),
     }
@@ -395,6 +419,16 @@ mod tests {
     }
 
     #[test]
+    fn cost_and_estimate_reach_the_message() {
+        let t = template(json!({"name": "a", "cost": 3, "headers": {"x-estimate-ms": "40"}}))
+            .to_new_task(Origin::Schedule)
+            .unwrap();
+        let (_, props) = t.to_message().unwrap();
+        let task = crate::contract::Task::decode("default", &props, b"").unwrap();
+        assert_eq!((task.cost, task.estimate_ms), (3, Some(40)));
+    }
+
+    #[test]
     fn ranges_are_the_contract_s() {
         let field = |v: Value| template(v).to_new_task(Origin::OneOff).unwrap_err().path();
         assert_eq!(
@@ -410,6 +444,16 @@ mod tests {
             "headers.x-max-retries"
         );
         assert_eq!(field(json!({"name": "a", "timeout_ms": 0})), "timeout_ms");
+        assert_eq!(field(json!({"name": "a", "cost": 0})), "cost");
+        assert_eq!(field(json!({"name": "a", "cost": 1_000_001})), "cost");
+        assert_eq!(
+            field(json!({"name": "a", "headers": {"x-cost": "0"}})),
+            "headers.x-cost"
+        );
+        assert_eq!(
+            field(json!({"name": "a", "headers": {"x-estimate-ms": -1}})),
+            "headers.x-estimate-ms"
+        );
         assert_eq!(field(json!({"name": "a", "priority": 10})), "priority");
         assert_eq!(field(json!({"name": " "})), "name");
         assert_eq!(field(json!({"name": "n".repeat(256)})), "name");

@@ -90,6 +90,8 @@ const SCHEDULE_TASK_FIELDS: &[&str] = &[
     "headers",
     "max_retries",
     "timeout_ms",
+    "cost",
+    "estimate_ms",
 ];
 
 fn default_timezone() -> String {
