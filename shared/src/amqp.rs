@@ -7,23 +7,34 @@ use crate::tls::TlsSettings;
 use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Where and how to reach RabbitMQ: the URL (`amqp://` or `amqps://`) and
-/// the TLS trust and identity an `amqps://` URL uses. Its `Debug` hides
-/// the URL's password.
+/// Where and how to reach RabbitMQ: one URL (`amqp://` or `amqps://`) or
+/// several, the nodes of one cluster, and the TLS trust and identity an
+/// `amqps://` URL uses. Its `Debug` hides the URLs' passwords.
+///
+/// With several URLs a connect tries them in turn, starting with the one
+/// that last worked, so a process whose node went away reconnects to the
+/// next node in its supervisor's next attempt rather than waiting for the
+/// lost one to come back. Clones share that memory.
 #[derive(Clone)]
 pub struct Broker {
-    url: String,
+    urls: Arc<[String]>,
+    /// Index into `urls` of the node to try first.
+    preferred: Arc<AtomicUsize>,
     tls: OwnedTLSConfig,
 }
 
 impl Broker {
-    /// The broker at `url`, reached with `tls`'s trust and identity.
+    /// The broker at `url` (one URL, or several separated by commas),
+    /// reached with `tls`'s trust and identity.
     pub fn new(url: &str, tls: &TlsSettings) -> Self {
         Broker {
-            url: url.to_string(),
+            urls: split_urls(url).map(str::to_string).collect(),
+            preferred: Arc::new(AtomicUsize::new(0)),
             tls: tls.amqp(),
         }
     }
@@ -33,26 +44,53 @@ impl Broker {
         Self::new(url, &TlsSettings::default())
     }
 
-    /// The URL, password included: never log it (log the `Debug` form).
+    /// The first URL, password included: never log it (log the `Debug`
+    /// form).
     pub fn url(&self) -> &str {
-        &self.url
+        self.urls.first().map(String::as_str).unwrap_or_default()
+    }
+
+    /// The nodes' URLs, in the order given.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// The URLs in the order a connect tries them: the preferred one first.
+    fn attempt_order(&self) -> impl Iterator<Item = (usize, &str)> {
+        let n = self.urls.len();
+        let first = self.preferred.load(Ordering::Relaxed) % n.max(1);
+        (0..n).map(move |k| {
+            let i = (first + k) % n;
+            (i, self.urls[i].as_str())
+        })
+    }
+}
+
+/// The URLs of a `KAIROS_AMQP_URL`: separated by commas, blanks around
+/// them ignored. A comma inside a password must be written `%2C`.
+pub fn split_urls(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|u| !u.is_empty())
+}
+
+/// A URL as logs may show it: scheme, host, port and vhost, no password.
+fn shown_url(url: &str) -> String {
+    match lapin::uri::AMQPUri::from_str(url) {
+        Ok(uri) => format!(
+            "{}://{}:{}/{}",
+            format!("{:?}", uri.scheme).to_lowercase(),
+            uri.authority.host,
+            uri.authority.port,
+            uri.vhost
+        ),
+        Err(_) => "<unparsable URL>".to_string(),
     }
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let shown = match lapin::uri::AMQPUri::from_str(&self.url) {
-            Ok(uri) => format!(
-                "{}://{}:{}/{}",
-                format!("{:?}", uri.scheme).to_lowercase(),
-                uri.authority.host,
-                uri.authority.port,
-                uri.vhost
-            ),
-            Err(_) => "<unparsable URL>".to_string(),
-        };
+        let shown: Vec<String> = self.urls.iter().map(|u| shown_url(u)).collect();
         f.debug_struct("Broker")
-            .field("url", &shown)
+            .field("url", &shown.join(","))
             .field("ca", &self.tls.cert_chain.is_some())
             .field("client_cert", &self.tls.identity.is_some())
             .finish()
@@ -65,16 +103,39 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
 }
 
 /// Opens one connection, named so operators can tell processes apart in the
-/// management UI.
+/// management UI. With several URLs, tries each node once, the one that
+/// last worked first; the error is the last node's.
 pub async fn connect_to(broker: &Broker, name: &str) -> lapin::Result<Connection> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect_with_config(
-        &broker.url,
-        props,
-        broker.tls.clone(),
-        lapin::runtime::default_runtime()?,
-    )
-    .await
+    let mut last = None;
+    for (i, url) in broker.attempt_order() {
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        match Connection::connect_with_config(
+            url,
+            props,
+            broker.tls.clone(),
+            lapin::runtime::default_runtime()?,
+        )
+        .await
+        {
+            Ok(conn) => {
+                if broker.preferred.swap(i, Ordering::Relaxed) != i && broker.urls.len() > 1 {
+                    tracing::info!(node = %shown_url(url), "connected to RabbitMQ node");
+                }
+                return Ok(conn);
+            }
+            Err(err) => {
+                if broker.urls.len() > 1 {
+                    tracing::warn!(node = %shown_url(url), cause = %err, "RabbitMQ node unreachable; trying the next");
+                }
+                last = Some(err);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+            lapin::ConnectionState::Closed,
+        ))
+    }))
 }
 
 /// Connects, retrying with capped exponential backoff until it succeeds or
@@ -298,6 +359,23 @@ pub fn take_ready_bounded(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_urls_are_tried_from_the_one_that_last_worked() {
+        let b = Broker::plain(" amqp://a:1@n1/%2f , amqp://b:2@n2/%2f,amqp://c:3@n3/%2f,");
+        assert_eq!(b.urls().len(), 3);
+        assert_eq!(b.url(), "amqp://a:1@n1/%2f");
+        let order = |b: &Broker| b.attempt_order().map(|(i, _)| i).collect::<Vec<_>>();
+        assert_eq!(order(&b), [0, 1, 2]);
+        b.preferred.store(2, Ordering::Relaxed);
+        assert_eq!(order(&b.clone()), [2, 0, 1], "clones share the preference");
+        let shown = format!("{b:?}");
+        assert!(
+            shown.contains("n1:5672") && shown.contains("n3:5672"),
+            "{shown}"
+        );
+        assert!(!shown.contains(":1@") && !shown.contains(":3@"), "{shown}");
+    }
 
     #[test]
     fn backoff_steps_double_to_a_cap_and_reset() {

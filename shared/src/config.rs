@@ -102,10 +102,24 @@ impl CommonConfig {
 /// Checks the URL parses as AMQP, so a typo fails at start, not at the
 /// first reconnect. The error never quotes the URL (it may hold a
 /// password).
+///
+/// Several URLs separated by commas name the nodes of one cluster; each
+/// must parse, and an error says which (by position).
 pub fn check_amqp_url(url: &str) -> Result<(), String> {
-    lapin::uri::AMQPUri::from_str(url)
-        .map(|_| ())
-        .map_err(|e| format!("not an AMQP URL: {e}"))
+    let urls: Vec<&str> = crate::amqp::split_urls(url).collect();
+    if urls.is_empty() {
+        return Err("no AMQP URL given".into());
+    }
+    for (i, one) in urls.iter().enumerate() {
+        lapin::uri::AMQPUri::from_str(one).map_err(|e| {
+            if urls.len() == 1 {
+                format!("not an AMQP URL: {e}")
+            } else {
+                format!("URL {} of {} is not an AMQP URL: {e}", i + 1, urls.len())
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// [`check_amqp_url`] as a clap parser that masks the password of a URL it
@@ -195,6 +209,15 @@ impl std::fmt::Display for Concurrency {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_of_amqp_urls_is_checked_url_by_url() {
+        assert!(check_amqp_url("amqp://h1:5681/%2f,amqp://h2:5682/%2f").is_ok());
+        let err = check_amqp_url("amqp://h1/%2f,http://u:secret@h2/").unwrap_err();
+        assert!(err.starts_with("URL 2 of 2"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+        assert!(check_amqp_url(" , ").is_err());
+    }
     use clap::Parser;
 
     #[derive(Parser)]

@@ -22,6 +22,10 @@ const SCHEME_END: &str = "://";
 /// back unchanged. When in doubt (an `@` in the path as well) more is
 /// masked, never less: the last `@` ends the user info.
 pub fn redact_url(url: &str) -> String {
+    // A list of URLs (the nodes of a cluster): each redacted on its own.
+    if url.contains(',') {
+        return url.split(',').map(redact_url).collect::<Vec<_>>().join(",");
+    }
     let (scheme, rest) = match url.find(SCHEME_END) {
         Some(i) => url.split_at(i + SCHEME_END.len()),
         None => ("", url),
@@ -170,6 +174,10 @@ mod tests {
             ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
             ("rediss://u:p@ss@h/0", "rediss://u:***@h/0"),
             ("amqp://u:pa/ss@h", "amqp://u:***@h"),
+            (
+                "amqp://a:p1@n1:5681/%2f,amqp://b:p2@n2:5682/%2f",
+                "amqp://a:***@n1:5681/%2f,amqp://b:***@n2:5682/%2f",
+            ),
             ("amqp://127.0.0.1:5672/%2f", "amqp://127.0.0.1:5672/%2f"),
             ("redis://user@h/0", "redis://user@h/0"),
             ("u:s3cret@h", "u:***@h"),

@@ -48,11 +48,21 @@ impl TestEnv {
     /// As [`new`](Self::new), on the broker at `amqp_url` (an
     /// [`OwnRabbit`](crate::OwnRabbit)); Redis is the shared one.
     pub async fn on_broker(prefix: &str, amqp_url: &str) -> Self {
-        crate::init_logging();
         let ns = format!(
             "kt-{prefix}-{}",
             &uuid::Uuid::now_v7().simple().to_string()[NS_SUFFIX_START..]
         );
+        Self::named_on_broker(ns, amqp_url).await
+    }
+
+    /// This test's namespace on another broker (the nodes a process fails
+    /// over between), cleaned up there too.
+    pub async fn same_namespace_on(&self, amqp_url: &str) -> Self {
+        Self::named_on_broker(self.ns.clone(), amqp_url).await
+    }
+
+    async fn named_on_broker(ns: String, amqp_url: &str) -> Self {
+        crate::init_logging();
         let names = Names::new(&ns);
         let conn = kairos_shared::amqp::connect(amqp_url, "kairos-test")
             .await
