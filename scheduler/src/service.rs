@@ -199,6 +199,7 @@ impl Scheduler {
                 Ok(())
             }
         });
+        crate::due_soon::start(&self.work, &self.config, queue);
         let wake = Arc::new(Notify::new());
         let client = redis_io::conn::client(&self.config.redis_url, &self.config.common.tls)
             .map_err(redis_io::conn::RedisSetupError::Client)?;
