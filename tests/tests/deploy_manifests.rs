@@ -144,3 +144,113 @@ fn a_second_scaled_object_on_one_workload_fails() {
         "{all}"
     );
 }
+
+/// `KEY: value` pairs of the base ConfigMap's `data` (quotes taken off).
+fn base_settings() -> Vec<(String, String)> {
+    let path = workspace_root().join("deploy/k8s/base/configmap.yaml");
+    let text = std::fs::read_to_string(&path).expect("read the base ConfigMap");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("  "))
+        .filter(|l| !l.starts_with(' ') && !l.starts_with('#'))
+        .filter_map(|l| l.split_once(": "))
+        .filter(|(k, _)| k.starts_with("KAIROS_") || *k == "RUST_LOG")
+        .map(|(k, v)| (k.to_string(), v.trim().trim_matches('"').to_string()))
+        .collect()
+}
+
+/// The scheduler Deployment's `terminationGracePeriodSeconds`.
+fn scheduler_grace() -> std::time::Duration {
+    let path = workspace_root().join("deploy/k8s/base/scheduler-deployment.yaml");
+    let text = std::fs::read_to_string(&path).expect("read the scheduler Deployment");
+    let secs = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("terminationGracePeriodSeconds: "))
+        .and_then(|v| v.parse().ok())
+        .expect("terminationGracePeriodSeconds in the scheduler Deployment");
+    std::time::Duration::from_secs(secs)
+}
+
+/// `GET path` on `port` with `headers`, on the blocking pool: the status.
+async fn status_of(port: u16, path: &'static str, token: Option<&'static str>) -> Option<u16> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .ok()?;
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").ok()?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).ok()?;
+        raw.split_whitespace().nth(1)?.parse().ok()
+    })
+    .await
+    .ok()?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_with_the_base_settings_is_ready_and_stops_within_its_grace() {
+    const TOKEN: &str = "a-token-of-the-secret-file";
+    let env = TestEnv::new("deploy-settings").await;
+    // The Secret's keys as the Deployment mounts them: files, with the
+    // trailing newline `kubectl create secret --from-file` keeps.
+    let dir = workspace_root()
+        .join("target")
+        .join(format!("deploy-secrets-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).expect("secret dir");
+    let penv = env.process_env();
+    let url = |k: &str| {
+        penv.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .expect("test setting")
+    };
+    for (file, value) in [
+        ("amqp-url", url("KAIROS_AMQP_URL")),
+        ("redis-url", url("KAIROS_REDIS_URL")),
+        ("api-token", TOKEN.to_string()),
+    ] {
+        std::fs::write(dir.join(file), format!("{value}\n")).expect("secret file");
+    }
+    let (http, metrics) = (free_port(), free_port());
+    let mut settings: Vec<(String, String)> = base_settings()
+        .into_iter()
+        .filter(|(k, _)| k != "KAIROS_NAMESPACE")
+        .collect();
+    assert!(settings.len() >= 5, "ConfigMap settings: {settings:?}");
+    let file = |name: &str| dir.join(name).display().to_string();
+    settings.extend([
+        ("KAIROS_NAMESPACE".into(), env.ns.clone()),
+        // The Deployment's own settings, on free ports.
+        ("KAIROS_HTTP_ADDR".into(), format!("0.0.0.0:{http}")),
+        ("KAIROS_METRICS_ADDR".into(), format!("0.0.0.0:{metrics}")),
+        ("KAIROS_AMQP_URL_FILE".into(), file("amqp-url")),
+        ("KAIROS_REDIS_URL_FILE".into(), file("redis-url")),
+        ("KAIROS_API_TOKEN_FILE".into(), file("api-token")),
+    ]);
+    let mut scheduler = Proc::spawn("kairos-scheduler", &settings);
+
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while status_of(http, "/readyz", None).await != Some(200) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the scheduler with the base settings never became ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status_of(http, "/healthz", None).await, Some(200));
+    assert_eq!(status_of(http, "/metrics", None).await, Some(401));
+    assert_eq!(status_of(http, "/metrics", Some(TOKEN)).await, Some(200));
+    // The metrics port Prometheus scrapes, without the token.
+    assert_eq!(status_of(metrics, "/metrics", None).await, Some(200));
+
+    let grace = scheduler_grace();
+    let started = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || scheduler.terminate(grace))
+        .await
+        .expect("terminate");
+    assert!(status.success(), "scheduler exit: {status:?}");
+    eprintln!("scheduler stopped {:?} after SIGTERM", started.elapsed());
+    let _ = std::fs::remove_dir_all(&dir);
+}
