@@ -83,3 +83,46 @@ async fn held_tasks_and_ticks_due_within_the_window_are_gauged() {
     }
     scheduler.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_task_status_only_schedules_are_gauged() {
+    // A process of its own: the metrics recorder is one per process.
+    let env = TestEnv::new("due-soon-nostatus").await;
+    let port = free_port();
+    let mut penv: Vec<(String, String)> = env
+        .process_env()
+        .into_iter()
+        .filter(|(k, _)| k != "KAIROS_HTTP_ADDR")
+        .collect();
+    penv.push(("KAIROS_HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
+    penv.push(("KAIROS_STATUS".into(), "false".into()));
+    let _scheduler = Proc::spawn("kairos-scheduler", &penv);
+    let api = ScheduleApi::new(([127, 0, 0, 1], port).into());
+    api.wait_ready(Duration::from_secs(30)).await;
+
+    let props = delayed_props("kairos.noop", "held-1", 30_000);
+    env.publish(&env.names.delay(), "default", props, b"{}")
+        .await;
+    let soon = json!({"at": now_ms() + 30_000, "task": {"name": "kairos.noop"}});
+    assert_eq!(api.put("soon", soon).await.status, 201);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let scraped = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
+            .await
+            .expect("scrape task");
+        let body = scraped.map(|(_, b)| b).unwrap_or_default();
+        if sample(&body, "kairos_schedules_due_soon") == Some(1.0) {
+            break body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kairos_schedules_due_soon never reached 1 in\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        !body.contains("kairos_tasks_due_soon"),
+        "no wait sets without the status, so no per-queue gauge:\n{body}"
+    );
+}
