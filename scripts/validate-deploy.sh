@@ -2,8 +2,10 @@
 # Validates the deployment files offline:
 #   scripts/validate-deploy.sh [K8S_DIR]     (default deploy/k8s)
 # * renders K8S_DIR/base and every K8S_DIR/overlays/* with `kubectl
-#   kustomize` (without kubectl: checks each directory's own files, not the
-#   rendered result, and says so);
+#   kustomize` (without kubectl, or with KAIROS_KUBECTL naming one that is
+#   not there: checks each directory's own files, not the rendered result,
+#   says so, and skips the checks of what refers to what, which need the
+#   render);
 # * checks the core resources against the Kubernetes schemas bundled with
 #   kubernetes-validate (strict: unknown fields fail), for Kubernetes
 #   $KAIROS_K8S_VERSION (default 1.32.0);
@@ -19,6 +21,7 @@ cd "$(dirname "$0")/.."
 
 K8S_DIR=${1:-deploy/k8s}
 K8S_VERSION=${KAIROS_K8S_VERSION:-1.32.0}
+KUBECTL=${KAIROS_KUBECTL:-kubectl}
 SCHEMAS=deploy/k8s/schemas
 PY=target/py/bin/python
 
@@ -41,13 +44,15 @@ for d in "$K8S_DIR"/overlays/*/; do
 done
 
 rendered=()
+refs=--refs
 for d in "${dirs[@]}"; do
   name=$(basename "$d")
-  if command -v kubectl >/dev/null; then
-    kubectl kustomize "$d" >"$out/$name.yaml"
+  if command -v "$KUBECTL" >/dev/null; then
+    "$KUBECTL" kustomize "$d" >"$out/$name.yaml"
     say "rendered $d"
   else
-    say "kubectl not found: checking the files of $d as they are, not the rendered result"
+    refs=--no-refs
+    say "$KUBECTL not found: checking the files of $d as they are, not the rendered result"
     for f in "$d"/*.yaml; do
       [ "$(basename "$f")" = kustomization.yaml ] && continue
       cat "$f"
@@ -57,7 +62,7 @@ for d in "${dirs[@]}"; do
   rendered+=("$out/$name.yaml")
 done
 
-"$PY" "$SCHEMAS/validate.py" k8s "$K8S_VERSION" "$SCHEMAS" "${rendered[@]}"
+"$PY" "$SCHEMAS/validate.py" k8s "$refs" "$K8S_VERSION" "$SCHEMAS" "${rendered[@]}"
 say "Kubernetes $K8S_VERSION and KEDA schemas: ${dirs[*]} valid"
 
 if ! command -v docker-compose >/dev/null; then

@@ -1,13 +1,14 @@
 """Validates rendered Kubernetes manifests offline (scripts/validate-deploy.sh).
 
-    validate.py k8s  K8S_VERSION SCHEMA_DIR RENDERED.yaml...
+    validate.py k8s --refs|--no-refs K8S_VERSION SCHEMA_DIR RENDERED.yaml...
     validate.py compose CONFIG.yaml
 
 `k8s`: every core resource against the Kubernetes JSON schemas that
 kubernetes-validate bundles (strict: unknown fields fail), every KEDA
 ScaledObject and TriggerAuthentication against the openAPIV3Schema of
-KEDA's CRDs in SCHEMA_DIR (made strict the same way), then the references
-between them (scale target, authentication, secret keys, AMQP queue names).
+KEDA's CRDs in SCHEMA_DIR (made strict the same way), then (with --refs,
+on rendered files) the references between them (scale target,
+authentication, secret keys, AMQP queue names).
 
 `compose`: the output of `docker-compose config`: the services the stack
 needs are there, and the worker pools can be scaled (`--scale worker=4`):
@@ -103,7 +104,7 @@ def cel_rules(doc):
 # --- checks ----------------------------------------------------------------
 
 
-def check_k8s(version, schema_dir, files):
+def check_k8s(refs, version, schema_dir, files):
     keda = crd_schemas(schema_dir)
     if not keda:
         return ["no KEDA CRD schema in %s" % schema_dir]
@@ -132,7 +133,8 @@ def check_k8s(version, schema_dir, files):
                     problems.append("%s: %s: %s" % (what, at, e.message))
                 except kv.SchemaNotFoundError as e:
                     problems.append("%s: %s" % (what, e))
-        problems += ["%s: %s" % (where, m) for m in references(docs)]
+        if refs:
+            problems += ["%s: %s" % (where, m) for m in references(docs)]
     return problems
 
 
@@ -214,8 +216,8 @@ def check_compose(path):
 
 
 def main(argv):
-    if len(argv) >= 4 and argv[1] == "k8s":
-        problems = check_k8s(argv[2], argv[3], argv[4:])
+    if len(argv) >= 5 and argv[1] == "k8s" and argv[2] in ("--refs", "--no-refs"):
+        problems = check_k8s(argv[2] == "--refs", argv[3], argv[4], argv[5:])
     elif len(argv) == 3 and argv[1] == "compose":
         problems = check_compose(argv[2])
     else:
