@@ -223,6 +223,12 @@ pub struct Config {
     #[arg(long, env = "KAIROS_SCHEDULE_GRACE_MS", value_name = "KAIROS_SCHEDULE_GRACE_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub schedule_grace_ms: u64,
 
+    /// Window of the due-soon gauges (seconds): `kairos_tasks_due_soon`
+    /// counts held tasks due within it, `kairos_schedules_due_soon`
+    /// schedules whose next tick falls in it (docs/SCALING.md).
+    #[arg(long, env = "KAIROS_DUE_SOON_S", value_name = "KAIROS_DUE_SOON_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub due_soon_s: u64,
+
     /// Bounds on results and checkpoints set over HTTP by handlers in
     /// other languages.
     #[command(flatten)]

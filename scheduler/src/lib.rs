@@ -7,6 +7,7 @@
 //! * [`delay`]: the delay queue (intake, store, pump, retries, wake-ups).
 //! * [`schedules`]: timed triggers (model, store, ticker, admin, outcomes).
 //! * [`api`]: the HTTP API behind one guard.
+//! * `due_soon`: the gauges of work due within the next minute.
 //! * [`redis_io`]: the Redis connection, start-up checks and Lua scripts.
 //! * `timing`: Redis's clock and the sub-millisecond publish timers.
 //! * `service`: `run` (the scheduler's steps) and `local_api`.
@@ -21,6 +22,7 @@
 pub mod api;
 pub mod config;
 pub mod delay;
+mod due_soon;
 pub mod redis_io;
 pub mod schedules;
 mod service;

@@ -188,8 +188,8 @@ impl Scheduler {
         }
     }
 
-    /// Starts the loops that watch Redis: the pending gauge and the wake
-    /// listener. Returns what the listener notifies: the pump's wake-up.
+    /// Starts the loops that watch Redis: the pending and due-soon gauges
+    /// and the wake listener. Returns what the listener notifies: the pump's wake-up.
     fn start_redis_loops(&self, queue: &RedisDelayQueue) -> Result<Arc<Notify>, SchedulerError> {
         let pending = queue.clone();
         self.work.start_loop("report_pending", move |cancel| {
@@ -199,6 +199,7 @@ impl Scheduler {
                 Ok(())
             }
         });
+        crate::due_soon::start(&self.work, &self.config, queue);
         let wake = Arc::new(Notify::new());
         let client = redis_io::conn::client(&self.config.redis_url, &self.config.common.tls)
             .map_err(redis_io::conn::RedisSetupError::Client)?;
