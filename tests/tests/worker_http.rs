@@ -42,7 +42,10 @@ fn worker(env: &TestEnv, id: &str, extra: &[(&str, &str)]) -> (Proc, u16) {
     let port = free_port();
     let mut penv = env.process_env();
     penv.push(("KAIROS_WORKER_ID".into(), id.into()));
-    penv.push(("KAIROS_WORKER_HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
+    penv.push((
+        "KAIROS_WORKER_HTTP_ADDR".into(),
+        format!("127.0.0.1:{port}"),
+    ));
     for (k, v) in extra {
         penv.push(((*k).into(), (*v).into()));
     }
@@ -58,7 +61,10 @@ async fn probes_and_metrics_of_a_running_worker() {
     let ready: Value = serde_json::from_str(&wait_for(port, "/readyz", 200).await).unwrap();
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["queues"]["default"], "consuming", "{ready}");
-    assert_eq!(ready["loops"]["amqp_session"]["state"], "running", "{ready}");
+    assert_eq!(
+        ready["loops"]["amqp_session"]["state"], "running",
+        "{ready}"
+    );
     let (status, body) = get(port, "/healthz").await.expect("healthz");
     assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
     assert_eq!(get(port, "/nope").await.map(|r| r.0), Some(404));
@@ -72,7 +78,11 @@ async fn probes_and_metrics_of_a_running_worker() {
     .await;
     tap.wait_distinct(EventKind::Succeeded, 1, WITHIN).await;
     for e in &tap.seen {
-        assert_eq!(e.raw["worker"], "http-w1", "every worker event names it: {:?}", e.raw);
+        assert_eq!(
+            e.raw["worker"], "http-w1",
+            "every worker event names it: {:?}",
+            e.raw
+        );
     }
 
     let metrics = wait_for(port, "/metrics", 200).await;
@@ -102,7 +112,10 @@ async fn not_ready_while_rabbitmq_cannot_be_reached() {
     let failing = body["failing"].as_array().expect("failing").clone();
     assert!(failing.contains(&Value::from("amqp_session")), "{body}");
     assert!(failing.contains(&Value::from("queue:default")), "{body}");
-    assert!(body["error"].as_str().unwrap().contains("RabbitMQ"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("RabbitMQ"),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +125,10 @@ async fn a_taken_address_fails_at_start_naming_the_setting() {
     let port = taken.local_addr().unwrap().port();
     let log = std::env::temp_dir().join(format!("{}-worker.log", env.ns));
     let mut penv = env.process_env();
-    penv.push(("KAIROS_WORKER_HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
+    penv.push((
+        "KAIROS_WORKER_HTTP_ADDR".into(),
+        format!("127.0.0.1:{port}"),
+    ));
     let mut w = Proc::spawn_logged("kairos-worker", &penv, &log);
 
     let deadline = std::time::Instant::now() + WITHIN;
@@ -120,7 +136,10 @@ async fn a_taken_address_fails_at_start_naming_the_setting() {
         if let Some(status) = w.child.try_wait().expect("wait") {
             break status;
         }
-        assert!(std::time::Instant::now() < deadline, "the worker kept running");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker kept running"
+        );
         tokio::time::sleep(POLL).await;
     };
     let out = std::fs::read_to_string(&log).unwrap_or_default();

@@ -92,8 +92,8 @@ pub enum WorkerError {
     /// A setting is wrong.
     #[error("{0}")]
     Config(String),
-    /// The metrics exporter could not start.
-    #[error("{0}")]
+    /// The metrics exporter or the probes' listener could not start.
+    #[error(transparent)]
     Metrics(#[from] kairos_shared::metrics::MetricsError),
 }
 
