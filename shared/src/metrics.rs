@@ -2,9 +2,11 @@
 //! [`recorder`] on first use: the scheduler installs it at start and
 //! serves the text format at `/metrics` on its HTTP API
 //! (`KAIROS_HTTP_ADDR`); with `KAIROS_METRICS_ADDR` set, any process also
-//! serves it at `http://ADDR/metrics` ([`install`]). A process that never
-//! installs it (a worker without `KAIROS_METRICS_ADDR`) records nothing,
-//! at next to no cost, so the hot paths record unconditionally.
+//! serves it at `http://ADDR/metrics` ([`install`]); a worker also serves
+//! it next to its probes on `KAIROS_WORKER_HTTP_ADDR`, through the same
+//! small listener ([`bind`], [`serve`]). A process that never installs it
+//! (a worker with neither address) records nothing, at next to no cost, so
+//! the hot paths record unconditionally.
 
 use http_body_util::Full;
 use hyper::body::Bytes;
