@@ -9,12 +9,15 @@
 //!
 //! How it moves: RabbitMQ applies a `basic.qos` with `global=false` only to
 //! consumers started after it, and quorum queues refuse the per-channel
-//! (`global=true`) limit that would change live. So a change cancels the
-//! consumer, sets the new prefetch and consumes again on the same channel.
-//! The deliveries the old consumer already holds are not handed back: they
-//! are yielded first, before any of the new consumer's, so delivery tags
+//! (`global=true`) limit that would change live (RabbitMQ 4 deprecates it).
+//! So a change cancels the consumer, and once the deliveries it already
+//! holds have all been taken by the consumer loop, sets the new prefetch and
+//! consumes again on the same channel. Those deliveries are not handed
+//! back, and the new consumer starts only after them, so delivery tags
 //! still grow in the order the consumer loop registers them (which
-//! `crate::acks` relies on). A change costs three round trips; growth is
+//! `crate::acks` relies on), and the new window is not stacked on an old
+//! one still full of waiting deliveries: beside the new prefetch the worker
+//! holds only tasks already running. A change costs three round trips; growth is
 //! applied at most every [`GROW_EVERY`] and a shrink only once the pool has
 //! been smaller for [`SHRINK_AFTER`], so a pool that breathes does not
 //! churn consumers.
@@ -159,7 +162,14 @@ pub(crate) struct PooledConsumer {
     queue: ShortString,
     /// The logical queue, for metrics and logs.
     logical: String,
-    current: Consumer,
+    /// `None` between a prefetch change and the end of the old consumer's
+    /// deliveries: opened with [`applied`](Self::applied) then.
+    current: Option<Consumer>,
+    /// The `basic.consume` under way in a task of its own: when the caller
+    /// drops [`next`](Self::next) meanwhile (its stop fired), the consumer
+    /// still lands here and [`cancel`](Self::cancel) cancels it, rather
+    /// than one the broker feeds with nobody reading.
+    opening: Option<tokio::task::JoinHandle<lapin::Result<Consumer>>>,
     /// A consumer replaced by a prefetch change, cancelled already, still
     /// yielding the deliveries it held.
     draining: Option<Consumer>,
@@ -187,13 +197,14 @@ impl PooledConsumer {
         let applied = setup
             .fixed
             .unwrap_or_else(|| for_pool(setup.slots.size(), limits.max));
-        let current = open(channel, &queue, applied).await?;
+        let current = open(channel.clone(), queue.clone(), applied).await?;
         record(logical, applied);
         Ok(PooledConsumer {
             channel: channel.clone(),
             queue,
             logical: logical.to_string(),
-            current,
+            current: Some(current),
+            opening: None,
             draining: None,
             applied,
             follow,
@@ -202,8 +213,9 @@ impl PooledConsumer {
     }
 
     /// The next delivery: first those a replaced consumer still holds,
-    /// then the current consumer's. Changes the prefetch meanwhile when the
-    /// pool asks. `None` when the broker cancelled the consumer.
+    /// then the current consumer's (opened once they are all taken).
+    /// Changes the prefetch meanwhile when the pool asks. `None` when the
+    /// broker cancelled the consumer.
     pub(crate) async fn next(&mut self) -> Option<lapin::Result<Delivery>> {
         loop {
             if let Some(old) = &mut self.draining {
@@ -213,10 +225,29 @@ impl PooledConsumer {
                 }
                 continue;
             }
+            if self.current.is_none() {
+                let (channel, queue, prefetch) =
+                    (self.channel.clone(), self.queue.clone(), self.applied);
+                let opening = self
+                    .opening
+                    .get_or_insert_with(|| tokio::spawn(open(channel, queue, prefetch)));
+                let opened = opening.await;
+                self.opening = None;
+                match opened {
+                    Ok(Ok(c)) => self.current = Some(c),
+                    Ok(Err(err)) => return Some(Err(err)),
+                    // Cannot happen (`open` does not panic); as if the
+                    // broker had cancelled it: the session starts again.
+                    Err(_) => return None,
+                }
+            }
+            let Some(current) = self.current.as_mut() else {
+                continue;
+            };
             let recheck = self.follow.as_ref().and_then(|f| f.recheck);
             tokio::select! {
                 biased;
-                d = self.current.next() => return d,
+                d = current.next() => return d,
                 () = size_changed(&mut self.follow) => {}
                 () = sleep_until(recheck) => {}
             }
@@ -250,16 +281,15 @@ impl PooledConsumer {
         Ok(())
     }
 
-    /// Cancel, set the prefetch, consume again: cancelling first means
-    /// every delivery of the old consumer has a lower tag than the new
-    /// one's (the broker sends `cancel-ok` after its last delivery).
+    /// Cancels the consumer; [`next`](Self::next) consumes again with
+    /// `prefetch` once the old consumer's deliveries are taken. Cancelling
+    /// first means every delivery of the old consumer has a lower tag than
+    /// the new one's (the broker sends `cancel-ok` after its last delivery,
+    /// and lapin ends the old stream after it).
     async fn resize(&mut self, prefetch: u16) -> lapin::Result<()> {
-        self.channel
-            .basic_cancel(self.current.tag(), BasicCancelOptions::default())
-            .await?;
-        let new = open(&self.channel, &self.queue, prefetch).await?;
+        self.cancel().await?;
         tracing::debug!(queue = %self.logical, from = self.applied, to = prefetch, "prefetch changed");
-        self.draining = Some(std::mem::replace(&mut self.current, new));
+        self.draining = self.current.take();
         self.applied = prefetch;
         record(&self.logical, prefetch);
         Ok(())
@@ -267,16 +297,26 @@ impl PooledConsumer {
 
     /// Cancels the consumer: the broker sends nothing more.
     pub(crate) async fn cancel(&mut self) -> lapin::Result<()> {
-        self.channel
-            .basic_cancel(self.current.tag(), BasicCancelOptions::default())
-            .await
+        if let Some(opening) = self.opening.take() {
+            if let Ok(Ok(c)) = opening.await {
+                self.current = Some(c);
+            }
+        }
+        match &self.current {
+            Some(c) => {
+                self.channel
+                    .basic_cancel(c.tag(), BasicCancelOptions::default())
+                    .await
+            }
+            None => Ok(()),
+        }
     }
 
     /// The deliveries received and not yet taken (after
     /// [`cancel`](Self::cancel)), to hand back.
     pub(crate) fn buffered(&mut self) -> Vec<Delivery> {
         let mut out = Vec::new();
-        for consumer in self.draining.iter_mut().chain(Some(&mut self.current)) {
+        for consumer in self.draining.iter_mut().chain(self.current.as_mut()) {
             while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
                 out.push(d);
             }
@@ -286,7 +326,7 @@ impl PooledConsumer {
 }
 
 /// `basic.qos` (per consumer), then `basic.consume`.
-async fn open(channel: &Channel, queue: &ShortString, prefetch: u16) -> lapin::Result<Consumer> {
+async fn open(channel: Channel, queue: ShortString, prefetch: u16) -> lapin::Result<Consumer> {
     // Prefetch before consume: the broker never sends more than this many
     // unacked deliveries, which bounds how far a low-priority backlog can
     // get ahead of a later high-priority task.
@@ -295,7 +335,7 @@ async fn open(channel: &Channel, queue: &ShortString, prefetch: u16) -> lapin::R
         .await?;
     channel
         .basic_consume(
-            queue.clone(),
+            queue,
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
