@@ -293,3 +293,82 @@ async fn sigterm_finishes_or_returns_running_tasks_promptly() {
     assert!(busy < Duration::from_secs(7), "{busy:?}");
     assert!(over < Duration::from_secs(7), "{over:?}");
 }
+
+/// Deliveries `consumer` receives within `quiet` (unacked: they hold their
+/// prefetch places).
+async fn received(consumer: &mut lapin::Consumer, quiet: Duration) -> usize {
+    use futures_util::StreamExt;
+    let mut n = 0;
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(quiet, consumer.next()).await {
+        n += 1;
+    }
+    n
+}
+
+/// Why `crate::prefetch` in the worker consumes again on a change: on this
+/// RabbitMQ, a new per-consumer `basic.qos` does not reach a running
+/// consumer, while a new consumer gets it. (The per-channel `global` form
+/// does change live, but quorum queues refuse it and RabbitMQ 4 deprecates
+/// it.) A quiet window is the only signal that nothing more comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_applies_a_new_prefetch_to_new_consumers_only() {
+    use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+    const QUIET: Duration = Duration::from_millis(500);
+    let env = TestEnv::new("fleetqos").await;
+    let messages = (0..20)
+        .map(|i| {
+            let p = task_props("kairos.noop", &format!("q-{i}"));
+            ("default".to_string(), p, b"{}".to_vec())
+        })
+        .collect();
+    env.publish_many(&env.names.tasks_exchange(), messages)
+        .await;
+    let queue = env.names.queue_name("default").expect("queue name");
+    let ch = env.conn.create_channel().await.expect("channel");
+    let consume = |ch: lapin::Channel| {
+        let queue = queue.clone();
+        async move {
+            ch.basic_consume(
+                queue,
+                "".into(),
+                BasicConsumeOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("consume")
+        }
+    };
+
+    ch.basic_qos(2, BasicQosOptions::default()).await.unwrap();
+    let mut first = consume(ch.clone()).await;
+    assert_eq!(received(&mut first, QUIET).await, 2);
+    ch.basic_qos(5, BasicQosOptions::default()).await.unwrap();
+    assert_eq!(
+        received(&mut first, QUIET).await,
+        0,
+        "a running consumer keeps the prefetch it started with"
+    );
+    ch.basic_cancel(first.tag(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    let mut second = consume(ch.clone()).await;
+    assert_eq!(
+        received(&mut second, QUIET).await,
+        5,
+        "a new consumer gets the new prefetch (the first one's 2 stay unacked beside it)"
+    );
+
+    let global = env.conn.create_channel().await.expect("channel");
+    let live = BasicQosOptions { global: true };
+    global.basic_qos(2, live).await.unwrap();
+    let mut third = consume(global.clone()).await;
+    assert_eq!(received(&mut third, QUIET).await, 2);
+    global.basic_qos(5, live).await.unwrap();
+    assert_eq!(
+        received(&mut third, QUIET).await,
+        3,
+        "the per-channel limit changes live"
+    );
+    let _ = ch.close(200, "done".into()).await;
+    let _ = global.close(200, "done".into()).await;
+}

@@ -9,7 +9,8 @@
 //!
 //! How it moves: RabbitMQ applies a `basic.qos` with `global=false` only to
 //! consumers started after it, and quorum queues refuse the per-channel
-//! (`global=true`) limit that would change live (RabbitMQ 4 deprecates it).
+//! (`global=true`) limit that would change live (RabbitMQ 4 deprecates it;
+//! both checked on RabbitMQ 3.10 by tests/tests/fleet.rs).
 //! So a change cancels the consumer, and once the deliveries it already
 //! holds have all been taken by the consumer loop, sets the new prefetch and
 //! consumes again on the same channel. Those deliveries are not handed
