@@ -159,4 +159,30 @@ mod tests {
         assert_eq!(p.answer("/healthz").status, 200);
         assert_eq!(p.answer("/nope").status, 404);
     }
+
+    #[tokio::test]
+    async fn ready_when_connected_and_every_queue_is_consumed_or_paused() {
+        let p = probes();
+        let work = kairos_shared::supervise::Supervisor::new();
+        work.start_loop(SESSION_LOOP, |cancel| async move {
+            cancel.cancelled().await;
+            Ok(())
+        });
+        let p = Probes {
+            health: work.health().clone(),
+            ..p
+        };
+        let _a = p.consuming.up("a");
+        assert_eq!(p.answer("/readyz").status, 503, "b is not consumed");
+        p.control
+            .apply(kairos_shared::control::ControlMessage::Pause { queue: "b".into() });
+        let r = p.answer("/readyz");
+        assert_eq!(r.status, 200, "{}", r.body);
+        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(body["queues"], json!({"a": "consuming", "b": "paused"}));
+        p.stopping.cancel();
+        assert_eq!(p.answer("/readyz").status, 503, "shutting down");
+        work.stop();
+        work.wait().await;
+    }
 }

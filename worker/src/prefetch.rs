@@ -88,7 +88,7 @@ impl Consuming {
         self.queues.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn up(self: &Arc<Self>, queue: &str) -> ConsumingGuard {
+    pub(crate) fn up(self: &Arc<Self>, queue: &str) -> ConsumingGuard {
         *self.lock().entry(queue.to_string()).or_default() += 1;
         ConsumingGuard {
             consuming: self.clone(),
@@ -97,8 +97,8 @@ impl Consuming {
     }
 }
 
-/// Counts one consumer of `queue` while it lives.
-struct ConsumingGuard {
+/// Counts one consumer of its queue while it lives.
+pub(crate) struct ConsumingGuard {
     consuming: Arc<Consuming>,
     queue: String,
 }
