@@ -372,3 +372,43 @@ async fn rabbitmq_applies_a_new_prefetch_to_new_consumers_only() {
     let _ = ch.close(200, "done".into()).await;
     let _ = global.close(200, "done".into()).await;
 }
+
+/// A measurement, not a check (`--ignored`): one worker runs 5,000
+/// `kairos.noop` tasks with the prefetch following the pool, then with
+/// the fixed prefetch every worker had before (`KAIROS_PREFETCH=64`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_of_short_tasks_following_and_fixed() {
+    const TASKS: usize = 5000;
+    for (label, prefetch) in [("follows the pool", None), ("fixed 64", Some("64"))] {
+        let env = TestEnv::new("fleettp").await;
+        let mut tap = EventTap::new(&env).await;
+        let port = free_port();
+        let mut penv = env.process_env();
+        penv.push((
+            "KAIROS_WORKER_HTTP_ADDR".into(),
+            format!("127.0.0.1:{port}"),
+        ));
+        if let Some(p) = prefetch {
+            penv.push(("KAIROS_PREFETCH".into(), p.into()));
+        }
+        let _w = Proc::spawn("kairos-worker", &penv);
+        ready(port).await;
+        let messages = (0..TASKS)
+            .map(|i| {
+                let p = task_props("kairos.noop", &format!("n-{i}"));
+                ("default".to_string(), p, b"{}".to_vec())
+            })
+            .collect();
+        env.publish_many(&env.names.tasks_exchange(), messages)
+            .await;
+        let at = std::time::Instant::now();
+        tap.wait_distinct(EventKind::Succeeded, TASKS, RUN_WITHIN)
+            .await;
+        let took = at.elapsed();
+        println!(
+            "{label}: {TASKS} noop tasks in {took:?} ({:.0}/s)",
+            TASKS as f64 / took.as_secs_f64()
+        );
+    }
+}
