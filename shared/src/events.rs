@@ -84,6 +84,10 @@ pub struct Event {
     pub due_at: Option<i64>,
     /// Why an attempt failed or a task died.
     pub error: Option<String>,
+    /// The worker that emitted it (`KAIROS_WORKER_ID`): on every event a
+    /// worker publishes, absent from the scheduler's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
 }
 
 impl Event {
@@ -103,6 +107,7 @@ impl Event {
             at: now_ms(),
             due_at: due_at.or(task.run_at),
             error,
+            worker: None,
         }
     }
 
@@ -131,6 +136,7 @@ impl Event {
             at: now_ms(),
             due_at: None,
             error,
+            worker: None,
         }
     }
 }
@@ -145,6 +151,8 @@ pub struct EventSink {
     /// process's other background work: the publisher drains until the
     /// loops that emit events have stopped, so it is waited for after them.
     publisher: TaskTracker,
+    /// Stamped on every event as `worker` ([`with_worker`](Self::with_worker)).
+    worker: Option<Arc<str>>,
 }
 
 /// Events the sink holds for the publisher before it drops new ones.
@@ -178,7 +186,16 @@ impl EventSink {
             tx: Some(tx),
             dropped: Arc::default(),
             publisher: tracker,
+            worker: None,
         }
+    }
+
+    /// This sink, stamping `worker` on every event it emits: a worker's
+    /// events say which process ran the attempt, so that events from a
+    /// fleet of workers on one queue can be told apart.
+    pub fn with_worker(mut self, worker: &str) -> Self {
+        self.worker = Some(Arc::from(worker));
+        self
     }
 
     /// Waits, at most `within`, until the events emitted so far are handed
@@ -203,8 +220,11 @@ impl EventSink {
 
     /// Hands `event` to the publisher, or drops it (counted in the log)
     /// when the publisher is behind.
-    pub fn emit(&self, event: Event) {
+    pub fn emit(&self, mut event: Event) {
         let Some(tx) = &self.tx else { return };
+        if let Some(worker) = &self.worker {
+            event.worker = Some(worker.to_string());
+        }
         if tx.try_send(event).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
@@ -358,11 +378,42 @@ mod tests {
             at: 1_764_000_000_123,
             due_at: Some(1_764_000_000_100),
             error: None,
+            worker: None,
         };
         assert_eq!(
             serde_json::to_string(&e).unwrap(),
             r#"{"event":"started","id":"0193","name":"email.send","queue":"default","attempt":1,"at":1764000000123,"due_at":1764000000100,"error":null}"#
         );
+        let from_worker = Event {
+            worker: Some("host-a:41".into()),
+            ..e
+        };
+        assert!(serde_json::to_string(&from_worker)
+            .unwrap()
+            .ends_with(r#""error":null,"worker":"host-a:41"}"#));
+    }
+
+    #[tokio::test]
+    async fn a_worker_sink_stamps_every_event() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let sink = EventSink {
+            tx: Some(tx),
+            ..EventSink::default()
+        }
+        .with_worker("w-1");
+        let task = Task::decode(
+            "default",
+            &BasicProperties::default()
+                .with_message_id("t-1".into())
+                .with_type("kairos.noop".into()),
+            b"{}",
+        )
+        .unwrap();
+        sink.task(EventKind::Started, &task, None, None);
+        sink.message(EventKind::Dead, &BasicProperties::default(), "q", "bad");
+        for _ in 0..2 {
+            assert_eq!(rx.recv().await.unwrap().worker.as_deref(), Some("w-1"));
+        }
     }
 
     #[test]

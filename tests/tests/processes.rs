@@ -110,6 +110,7 @@ async fn metrics_are_served_when_asked_for() {
     let (wport, sport) = (free_port(), free_port());
     let mut wenv = env.process_env();
     wenv.push(("KAIROS_METRICS_ADDR".into(), format!("127.0.0.1:{wport}")));
+    wenv.push(("KAIROS_WORKER_ID".into(), "metrics-w".into()));
     let mut senv = env.process_env();
     senv.push(("KAIROS_METRICS_ADDR".into(), format!("127.0.0.1:{sport}")));
     let _worker = Proc::spawn("kairos-worker", &wenv);
@@ -137,7 +138,7 @@ async fn metrics_are_served_when_asked_for() {
     };
     let body = scrape(
         wport,
-        r#"kairos_worker_finished_total{queue="default",outcome="succeeded"} 5"#,
+        r#"kairos_worker_finished_total{worker="metrics-w",queue="default",outcome="succeeded"} 5"#,
     )
     .await;
     assert!(

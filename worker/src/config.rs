@@ -39,9 +39,11 @@ pub struct Config {
     )]
     pub concurrency: Concurrency,
 
-    /// Unacked deliveries per queue; defaults to the maximum concurrency, so
-    /// a later high-priority task waits behind at most that many prefetched
-    /// lower ones. Raise it for throughput of very short tasks.
+    /// Unacked deliveries per queue, fixed. Unset (the default), the
+    /// prefetch follows the pool of task slots: its size plus a quarter (at
+    /// least 2), at most the maximum concurrency, so a worker does not hoard
+    /// deliveries another worker could run. Set it for throughput of very
+    /// short tasks on a worker that has its queue to itself.
     #[arg(long, env = "KAIROS_PREFETCH", value_name = "KAIROS_PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: Option<u16>,
 
@@ -90,6 +92,15 @@ pub struct Config {
     #[arg(long, env = "KAIROS_WORKER_ID", value_name = "KAIROS_WORKER_ID")]
     pub worker_id: Option<String>,
 
+    /// Where to serve `/healthz`, `/readyz` and `/metrics` (HTTP, no
+    /// token: keep it on loopback or the pod network); unset, no listener.
+    #[arg(
+        long,
+        env = "KAIROS_WORKER_HTTP_ADDR",
+        value_name = "KAIROS_WORKER_HTTP_ADDR"
+    )]
+    pub http_addr: Option<std::net::SocketAddr>,
+
     /// Task status settings (`KAIROS_STATUS`, `KAIROS_STATUS_TTL_S`).
     #[command(flatten)]
     pub status: StatusSettings,
@@ -118,6 +129,7 @@ impl Config {
         c.redis_url = DEFAULT_REDIS_URL.to_string();
         c.redis_url_file = None;
         c.worker_id = None;
+        c.http_addr = None;
         c.status = StatusSettings::default();
         c
     }
@@ -149,11 +161,10 @@ impl Config {
         })
     }
 
-    /// Unacked deliveries per queue: `KAIROS_PREFETCH`, else the maximum
-    /// concurrency.
-    pub fn prefetch(&self) -> u16 {
+    /// The fixed prefetch per queue (`KAIROS_PREFETCH`); `None` when it
+    /// follows the pool.
+    pub fn prefetch(&self) -> Option<u16> {
         self.prefetch
-            .unwrap_or_else(|| u16::try_from(self.concurrency.max).unwrap_or(u16::MAX))
     }
 }
 
@@ -175,11 +186,21 @@ mod tests {
         let c = Config::try_parse_from(["w"]).unwrap();
         assert_eq!(c.queues, vec!["default"]);
         assert_eq!(c.concurrency, Concurrency { min: 4, max: 64 });
-        assert_eq!(c.prefetch(), 64);
+        assert_eq!(c.prefetch(), None, "the prefetch follows the pool");
         assert_eq!(c.task_timeout_ms, 900_000);
         assert_eq!(c.redis_url, DEFAULT_REDIS_URL);
         assert!(c.status.status);
         assert!(c.worker_id().contains(':'));
+        assert_eq!(c.http_addr, None);
+    }
+
+    #[test]
+    fn a_bad_http_address_names_the_setting() {
+        let err = Config::try_parse_from(["w", "--http-addr", "localhost"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("KAIROS_WORKER_HTTP_ADDR"), "{err}");
     }
     #[test]
     fn for_namespace_ignores_the_environment() {

@@ -8,19 +8,18 @@ use crate::acks::Acks;
 use crate::control::{abortable, Control};
 use crate::disposition::{Disposition, DispositionError};
 use crate::handler::{Registry, TaskContext, TaskError};
+use crate::prefetch::{ConsumerSetup, PooledConsumer};
 use crate::slots::Slots;
 use crate::status::WorkerStatus;
 use crate::task_io::TaskIo;
 use futures_util::FutureExt;
-use futures_util::StreamExt;
 use kairos_shared::amqp::now_ms;
 use kairos_shared::contract::{Names, Task};
 use kairos_shared::events::{EventKind, EventSink};
 use kairos_shared::metrics::seconds_between;
 use kairos_shared::supervise::panic_text;
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicNackOptions;
 use lapin::Channel;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -74,31 +73,19 @@ pub(crate) enum ConsumeError {
 /// delivery onto `tracker` once a slot is free. On stop it cancels the
 /// consumer and hands back the deliveries it had not started, but leaves the
 /// channel open: running tasks still ack on it, and the session closes it
-/// after they finished.
+/// after they finished. The prefetch follows the pool unless `setup` fixes
+/// it (`crate::prefetch`).
 pub(crate) async fn consume(
     channel: &Channel,
     shared: Arc<Shared>,
     acks: Arc<Acks>,
     queue: &str,
-    prefetch: u16,
+    setup: &ConsumerSetup,
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) -> Result<(), ConsumeError> {
-    // Prefetch before consume: the broker never sends more than this many
-    // unacked deliveries, which bounds how far a low-priority backlog can
-    // get ahead of a later high-priority task.
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
     let queue_name = shared.names.queue_name(queue)?;
-    let mut consumer = channel
-        .basic_consume(
-            queue_name.clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = PooledConsumer::start(channel, queue_name, queue, setup).await?;
     loop {
         let delivery = tokio::select! {
             _ = stop.cancelled() => break,
@@ -135,12 +122,10 @@ pub(crate) async fn consume(
             drop(permit);
         });
     }
-    channel
-        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-        .await?;
+    consumer.cancel().await?;
     // Whatever the broker had already sent goes back at once, so another
     // worker can take it while this one finishes its running tasks.
-    while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
+    for d in consumer.buffered() {
         requeue(&d).await;
     }
     Ok(())

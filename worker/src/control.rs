@@ -221,8 +221,8 @@ impl Control {
             .send_if_modified(|p| !std::mem::replace(&mut p.loaded, true));
     }
 
-    /// Whether `queue` is paused now.
-    #[cfg(test)]
+    /// Whether `queue` is paused now (for `/readyz`: a paused queue is
+    /// not consumed on purpose).
     pub(crate) fn is_paused(&self, queue: &str) -> bool {
         self.paused.borrow().queues.contains(queue)
     }

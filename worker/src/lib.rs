@@ -35,6 +35,9 @@
 //!   checkpoints.
 //! * `session`: one AMQP session: the consumers of every queue and the
 //!   tasks they run, finished (acked) before the connection closes.
+//! * `prefetch`: each consumer's prefetch, following the pool of slots.
+//! * `http`: `/healthz`, `/readyz` and `/metrics` on
+//!   `KAIROS_WORKER_HTTP_ADDR`.
 
 // Every public item is documented, and nothing is public that no other
 // crate can reach (issue 15).
@@ -47,6 +50,8 @@ mod consumer;
 mod control;
 mod disposition;
 mod handler;
+mod http;
+mod prefetch;
 mod session;
 mod slots;
 mod status;
@@ -63,6 +68,7 @@ use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
 use kairos_shared::redis::RedisConn;
 use kairos_shared::supervise::Supervisor;
+use prefetch::Consuming;
 use session::AmqpSession;
 use slots::Slots;
 use std::collections::BTreeSet;
@@ -86,8 +92,8 @@ pub enum WorkerError {
     /// A setting is wrong.
     #[error("{0}")]
     Config(String),
-    /// The metrics exporter could not start.
-    #[error("{0}")]
+    /// The metrics exporter or the probes' listener could not start.
+    #[error(transparent)]
     Metrics(#[from] kairos_shared::metrics::MetricsError),
 }
 
@@ -134,7 +140,8 @@ impl Worker {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), WorkerError> {
-        let names = self.check()?;
+        let worker_id = self.config.worker_id();
+        let (names, listener) = self.check(&worker_id)?;
         let work = Supervisor::new();
         let _stop = work.stop_on_drop();
         work.stop_on(shutdown);
@@ -143,12 +150,29 @@ impl Worker {
             &self.config.common.broker(),
             &names,
             &work,
-        );
+        )
+        .with_worker(&worker_id);
         let status =
             status::WorkerStatus::start(&self.config, &work).map_err(WorkerError::Config)?;
         let slots = start_autoscale(&work, &self.config);
         let control = start_control(&work, &self.config, &names)?;
-        tracing::info!(namespace = %names.namespace(), queues = ?self.config.queues, concurrency = %self.config.concurrency, "worker starting");
+        let consuming = Arc::new(Consuming::default());
+        // Serves until `run` returns: probes answer through the shutdown.
+        let http_stop = tokio_util::sync::CancellationToken::new();
+        let _http_stop = http_stop.clone().drop_guard();
+        if let Some(listener) = listener {
+            let probes = http::Probes {
+                health: work.health().clone(),
+                consuming: consuming.clone(),
+                control: control.clone(),
+                queues: self.config.queues.clone(),
+                stopping: work.cancel_token().clone(),
+            };
+            probes
+                .serve(listener, http_stop)
+                .map_err(|e| WorkerError::Config(format!("{}: {e}", http::SETTING)))?;
+        }
+        tracing::info!(namespace = %names.namespace(), worker = %worker_id, queues = ?self.config.queues, concurrency = %self.config.concurrency, "worker starting");
         let session = AmqpSession::new(
             self.config,
             names,
@@ -157,6 +181,7 @@ impl Worker {
             status.clone(),
             slots,
             control,
+            consuming,
             &work,
         );
         work.run(session).await;
@@ -164,17 +189,33 @@ impl Worker {
         Ok(())
     }
 
-    /// Checks there are handlers and the settings, and starts the metrics
-    /// exporter. Returns the namespace's names.
-    fn check(&self) -> Result<Names, WorkerError> {
+    /// Checks there are handlers and the settings, starts the metrics
+    /// exporter (its series labelled `worker`) and binds the probes'
+    /// address. Returns the namespace's names and the probes' listener.
+    fn check(
+        &self,
+        worker_id: &str,
+    ) -> Result<(Names, Option<std::net::TcpListener>), WorkerError> {
         if self.registry.names().next().is_none() {
             return Err(WorkerError::NoHandlers);
         }
         self.config.common.check().map_err(WorkerError::Config)?;
-        if let Some(addr) = self.config.common.metrics_addr {
+        let (metrics_addr, http_addr) = (self.config.common.metrics_addr, self.config.http_addr);
+        if metrics_addr.is_some() || http_addr.is_some() {
+            kairos_shared::metrics::label_process("worker", worker_id);
+        }
+        if let Some(addr) = metrics_addr {
             kairos_shared::metrics::install(addr)?;
         }
-        Ok(self.config.common.names())
+        let listener = match http_addr {
+            Some(addr) => {
+                // Its /metrics records only with the recorder installed.
+                kairos_shared::metrics::recorder();
+                Some(kairos_shared::metrics::bind(http::SETTING, addr)?)
+            }
+            None => None,
+        };
+        Ok((self.config.common.names(), listener))
     }
 }
 

@@ -10,6 +10,7 @@ use crate::acks::Acks;
 use crate::consumer::{consume, ConsumeError, Shared};
 use crate::control::Control;
 use crate::disposition::Disposition;
+use crate::prefetch::{ConsumerSetup, Consuming};
 use crate::slots::Slots;
 use crate::status::WorkerStatus;
 use crate::task_io::TaskIo;
@@ -56,6 +57,8 @@ pub(crate) struct AmqpSession {
     slots: Arc<Slots>,
     /// Aborts and paused queues (`crate::control`).
     control: Arc<Control>,
+    /// The queues consumed right now, for `/readyz`.
+    consuming: Arc<Consuming>,
     /// Where a session that ended early finishes its running tasks, and
     /// the worker's shutdown.
     work: Supervisor,
@@ -73,10 +76,12 @@ impl AmqpSession {
         status: WorkerStatus,
         slots: Arc<Slots>,
         control: Arc<Control>,
+        consuming: Arc<Consuming>,
         work: &Supervisor,
     ) -> Self {
         AmqpSession {
             control,
+            consuming,
             broker: config.common.broker(),
             config,
             names,
@@ -193,7 +198,12 @@ impl Supervised for AmqpSession {
         let (shared, channels) = self.open(s).await?;
         tracing::info!("connected to RabbitMQ");
         let stop = CancellationToken::new();
-        let prefetch = self.config.prefetch();
+        let setup = ConsumerSetup {
+            fixed: self.config.prefetch(),
+            slots: self.slots.clone(),
+            consuming: self.consuming.clone(),
+        };
+        let setup = &setup;
         let tracker = &s.tracker;
         let consumers = self
             .config
@@ -214,7 +224,7 @@ impl Supervised for AmqpSession {
                                 shared.clone(),
                                 acks.clone(),
                                 q,
-                                prefetch,
+                                setup,
                                 tracker,
                                 run,
                             )

@@ -8,7 +8,7 @@ use kairos_shared::config::Concurrency;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// The slots shrink only while at most 1/`IDLE_SHARE` of them are busy
@@ -26,6 +26,8 @@ pub(crate) struct Slots {
     /// Current pool size (permits in circulation).
     size: AtomicUsize,
     waiting: AtomicUsize,
+    /// Every size change, for the consumers' prefetch (`crate::prefetch`).
+    sizes: watch::Sender<usize>,
 }
 
 impl Slots {
@@ -35,7 +37,25 @@ impl Slots {
             limits,
             size: AtomicUsize::new(limits.min),
             waiting: AtomicUsize::new(0),
+            sizes: watch::Sender::new(limits.min),
         })
+    }
+
+    /// The configured bounds of the pool.
+    pub(crate) fn limits(&self) -> Concurrency {
+        self.limits
+    }
+
+    /// The pool size now and at every change.
+    pub(crate) fn watch_size(&self) -> watch::Receiver<usize> {
+        self.sizes.subscribe()
+    }
+
+    /// Records a new pool size and tells the watchers.
+    fn resized(&self, size: usize) -> usize {
+        self.size.store(size, Ordering::Relaxed);
+        self.sizes.send_replace(size);
+        size
     }
 
     /// Waits for a free slot, counting as backlog while it waits.
@@ -63,16 +83,14 @@ impl Slots {
         if waiting > 0 && size < self.limits.max {
             let grow = size.min(self.limits.max - size).max(1);
             self.semaphore.add_permits(grow);
-            self.size.store(size + grow, Ordering::Relaxed);
-            return size + grow;
+            return self.resized(size + grow);
         }
         if waiting == 0 && size > self.limits.min && self.busy() * IDLE_SHARE <= size {
             let shrink = (size / SHRINK_SHARE).max(1).min(size - self.limits.min);
             // Only idle permits can be taken back; busy ones come back later.
             if let Ok(permits) = self.semaphore.try_acquire_many(shrink as u32) {
                 permits.forget();
-                self.size.store(size - shrink, Ordering::Relaxed);
-                return size - shrink;
+                return self.resized(size - shrink);
             }
         }
         size
@@ -114,7 +132,9 @@ mod tests {
         while slots.waiting.load(Ordering::Relaxed) == 0 {
             tokio::task::yield_now().await;
         }
+        let sizes = slots.watch_size();
         assert_eq!(slots.tick(), 4);
+        assert_eq!(*sizes.borrow(), 4, "watchers see the new size");
         let third = waiter.await.unwrap();
         drop(held);
         drop(third);
