@@ -649,7 +649,9 @@ async fn publish_decoded<P: TaskPublisher>(
                 });
             }
             // Not sent: left unsettled, so it is released.
-            Err(DeclareError::Amqp(err)) => failure = Some(err),
+            Err(DeclareError::Amqp(err) | DeclareError::Inequivalent { source: err, .. }) => {
+                failure = Some(err)
+            }
         }
     }
     (sent, failure)
