@@ -215,3 +215,35 @@ impl QueueCache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_fifo_queues_lack_priorities() {
+        let names = Names::new("kx").with_orders(
+            "f:fifo,s:shortest-first,p:priority"
+                .parse()
+                .expect("orders"),
+        );
+        let priority = |q: &str| {
+            task_queue_arguments(&names, q)
+                .inner()
+                .get("x-max-priority")
+                .cloned()
+        };
+        assert_eq!(priority("f"), None);
+        assert_eq!(priority("s"), Some(AMQPValue::LongInt(9)));
+        assert_eq!(priority("p"), Some(AMQPValue::LongInt(9)));
+        assert_eq!(priority("other"), Some(AMQPValue::LongInt(9)));
+        for q in ["f", "s", "other"] {
+            assert_eq!(
+                task_queue_arguments(&names, q)
+                    .inner()
+                    .get("x-dead-letter-exchange"),
+                Some(&text("kx.retry"))
+            );
+        }
+    }
+}
