@@ -10,6 +10,8 @@ use kairos_shared::order::QueueOrders;
 use kairos_shared::topology::{declare_task_queue, DeclareError};
 use kairos_tests::*;
 use kairos_worker::Worker;
+use lapin::types::AMQPValue;
+use lapin::BasicProperties;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -67,14 +69,33 @@ impl Backlog {
         }
         t
     }
+
+    /// The task as raw AMQP for `NS.delay`, as a client in another
+    /// language publishes it: its priority as given, whatever the queue's
+    /// order, so only the pump can put it in its place.
+    fn delayed_message(&self, queue: &str) -> (String, BasicProperties, Vec<u8>) {
+        let delay = i32::try_from(self.delay_ms.unwrap_or(0)).expect("a short delay");
+        let mut headers = Vec::new();
+        if let Some(c) = self.cost {
+            headers.push(("x-cost", AMQPValue::LongLongInt(i64::from(c))));
+        }
+        if let Some(ms) = self.estimate_ms {
+            let ms = i64::try_from(ms).expect("a test estimate");
+            headers.push(("x-estimate-ms", AMQPValue::LongLongInt(ms)));
+        }
+        let props = with_headers(delayed_props("test.order", self.id, delay), &headers)
+            .with_priority(self.priority);
+        (queue.to_string(), props, Vec::new())
+    }
 }
 
 fn orders() -> QueueOrders {
     ORDERS.parse().expect("orders")
 }
 
-/// Publishes `backlog` to `queue` (the ready tasks first, in order, then
-/// the delayed ones, which the scheduler's pump publishes when due), waits
+/// Publishes `backlog` to `queue` (the ready tasks first, in order, with
+/// the Rust client; then the delayed ones as raw AMQP, which the
+/// scheduler's pump publishes when due, in the order of their delays), waits
 /// until all are in the queue, then runs one worker with concurrency 1 and
 /// prefetch 1. Returns the ids in the order the worker ran them.
 async fn run_backlog(prefix: &str, queue: &str, backlog: &[Backlog]) -> Vec<String> {
@@ -97,8 +118,8 @@ async fn run_backlog(prefix: &str, queue: &str, backlog: &[Backlog]) -> Vec<Stri
     let ready: Vec<NewTask> = ready.iter().map(|t| t.new_task(queue)).collect();
     client.enqueue_many(&ready).await.expect("enqueue ready");
     for t in &delayed {
-        // One by one: the delayed tasks arrive in the order of their delays.
-        client.enqueue(t.new_task(queue)).await.expect("enqueue");
+        let (key, props, body) = t.delayed_message(queue);
+        env.publish(&env.names.delay(), &key, props, &body).await;
     }
     let n = u32::try_from(backlog.len()).expect("a small backlog");
     env.wait_depth(
