@@ -55,7 +55,7 @@ impl From<DeclareError> for ClientError {
         match e {
             DeclareError::Amqp(e) => ClientError::Amqp(e),
             DeclareError::BadName(p) => ClientError::Invalid(p),
-            e @ DeclareError::Inequivalent { .. } => ClientError::Setting(e.to_string()),
+            e @ DeclareError::Inequivalent(_) => ClientError::Setting(e.to_string()),
         }
     }
 }

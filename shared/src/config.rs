@@ -277,12 +277,8 @@ mod tests {
         use crate::order::QueueOrder;
         let cli = Cli::try_parse_from(["x"]).unwrap();
         assert!(cli.common.queue_order.is_empty());
-        let cli = Cli::try_parse_from([
-            "x",
-            "--queue-order",
-            "emails:fifo,reports:shortest-first",
-        ])
-        .unwrap();
+        let cli = Cli::try_parse_from(["x", "--queue-order", "emails:fifo,reports:shortest-first"])
+            .unwrap();
         let names = cli.common.names();
         assert_eq!(names.orders().of("emails"), QueueOrder::Fifo);
         assert_eq!(names.orders().of("reports"), QueueOrder::ShortestFirst);

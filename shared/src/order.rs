@@ -231,7 +231,10 @@ mod tests {
     #[test]
     fn bad_orders_are_refused() {
         let err = "emails:lifo".parse::<QueueOrders>().unwrap_err();
-        assert!(err.contains("lifo") && err.contains("shortest-first"), "{err}");
+        assert!(
+            err.contains("lifo") && err.contains("shortest-first"),
+            "{err}"
+        );
         let err = "emails".parse::<QueueOrders>().unwrap_err();
         assert!(err.contains("QUEUE:ORDER"), "{err}");
         let err = "emails:fifo,emails:priority"

@@ -84,25 +84,32 @@ pub enum DeclareError {
     BadName(#[from] crate::contract::ProtocolError),
     /// The queue exists with other arguments than its order asks for
     /// (`x-max-priority` cannot change): a fault of the settings, and the
-    /// broker closed the channel.
-    #[error(
-        "queue {queue} exists with other arguments than order {order:?} ({setting}) declares \
-         (the broker says: {detail}); either set {setting} to the queue's present order \
-         (the same in every scheduler, worker and client), or stop its publishers, drain the \
-         queue, delete it (rabbitmqctl delete_queue {queue}) and start again to declare it anew",
-        setting = crate::order::SETTING,
-        order = order.as_str()
-    )]
-    Inequivalent {
-        /// `NS.q.QUEUE`.
-        queue: String,
-        /// The order the settings give the queue.
-        order: crate::order::QueueOrder,
-        /// The broker's reply text.
-        detail: String,
-        /// The error as lapin reported it (the channel is closed).
-        source: lapin::Error,
-    },
+    /// broker closed the channel. Boxed: it is rare, and keeps the error
+    /// small on the publish path.
+    #[error("{0}")]
+    Inequivalent(Box<QueueMismatch>),
+}
+
+/// A task queue that exists with other arguments than its order
+/// (`KAIROS_QUEUE_ORDER`) declares: what the operator sees, and the way out.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error(
+    "queue {queue} exists with other arguments than order {order:?} ({setting}) declares \
+     (the broker says: {detail}); either set {setting} to the queue's present order \
+     (the same in every scheduler, worker and client), or stop its publishers, drain the \
+     queue, delete it (rabbitmqctl delete_queue {queue}) and start again to declare it anew",
+    setting = crate::order::SETTING,
+    order = order.as_str()
+)]
+pub struct QueueMismatch {
+    /// `NS.q.QUEUE`.
+    pub queue: String,
+    /// The order the settings give the queue.
+    pub order: crate::order::QueueOrder,
+    /// The broker's reply text.
+    pub detail: String,
+    /// The error as lapin reported it (the channel is closed).
+    pub source: lapin::Error,
 }
 
 impl DeclareError {
@@ -110,7 +117,8 @@ impl DeclareError {
     /// inequivalent queue closed the channel too).
     pub fn amqp(&self) -> Option<&lapin::Error> {
         match self {
-            DeclareError::Amqp(e) | DeclareError::Inequivalent { source: e, .. } => Some(e),
+            DeclareError::Amqp(e) => Some(e),
+            DeclareError::Inequivalent(m) => Some(&m.source),
             DeclareError::BadName(_) => None,
         }
     }
@@ -153,12 +161,12 @@ pub async fn declare_task_queue(
         .await;
     if let Err(source) = declared {
         return Err(match inequivalent(&source) {
-            Some(detail) => DeclareError::Inequivalent {
+            Some(detail) => DeclareError::Inequivalent(Box::new(QueueMismatch {
                 queue: queue.to_string(),
                 order: names.orders().of(logical),
                 detail,
                 source,
-            },
+            })),
             None => DeclareError::Amqp(source),
         });
     }

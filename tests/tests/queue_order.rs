@@ -243,9 +243,7 @@ async fn a_queue_declared_in_another_order_is_refused_with_the_way_out() {
     // A declarer: the broker closes the channel, the error says why.
     let channel = env.conn.create_channel().await.expect("channel");
     match declare_task_queue(&channel, &fifo, "default").await {
-        Err(e @ DeclareError::Inequivalent { .. }) => {
-            assert_names_the_way_out(&e.to_string(), &queue)
-        }
+        Err(e @ DeclareError::Inequivalent(_)) => assert_names_the_way_out(&e.to_string(), &queue),
         other => panic!("expected an inequivalent queue, got {other:?}"),
     }
 

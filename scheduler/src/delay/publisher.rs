@@ -66,7 +66,7 @@ impl Publisher {
                 // The settings' fault, not the tasks': they stay in the
                 // delay queue, and the pump tries again on a new channel
                 // (the broker closed this one) until an operator acts.
-                Err(e @ DeclareError::Inequivalent { .. }) => {
+                Err(e @ DeclareError::Inequivalent(_)) => {
                     tracing::error!(cause = %e, "cannot publish due tasks");
                     return tasks.iter().map(|_| Err(e.clone())).collect();
                 }

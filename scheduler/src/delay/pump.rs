@@ -649,9 +649,8 @@ async fn publish_decoded<P: TaskPublisher>(
                 });
             }
             // Not sent: left unsettled, so it is released.
-            Err(DeclareError::Amqp(err) | DeclareError::Inequivalent { source: err, .. }) => {
-                failure = Some(err)
-            }
+            Err(DeclareError::Amqp(err)) => failure = Some(err),
+            Err(DeclareError::Inequivalent(m)) => failure = Some(m.source),
         }
     }
     (sent, failure)

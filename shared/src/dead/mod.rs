@@ -335,7 +335,7 @@ async fn replay_one(
         Err(DeclareError::BadName(e)) => return Err(DeadError::BadQueue(e)),
         // The queue exists in another order than the settings give it: the
         // broker closed the channel, so the replay stops here, saying why.
-        Err(e @ DeclareError::Inequivalent { .. }) => return Err(DeadError::QueueOrder(e)),
+        Err(e @ DeclareError::Inequivalent(_)) => return Err(DeadError::QueueOrder(e)),
     }
     let confirm = scan
         .channel
