@@ -27,6 +27,9 @@ struct Backlog {
     cost: Option<u32>,
     estimate_ms: Option<u64>,
     delay_ms: Option<i64>,
+    /// Sent to the scheduler's HTTP API (`POST /v1/tasks`) rather than
+    /// with the Rust client.
+    http: bool,
 }
 
 const fn task(id: &'static str, priority: u8) -> Backlog {
@@ -36,6 +39,7 @@ const fn task(id: &'static str, priority: u8) -> Backlog {
         cost: None,
         estimate_ms: None,
         delay_ms: None,
+        http: false,
     }
 }
 
@@ -51,6 +55,22 @@ impl Backlog {
     const fn delayed(mut self, ms: i64) -> Self {
         self.delay_ms = Some(ms);
         self
+    }
+    const fn http(mut self) -> Self {
+        self.http = true;
+        self
+    }
+
+    /// The task as `POST /v1/tasks` takes it.
+    fn http_body(&self, queue: &str) -> serde_json::Value {
+        serde_json::json!({
+            "name": "test.order",
+            "queue": queue,
+            "id": self.id,
+            "priority": self.priority,
+            "cost": self.cost,
+            "estimate_ms": self.estimate_ms,
+        })
     }
 
     fn new_task(&self, queue: &str) -> NewTask {
@@ -94,8 +114,9 @@ fn orders() -> QueueOrders {
 }
 
 /// Publishes `backlog` to `queue` (the ready tasks first, in order, with
-/// the Rust client; then the delayed ones as raw AMQP, which the
-/// scheduler's pump publishes when due, in the order of their delays), waits
+/// the Rust client; then those marked `http` through the scheduler's HTTP
+/// API; then the delayed ones as raw AMQP, which the scheduler's pump
+/// publishes when due, in the order of their delays), waits
 /// until all are in the queue, then runs one worker with concurrency 1 and
 /// prefetch 1. Returns the ids in the order the worker ran them.
 async fn run_backlog(prefix: &str, queue: &str, backlog: &[Backlog]) -> Vec<String> {
@@ -106,7 +127,10 @@ async fn run_backlog(prefix: &str, queue: &str, backlog: &[Backlog]) -> Vec<Stri
     env.declare_queue(queue).await;
     let mut sc = env.scheduler_config();
     sc.common.queue_order = orders();
+    let api_addr = free_addr();
+    sc.http_addr = api_addr;
     let scheduler = InProcess::scheduler(sc);
+    let api = ScheduleApi::new(api_addr);
 
     let client = Client::connect_with(
         &kairos_shared::amqp::Broker::plain(&env.amqp_url),
@@ -115,8 +139,15 @@ async fn run_backlog(prefix: &str, queue: &str, backlog: &[Backlog]) -> Vec<Stri
     .await
     .expect("client");
     let (ready, delayed): (Vec<_>, Vec<_>) = backlog.iter().partition(|t| t.delay_ms.is_none());
+    let (http, ready): (Vec<_>, Vec<_>) = ready.into_iter().partition(|t| t.http);
     let ready: Vec<NewTask> = ready.iter().map(|t| t.new_task(queue)).collect();
     client.enqueue_many(&ready).await.expect("enqueue ready");
+    api.wait_ready(WITHIN).await;
+    for t in &http {
+        let body = t.http_body(queue);
+        let reply = api.call(move |a| a.enqueue(&body)).await;
+        assert!(reply.ok(), "POST /v1/tasks: {reply:?}");
+    }
     for t in &delayed {
         let (key, props, body) = t.delayed_message(queue);
         env.publish(&env.names.delay(), &key, props, &body).await;
@@ -163,7 +194,7 @@ async fn run_backlog(prefix: &str, queue: &str, backlog: &[Backlog]) -> Vec<Stri
 async fn a_priority_queue_runs_the_highest_priority_first() {
     // Costs and estimates that would reverse the order: ignored here.
     let backlog = [
-        task("p3", 3).cost(1),
+        task("p3", 3).cost(1).http(),
         task("p7", 7).cost(9).estimate(1_000_000),
         task("p0", 0).estimate(1),
         task("p9", 9).cost(10),
@@ -182,7 +213,7 @@ async fn a_fifo_queue_runs_in_arrival_order_whatever_the_priority() {
         task("a1", 9),
         task("a2", 1).cost(10),
         task("a3", 8).estimate(1),
-        task("a4", 2),
+        task("a4", 2).http(),
         task("d5", 9).delayed(50),
         task("d6", 0).delayed(150),
         task("d7", 7).delayed(250),
@@ -199,13 +230,13 @@ async fn a_shortest_first_queue_runs_the_shortest_first() {
         task("s4-est2000", 5).estimate(2_000),
         task("s1-cost9", 8).cost(9),
         task("s9-cost1", 0).cost(1),
-        task("s6-est100", 3).estimate(100).cost(10),
+        task("s6-est100", 3).estimate(100).cost(10).http(),
         task("s2-est20000", 7).estimate(20_000).delayed(50),
         task("s8-est5", 1).estimate(5).delayed(150),
         task("s7-cost3", 2).cost(3).delayed(250),
         task("s0-est1e6", 9).estimate(1_000_000),
         task("s5-cost5", 4).cost(5).delayed(350),
-        task("s3-cost7", 6).cost(7),
+        task("s3-cost7", 6).cost(7).http(),
     ];
     let ran = run_backlog("order-short", "short-q", &backlog).await;
     assert_eq!(
