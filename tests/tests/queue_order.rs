@@ -318,3 +318,71 @@ async fn a_queue_declared_in_another_order_is_refused_with_the_way_out() {
         .await
         .expect("the present order declares fine");
 }
+
+/// Whether `NS.q.QUEUE` exists now (a passive declare, on a channel of its
+/// own: a missing queue closes the channel) and how many tasks it holds.
+async fn depth_if_declared(env: &TestEnv, queue: &str) -> Option<u32> {
+    let channel = env.conn.create_channel().await.expect("channel");
+    let depth = kairos_shared::admin::queue_depth(&channel, queue)
+        .await
+        .ok();
+    let _ = channel.close(200, "done".into()).await;
+    depth
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_keeps_due_tasks_until_the_queue_is_redeclared() {
+    // `default` exists as a priority queue; the scheduler is told fifo.
+    let env = TestEnv::new("order-sched").await;
+    let queue = env.names.queue("default");
+    let log = std::env::temp_dir().join(format!("{}-scheduler.log", env.ns));
+    let mut penv = env.process_env();
+    penv.push(("KAIROS_QUEUE_ORDER".into(), "default:fifo".into()));
+    let mut scheduler = Proc::spawn_logged("kairos-scheduler", &penv, &log);
+    env.publish(
+        &env.names.delay(),
+        "default",
+        delayed_props("test.order", "held", 10),
+        b"",
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while log_lines(&log, "KAIROS_QUEUE_ORDER") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the scheduler did not report the queue's order: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let line = text
+        .lines()
+        .find(|l| l.contains("KAIROS_QUEUE_ORDER"))
+        .unwrap_or_default();
+    assert_names_the_way_out(line, &queue);
+    assert_eq!(
+        depth_if_declared(&env, &queue).await,
+        Some(0),
+        "the task must wait in the delay queue"
+    );
+
+    // The operator's way out: delete the (empty) queue. The scheduler
+    // declares it anew, as fifo, and publishes the task it held.
+    env.delete_queue(&queue).await;
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while depth_if_declared(&env, &queue).await != Some(1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the held task did not reach the redeclared queue"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fifo = Names::new(&env.ns).with_orders("default:fifo".parse().expect("orders"));
+    let channel = env.conn.create_channel().await.expect("channel");
+    declare_task_queue(&channel, &fifo, "default")
+        .await
+        .expect("the queue is fifo now");
+    scheduler.kill9();
+    let _ = std::fs::remove_file(&log);
+}
