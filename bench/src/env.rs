@@ -41,7 +41,10 @@ impl BenchEnv {
             "kb-{label}-{}",
             &uuid::Uuid::now_v7().simple().to_string()[NS_SUFFIX_START..]
         );
-        let names = Names::new(&ns);
+        // `KAIROS_QUEUE_ORDER=default:fifo` measures a fifo queue; the
+        // Rust client reads the same variable.
+        let orders = kairos_shared::order::QueueOrders::from_env().map_err(anyhow::Error::msg)?;
+        let names = Names::new(&ns).with_orders(orders);
         let conn = kairos_shared::amqp::connect(amqp_url, "kairos-bench")
             .await
             .with_context(|| format!("RabbitMQ at {amqp_url} (scripts/services.sh starts it)"))?;
@@ -78,6 +81,7 @@ impl BenchEnv {
     pub(crate) fn worker_config(&self) -> kairos_worker::Config {
         let mut c = kairos_worker::Config::for_namespace(&self.ns);
         c.common.amqp_url = self.amqp_url.clone();
+        c.common.queue_order = self.names.orders().clone();
         c
     }
 

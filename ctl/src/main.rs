@@ -65,6 +65,11 @@ struct Cli {
     #[arg(long, env = "KAIROS_NAMESPACE", value_name = "KAIROS_NAMESPACE", default_value = DEFAULT_NAMESPACE, value_parser = parse_namespace, global = true)]
     namespace: String,
 
+    /// Each task queue's order, as the schedulers and workers are given it
+    /// (direct mode: `task add` and `dead replay` declare queues by it).
+    #[arg(long, env = "KAIROS_QUEUE_ORDER", value_name = "KAIROS_QUEUE_ORDER", default_value = "", hide_default_value = true, value_parser = kairos_shared::config::parse_queue_orders, global = true)]
+    queue_order: kairos_shared::order::QueueOrders,
+
     /// Redis of the delay queue and schedules (direct mode).
     #[arg(long, env = "KAIROS_REDIS_URL", value_name = "KAIROS_REDIS_URL", default_value = DEFAULT_REDIS_URL, value_parser = redis_url_parser(), hide_env_values = true, global = true)]
     redis_url: String,
@@ -438,6 +443,7 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
             let mut config = kairos_scheduler::Config::for_namespace(&cli.namespace);
             config.redis_url = cli.redis_url.clone();
             config.common.amqp_url = cli.amqp_url.clone();
+            config.common.queue_order = cli.queue_order.clone();
             config.common.tls = cli.tls.clone();
             config.shards = cli.shards;
             Api::connect_local(&config)?

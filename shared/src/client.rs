@@ -44,6 +44,10 @@ pub enum ClientError {
     /// The namespace cannot make AMQP names (the reason).
     #[error("namespace: {0}")]
     Namespace(String),
+    /// A setting the client reads is bad (the message names it), or a task
+    /// queue exists in another order than `KAIROS_QUEUE_ORDER` gives it.
+    #[error("{0}")]
+    Setting(String),
 }
 
 impl From<DeclareError> for ClientError {
@@ -51,6 +55,7 @@ impl From<DeclareError> for ClientError {
         match e {
             DeclareError::Amqp(e) => ClientError::Amqp(e),
             DeclareError::BadName(p) => ClientError::Invalid(p),
+            e @ DeclareError::Inequivalent(_) => ClientError::Setting(e.to_string()),
         }
     }
 }
@@ -273,6 +278,11 @@ impl Client {
     /// `amqps://` URL uses the system's trust; see
     /// [`connect_to`](Self::connect_to) for a private CA or a client
     /// certificate.
+    ///
+    /// Each queue's order comes from `KAIROS_QUEUE_ORDER` in the
+    /// environment, as the scheduler's and workers' do (a bad value fails
+    /// here, naming it); [`connect_with`](Self::connect_with) takes the
+    /// orders from the caller instead.
     pub async fn connect(amqp_url: &str, namespace: &str) -> Result<Self, ClientError> {
         Self::connect_to(&crate::amqp::Broker::plain(amqp_url), namespace).await
     }
@@ -282,9 +292,22 @@ impl Client {
         broker: &crate::amqp::Broker,
         namespace: &str,
     ) -> Result<Self, ClientError> {
-        crate::contract::validate_namespace(namespace).map_err(ClientError::Namespace)?;
+        let orders = crate::order::QueueOrders::from_env().map_err(ClientError::Setting)?;
+        Self::connect_with(broker, Names::new(namespace).with_orders(orders)).await
+    }
+
+    /// [`connect_to`](Self::connect_to) with the namespace and each queue's
+    /// order given: `Names::new(ns).with_orders("emails:fifo".parse()?)`.
+    /// The orders must be the workers' (`KAIROS_QUEUE_ORDER`): they decide
+    /// how a queue the client declares first is declared, and the priority
+    /// sent to a `shortest-first` queue.
+    pub async fn connect_with(
+        broker: &crate::amqp::Broker,
+        names: Names,
+    ) -> Result<Self, ClientError> {
+        crate::contract::validate_namespace(names.namespace()).map_err(ClientError::Namespace)?;
         let conn = crate::amqp::connect_to(broker, "kairos-client").await?;
-        let sender = Enqueuer::open(&conn, Names::new(namespace)).await?;
+        let sender = Enqueuer::open(&conn, names).await?;
         Ok(Client { conn, sender })
     }
 
@@ -374,7 +397,18 @@ impl Enqueuer {
         for task in tasks {
             // Checked first: a queue name that cannot be declared is the
             // task's fault, reported as such.
-            let (id, props) = task.to_message()?;
+            let (id, mut props) = task.to_message()?;
+            // A `shortest-first` queue orders by the task's length, not by
+            // the priority its publisher chose.
+            let priority = self.names.orders().publish_priority(
+                &task.queue,
+                task.priority,
+                task.cost.unwrap_or(1),
+                task.estimate_ms,
+            );
+            if priority != task.priority.min(crate::contract::MAX_PRIORITY) {
+                props = props.with_priority(priority);
+            }
             let headers = props.headers().as_ref();
             crate::trace::step_of("kairos.enqueue", &id, &task.name, &task.queue, 1, headers);
             self.declared

@@ -36,6 +36,13 @@ pub struct CommonConfig {
     #[arg(long, env = "KAIROS_NAMESPACE", value_name = "KAIROS_NAMESPACE", default_value = DEFAULT_NAMESPACE, value_parser = parse_namespace)]
     pub namespace: String,
 
+    /// Each task queue's order, `QUEUE:ORDER,...` with ORDER `priority`
+    /// (the default for queues not named), `fifo` or `shortest-first`.
+    /// Every scheduler, worker and client of the namespace must be given
+    /// the same value: it decides how `NS.q.QUEUE` is declared.
+    #[arg(long, env = "KAIROS_QUEUE_ORDER", value_name = "KAIROS_QUEUE_ORDER", default_value = "", hide_default_value = true, value_parser = parse_queue_orders)]
+    pub queue_order: crate::order::QueueOrders,
+
     /// Publish lifecycle events to `NS.events` (true/false).
     #[arg(long, env = "KAIROS_EVENTS", value_name = "KAIROS_EVENTS", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub events: bool,
@@ -64,6 +71,7 @@ impl CommonConfig {
             amqp_url: DEFAULT_AMQP_URL.to_string(),
             amqp_url_file: None,
             namespace: namespace.to_string(),
+            queue_order: Default::default(),
             events: false,
             metrics_addr: None,
             tls: Default::default(),
@@ -77,9 +85,10 @@ impl CommonConfig {
         crate::amqp::Broker::new(&self.amqp_url, &self.tls)
     }
 
-    /// The AMQP names and key prefix of this process's namespace.
+    /// The AMQP names and key prefix of this process's namespace, with
+    /// each queue's order.
     pub fn names(&self) -> crate::contract::Names {
-        crate::contract::Names::new(&self.namespace)
+        crate::contract::Names::new(&self.namespace).with_orders(self.queue_order.clone())
     }
 
     /// Checks the namespace again: parsing checked `KAIROS_NAMESPACE`, but
@@ -137,6 +146,11 @@ pub fn amqp_url_parser() -> SecretParser {
 pub fn parse_namespace(ns: &str) -> Result<String, String> {
     crate::contract::validate_namespace(ns)?;
     Ok(ns.to_string())
+}
+
+/// `KAIROS_QUEUE_ORDER` as clap parses it ([`crate::order::QueueOrders`]).
+pub fn parse_queue_orders(value: &str) -> Result<crate::order::QueueOrders, String> {
+    value.parse()
 }
 
 /// Parses a comma-separated list of logical queue names.
@@ -279,6 +293,26 @@ mod tests {
             err.contains("KAIROS_NAMESPACE") && err.contains("48"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn queue_orders_parse_strictly_and_reach_the_names() {
+        use crate::order::QueueOrder;
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert!(cli.common.queue_order.is_empty());
+        let cli = Cli::try_parse_from(["x", "--queue-order", "emails:fifo,reports:shortest-first"])
+            .unwrap();
+        let names = cli.common.names();
+        assert_eq!(names.orders().of("emails"), QueueOrder::Fifo);
+        assert_eq!(names.orders().of("reports"), QueueOrder::ShortestFirst);
+        assert_eq!(names.orders().of("default"), QueueOrder::Priority);
+        for bad in ["emails:lifo", "emails", "a:fifo,a:fifo", ":fifo"] {
+            let err = Cli::try_parse_from(["x", "--queue-order", bad])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("KAIROS_QUEUE_ORDER"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -110,17 +110,35 @@ pub fn validate_queue(queue: &str) -> Result<(), String> {
 /// as the short strings lapin takes (`short_tasks_exchange()`...,
 /// [`queue_name`](Self::queue_name)). The processes check the namespace
 /// at start ([`validate_namespace`]), so the fixed names always fit.
+///
+/// The names also carry each task queue's order (`KAIROS_QUEUE_ORDER`,
+/// [`crate::order`]): every declarer and publisher of `NS.q.QUEUE` already
+/// holds them, so the order reaches all of them the same way.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Names {
     ns: String,
+    orders: std::sync::Arc<crate::order::QueueOrders>,
 }
 
 impl Names {
-    /// The names of `namespace` (checked by [`validate_namespace`] first).
+    /// The names of `namespace` (checked by [`validate_namespace`] first),
+    /// every queue in the default `priority` order.
     pub fn new(namespace: impl Into<String>) -> Self {
         Self {
             ns: namespace.into(),
+            orders: Default::default(),
         }
+    }
+
+    /// The same names with each queue's order as `orders` says.
+    pub fn with_orders(mut self, orders: crate::order::QueueOrders) -> Self {
+        self.orders = std::sync::Arc::new(orders);
+        self
+    }
+
+    /// Every queue's order.
+    pub fn orders(&self) -> &crate::order::QueueOrders {
+        &self.orders
     }
 
     /// The namespace itself.

@@ -6,6 +6,8 @@
 //! * `record`: the stored form of a task in the Redis delay queue.
 //! * `config`: settings shared by every process (env vars and flags).
 //! * `topology`: declaring the contract's exchanges and queues.
+//! * `order`: each task queue's order (`KAIROS_QUEUE_ORDER`: priority,
+//!   fifo, shortest-first) and the priority a `shortest-first` queue gets.
 //! * `amqp`: connecting with retry, reconnect pacing.
 //! * `tls`: trust and identity for `amqps://` and `rediss://`.
 //! * `events`: lifecycle events on `NS.events`.
@@ -41,6 +43,7 @@ pub mod dead;
 pub mod events;
 pub mod limits;
 pub mod metrics;
+pub mod order;
 pub mod record;
 pub mod redis;
 pub mod request;

@@ -55,21 +55,25 @@ pub async fn declare_base(channel: &Channel, names: &Names) -> lapin::Result<()>
     Ok(())
 }
 
-/// The arguments of a task queue, exactly as the contract states them.
-/// Integers go out as signed 32-bit, the type pika and most clients use, so
-/// a queue another client declared first is equivalent.
-pub(crate) fn task_queue_arguments(names: &Names) -> FieldTable {
+/// The arguments of task queue `logical`, exactly as the contract states
+/// them for the queue's order ([`Names::orders`]): `x-max-priority` 9
+/// unless the order is `fifo`, and the dead-letter exchange. Integers go
+/// out as signed 32-bit, the type pika and most clients use, so a queue
+/// another client declared first is equivalent.
+pub(crate) fn task_queue_arguments(names: &Names, logical: &str) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert(
-        "x-max-priority".into(),
-        AMQPValue::LongInt(i32::from(MAX_PRIORITY)),
-    );
+    if names.orders().of(logical).has_priorities() {
+        args.insert(
+            "x-max-priority".into(),
+            AMQPValue::LongInt(i32::from(MAX_PRIORITY)),
+        );
+    }
     args.insert("x-dead-letter-exchange".into(), text(&names.retry()));
     args
 }
 
 /// Why a task queue could not be declared.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum DeclareError {
     /// The channel or its connection failed: not a fault of the task.
     #[error("AMQP: {0}")]
@@ -78,7 +82,65 @@ pub enum DeclareError {
     /// characters): a fault of the task, not of the connection.
     #[error("{0}")]
     BadName(#[from] crate::contract::ProtocolError),
+    /// The queue exists with other arguments than its order asks for
+    /// (`x-max-priority` cannot change): a fault of the settings, and the
+    /// broker closed the channel. Boxed: it is rare, and keeps the error
+    /// small on the publish path.
+    #[error("{0}")]
+    Inequivalent(Box<QueueMismatch>),
 }
+
+/// A task queue that exists with other arguments than its order
+/// (`KAIROS_QUEUE_ORDER`) declares: what the operator sees, and the way out.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error(
+    "queue {queue} exists with other arguments than order {order:?} ({setting}) declares \
+     (the broker says: {detail}); either set {setting} to the queue's present order \
+     (the same in every scheduler, worker and client), or stop its publishers, drain the \
+     queue, delete it (rabbitmqctl delete_queue {queue}) and start again to declare it anew",
+    setting = crate::order::SETTING,
+    order = order.as_str()
+)]
+pub struct QueueMismatch {
+    /// `NS.q.QUEUE`.
+    pub queue: String,
+    /// The order the settings give the queue.
+    pub order: crate::order::QueueOrder,
+    /// The broker's reply text.
+    pub detail: String,
+    /// The error as lapin reported it (the channel is closed).
+    pub source: lapin::Error,
+}
+
+impl DeclareError {
+    /// The error of the channel or connection, when it is one (an
+    /// inequivalent queue closed the channel too).
+    pub fn amqp(&self) -> Option<&lapin::Error> {
+        match self {
+            DeclareError::Amqp(e) => Some(e),
+            DeclareError::Inequivalent(m) => Some(&m.source),
+            DeclareError::BadName(_) => None,
+        }
+    }
+}
+
+/// The broker's reply text when `err` is its answer to a declare with
+/// arguments that differ from the queue's (PRECONDITION_FAILED, "inequivalent
+/// arg").
+fn inequivalent(err: &lapin::Error) -> Option<String> {
+    match err.kind() {
+        lapin::ErrorKind::ProtocolError(amqp)
+            if amqp.get_id() == PRECONDITION_FAILED
+                && amqp.get_message().as_str().contains("inequivalent arg") =>
+        {
+            Some(amqp.get_message().to_string())
+        }
+        _ => None,
+    }
+}
+
+/// The AMQP reply code of a declare whose arguments differ from the queue's.
+const PRECONDITION_FAILED: u16 = 406;
 
 /// `NS.q.QUEUE`, bound to `NS.tasks` with key `QUEUE`.
 pub async fn declare_task_queue(
@@ -90,13 +152,24 @@ pub async fn declare_task_queue(
     // `queue` checked the logical name is at most 200 bytes.
     let key = crate::short::short("routing key", logical)
         .map_err(|e| crate::contract::ProtocolError::BadQueue(e.to_string()))?;
-    channel
+    let declared = channel
         .queue_declare(
             queue.clone(),
             QueueDeclareOptions::durable(),
-            task_queue_arguments(names),
+            task_queue_arguments(names, logical),
         )
-        .await?;
+        .await;
+    if let Err(source) = declared {
+        return Err(match inequivalent(&source) {
+            Some(detail) => DeclareError::Inequivalent(Box::new(QueueMismatch {
+                queue: queue.to_string(),
+                order: names.orders().of(logical),
+                detail,
+                source,
+            })),
+            None => DeclareError::Amqp(source),
+        });
+    }
     channel
         .queue_bind(
             queue,
@@ -147,6 +220,38 @@ impl QueueCache {
     pub fn forget(&self, queue: &str) {
         if let Ok(mut set) = self.declared.lock() {
             set.remove(queue);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_fifo_queues_lack_priorities() {
+        let names = Names::new("kx").with_orders(
+            "f:fifo,s:shortest-first,p:priority"
+                .parse()
+                .expect("orders"),
+        );
+        let priority = |q: &str| {
+            task_queue_arguments(&names, q)
+                .inner()
+                .get("x-max-priority")
+                .cloned()
+        };
+        assert_eq!(priority("f"), None);
+        assert_eq!(priority("s"), Some(AMQPValue::LongInt(9)));
+        assert_eq!(priority("p"), Some(AMQPValue::LongInt(9)));
+        assert_eq!(priority("other"), Some(AMQPValue::LongInt(9)));
+        for q in ["f", "s", "other"] {
+            assert_eq!(
+                task_queue_arguments(&names, q)
+                    .inner()
+                    .get("x-dead-letter-exchange"),
+                Some(&text("kx.retry"))
+            );
         }
     }
 }

@@ -260,7 +260,8 @@ async fn connected(api: &TaskApi) -> Result<Connected, ApiError> {
     if let Some(c) = guard.as_ref() {
         return Ok(c.clone());
     }
-    let client = Client::connect_to(&api.broker, api.names.namespace()).await?;
+    // The scheduler's own names carry its queue orders (`KAIROS_QUEUE_ORDER`).
+    let client = Client::connect_with(&api.broker, api.names.clone()).await?;
     let c = Connected {
         blocked: Blocked::watch(client.connection()),
         client: Arc::new(client),

@@ -197,6 +197,7 @@ impl TaskPublisher for FakePublisher {
         match confirm_of(self.answer(seen)) {
             Ok(confirm) => Ok(confirm),
             Err(DeclareError::Amqp(err)) => Err(err),
+            Err(DeclareError::Inequivalent(m)) => Err(m.source),
             // `NS.dead` always has a name.
             Err(DeclareError::BadName(_)) => Ok(FakeConfirm::now(Ok(Confirmation::Ack(None)))),
         }

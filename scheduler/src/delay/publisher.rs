@@ -63,6 +63,13 @@ impl Publisher {
                         .map(|_| Err(DeclareError::Amqp(err.clone())))
                         .collect();
                 }
+                // The settings' fault, not the tasks': they stay in the
+                // delay queue, and the pump tries again on a new channel
+                // (the broker closed this one) until an operator acts.
+                Err(e @ DeclareError::Inequivalent(_)) => {
+                    tracing::error!(cause = %e, "cannot publish due tasks");
+                    return tasks.iter().map(|_| Err(e.clone())).collect();
+                }
             }
         }
         let sends = tasks.iter().zip(named).map(|(t, ok)| async move {
@@ -87,6 +94,18 @@ impl Publisher {
                 e.to_string(),
             ))
         })?;
+        let mut props = task.publish_properties();
+        // A `shortest-first` queue orders by the task's length, whatever
+        // priority its publisher chose (retries come this way too).
+        let priority = self.names.orders().publish_priority(
+            &task.queue,
+            task.priority,
+            task.cost,
+            task.estimate_ms,
+        );
+        if priority != task.priority {
+            props = props.with_priority(priority);
+        }
         Ok(self
             .channel
             .basic_publish(
@@ -97,7 +116,7 @@ impl Publisher {
                     ..BasicPublishOptions::default()
                 },
                 &task.body,
-                task.publish_properties(),
+                props,
             )
             .await?)
     }

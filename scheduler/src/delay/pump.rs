@@ -650,6 +650,7 @@ async fn publish_decoded<P: TaskPublisher>(
             }
             // Not sent: left unsettled, so it is released.
             Err(DeclareError::Amqp(err)) => failure = Some(err),
+            Err(DeclareError::Inequivalent(m)) => failure = Some(m.source),
         }
     }
     (sent, failure)

@@ -57,6 +57,10 @@ pub enum DeadError {
     /// The origin queue of a replayed task cannot be declared.
     #[error("the broker did not confirm the replay: {0}")]
     BadQueue(#[source] ProtocolError),
+    /// The origin queue exists in another order than `KAIROS_QUEUE_ORDER`
+    /// gives it.
+    #[error("cannot replay: {0}")]
+    QueueOrder(#[source] DeclareError),
 }
 
 /// What a replay did.
@@ -329,6 +333,9 @@ async fn replay_one(
         Ok(()) => {}
         Err(DeclareError::Amqp(e)) => return Err(e.into()),
         Err(DeclareError::BadName(e)) => return Err(DeadError::BadQueue(e)),
+        // The queue exists in another order than the settings give it: the
+        // broker closed the channel, so the replay stops here, saying why.
+        Err(e @ DeclareError::Inequivalent(_)) => return Err(DeadError::QueueOrder(e)),
     }
     let confirm = scan
         .channel
