@@ -1,10 +1,14 @@
-//! The consumer: takes deliveries from one task queue within the worker's
-//! concurrency and runs each through its handler.
+//! The consumer: takes deliveries from one task queue and runs each
+//! through its handler once its resource units (`crate::capacity`) and a
+//! task slot (`crate::slots`) are free. Each delivery waits for them in a
+//! task of its own, so lighter deliveries behind a heavy one can start
+//! while it waits; the prefetch bounds how many wait.
 //!
 //! If the process dies while a handler runs, the delivery is unacked and
 //! RabbitMQ redelivers it to another consumer.
 
 use crate::acks::Acks;
+use crate::capacity::{OverCapacity, Units, UnitsWait};
 use crate::control::{abortable, Control};
 use crate::disposition::{Disposition, DispositionError};
 use crate::handler::{Registry, TaskContext, TaskError};
@@ -39,6 +43,8 @@ pub(crate) struct Shared {
     /// progress and results go through.
     pub(crate) status: WorkerStatus,
     pub(crate) slots: Arc<Slots>,
+    /// The worker's resource units (`x-cost`, `KAIROS_CAPACITY`).
+    pub(crate) units: Arc<Units>,
     /// Time limit of an attempt without `x-timeout-ms`.
     pub(crate) default_timeout: Duration,
     /// Fired when an ack or a replacement publish failed: the session must
@@ -71,10 +77,10 @@ pub(crate) enum ConsumeError {
 }
 
 /// Consumes `NS.q.QUEUE` on `channel` until `stop` fires, spawning each
-/// delivery onto `tracker` once a slot is free. On stop it cancels the
-/// consumer and hands back the deliveries it had not started, but leaves the
-/// channel open: running tasks still ack on it, and the session closes it
-/// after they finished.
+/// delivery onto `tracker`, where it waits for its units and a slot. On
+/// stop it cancels the consumer and hands back the deliveries that had not
+/// started, but leaves the channel open: running tasks still ack on it, and
+/// the session closes it after they finished.
 pub(crate) async fn consume(
     channel: &Channel,
     shared: Arc<Shared>,
@@ -108,22 +114,23 @@ pub(crate) async fn consume(
             Some(d) => d?,
             None => return Err(ConsumeError::Cancelled(queue.to_string())),
         };
-        let permit = tokio::select! {
-            _ = stop.cancelled() => {
-                requeue(&delivery).await;
-                break;
-            }
-            p = shared.slots.acquire() => p,
-        };
-        // Registered in delivery order, once it is sure to run: a
-        // delivery handed back above never holds back the acks.
+        // Registered at once, in delivery order, though it may wait for
+        // units and a slot: a `multiple` ack covers every unacked tag below
+        // it, so a waiting delivery must hold back the acked prefix (a
+        // delivery handed back goes through `Acks::requeue`, which nacks it
+        // before any ack that could cover it).
         acks.register(delivery.delivery_tag);
-        let (shared, acks) = (shared.clone(), acks.clone());
+        // The place in the units queue is taken here, in delivery order;
+        // the wait itself runs in the delivery's own task, so this loop
+        // takes further deliveries (up to the prefetch) that may overtake
+        // a heavy one within the reserve bound (`crate::capacity`).
+        let admission = admit(&shared, queue, &delivery);
+        let (shared, acks, stop) = (shared.clone(), acks.clone(), stop.clone());
         let queue = queue.to_string();
         tracker.spawn(async move {
             let tag = delivery.delivery_tag;
             tokio::select! {
-                _ = process(&shared, &acks, &queue, delivery) => {}
+                _ = deliver(&shared, &acks, &queue, delivery, admission, &stop) => {}
                 _ = shared.abandon.cancelled() => {
                     // Never acked: returned by the next flush (nack,
                     // requeue) before any `multiple` ack could cover it;
@@ -132,14 +139,15 @@ pub(crate) async fn consume(
                     tracing::warn!(queue = %queue, "task stopped with its session; it will be redelivered");
                 }
             }
-            drop(permit);
         });
     }
     channel
         .basic_cancel(consumer.tag(), BasicCancelOptions::default())
         .await?;
     // Whatever the broker had already sent goes back at once, so another
-    // worker can take it while this one finishes its running tasks.
+    // worker can take it while this one finishes its running tasks. These
+    // were never registered: their tags are above every registered one, so
+    // no `multiple` ack covers them.
     while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
         requeue(&d).await;
     }
@@ -156,29 +164,92 @@ async fn requeue(d: &Delivery) {
         .await;
 }
 
+/// What a delivery needs before it can run, decided as it arrives.
+enum Admission {
+    /// Not a usable task: dead-lettered as it came.
+    Unusable(String),
+    /// Costs more units than the worker has: dead-lettered.
+    OverCapacity(Box<Task>, OverCapacity),
+    /// Waits for its units (its place in their queue is taken), then a
+    /// slot.
+    Wait(Box<Task>, UnitsWait),
+}
+
 /// `queue` is the logical queue this consumer serves. It names the task's
 /// queue rather than the routing key, which differs when a client published
 /// straight to `NS.q.QUEUE` through the default exchange.
-async fn process(shared: &Shared, acks: &Acks, queue: &str, delivery: Delivery) {
-    let result = match Task::decode(queue, &delivery.properties, &delivery.data) {
-        Err(err) => {
-            shared
-                .disposition
-                .unusable(&delivery, acks, queue, &err.to_string())
-                .await
-        }
-        Ok(task) => {
+fn admit(shared: &Shared, queue: &str, delivery: &Delivery) -> Admission {
+    match Task::decode(queue, &delivery.properties, &delivery.data) {
+        Err(err) => Admission::Unusable(err.to_string()),
+        Ok(task) => match shared.units.request(task.cost) {
+            Ok(wait) => Admission::Wait(Box::new(task), wait),
+            Err(over) => Admission::OverCapacity(Box::new(task), over),
+        },
+    }
+}
+
+/// Disposes of a delivery that cannot run, or waits for its units and a
+/// slot and runs it. A stop (shutdown, or the queue paused) before it
+/// started hands it back to the queue at once.
+async fn deliver(
+    shared: &Shared,
+    acks: &Acks,
+    queue: &str,
+    delivery: Delivery,
+    admission: Admission,
+    stop: &CancellationToken,
+) {
+    let tag = delivery.delivery_tag;
+    let d = &shared.disposition;
+    // The permits are held until the delivery is settled or handed back
+    // (through a refused replacement's pause too).
+    let (result, _permits) = match admission {
+        Admission::Unusable(error) => (d.unusable(&delivery, acks, queue, &error).await, None),
+        Admission::OverCapacity(task, over) => {
             let span = kairos_shared::trace::task_span(&task);
-            run_task(shared, acks, &delivery, task)
-                .instrument(span)
-                .await
+            let disposed = d.over_capacity(&delivery, acks, &task, over);
+            (disposed.instrument(span).await, None)
+        }
+        Admission::Wait(task, units) => {
+            // Units first, then a slot: a delivery waiting for units holds
+            // no slot, so the slots' backlog (what grows the pool) counts
+            // only tasks that more concurrency would start.
+            let admitted = async {
+                let units = units.granted().await;
+                (units, shared.slots.acquire().await)
+            };
+            let permits = tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    // Not started: back to the queue at once (dropping the
+                    // wait leaves the units queue).
+                    acks.requeue(tag);
+                    return;
+                }
+                p = admitted => p,
+            };
+            let span = kairos_shared::trace::task_span(&task);
+            let ran = run_task(shared, acks, &delivery, *task).instrument(span);
+            (ran.await, Some(permits))
         }
     };
+    settle_failure(shared, acks, queue, tag, result).await;
+}
+
+/// What a disposition that did not settle its delivery means for it.
+async fn settle_failure(
+    shared: &Shared,
+    acks: &Acks,
+    queue: &str,
+    tag: u64,
+    result: Result<(), DispositionError>,
+) {
     match result {
         Ok(()) => {}
         Err(err @ DispositionError::Refused(_)) => {
             // Not a channel failure: reconnecting would change nothing.
-            // Hold the delivery (and its slot) a while, then hand it back.
+            // Hold the delivery (and its slot and units, if it ran) a
+            // while, then hand it back.
             let pause = shared.disposition.refusal_pause();
             tracing::warn!(cause = %err, retry_in_ms = pause.as_millis() as u64, "replacement refused; the delivery goes back to its queue after a pause");
             metrics::counter!("kairos_worker_replacement_refused_total", "queue" => queue.to_string())
@@ -188,11 +259,11 @@ async fn process(shared: &Shared, acks: &Acks, queue: &str, delivery: Delivery) 
                 _ = shared.broken.cancelled() => {}
                 _ = shared.shutdown.cancelled() => {}
             }
-            acks.requeue(delivery.delivery_tag);
+            acks.requeue(tag);
         }
         Err(err) => {
             tracing::warn!(cause = %err, "cannot settle a delivery; reconnecting so it is redelivered");
-            acks.requeue(delivery.delivery_tag);
+            acks.requeue(tag);
             shared.broken.cancel();
         }
     }

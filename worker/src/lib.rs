@@ -26,7 +26,8 @@
 //! docs/HANDLERS.md.
 //!
 //! * `handler`: the handler trait, its context and errors, the registry.
-//! * `consumer`: one consumer per queue, bounded by the `slots`.
+//! * `consumer`: one consumer per queue, bounded by the `slots` (tasks at
+//!   once) and the `capacity` (resource units, `x-cost`).
 //! * `disposition`: ack, retry or dead-letter, in one place.
 //! * `builtin`: `kairos.noop`, `kairos.sleep`, `kairos.fail`, `kairos.count`.
 //! * `control`: what `NS.control` says: abort a running task (its handler
@@ -42,6 +43,7 @@
 
 mod acks;
 pub mod builtin;
+mod capacity;
 mod config;
 mod consumer;
 mod control;
@@ -147,8 +149,12 @@ impl Worker {
         let status =
             status::WorkerStatus::start(&self.config, &work).map_err(WorkerError::Config)?;
         let slots = start_autoscale(&work, &self.config);
+        let units = Arc::new(capacity::Units::new(
+            self.config.capacity(),
+            Duration::from_millis(self.config.capacity_reserve_ms),
+        ));
         let control = start_control(&work, &self.config, &names)?;
-        tracing::info!(namespace = %names.namespace(), queues = ?self.config.queues, concurrency = %self.config.concurrency, "worker starting");
+        tracing::info!(namespace = %names.namespace(), queues = ?self.config.queues, concurrency = %self.config.concurrency, capacity = units.capacity(), "worker starting");
         let session = AmqpSession::new(
             self.config,
             names,
@@ -156,6 +162,7 @@ impl Worker {
             events.clone(),
             status.clone(),
             slots,
+            units,
             control,
             &work,
         );

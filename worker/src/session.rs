@@ -7,6 +7,7 @@
 //! given the grace period before the connection closes.
 
 use crate::acks::Acks;
+use crate::capacity::Units;
 use crate::consumer::{consume, ConsumeError, Shared};
 use crate::control::Control;
 use crate::disposition::Disposition;
@@ -54,6 +55,8 @@ pub(crate) struct AmqpSession {
     /// Task status: the writer and the store.
     status: WorkerStatus,
     slots: Arc<Slots>,
+    /// Resource units (`KAIROS_CAPACITY`).
+    units: Arc<Units>,
     /// Aborts and paused queues (`crate::control`).
     control: Arc<Control>,
     /// Where a session that ended early finishes its running tasks, and
@@ -72,6 +75,7 @@ impl AmqpSession {
         events: EventSink,
         status: WorkerStatus,
         slots: Arc<Slots>,
+        units: Arc<Units>,
         control: Arc<Control>,
         work: &Supervisor,
     ) -> Self {
@@ -84,6 +88,7 @@ impl AmqpSession {
             events,
             status,
             slots,
+            units,
             work: work.clone(),
         }
     }
@@ -117,6 +122,7 @@ impl AmqpSession {
             events: self.events.clone(),
             status: self.status.clone(),
             slots: self.slots.clone(),
+            units: self.units.clone(),
             default_timeout: Duration::from_millis(self.config.task_timeout_ms),
             broken: s.broken.clone(),
             abandon: s.abandon.clone(),
