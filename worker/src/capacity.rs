@@ -417,6 +417,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_reserve_of_zero_is_first_in_first_out() {
+        let u = Arc::new(Units::new(4, Duration::ZERO));
+        let held = now_or_never(u.request(2).unwrap()).unwrap();
+        let heavy = u.request(4).unwrap();
+        let light = u.request(1).unwrap();
+        assert_eq!(u.waiting(), 2, "the light one does not overtake");
+        drop(held);
+        let h = now_or_never(heavy).expect("the heavy one first");
+        drop(h);
+        assert!(now_or_never(light).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_handler_that_panics_gives_its_units_back() {
         let u = units(4);
         let wait = u.request(4).unwrap();
