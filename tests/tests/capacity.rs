@@ -247,6 +247,34 @@ async fn a_heavy_task_is_not_starved_by_a_stream_of_light_ones() {
     assert!(tap.of(EventKind::Dead).is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_tasks_cost_their_resource_needs() {
+    let env = TestEnv::new("cost-seed").await;
+    let mut tap = EventTap::new(&env).await;
+    let client = kairos_shared::client::Enqueuer::open(&env.conn, env.names.clone())
+        .await
+        .expect("client");
+    let tasks: Vec<_> = (1..=3)
+        .map(|n| {
+            kairos_example_seed::task(n)
+                .expect("a seed task")
+                .id(format!("seed-{n}"))
+        })
+        .collect();
+    client.enqueue_many(&tasks).await.expect("enqueue");
+    // Three units: task3 (cost 3, taken first for its priority 3) runs
+    // alone, then task1 and task2 (1 + 2) together.
+    let mut config = env.worker_config();
+    config.capacity = Some(3);
+    let worker = InProcess::worker(kairos_example_seed::worker(config));
+    tap.wait_distinct(EventKind::Succeeded, 3, WITHIN).await;
+    let [one, two, three] = ["seed-1", "seed-2", "seed-3"].map(|id| interval(&tap, id));
+    println!("seed runs: task1 {one:?}, task2 {two:?}, task3 {three:?}");
+    assert!(!overlap(three, one) && !overlap(three, two));
+    assert!(overlap(one, two), "task1 and task2 fit together in 3 units");
+    worker.stop().await;
+}
+
 #[test]
 fn a_bad_capacity_fails_at_start_naming_the_setting() {
     for (name, value) in [
