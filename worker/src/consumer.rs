@@ -8,7 +8,7 @@
 //! RabbitMQ redelivers it to another consumer.
 
 use crate::acks::Acks;
-use crate::capacity::{OverCapacity, Units, UnitsWait};
+use crate::capacity::{OverCapacity, Units, UnitsPermit, UnitsWait};
 use crate::control::{abortable, Control};
 use crate::disposition::{Disposition, DispositionError};
 use crate::handler::{Registry, TaskContext, TaskError};
@@ -26,9 +26,13 @@ use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Channel;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -120,10 +124,11 @@ pub(crate) async fn consume(
         // delivery handed back goes through `Acks::requeue`, which nacks it
         // before any ack that could cover it).
         acks.register(delivery.delivery_tag);
-        // The place in the units queue is taken here, in delivery order;
-        // the wait itself runs in the delivery's own task, so this loop
-        // takes further deliveries (up to the prefetch) that may overtake
-        // a heavy one within the reserve bound (`crate::capacity`).
+        // Its places in the units and slots queues are taken here, in
+        // delivery order; the wait itself goes on in the delivery's own
+        // task, so this loop takes further deliveries (up to the prefetch)
+        // that may overtake a heavy one within the reserve bound
+        // (`crate::capacity`).
         let admission = admit(&shared, queue, &delivery);
         let (shared, acks, stop) = (shared.clone(), acks.clone(), stop.clone());
         let queue = queue.to_string();
@@ -170,9 +175,38 @@ enum Admission {
     Unusable(String),
     /// Costs more units than the worker has: dead-lettered.
     OverCapacity(Box<Task>, OverCapacity),
-    /// Waits for its units (its place in their queue is taken), then a
-    /// slot.
-    Wait(Box<Task>, UnitsWait),
+    /// Waits for its units, then a slot (its places in both queues are
+    /// taken already).
+    Wait(Box<Task>, Admitting),
+}
+
+/// Units, then a slot: what a delivery holds while it runs.
+type Admitted = (UnitsPermit, OwnedSemaphorePermit);
+
+/// The wait for a delivery's units and slot.
+type Admitting = Pin<Box<dyn Future<Output = Admitted> + Send>>;
+
+/// Starts the wait for units, then a slot, here in the consumer loop, up to
+/// where it must wait: its places in the units queue and in the slots'
+/// semaphore queue are taken now, in delivery order. Waiting only in the
+/// delivery's own task would take the places in the order tokio first runs
+/// those tasks, which is not the spawn order (it runs the task spawned last
+/// first), and a lower-priority delivery would start ahead of a higher one
+/// sent before it. The wait goes on, with the task's own waker, in that
+/// task.
+///
+/// Units first: a delivery waiting for units holds no slot, so the slots'
+/// backlog (what grows the pool) counts only tasks that more concurrency
+/// would start.
+fn start_admission(units: UnitsWait, slots: Arc<Slots>) -> Admitting {
+    let mut wait = Box::pin(async move {
+        let units = units.granted().await;
+        (units, slots.acquire().await)
+    });
+    match wait.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(admitted) => Box::pin(std::future::ready(admitted)),
+        Poll::Pending => wait,
+    }
 }
 
 /// `queue` is the logical queue this consumer serves. It names the task's
@@ -182,7 +216,9 @@ fn admit(shared: &Shared, queue: &str, delivery: &Delivery) -> Admission {
     match Task::decode(queue, &delivery.properties, &delivery.data) {
         Err(err) => Admission::Unusable(err.to_string()),
         Ok(task) => match shared.units.request(task.cost) {
-            Ok(wait) => Admission::Wait(Box::new(task), wait),
+            Ok(wait) => {
+                Admission::Wait(Box::new(task), start_admission(wait, shared.slots.clone()))
+            }
             Err(over) => Admission::OverCapacity(Box::new(task), over),
         },
     }
@@ -210,19 +246,12 @@ async fn deliver(
             let disposed = d.over_capacity(&delivery, acks, &task, over);
             (disposed.instrument(span).await, None)
         }
-        Admission::Wait(task, units) => {
-            // Units first, then a slot: a delivery waiting for units holds
-            // no slot, so the slots' backlog (what grows the pool) counts
-            // only tasks that more concurrency would start.
-            let admitted = async {
-                let units = units.granted().await;
-                (units, shared.slots.acquire().await)
-            };
+        Admission::Wait(task, admitted) => {
             let permits = tokio::select! {
                 biased;
                 _ = stop.cancelled() => {
                     // Not started: back to the queue at once (dropping the
-                    // wait leaves the units queue).
+                    // wait leaves the units and slots queues).
                     acks.requeue(tag);
                     return;
                 }
@@ -353,4 +382,38 @@ async fn load_checkpoint(
         .load_checkpoint(&task.id)
         .await
         .map_err(|e| TaskError::retry(format!("cannot load the task's checkpoint: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kairos_shared::config::Concurrency;
+    use std::sync::Mutex;
+
+    #[tokio::test]
+    async fn deliveries_take_slots_in_delivery_order_whatever_order_their_tasks_run() {
+        let slots = Slots::new(Concurrency { min: 1, max: 1 });
+        let units = Units::new(10, Duration::from_secs(1));
+        let held = slots.acquire().await;
+        let waits: Vec<_> = (0..3)
+            .map(|_| start_admission(units.request(1).expect("fits"), slots.clone()))
+            .collect();
+        // Their tasks first run last delivery first.
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (i, wait) in waits.into_iter().enumerate().rev() {
+            let order = order.clone();
+            tasks.push(tokio::spawn(async move {
+                let permits = wait.await;
+                order.lock().unwrap().push(i);
+                drop(permits);
+            }));
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![0, 1, 2]);
+    }
 }
