@@ -248,6 +248,64 @@ async fn a_heavy_task_is_not_starved_by_a_stream_of_light_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_waiting_for_units_goes_back_to_its_queue_at_once_on_sigterm() {
+    let env = TestEnv::new("cost-stop").await;
+    let mut tap = EventTap::new(&env).await;
+    // The cost-4 task holds every unit for a while; the cost-1 one behind
+    // it waits for units in the worker.
+    env.publish_many(
+        &env.names.tasks_exchange(),
+        vec![
+            sleep_task("running", CAPACITY, 3_000),
+            sleep_task("waiting", 1, 10),
+        ],
+    )
+    .await;
+    let mut worker = worker(&env);
+    tap.wait_until(WITHIN, "the cost-4 task to start", |seen| {
+        seen.iter()
+            .any(|e| e.kind == "started" && e.id == "running")
+    })
+    .await;
+    let queue = env.names.queue("default");
+    env.wait_depth(
+        &queue,
+        WITHIN,
+        "the waiting delivery to reach the worker",
+        |d| d == 0,
+    )
+    .await;
+    let status = Command::new("kill")
+        .args(["-TERM", &worker.child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let stopped = now_ms();
+    // Back in its queue at once, while the running task still runs.
+    env.wait_depth(&queue, WITHIN, "the waiting task back in its queue", |d| {
+        d == 1
+    })
+    .await;
+    let back_after = now_ms() - stopped;
+    tap.wait_until(WITHIN, "the running task to finish", |seen| {
+        seen.iter()
+            .any(|e| e.kind == "succeeded" && e.id == "running")
+    })
+    .await;
+    let running = interval(&tap, "running");
+    println!("the waiting task was back in its queue {back_after} ms after SIGTERM; the running one ended {} ms after it", running.1 - stopped);
+    assert!(
+        stopped + back_after < running.1,
+        "the waiting task went back only after the running one ended"
+    );
+    assert!(
+        tap.seen.iter().all(|e| e.id != "waiting"),
+        "the waiting task ran or failed"
+    );
+    assert!(worker.terminate(WITHIN).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_tasks_cost_their_resource_needs() {
     let env = TestEnv::new("cost-seed").await;
     let mut tap = EventTap::new(&env).await;
