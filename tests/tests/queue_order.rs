@@ -167,6 +167,9 @@ async fn run_backlog(prefix: &str, queue: &str, backlog: &[Backlog]) -> Vec<Stri
     wc.queues = vec![queue.to_string()];
     wc.concurrency = "1".parse().expect("concurrency");
     wc.prefetch = Some(1);
+    // Room for the heaviest task of the backlog: one at a time runs anyway
+    // (concurrency 1), and none is dead-lettered for its `x-cost`.
+    wc.capacity = Some(100);
     let worker = InProcess::worker(Worker::new(wc).handler(
         "test.order",
         move |ctx: kairos_worker::TaskContext, _body: Vec<u8>| {

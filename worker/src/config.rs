@@ -2,6 +2,7 @@
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 use kairos_shared::config::{parse_queue_list, CommonConfig, Concurrency, DEFAULT_REDIS_URL};
+use kairos_shared::contract::MAX_COST;
 use kairos_shared::redis::{check_redis_url, redis_url_parser};
 use kairos_shared::secrets::read_secret_file;
 use kairos_shared::status::StatusSettings;
@@ -12,6 +13,11 @@ use std::path::PathBuf;
 /// `consumer_timeout` (30 minutes), which would close the channel under an
 /// unacked delivery and take every other running task of it along.
 pub(crate) const DEFAULT_TASK_TIMEOUT_MS: u64 = 900_000;
+
+/// How long a task waiting for resource units lets lighter ones overtake
+/// it: long enough for a stream of light tasks to keep a worker busy while
+/// a heavy one waits for its turn, short beside a heavy task's own run.
+pub(crate) const DEFAULT_CAPACITY_RESERVE_MS: u64 = 1_000;
 
 /// Every setting of the worker, from flags or the environment.
 #[derive(Parser, Clone, Debug)]
@@ -46,6 +52,19 @@ pub struct Config {
     /// short tasks on a worker that has its queue to itself.
     #[arg(long, env = "KAIROS_PREFETCH", value_name = "KAIROS_PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: Option<u16>,
+
+    /// Resource units this worker has: a task holds its `x-cost` of them
+    /// while it runs and starts only when that fits in what is free; a task
+    /// costing more is dead-lettered. Defaults to the maximum concurrency
+    /// (with the default cost of 1, only the concurrency limits).
+    #[arg(long, env = "KAIROS_CAPACITY", value_name = "KAIROS_CAPACITY", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_COST)))]
+    pub capacity: Option<u32>,
+
+    /// How long a task waiting for units lets lighter tasks start ahead of
+    /// it (ms); after that the units are kept for it. 0: strictly first in,
+    /// first out.
+    #[arg(long, env = "KAIROS_CAPACITY_RESERVE_MS", value_name = "KAIROS_CAPACITY_RESERVE_MS", default_value_t = DEFAULT_CAPACITY_RESERVE_MS, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub capacity_reserve_ms: u64,
 
     /// Time running tasks get to finish after SIGTERM/SIGINT (ms); what is
     /// still running then is left unacked for RabbitMQ to redeliver.
@@ -161,6 +180,15 @@ impl Config {
         })
     }
 
+    /// Resource units: `KAIROS_CAPACITY`, else the maximum concurrency.
+    pub fn capacity(&self) -> u32 {
+        self.capacity.unwrap_or_else(|| {
+            u32::try_from(self.concurrency.max)
+                .unwrap_or(MAX_COST)
+                .min(MAX_COST)
+        })
+    }
+
     /// The fixed prefetch per queue (`KAIROS_PREFETCH`); `None` when it
     /// follows the pool.
     pub fn prefetch(&self) -> Option<u16> {
@@ -201,6 +229,31 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("KAIROS_WORKER_HTTP_ADDR"), "{err}");
+    }
+
+    #[test]
+    fn capacity_defaults_and_checks() {
+        let c = Config::try_parse_from(["w"]).unwrap();
+        assert_eq!(c.capacity(), 64, "the maximum concurrency");
+        assert_eq!(c.capacity_reserve_ms, 1_000);
+        let c = Config::try_parse_from(["w", "--concurrency", "2..8", "--capacity", "3"]).unwrap();
+        assert_eq!(c.capacity(), 3);
+    }
+
+    #[test]
+    fn bad_capacity_names_the_setting() {
+        for bad in ["0", "-1", "four", "1000001"] {
+            let err = Config::try_parse_from(["w", &format!("--capacity={bad}")])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("KAIROS_CAPACITY"), "{bad}: {err}");
+        }
+        let err = Config::try_parse_from(["w", "--capacity-reserve-ms", "soon"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("KAIROS_CAPACITY_RESERVE_MS"), "{err}");
     }
     #[test]
     fn for_namespace_ignores_the_environment() {

@@ -1,10 +1,14 @@
-//! The consumer: takes deliveries from one task queue within the worker's
-//! concurrency and runs each through its handler.
+//! The consumer: takes deliveries from one task queue and runs each
+//! through its handler once its resource units (`crate::capacity`) and a
+//! task slot (`crate::slots`) are free. Each delivery waits for them in a
+//! task of its own, so lighter deliveries behind a heavy one can start
+//! while it waits; the prefetch bounds how many wait.
 //!
 //! If the process dies while a handler runs, the delivery is unacked and
 //! RabbitMQ redelivers it to another consumer.
 
 use crate::acks::Acks;
+use crate::capacity::{OverCapacity, Units, UnitsPermit, UnitsWait};
 use crate::control::{abortable, Control};
 use crate::disposition::{Disposition, DispositionError};
 use crate::handler::{Registry, TaskContext, TaskError};
@@ -21,9 +25,13 @@ use kairos_shared::supervise::panic_text;
 use lapin::message::Delivery;
 use lapin::options::BasicNackOptions;
 use lapin::Channel;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -38,6 +46,8 @@ pub(crate) struct Shared {
     /// progress and results go through.
     pub(crate) status: WorkerStatus,
     pub(crate) slots: Arc<Slots>,
+    /// The worker's resource units (`x-cost`, `KAIROS_CAPACITY`).
+    pub(crate) units: Arc<Units>,
     /// Time limit of an attempt without `x-timeout-ms`.
     pub(crate) default_timeout: Duration,
     /// Fired when an ack or a replacement publish failed: the session must
@@ -70,11 +80,11 @@ pub(crate) enum ConsumeError {
 }
 
 /// Consumes `NS.q.QUEUE` on `channel` until `stop` fires, spawning each
-/// delivery onto `tracker` once a slot is free. On stop it cancels the
-/// consumer and hands back the deliveries it had not started, but leaves the
-/// channel open: running tasks still ack on it, and the session closes it
-/// after they finished. The prefetch follows the pool unless `setup` fixes
-/// it (`crate::prefetch`).
+/// delivery onto `tracker`, where it waits for its units and a slot. On
+/// stop it cancels the consumer and hands back the deliveries that had not
+/// been taken, but leaves the channel open: running tasks still ack on it,
+/// and the session closes it after they finished. The prefetch follows the
+/// pool unless `setup` fixes it (`crate::prefetch`).
 pub(crate) async fn consume(
     channel: &Channel,
     shared: Arc<Shared>,
@@ -95,22 +105,24 @@ pub(crate) async fn consume(
             Some(d) => d?,
             None => return Err(ConsumeError::Cancelled(queue.to_string())),
         };
-        let permit = tokio::select! {
-            _ = stop.cancelled() => {
-                requeue(&delivery).await;
-                break;
-            }
-            p = shared.slots.acquire() => p,
-        };
-        // Registered in delivery order, once it is sure to run: a
-        // delivery handed back above never holds back the acks.
+        // Registered at once, in delivery order, though it may wait for
+        // units and a slot: a `multiple` ack covers every unacked tag below
+        // it, so a waiting delivery must hold back the acked prefix (a
+        // delivery handed back goes through `Acks::requeue`, which nacks it
+        // before any ack that could cover it).
         acks.register(delivery.delivery_tag);
-        let (shared, acks) = (shared.clone(), acks.clone());
+        // Its places in the units and slots queues are taken here, in
+        // delivery order; the wait itself goes on in the delivery's own
+        // task, so this loop takes further deliveries (up to the prefetch)
+        // that may overtake a heavy one within the reserve bound
+        // (`crate::capacity`).
+        let admission = admit(&shared, queue, &delivery);
+        let (shared, acks, stop) = (shared.clone(), acks.clone(), stop.clone());
         let queue = queue.to_string();
         tracker.spawn(async move {
             let tag = delivery.delivery_tag;
             tokio::select! {
-                _ = process(&shared, &acks, &queue, delivery) => {}
+                _ = deliver(&shared, &acks, &queue, delivery, admission, &stop) => {}
                 _ = shared.abandon.cancelled() => {
                     // Never acked: returned by the next flush (nack,
                     // requeue) before any `multiple` ack could cover it;
@@ -119,12 +131,13 @@ pub(crate) async fn consume(
                     tracing::warn!(queue = %queue, "task stopped with its session; it will be redelivered");
                 }
             }
-            drop(permit);
         });
     }
     consumer.cancel().await?;
     // Whatever the broker had already sent goes back at once, so another
-    // worker can take it while this one finishes its running tasks.
+    // worker can take it while this one finishes its running tasks. These
+    // were never registered: their tags are above every registered one, so
+    // no `multiple` ack covers them.
     for d in consumer.buffered() {
         requeue(&d).await;
     }
@@ -141,29 +154,116 @@ async fn requeue(d: &Delivery) {
         .await;
 }
 
+/// What a delivery needs before it can run, decided as it arrives.
+enum Admission {
+    /// Not a usable task: dead-lettered as it came.
+    Unusable(String),
+    /// Costs more units than the worker has: dead-lettered.
+    OverCapacity(Box<Task>, OverCapacity),
+    /// Waits for its units, then a slot (its places in both queues are
+    /// taken already).
+    Wait(Box<Task>, Admitting),
+}
+
+/// Units, then a slot: what a delivery holds while it runs.
+type Admitted = (UnitsPermit, OwnedSemaphorePermit);
+
+/// The wait for a delivery's units and slot.
+type Admitting = Pin<Box<dyn Future<Output = Admitted> + Send>>;
+
+/// Starts the wait for units, then a slot, here in the consumer loop, up to
+/// where it must wait: its places in the units queue and in the slots'
+/// semaphore queue are taken now, in delivery order. Waiting only in the
+/// delivery's own task would take the places in the order tokio first runs
+/// those tasks, which is not the spawn order (it runs the task spawned last
+/// first), and a lower-priority delivery would start ahead of a higher one
+/// sent before it. The wait goes on, with the task's own waker, in that
+/// task.
+///
+/// Units first: a delivery waiting for units holds no slot, so the slots'
+/// backlog (what grows the pool) counts only tasks that more concurrency
+/// would start.
+fn start_admission(units: UnitsWait, slots: Arc<Slots>) -> Admitting {
+    let mut wait = Box::pin(async move {
+        let units = units.granted().await;
+        (units, slots.acquire().await)
+    });
+    match wait.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(admitted) => Box::pin(std::future::ready(admitted)),
+        Poll::Pending => wait,
+    }
+}
+
 /// `queue` is the logical queue this consumer serves. It names the task's
 /// queue rather than the routing key, which differs when a client published
 /// straight to `NS.q.QUEUE` through the default exchange.
-async fn process(shared: &Shared, acks: &Acks, queue: &str, delivery: Delivery) {
-    let result = match Task::decode(queue, &delivery.properties, &delivery.data) {
-        Err(err) => {
-            shared
-                .disposition
-                .unusable(&delivery, acks, queue, &err.to_string())
-                .await
-        }
-        Ok(task) => {
+fn admit(shared: &Shared, queue: &str, delivery: &Delivery) -> Admission {
+    match Task::decode(queue, &delivery.properties, &delivery.data) {
+        Err(err) => Admission::Unusable(err.to_string()),
+        Ok(task) => match shared.units.request(task.cost) {
+            Ok(wait) => {
+                Admission::Wait(Box::new(task), start_admission(wait, shared.slots.clone()))
+            }
+            Err(over) => Admission::OverCapacity(Box::new(task), over),
+        },
+    }
+}
+
+/// Disposes of a delivery that cannot run, or waits for its units and a
+/// slot and runs it. A stop (shutdown, or the queue paused) before it
+/// started hands it back to the queue at once.
+async fn deliver(
+    shared: &Shared,
+    acks: &Acks,
+    queue: &str,
+    delivery: Delivery,
+    admission: Admission,
+    stop: &CancellationToken,
+) {
+    let tag = delivery.delivery_tag;
+    let d = &shared.disposition;
+    // The permits are held until the delivery is settled or handed back
+    // (through a refused replacement's pause too).
+    let (result, _permits) = match admission {
+        Admission::Unusable(error) => (d.unusable(&delivery, acks, queue, &error).await, None),
+        Admission::OverCapacity(task, over) => {
             let span = kairos_shared::trace::task_span(&task);
-            run_task(shared, acks, &delivery, task)
-                .instrument(span)
-                .await
+            let disposed = d.over_capacity(&delivery, acks, &task, over);
+            (disposed.instrument(span).await, None)
+        }
+        Admission::Wait(task, admitted) => {
+            let permits = tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    // Not started: back to the queue at once (dropping the
+                    // wait leaves the units and slots queues).
+                    acks.requeue(tag);
+                    return;
+                }
+                p = admitted => p,
+            };
+            let span = kairos_shared::trace::task_span(&task);
+            let ran = run_task(shared, acks, &delivery, *task).instrument(span);
+            (ran.await, Some(permits))
         }
     };
+    settle_failure(shared, acks, queue, tag, result).await;
+}
+
+/// What a disposition that did not settle its delivery means for it.
+async fn settle_failure(
+    shared: &Shared,
+    acks: &Acks,
+    queue: &str,
+    tag: u64,
+    result: Result<(), DispositionError>,
+) {
     match result {
         Ok(()) => {}
         Err(err @ DispositionError::Refused(_)) => {
             // Not a channel failure: reconnecting would change nothing.
-            // Hold the delivery (and its slot) a while, then hand it back.
+            // Hold the delivery (and its slot and units, if it ran) a
+            // while, then hand it back.
             let pause = shared.disposition.refusal_pause();
             tracing::warn!(cause = %err, retry_in_ms = pause.as_millis() as u64, "replacement refused; the delivery goes back to its queue after a pause");
             metrics::counter!("kairos_worker_replacement_refused_total", "queue" => queue.to_string())
@@ -173,11 +273,11 @@ async fn process(shared: &Shared, acks: &Acks, queue: &str, delivery: Delivery) 
                 _ = shared.broken.cancelled() => {}
                 _ = shared.shutdown.cancelled() => {}
             }
-            acks.requeue(delivery.delivery_tag);
+            acks.requeue(tag);
         }
         Err(err) => {
             tracing::warn!(cause = %err, "cannot settle a delivery; reconnecting so it is redelivered");
-            acks.requeue(delivery.delivery_tag);
+            acks.requeue(tag);
             shared.broken.cancel();
         }
     }
@@ -267,4 +367,38 @@ async fn load_checkpoint(
         .load_checkpoint(&task.id)
         .await
         .map_err(|e| TaskError::retry(format!("cannot load the task's checkpoint: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kairos_shared::config::Concurrency;
+    use std::sync::Mutex;
+
+    #[tokio::test]
+    async fn deliveries_take_slots_in_delivery_order_whatever_order_their_tasks_run() {
+        let slots = Slots::new(Concurrency { min: 1, max: 1 });
+        let units = Units::new(10, Duration::from_secs(1));
+        let held = slots.acquire().await;
+        let waits: Vec<_> = (0..3)
+            .map(|_| start_admission(units.request(1).expect("fits"), slots.clone()))
+            .collect();
+        // Their tasks first run last delivery first.
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (i, wait) in waits.into_iter().enumerate().rev() {
+            let order = order.clone();
+            tasks.push(tokio::spawn(async move {
+                let permits = wait.await;
+                order.lock().unwrap().push(i);
+                drop(permits);
+            }));
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![0, 1, 2]);
+    }
 }

@@ -15,6 +15,7 @@
 //! go on) and hands the delivery back to its queue, never acking it.
 
 use crate::acks::Acks;
+use crate::capacity::OverCapacity;
 use crate::handler::{TaskError, TaskOutput};
 use crate::status::WorkerStatus;
 use kairos_shared::amqp::{now_ms, Backoff};
@@ -175,6 +176,22 @@ impl Disposition {
 }
 
 impl Disposition {
+    /// A task whose `x-cost` exceeds this worker's capacity: it could
+    /// never start here, and retrying would bring it back to the same
+    /// workers, so it is dead-lettered at once with the reason.
+    pub(crate) async fn over_capacity(
+        &self,
+        d: &Delivery,
+        acks: &Acks,
+        task: &Task,
+        over: OverCapacity,
+    ) -> Disposed {
+        metrics::counter!("kairos_worker_over_capacity_total", "queue" => task.queue.clone())
+            .increment(1);
+        let error = TaskError::Permanent(over_capacity_reason(over));
+        self.failed(d, acks, task, &error).await
+    }
+
     /// An aborted attempt (`crate::control`): ack, no retry; the task
     /// ends `cancelled`.
     pub(crate) async fn cancelled(&self, d: &Delivery, acks: &Acks, task: &Task) -> Disposed {
@@ -202,6 +219,15 @@ fn retry_properties(task: &Task, error: &str, after: Option<Duration>) -> BasicP
         headers.insert(H_RETRY_AFTER_MS.into(), AMQPValue::LongLongInt(ms));
     }
     props.with_headers(FieldTable::from(headers))
+}
+
+/// The dead-letter reason of a task too heavy for this worker: names the
+/// header and the setting, and what to do about it.
+pub(crate) fn over_capacity_reason(over: OverCapacity) -> String {
+    format!(
+        "x-cost {} exceeds this worker's KAIROS_CAPACITY {}; route heavy tasks to a queue served by workers with more capacity",
+        over.cost, over.capacity
+    )
 }
 
 /// What disposing of a delivery comes to: `Ok` once it is settled.
@@ -259,6 +285,18 @@ mod tests {
             .headers()
             .as_ref()
             .and_then(|h| h.inner().get(H_RETRY_AFTER_MS).cloned())
+    }
+
+    #[test]
+    fn the_over_capacity_reason_names_the_header_and_the_setting() {
+        let reason = over_capacity_reason(OverCapacity {
+            cost: 8,
+            capacity: 4,
+        });
+        assert_eq!(
+            reason,
+            "x-cost 8 exceeds this worker's KAIROS_CAPACITY 4; route heavy tasks to a queue served by workers with more capacity"
+        );
     }
 
     #[test]

@@ -26,7 +26,8 @@
 //! docs/HANDLERS.md.
 //!
 //! * `handler`: the handler trait, its context and errors, the registry.
-//! * `consumer`: one consumer per queue, bounded by the `slots`.
+//! * `consumer`: one consumer per queue, bounded by the `slots` (tasks at
+//!   once) and the `capacity` (resource units, `x-cost`).
 //! * `disposition`: ack, retry or dead-letter, in one place.
 //! * `builtin`: `kairos.noop`, `kairos.sleep`, `kairos.fail`, `kairos.count`.
 //! * `control`: what `NS.control` says: abort a running task (its handler
@@ -45,6 +46,7 @@
 
 mod acks;
 pub mod builtin;
+mod capacity;
 mod config;
 mod consumer;
 mod control;
@@ -155,6 +157,10 @@ impl Worker {
         let status =
             status::WorkerStatus::start(&self.config, &work).map_err(WorkerError::Config)?;
         let slots = start_autoscale(&work, &self.config);
+        let units = Arc::new(capacity::Units::new(
+            self.config.capacity(),
+            Duration::from_millis(self.config.capacity_reserve_ms),
+        ));
         let control = start_control(&work, &self.config, &names)?;
         let consuming = Arc::new(Consuming::default());
         // Serves until `run` returns: probes answer through the shutdown.
@@ -172,7 +178,7 @@ impl Worker {
                 .serve(listener, http_stop)
                 .map_err(|e| WorkerError::Config(format!("{}: {e}", http::SETTING)))?;
         }
-        tracing::info!(namespace = %names.namespace(), worker = %worker_id, queues = ?self.config.queues, concurrency = %self.config.concurrency, "worker starting");
+        tracing::info!(namespace = %names.namespace(), worker = %worker_id, queues = ?self.config.queues, concurrency = %self.config.concurrency, capacity = units.capacity(), "worker starting");
         let session = AmqpSession::new(
             self.config,
             names,
@@ -180,6 +186,7 @@ impl Worker {
             events.clone(),
             status.clone(),
             slots,
+            units,
             control,
             consuming,
             &work,

@@ -7,6 +7,7 @@
 //! given the grace period before the connection closes.
 
 use crate::acks::Acks;
+use crate::capacity::Units;
 use crate::consumer::{consume, ConsumeError, Shared};
 use crate::control::Control;
 use crate::disposition::Disposition;
@@ -55,6 +56,8 @@ pub(crate) struct AmqpSession {
     /// Task status: the writer and the store.
     status: WorkerStatus,
     slots: Arc<Slots>,
+    /// Resource units (`KAIROS_CAPACITY`).
+    units: Arc<Units>,
     /// Aborts and paused queues (`crate::control`).
     control: Arc<Control>,
     /// The queues consumed right now, for `/readyz`.
@@ -75,6 +78,7 @@ impl AmqpSession {
         events: EventSink,
         status: WorkerStatus,
         slots: Arc<Slots>,
+        units: Arc<Units>,
         control: Arc<Control>,
         consuming: Arc<Consuming>,
         work: &Supervisor,
@@ -89,6 +93,7 @@ impl AmqpSession {
             events,
             status,
             slots,
+            units,
             work: work.clone(),
         }
     }
@@ -122,6 +127,7 @@ impl AmqpSession {
             events: self.events.clone(),
             status: self.status.clone(),
             slots: self.slots.clone(),
+            units: self.units.clone(),
             default_timeout: Duration::from_millis(self.config.task_timeout_ms),
             broken: s.broken.clone(),
             abandon: s.abandon.clone(),

@@ -60,9 +60,11 @@ impl Slots {
 
     /// Waits for a free slot, counting as backlog while it waits.
     pub(crate) async fn acquire(&self) -> OwnedSemaphorePermit {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
+        // Uncounted however the wait ends: a wait dropped (its delivery
+        // handed back on a stop or pause) must not count as backlog for
+        // good, or the pool would never shrink again.
+        let _waiting = Waiting::count(&self.waiting);
         let permit = self.semaphore.clone().acquire_owned().await;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
         // The semaphore is never closed, so acquiring cannot fail.
         permit.unwrap_or_else(|_| unreachable!("slots semaphore closed"))
     }
@@ -118,9 +120,39 @@ impl Slots {
     }
 }
 
+/// One waiter in [`Slots::waiting`], for as long as it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_dropped_wait_is_no_backlog() {
+        let slots = Slots::new(Concurrency { min: 1, max: 4 });
+        let _held = slots.acquire().await;
+        let s2 = slots.clone();
+        let waiter = tokio::spawn(async move { s2.acquire().await });
+        while slots.waiting.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(slots.waiting.load(Ordering::Relaxed), 0);
+    }
 
     #[tokio::test]
     async fn grows_with_backlog_and_shrinks_when_idle() {
