@@ -24,6 +24,7 @@ pub mod delay;
 pub mod redis_io;
 pub mod schedules;
 mod service;
+mod shards;
 mod timing;
 
 pub use config::Config;
