@@ -35,9 +35,9 @@ use crate::redis_io::scripts;
 use crate::schedules::model::ScheduleSpec;
 use crate::shards::ShardSet;
 use deadpool_redis::Pool;
-use std::sync::Arc;
 use redis::Value;
 use serde::Serialize;
+use std::sync::Arc;
 
 /// One shard: the schedule keys and the delay queue's hold in it.
 #[derive(Clone, Debug)]
