@@ -153,7 +153,7 @@ pub(crate) fn id_of(member: &str) -> &str {
     member.split('\t').next().unwrap_or(member)
 }
 
-/// The result of one claim round over every shard.
+/// The result of one claim round over the shards served.
 #[derive(Clone, Debug, Default)]
 pub struct Claim {
     /// Redis's clock when the claim ran (ms).

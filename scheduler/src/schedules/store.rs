@@ -78,7 +78,7 @@ pub struct DueItem {
     pub last: Option<i64>,
 }
 
-/// What [`ScheduleStore::due`] found over every shard.
+/// What [`ScheduleStore::due`] found over the shards served.
 #[derive(Clone, Debug, Default)]
 pub struct DueBatch {
     /// Redis's clock (ms).
