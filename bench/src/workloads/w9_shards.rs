@@ -17,6 +17,11 @@
 //!    N-fold), tick lateness p99, double fires; missed ticks are a failed
 //!    check.
 //!
+//! Between two counts the task queue is purged (ticks published past the
+//! window would be the next count's backlog), and ticks missed while no
+//! scheduler ran are caught up before the next window (their misfire
+//! policy).
+//!
 //! Real processes, so the CPU is the schedulers' own: an in-process
 //! scheduler would share its process (and its counters) with the worker
 //! and the bench. Redis's CPU is not counted: the Redis is shared.
@@ -112,6 +117,15 @@ async fn phase(
     for p in procs {
         p.terminate(Duration::from_secs(15)).await;
     }
+    // What the schedulers published past the window, unrun, would be the
+    // next count's backlog: each count starts from an empty queue.
+    env.channel
+        .queue_purge(
+            env.names.queue("default").as_str().into(),
+            lapin::options::QueuePurgeOptions::default(),
+        )
+        .await
+        .context("purging the task queue between counts")?;
     let (split, used, expected) = measured?;
     let seen = rec.seen();
     let l = &seen.lateness;

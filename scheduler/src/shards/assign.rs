@@ -95,7 +95,8 @@ impl ServeState {
     }
 
     /// The shards whose lease this instance holds.
-    pub(crate) fn held(&self) -> &[bool] {
+    #[cfg(test)]
+    fn held(&self) -> &[bool] {
         &self.held
     }
 

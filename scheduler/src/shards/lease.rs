@@ -100,11 +100,19 @@ impl Ownership {
                 break;
             }
         }
-        match self.leave(&state).await {
-            Ok(()) => tracing::info!(instance = %self.me, "left the schedulers; shards handed off"),
-            Err(err) => {
+        // Bounded: a stop must not wait on a Redis that does not answer;
+        // the leases then pass on when they expire.
+        let leave = tokio::time::timeout(Duration::from_millis(self.lease_ms), self.leave());
+        match leave.await {
+            Ok(Ok(())) => {
+                tracing::info!(instance = %self.me, "left the schedulers; shards handed off")
+            }
+            Ok(Err(err)) => {
                 tracing::warn!(cause = %err, "cannot hand off the shards; they pass on when the leases expire")
             }
+            Err(_) => tracing::warn!(
+                "Redis did not answer the handoff; the shards pass on when the leases expire"
+            ),
         }
         metrics::gauge!("kairos_scheduler_shards_owned").set(0.0);
     }
@@ -131,18 +139,11 @@ impl Ownership {
         }
     }
 
-    /// Leaves the members and hands every held lease to its next owner.
-    async fn leave(&self, state: &ServeState) -> Result<(), QueueError> {
+    /// Leaves the members and hands every lease it holds to its next owner
+    /// (among the others), or frees it when there is none.
+    async fn leave(&self) -> Result<(), QueueError> {
         let others = self.members(true).await?;
-        let outcomes = self.leases(&others).await?;
-        let kept = outcomes
-            .iter()
-            .zip(state.held())
-            .filter(|(o, &held)| held && **o == LeaseOutcome::Other)
-            .count();
-        if kept > 0 {
-            tracing::debug!(kept, "some leases had already passed on");
-        }
+        self.leases(&others).await?;
         Ok(())
     }
 
