@@ -380,6 +380,13 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("--retry-jitter"), "{err}");
+        for bad in ["5", "600001"] {
+            let err = Config::try_parse_from(["s", "--shard-lease-ms", bad])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("KAIROS_SHARD_LEASE_MS"), "{err}");
+        }
     }
 
     #[test]
