@@ -317,3 +317,95 @@ async fn kill9_during_rebalances_loses_no_task_and_fires_no_tick_twice() {
     assert!(killed.elapsed() > took);
     consumer.abort();
 }
+
+/// `own_shard.lua` on `key` as instance `me`, the desired owner `want`.
+async fn own_shard(env: &TestEnv, key: &str, me: &str, want: &str) -> i64 {
+    redis::Script::new(include_str!(
+        "../../scheduler/src/redis_io/scripts/own_shard.lua"
+    ))
+    .key(key)
+    .arg(me)
+    .arg(want)
+    .arg(10_000)
+    .invoke_async(&mut env.redis.clone())
+    .await
+    .expect("own_shard")
+}
+
+/// `own_members.lua` on `key` for `me` (lease `ms`); the members, sorted.
+async fn own_members(env: &TestEnv, key: &str, me: &str, ms: u64, leave: bool) -> Vec<String> {
+    let mut v: Vec<String> = redis::Script::new(include_str!(
+        "../../scheduler/src/redis_io/scripts/own_members.lua"
+    ))
+    .key(key)
+    .arg(me)
+    .arg(ms)
+    .arg(if leave { "1" } else { "0" })
+    .invoke_async(&mut env.redis.clone())
+    .await
+    .expect("own_members");
+    v.sort();
+    v
+}
+
+/// The two ownership scripts against Redis, as the scheduler sends them
+/// (`allow-oom` flags line aside): every reply code of `own_shard.lua`, and
+/// membership expiry and leaving in `own_members.lua`.
+#[tokio::test]
+async fn the_ownership_scripts_take_renew_hand_off_and_expire() {
+    let env = TestEnv::new("owns").await;
+    let mut con = env.redis.clone();
+    let key = format!("{}:own{{0}}", env.ns);
+    let e = &env;
+    assert_eq!(
+        own_shard(e, &key, "b", "a").await,
+        0,
+        "free, but a's to take"
+    );
+    assert_eq!(own_shard(e, &key, "a", "a").await, 1, "acquired");
+    assert_eq!(own_shard(e, &key, "a", "a").await, 2, "renewed");
+    assert_eq!(own_shard(e, &key, "b", "b").await, 0, "held by another");
+    assert_eq!(own_shard(e, &key, "a", "b").await, 3, "handed off");
+    let owner: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .expect("GET");
+    assert_eq!(owner.as_deref(), Some("b"));
+    assert_eq!(
+        own_shard(e, &key, "b", "b").await,
+        2,
+        "b renews it as its own"
+    );
+    assert_eq!(
+        own_shard(e, &key, "b", "").await,
+        4,
+        "released: nobody to take it"
+    );
+    let gone: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .expect("GET");
+    assert_eq!(gone, None);
+
+    let mkey = format!("{}:sched:members", env.ns);
+    assert_eq!(own_members(e, &mkey, "a", 10_000, false).await, ["a"]);
+    assert_eq!(own_members(e, &mkey, "b", 300, false).await, ["a", "b"]);
+    // b stops renewing: gone once its expiry passes (polled, not slept).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while own_members(e, &mkey, "a", 10_000, false).await != ["a"] {
+        assert!(Instant::now() < deadline, "b never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        own_members(e, &mkey, "a", 10_000, true).await.is_empty(),
+        "a left"
+    );
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&mkey)
+        .query_async(&mut con)
+        .await
+        .expect("EXISTS");
+    assert!(!exists, "nothing left behind");
+}
