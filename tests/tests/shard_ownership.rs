@@ -21,7 +21,7 @@ const SHARD_LEASE_MS: u64 = 1500;
 const ROUND_MS: u64 = SHARD_LEASE_MS / 3;
 /// What a loaded 2-core test machine may add to a takeover (a round that
 /// starts late, a slow script reply).
-const SLACK_MS: u64 = 1000;
+const SLACK_MS: u64 = 1500;
 /// How long a scheduler process may take to start and answer.
 const READY: Duration = Duration::from_secs(30);
 
@@ -242,8 +242,7 @@ async fn kill9_during_rebalances_loses_no_task_and_fires_no_tick_twice() {
     // kill -9 A while tasks fall due and schedules tick; start C at once,
     // during the takeover.
     a.proc.kill9();
-    let killed = Instant::now();
-    let c = spawn_scheduler(&env);
+    let mut c = spawn_scheduler(&env);
     let pc = c.pid();
     let bound = Duration::from_millis(SHARD_LEASE_MS + ROUND_MS + SLACK_MS);
     let (after, took) = wait_owners(&env, bound, "A's shards taken over", |o| {
@@ -257,9 +256,7 @@ async fn kill9_during_rebalances_loses_no_task_and_fires_no_tick_twice() {
 
     // C joins: B hands it a share. kill -9 C as soon as it serves some.
     let (joined, _) = wait_owners(&env, READY, "C takes a share", |o| count(o, pc) > 0).await;
-    let mut c = c;
     c.proc.kill9();
-    let killed_c = Instant::now();
     println!(
         "C killed while owning {} shards: {joined:?}",
         count(&joined, pc)
@@ -310,11 +307,9 @@ async fn kill9_during_rebalances_loses_no_task_and_fires_no_tick_twice() {
     // back when their lease expires): reported, not asserted.
     let dup: usize = seen.lock().values().map(|n| n - 1).sum();
     println!(
-        "{N} tasks and {} ticks delivered; {dup} duplicate deliveries; takeovers {took:?} and {:?} (bound {bound:?})",
+        "{N} tasks and {} ticks delivered; {dup} duplicate deliveries; takeovers {took:?} and {took_c:?} (bound {bound:?})",
         fired.len(),
-        killed_c.elapsed().min(took_c),
     );
-    assert!(killed.elapsed() > took);
     consumer.abort();
 }
 
