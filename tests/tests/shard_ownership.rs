@@ -57,21 +57,43 @@ fn pid_of(owner: &str) -> Option<u32> {
     owner.rsplit(':').nth(1)?.parse().ok()
 }
 
-/// The pid owning each shard (`None`: nobody holds its lease).
-async fn owners(env: &TestEnv) -> Vec<Option<u32>> {
+/// The id (`HOST:PID:CLAIMER`) owning each shard.
+async fn owner_ids(env: &TestEnv) -> Vec<Option<String>> {
     let keys: Vec<String> = (0..SHARDS)
         .map(|s| format!("{}:own{{{s}}}", env.ns))
         .collect();
     let mut con = env.redis.clone();
-    let values: Vec<Option<String>> = redis::cmd("MGET")
+    redis::cmd("MGET")
         .arg(&keys)
         .query_async(&mut con)
         .await
-        .expect("MGET owners");
-    values
-        .iter()
-        .map(|v| v.as_deref().and_then(pid_of))
-        .collect()
+        .expect("MGET owners")
+}
+
+/// The pid owning each shard (`None`: nobody holds its lease).
+async fn owners(env: &TestEnv) -> Vec<Option<u32>> {
+    let ids = owner_ids(env).await;
+    ids.iter().map(|v| v.as_deref().and_then(pid_of)).collect()
+}
+
+/// (shard, claimer) of every claim record left in the delay queue
+/// (`NS:dq{S}:claim:CLAIMER`: written by each claim that leased tasks, kept
+/// for the task lease).
+async fn claimers_by_shard(env: &TestEnv) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    for key in env.redis_keys().await {
+        let Some((head, claimer)) = key.split_once(":claim:") else {
+            continue;
+        };
+        let shard = head
+            .rsplit_once('{')
+            .and_then(|(_, s)| s.strip_suffix('}'))
+            .and_then(|s| s.parse().ok())
+            .expect("a shard's claim key");
+        out.push((shard, claimer.to_string()));
+    }
+    out.sort();
+    out
 }
 
 /// Polls the owners until `done` holds; returns them and how long it took.
@@ -181,16 +203,31 @@ async fn two_schedulers_split_the_shards_and_hand_them_over_on_stop() {
     .await;
     println!("split {split:?} after {took:?}");
 
-    // Both serve their half: every task of every shard is published.
+    // Both serve their half: every task of every shard is published, and
+    // only by its owner. Due after a handed-off shard stopped being served
+    // by its old owner too (two rounds after the handoff).
     const N: usize = 1000;
     let (seen, consumer) = Seen::start(&env).await;
-    publish_delayed(&env, "t", N, now_ms() + 300, 1000).await;
+    let first_due = now_ms() + (2 * ROUND_MS) as i64 + 1500;
+    publish_delayed(&env, "t", N, first_due, 1000).await;
     seen.wait(
         Duration::from_secs(30),
         "every delayed task published",
         |s| s.distinct_with("t-") == N,
     )
     .await;
+    let claimers = claimers_by_shard(&env).await;
+    let owners = owner_ids(&env).await;
+    for (shard, claimer) in &claimers {
+        let owner = owners[*shard].as_deref().and_then(|o| o.rsplit(':').next());
+        assert_eq!(
+            owner,
+            Some(claimer.as_str()),
+            "shard {shard} claimed by another: {claimers:?}, owners {owners:?}"
+        );
+    }
+    let distinct: std::collections::HashSet<_> = claimers.iter().map(|(_, c)| c).collect();
+    assert_eq!(distinct.len(), 2, "both claimed: {claimers:?}");
 
     // A graceful stop hands the leases over at once, not when they expire.
     let stopped = Instant::now();
