@@ -5,8 +5,8 @@
 //! and BullMQ on the same servers). See docs/BENCHMARKS.md.
 //!
 //! * `baseline`: raw lapin publish / consume / both, classic and priority.
-//! * `workloads`: W1 burst .. W6 idle cost, W7 HTTP enqueue, W8 big bodies, one module
-//!   each.
+//! * `workloads`: W1 burst .. W6 idle cost, W7 HTTP enqueue, W8 big bodies,
+//!   W9 shard ownership (1, 2, 3 schedulers), one module each.
 //! * `peers`: runs bench/peers/{celery,bullmq} and reads their JSON.
 //! * `report`: rows, the table, the JSON file; count checks fail the run.
 //! * `env`, `service`, `recorder`: namespaces, embedded services, the
@@ -44,7 +44,7 @@ pub(crate) struct Args {
     /// Also run Celery and BullMQ (installs them under target/ on first use).
     #[arg(long)]
     pub(crate) peers: bool,
-    /// Workloads to run, comma-separated (w1,w2,w3,w4,w5,w6,w7,w8); default all.
+    /// Workloads to run, comma-separated (w1,w2,w3,w4,w5,w6,w7,w8,w9); default all.
     #[arg(long, value_delimiter = ',')]
     pub(crate) only: Vec<String>,
     /// Where to write the JSON results.
@@ -86,6 +86,10 @@ pub(crate) struct Args {
     /// Seconds W5 lets the schedules fire.
     #[arg(long, default_value_t = 30)]
     pub(crate) w5_secs: u64,
+    /// Scheduler processes W9 runs W5's schedules with, one count after
+    /// the other (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3", value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub(crate) schedulers: Vec<u64>,
     /// Seconds W6 measures the idle processes.
     #[arg(long, default_value_t = 10)]
     pub(crate) w6_secs: u64,
@@ -154,6 +158,8 @@ impl Args {
         self.w4_tasks = 200;
         self.w5_schedules = 50;
         self.w5_secs = 3;
+        // Two counts show the split; a third adds time, not coverage.
+        self.schedulers.truncate(2);
         self.w6_secs = 2;
         self.http_tasks = 640;
         self.w8_tasks = 20;
@@ -255,7 +261,7 @@ async fn measure_baseline(args: &Args, report: &mut Report) -> Result<baseline::
 /// Runs the workloads `--only` selects, in order; a workload that fails
 /// is a failed check, and the next one runs.
 async fn run_workloads(args: &Args, ctx: &mut Ctx<'_>) {
-    let steps: [(&str, &str); 7] = [
+    let steps: [(&str, &str); 8] = [
         ("w1", "W1 burst"),
         ("w2", "W2 precision"),
         ("w3", "W3 backlog + W6 idle"),
@@ -263,6 +269,7 @@ async fn run_workloads(args: &Args, ctx: &mut Ctx<'_>) {
         ("w5", "W5 schedules"),
         ("w7", "W7 HTTP enqueue"),
         ("w8", "W8 big bodies"),
+        ("w9", "W9 shard ownership"),
     ];
     for (key, title) in steps {
         let run = match key {
@@ -280,6 +287,7 @@ async fn run_workloads(args: &Args, ctx: &mut Ctx<'_>) {
             "w4" => workloads::w4_retry::run(ctx).await,
             "w7" => workloads::w7_http::run(ctx).await,
             "w8" => workloads::w8_big_bodies::run(ctx).await,
+            "w9" => workloads::w9_shards::run(ctx).await,
             _ => workloads::w5_schedules::run(ctx).await,
         };
         if let Err(err) = result {

@@ -119,6 +119,13 @@ pub struct Config {
     #[arg(long, env = "KAIROS_LEASE_MS", value_name = "KAIROS_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..))]
     pub lease_ms: u64,
 
+    /// How long a scheduler's lease on a shard lasts (ms): schedulers
+    /// split the shards between them, renew their leases every third of
+    /// this, and take over a dead instance's shards once its leases expire
+    /// (within this plus a third of it).
+    #[arg(long, env = "KAIROS_SHARD_LEASE_MS", value_name = "KAIROS_SHARD_LEASE_MS", default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(300..=600_000))]
+    pub shard_lease_ms: u64,
+
     /// Longest sleep of the pump when nothing wakes it (ms); bounds how late
     /// an expired lease is noticed.
     #[arg(long, env = "KAIROS_IDLE_MS", value_name = "KAIROS_IDLE_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
@@ -379,6 +386,13 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("--retry-jitter"), "{err}");
+        for bad in ["5", "600001"] {
+            let err = Config::try_parse_from(["s", "--shard-lease-ms", bad])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("KAIROS_SHARD_LEASE_MS"), "{err}");
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ mod due_soon;
 pub mod redis_io;
 pub mod schedules;
 mod service;
+mod shards;
 mod timing;
 
 pub use config::Config;

@@ -14,6 +14,7 @@ use crate::schedules::admin::Admin;
 use crate::schedules::outcomes::Outcomes;
 use crate::schedules::store::ScheduleStore;
 use crate::schedules::{self, ticker};
+use crate::shards::{self, Ownership, ShardSet};
 use crate::Config;
 use kairos_shared::amqp::{
     close_connection, connect_with_retry, sleep_or_cancel, Backoff, Blocked, Broker, CLOSE_WITHIN,
@@ -149,10 +150,13 @@ impl Scheduler {
     }
 
     /// The delay queue on `pool`, with the settings' replica wait and
-    /// timeouts.
+    /// timeouts. Its claims (and the ticker's reads) start with no shard:
+    /// the ownership loop fills its serve set ([`start_ownership`]).
     fn delay_queue(&self, pool: &deadpool_redis::Pool) -> RedisDelayQueue {
         let c = &self.config;
-        RedisDelayQueue::new(pool.clone(), &c.common.namespace, usize::from(c.shards))
+        let shards = usize::from(c.shards);
+        RedisDelayQueue::new(pool.clone(), &c.common.namespace, shards)
+            .serving(Arc::new(ShardSet::none(shards)))
             .with_replica_wait(
                 c.redis_wait,
                 Duration::from_millis(c.redis_wait_timeout_ms),
@@ -269,6 +273,7 @@ impl Scheduler {
         if let Some(path) = &self.config.schedule_file {
             schedules::file::sync(&admin, path).await;
         }
+        self.start_ownership(&pool, pump, changed.clone());
         self.start_ticker(store.clone(), pump, changed);
         if let Some(listener) = http {
             let io = handler_io(&self.config, pool);
@@ -278,6 +283,32 @@ impl Scheduler {
             broker: self.broker.clone(),
             names: self.names.clone(),
             store,
+        });
+    }
+
+    /// Starts the ownership loop (supervised as `shard_ownership`): it keeps
+    /// the pump's serve set (shared with the ticker's store) to the shards
+    /// this instance holds, and wakes the pump and the ticker (`changed`)
+    /// when it gains one.
+    fn start_ownership(&self, pool: &deadpool_redis::Pool, pump: &Pump, changed: Arc<Notify>) {
+        let queue = &pump.queue;
+        let ownership = Ownership::new(
+            RedisConn::new(pool.clone()),
+            self.names.namespace(),
+            queue.shard_count(),
+            shards::lease::instance_id(queue.claimer()),
+            self.config.shard_lease_ms,
+            queue.serve_set().clone(),
+        )
+        .waking(pump.wake.clone())
+        .waking(changed);
+        tracing::info!(instance = %ownership.id(), lease_ms = self.config.shard_lease_ms, "splitting the shards with the other schedulers");
+        self.work.start_loop("shard_ownership", move |cancel| {
+            let ownership = ownership.clone();
+            async move {
+                ownership.run(cancel).await;
+                Ok(())
+            }
         });
     }
 

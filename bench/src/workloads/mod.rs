@@ -9,6 +9,7 @@ pub(crate) mod w5_schedules;
 pub(crate) mod w6_idle;
 pub(crate) mod w7_http;
 pub(crate) mod w8_big_bodies;
+pub(crate) mod w9_shards;
 
 use crate::baseline::Baseline;
 use crate::report::Report;

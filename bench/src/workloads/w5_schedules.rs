@@ -31,7 +31,7 @@ use kairos_worker::Worker;
 use std::time::{Duration, Instant};
 
 /// `KAIROS_SCHEDULE_LOOKAHEAD_MS` for W5 (the default is 250).
-const W5_LOOKAHEAD_MS: u64 = 1_000;
+pub(crate) const W5_LOOKAHEAD_MS: u64 = 1_000;
 
 /// How long after the window's last tick late ticks are still waited for
 /// before those not seen count as missed.
@@ -42,7 +42,11 @@ pub(crate) const NOT_AVAILABLE: &str = "not available: schedules not in this bui
 /// Creates `count` schedules firing `kairos.noop` every `every_ms` in the
 /// namespace, through the scheduler's own HTTP routes called in process
 /// (what `kairosctl` does without a scheduler address).
-async fn create_interval_schedules(env: &BenchEnv, count: usize, every_ms: u64) -> Result<bool> {
+pub(crate) async fn create_interval_schedules(
+    env: &BenchEnv,
+    count: usize,
+    every_ms: u64,
+) -> Result<bool> {
     use tower::ServiceExt;
     let router = kairos_scheduler::local_api(&env.scheduler_config()).await?;
     for i in 0..count {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 /// Clock ticks per second of /proc/PID/stat times (USER_HZ: 100 on Linux
 /// for every mainstream architecture).
-const TICKS_PER_SEC: f64 = 100.0;
+pub(crate) const TICKS_PER_SEC: f64 = 100.0;
 
 pub(crate) async fn measure(ctx: &mut Ctx<'_>, env: &BenchEnv, pending: usize) -> Result<()> {
     let vars = vec![
@@ -59,7 +59,7 @@ pub(crate) async fn measure(ctx: &mut Ctx<'_>, env: &BenchEnv, pending: usize) -
 }
 
 /// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("process {pid} is gone"))?;
     parse_cpu_ticks(&stat).context("unexpected /proc/PID/stat")

@@ -1,10 +1,12 @@
-//! The pump: sleeps until the earliest due time of the shards (woken early
-//! by a newer, earlier task), claims due tasks into a lease, publishes them
+//! The pump: sleeps until the earliest due time of the shards it serves
+//! (its share, see [`crate::shards`]; woken early by a newer, earlier task
+//! or a shard gained), claims due tasks into a lease, publishes them
 //! to `NS.tasks` with confirms, and deletes each after its confirm.
 //!
 //! If the process dies:
 //! * after the claim, before publishing: the lease expires and the next
-//!   claim (by any instance) returns the tasks to the due index;
+//!   claim in that shard (by its owner, which takes the dead instance's
+//!   shards over) returns the tasks to the due index;
 //! * after publishing, before the delete: the same, so the task is
 //!   published again: a duplicate, never a loss.
 //!

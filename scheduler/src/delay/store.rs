@@ -31,15 +31,21 @@
 //!
 //! A member is the task id for a first attempt and `id\tN` for attempt N, so
 //! a retry never collides with the id of the attempt being published, while a
-//! repeated retry of the same attempt collapses into one. Every instance may
-//! serve every shard: the claim is one atomic script, so two instances never
-//! claim the same task.
+//! repeated retry of the same attempt collapses into one.
+//!
+//! **Which shards a queue claims from.** A queue claims only from the shards
+//! of its serve set ([`ShardSet`], all of them unless told otherwise): the
+//! scheduler's ownership loop ([`crate::shards`]) keeps it to the shards this
+//! instance holds leases on. Holding writes any shard. Correctness does not
+//! rest on the set: the claim is one atomic script, so two instances serving
+//! one shard never claim the same task; they only both look.
 
 use crate::redis_io::conn::RedisConn;
 use crate::redis_io::delay_calls::{ClaimArgs, CompleteArgs, HoldArgs, ReleaseArgs};
 use crate::redis_io::keys::{DelayShardKeys, Keys};
 use crate::redis_io::reply::{int, ReplyError};
 use crate::redis_io::scripts;
+use crate::shards::ShardSet;
 use deadpool_redis::Pool;
 use redis::{RedisError, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -147,7 +153,7 @@ pub(crate) fn id_of(member: &str) -> &str {
     member.split('\t').next().unwrap_or(member)
 }
 
-/// The result of one claim round over every shard.
+/// The result of one claim round over the shards served.
 #[derive(Clone, Debug, Default)]
 pub struct Claim {
     /// Redis's clock when the claim ran (ms).
@@ -223,6 +229,10 @@ impl OccurrenceHold {
 pub struct RedisDelayQueue {
     redis: RedisConn,
     shards: Vec<DelayShardKeys>,
+    /// This process's claimer id (in the claim keys' names).
+    claimer: Arc<str>,
+    /// The shards claims take from (see the module doc).
+    serve: Arc<ShardSet>,
     wake_channel: String,
     meta_key: String,
     /// Claims answered so far: a claim sent again with the same round after
@@ -245,6 +255,8 @@ impl RedisDelayQueue {
         RedisDelayQueue {
             redis: RedisConn::new(pool),
             shards: (0..shards).map(|s| keys.delay_shard(s, &claimer)).collect(),
+            claimer: claimer.into(),
+            serve: Arc::new(ShardSet::all(shards)),
             wake_channel: keys.wake_channel(),
             meta_key: keys.shard_count(),
             claim_round: Arc::default(),
@@ -266,6 +278,23 @@ impl RedisDelayQueue {
         self.replica_wait = (replicas > 0).then_some((replicas, wait));
         self.hold_timeout = self.replica_wait.map(|_| reply_timeout + wait);
         self
+    }
+
+    /// The same queue, claiming only from the shards in `serve` (kept up
+    /// to date by the ownership loop); clones made after share it.
+    pub(crate) fn serving(mut self, serve: Arc<ShardSet>) -> Self {
+        self.serve = serve;
+        self
+    }
+
+    /// The shards claims take from.
+    pub(crate) fn serve_set(&self) -> &Arc<ShardSet> {
+        &self.serve
+    }
+
+    /// This process's claimer id.
+    pub(crate) fn claimer(&self) -> &str {
+        &self.claimer
     }
 
     /// The queue's Redis connection.
@@ -407,8 +436,8 @@ impl RedisDelayQueue {
         })
     }
 
-    /// Claims up to `batch` tasks from every shard (one round trip): those
-    /// due now, and those due within `ahead_ms` after now.
+    /// Claims up to `batch` tasks from every shard served (one round trip):
+    /// those due now, and those due within `ahead_ms` after now.
     pub async fn claim(
         &self,
         batch: usize,
@@ -432,8 +461,19 @@ impl RedisDelayQueue {
         // Until a claim is answered, every claim repeats its round: one
         // that ran without its reply reaching us is answered by the next.
         let round = self.claim_round.load(Ordering::Relaxed);
+        let served = self.serve.members();
+        if served.is_empty() {
+            // Nothing to claim from: only the clock, which the pump maps
+            // due times with and sleeps from.
+            let now_us = self.now_us().await?;
+            return Ok(Claim {
+                now_us,
+                now: now_us.div_euclid(US_PER_MS),
+                ..Claim::default()
+            });
+        }
         let mut pipe = redis::pipe();
-        for keys in &self.shards {
+        for keys in served.iter().filter_map(|&s| self.shards.get(s)) {
             let call = ClaimArgs {
                 keys,
                 batch,
@@ -447,7 +487,7 @@ impl RedisDelayQueue {
         let replies: Vec<Value> = self.query(&pipe).await?;
         self.claim_round.store(round + 1, Ordering::Relaxed);
         let mut claim = Claim::default();
-        for (shard, reply) in replies.into_iter().enumerate() {
+        for (shard, reply) in served.into_iter().zip(replies) {
             let reply = ClaimArgs::decode(reply)?;
             claim.now_us = claim.now_us.max(reply.now_us);
             if let Some(head) = reply.head {
@@ -548,6 +588,15 @@ impl RedisDelayQueue {
             decode(reply)?;
         }
         Ok(())
+    }
+
+    /// Redis's clock in microseconds.
+    async fn now_us(&self) -> Result<i64, QueueError> {
+        let mut con = self.redis.get().await?;
+        let (s, us): (i64, i64) = self
+            .redis
+            .watch(redis::cmd("TIME").query_async(&mut con).await)?;
+        Ok(s * 1_000_000 + us)
     }
 
     /// Tasks waiting or leased, over all shards.

@@ -11,8 +11,12 @@
 //!   * schedules ([`ScheduleShardKeys`]): `NS:dq{S}:snext` (next ticks),
 //!     `NS:dq{S}:sdef` (definitions), `NS:dq{S}:sstate` (per-schedule
 //!     state, fields built by [`state_field`])
+//!   * ownership ([`Keys::shard_owner`]): `NS:own{S}`, the id of the
+//!     scheduler that holds shard S's lease (string, expires with the lease)
 //! * outside any shard: `NS:dq:wake` (the wake channel), `NS:dq:shards`
-//!   (the shard count), `NS:sbeat` (the schedulers' heartbeat).
+//!   (the shard count), `NS:sbeat` (the schedulers' heartbeat),
+//!   `NS:sched:members` (the schedulers that split the shards: sorted set,
+//!   instance id -> membership expiry).
 //!
 //! The names are stored data: a renamed key loses what a running
 //! deployment holds, which the layout tests below pin.
@@ -97,6 +101,17 @@ impl Keys {
     pub(crate) fn schedule_beat(&self) -> String {
         format!("{}:sbeat", self.namespace)
     }
+
+    /// `NS:own{S}`: who holds shard `shard`'s lease (`scripts/own_shard.lua`);
+    /// the shard's hash tag, so it lives on the shard's Redis Cluster slot.
+    pub(crate) fn shard_owner(&self, shard: usize) -> String {
+        format!("{}:own{{{shard}}}", self.namespace)
+    }
+
+    /// The schedulers that split the shards (`scripts/own_members.lua`).
+    pub(crate) fn schedulers(&self) -> String {
+        format!("{}:sched:members", self.namespace)
+    }
 }
 
 /// Field `name` of schedule `id` in its shard's state hash (`id<TAB>name`).
@@ -138,6 +153,8 @@ mod tests {
         assert_eq!(keys.wake_channel(), "ns:dq:wake");
         assert_eq!(keys.shard_count(), "ns:dq:shards");
         assert_eq!(keys.schedule_beat(), "ns:sbeat");
+        assert_eq!(keys.shard_owner(3), "ns:own{3}");
+        assert_eq!(keys.schedulers(), "ns:sched:members");
         assert_eq!(state_field("s1", "last"), "s1\tlast");
     }
 
@@ -147,8 +164,9 @@ mod tests {
         for shard in [0, 1, 7, 15] {
             let d = keys.delay_shard(shard, "c");
             let s = keys.schedule_shard(shard);
+            let owner = keys.shard_owner(shard);
             let all = [
-                &d.idx, &d.rec, &d.lease, &d.claim, &s.next, &s.def, &s.state,
+                &d.idx, &d.rec, &d.lease, &d.claim, &s.next, &s.def, &s.state, &owner,
             ];
             let want = shard.to_string();
             for key in all {
@@ -164,6 +182,7 @@ mod tests {
             keys.wake_channel(),
             keys.shard_count(),
             keys.schedule_beat(),
+            keys.schedulers(),
         ] {
             assert_eq!(tag(&key), None, "{key}");
         }

@@ -53,6 +53,10 @@ pub(crate) enum Script {
     SchedBeat,
     /// `cancel.lua`: withdraws a waiting task and marks it cancelled.
     Cancel,
+    /// `own_members.lua`: the schedulers that split the shards.
+    OwnMembers,
+    /// `own_shard.lua`: takes, renews or hands off one shard's lease.
+    OwnShard,
 }
 
 /// How one script's source is put together.
@@ -67,7 +71,7 @@ struct Source {
 
 impl Script {
     /// Every script, once.
-    pub(crate) const ALL: [Script; 12] = [
+    pub(crate) const ALL: [Script; 14] = [
         Script::Schedule,
         Script::Claim,
         Script::Complete,
@@ -80,6 +84,8 @@ impl Script {
         Script::SchedOutcome,
         Script::SchedBeat,
         Script::Cancel,
+        Script::OwnMembers,
+        Script::OwnShard,
     ];
 
     fn source(self) -> Source {
@@ -110,6 +116,8 @@ impl Script {
             Script::SchedOutcome => src!("sched_outcome.lua", allow_oom: false, library: false),
             Script::SchedBeat => src!("sched_beat.lua", allow_oom: false, library: false),
             Script::Cancel => src!("cancel.lua", allow_oom: false, library: true, status: true),
+            Script::OwnMembers => src!("own_members.lua", allow_oom: true, library: false),
+            Script::OwnShard => src!("own_shard.lua", allow_oom: true, library: false),
         }
     }
 
@@ -224,7 +232,16 @@ mod tests {
     #[test]
     fn only_the_scripts_that_free_memory_run_at_maxmemory() {
         for s in Script::ALL {
-            let frees = matches!(s, Script::Claim | Script::Complete | Script::Release);
+            // The ownership scripts decide who claims: refused at
+            // maxmemory, a restarted scheduler would serve no shard.
+            let frees = matches!(
+                s,
+                Script::Claim
+                    | Script::Complete
+                    | Script::Release
+                    | Script::OwnMembers
+                    | Script::OwnShard
+            );
             assert_eq!(s.text().starts_with(ALLOW_OOM), frees, "{s:?}");
             assert_eq!(
                 s.text().matches("#!lua").count(),

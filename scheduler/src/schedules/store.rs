@@ -18,8 +18,12 @@
 //! [`crate::delay::store`]); nothing here names a delay-queue key.
 //!
 //! An occurrence's task goes to the schedule's shard (not the shard of its
-//! task id): the pump serves every shard, and the claimed task remembers
-//! its shard, so nothing else needs to know.
+//! task id): the instance that serves a schedule shard serves the delay
+//! queue's shard of the same number, and the claimed task remembers its
+//! shard, so nothing else needs to know.
+//!
+//! The ticker reads only the shards the delay queue serves (its
+//! [`ShardSet`], see [`crate::shards`]); the API reads and writes all.
 
 use crate::delay::store::{shard_of, OccurrenceHold, QueueError, RedisDelayQueue};
 use crate::redis_io::conn::RedisConn;
@@ -29,9 +33,11 @@ use crate::redis_io::schedule_calls::{
 };
 use crate::redis_io::scripts;
 use crate::schedules::model::ScheduleSpec;
+use crate::shards::ShardSet;
 use deadpool_redis::Pool;
 use redis::Value;
 use serde::Serialize;
+use std::sync::Arc;
 
 /// One shard: the schedule keys and the delay queue's hold in it.
 #[derive(Clone, Debug)]
@@ -45,6 +51,8 @@ struct Shard {
 pub struct ScheduleStore {
     redis: RedisConn,
     shards: Vec<Shard>,
+    /// The shards [`due`](Self::due) reads: the delay queue's serve set.
+    serve: Arc<ShardSet>,
     /// `NS:sbeat`: the schedulers' shared heartbeat (`sched_beat.lua`).
     beat: String,
     /// The heartbeat's own connection, so that a beat never waits behind
@@ -70,7 +78,7 @@ pub struct DueItem {
     pub last: Option<i64>,
 }
 
-/// What [`ScheduleStore::due`] found over every shard.
+/// What [`ScheduleStore::due`] found over the shards served.
 #[derive(Clone, Debug, Default)]
 pub struct DueBatch {
     /// Redis's clock (ms).
@@ -174,6 +182,7 @@ impl ScheduleStore {
             beat_conn: redis.separate(),
             redis,
             shards,
+            serve: queue.serve_set().clone(),
             beat: keys.schedule_beat(),
         }
     }
@@ -213,8 +222,8 @@ impl ScheduleStore {
         Ok(BeatArgs::decode(since)?)
     }
 
-    /// Schedules due before now + `lookahead`, up to `batch` per shard, each
-    /// with its definition.
+    /// Schedules due before now + `lookahead`, up to `batch` per shard
+    /// served, each with its definition.
     pub async fn due(&self, lookahead: i64, batch: usize) -> Result<DueBatch, QueueError> {
         self.due_known(lookahead, batch, |_, _| None, |_, _| false)
             .await
@@ -234,8 +243,15 @@ impl ScheduleStore {
         fired: impl Fn(&str, i64) -> Option<(String, Option<i64>)>,
         known: impl Fn(&str, &str) -> bool,
     ) -> Result<DueBatch, QueueError> {
+        let served = self.serve.members();
+        if served.is_empty() {
+            return Ok(DueBatch {
+                now: self.now().await?,
+                ..DueBatch::default()
+            });
+        }
         let mut pipe = redis::pipe();
-        for shard in &self.shards {
+        for shard in served.iter().filter_map(|&s| self.shards.get(s)) {
             let call = DueArgs {
                 keys: &shard.keys,
                 lookahead_ms: lookahead,
@@ -246,7 +262,7 @@ impl ScheduleStore {
         let replies: Vec<Value> = self.query(&pipe).await?;
         let mut out = DueBatch::default();
         let mut unread = Vec::new();
-        for (shard, reply) in replies.into_iter().enumerate() {
+        for (shard, reply) in served.into_iter().zip(replies) {
             let reply = DueArgs::decode(reply)?;
             out.now = out.now.max(reply.now);
             if let Some(later) = reply.later {

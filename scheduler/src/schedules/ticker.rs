@@ -4,9 +4,11 @@
 //! shard (`redis_io/scripts/sched_fire.lua`). The pump then publishes them at their
 //! tick with the delay queue's precision.
 //!
-//! Every scheduler runs this loop for every schedule; the compare-and-set
-//! on the stored next tick (and the definition's SHA-1 digest) lets exactly
-//! one of them fire each tick, and the derived task id (`schedule@tick`)
+//! Every scheduler runs this loop for the schedules of the shards it serves
+//! (its share, see [`crate::shards`]); while shards change hands, two may
+//! plan the same schedule, and the compare-and-set on the stored next tick
+//! (and the definition's SHA-1 digest) lets exactly one of them fire each
+//! tick, and the derived task id (`schedule@tick`)
 //! plus the stored last-fired tick make a repeat harmless. A definition
 //! travels to the scheduler only when its digest is new to it.
 
