@@ -23,7 +23,9 @@ if ! target/py/bin/python -c 'import pika' 2>/dev/null; then
   echo "[test] installing pika into target/py" >&2
   mkdir -p target
   python3 -m venv target/py
-  target/py/bin/pip install -q pika
+  # `python -m pip`, not the `pip` script: a venv moved with its target
+  # directory keeps a `pip` whose first line names the old path.
+  target/py/bin/python -m pip install -q pika
 fi
 
 # Node with amqplib for the same tests.

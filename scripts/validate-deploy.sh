@@ -34,7 +34,7 @@ if ! "$PY" -c 'import kubernetes_validate, jsonschema, yaml' 2>/dev/null; then
   [ -x "$PY" ] || python3 -m venv target/py
   # Pinned: the bundled Kubernetes schemas (1.25 to 1.37) come with the
   # package; the check runs offline once they are installed.
-  target/py/bin/pip install -q kubernetes-validate==1.37.0 jsonschema==4.26.0 pyyaml==6.0.4
+  target/py/bin/python -m pip install -q kubernetes-validate==1.37.0 jsonschema==4.26.0 pyyaml==6.0.4
 fi
 
 out=$(mktemp -d)
