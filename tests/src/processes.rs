@@ -128,6 +128,27 @@ impl Proc {
         }
     }
 
+    /// A `kairos-worker` in `env` named `id` (`KAIROS_WORKER_ID`), with
+    /// its probes and metrics on a free port (`KAIROS_WORKER_HTTP_ADDR`)
+    /// and `extra` settings added last (they win); returns the port too.
+    pub fn worker_with_probes(
+        env: &crate::TestEnv,
+        id: &str,
+        extra: &[(&str, &str)],
+    ) -> (Self, u16) {
+        let port = crate::free_port();
+        let mut penv = env.process_env();
+        penv.push(("KAIROS_WORKER_ID".into(), id.into()));
+        penv.push((
+            "KAIROS_WORKER_HTTP_ADDR".into(),
+            format!("127.0.0.1:{port}"),
+        ));
+        for (k, v) in extra {
+            penv.push(((*k).into(), (*v).into()));
+        }
+        (Self::spawn("kairos-worker", &penv), port)
+    }
+
     /// Kills the process (SIGKILL) and waits for it.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

@@ -18,15 +18,7 @@ const RUN_WITHIN: Duration = Duration::from_secs(180);
 
 /// A `kairos-worker` process named `id` with its probes on a free port.
 fn worker(env: &TestEnv, id: &str, concurrency: &str) -> (Proc, u16) {
-    let port = free_port();
-    let mut penv = env.process_env();
-    penv.push(("KAIROS_WORKER_ID".into(), id.into()));
-    penv.push((
-        "KAIROS_WORKER_HTTP_ADDR".into(),
-        format!("127.0.0.1:{port}"),
-    ));
-    penv.push(("KAIROS_CONCURRENCY".into(), concurrency.into()));
-    (Proc::spawn("kairos-worker", &penv), port)
+    Proc::worker_with_probes(env, id, &[("KAIROS_CONCURRENCY", concurrency)])
 }
 
 /// Polls `/readyz` until it answers 200; returns when it did (Unix ms).

@@ -39,17 +39,7 @@ async fn wait_for(port: u16, path: &'static str, status: u16) -> String {
 
 /// A `kairos-worker` process in `env` with its probes on a free port.
 fn worker(env: &TestEnv, id: &str, extra: &[(&str, &str)]) -> (Proc, u16) {
-    let port = free_port();
-    let mut penv = env.process_env();
-    penv.push(("KAIROS_WORKER_ID".into(), id.into()));
-    penv.push((
-        "KAIROS_WORKER_HTTP_ADDR".into(),
-        format!("127.0.0.1:{port}"),
-    ));
-    for (k, v) in extra {
-        penv.push(((*k).into(), (*v).into()));
-    }
-    (Proc::spawn("kairos-worker", &penv), port)
+    Proc::worker_with_probes(env, id, extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,6 +26,7 @@ use crate::env::BenchEnv;
 use crate::recorder::Recorder;
 use crate::report::{percentile, Row};
 use crate::service::InProcess;
+use crate::Args;
 use anyhow::Result;
 use kairos_worker::Worker;
 use std::time::{Duration, Instant};
@@ -74,6 +75,20 @@ pub(crate) async fn create_interval_schedules(
         );
     }
     Ok(true)
+}
+
+/// The worker that records each occurrence into `rec`, sized as in W1:
+/// W5 and W9 measure the tick machinery, and 10,000 no-op tasks a second
+/// need more than the default prefetch.
+pub(crate) fn occurrence_worker(env: &BenchEnv, args: &Args, rec: &Recorder) -> InProcess {
+    let mut wconfig = env.worker_config();
+    wconfig.concurrency = args.w1_concurrency;
+    wconfig.prefetch = Some(args.w1_prefetch);
+    InProcess::worker(
+        Worker::new(wconfig)
+            .with_builtins()
+            .handler(kairos_worker::builtin::NOOP, rec.occurrence_handler()),
+    )
 }
 
 pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
@@ -126,16 +141,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv) -> Result<()> {
     let mut sconfig = env.scheduler_config();
     sconfig.schedule_lookahead_ms = W5_LOOKAHEAD_MS;
     let scheduler = InProcess::scheduler(sconfig);
-    // The worker is sized as in W1: W5 measures the tick machinery, and
-    // 10,000 no-op tasks a second need more than the default prefetch.
-    let mut wconfig = env.worker_config();
-    wconfig.concurrency = ctx.args.w1_concurrency;
-    wconfig.prefetch = Some(ctx.args.w1_prefetch);
-    let worker = InProcess::worker(
-        Worker::new(wconfig)
-            .with_builtins()
-            .handler(kairos_worker::builtin::NOOP, rec.occurrence_handler()),
-    );
+    let worker = occurrence_worker(env, ctx.args, &rec);
     let created = Instant::now();
     if !create_interval_schedules(env, s, 1_000).await? {
         for metric in ["ticks", "tick lateness p99", "double fires"] {

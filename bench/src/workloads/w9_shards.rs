@@ -26,15 +26,14 @@
 //! scheduler would share its process (and its counters) with the worker
 //! and the bench. Redis's CPU is not counted: the Redis is shared.
 
-use super::w5_schedules::{create_interval_schedules, W5_LOOKAHEAD_MS};
+use super::w5_schedules::{create_interval_schedules, occurrence_worker, W5_LOOKAHEAD_MS};
 use super::w6_idle::{cpu_ticks, TICKS_PER_SEC};
 use super::Ctx;
 use crate::env::BenchEnv;
 use crate::recorder::Recorder;
 use crate::report::{percentile, Row};
-use crate::service::{InProcess, Proc};
+use crate::service::Proc;
 use anyhow::{Context, Result};
-use kairos_worker::Worker;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -85,14 +84,7 @@ async fn phase(
         .collect::<Result<_>>()?;
     let rec = Recorder::with_capacity(s * secs as usize);
     rec.only_due_in(i64::MAX, i64::MAX);
-    let mut wconfig = env.worker_config();
-    wconfig.concurrency = ctx.args.w1_concurrency;
-    wconfig.prefetch = Some(ctx.args.w1_prefetch);
-    let worker = InProcess::worker(
-        Worker::new(wconfig)
-            .with_builtins()
-            .handler(kairos_worker::builtin::NOOP, rec.occurrence_handler()),
-    );
+    let worker = occurrence_worker(env, ctx.args, &rec);
     let pids: Vec<u32> = procs.iter().map(Proc::pid).collect();
     let measured = async {
         let split = wait_split(env, &pids).await?;
