@@ -179,6 +179,21 @@ impl RedisConnection {
     }
 }
 
+impl RedisConnection {
+    /// Runs `pipe`: as one pipeline on one server (the hot path keeps its
+    /// single round trip), by hash slot on a cluster (see
+    /// [`crate::redis_slots::query_by_slot`]).
+    pub async fn query_pipe<T: redis::FromRedisValue>(
+        &mut self,
+        pipe: &Pipeline,
+    ) -> redis::RedisResult<T> {
+        match self {
+            RedisConnection::Node(con) => pipe.query_async(con).await,
+            RedisConnection::Cluster(con) => crate::redis_slots::query_by_slot(con, pipe).await,
+        }
+    }
+}
+
 impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {

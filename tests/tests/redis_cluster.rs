@@ -1,0 +1,118 @@
+//! Kairos on a Redis Cluster (a private one: 3 masters, 3 replicas): the
+//! delay queue's and the schedules' scripts run on it with their shards
+//! spread over the masters, pipelines that span shards included.
+
+use kairos_scheduler::delay::store::{member, Claimed, Entry, RedisDelayQueue};
+use kairos_scheduler::schedules::model::ScheduleSpec;
+use kairos_scheduler::schedules::store::{Fire, Occurrence, ScheduleStore};
+use kairos_shared::redis::{redis_pool, RedisPool};
+use kairos_tests::*;
+use std::time::Duration;
+
+/// Enough shards that every master holds some.
+const SHARDS: usize = 8;
+
+fn cluster_pool(cluster: &OwnRedisCluster) -> RedisPool {
+    let pool = redis_pool(&cluster.url(), &Default::default(), Duration::from_secs(5))
+        .expect("cluster client");
+    assert!(pool.is_cluster());
+    pool
+}
+
+fn namespace() -> String {
+    format!("kt-rc-{}", &uuid::Uuid::now_v7().simple().to_string()[20..])
+}
+
+fn entry(id: &str) -> Entry {
+    Entry {
+        member: member(id, 1),
+        run_at: None,
+        delay_ms: 0,
+        record: format!("record of {id}").into_bytes(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_queue_scripts_run_on_a_redis_cluster() {
+    let cluster = OwnRedisCluster::start(3, 1);
+    let q = RedisDelayQueue::new(cluster_pool(&cluster), &namespace(), SHARDS);
+    q.check_shard_count().await.expect("shard count");
+
+    // 40 tasks over the 8 shards: one hold pipeline spanning every master.
+    let entries: Vec<Entry> = (0..40).map(|i| entry(&format!("t-{i}"))).collect();
+    let held = q.schedule(&entries).await.expect("schedule");
+    assert!(held.iter().all(|s| s.added));
+    assert_eq!(q.pending().await.expect("pending"), 40);
+
+    // The claim over every shard, then complete and release per shard.
+    let claim = q.claim(100, 30_000, 0).await.expect("claim");
+    assert_eq!(claim.tasks.len(), 40);
+    let shards: std::collections::HashSet<usize> = claim.tasks.iter().map(|t| t.shard).collect();
+    assert!(shards.len() > 3, "tasks spread over shards: {shards:?}");
+    assert!(claim
+        .tasks
+        .iter()
+        .all(|t| t.record == format!("record of {}", t.member).into_bytes()));
+    let (done, failed): (Vec<&Claimed>, Vec<&Claimed>) =
+        claim.tasks.iter().partition(|t| t.shard % 2 == 0);
+    q.complete(&done).await.expect("complete");
+    q.release(&failed).await.expect("release");
+    assert_eq!(q.pending().await.expect("pending"), failed.len() as u64);
+
+    let again = q.claim(100, 30_000, 0).await.expect("claim again");
+    assert_eq!(again.tasks.len(), failed.len());
+    let again: Vec<&Claimed> = again.tasks.iter().collect();
+    q.complete(&again).await.expect("complete");
+    assert_eq!(q.pending().await.expect("pending"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_scripts_run_on_a_redis_cluster() {
+    let cluster = OwnRedisCluster::start(3, 1);
+    let pool = cluster_pool(&cluster);
+    let ns = namespace();
+    let queue = RedisDelayQueue::new(pool.clone(), &ns, SHARDS);
+    queue.check_shard_count().await.expect("shards");
+    let store = ScheduleStore::new(pool, &ns, &queue);
+    store.beat(1_000).await.expect("beat");
+    let now = store.now().await.expect("now");
+    let tick = now - 10;
+    for i in 0..12 {
+        let spec: ScheduleSpec = serde_json::from_str(&format!(
+            r#"{{"id":"s{i}","every_ms":60000,"task":{{"name":"t"}}}}"#
+        ))
+        .expect("spec");
+        store
+            .put(&spec, &format!("s{i}"), Some(tick), false)
+            .await
+            .expect("put");
+    }
+    let due = store.due(0, 100).await.expect("due");
+    assert_eq!(due.items.len(), 12);
+    let fires: Vec<Fire> = due
+        .items
+        .iter()
+        .map(|item| Fire {
+            shard: item.shard,
+            id: item.id.clone(),
+            expected_next: item.next,
+            digest: item.digest.clone(),
+            last: item.last,
+            new_next: Some(tick + 60_000),
+            overlap_skip: false,
+            max_run_ms: 1000,
+            occurrences: vec![Occurrence {
+                member: format!("{}@{tick}", item.id),
+                tick,
+                record: b"K\x01".to_vec(),
+            }],
+        })
+        .collect();
+    let fired = store.fire(&fires).await.expect("fire");
+    assert!(fired.iter().all(|f| f.won && f.enqueued == 1));
+    assert_eq!(queue.pending().await.expect("pending"), 12);
+    let view = store.view("s3").await.expect("view").expect("s3 exists");
+    drop(view);
+    assert!(store.delete("s3").await.expect("delete"));
+    assert!(store.view("s3").await.expect("view").is_none());
+}
