@@ -1,13 +1,21 @@
 //! Kairos on a Redis Cluster (a private one: 3 masters, 3 replicas): the
 //! delay queue's and the schedules' scripts run on it with their shards
-//! spread over the masters, pipelines that span shards included.
+//! spread over the masters, pipelines that span shards included; and a
+//! scheduler and a worker with a `redis+cluster://` URL run delayed tasks,
+//! fire an interval schedule, answer and cancel through the task status.
 
 use kairos_scheduler::delay::store::{member, Claimed, Entry, RedisDelayQueue};
 use kairos_scheduler::schedules::model::ScheduleSpec;
 use kairos_scheduler::schedules::store::{Fire, Occurrence, ScheduleStore};
 use kairos_shared::redis::{redis_pool, RedisPool};
 use kairos_tests::*;
+use kairos_worker::Worker;
+use lapin::types::AMQPValue;
+use serde_json::json;
 use std::time::Duration;
+
+/// How long a task or a tick may take to be seen.
+const WITHIN: Duration = Duration::from_secs(30);
 
 /// Enough shards that every master holds some.
 const SHARDS: usize = 8;
@@ -115,4 +123,84 @@ async fn schedule_scripts_run_on_a_redis_cluster() {
     drop(view);
     assert!(store.delete("s3").await.expect("delete"));
     assert!(store.view("s3").await.expect("view").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_and_a_worker_run_on_a_redis_cluster() {
+    let cluster = OwnRedisCluster::start(3, 1);
+    let env = TestEnv::new("rcluster").await;
+    let mut tap = EventTap::new(&env).await;
+    let addr = free_addr();
+    let mut sc = env.scheduler_config();
+    sc.http_addr = addr;
+    sc.redis_url = cluster.url();
+    let scheduler = InProcess::scheduler(sc);
+    let mut wc = env.worker_config();
+    wc.redis_url = cluster.url();
+    let worker = InProcess::worker(Worker::new(wc).with_builtins());
+    let api = ScheduleApi::new(addr);
+    api.wait_ready(WITHIN).await;
+
+    // Delayed tasks over the shards: held, claimed, published, run.
+    let delay = env.names.delay();
+    const N: usize = 20;
+    for i in 0..N {
+        let props = with_headers(
+            task_props("kairos.noop", &format!("d-{i}")),
+            &[("x-delay-ms", AMQPValue::LongInt(300))],
+        );
+        env.publish(&delay, "default", props, b"").await;
+    }
+    // One far in the future, cancelled through the API.
+    let later = with_headers(
+        task_props("kairos.noop", "later"),
+        &[("x-delay-ms", AMQPValue::LongInt(600_000))],
+    );
+    env.publish(&delay, "default", later, b"").await;
+    tap.wait_until(WITHIN, "every delayed task ran", |seen| {
+        (0..N).all(|i| {
+            let id = format!("d-{i}");
+            seen.iter().any(|e| e.id == id && e.kind == "succeeded")
+        })
+    })
+    .await;
+
+    // The task status, written on the cluster, read by the API.
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    loop {
+        let r = api.call(|a| a.send("GET", "/v1/tasks/d-0", None)).await;
+        if r.status == 200 && r.body["state"] == "succeeded" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "status of d-0: {} {:?}",
+            r.status,
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = api
+        .call(|a| a.send("DELETE", "/v1/tasks/later", None))
+        .await;
+    assert!(r.ok(), "cancel: {} {:?}", r.status, r.body);
+
+    // An interval schedule fires.
+    let r = api
+        .put(
+            "tick",
+            json!({"every_ms": 500, "task": {"name": "kairos.noop"}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    tap.wait_until(WITHIN, "two ticks ran", |seen| {
+        seen.iter()
+            .filter(|e| e.kind == "succeeded" && e.id.starts_with("tick"))
+            .count()
+            >= 2
+    })
+    .await;
+
+    worker.stop().await;
+    scheduler.stop().await;
 }
