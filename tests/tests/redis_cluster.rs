@@ -201,6 +201,15 @@ async fn a_scheduler_and_a_worker_run_on_a_redis_cluster() {
     })
     .await;
 
+    // Every loop of the scheduler (ownership, pump, ticker, wake, status
+    // writer, gauges) is healthy, and Redis answers the probe.
+    let port = addr.port();
+    let ready = tokio::task::spawn_blocking(move || http_get(port, "/readyz"))
+        .await
+        .expect("readyz task");
+    let (status, body) = ready.expect("/readyz answers");
+    assert_eq!(status, 200, "{body}");
+
     worker.stop().await;
     scheduler.stop().await;
 }
