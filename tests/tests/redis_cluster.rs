@@ -134,6 +134,8 @@ async fn a_scheduler_and_a_worker_run_on_a_redis_cluster() {
     let mut sc = env.scheduler_config();
     sc.http_addr = addr;
     sc.redis_url = cluster.url();
+    // Each intake batch waits for a replica of every master it wrote to.
+    sc.redis_wait = 1;
     let scheduler = InProcess::scheduler(sc);
     let mut wc = env.worker_config();
     wc.redis_url = cluster.url();
@@ -212,4 +214,32 @@ async fn a_scheduler_and_a_worker_run_on_a_redis_cluster() {
 
     worker.stop().await;
     scheduler.stop().await;
+}
+
+/// Prints the mean round trip of an empty claim over every shard (the
+/// pump's hot path): one pipeline on one server, one per slot on the
+/// cluster. Unoptimized build, shared machine: for the order of magnitude.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_round_trip_on_a_node_and_on_a_cluster() {
+    const ROUNDS: u32 = 200;
+    let cluster = OwnRedisCluster::start(3, 1);
+    let env = TestEnv::new("rc-claim").await;
+    let node = redis_pool(REDIS_URL, &Default::default(), Duration::from_secs(5)).expect("pool");
+    for (what, pool, ns) in [
+        ("one node", node, env.ns.clone()),
+        ("3-master cluster", cluster_pool(&cluster), namespace()),
+    ] {
+        let q = RedisDelayQueue::new(pool, &ns, SHARDS);
+        q.check_shard_count().await.expect("shard count");
+        q.claim(100, 30_000, 0).await.expect("warm up");
+        let start = std::time::Instant::now();
+        for _ in 0..ROUNDS {
+            let claim = q.claim(100, 30_000, 0).await.expect("claim");
+            assert!(claim.tasks.is_empty());
+        }
+        println!(
+            "claim over {SHARDS} shards, {what}: {} us per round trip",
+            start.elapsed().as_micros() / u128::from(ROUNDS)
+        );
+    }
 }
