@@ -290,6 +290,19 @@ impl OwnRedisCluster {
         cluster
     }
 
+    /// Runs `redis-cli ARGS` on every node (e.g. `SCRIPT FLUSH`).
+    pub fn on_every_node(&self, args: &[&str]) {
+        for n in &self.nodes {
+            run_ok(
+                Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string()])
+                    .args(args),
+                "redis-cli on a cluster node",
+                "redis-cli must be installed",
+            );
+        }
+    }
+
     /// `redis+cluster://` with every node.
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self

@@ -67,6 +67,9 @@ async fn delay_queue_scripts_run_on_a_redis_cluster() {
     q.release(&failed).await.expect("release");
     assert_eq!(q.pending().await.expect("pending"), failed.len() as u64);
 
+    // Every master forgets the scripts (as a promoted replica or a
+    // restarted master would): the next call loads them on every master.
+    cluster.on_every_node(&["SCRIPT", "FLUSH"]);
     let again = q.claim(100, 30_000, 0).await.expect("claim again");
     assert_eq!(again.tasks.len(), failed.len());
     let again: Vec<&Claimed> = again.tasks.iter().collect();
