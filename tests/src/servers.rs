@@ -303,6 +303,53 @@ impl OwnRedisCluster {
         }
     }
 
+    /// `redis-cli -p PORT ARGS` on one node: its output.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = run_ok(
+            Command::new("redis-cli")
+                .args(["-p", &port.to_string()])
+                .args(args),
+            "redis-cli on a cluster node",
+            "redis-cli must be installed",
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The index in [`nodes`](Self::nodes) of the first master, once all
+    /// its replicas have every write it took (`INFO replication` offsets).
+    pub fn replicated_master(&self, within: Duration) -> usize {
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| self.cli(n.port, &["ROLE"]).starts_with("master"))
+            .expect("a master");
+        let deadline = Instant::now() + within;
+        loop {
+            let info = self.cli(self.nodes[i].port, &["INFO", "replication"]);
+            let field = |name: &str| -> Vec<String> {
+                info.lines()
+                    .filter_map(|l| l.trim().strip_prefix(name).map(str::to_string))
+                    .collect()
+            };
+            let master = field("master_repl_offset:");
+            let replicas: Vec<String> = field("slave")
+                .into_iter()
+                .filter_map(|l| {
+                    l.split(',')
+                        .find_map(|kv| kv.strip_prefix("offset=").map(str::to_string))
+                })
+                .collect();
+            if !replicas.is_empty() && replicas.iter().all(|o| master.contains(o)) {
+                return i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replicas never caught up: {info}"
+            );
+            std::thread::sleep(PORT_POLL);
+        }
+    }
+
     /// `redis+cluster://` with every node.
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self

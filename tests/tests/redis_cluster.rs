@@ -246,3 +246,45 @@ async fn claim_round_trip_on_a_node_and_on_a_cluster() {
         );
     }
 }
+
+/// Losing a master: its replica takes over, and the tasks it held (already
+/// replicated) are all claimed from the new master through the same client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_tasks_survive_the_loss_of_a_master() {
+    let mut cluster = OwnRedisCluster::start(3, 1);
+    let q = RedisDelayQueue::new(cluster_pool(&cluster), &namespace(), SHARDS);
+    q.check_shard_count().await.expect("shard count");
+    let entries: Vec<Entry> = (0..40).map(|i| entry(&format!("f-{i}"))).collect();
+    q.schedule(&entries).await.expect("schedule");
+    let master = cluster.replicated_master(WITHIN);
+    cluster.nodes[master].kill9();
+    let killed = std::time::Instant::now();
+
+    // The cluster notices (node timeout 2 s) and promotes the replica;
+    // claims fail until then.
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    let mut claimed = std::collections::HashSet::new();
+    let mut errors = 0;
+    while claimed.len() < entries.len() {
+        match q.claim(100, 30_000, 0).await {
+            Ok(claim) => {
+                let done: Vec<&Claimed> = claim.tasks.iter().collect();
+                claimed.extend(claim.tasks.iter().map(|t| t.member.clone()));
+                q.complete(&done).await.ok();
+            }
+            Err(_) => errors += 1,
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {} tasks claimed after the failover ({errors} failed claims)",
+            claimed.len(),
+            entries.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "all {} tasks claimed {} ms after a master was killed; {errors} claims failed meanwhile",
+        claimed.len(),
+        killed.elapsed().as_millis()
+    );
+}
