@@ -2,6 +2,11 @@
 //! reply timeout Kairos needs, one connection kept between calls, and the
 //! shard a task id maps to (the delay queue's and the task status's).
 //!
+//! `KAIROS_REDIS_URL` names one server (`redis://`, `rediss://`) or a Redis
+//! Cluster (`redis+cluster://host:port,host:port`, see [`cluster_nodes`]):
+//! [`RedisPool`] and [`RedisConnection`] are either, and the code above
+//! them is the same for both (docs/CLUSTERS.md).
+//!
 //! The pool and the kept connection:
 //!
 //! deadpool checks a connection on every checkout with an `UNWATCH` +
