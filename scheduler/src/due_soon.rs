@@ -123,7 +123,7 @@ impl DueSoon {
     async fn query<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, String> {
         let mut con = self.redis.get().await.map_err(|e| e.to_string())?;
         self.redis
-            .watch(pipe.query_async(&mut con).await)
+            .watch(con.query_pipe(pipe).await)
             .map_err(|e| e.to_string())
     }
 }

@@ -21,7 +21,7 @@ use kairos_shared::amqp::{
 };
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
-use kairos_shared::redis::RedisConn;
+use kairos_shared::redis::{RedisConn, RedisPool};
 use kairos_shared::status::{ShardCount, StatusStore, StatusWriter};
 use kairos_shared::supervise::{Restart, Supervised, Supervisor};
 use kairos_shared::topology;
@@ -152,7 +152,7 @@ impl Scheduler {
     /// The delay queue on `pool`, with the settings' replica wait and
     /// timeouts. Its claims (and the ticker's reads) start with no shard:
     /// the ownership loop fills its serve set ([`start_ownership`]).
-    fn delay_queue(&self, pool: &deadpool_redis::Pool) -> RedisDelayQueue {
+    fn delay_queue(&self, pool: &RedisPool) -> RedisDelayQueue {
         let c = &self.config;
         let shards = usize::from(c.shards);
         RedisDelayQueue::new(pool.clone(), &c.common.namespace, shards)
@@ -220,7 +220,7 @@ impl Scheduler {
 
     /// The task status writer (off with `KAIROS_STATUS=false`), on a
     /// Redis connection of its own.
-    fn status_writer(&self, pool: &deadpool_redis::Pool) -> StatusWriter {
+    fn status_writer(&self, pool: &RedisPool) -> StatusWriter {
         StatusWriter::start(
             &self.config.status,
             RedisConn::new(pool.clone()),
@@ -257,12 +257,7 @@ impl Scheduler {
     /// Syncs the schedule file, then starts the ticker, the HTTP API and
     /// the outcomes consumer. Occurrences go to the pump's delay queue, and
     /// the pump is woken when one is handed over.
-    async fn start_schedules(
-        &self,
-        pool: deadpool_redis::Pool,
-        pump: &Pump,
-        http: Option<TcpListener>,
-    ) {
+    async fn start_schedules(&self, pool: RedisPool, pump: &Pump, http: Option<TcpListener>) {
         let redis = pool.clone();
         let store = ScheduleStore::new(pool.clone(), self.names.namespace(), &pump.queue);
         let changed = Arc::new(Notify::new());
@@ -290,7 +285,7 @@ impl Scheduler {
     /// the pump's serve set (shared with the ticker's store) to the shards
     /// this instance holds, and wakes the pump and the ticker (`changed`)
     /// when it gains one.
-    fn start_ownership(&self, pool: &deadpool_redis::Pool, pump: &Pump, changed: Arc<Notify>) {
+    fn start_ownership(&self, pool: &RedisPool, pump: &Pump, changed: Arc<Notify>) {
         let queue = &pump.queue;
         let ownership = Ownership::new(
             RedisConn::new(pool.clone()),
@@ -346,7 +341,7 @@ impl Scheduler {
         admin: Admin,
         pump: &Pump,
         io: HandlerIo,
-        redis: deadpool_redis::Pool,
+        redis: RedisPool,
     ) {
         tracing::info!(addr = ?listener.local_addr().ok(), "HTTP API listening");
         let holder = Holder {
@@ -620,7 +615,7 @@ pub async fn local_api(config: &Config) -> Result<axum::Router, SchedulerError> 
 
 /// What the handler routes (`/v1/tasks/{id}/checkpoint|progress|result`)
 /// write to: the task status store on `pool`.
-fn handler_io(config: &Config, pool: deadpool_redis::Pool) -> HandlerIo {
+fn handler_io(config: &Config, pool: RedisPool) -> HandlerIo {
     let store = StatusStore::new(
         RedisConn::new(pool),
         &config.common.namespace,
@@ -634,8 +629,8 @@ fn handler_io(config: &Config, pool: deadpool_redis::Pool) -> HandlerIo {
 }
 
 /// The Redis pool with `KAIROS_REDIS_TIMEOUT_MS` as its reply timeout.
-fn redis_pool(config: &Config) -> Result<deadpool_redis::Pool, SchedulerError> {
-    redis_io::conn::pool(
+fn redis_pool(config: &Config) -> Result<RedisPool, SchedulerError> {
+    redis_io::conn::redis_pool(
         &config.redis_url,
         &config.common.tls,
         Duration::from_millis(config.redis_timeout_ms),

@@ -46,6 +46,7 @@ pub mod metrics;
 pub mod order;
 pub mod record;
 pub mod redis;
+pub mod redis_slots;
 pub mod request;
 pub mod secrets;
 pub mod short;

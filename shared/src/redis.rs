@@ -2,6 +2,11 @@
 //! reply timeout Kairos needs, one connection kept between calls, and the
 //! shard a task id maps to (the delay queue's and the task status's).
 //!
+//! `KAIROS_REDIS_URL` names one server (`redis://`, `rediss://`) or a Redis
+//! Cluster (`redis+cluster://host:port,host:port`, see [`cluster_nodes`]):
+//! [`RedisPool`] and [`RedisConnection`] are either, and the code above
+//! them is the same for both (docs/CLUSTERS.md).
+//!
 //! The pool and the kept connection:
 //!
 //! deadpool checks a connection on every checkout with an `UNWATCH` +
@@ -15,32 +20,236 @@
 use crate::secrets::{redact_url, SecretParser};
 use crate::tls::TlsSettings;
 use deadpool_redis::Pool;
-use redis::aio::MultiplexedConnection;
-use redis::{ClientTlsConfig, TlsCertificates};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{ClientTlsConfig, Cmd, Pipeline, RedisFuture, TlsCertificates, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A client for `url`. A `rediss://` URL trusts `KAIROS_TLS_CA_FILE` when
 /// it is set (instead of the system's roots) and presents the client
 /// certificate when one is set; a `redis://` URL ignores them.
+///
+/// For a Redis Cluster URL it is a client of the first node listed: what a
+/// plain connection needs (the wake channel's SUBSCRIBE, since a classic
+/// PUBLISH reaches every node of a cluster).
 pub fn client(url: &str, tls: &TlsSettings) -> redis::RedisResult<redis::Client> {
+    let first;
+    let url = match cluster_nodes(url) {
+        Some(Ok(nodes)) => {
+            first = nodes.into_iter().next().unwrap_or_default();
+            first.as_str()
+        }
+        Some(Err(e)) => return Err(invalid_url(e)),
+        None => url,
+    };
     let plain = redis::Client::open(url)?;
     let is_tls = matches!(
         plain.get_connection_info().addr(),
         redis::ConnectionAddr::TcpTls { .. }
     );
-    if !is_tls || (tls.tls_ca_file.is_none() && tls.identity().is_none()) {
-        return Ok(plain);
+    match certificates(tls) {
+        Some(certificates) if is_tls => redis::Client::build_with_tls(url, certificates),
+        _ => Ok(plain),
+    }
+}
+
+/// The certificates `tls` asks for, if any.
+fn certificates(tls: &TlsSettings) -> Option<TlsCertificates> {
+    if tls.tls_ca_file.is_none() && tls.identity().is_none() {
+        return None;
     }
     crate::tls::install_crypto_provider();
-    let certificates = TlsCertificates {
+    Some(TlsCertificates {
         client_tls: tls.identity().map(|(cert, key)| ClientTlsConfig {
             client_cert: cert.bytes().to_vec(),
             client_key: key.bytes().to_vec(),
         }),
         root_cert: tls.tls_ca_file.as_ref().map(|ca| ca.bytes().to_vec()),
+    })
+}
+
+fn invalid_url(why: String) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::InvalidClientConfig,
+        "bad Redis Cluster URL",
+        why,
+    ))
+}
+
+/// The scheme of a Redis Cluster URL, and of a TLS one.
+const CLUSTER_SCHEME: &str = "redis+cluster://";
+const CLUSTER_TLS_SCHEME: &str = "rediss+cluster://";
+
+/// The node URLs of a Redis Cluster URL
+/// (`redis+cluster://[user:password@]host:port,host:port[/...]`, or
+/// `rediss+cluster://` for TLS): `None` for any other URL. The user and
+/// password apply to every node. Errors never quote the URL.
+pub fn cluster_nodes(url: &str) -> Option<Result<Vec<String>, String>> {
+    let (rest, scheme) = if let Some(rest) = url.strip_prefix(CLUSTER_SCHEME) {
+        (rest, "redis://")
+    } else if let Some(rest) = url.strip_prefix(CLUSTER_TLS_SCHEME) {
+        (rest, "rediss://")
+    } else {
+        return None;
     };
-    redis::Client::build_with_tls(url, certificates)
+    // The host list ends at the first `/`, `?` or `#`; a password may hold
+    // none of them unescaped in a URL anyway.
+    let (auth, hosts) = match rest.rfind('@') {
+        Some(at) => (&rest[..=at], &rest[at + 1..]),
+        None => ("", rest),
+    };
+    let end = hosts.find(['/', '?', '#']).unwrap_or(hosts.len());
+    let (hosts, tail) = hosts.split_at(end);
+    if tail
+        .trim_start_matches('/')
+        .split(['?', '#'])
+        .next()
+        .is_some_and(|db| !db.is_empty() && db != "0")
+    {
+        return Some(Err("a Redis Cluster has only database 0".into()));
+    }
+    let mut nodes = Vec::new();
+    for host in hosts.split(',') {
+        if host.is_empty() {
+            return Some(Err("an empty node in the Redis Cluster node list".into()));
+        }
+        let node = format!("{scheme}{auth}{host}");
+        if let Err(e) = redis::Client::open(node.as_str()) {
+            return Some(Err(format!("not a Redis Cluster node: {e}")));
+        }
+        nodes.push(node);
+    }
+    Some(Ok(nodes))
+}
+
+/// Where Kairos's Redis lives: one server (a pool of connections to it),
+/// or a Redis Cluster (the redis crate's cluster client, whose connection
+/// routes each command to the master of its key's slot). Cheap to clone.
+#[derive(Clone)]
+pub enum RedisPool {
+    /// One Redis server.
+    Node(Pool),
+    /// A Redis Cluster.
+    Cluster(Arc<ClusterClient>),
+}
+
+impl From<Pool> for RedisPool {
+    fn from(pool: Pool) -> Self {
+        RedisPool::Node(pool)
+    }
+}
+
+impl RedisPool {
+    /// A connection: out of the pool, or a new cluster connection (which
+    /// multiplexes over every master by itself).
+    pub async fn get(&self) -> Result<RedisConnection, deadpool_redis::PoolError> {
+        match self {
+            RedisPool::Node(pool) => Ok(RedisConnection::Node(deadpool_redis::Connection::take(
+                pool.get().await?,
+            ))),
+            RedisPool::Cluster(client) => client
+                .get_async_connection()
+                .await
+                .map(RedisConnection::Cluster)
+                .map_err(deadpool_redis::PoolError::Backend),
+        }
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisPool::Cluster(_))
+    }
+}
+
+/// A connection of a [`RedisPool`]: to one server, or to a cluster.
+/// Cheap to clone (both kinds are multiplexed).
+#[derive(Clone)]
+pub enum RedisConnection {
+    /// To one Redis server.
+    Node(MultiplexedConnection),
+    /// To a Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl RedisConnection {
+    /// Replaces this handle's reply timeout (other clones keep theirs). A
+    /// cluster connection keeps the client's (`KAIROS_REDIS_TIMEOUT_MS`):
+    /// redis-rs sets it for the whole cluster client only.
+    pub fn set_response_timeout(&mut self, timeout: Duration) {
+        if let RedisConnection::Node(con) = self {
+            con.set_response_timeout(timeout);
+        }
+    }
+}
+
+impl RedisConnection {
+    /// Runs `pipe`: as one pipeline on one server (the hot path keeps its
+    /// single round trip), by hash slot on a cluster (see
+    /// [`crate::redis_slots::query_by_slot`]).
+    pub async fn query_pipe<T: redis::FromRedisValue>(
+        &mut self,
+        pipe: &Pipeline,
+    ) -> redis::RedisResult<T> {
+        match self {
+            RedisConnection::Node(con) => pipe.query_async(con).await,
+            RedisConnection::Cluster(con) => crate::redis_slots::query_by_slot(con, pipe).await,
+        }
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConnection::Node(con) => con.req_packed_command(cmd),
+            RedisConnection::Cluster(con) => con.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConnection::Node(con) => con.req_packed_commands(cmd, offset, count),
+            RedisConnection::Cluster(con) => con.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Node(con) => con.get_db(),
+            RedisConnection::Cluster(con) => con.get_db(),
+        }
+    }
+}
+
+/// [`pool`] for one server, or the cluster client of a Redis Cluster URL
+/// (see [`cluster_nodes`]) with the same timeouts and TLS settings.
+pub fn redis_pool(
+    url: &str,
+    tls: &TlsSettings,
+    timeout: Duration,
+) -> Result<RedisPool, RedisSetupError> {
+    let nodes = match cluster_nodes(url) {
+        None => return pool(url, tls, timeout).map(RedisPool::Node),
+        Some(nodes) => nodes.map_err(|e| RedisSetupError::Client(invalid_url(e)))?,
+    };
+    let mut builder = ClusterClient::builder(nodes)
+        .connection_timeout(timeout)
+        .response_timeout(timeout);
+    if url.starts_with(CLUSTER_TLS_SCHEME) {
+        if let Some(certs) = certificates(tls) {
+            builder = builder.certs(certs);
+        }
+    }
+    builder
+        .build()
+        .map(|client| RedisPool::Cluster(Arc::new(client)))
+        .map_err(RedisSetupError::Client)
 }
 
 /// Why a Redis client or pool could not be set up from the settings.
@@ -79,15 +288,15 @@ pub fn pool(url: &str, tls: &TlsSettings, timeout: Duration) -> Result<Pool, Red
 /// calls; clones share it.
 #[derive(Clone)]
 pub struct RedisConn {
-    pool: Pool,
-    kept: Arc<Mutex<Option<MultiplexedConnection>>>,
+    pool: RedisPool,
+    kept: Arc<Mutex<Option<RedisConnection>>>,
 }
 
 impl RedisConn {
     /// A handle on `pool`, with no connection kept yet.
-    pub fn new(pool: Pool) -> Self {
+    pub fn new(pool: impl Into<RedisPool>) -> Self {
         RedisConn {
-            pool,
+            pool: pool.into(),
             kept: Arc::default(),
         }
     }
@@ -101,11 +310,11 @@ impl RedisConn {
 
     /// The kept connection, checked out of the pool when there is none.
     /// Pass the result of each call on it to [`watch`](Self::watch).
-    pub async fn get(&self) -> Result<MultiplexedConnection, deadpool_redis::PoolError> {
+    pub async fn get(&self) -> Result<RedisConnection, deadpool_redis::PoolError> {
         if let Some(con) = self.lock().as_ref() {
             return Ok(con.clone());
         }
-        let con = deadpool_redis::Connection::take(self.pool.get().await?);
+        let con = self.pool.get().await?;
         *self.lock() = Some(con.clone());
         Ok(con)
     }
@@ -124,7 +333,12 @@ impl RedisConn {
     }
 
     /// Holds only a connection handle; a poisoned lock is still usable.
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+    /// The pool (or cluster) behind this handle.
+    pub fn pool(&self) -> &RedisPool {
+        &self.pool
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<RedisConnection>> {
         self.kept.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -149,6 +363,9 @@ pub fn check_redis_url(url: &str) -> Result<(), String> {
             "`#insecure` (no certificate check) is not supported: trust the server's CA with KAIROS_TLS_CA_FILE"
                 .into(),
         );
+    }
+    if let Some(nodes) = cluster_nodes(url) {
+        return nodes.map(|_| ());
     }
     redis::Client::open(url)
         .map(|_| ())
@@ -202,5 +419,26 @@ mod tests {
         assert!(check_redis_url("nope://x").is_err());
         let err = check_redis_url("rediss://h:6380/#insecure").unwrap_err();
         assert!(err.contains("KAIROS_TLS_CA_FILE"), "{err}");
+    }
+
+    #[test]
+    fn cluster_urls_list_their_nodes() {
+        let nodes = cluster_nodes("redis+cluster://u:secret@a:7001,b:7002").unwrap();
+        assert_eq!(
+            nodes.unwrap(),
+            ["redis://u:secret@a:7001", "redis://u:secret@b:7002"]
+        );
+        let nodes = cluster_nodes("rediss+cluster://a:7001/").unwrap().unwrap();
+        assert_eq!(nodes, ["rediss://a:7001"]);
+        assert!(cluster_nodes("redis://a:6379").is_none());
+        assert!(check_redis_url("redis+cluster://a:7001,b:7002").is_ok());
+        for bad in [
+            "redis+cluster://u:secret@a:7001,,b:7002",
+            "redis+cluster://u:secret@a:7001/3",
+            "redis+cluster://u:secret@a:notaport",
+        ] {
+            let err = check_redis_url(bad).unwrap_err();
+            assert!(!err.contains("secret"), "{err}");
+        }
     }
 }

@@ -223,6 +223,144 @@ impl Drop for OwnRedis {
     }
 }
 
+/// How long a private Redis Cluster may take to agree on its slots.
+const CLUSTER_BOOT: Duration = Duration::from_secs(60);
+
+/// A private Redis Cluster: `masters` masters with `replicas` replicas
+/// each, every node an [`OwnRedis`] with cluster mode on (its bus on a free
+/// port of its own), joined by `redis-cli --cluster create`. Killed and
+/// removed on drop.
+pub struct OwnRedisCluster {
+    /// Every node, the masters first.
+    pub nodes: Vec<OwnRedis>,
+}
+
+impl OwnRedisCluster {
+    /// Starts the nodes, creates the cluster and waits until every node
+    /// says `cluster_state:ok`.
+    pub fn start(masters: usize, replicas: usize) -> Self {
+        let nodes: Vec<OwnRedis> = (0..masters * (1 + replicas))
+            .map(|_| {
+                let bus = free_port().to_string();
+                OwnRedis::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus,
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--appendonly",
+                    "no",
+                ])
+            })
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        create
+            .arg("--cluster-replicas")
+            .arg(replicas.to_string())
+            .arg("--cluster-yes");
+        run_ok(
+            &mut create,
+            "redis-cli --cluster create",
+            "redis-cli must be installed",
+        );
+        let cluster = OwnRedisCluster { nodes };
+        let deadline = Instant::now() + CLUSTER_BOOT;
+        // The nodes learn the slots by gossip: poll each until it agrees.
+        for n in &cluster.nodes {
+            loop {
+                let out = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "cluster", "info"])
+                    .output()
+                    .expect("redis-cli");
+                if String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "own Redis Cluster not ok within {CLUSTER_BOOT:?}"
+                );
+                std::thread::sleep(PORT_POLL);
+            }
+        }
+        cluster
+    }
+
+    /// Runs `redis-cli ARGS` on every node (e.g. `SCRIPT FLUSH`).
+    pub fn on_every_node(&self, args: &[&str]) {
+        for n in &self.nodes {
+            run_ok(
+                Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string()])
+                    .args(args),
+                "redis-cli on a cluster node",
+                "redis-cli must be installed",
+            );
+        }
+    }
+
+    /// `redis-cli -p PORT ARGS` on one node: its output.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = run_ok(
+            Command::new("redis-cli")
+                .args(["-p", &port.to_string()])
+                .args(args),
+            "redis-cli on a cluster node",
+            "redis-cli must be installed",
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The index in [`nodes`](Self::nodes) of the first master, once all
+    /// its replicas have every write it took (`INFO replication` offsets).
+    pub fn replicated_master(&self, within: Duration) -> usize {
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| self.cli(n.port, &["ROLE"]).starts_with("master"))
+            .expect("a master");
+        let deadline = Instant::now() + within;
+        loop {
+            let info = self.cli(self.nodes[i].port, &["INFO", "replication"]);
+            let field = |name: &str| -> Vec<String> {
+                info.lines()
+                    .filter_map(|l| l.trim().strip_prefix(name).map(str::to_string))
+                    .collect()
+            };
+            let master = field("master_repl_offset:");
+            let replicas: Vec<String> = field("slave")
+                .into_iter()
+                .filter_map(|l| {
+                    l.split(',')
+                        .find_map(|kv| kv.strip_prefix("offset=").map(str::to_string))
+                })
+                .collect();
+            if !replicas.is_empty() && replicas.iter().all(|o| master.contains(o)) {
+                return i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replicas never caught up: {info}"
+            );
+            std::thread::sleep(PORT_POLL);
+        }
+    }
+
+    /// `redis+cluster://` with every node.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+}
+
 /// A private RabbitMQ node: its own node name, ports, home (Erlang cookie)
 /// and data directory, no plugins. Plain AMQP, for tests that make the
 /// broker misbehave (a memory alarm), or TLS only

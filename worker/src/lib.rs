@@ -250,7 +250,7 @@ fn start_control(
     names: &Names,
 ) -> Result<Arc<Control>, WorkerError> {
     let control = Control::new(&config.queues);
-    let pool = kairos_shared::redis::pool(
+    let pool = kairos_shared::redis::redis_pool(
         &config.redis_url,
         &config.common.tls,
         Duration::from_millis(config.redis_timeout_ms),

@@ -39,7 +39,7 @@ impl WorkerStatus {
     /// supervised under `work`, and the store. Registers the worker's
     /// queues in `NS:queues` in the background.
     pub(crate) fn start(config: &Config, work: &Supervisor) -> Result<Self, String> {
-        let pool = kairos_shared::redis::pool(
+        let pool = kairos_shared::redis::redis_pool(
             &config.redis_url,
             &config.common.tls,
             Duration::from_millis(config.redis_timeout_ms),

@@ -141,7 +141,7 @@ impl ControlApi {
                 .await
                 .map_err(|e| ControlError::Redis(e.to_string()))?;
             self.redis
-                .watch(pipe.query_async(&mut con).await)
+                .watch(con.query_pipe(pipe).await)
                 .map_err(|e| ControlError::Redis(e.to_string()))
         };
         tokio::time::timeout(CONTROL_TIMEOUT, query)

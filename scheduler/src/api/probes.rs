@@ -16,6 +16,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kairos_shared::amqp::{close_connection, connect_to, Broker};
+use kairos_shared::redis::RedisPool;
 use kairos_shared::supervise::Health;
 use lapin::Connection;
 use serde_json::{json, Value};
@@ -45,7 +46,7 @@ pub(crate) struct Probes {
 }
 
 struct Checks {
-    redis: deadpool_redis::Pool,
+    redis: RedisPool,
     broker: Broker,
     /// The connection RabbitMQ checks open their channel on; made again
     /// when it is gone.
@@ -81,7 +82,7 @@ impl Probes {
     /// The probe's RabbitMQ connection is closed when `stop` fires.
     pub(crate) fn new(
         health: Health,
-        redis: deadpool_redis::Pool,
+        redis: RedisPool,
         broker: Broker,
         stop: CancellationToken,
     ) -> Self {
@@ -205,7 +206,7 @@ impl Checks {
     async fn check_redis(&self) -> Result<(), String> {
         let mut conn = self.redis.get().await.map_err(|e| e.to_string())?;
         let pong: String = redis::cmd("PING")
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
         if pong == "PONG" {

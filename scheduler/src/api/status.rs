@@ -26,7 +26,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kairos_shared::contract::validate_id;
-use kairos_shared::redis::{shard_of, RedisConn};
+use kairos_shared::redis::{shard_of, RedisConn, RedisPool};
 use kairos_shared::status::{
     ListFilter, Page, ShardCount, StatusError, StatusKeys, StatusSettings, StatusStore, TaskState,
     TaskStatus,
@@ -56,7 +56,7 @@ impl StatusApi {
     /// The routes' state over `pool` in `namespace`, whose delay queue has
     /// `shards` shards.
     pub(crate) fn new(
-        pool: deadpool_redis::Pool,
+        pool: RedisPool,
         namespace: &str,
         shards: usize,
         settings: &StatusSettings,

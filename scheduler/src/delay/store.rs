@@ -46,7 +46,7 @@ use crate::redis_io::keys::{DelayShardKeys, Keys};
 use crate::redis_io::reply::{int, ReplyError};
 use crate::redis_io::scripts;
 use crate::shards::ShardSet;
-use deadpool_redis::Pool;
+use kairos_shared::redis::RedisPool;
 use redis::{RedisError, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -247,7 +247,7 @@ pub struct RedisDelayQueue {
 
 impl RedisDelayQueue {
     /// The queue of `namespace` over `shards` shards, on `pool`.
-    pub fn new(pool: Pool, namespace: &str, shards: usize) -> Self {
+    pub fn new(pool: impl Into<RedisPool>, namespace: &str, shards: usize) -> Self {
         // Names this queue's claims: every process (and every queue a test
         // makes) claims under its own.
         let claimer = format!("{:016x}", rand::random::<u64>());

@@ -189,10 +189,10 @@ pub(crate) async fn run<T: redis::FromRedisValue>(
         con.set_response_timeout(t);
     }
     let reply = async {
-        match pipe.query_async(&mut con).await {
+        match con.query_pipe(pipe).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
                 load_all(&mut con).await?;
-                pipe.query_async(&mut con).await
+                con.query_pipe(pipe).await
             }
             other => other,
         }

@@ -34,7 +34,7 @@ use crate::redis_io::schedule_calls::{
 use crate::redis_io::scripts;
 use crate::schedules::model::ScheduleSpec;
 use crate::shards::ShardSet;
-use deadpool_redis::Pool;
+use kairos_shared::redis::RedisPool;
 use redis::Value;
 use serde::Serialize;
 use std::sync::Arc;
@@ -167,7 +167,7 @@ pub struct View {
 impl ScheduleStore {
     /// The schedules of `namespace`, sharded like `queue`, whose
     /// occurrences go to `queue`.
-    pub fn new(pool: Pool, namespace: &str, queue: &RedisDelayQueue) -> Self {
+    pub fn new(pool: impl Into<RedisPool>, namespace: &str, queue: &RedisDelayQueue) -> Self {
         let keys = Keys::new(namespace);
         let shards = (0..queue.shard_count())
             .filter_map(|s| {

@@ -86,11 +86,11 @@ pub(super) async fn run<T: redis::FromRedisValue>(
 ) -> Result<T, StatusError> {
     let mut con = redis.get().await?;
     let reply = async {
-        match pipe.query_async(&mut con).await {
+        match con.query_pipe(pipe).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
                 MERGE.load_async(&mut con).await?;
                 CHECKPOINT.load_async(&mut con).await?;
-                pipe.query_async(&mut con).await
+                con.query_pipe(pipe).await
             }
             other => other,
         }
