@@ -628,13 +628,16 @@ async fn with_status_off_nothing_is_written() {
         .filter(|k| k.contains(":st{") || k.contains(":rate:"))
         .collect();
     assert!(status_keys.is_empty(), "{status_keys:?}");
-    let (_scheduler, api, _) = scheduler(&env, |c| c.status.status = false).await;
+    let (again, api, _) = scheduler(&env, |c| c.status.status = false).await;
     for id in [now, later] {
         assert_eq!(
             call(&api, "GET", format!("/v1/tasks/{id}")).await.status,
             404
         );
     }
+    // Stopped before the namespace is removed: a scheduler still running
+    // then would declare its queues again after the cleanup.
+    again.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
