@@ -294,17 +294,7 @@ async fn a_queue_declared_in_another_order_is_refused_with_the_way_out() {
     let mut penv = env.process_env();
     penv.push(("KAIROS_QUEUE_ORDER".into(), "default:fifo".into()));
     let mut worker = Proc::spawn_logged("kairos-worker", &penv, &log);
-    let deadline = tokio::time::Instant::now() + WITHIN;
-    // The log is a file the process appends to: read it until the line
-    // comes (there is no event to await).
-    while log_lines(&log, "KAIROS_QUEUE_ORDER") == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker did not report the queue's order: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_order_error(&log, "worker").await;
     worker.kill9();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let line = text
@@ -349,15 +339,7 @@ async fn a_scheduler_keeps_due_tasks_until_the_queue_is_redeclared() {
         b"",
     )
     .await;
-    let deadline = tokio::time::Instant::now() + WITHIN;
-    while log_lines(&log, "KAIROS_QUEUE_ORDER") == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the scheduler did not report the queue's order: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_order_error(&log, "scheduler").await;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let line = text
         .lines()
@@ -388,4 +370,19 @@ async fn a_scheduler_keeps_due_tasks_until_the_queue_is_redeclared() {
         .expect("the queue is fifo now");
     scheduler.kill9();
     let _ = std::fs::remove_file(&log);
+}
+
+/// Waits until the process logging to `log` names `KAIROS_QUEUE_ORDER`. The
+/// log is a file the process appends to: it is read until the line comes
+/// (there is no event to await).
+async fn wait_for_order_error(log: &std::path::Path, who: &str) {
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while log_lines(log, "KAIROS_QUEUE_ORDER") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the {who} did not report the queue's order: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
