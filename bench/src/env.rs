@@ -44,7 +44,8 @@ impl BenchEnv {
         // `KAIROS_QUEUE_ORDER=default:fifo` measures a fifo queue; the
         // Rust client reads the same variable.
         let orders = kairos_shared::order::QueueOrders::from_env().map_err(anyhow::Error::msg)?;
-        let names = Names::new(&ns).with_orders(orders);
+        let mode = kairos_shared::queue_mode::from_env().map_err(anyhow::Error::msg)?;
+        let names = Names::new(&ns).with_orders(orders).with_mode(mode);
         let conn = kairos_shared::amqp::connect(amqp_url, "kairos-bench")
             .await
             .with_context(|| format!("RabbitMQ at {amqp_url} (scripts/services.sh starts it)"))?;

@@ -280,8 +280,8 @@ impl Client {
     /// certificate.
     ///
     /// Each queue's order comes from `KAIROS_QUEUE_ORDER` in the
-    /// environment, as the scheduler's and workers' do (a bad value fails
-    /// here, naming it); [`connect_with`](Self::connect_with) takes the
+    /// environment and the kind of queue from `KAIROS_QUEUE_MODE`, as the
+    /// scheduler's and workers' do (a bad value fails here, naming it); [`connect_with`](Self::connect_with) takes the
     /// orders from the caller instead.
     pub async fn connect(amqp_url: &str, namespace: &str) -> Result<Self, ClientError> {
         Self::connect_to(&crate::amqp::Broker::plain(amqp_url), namespace).await
@@ -293,7 +293,12 @@ impl Client {
         namespace: &str,
     ) -> Result<Self, ClientError> {
         let orders = crate::order::QueueOrders::from_env().map_err(ClientError::Setting)?;
-        Self::connect_with(broker, Names::new(namespace).with_orders(orders)).await
+        let mode = crate::queue_mode::from_env().map_err(ClientError::Setting)?;
+        Self::connect_with(
+            broker,
+            Names::new(namespace).with_orders(orders).with_mode(mode),
+        )
+        .await
     }
 
     /// [`connect_to`](Self::connect_to) with the namespace and each queue's

@@ -43,6 +43,12 @@ pub struct CommonConfig {
     #[arg(long, env = "KAIROS_QUEUE_ORDER", value_name = "KAIROS_QUEUE_ORDER", default_value = "", hide_default_value = true, value_parser = parse_queue_orders)]
     pub queue_order: crate::order::QueueOrders,
 
+    /// The kind of queue declared: `classic` (the default) or `quorum`
+    /// (replicated, priorities by band; docs/CLUSTERS.md). Every process
+    /// and client of the namespace must be given the same value.
+    #[arg(long, env = "KAIROS_QUEUE_MODE", value_name = "KAIROS_QUEUE_MODE", default_value = "classic", value_parser = parse_queue_mode)]
+    pub queue_mode: crate::queue_mode::QueueMode,
+
     /// Publish lifecycle events to `NS.events` (true/false).
     #[arg(long, env = "KAIROS_EVENTS", value_name = "KAIROS_EVENTS", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub events: bool,
@@ -72,6 +78,7 @@ impl CommonConfig {
             amqp_url_file: None,
             namespace: namespace.to_string(),
             queue_order: Default::default(),
+            queue_mode: Default::default(),
             events: false,
             metrics_addr: None,
             tls: Default::default(),
@@ -88,7 +95,9 @@ impl CommonConfig {
     /// The AMQP names and key prefix of this process's namespace, with
     /// each queue's order.
     pub fn names(&self) -> crate::contract::Names {
-        crate::contract::Names::new(&self.namespace).with_orders(self.queue_order.clone())
+        crate::contract::Names::new(&self.namespace)
+            .with_orders(self.queue_order.clone())
+            .with_mode(self.queue_mode)
     }
 
     /// Checks the namespace again: parsing checked `KAIROS_NAMESPACE`, but
@@ -150,6 +159,11 @@ pub fn parse_namespace(ns: &str) -> Result<String, String> {
 
 /// `KAIROS_QUEUE_ORDER` as clap parses it ([`crate::order::QueueOrders`]).
 pub fn parse_queue_orders(value: &str) -> Result<crate::order::QueueOrders, String> {
+    value.parse()
+}
+
+/// `KAIROS_QUEUE_MODE` as clap parses it ([`crate::queue_mode::QueueMode`]).
+pub fn parse_queue_mode(value: &str) -> Result<crate::queue_mode::QueueMode, String> {
     value.parse()
 }
 

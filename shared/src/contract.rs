@@ -118,6 +118,7 @@ pub fn validate_queue(queue: &str) -> Result<(), String> {
 pub struct Names {
     ns: String,
     orders: std::sync::Arc<crate::order::QueueOrders>,
+    mode: crate::queue_mode::QueueMode,
 }
 
 impl Names {
@@ -127,7 +128,61 @@ impl Names {
         Self {
             ns: namespace.into(),
             orders: Default::default(),
+            mode: Default::default(),
         }
+    }
+
+    /// The same names with queues of `mode` (`KAIROS_QUEUE_MODE`).
+    pub fn with_mode(mut self, mode: crate::queue_mode::QueueMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The kind of queue declared: classic or quorum.
+    pub fn mode(&self) -> crate::queue_mode::QueueMode {
+        self.mode
+    }
+
+    /// The priority bands of logical queue `logical`, highest first: the
+    /// three bands in quorum mode when its order has priorities, else only
+    /// [`Band::LOW`](crate::queue_mode::Band::LOW), the queue itself.
+    pub fn bands(&self, logical: &str) -> &'static [crate::queue_mode::Band] {
+        use crate::queue_mode::{Band, QueueMode};
+        if self.mode == QueueMode::Quorum && self.orders.of(logical).has_priorities() {
+            &Band::HIGHEST_FIRST
+        } else {
+            &[Band::LOW]
+        }
+    }
+
+    /// The queue of one band of `logical` for AMQP: `NS.q.QUEUE` for the
+    /// low band, `NS.q.QUEUE.p4` and `NS.q.QUEUE.p7` for the others.
+    pub fn band_queue(
+        &self,
+        logical: &str,
+        band: crate::queue_mode::Band,
+    ) -> Result<ShortString, ProtocolError> {
+        self.queue_name(logical)?;
+        short(
+            "queue name",
+            &format!("{}{}", self.queue(logical), band.suffix()),
+        )
+        .map_err(|e| ProtocolError::BadQueue(e.to_string()))
+    }
+
+    /// The routing key on `NS.tasks` of a task of `logical` with
+    /// `priority`: the logical name, with the band's suffix in quorum mode
+    /// (`QUEUE.p7` for priorities 7 to 9) when the queue has bands.
+    pub fn route(&self, logical: &str, priority: u8) -> Result<ShortString, ProtocolError> {
+        use crate::queue_mode::Band;
+        self.queue_name(logical)?;
+        let band = if self.bands(logical).len() > 1 {
+            Band::of_priority(priority)
+        } else {
+            Band::LOW
+        };
+        short("routing key", &format!("{logical}{}", band.suffix()))
+            .map_err(|e| ProtocolError::BadQueue(e.to_string()))
     }
 
     /// The same names with each queue's order as `orders` says.
@@ -182,6 +237,16 @@ impl Names {
     /// [`validate_queue`] (or the namespace was never checked).
     pub fn queue_name(&self, logical: &str) -> Result<ShortString, ProtocolError> {
         validate_queue(logical).map_err(ProtocolError::BadQueue)?;
+        if self.mode == crate::queue_mode::QueueMode::Quorum
+            && crate::queue_mode::is_band_name(logical)
+        {
+            return Err(ProtocolError::BadQueue(format!(
+                "queue name {:?} ends like a priority band's (.p4, .p7), which {} quorum \
+                 reserves",
+                crate::short::preview(logical),
+                crate::queue_mode::SETTING
+            )));
+        }
         short("queue name", &self.queue(logical))
             .map_err(|e| ProtocolError::BadQueue(e.to_string()))
     }
@@ -779,6 +844,53 @@ mod tests {
         let unchecked = Names::new("n".repeat(300));
         assert_eq!(unchecked.short_dead().as_str(), "");
         assert!(unchecked.queue_name("q").is_err());
+        // The longest name's highest band still fits in quorum mode.
+        let quorum = Names::new(ns.as_str()).with_mode(crate::queue_mode::QueueMode::Quorum);
+        let high = quorum
+            .band_queue(&q, crate::queue_mode::Band::HIGH)
+            .unwrap();
+        assert!(high.as_str().ends_with(".p7") && high.as_str().len() <= 255);
+    }
+
+    #[test]
+    fn quorum_names_route_by_band() {
+        use crate::queue_mode::{Band, QueueMode};
+        let classic = Names::new("kx");
+        assert_eq!(classic.bands("emails"), &[Band::LOW]);
+        assert_eq!(classic.route("emails", 9).unwrap().as_str(), "emails");
+        assert!(classic.queue_name("emails.p7").is_ok());
+        let quorum = Names::new("kx")
+            .with_orders("plain:fifo".parse().unwrap())
+            .with_mode(QueueMode::Quorum);
+        assert_eq!(quorum.bands("emails"), &Band::HIGHEST_FIRST);
+        assert_eq!(quorum.bands("plain"), &[Band::LOW]);
+        let keys: Vec<String> = [0, 3, 4, 6, 7, 9]
+            .iter()
+            .map(|p| quorum.route("emails", *p).unwrap().to_string())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "emails",
+                "emails",
+                "emails.p4",
+                "emails.p4",
+                "emails.p7",
+                "emails.p7"
+            ]
+        );
+        assert_eq!(quorum.route("plain", 9).unwrap().as_str(), "plain");
+        assert_eq!(
+            quorum.band_queue("emails", Band::MIDDLE).unwrap().as_str(),
+            "kx.q.emails.p4"
+        );
+        assert_eq!(
+            quorum.band_queue("emails", Band::LOW).unwrap().as_str(),
+            "kx.q.emails"
+        );
+        let err = quorum.queue_name("emails.p7").unwrap_err().to_string();
+        assert!(err.contains("KAIROS_QUEUE_MODE"), "{err}");
+        assert!(quorum.route("x.p4", 0).is_err());
     }
 
     #[test]

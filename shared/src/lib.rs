@@ -44,6 +44,7 @@ pub mod events;
 pub mod limits;
 pub mod metrics;
 pub mod order;
+pub mod queue_mode;
 pub mod record;
 pub mod redis;
 pub mod redis_slots;

@@ -5,6 +5,7 @@
 //! still has a queue to wait in.
 
 use crate::contract::{text, Names, MAX_PRIORITY};
+use crate::queue_mode::QueueMode;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
@@ -39,7 +40,7 @@ pub async fn declare_base(channel: &Channel, names: &Names) -> lapin::Result<()>
             .queue_declare(
                 name.clone(),
                 QueueDeclareOptions::durable(),
-                FieldTable::default(),
+                base_queue_arguments(names, name.as_str()),
             )
             .await?;
         channel
@@ -56,19 +57,62 @@ pub async fn declare_base(channel: &Channel, names: &Names) -> lapin::Result<()>
 }
 
 /// The arguments of task queue `logical`, exactly as the contract states
-/// them for the queue's order ([`Names::orders`]): `x-max-priority` 9
-/// unless the order is `fifo`, and the dead-letter exchange. Integers go
-/// out as signed 32-bit, the type pika and most clients use, so a queue
-/// another client declared first is equivalent.
+/// them for the queue's order ([`Names::orders`]) and mode
+/// ([`Names::mode`]).
+///
+/// - classic: `x-max-priority` 9 unless the order is `fifo`, and the
+///   dead-letter exchange;
+/// - quorum (every band alike): `x-queue-type` quorum, `x-delivery-limit`,
+///   the dead-letter exchange, and at-least-once dead-lettering (which
+///   RabbitMQ allows only with `x-overflow` reject-publish): a rejected
+///   task stays in its queue until `NS.retry` has it.
+///
+/// Integers go out as signed 32-bit, the type pika and most clients use,
+/// so a queue another client declared first is equivalent.
 pub(crate) fn task_queue_arguments(names: &Names, logical: &str) -> FieldTable {
     let mut args = FieldTable::default();
-    if names.orders().of(logical).has_priorities() {
-        args.insert(
-            "x-max-priority".into(),
-            AMQPValue::LongInt(i32::from(MAX_PRIORITY)),
-        );
+    match names.mode() {
+        QueueMode::Classic => {
+            if names.orders().of(logical).has_priorities() {
+                args.insert(
+                    "x-max-priority".into(),
+                    AMQPValue::LongInt(i32::from(MAX_PRIORITY)),
+                );
+            }
+        }
+        QueueMode::Quorum => quorum_arguments(&mut args),
     }
     args.insert("x-dead-letter-exchange".into(), text(&names.retry()));
+    args
+}
+
+/// The arguments every quorum queue Kairos declares carries; the caller
+/// adds its dead-letter exchange.
+fn quorum_arguments(args: &mut FieldTable) {
+    args.insert("x-queue-type".into(), text("quorum"));
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(crate::queue_mode::DELIVERY_LIMIT),
+    );
+    args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    args.insert("x-overflow".into(), text("reject-publish"));
+}
+
+/// The arguments of the scheduler's intake queues (`NS.delay`, `NS.retry`)
+/// and of `NS.dead`: none in classic mode; in quorum mode a quorum queue,
+/// and for the intake queues a delivery limit whose dead letters go to
+/// `NS.dead`, so a message that kills the scheduler every time it is read
+/// ends there instead of looping.
+pub(crate) fn base_queue_arguments(names: &Names, queue: &str) -> FieldTable {
+    let mut args = FieldTable::default();
+    if names.mode() == QueueMode::Quorum {
+        if queue == names.dead() {
+            args.insert("x-queue-type".into(), text("quorum"));
+        } else {
+            quorum_arguments(&mut args);
+            args.insert("x-dead-letter-exchange".into(), text(&names.dead()));
+        }
+    }
     args
 }
 
@@ -94,18 +138,23 @@ pub enum DeclareError {
 /// (`KAIROS_QUEUE_ORDER`) declares: what the operator sees, and the way out.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error(
-    "queue {queue} exists with other arguments than order {order:?} ({setting}) declares \
-     (the broker says: {detail}); either set {setting} to the queue's present order \
-     (the same in every scheduler, worker and client), or stop its publishers, drain the \
-     queue, delete it (rabbitmqctl delete_queue {queue}) and start again to declare it anew",
+    "queue {queue} exists with other arguments than order {order:?} ({setting}) in mode \
+     {mode:?} ({mode_setting}) declare (the broker says: {detail}); either set {setting} and \
+     {mode_setting} to the queue's present order and mode (the same in every scheduler, \
+     worker and client), or stop its publishers, drain the queue, delete it (rabbitmqctl \
+     delete_queue {queue}) and start again to declare it anew",
     setting = crate::order::SETTING,
-    order = order.as_str()
+    mode_setting = crate::queue_mode::SETTING,
+    order = order.as_str(),
+    mode = mode.as_str()
 )]
 pub struct QueueMismatch {
     /// `NS.q.QUEUE`.
     pub queue: String,
     /// The order the settings give the queue.
     pub order: crate::order::QueueOrder,
+    /// The mode the settings give the queue.
+    pub mode: QueueMode,
     /// The broker's reply text.
     pub detail: String,
     /// The error as lapin reported it (the channel is closed).
@@ -142,43 +191,48 @@ fn inequivalent(err: &lapin::Error) -> Option<String> {
 /// The AMQP reply code of a declare whose arguments differ from the queue's.
 const PRECONDITION_FAILED: u16 = 406;
 
-/// `NS.q.QUEUE`, bound to `NS.tasks` with key `QUEUE`.
+/// `NS.q.QUEUE`, bound to `NS.tasks` with key `QUEUE`; in quorum mode with
+/// priority bands, also `NS.q.QUEUE.p4` and `NS.q.QUEUE.p7`, bound with keys
+/// `QUEUE.p4` and `QUEUE.p7` ([`Names::bands`]).
 pub async fn declare_task_queue(
     channel: &Channel,
     names: &Names,
     logical: &str,
 ) -> Result<(), DeclareError> {
-    let queue = names.queue_name(logical)?;
-    // `queue` checked the logical name is at most 200 bytes.
-    let key = crate::short::short("routing key", logical)
-        .map_err(|e| crate::contract::ProtocolError::BadQueue(e.to_string()))?;
-    let declared = channel
-        .queue_declare(
-            queue.clone(),
-            QueueDeclareOptions::durable(),
-            task_queue_arguments(names, logical),
-        )
-        .await;
-    if let Err(source) = declared {
-        return Err(match inequivalent(&source) {
-            Some(detail) => DeclareError::Inequivalent(Box::new(QueueMismatch {
-                queue: queue.to_string(),
-                order: names.orders().of(logical),
-                detail,
-                source,
-            })),
-            None => DeclareError::Amqp(source),
-        });
+    for band in names.bands(logical) {
+        let queue = names.band_queue(logical, *band)?;
+        // `band_queue` checked the logical name is at most 200 bytes.
+        let key = crate::short::short("routing key", &format!("{logical}{}", band.suffix()))
+            .map_err(|e| crate::contract::ProtocolError::BadQueue(e.to_string()))?;
+        let declared = channel
+            .queue_declare(
+                queue.clone(),
+                QueueDeclareOptions::durable(),
+                task_queue_arguments(names, logical),
+            )
+            .await;
+        if let Err(source) = declared {
+            return Err(match inequivalent(&source) {
+                Some(detail) => DeclareError::Inequivalent(Box::new(QueueMismatch {
+                    queue: queue.to_string(),
+                    order: names.orders().of(logical),
+                    mode: names.mode(),
+                    detail,
+                    source,
+                })),
+                None => DeclareError::Amqp(source),
+            });
+        }
+        channel
+            .queue_bind(
+                queue,
+                names.short_tasks_exchange(),
+                key,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
     }
-    channel
-        .queue_bind(
-            queue,
-            names.short_tasks_exchange(),
-            key,
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
     Ok(())
 }
 
