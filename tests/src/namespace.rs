@@ -6,6 +6,7 @@
 use crate::servers::{AMQP_URL, REDIS_URL};
 use kairos_shared::config::Concurrency;
 use kairos_shared::contract::Names;
+use kairos_shared::queue_mode::QueueMode;
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection};
 use std::sync::{Arc, Mutex};
@@ -48,22 +49,31 @@ impl TestEnv {
     /// As [`new`](Self::new), on the broker at `amqp_url` (an
     /// [`OwnRabbit`](crate::OwnRabbit)); Redis is the shared one.
     pub async fn on_broker(prefix: &str, amqp_url: &str) -> Self {
-        let ns = format!(
+        Self::named_on_broker(Self::fresh_namespace(prefix), amqp_url, test_queue_mode()).await
+    }
+
+    /// As [`new`](Self::new), with queues of `mode` whatever
+    /// `KAIROS_TEST_QUEUE_MODE` says (quorum queues work on one node too).
+    pub async fn with_mode(prefix: &str, mode: QueueMode) -> Self {
+        Self::named_on_broker(Self::fresh_namespace(prefix), AMQP_URL, mode).await
+    }
+
+    fn fresh_namespace(prefix: &str) -> String {
+        format!(
             "kt-{prefix}-{}",
             &uuid::Uuid::now_v7().simple().to_string()[NS_SUFFIX_START..]
-        );
-        Self::named_on_broker(ns, amqp_url).await
+        )
     }
 
     /// This test's namespace on another broker (the nodes a process fails
     /// over between), cleaned up there too.
     pub async fn same_namespace_on(&self, amqp_url: &str) -> Self {
-        Self::named_on_broker(self.ns.clone(), amqp_url).await
+        Self::named_on_broker(self.ns.clone(), amqp_url, self.names.mode()).await
     }
 
-    async fn named_on_broker(ns: String, amqp_url: &str) -> Self {
+    async fn named_on_broker(ns: String, amqp_url: &str, mode: QueueMode) -> Self {
         crate::init_logging();
-        let names = Names::new(&ns);
+        let names = Names::new(&ns).with_mode(mode);
         let conn = kairos_shared::amqp::connect(amqp_url, "kairos-test")
             .await
             .expect("RabbitMQ must run at 127.0.0.1:5672 (scripts/services.sh starts it)");
@@ -93,15 +103,16 @@ impl TestEnv {
         env
     }
 
-    /// Declares `NS.q.QUEUE` and remembers it for cleanup.
+    /// Declares `NS.q.QUEUE` (every band of it in quorum mode) and
+    /// remembers it for cleanup.
     pub async fn declare_queue(&self, logical: &str) {
         kairos_shared::topology::declare_task_queue(&self.channel, &self.names, logical)
             .await
             .expect("declare task queue");
-        self.queues
-            .lock()
-            .expect("lock")
-            .push(self.names.queue(logical));
+        let mut queues = self.queues.lock().expect("lock");
+        for band in self.names.bands(logical) {
+            queues.push(format!("{}{}", self.names.queue(logical), band.suffix()));
+        }
     }
 
     /// Scheduler settings for this namespace: events on, quick retries,
@@ -109,6 +120,7 @@ impl TestEnv {
     pub fn scheduler_config(&self) -> SchedulerConfig {
         let mut c = SchedulerConfig::for_namespace(&self.ns);
         c.common.amqp_url = self.amqp_url.clone();
+        c.common.queue_mode = self.names.mode();
         c.common.events = true;
         c.retry_base_ms = TEST_RETRY_BASE_MS;
         // Many schedulers share a test process: each takes a free port.
@@ -120,6 +132,7 @@ impl TestEnv {
     pub fn worker_config(&self) -> WorkerConfig {
         let mut c = WorkerConfig::for_namespace(&self.ns);
         c.common.amqp_url = self.amqp_url.clone();
+        c.common.queue_mode = self.names.mode();
         c.common.events = true;
         c.concurrency = TEST_CONCURRENCY;
         c
@@ -132,6 +145,7 @@ impl TestEnv {
             ("KAIROS_AMQP_URL".into(), self.amqp_url.clone()),
             ("KAIROS_REDIS_URL".into(), REDIS_URL.into()),
             ("KAIROS_EVENTS".into(), "true".into()),
+            ("KAIROS_QUEUE_MODE".into(), self.names.mode().to_string()),
             (
                 "KAIROS_RETRY_BASE_MS".into(),
                 TEST_RETRY_BASE_MS.to_string(),
@@ -142,6 +156,18 @@ impl TestEnv {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             ),
         ]
+    }
+}
+
+/// The queue mode of tests that do not choose one: `KAIROS_TEST_QUEUE_MODE`
+/// (`classic` or `quorum`), classic when unset, so the whole suite can run
+/// on quorum queues.
+pub fn test_queue_mode() -> QueueMode {
+    match std::env::var("KAIROS_TEST_QUEUE_MODE") {
+        Ok(mode) => mode
+            .parse()
+            .unwrap_or_else(|e| panic!("KAIROS_TEST_QUEUE_MODE: {e}")),
+        Err(_) => QueueMode::Classic,
     }
 }
 
