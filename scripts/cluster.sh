@@ -19,6 +19,8 @@
 # share. `down` kills only the processes whose pid files are there.
 # Ports: AMQP 5681-5683 (KAIROS_CLUSTER_AMQP_BASE=5680), Erlang
 # distribution 25681-25683, Redis 7001-7006 (KAIROS_CLUSTER_REDIS_BASE=7000).
+# RabbitMQ node names are NAME1..NAME3@localhost (KAIROS_CLUSTER_NAME=kairos):
+# two clusters on one host need different names, ports and directories.
 set -euo pipefail
 
 DIR="${KAIROS_CLUSTER_DIR:-/tmp/kairos-cluster}"
@@ -27,13 +29,14 @@ DIST_BASE=$((AMQP_BASE + 20000))
 REDIS_BASE="${KAIROS_CLUSTER_REDIS_BASE:-7000}"
 RABBIT_BIN=/usr/lib/rabbitmq/bin
 HOST=localhost
+NAME="${KAIROS_CLUSTER_NAME:-kairos}"
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-node_name() { echo "kairos$1@$HOST"; }
+node_name() { echo "$NAME$1@$HOST"; }
 
 # The environment one RabbitMQ node (and rabbitmqctl talking to it) runs in:
 # its own env file (not /etc/rabbitmq's), config, data and cookie.
