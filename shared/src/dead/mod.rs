@@ -319,12 +319,19 @@ async fn replay_one(
             "cannot replay: no task name (type); it would only fail again".into(),
         ));
     }
-    let queue = origin_queue(m);
+    // A letter RabbitMQ dead-lettered from a band queue (no
+    // `x-origin-queue`) carries the band's key: back to its logical queue.
+    let queue = names.logical_of_key(&origin_queue(m)).to_string();
     // The origin queue comes from a header anyone can write: it must
     // make a queue name and a routing key before anything is sent.
+    // In quorum mode the letter goes back to the band of its priority, as
+    // its first publish did (a shortest-first publisher already put the
+    // computed priority in the message).
+    let priority = m.delivery.properties.priority().unwrap_or(0);
     let key = match names
         .queue_name(&queue)
         .and_then(|_| short("x-origin-queue", &queue).map_err(|e| BadQueue(e.to_string())))
+        .and_then(|_| names.route(&queue, priority))
     {
         Ok(key) => key,
         Err(err) => return Ok(Err(format!("cannot replay: {err}"))),
