@@ -622,9 +622,11 @@ const DELIVERY_LIMIT_REASON: &str = "delivery_limit";
 
 /// The `x-error` of a task given up by its quorum queue.
 fn delivery_limit_error() -> String {
+    // RabbitMQ 3.10 gives up once the returns exceed the limit: the last
+    // delivery carries `x-delivery-count` 20, so it was delivered 21 times.
     format!(
-        "delivered {} times without an ack (x-delivery-limit): its worker died, lost its \
-         connection or returned it each time",
+        "delivered more than {} times without an ack (x-delivery-limit): its worker died, \
+         lost its connection or returned it each time",
         kairos_shared::queue_mode::DELIVERY_LIMIT
     )
 }

@@ -124,13 +124,20 @@ pub struct DeadCounts {
     pub complete: bool,
 }
 
+/// The header a quorum queue adds to a redelivered message: a replayed
+/// task starts its count again, and a stale one would mislead a consumer
+/// that reads it.
+const X_DELIVERY_COUNT: &str = "x-delivery-count";
+
 /// The properties of a replayed task: as it died, minus the dead-letter
-/// headers and the attempt count.
+/// headers, the attempt count and a quorum queue's delivery count.
 pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
     let mut kept = FieldTable::default();
     if let Some(headers) = props.headers() {
         for (k, v) in headers.inner() {
-            if ![H_ERROR, H_FAILED_AT, H_ORIGIN_QUEUE, H_ATTEMPT, "x-death"].contains(&k.as_str()) {
+            if ![H_ERROR, H_FAILED_AT, H_ORIGIN_QUEUE, H_ATTEMPT, "x-death", X_DELIVERY_COUNT]
+                .contains(&k.as_str())
+            {
                 kept.insert(k.clone(), v.clone());
             }
         }
