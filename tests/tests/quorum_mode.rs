@@ -493,3 +493,48 @@ async fn a_delayed_task_and_a_retry_run_end_to_end() {
     worker.stop().await;
     scheduler.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_scans_keep_a_quorum_dead_queue_in_order() {
+    let env = quorum_env("qm-scan").await;
+    let mut sc = env.scheduler_config();
+    let addr = free_addr();
+    sc.http_addr = addr;
+    let scheduler = InProcess::scheduler(sc);
+    let api = ScheduleApi::new(addr);
+    api.wait_ready(WITHIN).await;
+    const N: usize = 30;
+    let letters = batch(N, |i| {
+        task_props("kairos.noop", &format!("l-{i:02}")).with_priority(if i % 2 == 0 {
+            0
+        } else {
+            9
+        })
+    });
+    env.publish_many(&env.names.dead(), letters).await;
+    env.wait_dead_depth(N as u32, WITHIN).await;
+    let ids = |body: &Value| -> Vec<String> {
+        body["dead"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|l| l["id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let published: Vec<String> = (0..N).map(|i| format!("l-{i:02}")).collect();
+    for round in 0..3 {
+        let listed = api.call(|a| a.dead_list(100)).await;
+        assert_eq!(ids(&listed.body), published, "listing {round}");
+    }
+    // A replay from the middle (priority 9: the high band) keeps the rest
+    // in order.
+    let replayed = api.call(|a| a.dead_replay(&["l-15".to_string()])).await;
+    assert_eq!(replayed.body["replayed"], json!(["l-15"]), "{:?}", replayed.body);
+    wait_band_depths(&env, "default", [0, 0, 1]).await;
+    let listed = api.call(|a| a.dead_list(100)).await;
+    let rest: Vec<String> = published.iter().filter(|i| *i != "l-15").cloned().collect();
+    assert_eq!(ids(&listed.body), rest);
+    scheduler.stop().await;
+}
