@@ -256,7 +256,7 @@ async fn every_publisher_routes_a_priority_to_its_band() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_raw_publish_reaches_the_low_band_by_the_queue_name_and_a_high_band_by_its_key() {
+async fn raw_publishes_reach_the_low_band_by_the_queue_name_and_a_higher_band_by_its_key() {
     let env = quorum_env("qm-raw").await;
     let tasks = env.names.tasks_exchange();
     env.publish(&tasks, "default", task_props("kairos.noop", "raw-low"), b"")
@@ -271,6 +271,11 @@ async fn a_raw_publish_reaches_the_low_band_by_the_queue_name_and_a_high_band_by
     env.publish(&tasks, "default.p4", task_props("kairos.noop", "raw-mid"), b"")
         .await;
     wait_band_depths(&env, "default", [1, 1, 1]).await;
+    // The documented Python example (pika) publishes with key QUEUE: its
+    // priority-9 task reaches the low band.
+    let out = python_enqueue(&env, &["--name", "kairos.noop", "--priority", "9"]);
+    assert!(out["id"].as_str().is_some(), "{out}");
+    wait_band_depths(&env, "default", [2, 1, 1]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -528,6 +533,11 @@ async fn dead_letter_scans_keep_a_quorum_dead_queue_in_order() {
         let listed = api.call(|a| a.dead_list(100)).await;
         assert_eq!(ids(&listed.body), published, "listing {round}");
     }
+    // A listing that stops early puts the queue back as it was too.
+    let first = api.call(|a| a.dead_list(5)).await;
+    assert_eq!(ids(&first.body), published[..5]);
+    let listed = api.call(|a| a.dead_list(100)).await;
+    assert_eq!(ids(&listed.body), published, "after a short listing");
     // A replay from the middle (priority 9: the high band) keeps the rest
     // in order.
     let replayed = api.call(|a| a.dead_replay(&["l-15".to_string()])).await;
