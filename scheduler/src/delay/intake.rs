@@ -982,7 +982,10 @@ mod tests {
     #[tokio::test]
     async fn a_task_past_its_delivery_limit_is_dead_lettered_not_retried() {
         let mut entry = lapin::types::FieldTable::default();
-        entry.insert("reason".into(), kairos_shared::contract::text("delivery_limit"));
+        entry.insert(
+            "reason".into(),
+            kairos_shared::contract::text("delivery_limit"),
+        );
         let task = failed("a", 1, 5).header(
             "x-death",
             AMQPValue::FieldArray(vec![AMQPValue::FieldTable(entry)].into()),

@@ -124,7 +124,10 @@ pub(crate) fn queue_arguments(names: &Names) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongInt(MAX_BACKLOG));
     if names.mode() == kairos_shared::queue_mode::QueueMode::Quorum {
-        args.insert("x-queue-type".into(), kairos_shared::contract::text("quorum"));
+        args.insert(
+            "x-queue-type".into(),
+            kairos_shared::contract::text("quorum"),
+        );
         args.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongInt(kairos_shared::queue_mode::DELIVERY_LIMIT),
@@ -147,7 +150,7 @@ async fn consume(
         QueueDeclareOptions::durable(),
         queue_arguments(names),
     )
-        .await?;
+    .await?;
     for key in ["task.started", "task.succeeded", "task.failed", "task.dead"] {
         ch.queue_bind(
             queue.clone(),

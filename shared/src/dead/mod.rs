@@ -135,8 +135,15 @@ pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
     let mut kept = FieldTable::default();
     if let Some(headers) = props.headers() {
         for (k, v) in headers.inner() {
-            if ![H_ERROR, H_FAILED_AT, H_ORIGIN_QUEUE, H_ATTEMPT, "x-death", X_DELIVERY_COUNT]
-                .contains(&k.as_str())
+            if ![
+                H_ERROR,
+                H_FAILED_AT,
+                H_ORIGIN_QUEUE,
+                H_ATTEMPT,
+                "x-death",
+                X_DELIVERY_COUNT,
+            ]
+            .contains(&k.as_str())
             {
                 kept.insert(k.clone(), v.clone());
             }

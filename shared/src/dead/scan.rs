@@ -12,9 +12,7 @@
 use super::DeadError;
 use crate::contract::Names;
 use lapin::message::BasicGetMessage;
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
 use std::collections::{BTreeMap, VecDeque};
@@ -66,10 +64,6 @@ pub(super) struct Scan {
     pub(super) remaining: u32,
     /// The scan stopped at [`MAX_SCAN`] with letters left.
     pub(super) truncated: bool,
-    /// In quorum mode, the delivery tags of the letters taken and not
-    /// removed, to return them one by one in order (see [`Scan::finish`]);
-    /// None in classic mode, where closing the channel keeps the order.
-    held: Option<std::collections::BTreeSet<u64>>,
     _turn: tokio::sync::OwnedMutexGuard<()>,
 }
 
@@ -102,8 +96,6 @@ impl Scan {
             batch: 4,
             remaining: 0,
             truncated: false,
-            held: (names.mode() == crate::queue_mode::QueueMode::Quorum)
-                .then(std::collections::BTreeSet::new),
             _turn: turn,
         })
     }
@@ -143,9 +135,6 @@ impl Scan {
                 Some(m) => {
                     self.fetched += 1;
                     self.behind_fetched = m.message_count;
-                    if let Some(held) = &mut self.held {
-                        held.insert(m.delivery.delivery_tag);
-                    }
                     // One that came after the broker said "empty" is held
                     // and goes back with the rest, unread.
                     if !self.drained {
@@ -161,34 +150,6 @@ impl Scan {
         Ok(())
     }
 
-    /// Takes (and holds) the letters up to the end of the queue, at most
-    /// [`MAX_SCAN`] fetched in all, without reading them.
-    async fn take_the_rest(&mut self) -> Result<(), DeadError> {
-        while !self.drained && self.fetched < MAX_SCAN as u64 {
-            let n = READ_AHEAD.min(MAX_SCAN - usize::try_from(self.fetched).unwrap_or(MAX_SCAN));
-            let gets = (0..n.max(1)).map(|_| {
-                self.channel
-                    .basic_get(self.queue.clone(), BasicGetOptions { no_ack: false })
-            });
-            for got in futures_util::future::join_all(gets).await {
-                match got? {
-                    Some(m) => {
-                        self.fetched += 1;
-                        self.behind_fetched = m.message_count;
-                        if let Some(held) = &mut self.held {
-                            held.insert(m.delivery.delivery_tag);
-                        }
-                    }
-                    None => {
-                        self.drained = true;
-                        self.behind_fetched = 0;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Holds `m` until the end of the scan; it goes back in its place.
     pub(super) fn keep(&mut self, _m: &BasicGetMessage) {}
 
@@ -196,9 +157,6 @@ impl Scan {
     pub(super) async fn remove(&mut self, m: &BasicGetMessage) -> Result<(), DeadError> {
         m.delivery.acker.ack(BasicAckOptions::default()).await?;
         self.removed += 1;
-        if let Some(held) = &mut self.held {
-            held.remove(&m.delivery.delivery_tag);
-        }
         Ok(())
     }
 
@@ -209,41 +167,9 @@ impl Scan {
     /// Closing is what puts them back, not a `basic.nack`: RabbitMQ 3.10
     /// took 15 s to requeue 10 000 nacked letters, during which a scan
     /// saw a part of the queue, and 25 ms when their channel closed.
-    ///
-    /// A quorum queue does not. Measured on RabbitMQ 3.10: the letters a
-    /// closed channel held came back scrambled (30 letters as 0, 9, 10 ...
-    /// 18, 1, 19 ...), and letters returned one by one in order went behind
-    /// the letters nobody had taken. So in quorum mode a scan first takes
-    /// every letter up to the end of the queue (at most [`MAX_SCAN`] in
-    /// all), then returns each with its own `basic.nack` (requeue), in
-    /// delivery order: the queue is then as it was. A queue longer than
-    /// that is rotated: the letters taken go behind the rest (see
-    /// docs/RELIABILITY.md, quorum mode).
-    pub(super) async fn finish(mut self, conn: &Connection, ok: bool) -> Result<(), DeadError> {
-        if self.held.is_some() && !self.drained {
-            self.take_the_rest().await?;
-        }
+    pub(super) async fn finish(self, conn: &Connection, ok: bool) -> Result<(), DeadError> {
         let held = self.fetched - self.removed;
         let behind = self.behind_fetched;
-        if let Some(tags) = &self.held {
-            for tag in tags {
-                let returned = self
-                    .channel
-                    .basic_nack(
-                        *tag,
-                        BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        },
-                    )
-                    .await;
-                // A broken channel returns the rest itself (unordered):
-                // nothing is lost, and the caller hears of the failure.
-                if returned.is_err() {
-                    break;
-                }
-            }
-        }
         let _ = self.channel.close(200, "scanned".into()).await;
         if ok && held > 0 {
             wait_ready(conn, &self.queue, u64::from(behind) + held).await?;
