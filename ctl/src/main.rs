@@ -70,6 +70,12 @@ struct Cli {
     #[arg(long, env = "KAIROS_QUEUE_ORDER", value_name = "KAIROS_QUEUE_ORDER", default_value = "", hide_default_value = true, value_parser = kairos_shared::config::parse_queue_orders, global = true)]
     queue_order: kairos_shared::order::QueueOrders,
 
+    /// The namespace's queue mode, as the schedulers and workers are given
+    /// it (direct mode: `task add` routes by priority band in quorum mode,
+    /// `dead replay` too, and both declare queues of this kind).
+    #[arg(long, env = "KAIROS_QUEUE_MODE", value_name = "KAIROS_QUEUE_MODE", default_value = "classic", value_parser = kairos_shared::config::parse_queue_mode, global = true)]
+    queue_mode: kairos_shared::queue_mode::QueueMode,
+
     /// Redis of the delay queue and schedules (direct mode).
     #[arg(long, env = "KAIROS_REDIS_URL", value_name = "KAIROS_REDIS_URL", default_value = DEFAULT_REDIS_URL, value_parser = redis_url_parser(), hide_env_values = true, global = true)]
     redis_url: String,
@@ -444,6 +450,7 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
             config.redis_url = cli.redis_url.clone();
             config.common.amqp_url = cli.amqp_url.clone();
             config.common.queue_order = cli.queue_order.clone();
+            config.common.queue_mode = cli.queue_mode;
             config.common.tls = cli.tls.clone();
             config.shards = cli.shards;
             Api::connect_local(&config)?

@@ -39,6 +39,25 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> lapin::Result<u32> {
     Ok(declared.message_count())
 }
 
+/// Messages ready in logical queue `logical`: [`queue_depth`] of its
+/// `NS.q.QUEUE`, summed over its priority bands in quorum mode
+/// ([`Names::bands`]). An error when one of them does not exist.
+pub async fn logical_queue_depth(
+    channel: &Channel,
+    names: &Names,
+    logical: &str,
+) -> lapin::Result<u32> {
+    let mut total = 0u32;
+    for band in names.bands(logical) {
+        // A logical name that cannot make a queue has no messages.
+        let Ok(queue) = names.band_queue(logical, *band) else {
+            return Ok(0);
+        };
+        total = total.saturating_add(queue_depth(channel, queue.as_str()).await?);
+    }
+    Ok(total)
+}
+
 /// Declares a server-named queue, exclusive to `channel`'s connection and
 /// deleted with it, bound to `NS.events` for the events whose routing key
 /// matches `pattern` (e.g. [`ALL_TASK_EVENTS`]). Returns its name, to

@@ -366,7 +366,13 @@ impl Enqueuer {
     /// of a checked namespace ([`crate::contract::validate_namespace`]).
     pub async fn open(conn: &Connection, names: Names) -> Result<Self, ClientError> {
         let channel = conn.create_channel().await?;
-        topology::declare_base(&channel, &names).await?;
+        topology::declare_base_checked(&channel, &names)
+            .await
+            .map_err(|e| match e {
+                topology::BaseDeclareError::Amqp(e) => ClientError::Amqp(e),
+                // The settings' fault: the message names KAIROS_QUEUE_MODE.
+                e @ topology::BaseDeclareError::Mismatch(_) => ClientError::Setting(e.to_string()),
+            })?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
@@ -420,16 +426,22 @@ impl Enqueuer {
                 .ensure(&self.channel, &self.names, &task.queue)
                 .await?;
             ids.push(id);
-            messages.push((task, props));
+            messages.push((task, props, priority));
         }
         // All publishes are handed to lapin together: each resolves only
         // once lapin's I/O thread wrote it, so awaiting them one by one
         // would cost a thread hand-off per task.
         let mut keyed = Vec::with_capacity(messages.len());
-        for (task, props) in messages {
-            // `to_message` checked the queue name (at most 200 bytes).
-            let key =
-                short("queue", &task.queue).map_err(|e| ProtocolError::BadQueue(e.to_string()))?;
+        for (task, props, priority) in messages {
+            // A ready task goes to its priority's band (quorum mode); a
+            // delayed one to the fanout `NS.delay`, where the key only names
+            // its queue for the scheduler, which routes it when due.
+            let key = if task.is_delayed() {
+                // `to_message` checked the queue name (at most 200 bytes).
+                short("queue", &task.queue).map_err(|e| ProtocolError::BadQueue(e.to_string()))?
+            } else {
+                self.names.route(&task.queue, priority)?
+            };
             keyed.push((task, props, key));
         }
         let publishes = keyed.into_iter().map(|(task, props, key)| {

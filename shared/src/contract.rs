@@ -185,6 +185,23 @@ impl Names {
             .map_err(|e| ProtocolError::BadQueue(e.to_string()))
     }
 
+    /// The logical queue a routing key on `NS.tasks` reaches: in quorum
+    /// mode a band's key (`QUEUE.p7`) is its logical queue's (`QUEUE`);
+    /// otherwise the key itself. A message RabbitMQ dead-letters from a
+    /// band queue keeps the band's key, so whoever reads it back (the
+    /// retry intake, a replay) needs the logical name.
+    pub fn logical_of_key<'k>(&self, key: &'k str) -> &'k str {
+        use crate::queue_mode::{is_band_name, Band, QueueMode};
+        if self.mode != QueueMode::Quorum || !is_band_name(key) {
+            return key;
+        }
+        Band::HIGHEST_FIRST
+            .iter()
+            .filter(|b| !b.suffix().is_empty())
+            .find_map(|b| key.strip_suffix(b.suffix()))
+            .unwrap_or(key)
+    }
+
     /// The same names with each queue's order as `orders` says.
     pub fn with_orders(mut self, orders: crate::order::QueueOrders) -> Self {
         self.orders = std::sync::Arc::new(orders);
@@ -891,6 +908,12 @@ mod tests {
         let err = quorum.queue_name("emails.p7").unwrap_err().to_string();
         assert!(err.contains("KAIROS_QUEUE_MODE"), "{err}");
         assert!(quorum.route("x.p4", 0).is_err());
+        // A band's key leads back to its logical queue, in quorum mode only.
+        assert_eq!(quorum.logical_of_key("emails.p7"), "emails");
+        assert_eq!(quorum.logical_of_key("emails.p4"), "emails");
+        assert_eq!(quorum.logical_of_key("emails"), "emails");
+        assert_eq!(quorum.logical_of_key("emails.p5"), "emails.p5");
+        assert_eq!(classic.logical_of_key("emails.p7"), "emails.p7");
     }
 
     #[test]

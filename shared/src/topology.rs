@@ -19,7 +19,66 @@ fn durable_exchange() -> ExchangeDeclareOptions {
 
 /// Exchanges (`NS.control` among them), the dead-letter queue, and the
 /// scheduler's intake queues.
+///
+/// When a queue exists as the other kind (declared in the other
+/// `KAIROS_QUEUE_MODE`), the broker closes the channel with
+/// PRECONDITION_FAILED: this logs the [`ModeMismatch`] that says what to do
+/// and returns the broker's error, so every process (whose errors are
+/// AMQP errors) names the setting in its log. A caller that reports the
+/// error itself uses [`declare_base_checked`].
 pub async fn declare_base(channel: &Channel, names: &Names) -> lapin::Result<()> {
+    declare_base_checked(channel, names)
+        .await
+        .map_err(|e| match e {
+            BaseDeclareError::Amqp(e) => e,
+            BaseDeclareError::Mismatch(m) => {
+                tracing::error!(cause = %m, "cannot declare the namespace's queues");
+                m.source
+            }
+        })
+}
+
+/// Why [`declare_base_checked`] failed.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum BaseDeclareError {
+    /// The channel or its connection failed.
+    #[error("AMQP: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// An intake queue or `NS.dead` exists as the other kind of queue.
+    #[error("{0}")]
+    Mismatch(Box<ModeMismatch>),
+}
+
+/// `NS.delay`, `NS.retry` or `NS.dead` exists with other arguments than
+/// `KAIROS_QUEUE_MODE` declares: nearly always the namespace was started in
+/// the other mode (a classic queue cannot become a quorum queue in place).
+#[derive(Clone, Debug, thiserror::Error)]
+#[error(
+    "queue {queue} exists with other arguments than {setting}={mode} declares (the broker \
+     says: {detail}); the namespace's queues were declared in the other mode. Either set \
+     {setting} to the mode they were declared in (the same in every scheduler, worker and \
+     client), or move the namespace: stop every Kairos process, drain and delete its queues \
+     (rabbitmqctl delete_queue {queue}, and the other NS.* queues) and start again",
+    setting = crate::queue_mode::SETTING,
+    mode = mode.as_str()
+)]
+pub struct ModeMismatch {
+    /// The queue that exists otherwise.
+    pub queue: String,
+    /// The mode the settings give.
+    pub mode: QueueMode,
+    /// The broker's reply text.
+    pub detail: String,
+    /// The error as lapin reported it (the channel is closed).
+    pub source: lapin::Error,
+}
+
+/// [`declare_base`], with a queue of the other mode reported as a
+/// [`ModeMismatch`].
+pub async fn declare_base_checked(
+    channel: &Channel,
+    names: &Names,
+) -> Result<(), BaseDeclareError> {
     let exchanges = [
         (names.short_tasks_exchange(), ExchangeKind::Direct),
         (names.short_delay(), ExchangeKind::Fanout),
@@ -36,13 +95,24 @@ pub async fn declare_base(channel: &Channel, names: &Names) -> lapin::Result<()>
     // The scheduler's intake queues share their exchange's name, as the
     // contract does for `NS.dead`.
     for name in [names.short_delay(), names.short_retry(), names.short_dead()] {
-        channel
+        let declared = channel
             .queue_declare(
                 name.clone(),
                 QueueDeclareOptions::durable(),
                 base_queue_arguments(names, name.as_str()),
             )
-            .await?;
+            .await;
+        if let Err(source) = declared {
+            return Err(match inequivalent(&source) {
+                Some(detail) => BaseDeclareError::Mismatch(Box::new(ModeMismatch {
+                    queue: name.to_string(),
+                    mode: names.mode(),
+                    detail,
+                    source,
+                })),
+                None => BaseDeclareError::Amqp(source),
+            });
+        }
         channel
             .queue_bind(
                 name.clone(),

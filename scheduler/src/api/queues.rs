@@ -5,7 +5,8 @@
 //! letters, sorted by name, at most [`MAX_QUEUES`]. For each:
 //!
 //! * `ready`, `consumers`: RabbitMQ's counts for `NS.q.QUEUE` (a passive
-//!   declare); a queue not declared yet is 0 and 0;
+//!   declare); a queue not declared yet is 0 and 0; in quorum mode `ready`
+//!   sums the queue's priority bands and `consumers` is the most on one band;
 //! * `delayed`, `due`: tasks of the queue waiting in the delay queue
 //!   (`scheduled` or `retrying`), and how many of them are already due
 //!   (from the task status: `NS:st{S}:wait:QUEUE` over every shard);
@@ -20,7 +21,7 @@
 //! schedule occurrences included) and `due` (the queues' due tasks summed).
 //!
 //! The work per request is bounded: one Redis pipeline, one passive
-//! declare per queue, and a scan of at most [`DEAD_SCAN`] dead letters.
+//! declare per queue (per band in quorum mode), and a scan of at most [`DEAD_SCAN`] dead letters.
 
 use super::control::{ControlApi, ControlError};
 use super::openapi::ErrorBody;
@@ -166,8 +167,11 @@ async fn list_queues(State(api): State<ControlApi>) -> Result<Response, ControlE
 }
 
 /// `ready` and `consumers` of each queue's `NS.q.QUEUE`, by passive
-/// declare. A missing queue closes the channel: it is 0/0, and the next
-/// queue gets a new channel.
+/// declare. In quorum mode a queue with priority bands is three queues
+/// (`NS.q.QUEUE`, `.p4`, `.p7`): `ready` is their sum, and `consumers` the
+/// most any band has, since a worker consumes every band (summing would
+/// count it three times). A missing queue closes the channel: it counts 0,
+/// and the next queue gets a new channel.
 async fn broker_counts(
     api: &ControlApi,
     names: &[String],
@@ -175,31 +179,32 @@ async fn broker_counts(
     let mut out = Vec::with_capacity(names.len());
     let mut channel = None;
     for name in names {
-        let Ok(queue) = api.names.queue_name(name) else {
-            out.push((0, 0));
-            continue;
-        };
-        let ch = match channel.take() {
-            Some(ch) => ch,
-            None => api.channel().await?,
-        };
-        let declared = ch
-            .queue_declare(
-                queue,
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match declared {
-            Ok(q) => {
-                out.push((q.message_count(), q.consumer_count()));
+        let (mut ready, mut consumers) = (0u32, 0u32);
+        for band in api.names.bands(name) {
+            let Ok(queue) = api.names.band_queue(name, *band) else {
+                continue;
+            };
+            let ch = match channel.take() {
+                Some(ch) => ch,
+                None => api.channel().await?,
+            };
+            let declared = ch
+                .queue_declare(
+                    queue,
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            if let Ok(q) = declared {
+                ready = ready.saturating_add(q.message_count());
+                consumers = consumers.max(q.consumer_count());
                 channel = Some(ch);
             }
-            Err(_) => out.push((0, 0)),
         }
+        out.push((ready, consumers));
     }
     if let Some(ch) = channel {
         let _ = ch.close(200, "done".into()).await;

@@ -445,7 +445,9 @@ impl<S, P> Intake<S, P> {
     /// What to do with one delivery: hold it (a new task, or a retry per
     /// the policy) or dead-letter it with the reason.
     fn plan<D: IntakeDelivery>(&self, d: &D, rng: &mut impl rand::Rng) -> Plan {
-        let origin = d.routing_key().to_string();
+        // A task RabbitMQ dead-lettered from a quorum band queue keeps the
+        // band's key (`QUEUE.p7`): its queue is the logical one.
+        let origin = self.names.logical_of_key(d.routing_key()).to_string();
         let mut task = match self.decode_checked(d, &origin) {
             Ok(task) => task,
             Err(dead) => return dead,
@@ -461,6 +463,13 @@ impl<S, P> Intake<S, P> {
                     record: Vec::new(),
                 };
                 (entry, EventKind::Scheduled)
+            }
+            // A quorum queue gave the task up after `x-delivery-limit`
+            // deliveries without an ack: whatever killed its consumer would
+            // do so again, so it is not retried whatever its retries left.
+            Source::Retry if delivery_limit_reached(&task) => {
+                take_retry_after(&mut task, self.limits.max_delay_ms);
+                return Plan::dead_task(origin, task, delivery_limit_error());
             }
             Source::Retry => match self.retry_entry(&mut task, rng) {
                 Some(entry) => (entry, EventKind::Retried),
@@ -598,20 +607,48 @@ async fn settle_acks<D: IntakeDelivery>(batch: &[D], refused: &[bool]) -> Result
     Ok(())
 }
 
+/// Whether RabbitMQ dead-lettered the task because its quorum queue's
+/// `x-delivery-limit` was reached: the most recent `x-death` entry (RabbitMQ
+/// puts it first) has reason `delivery_limit`. Only the most recent counts:
+/// a task replayed from `NS.dead` has its `x-death` removed, and one failed
+/// by a Kairos worker after an earlier death is a new attempt.
+fn delivery_limit_reached(task: &Task) -> bool {
+    latest_death_reason(task).as_deref() == Some(DELIVERY_LIMIT_REASON)
+}
+
+/// The `x-death` reason RabbitMQ (3.10 and 4.x) gives a message a quorum
+/// queue dead-letters after `x-delivery-limit` returned deliveries.
+const DELIVERY_LIMIT_REASON: &str = "delivery_limit";
+
+/// The `x-error` of a task given up by its quorum queue.
+fn delivery_limit_error() -> String {
+    // RabbitMQ 3.10 gives up once the returns exceed the limit: the last
+    // delivery carries `x-delivery-count` 20, so it was delivered 21 times.
+    format!(
+        "delivered more than {} times without an ack (x-delivery-limit): its worker died, \
+         lost its connection or returned it each time",
+        kairos_shared::queue_mode::DELIVERY_LIMIT
+    )
+}
+
+/// The reason of the most recent `x-death` entry, if any.
+fn latest_death_reason(task: &Task) -> Option<String> {
+    task.header("x-death").and_then(|v| match v {
+        AMQPValue::FieldArray(a) => a.as_slice().first().and_then(|d| match d {
+            AMQPValue::FieldTable(t) => t.inner().get("reason").map(value_to_string),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
 /// Why an attempt failed: a Kairos worker says so in `x-error`; a consumer
 /// in another language that rejected the delivery leaves an `x-death` entry.
 fn failure_reason(task: &Task) -> String {
     if let Some(e) = task.header(H_ERROR) {
         return value_to_string(e);
     }
-    let reason = task.header("x-death").and_then(|v| match v {
-        AMQPValue::FieldArray(a) => a.as_slice().first().and_then(|d| match d {
-            AMQPValue::FieldTable(t) => t.inner().get("reason").map(value_to_string),
-            _ => None,
-        }),
-        _ => None,
-    });
-    match reason.as_deref() {
+    match latest_death_reason(task).as_deref() {
         Some("rejected") | None => "rejected by consumer".to_string(),
         Some(other) => format!("dead-lettered by RabbitMQ ({other})"),
     }
@@ -916,6 +953,69 @@ mod tests {
             failure_reason(&task_of_headers(&[])),
             "rejected by consumer"
         );
+    }
+
+    #[test]
+    fn a_delivery_limit_death_is_recognised_even_after_an_earlier_error() {
+        let death = |reason: &str| {
+            let mut entry = lapin::types::FieldTable::default();
+            entry.insert("reason".into(), kairos_shared::contract::text(reason));
+            AMQPValue::FieldTable(entry)
+        };
+        let limited = task_of_headers(&[
+            (H_ERROR, kairos_shared::contract::text("boom")),
+            (
+                "x-death",
+                AMQPValue::FieldArray(vec![death("delivery_limit"), death("rejected")].into()),
+            ),
+        ]);
+        assert!(delivery_limit_reached(&limited));
+        let rejected = task_of_headers(&[(
+            "x-death",
+            AMQPValue::FieldArray(vec![death("rejected"), death("delivery_limit")].into()),
+        )]);
+        assert!(!delivery_limit_reached(&rejected));
+        assert!(!delivery_limit_reached(&task_of_headers(&[])));
+        assert!(delivery_limit_error().contains("x-delivery-limit"));
+    }
+
+    #[tokio::test]
+    async fn a_task_past_its_delivery_limit_is_dead_lettered_not_retried() {
+        let mut entry = lapin::types::FieldTable::default();
+        entry.insert(
+            "reason".into(),
+            kairos_shared::contract::text("delivery_limit"),
+        );
+        let task = failed("a", 1, 5).header(
+            "x-death",
+            AMQPValue::FieldArray(vec![AMQPValue::FieldTable(entry)].into()),
+        );
+        let (store, publisher, mut make) = fixture(1, &[]);
+        let batch = [make.task(&task)];
+        let outcome = handle(Source::Retry, &store, &publisher, &batch)
+            .await
+            .expect("handled");
+        assert_eq!(outcome, dead_letters(1, 0));
+        assert!(store.is_empty(), "not held for a retry");
+        let reasons: Vec<String> = publisher.dead().into_iter().map(|(_, e)| e).collect();
+        assert_eq!(reasons, vec![delivery_limit_error()]);
+    }
+
+    #[tokio::test]
+    async fn a_band_key_leads_back_to_its_logical_queue_in_quorum_mode() {
+        let (store, publisher, mut make) = fixture(1, &[]);
+        let mut intake = intake(Source::Retry, &store, &publisher);
+        intake.names = Names::new("unit").with_mode(kairos_shared::queue_mode::QueueMode::Quorum);
+        let (props, body) = {
+            let (_, props) = failed("a", 1, 3).to_message().expect("a message");
+            (props, b"x".to_vec())
+        };
+        let batch = [make.raw(&format!("{QUEUE}.p7"), props, body)];
+        intake
+            .handle(&batch, &CancellationToken::new())
+            .await
+            .expect("handled");
+        assert_eq!(held_task(&store, &member("a", 2)).queue, QUEUE);
     }
 
     fn task_of_headers(headers: &[(&str, AMQPValue)]) -> Task {

@@ -88,12 +88,6 @@ impl Publisher {
     }
 
     async fn send_ready(&self, task: &Task) -> Result<PublisherConfirm, DeclareError> {
-        // `ensure` checked the name (at most 200 bytes).
-        let key = short("routing key", &task.queue).map_err(|e| {
-            DeclareError::BadName(kairos_shared::contract::ProtocolError::BadQueue(
-                e.to_string(),
-            ))
-        })?;
         let mut props = task.publish_properties();
         // A `shortest-first` queue orders by the task's length, whatever
         // priority its publisher chose (retries come this way too).
@@ -106,6 +100,8 @@ impl Publisher {
         if priority != task.priority {
             props = props.with_priority(priority);
         }
+        // In quorum mode the key picks the band of the priority sent.
+        let key = self.names.route(&task.queue, priority)?;
         Ok(self
             .channel
             .basic_publish(

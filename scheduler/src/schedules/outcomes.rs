@@ -114,6 +114,28 @@ impl Supervised for Outcomes {
     }
 }
 
+/// The outcomes queue's arguments: capped at [`MAX_BACKLOG`] events, the
+/// oldest dropped first (the default overflow, which quorum queues support
+/// too). In quorum mode a quorum queue, like every durable queue of the
+/// namespace, with the delivery limit and no dead-letter exchange: an event
+/// that kills the scheduler every time is dropped after the limit (its
+/// outcome stays unknown, as without events) instead of looping.
+pub(crate) fn queue_arguments(names: &Names) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(MAX_BACKLOG));
+    if names.mode() == kairos_shared::queue_mode::QueueMode::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            kairos_shared::contract::text("quorum"),
+        );
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(kairos_shared::queue_mode::DELIVERY_LIMIT),
+        );
+    }
+    args
+}
+
 async fn consume(
     conn: &lapin::Connection,
     names: &Names,
@@ -123,10 +145,12 @@ async fn consume(
     let ch = conn.create_channel().await?;
     topology::declare_base(&ch, names).await?;
     let queue = queue_short(names);
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongInt(MAX_BACKLOG));
-    ch.queue_declare(queue.clone(), QueueDeclareOptions::durable(), args)
-        .await?;
+    ch.queue_declare(
+        queue.clone(),
+        QueueDeclareOptions::durable(),
+        queue_arguments(names),
+    )
+    .await?;
     for key in ["task.started", "task.succeeded", "task.failed", "task.dead"] {
         ch.queue_bind(
             queue.clone(),

@@ -69,10 +69,35 @@ pub(super) fn describe(m: &BasicGetMessage) -> DeadLetter {
         name: p.kind().as_ref().map(|s| s.to_string()),
         queue: origin_queue(m),
         attempt: header(p, H_ATTEMPT),
-        error: header(p, H_ERROR),
+        error: header(p, H_ERROR).or_else(|| broker_death(p)),
         failed_at: header(p, H_FAILED_AT).and_then(|s| s.parse().ok()),
         body_bytes: m.delivery.data.len(),
     }
+}
+
+/// Why RabbitMQ itself dead-lettered a letter that no Kairos process
+/// wrote an `x-error` on: its most recent `x-death` entry (RabbitMQ puts it
+/// first). In quorum mode that is how a message the scheduler's intake
+/// could not take within `x-delivery-limit` deliveries reaches `NS.dead`.
+fn broker_death(p: &BasicProperties) -> Option<String> {
+    let headers = p.headers().as_ref()?;
+    let AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(latest) = deaths.as_slice().first()? else {
+        return None;
+    };
+    let field = |name: &str| latest.inner().get(name).map(value_to_string);
+    let reason = field("reason")?;
+    let queue = field("queue").unwrap_or_default();
+    Some(match reason.as_str() {
+        "delivery_limit" => format!(
+            "dead-lettered by RabbitMQ from {queue}: delivered more than its \
+             x-delivery-limit without an ack (its consumer died, lost its connection or \
+             returned it each time)"
+        ),
+        other => format!("dead-lettered by RabbitMQ from {queue} ({other})"),
+    })
 }
 
 /// The queue a letter was meant for.

@@ -124,13 +124,27 @@ pub struct DeadCounts {
     pub complete: bool,
 }
 
+/// The header a quorum queue adds to a redelivered message: a replayed
+/// task starts its count again, and a stale one would mislead a consumer
+/// that reads it.
+const X_DELIVERY_COUNT: &str = "x-delivery-count";
+
 /// The properties of a replayed task: as it died, minus the dead-letter
-/// headers and the attempt count.
+/// headers, the attempt count and a quorum queue's delivery count.
 pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
     let mut kept = FieldTable::default();
     if let Some(headers) = props.headers() {
         for (k, v) in headers.inner() {
-            if ![H_ERROR, H_FAILED_AT, H_ORIGIN_QUEUE, H_ATTEMPT, "x-death"].contains(&k.as_str()) {
+            if ![
+                H_ERROR,
+                H_FAILED_AT,
+                H_ORIGIN_QUEUE,
+                H_ATTEMPT,
+                "x-death",
+                X_DELIVERY_COUNT,
+            ]
+            .contains(&k.as_str())
+            {
                 kept.insert(k.clone(), v.clone());
             }
         }
@@ -319,12 +333,19 @@ async fn replay_one(
             "cannot replay: no task name (type); it would only fail again".into(),
         ));
     }
-    let queue = origin_queue(m);
+    // A letter RabbitMQ dead-lettered from a band queue (no
+    // `x-origin-queue`) carries the band's key: back to its logical queue.
+    let queue = names.logical_of_key(&origin_queue(m)).to_string();
     // The origin queue comes from a header anyone can write: it must
     // make a queue name and a routing key before anything is sent.
+    // In quorum mode the letter goes back to the band of its priority, as
+    // its first publish did (a shortest-first publisher already put the
+    // computed priority in the message).
+    let priority = m.delivery.properties.priority().unwrap_or(0);
     let key = match names
         .queue_name(&queue)
         .and_then(|_| short("x-origin-queue", &queue).map_err(|e| BadQueue(e.to_string())))
+        .and_then(|_| names.route(&queue, priority))
     {
         Ok(key) => key,
         Err(err) => return Ok(Err(format!("cannot replay: {err}"))),
