@@ -106,6 +106,7 @@ fn the_manifests_and_the_compose_file_validate() {
         "deploy/k8s/base",
         "deploy/k8s/overlays/two-pools",
         "deploy/k8s/overlays/due-soon",
+        "deploy/k8s/overlays/quorum",
     ] {
         assert!(
             all.lines().any(|l| l.contains(how) && l.contains(seen)),
