@@ -183,16 +183,6 @@ impl TestEnv {
             .await;
     }
 
-    /// Redis keys of this namespace.
-    pub async fn redis_keys(&self) -> Vec<String> {
-        let mut con = self.redis.clone();
-        redis::cmd("KEYS")
-            .arg(kairos_shared::admin::key_pattern(&self.names))
-            .query_async(&mut con)
-            .await
-            .expect("KEYS")
-    }
-
     /// A consumer on a task queue, for tests that read what the scheduler
     /// publishes without a worker.
     pub async fn consume_queue(&self, logical: &str, prefetch: u16) -> Consumer {
