@@ -4,7 +4,6 @@
 
 use crate::namespace::TestEnv;
 use crate::processes::{run_ok, workspace_root};
-use crate::servers::AMQP_URL;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
@@ -307,7 +306,7 @@ pub fn python_enqueue(env: &TestEnv, args: &[&str]) -> Value {
     let out = run_ok(
         Command::new(python())
             .arg(workspace_root().join("docs/examples/python/enqueue.py"))
-            .args(["--namespace", &env.ns, "--amqp-url", AMQP_URL])
+            .args(["--namespace", &env.ns, "--amqp-url", env.first_amqp_url()])
             .args(args),
         "enqueue.py",
         "run python (scripts/test.sh installs pika into target/py)",
@@ -321,7 +320,7 @@ pub fn node_enqueue(env: &TestEnv, args: &[&str]) -> Value {
     let out = run_ok(
         Command::new("node")
             .arg(workspace_root().join("docs/examples/node/enqueue.js"))
-            .args(["--namespace", &env.ns, "--amqp-url", AMQP_URL])
+            .args(["--namespace", &env.ns, "--amqp-url", env.first_amqp_url()])
             .args(args)
             .env(
                 "NODE_PATH",

@@ -129,6 +129,7 @@ async fn kairosctl_works_without_a_scheduler() {
             .env("KAIROS_NAMESPACE", &env.ns)
             .env("KAIROS_REDIS_URL", &env.redis_url)
             .env("KAIROS_AMQP_URL", &env.amqp_url)
+            .env("KAIROS_QUEUE_MODE", env.names.mode().to_string())
             .output()
             .expect("run kairosctl");
         (
