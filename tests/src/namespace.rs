@@ -9,10 +9,10 @@
 //! runs tests on the 3-node clusters that way.
 
 use crate::servers::{AMQP_URL, REDIS_URL};
-use kairos_shared::redis::RedisConnection;
 use kairos_shared::config::Concurrency;
 use kairos_shared::contract::Names;
 use kairos_shared::queue_mode::QueueMode;
+use kairos_shared::redis::RedisConnection;
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection};
 use std::sync::{Arc, Mutex};
@@ -197,7 +197,11 @@ impl TestEnv {
 
     /// The namespace's Redis keys, on every node of a cluster.
     pub async fn redis_keys(&self) -> Vec<String> {
-        namespace_keys(&self.redis_url, &kairos_shared::admin::key_pattern(&self.names)).await
+        namespace_keys(
+            &self.redis_url,
+            &kairos_shared::admin::key_pattern(&self.names),
+        )
+        .await
     }
 }
 

@@ -438,8 +438,11 @@ async fn every_task_runs_through_the_loss_of_a_rabbitmq_node_and_a_redis_master(
     // Resuming: per worker, the first run after the kill; overall, the
     // longest gap between runs after it; the delayed tasks due after the
     // kill, how late they ran.
-    let after: Vec<&(Instant, usize, String)> =
-        runs.seen.iter().filter(|(t, _, _)| *t > killed_at).collect();
+    let after: Vec<&(Instant, usize, String)> = runs
+        .seen
+        .iter()
+        .filter(|(t, _, _)| *t > killed_at)
+        .collect();
     let resumed: Vec<Option<u128>> = (0..WORKERS)
         .map(|w| {
             after
@@ -515,11 +518,17 @@ async fn every_task_runs_through_the_loss_of_a_rabbitmq_node_and_a_redis_master(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_loss_window_of_a_master_kill_with_and_without_wait() {
     let cluster = Cluster::from_env();
+    // KAIROS_CLUSTER_LOSS_ROUNDS: measurements without WAIT (1 by
+    // default; each costs a failover, about 10 s).
+    let rounds: usize = std::env::var("KAIROS_CLUSTER_LOSS_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
     let mut report = Vec::new();
-    for wait in [0, 1] {
-        let (published, kept) = intake_through_a_master_kill(&cluster, wait).await;
+    for wait in std::iter::repeat_n(0, rounds).chain([1]) {
+        let (published, at_kill, kept) = intake_through_a_master_kill(&cluster, wait).await;
         println!(
-            "WRITE-LOSS KAIROS_REDIS_WAIT={wait}: {published} delayed tasks confirmed, {kept} in Redis after the failover, lost {}",
+            "WRITE-LOSS KAIROS_REDIS_WAIT={wait}: {published} delayed tasks confirmed ({at_kill} in Redis when the master was killed), {kept} in Redis after the failover, lost {}",
             published - kept
         );
         report.push((wait, published, kept));
@@ -544,8 +553,9 @@ const LOSS_DELAY_MS: i64 = 600_000;
 
 /// One scheduler (`KAIROS_REDIS_WAIT=wait`) takes delayed tasks in while
 /// the Redis master with most shards is killed mid-stream; returns the
-/// tasks confirmed and the tasks in Redis once the intake is drained.
-async fn intake_through_a_master_kill(cluster: &Cluster, wait: u16) -> (usize, usize) {
+/// tasks confirmed, the tasks in Redis when the kill came, and the tasks
+/// in Redis once the intake is drained.
+async fn intake_through_a_master_kill(cluster: &Cluster, wait: u16) -> (usize, usize, usize) {
     let env = TestEnv::with_mode("clloss", QueueMode::Quorum).await;
     let mut penv = env.process_env();
     penv.retain(|(k, _)| k != "KAIROS_EVENTS");
@@ -553,18 +563,16 @@ async fn intake_through_a_master_kill(cluster: &Cluster, wait: u16) -> (usize, u
     penv.push(("KAIROS_REDIS_WAIT".into(), wait.to_string()));
     let dir = std::env::temp_dir().join(format!("kairos-{}", env.ns));
     std::fs::create_dir_all(&dir).expect("log dir");
-    let mut scheduler = Proc::spawn_logged(
-        "kairos-scheduler",
-        &penv,
-        &dir.join("scheduler.log"),
-    );
+    let mut scheduler = Proc::spawn_logged("kairos-scheduler", &penv, &dir.join("scheduler.log"));
     let client = env.client().await;
     let mut published = 0;
     // The kill comes from another task while publishing goes on, so the
     // master dies with writes in flight.
     let mut kill = None;
+    let mut at_kill = 0;
     while published < LOSS_BEFORE + LOSS_AFTER {
         if published == LOSS_BEFORE {
+            at_kill = held(&env).await;
             let script_env = (cluster.amqp_urls.clone(), cluster.redis_url.clone());
             kill = Some(tokio::task::spawn_blocking(move || {
                 let c = Cluster {
@@ -594,8 +602,13 @@ async fn intake_through_a_master_kill(cluster: &Cluster, wait: u16) -> (usize, u
     // (the intake acks only after its write, and a redelivered batch is
     // written again).
     let delay_queue = env.names.delay();
-    env.wait_depth(&delay_queue, ALL_RUN_WITHIN, "the intake did not drain", |d| d == 0)
-        .await;
+    env.wait_depth(
+        &delay_queue,
+        ALL_RUN_WITHIN,
+        "the intake did not drain",
+        |d| d == 0,
+    )
+    .await;
     let mut kept = held(&env).await;
     let deadline = Instant::now() + ALL_RUN_WITHIN;
     loop {
@@ -607,5 +620,5 @@ async fn intake_through_a_master_kill(cluster: &Cluster, wait: u16) -> (usize, u
         kept = now;
     }
     scheduler.kill9();
-    (published, kept)
+    (published, at_kill, kept)
 }
