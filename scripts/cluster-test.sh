@@ -62,8 +62,14 @@ fi
 cargo build --workspace --bins
 args=()
 for t in $TESTS; do args+=(--test "$t"); done
-cargo test -p kairos-tests --no-fail-fast "${args[@]}" -- "${SKIP[@]}"
+# Most of these tests wait on timers, not the CPU: more of them at once
+# keeps the step short (KAIROS_CLUSTER_TEST_THREADS).
+failed=0
+cargo test -p kairos-tests --no-fail-fast "${args[@]}" -- "${SKIP[@]}" \
+  --test-threads="${KAIROS_CLUSTER_TEST_THREADS:-4}" || failed=1
 log "core tests done after $(( $(date +%s) - started )) s"
 
-# Each test of this file kills nodes: one at a time.
-cargo test -p kairos-tests --features cluster --test cluster_system -- --test-threads=1 --nocapture
+# Each test of this file kills nodes: one at a time. It runs even when a
+# core test failed: its figures are the point of the run.
+cargo test -p kairos-tests --features cluster --test cluster_system -- --test-threads=1 --nocapture || failed=1
+exit "$failed"
