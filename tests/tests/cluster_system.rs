@@ -636,5 +636,6 @@ async fn intake_through_a_master_kill(cluster: &Cluster, wait: u16) -> (usize, u
         kept = now;
     }
     scheduler.kill9();
+    let _ = std::fs::remove_dir_all(&dir);
     (published, at_kill, kept)
 }
