@@ -54,3 +54,7 @@ KAIROS_SOAK_SECS=${KAIROS_SOAK_SECS:-120} cargo test -p kairos-tests --features 
 # everything ran), never timings. The debug build is already there.
 scripts/services.sh # the disruptive tests restarted them
 cargo run -q -p kairos-bench -- --quick --json target/bench/quick.json
+# Tests on the 3-node clusters: alone. A RabbitMQ cluster with quorum
+# queues and a Redis Cluster of its own (ports 5681-5683, 7001-7006), the
+# core tests on them, then nodes killed mid-run (tests/cluster_system.rs).
+scripts/cluster-test.sh

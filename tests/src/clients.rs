@@ -4,7 +4,6 @@
 
 use crate::namespace::TestEnv;
 use crate::processes::{run_ok, workspace_root};
-use crate::servers::AMQP_URL;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
@@ -183,16 +182,6 @@ impl TestEnv {
             .await;
     }
 
-    /// Redis keys of this namespace.
-    pub async fn redis_keys(&self) -> Vec<String> {
-        let mut con = self.redis.clone();
-        redis::cmd("KEYS")
-            .arg(kairos_shared::admin::key_pattern(&self.names))
-            .query_async(&mut con)
-            .await
-            .expect("KEYS")
-    }
-
     /// A consumer on a task queue, for tests that read what the scheduler
     /// publishes without a worker.
     pub async fn consume_queue(&self, logical: &str, prefetch: u16) -> Consumer {
@@ -317,7 +306,7 @@ pub fn python_enqueue(env: &TestEnv, args: &[&str]) -> Value {
     let out = run_ok(
         Command::new(python())
             .arg(workspace_root().join("docs/examples/python/enqueue.py"))
-            .args(["--namespace", &env.ns, "--amqp-url", AMQP_URL])
+            .args(["--namespace", &env.ns, "--amqp-url", env.first_amqp_url()])
             .args(args),
         "enqueue.py",
         "run python (scripts/test.sh installs pika into target/py)",
@@ -331,7 +320,7 @@ pub fn node_enqueue(env: &TestEnv, args: &[&str]) -> Value {
     let out = run_ok(
         Command::new("node")
             .arg(workspace_root().join("docs/examples/node/enqueue.js"))
-            .args(["--namespace", &env.ns, "--amqp-url", AMQP_URL])
+            .args(["--namespace", &env.ns, "--amqp-url", env.first_amqp_url()])
             .args(args)
             .env(
                 "NODE_PATH",

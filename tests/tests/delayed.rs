@@ -1,7 +1,7 @@
 //! The delay queue: precision, the pending-id rule, the Rust client, and the
 //! events' wire shape.
 
-use kairos_shared::client::{Client, NewTask};
+use kairos_shared::client::NewTask;
 use kairos_shared::events::EventKind;
 use kairos_tests::*;
 use kairos_worker::Worker;
@@ -108,7 +108,7 @@ async fn rust_client_enqueues_now_and_later() {
     wc.queues = vec!["reports".into()];
     let reports_worker = InProcess::worker(Worker::new(wc).handler("report.build", log.handler(0)));
 
-    let client = Client::connect(AMQP_URL, &env.ns).await.expect("client");
+    let client = env.client().await;
     let now_id = client
         .enqueue(
             NewTask::new("report.build")

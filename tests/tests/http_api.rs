@@ -127,8 +127,9 @@ async fn kairosctl_works_without_a_scheduler() {
             .args(args)
             .env_remove("KAIROS_HTTP_ADDR")
             .env("KAIROS_NAMESPACE", &env.ns)
-            .env("KAIROS_REDIS_URL", REDIS_URL)
-            .env("KAIROS_AMQP_URL", AMQP_URL)
+            .env("KAIROS_REDIS_URL", &env.redis_url)
+            .env("KAIROS_AMQP_URL", &env.amqp_url)
+            .env("KAIROS_QUEUE_MODE", env.names.mode().to_string())
             .output()
             .expect("run kairosctl");
         (

@@ -4,7 +4,7 @@
 //! OTLP/HTTP collector in the client's trace.
 #![cfg(feature = "otlp")]
 
-use kairos_shared::client::{Client, NewTask};
+use kairos_shared::client::NewTask;
 use kairos_shared::trace::TraceParent;
 use kairos_shared::trace_init::{init, LogSettings, OtlpSettings};
 use kairos_tests::*;
@@ -86,9 +86,7 @@ async fn the_spans_of_a_traced_task_reach_the_collector_in_the_clients_trace() {
     let log = RunLog::default();
     let worker =
         InProcess::worker(Worker::new(env.worker_config()).handler("test.otlp", log.handler(0)));
-    let client = Client::connect(&env.amqp_url, &env.ns)
-        .await
-        .expect("client");
+    let client = env.client().await;
     client
         .enqueue(
             NewTask::new("test.otlp")

@@ -55,9 +55,14 @@ for m in messages:
 conn.close()
 "#;
 
-fn publish_raw(messages: &serde_json::Value) {
+fn publish_raw(env: &TestEnv, messages: &serde_json::Value) {
     run_ok(
-        Command::new(python()).args(["-c", PUBLISH_RAW, AMQP_URL, &messages.to_string()]),
+        Command::new(python()).args([
+            "-c",
+            PUBLISH_RAW,
+            env.first_amqp_url(),
+            &messages.to_string(),
+        ]),
         "publishing with pika",
         "run python (scripts/test.sh installs pika into target/py)",
     );
@@ -108,7 +113,7 @@ async fn non_utf8_short_strings_are_dead_lettered_and_the_rest_flows() {
         InProcess::worker(Worker::new(env.worker_config()).handler("test.record", log.handler(0)));
 
     let poison = poison_messages(&env);
-    publish_raw(&serde_json::Value::Array(poison.clone()));
+    publish_raw(&env, &serde_json::Value::Array(poison.clone()));
 
     // Then 20 ordinary tasks, half through each poisoned queue.
     let ok = |i: usize| format!("fine-{i}");
@@ -284,7 +289,7 @@ async fn every_dead_letter_has_exactly_one_dead_event() {
         })
         .collect();
     published += poison.len();
-    publish_raw(&serde_json::Value::Array(poison));
+    publish_raw(&env, &serde_json::Value::Array(poison));
 
     let dead = env.dead_letters(published, Duration::from_secs(60)).await;
     tap.wait_until(
@@ -341,7 +346,7 @@ async fn deeply_nested_headers_do_not_take_a_process_down() {
             }));
         }
     }
-    publish_raw(&serde_json::Value::Array(deep.clone()));
+    publish_raw(&env, &serde_json::Value::Array(deep.clone()));
     let fine: Vec<_> = (0..10)
         .map(|i| {
             (

@@ -373,7 +373,7 @@ async fn pending(env: &TestEnv) -> u64 {
     for s in 0..8 {
         pipe.cmd("HLEN").arg(format!("{}:dq{{{s}}}:rec", env.ns));
     }
-    let counts: Vec<u64> = pipe.query_async(&mut con).await.expect("HLEN");
+    let counts: Vec<u64> = con.query_pipe(&pipe).await.expect("HLEN");
     counts.into_iter().sum()
 }
 

@@ -2,7 +2,7 @@
 //! with the task through the delay queue, the retry and the dead letter,
 //! and every attempt's handler span names its trace.
 
-use kairos_shared::client::{Client, NewTask};
+use kairos_shared::client::NewTask;
 use kairos_shared::trace::{TraceParent, H_TRACEPARENT, H_TRACESTATE};
 use kairos_tests::*;
 use kairos_worker::{TaskContext, TaskError, Worker};
@@ -178,9 +178,7 @@ async fn a_traceparent_follows_the_task_through_delay_retry_and_dead_letter() {
     let worker = InProcess::worker(
         Worker::new(env.worker_config()).handler("test.traced", recording(spans, seen.clone())),
     );
-    let client = Client::connect(&env.amqp_url, &env.ns)
-        .await
-        .expect("client");
+    let client = env.client().await;
 
     // Delayed, fails on both attempts (one retry), then dead-lettered.
     client
