@@ -737,3 +737,116 @@ async fn wake_ups_survive_a_redis_restart() {
     cancel.cancel();
     listener.await.expect("listener");
 }
+
+/// `KAIROS_REDIS_WAIT=1` on a master that has no replica (what a promoted
+/// replica is until the lost node comes back): the intake keeps the batch
+/// unacked and asks the replicas again, round after round, but must not
+/// write the hold again. Its tasks fall due meanwhile and run: holding them
+/// again put them back and ran them once more on every round. Once a
+/// replica attaches, the batch is acked, and every task ran exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_wait_without_a_replica_runs_each_task_once() {
+    const TASKS: usize = 20;
+    /// Confirmation rounds to see before a replica attaches.
+    const ROUNDS: i64 = 5;
+    let env = TestEnv::new("rwait-once").await;
+    let primary = OwnRedis::start_with(&["--appendonly", "no"]);
+    let mut pcon = primary.connection().await;
+    let mut sc = env.scheduler_config();
+    sc.redis_url = primary.url();
+    sc.common.events = false;
+    sc.redis_wait = 1;
+    sc.redis_wait_timeout_ms = 100;
+    let scheduler = InProcess::scheduler(sc);
+    let log = RunLog::default();
+    let mut wc = env.worker_config();
+    wc.common.events = false;
+    let worker =
+        InProcess::worker(kairos_worker::Worker::new(wc).handler("test.record", log.handler(0)));
+
+    env.publish_many(
+        &env.names.delay(),
+        batch(TASKS, |i| {
+            delayed_props("test.record", &format!("once-{i}"), 200)
+        }),
+    )
+    .await;
+    // The intake's first batch (some or all of the tasks, as they came) is
+    // held, falls due and runs; the rest wait for it to be acked.
+    log.wait_distinct(1, Duration::from_secs(30)).await;
+    // The batch is still unacked: rounds of confirmation go on. Each
+    // refreshes the proofs (PEXPIRE) on the master. Its tasks were due
+    // 200 ms after the publish and have run by the last of these rounds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while calls(&mut pcon, "pexpire").await < ROUNDS {
+        assert!(
+            Instant::now() < deadline,
+            "no confirmation rounds while the master has no replica"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A replica attaches: the batch is acked (the delivery leaves the
+    // broker's unacked count: seen as the scheduler stopping with nothing
+    // to return).
+    let replica = OwnRedis::start_with(&[
+        "--appendonly",
+        "no",
+        "--replicaof",
+        "127.0.0.1",
+        &primary.port.to_string(),
+    ]);
+    let mut rcon = replica.connection().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while info_num(&mut pcon, "replication", "connected_slaves").await < 1
+        || !info(&mut rcon, "replication")
+            .await
+            .contains("master_link_status:up")
+    {
+        assert!(Instant::now() < deadline, "replica did not sync");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The intake takes a batch only after it acked the one before: the
+    // other batches, and a task published now, run only once the first
+    // batch was confirmed.
+    env.publish_many(
+        &env.names.delay(),
+        batch(1, |_| delayed_props("test.record", "probe", 0)),
+    )
+    .await;
+    log.wait_distinct(TASKS + 1, Duration::from_secs(30)).await;
+    scheduler.stop().await;
+    until_released(&env).await;
+    worker.stop().await;
+    // Only the probe's batch may have been unacked at the stop.
+    while let Some(back) = env
+        .channel
+        .basic_get(
+            env.names.delay().as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic.get")
+    {
+        let id = back.delivery.properties.message_id().clone();
+        assert_eq!(
+            id.as_ref().map(|i| i.as_str()),
+            Some("probe"),
+            "a task of the first batch was never acked"
+        );
+    }
+    let runs = log.snapshot();
+    assert_eq!(runs.len(), TASKS + 1);
+    let again: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(again.is_empty(), "tasks ran more than once: {again:?}");
+}
+
+/// Calls of Redis command `cmd` so far (`INFO commandstats`).
+async fn calls(con: &mut redis::aio::MultiplexedConnection, cmd: &str) -> i64 {
+    info(con, "commandstats")
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

@@ -406,13 +406,15 @@ impl<S: DelayStore, P: TaskPublisher> Intake<S, P> {
     }
 
     /// With `KAIROS_REDIS_WAIT`, a batch is acked only once that many
-    /// replicas confirmed it. Until they do, the batch stays unacked and the
-    /// hold is repeated with its `WAIT` (a no-op write, then the wait
-    /// again), however long that takes: nacking would bring the messages
-    /// back while their tasks, already in the primary, may have been
-    /// published and completed, and holding them again would run them
-    /// twice, on every round. Returns the first hold's result (which
-    /// entries it added), or None when cancelled.
+    /// replicas confirmed it. Until they do, the batch stays unacked and its
+    /// hold is confirmed again (`DelayStore::confirm`: its proofs refreshed,
+    /// then the wait again), however long that takes. Neither nacking nor
+    /// holding again would do: the batch's tasks, already in the master, may
+    /// have been published and completed meanwhile, and putting them back
+    /// would run them twice, on every round. Only a hold the confirmation
+    /// finds lost (its master failed before a replica had it) is written
+    /// again. Returns the first hold's result (which entries it added), or
+    /// None when cancelled.
     async fn until_replicated(
         &self,
         mut held: Held,
@@ -427,8 +429,24 @@ impl<S: DelayStore, P: TaskPublisher> Intake<S, P> {
             if cancel.is_cancelled() {
                 return None;
             }
-            match self.queue.hold(entries).await {
-                Ok(again) => held = again,
+            match self.queue.confirm(&held.proofs).await {
+                Ok(c) if c.lost => {
+                    tracing::warn!(count = entries.len(), "a batch's hold was lost with its Redis master before a replica had it; holding it again");
+                    metrics::counter!("kairos_scheduler_redis_hold_lost_total").increment(1);
+                    match self.queue.hold(entries).await {
+                        Ok(again) => held = again,
+                        Err(err) => {
+                            tracing::warn!(cause = %err, "holding a lost batch again failed; trying again");
+                            if !sleep_or_cancel(backoff.next_delay(), cancel).await {
+                                return None;
+                            }
+                        }
+                    }
+                }
+                Ok(c) => {
+                    held.replicated = c.replicated;
+                    held.acked = c.acked;
+                }
                 Err(err) => {
                     tracing::warn!(cause = %err, "waiting for Redis replicas failed; trying again");
                     if !sleep_or_cancel(backoff.next_delay(), cancel).await {

@@ -10,7 +10,7 @@
 //! production build compiles to the same calls as without the seam.
 
 use crate::delay::publisher::Publisher;
-use crate::delay::store::{Claim, Claimed, Entry, Held, QueueError, RedisDelayQueue};
+use crate::delay::store::{Claim, Claimed, Entry, Held, QueueError, RedisDelayQueue, ReplicaCheck};
 use kairos_shared::amqp::Blocked;
 use kairos_shared::contract::Task;
 use kairos_shared::topology::DeclareError;
@@ -30,6 +30,13 @@ pub trait DelayStore: Clone + Send + Sync + 'static {
     /// Holds the entries unless their member already waits or is leased
     /// (first submission wins); one result per entry, in order.
     fn hold(&self, entries: &[Entry]) -> impl Future<Output = Result<Held, QueueError>> + Send;
+
+    /// Asks again whether the replicas have a hold whose `WAIT` fell
+    /// short, without writing it again; says when it was lost instead.
+    fn confirm(
+        &self,
+        proofs: &[String],
+    ) -> impl Future<Output = Result<ReplicaCheck, QueueError>> + Send;
 
     /// Leases up to `batch` tasks per shard for `lease_ms`: those due now
     /// and those due within `ahead_ms`, each shard stopping once its
@@ -77,6 +84,13 @@ impl DelayStore for RedisDelayQueue {
 
     fn hold(&self, entries: &[Entry]) -> impl Future<Output = Result<Held, QueueError>> + Send {
         RedisDelayQueue::hold(self, entries)
+    }
+
+    fn confirm(
+        &self,
+        proofs: &[String],
+    ) -> impl Future<Output = Result<ReplicaCheck, QueueError>> + Send {
+        RedisDelayQueue::confirm(self, proofs)
     }
 
     fn claim_bounded(

@@ -102,7 +102,29 @@ pub struct Held {
     pub replicated: bool,
     /// Replicas that confirmed (None without a replica wait).
     pub acked: Option<i64>,
+    /// With a replica wait: the proof keys the hold wrote, one per shard
+    /// it touched, for [`confirm`](RedisDelayQueue::confirm).
+    pub proofs: Vec<String>,
 }
+
+/// What [`RedisDelayQueue::confirm`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaCheck {
+    /// A proof key is gone: the master that took the hold failed before a
+    /// replica had it, and the hold must be written again.
+    pub lost: bool,
+    /// The replicas asked for have every write up to the proofs.
+    pub replicated: bool,
+    /// Replicas that confirmed.
+    pub acked: Option<i64>,
+}
+
+/// How long a hold's proof key lives: far longer than a failover takes,
+/// short enough that the keys of a busy intake (one per shard and batch,
+/// only with `KAIROS_REDIS_WAIT`) do not pile up. A confirmation that comes
+/// later finds the proof gone and writes the hold again, which can run a
+/// task a second time but never loses one.
+const PROOF_TTL_MS: u64 = 300_000;
 
 /// One task to hold.
 #[derive(Clone, Debug)]
@@ -382,7 +404,11 @@ impl RedisDelayQueue {
 
     /// Holds the entries, one pipelined round trip for the whole batch,
     /// and with a replica wait, ends the pipeline with `WAIT` on the same
-    /// connection: it covers every write this connection made. A hold
+    /// connection: it covers every write this connection made. With a
+    /// replica wait the pipeline also writes a proof key per shard touched
+    /// (after the holds, in the shard's slot, so on its master): while the
+    /// replicas lag, [`confirm`](Self::confirm) checks the proofs are still
+    /// there instead of holding again (see there why). A hold
     /// repeated (after a lost reply, or because replicas lagged) is a no-op
     /// for entries already held, except that with a replica wait it rewrites
     /// their record unchanged, so that this connection's `WAIT` covers them
@@ -393,9 +419,11 @@ impl RedisDelayQueue {
                 scheduled: Vec::new(),
                 replicated: true,
                 acked: None,
+                proofs: Vec::new(),
             });
         }
         let mut pipe = redis::pipe();
+        let mut shards: Vec<usize> = entries.iter().map(|e| self.shard_for(&e.member)).collect();
         for e in entries {
             let call = HoldArgs {
                 keys: &self.shards[self.shard_for(&e.member)],
@@ -408,7 +436,16 @@ impl RedisDelayQueue {
             };
             pipe.add_command(call.command());
         }
+        let mut proofs = Vec::new();
         if let Some((replicas, timeout)) = self.replica_wait {
+            shards.sort_unstable();
+            shards.dedup();
+            let batch = format!("{:016x}", rand::random::<u64>());
+            for shard in shards {
+                let key = format!("{}{batch}", self.shards[shard].proof);
+                pipe.cmd("SET").arg(&key).arg(1).arg("PX").arg(PROOF_TTL_MS);
+                proofs.push(key);
+            }
             pipe.cmd("WAIT")
                 .arg(replicas)
                 .arg(timeout.as_millis() as u64);
@@ -421,6 +458,10 @@ impl RedisDelayQueue {
             )?),
             None => None,
         };
+        // The proofs' replies (`OK`), between the holds' and the `WAIT`'s.
+        // Not `ignore`d: a pipeline split per slot (a cluster) would return
+        // them anyway.
+        replies.truncate(entries.len());
         let scheduled = replies
             .into_iter()
             .map(HoldArgs::decode)
@@ -433,6 +474,51 @@ impl RedisDelayQueue {
             scheduled,
             replicated,
             acked,
+            proofs,
+        })
+    }
+
+    /// While the replicas have not confirmed a hold: refreshes its proofs
+    /// (`PEXPIRE`, a write that reaches the replicas only when the key is
+    /// there) and waits for the replicas again, one round trip.
+    ///
+    /// Holding again instead would put back tasks that were published and
+    /// completed meanwhile, and run them again on every round (a master
+    /// without a replica after a failover can take minutes to get one).
+    /// The proofs say whether that is needed: a proof present on the shard's
+    /// master now was written after the hold on the same master, or came
+    /// to it with the hold by replication (a replica's data is a prefix of
+    /// its master's), so the hold is there too and a `WAIT` covering the
+    /// refresh covers the hold. A proof gone means the hold was lost in a
+    /// failover (or the proof expired): then it must be written again.
+    pub async fn confirm(&self, proofs: &[String]) -> Result<ReplicaCheck, QueueError> {
+        let Some((replicas, timeout)) = self.replica_wait else {
+            return Ok(ReplicaCheck {
+                lost: false,
+                replicated: true,
+                acked: None,
+            });
+        };
+        let mut pipe = redis::pipe();
+        for key in proofs {
+            pipe.cmd("PEXPIRE").arg(key).arg(PROOF_TTL_MS);
+        }
+        pipe.cmd("WAIT")
+            .arg(replicas)
+            .arg(timeout.as_millis() as u64);
+        let mut replies: Vec<Value> = scripts::run(&self.redis, &pipe, self.hold_timeout).await?;
+        let acked = int(
+            replies.pop().ok_or(ReplyError::Missing("WAIT reply"))?,
+            "WAIT reply",
+        )?;
+        let mut lost = replies.len() != proofs.len();
+        for reply in replies {
+            lost |= int(reply, "PEXPIRE reply")? != 1;
+        }
+        Ok(ReplicaCheck {
+            lost,
+            replicated: !lost && acked >= i64::from(replicas),
+            acked: Some(acked),
         })
     }
 

@@ -39,6 +39,9 @@ pub(crate) struct DelayShardKeys {
     pub(crate) lease: String,
     /// This claimer's last claim in the shard (`scripts/claim.lua`).
     pub(crate) claim: String,
+    /// Prefix of a hold's proof key in the shard (`KAIROS_REDIS_WAIT`,
+    /// see `RedisDelayQueue::hold`): the batch id follows.
+    pub(crate) proof: String,
 }
 
 /// The keys of one schedule shard.
@@ -73,6 +76,7 @@ impl Keys {
             rec: format!("{p}:rec"),
             lease: format!("{p}:lease"),
             claim: format!("{p}:claim:{claimer}"),
+            proof: format!("{p}:proof:"),
         }
     }
 
