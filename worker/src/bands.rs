@@ -1,0 +1,553 @@
+//! Band-first admission for the priority bands of a quorum-mode queue.
+//!
+//! Quorum queues before RabbitMQ 4 have no priorities, so in quorum mode a
+//! logical queue whose order has priorities is three queues, one per band
+//! (`kairos_shared::queue_mode::Band`), each consumed on a channel of its
+//! own. RabbitMQ no longer orders them for us: the worker does, among the
+//! deliveries it holds that wait to start.
+//!
+//! # The rule
+//! The next start goes to the oldest waiting delivery of the highest band
+//! that has one waiting, except that a lower band that has had a delivery
+//! waiting while `KAIROS_BAND_STARVATION_LIMIT` (N) starts went to higher
+//! bands gets the next start (when two lower bands are both due, the lower
+//! one first: its start is not a higher band's for the other, so both stay
+//! within the bound). A band's count starts again at 0 when one of its
+//! deliveries starts or when it has nothing waiting. So a waiting delivery
+//! sees at most N starts of higher bands before its band gets one, and
+//! under a full backlog in all three bands the starts go, per N + 2: N to
+//! the high band, one to the middle, one to the low one.
+//!
+//! # How it fits the units and slots
+//! The deliveries of all bands wait here first ([`Gate::enter`], in
+//! delivery order per band, from each band's consumer loop). One dispatcher
+//! per logical queue takes the delivery the rule picks through the usual
+//! admission (`crate::capacity` units, then a `crate::slots` slot, see
+//! `consumer::start_admission`) and hands it the permits once both are
+//! granted. Only then is the choice final (and counted for the rule): while
+//! the candidate still waits for units or a slot, a delivery the rule now
+//! prefers (a higher band that has just arrived) replaces it, and the
+//! candidate's wait is dropped, which leaves the units and slots queues. So
+//! the choice is made as late as possible, when something can start.
+//!
+//! A banded queue thus has one delivery at a time in the units and slots
+//! queues: the units' overtaking (a lighter task starting ahead of a heavy
+//! one, within `KAIROS_CAPACITY_RESERVE_MS`) applies between this queue and
+//! the worker's other queues, not among this queue's own deliveries, whose
+//! order is the band rule's. A heavy candidate that does not fit waits for
+//! its units like any other task (the reserve rule bounds that wait).
+
+use crate::capacity::Units;
+use crate::consumer::Admitted;
+use crate::slots::Slots;
+use kairos_shared::queue_mode::Band;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// Default of `KAIROS_BAND_STARVATION_LIMIT`: under a full backlog the high
+/// band gets 8 starts in 10, the middle and low bands one each.
+pub(crate) const DEFAULT_STARVATION_LIMIT: u32 = 8;
+
+/// Number of bands (low, middle, high), indexed by `Band::index`.
+const BANDS: usize = 3;
+
+/// The band rule of the module doc, over waiting items of any kind (pure
+/// logic: the gate keeps its deliveries' senders in it).
+pub(crate) struct Chooser<T> {
+    /// Waiting items per band (by `Band::index`), oldest first, each with
+    /// its arrival number.
+    waiting: [VecDeque<(u64, T)>; BANDS],
+    /// Per band: starts that went to higher bands while it had something
+    /// waiting, since its last start.
+    passed: [u32; BANDS],
+    limit: u32,
+    next_seq: u64,
+}
+
+/// Which waiting item the rule picks: its band and arrival number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Pick {
+    pub(crate) band: Band,
+    pub(crate) seq: u64,
+}
+
+fn band_at(index: usize) -> Band {
+    Band::HIGHEST_FIRST[BANDS - 1 - index.min(BANDS - 1)]
+}
+
+impl<T> Chooser<T> {
+    /// `limit` is N of the rule, at least 1 (0 would put the lowest band
+    /// first always; the setting refuses it).
+    pub(crate) fn new(limit: u32) -> Self {
+        Chooser {
+            waiting: Default::default(),
+            passed: [0; BANDS],
+            limit: limit.max(1),
+            next_seq: 0,
+        }
+    }
+
+    /// Adds an item at the back of its band.
+    pub(crate) fn push(&mut self, band: Band, item: T) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.waiting[usize::from(band.index())].push_back((seq, item));
+        seq
+    }
+
+    /// The item that should start next, if any waits.
+    pub(crate) fn pick(&self) -> Option<Pick> {
+        let head = |i: usize| {
+            self.waiting[i].front().map(|(seq, _)| Pick {
+                band: band_at(i),
+                seq: *seq,
+            })
+        };
+        // A starved band first, the lowest of them (see the module doc);
+        // the high band is never starved (nothing is above it).
+        (0..BANDS)
+            .find(|&i| !self.waiting[i].is_empty() && self.passed[i] >= self.limit)
+            .or_else(|| (0..BANDS).rev().find(|&i| !self.waiting[i].is_empty()))
+            .and_then(head)
+    }
+
+    /// The picked item starts: takes it out and counts the start for the
+    /// rule. `None` when it is no longer there.
+    pub(crate) fn start(&mut self, pick: Pick) -> Option<T> {
+        let b = usize::from(pick.band.index());
+        let pos = self.waiting[b].iter().position(|(s, _)| *s == pick.seq)?;
+        let (_, item) = self.waiting[b].remove(pos)?;
+        self.passed[b] = 0;
+        for lower in 0..b {
+            if !self.waiting[lower].is_empty() {
+                self.passed[lower] += 1;
+            }
+        }
+        self.forget_empty();
+        Some(item)
+    }
+
+    /// Drops the items `keep` refuses (deliveries handed back meanwhile).
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        for band in &mut self.waiting {
+            band.retain(|(_, item)| keep(item));
+        }
+        self.forget_empty();
+    }
+
+    /// Items waiting in `band`.
+    pub(crate) fn waiting(&self, band: Band) -> usize {
+        self.waiting[usize::from(band.index())].len()
+    }
+
+    /// Items waiting in every band.
+    pub(crate) fn len(&self) -> usize {
+        self.waiting.iter().map(VecDeque::len).sum()
+    }
+
+    /// A band with nothing waiting starts its count again.
+    fn forget_empty(&mut self) {
+        for (band, passed) in self.waiting.iter().zip(self.passed.iter_mut()) {
+            if band.is_empty() {
+                *passed = 0;
+            }
+        }
+    }
+}
+
+/// A waiting delivery: its cost, and where its permits go.
+struct Entry {
+    cost: u32,
+    grant: oneshot::Sender<Admitted>,
+}
+
+/// The band admission of one logical queue for one consumer run (a
+/// session, or until the queue is paused).
+pub(crate) struct Gate {
+    queue: String,
+    state: Mutex<Chooser<Entry>>,
+    /// Something changed: a delivery arrived or was handed back.
+    changed: Notify,
+}
+
+impl Gate {
+    pub(crate) fn new(queue: &str, limit: u32) -> Arc<Self> {
+        Arc::new(Gate {
+            queue: queue.to_string(),
+            state: Mutex::new(Chooser::new(limit)),
+            changed: Notify::new(),
+        })
+    }
+
+    /// A poisoned lock holds plain queues: still usable.
+    fn lock(&self) -> MutexGuard<'_, Chooser<Entry>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A delivery of `band` costing `cost` (which fits the capacity) waits
+    /// for its turn. Called in delivery order by the band's consumer loop.
+    /// The returned wait resolves with its permits; dropped before that,
+    /// the delivery leaves the gate.
+    pub(crate) fn enter(self: &Arc<Self>, band: Band, cost: u32) -> GateWait {
+        let (grant, granted) = oneshot::channel();
+        self.lock().push(band, Entry { cost, grant });
+        self.changed.notify_one();
+        GateWait {
+            gate: self.clone(),
+            granted,
+        }
+    }
+
+    /// Hands the permits to the deliveries as the rule picks them, until
+    /// `stop`. The deliveries still waiting then see the same `stop` and
+    /// go back to their queues.
+    pub(crate) async fn dispatch(
+        self: Arc<Self>,
+        units: Arc<Units>,
+        slots: Arc<Slots>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let candidate = self.pick();
+            let Some((pick, cost)) = candidate else {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = self.changed.notified() => continue,
+                }
+            };
+            // The cost was checked against the capacity on entry.
+            let Ok(wait) = units.request(cost) else {
+                self.lock().start(pick);
+                continue;
+            };
+            let mut admitting = crate::consumer::start_admission(wait, slots.clone());
+            let admitted = loop {
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return,
+                    // Before the grant: a change that came with it may
+                    // make another delivery the one to start.
+                    _ = self.changed.notified() => {
+                        // A delivery the rule now prefers, or the
+                        // candidate handed back: choose again (dropping
+                        // the wait leaves the units and slots queues, and
+                        // gives back what it was granted).
+                        if self.pick().map(|(p, _)| p) != Some(pick) {
+                            break None;
+                        }
+                    }
+                    admitted = &mut admitting => break Some(admitted),
+                }
+            };
+            let Some(admitted) = admitted else { continue };
+            let (entry, waiting) = {
+                let mut state = self.lock();
+                let entry = state.start(pick);
+                (
+                    entry,
+                    [Band::LOW, Band::MIDDLE, Band::HIGH].map(|b| state.waiting(b)),
+                )
+            };
+            metrics::counter!("kairos_worker_band_started_total", "queue" => self.queue.clone(), "band" => pick.band.label())
+                .increment(1);
+            for (b, n) in [Band::LOW, Band::MIDDLE, Band::HIGH].iter().zip(waiting) {
+                metrics::gauge!("kairos_worker_band_waiting", "queue" => self.queue.clone(), "band" => b.label())
+                    .set(n as f64);
+            }
+            // A delivery handed back meanwhile no longer takes them: the
+            // permits drop here and go back.
+            if let Some(entry) = entry {
+                let _ = entry.grant.send(admitted);
+            }
+        }
+    }
+
+    /// The rule's pick among the deliveries still waiting, with its cost.
+    fn pick(&self) -> Option<(Pick, u32)> {
+        let mut state = self.lock();
+        state.retain(|e| !e.grant.is_closed());
+        let pick = state.pick()?;
+        let cost = state.waiting[usize::from(pick.band.index())]
+            .front()
+            .map(|(_, e)| e.cost)?;
+        Some((pick, cost))
+    }
+
+    /// Deliveries waiting in the gate (all bands).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// A delivery's wait in the [`Gate`].
+pub(crate) struct GateWait {
+    gate: Arc<Gate>,
+    granted: oneshot::Receiver<Admitted>,
+}
+
+impl Future for GateWait {
+    type Output = Admitted;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Admitted> {
+        match Pin::new(&mut self.granted).poll(cx) {
+            Poll::Ready(Ok(admitted)) => Poll::Ready(admitted),
+            // The gate keeps the sender while the entry waits, and drops it
+            // only after sending or once this wait is dropped: not reached.
+            // Pending rather than a panic: the delivery's stop still ends
+            // the wait.
+            Poll::Ready(Err(_)) => Poll::Pending,
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for GateWait {
+    fn drop(&mut self) {
+        // Handed back (a stop, a pause) or granted: either way the
+        // dispatcher looks again (it removes closed entries).
+        self.gate.changed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kairos_shared::config::Concurrency;
+    use std::time::Duration;
+
+    const L: Band = Band::LOW;
+    const M: Band = Band::MIDDLE;
+    const H: Band = Band::HIGH;
+
+    /// Starts everything, returning the items in start order.
+    fn drain<T: Copy>(c: &mut Chooser<T>) -> Vec<T> {
+        let mut out = Vec::new();
+        while let Some(p) = c.pick() {
+            out.push(c.start(p).expect("the pick is waiting"));
+        }
+        out
+    }
+
+    #[test]
+    fn strictly_highest_band_first_within_the_limit() {
+        let mut c = Chooser::new(100);
+        for (band, name) in [(L, "l1"), (M, "m1"), (H, "h1"), (L, "l2"), (H, "h2")] {
+            c.push(band, name);
+        }
+        assert_eq!(drain(&mut c), vec!["h1", "h2", "m1", "l1", "l2"]);
+    }
+
+    #[test]
+    fn within_a_band_arrival_order() {
+        let mut c = Chooser::new(8);
+        for i in 0..20 {
+            c.push(M, i);
+        }
+        assert_eq!(drain(&mut c), (0..20).collect::<Vec<_>>());
+    }
+
+    /// Per band, the most starts of higher bands seen between two of its
+    /// own while it waited.
+    fn longest_pass(order: &[(Band, u32)], band: Band, limit_check: u32) -> u32 {
+        let mut worst = 0;
+        let mut passed = 0;
+        let left = order.iter().filter(|(b, _)| *b == band).count();
+        let mut seen = 0;
+        for (b, _) in order {
+            if seen == left {
+                break;
+            }
+            if *b == band {
+                seen += 1;
+                passed = 0;
+            } else if *b > band {
+                passed += 1;
+                worst = worst.max(passed);
+            }
+        }
+        assert!(
+            worst <= limit_check,
+            "{band:?}: {worst} higher starts in a row"
+        );
+        worst
+    }
+
+    #[test]
+    fn a_full_backlog_gives_every_lower_band_a_start_within_the_bound() {
+        let limit = 8;
+        let mut c = Chooser::new(limit);
+        for i in 0..30 {
+            c.push(L, (L, i));
+            c.push(M, (M, i));
+            c.push(H, (H, i));
+        }
+        let order = drain(&mut c);
+        assert_eq!(order.len(), 90);
+        // The first ten: 8 high, then the middle and low bands' turns.
+        let first: Vec<Band> = order.iter().take(10).map(|(b, _)| *b).collect();
+        assert_eq!(first, [[H; 8].as_slice(), &[L, M]].concat());
+        // The lower bands never see more than N higher starts in a row...
+        assert_eq!(longest_pass(&order, L, limit), limit);
+        assert_eq!(longest_pass(&order, M, limit), limit);
+        // ...and the low band has one start in every N + 1 while it waits.
+        let last_low = order.iter().rposition(|(b, _)| *b == L).unwrap();
+        for window in order[..=last_low].windows(limit as usize + 1) {
+            assert!(window.iter().any(|(b, _)| *b == L), "{window:?}");
+        }
+        // High gets most: 30 high starts within the first 38.
+        let high_done = order.iter().rposition(|(b, _)| *b == H).unwrap();
+        assert!(high_done < 38, "last high start at {high_done}");
+        // Every band in its arrival order.
+        for band in [L, M, H] {
+            let seqs: Vec<u32> = order
+                .iter()
+                .filter(|(b, _)| *b == band)
+                .map(|(_, i)| *i)
+                .collect();
+            assert_eq!(seqs, (0..30).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_band_appearing_midway_counts_from_its_arrival() {
+        let mut c = Chooser::new(3);
+        for i in 0..10 {
+            c.push(H, ("h", i));
+        }
+        // Five high starts before any low delivery waits: not counted.
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            let p = c.pick().unwrap();
+            order.push(c.start(p).unwrap());
+        }
+        c.push(L, ("l", 0));
+        c.push(L, ("l", 1));
+        order.extend(drain(&mut c));
+        let names: Vec<String> = order.iter().map(|(b, i)| format!("{b}{i}")).collect();
+        assert_eq!(
+            names,
+            ["h0", "h1", "h2", "h3", "h4", "h5", "h6", "h7", "l0", "h8", "h9", "l1"]
+        );
+    }
+
+    #[test]
+    fn an_emptied_band_starts_its_count_again() {
+        let mut c = Chooser::new(2);
+        c.push(H, "h0");
+        c.push(L, "l0");
+        c.push(H, "h1");
+        // One high start passes the low band...
+        let p = c.pick().unwrap();
+        assert_eq!(c.start(p), Some("h0"));
+        // ...which is then handed back (emptied) and comes again.
+        c.retain(|i| *i != "l0");
+        c.push(L, "l1");
+        c.push(H, "h2");
+        c.push(H, "h3");
+        assert_eq!(drain(&mut c), vec!["h1", "h2", "l1", "h3"]);
+    }
+
+    #[test]
+    fn two_due_bands_go_lowest_first() {
+        let mut c = Chooser::new(1);
+        c.push(L, "l0");
+        c.push(M, "m0");
+        c.push(H, "h0");
+        c.push(H, "h1");
+        c.push(M, "m1");
+        // h0 passes both; the low band goes first, which does not pass the
+        // middle one, and the middle one goes next.
+        assert_eq!(drain(&mut c), vec!["h0", "l0", "m0", "h1", "m1"]);
+    }
+
+    #[test]
+    fn a_limit_of_zero_is_taken_as_one() {
+        let mut c = Chooser::new(0);
+        c.push(L, "l0");
+        c.push(H, "h0");
+        assert_eq!(c.pick().map(|p| p.band), Some(H));
+    }
+
+    /// The gate with real units and slots: one slot, a backlog in all
+    /// bands, starts in the rule's order; a higher band arriving while the
+    /// candidate waits for the slot replaces it.
+    #[tokio::test]
+    async fn the_gate_starts_by_band_and_prefers_a_late_high_delivery() {
+        let units = Arc::new(Units::new(1, Duration::from_secs(1)));
+        let slots = Slots::new(Concurrency { min: 1, max: 1 });
+        let gate = Gate::new("q", 2);
+        let stop = CancellationToken::new();
+        let dispatcher = tokio::spawn(gate.clone().dispatch(
+            units.clone(),
+            slots.clone(),
+            stop.clone(),
+        ));
+        // The only slot is taken: everything waits.
+        let held = slots.acquire().await;
+        let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+        let spawn = |band: Band, name: &'static str| {
+            let wait = gate.enter(band, 1);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let permits = wait.await;
+                let _ = tx.send(name);
+                // Runs a moment, then frees the slot and units.
+                tokio::task::yield_now().await;
+                drop(permits);
+            })
+        };
+        let mut tasks = vec![spawn(L, "l0"), spawn(L, "l1"), spawn(M, "m0")];
+        tokio::task::yield_now().await;
+        tasks.push(spawn(H, "h0"));
+        tasks.push(spawn(H, "h1"));
+        tasks.push(spawn(H, "h2"));
+        while gate.len() < 6 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            order.push(started.recv().await.expect("a start"));
+        }
+        // Limit 2: two high starts pass the low and middle bands.
+        assert_eq!(order, vec!["h0", "h1", "l0", "m0", "h2", "l1"]);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        stop.cancel();
+        dispatcher.await.unwrap();
+        assert_eq!(units.used(), 0);
+        assert_eq!(slots.busy(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_delivery_handed_back_leaves_the_gate_and_its_turn_passes() {
+        let units = Arc::new(Units::new(4, Duration::from_secs(1)));
+        let slots = Slots::new(Concurrency { min: 1, max: 1 });
+        let gate = Gate::new("q", 8);
+        let stop = CancellationToken::new();
+        let dispatcher = tokio::spawn(gate.clone().dispatch(
+            units.clone(),
+            slots.clone(),
+            stop.clone(),
+        ));
+        let held = slots.acquire().await;
+        let high = gate.enter(H, 1);
+        let low = gate.enter(L, 1);
+        // The high one is the candidate, waiting for the slot; handed back.
+        drop(high);
+        drop(held);
+        let permits = low.await;
+        assert_eq!(gate.len(), 0);
+        drop(permits);
+        stop.cancel();
+        dispatcher.await.unwrap();
+        assert_eq!((units.used(), slots.busy()), (0, 0));
+    }
+}
