@@ -68,8 +68,8 @@ pub struct Config {
 
     /// Quorum mode, queues with priority bands: a lower band that has had a
     /// delivery waiting while this many starts went to higher bands gets
-    /// the next start. Under a full backlog the high band gets N starts in
-    /// N + 2, the middle and low bands one each.
+    /// the next start. Under a full backlog the high band gets about N
+    /// starts in N + 2, the middle and low bands about one each.
     #[arg(long, env = "KAIROS_BAND_STARVATION_LIMIT", value_name = "KAIROS_BAND_STARVATION_LIMIT", default_value_t = crate::bands::DEFAULT_STARVATION_LIMIT, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub band_starvation_limit: u32,
 
