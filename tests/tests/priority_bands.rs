@@ -367,8 +367,12 @@ async fn sigterm_hands_back_every_waiting_delivery_of_every_band() {
         back += want;
     }
     println!(
-        "after SIGTERM: {} ran ({started:?}), {back} back in their band queues",
-        3 * PER_BAND - back
+        "after SIGTERM: {} ran ({:?}), {back} back in their band queues",
+        3 * PER_BAND - back,
+        started
+            .iter()
+            .map(|(b, n)| format!("{} {n}", b.label()))
+            .collect::<Vec<_>>()
     );
     assert!(back > 0, "deliveries were waiting at SIGTERM");
     assert!(tap.of(EventKind::Failed).is_empty());
