@@ -378,3 +378,85 @@ async fn sigterm_hands_back_every_waiting_delivery_of_every_band() {
     assert!(tap.of(EventKind::Failed).is_empty());
     assert!(tap.of(EventKind::Dead).is_empty());
 }
+
+/// Consumers of one band queue now.
+async fn consumers(env: &TestEnv, queue: &str) -> u32 {
+    let q = env
+        .channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    q.consumer_count()
+}
+
+/// Polls until every band queue of `default` has `n` consumers (the broker
+/// tells no event for it).
+async fn wait_band_consumers(env: &TestEnv, n: u32) {
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    for band in env.names.bands("default") {
+        let q = env.names.band_queue("default", *band).expect("band queue");
+        loop {
+            let c = consumers(env, q.as_str()).await;
+            if c == n {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{q} has {c} consumers, not {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_a_queue_stops_every_band_and_resume_drains_them() {
+    let env = TestEnv::with_mode("bands-pause", QueueMode::Quorum).await;
+    let mut tap = EventTap::new(&env).await;
+    let (_schedulers, apis) = scheduler_processes(&env, 1).await;
+    let api = &apis[0];
+    let _worker = Proc::spawn("kairos-worker", &env.process_env());
+    wait_band_consumers(&env, 1).await;
+
+    let reply = api
+        .call(|a| a.send("POST", "/v1/queues/default/pause", None))
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    wait_band_consumers(&env, 0).await;
+    // A task per band waits in its band's queue while paused.
+    let tasks = PRIORITIES
+        .iter()
+        .map(|p| {
+            let key = env.names.route("default", *p).expect("key");
+            let props = task_props("kairos.noop", &id(*p, 0)).with_priority(*p);
+            (key.as_str().to_string(), props, Vec::new())
+        })
+        .collect();
+    env.publish_many(&env.names.tasks_exchange(), tasks).await;
+    for band in env.names.bands("default") {
+        let q = env.names.band_queue("default", *band).expect("band queue");
+        env.wait_depth(q.as_str(), WITHIN, "the task in its band", |d| d == 1)
+            .await;
+        assert_eq!(consumers(&env, q.as_str()).await, 0, "{q} paused");
+    }
+
+    let reply = api
+        .call(|a| a.send("POST", "/v1/queues/default/resume", None))
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    tap.wait_until(WITHIN, "a task of every band to run", |seen| {
+        PRIORITIES.iter().all(|p| {
+            let want = id(*p, 0);
+            seen.iter().any(|e| e.kind == "succeeded" && e.id == want)
+        })
+    })
+    .await;
+    wait_band_consumers(&env, 1).await;
+}
