@@ -44,6 +44,7 @@ use crate::capacity::Units;
 use crate::consumer::Admitted;
 use crate::slots::Slots;
 use kairos_shared::queue_mode::Band;
+use metrics::{Counter, Gauge};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -173,19 +174,42 @@ struct Entry {
 /// The band admission of one logical queue for one consumer run (a
 /// session, or until the queue is paused).
 pub(crate) struct Gate {
-    queue: String,
     state: Mutex<Chooser<Entry>>,
     /// Something changed: a delivery arrived or was handed back.
     changed: Notify,
+    /// `kairos_worker_band_waiting{queue,band}` and
+    /// `kairos_worker_band_started_total{queue,band}`, by `Band::index`:
+    /// handles taken once, so a delivery costs an atomic store, not a
+    /// registry lookup.
+    waiting: [Gauge; BANDS],
+    started: [Counter; BANDS],
 }
 
 impl Gate {
     pub(crate) fn new(queue: &str, limit: u32) -> Arc<Self> {
+        let labels = |i: usize| {
+            [
+                ("queue", queue.to_string()),
+                ("band", band_at(i).label().to_string()),
+            ]
+        };
         Arc::new(Gate {
-            queue: queue.to_string(),
             state: Mutex::new(Chooser::new(limit)),
             changed: Notify::new(),
+            waiting: std::array::from_fn(|i| {
+                metrics::gauge!("kairos_worker_band_waiting", &labels(i))
+            }),
+            started: std::array::from_fn(|i| {
+                metrics::counter!("kairos_worker_band_started_total", &labels(i))
+            }),
         })
+    }
+
+    /// Sets the waiting gauges from `state`.
+    fn publish_waiting(&self, state: &Chooser<Entry>) {
+        for (i, gauge) in self.waiting.iter().enumerate() {
+            gauge.set(state.waiting(band_at(i)) as f64);
+        }
     }
 
     /// A poisoned lock holds plain queues: still usable.
@@ -199,7 +223,11 @@ impl Gate {
     /// the delivery leaves the gate.
     pub(crate) fn enter(self: &Arc<Self>, band: Band, cost: u32) -> GateWait {
         let (grant, granted) = oneshot::channel();
-        self.lock().push(band, Entry { cost, grant });
+        {
+            let mut state = self.lock();
+            state.push(band, Entry { cost, grant });
+            self.publish_waiting(&state);
+        }
         self.changed.notify_one();
         GateWait {
             gate: self.clone(),
@@ -249,20 +277,13 @@ impl Gate {
                 }
             };
             let Some(admitted) = admitted else { continue };
-            let (entry, waiting) = {
+            let entry = {
                 let mut state = self.lock();
                 let entry = state.start(pick);
-                (
-                    entry,
-                    [Band::LOW, Band::MIDDLE, Band::HIGH].map(|b| state.waiting(b)),
-                )
+                self.publish_waiting(&state);
+                entry
             };
-            metrics::counter!("kairos_worker_band_started_total", "queue" => self.queue.clone(), "band" => pick.band.label())
-                .increment(1);
-            for (b, n) in [Band::LOW, Band::MIDDLE, Band::HIGH].iter().zip(waiting) {
-                metrics::gauge!("kairos_worker_band_waiting", "queue" => self.queue.clone(), "band" => b.label())
-                    .set(n as f64);
-            }
+            self.started[usize::from(pick.band.index())].increment(1);
             // A delivery handed back meanwhile no longer takes them: the
             // permits drop here and go back.
             if let Some(entry) = entry {
@@ -275,6 +296,7 @@ impl Gate {
     fn pick(&self) -> Option<(Pick, u32)> {
         let mut state = self.lock();
         state.retain(|e| !e.grant.is_closed());
+        self.publish_waiting(&state);
         let pick = state.pick()?;
         let cost = state.waiting[usize::from(pick.band.index())]
             .front()
