@@ -256,7 +256,7 @@ enum Admission {
 pub(crate) type Admitted = (UnitsPermit, OwnedSemaphorePermit);
 
 /// The wait for a delivery's units and slot.
-type Admitting = Pin<Box<dyn Future<Output = Admitted> + Send>>;
+pub(crate) type Admitting = Pin<Box<dyn Future<Output = Admitted> + Send>>;
 
 /// Starts the wait for units, then a slot, here in the consumer loop, up to
 /// where it must wait: its places in the units queue and in the slots'
