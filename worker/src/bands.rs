@@ -33,16 +33,20 @@
 //! candidate's wait is dropped, which leaves the units and slots queues. So
 //! the choice is made as late as possible, when something can start.
 //!
-//! A banded queue thus has one delivery at a time in the units and slots
-//! queues: the units' overtaking (a lighter task starting ahead of a heavy
-//! one, within `KAIROS_CAPACITY_RESERVE_MS`) applies between this queue and
-//! the worker's other queues, not among this queue's own deliveries, whose
-//! order is the band rule's. A heavy candidate that does not fit waits for
-//! its units like any other task (the reserve rule bounds that wait).
+//! The units' overtaking (`crate::capacity`) still holds within the
+//! bands: a picked delivery too heavy for the free units, while the units
+//! queue's head is not reserved, keeps its place in the units queue (it is
+//! *parked*, counted as a start for the rule, and becomes reserved in time)
+//! and the dispatcher picks the next one, which may fit and start ahead of
+//! it. Once the head is reserved, nothing may overtake it: the candidate
+//! then waits for its units and a slot, and stays replaceable as above.
+//! So a banded queue has in the units and slots queues its parked
+//! deliveries and one candidate.
 
 use crate::capacity::Units;
 use crate::consumer::Admitted;
 use crate::slots::Slots;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use kairos_shared::queue_mode::Band;
 use metrics::{Counter, Gauge};
 use std::collections::BTreeMap;
@@ -252,12 +256,17 @@ impl Gate {
         slots: Arc<Slots>,
         stop: CancellationToken,
     ) {
+        // Deliveries that did not fit in the free units and keep their
+        // place in the units queue, each until granted (then it waits for a
+        // slot like any task) or handed back.
+        let mut parked = FuturesUnordered::new();
         loop {
             let candidate = self.pick();
             let Some((pick, cost)) = candidate else {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = self.changed.notified() => continue,
+                    Some(()) = parked.next(), if !parked.is_empty() => continue,
                 }
             };
             // The cost was checked against the capacity on entry.
@@ -265,11 +274,23 @@ impl Gate {
                 self.lock().start(pick);
                 continue;
             };
+            if wait.queued() && !units.head_reserved() {
+                // Too heavy for the free units, while lighter tasks may
+                // still overtake: it keeps its place in the units queue
+                // (where it becomes reserved in time) and the next pick
+                // goes on, as in the direct admission.
+                if let Some(entry) = self.start(pick) {
+                    let admitting = crate::consumer::start_admission(wait, slots.clone());
+                    parked.push(park(entry.grant, admitting));
+                }
+                continue;
+            }
             let mut admitting = crate::consumer::start_admission(wait, slots.clone());
             let admitted = loop {
                 tokio::select! {
                     biased;
                     _ = stop.cancelled() => return,
+                    Some(()) = parked.next(), if !parked.is_empty() => {}
                     // Before the grant: a change that came with it may
                     // make another delivery the one to start.
                     _ = self.changed.notified() => {
@@ -285,19 +306,25 @@ impl Gate {
                 }
             };
             let Some(admitted) = admitted else { continue };
-            let entry = {
-                let mut state = self.lock();
-                let entry = state.start(pick);
-                self.publish_waiting(&state);
-                entry
-            };
-            self.started[usize::from(pick.band.index())].increment(1);
+            let entry = self.start(pick);
             // A delivery handed back meanwhile no longer takes them: the
             // permits drop here and go back.
             if let Some(entry) = entry {
                 let _ = entry.grant.send(admitted);
             }
         }
+    }
+
+    /// The picked delivery starts, for the rule: out of the gate.
+    fn start(&self, pick: Pick) -> Option<Entry> {
+        let entry = {
+            let mut state = self.lock();
+            let entry = state.start(pick);
+            self.publish_waiting(&state);
+            entry
+        };
+        self.started[usize::from(pick.band.index())].increment(1);
+        entry
     }
 
     /// The rule's pick among the deliveries still waiting, with its cost.
@@ -312,6 +339,17 @@ impl Gate {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
+    }
+}
+
+/// A parked delivery's wait: hands it the permits once granted, or gives
+/// up its places in the units and slots queues when it is handed back.
+async fn park(mut grant: oneshot::Sender<Admitted>, admitting: crate::consumer::Admitting) {
+    tokio::select! {
+        admitted = admitting => {
+            let _ = grant.send(admitted);
+        }
+        () = grant.closed() => {}
     }
 }
 
@@ -575,6 +613,46 @@ mod tests {
         dispatcher.await.unwrap();
         assert_eq!(units.used(), 0);
         assert_eq!(slots.busy(), 0);
+    }
+
+    /// Within the bands the units' overtaking holds: a heavy delivery
+    /// that does not fit keeps its place, a lighter one behind it starts,
+    /// and once the heavy one is reserved nothing overtakes it.
+    #[tokio::test(start_paused = true)]
+    async fn a_heavy_delivery_lets_lighter_ones_overtake_until_it_is_reserved() {
+        let reserve = Duration::from_millis(1000);
+        let units = Arc::new(Units::new(2, reserve));
+        let slots = Slots::new(Concurrency { min: 4, max: 4 });
+        let gate = Gate::new("q", 8);
+        let stop = CancellationToken::new();
+        let dispatcher = tokio::spawn(gate.clone().dispatch(
+            units.clone(),
+            slots.clone(),
+            stop.clone(),
+        ));
+        let running = futures_util::FutureExt::now_or_never(units.request(1).unwrap().granted())
+            .expect("one unit busy");
+        let mut heavy = tokio::spawn(gate.enter(H, 2));
+        let light = gate.enter(H, 1).await;
+        assert!(
+            futures_util::FutureExt::now_or_never(&mut heavy).is_none(),
+            "the heavy one waits for its units"
+        );
+        drop(light);
+        // Past the reserve bound: the heavy one is reserved, a light one
+        // arriving now waits behind it although a unit is free.
+        tokio::time::advance(reserve).await;
+        let mut late = tokio::spawn(gate.enter(H, 1));
+        tokio::task::yield_now().await;
+        assert!(futures_util::FutureExt::now_or_never(&mut late).is_none());
+        drop(running);
+        let heavy = heavy.await.unwrap();
+        assert!(futures_util::FutureExt::now_or_never(&mut late).is_none());
+        drop(heavy);
+        drop(late.await.unwrap());
+        stop.cancel();
+        dispatcher.await.unwrap();
+        assert_eq!((units.used(), slots.busy()), (0, 0));
     }
 
     /// A measurement, not a check (`--ignored`): deliveries per second

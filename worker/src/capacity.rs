@@ -140,6 +140,18 @@ impl Units {
     }
 }
 
+impl Units {
+    /// Whether the oldest waiting task is reserved: nothing else may start
+    /// before it (`crate::bands` stops letting lighter deliveries through).
+    pub(crate) fn head_reserved(&self) -> bool {
+        let state = self.inner.lock();
+        state
+            .waiting
+            .front()
+            .is_some_and(|head| self.inner.is_reserved(head, Instant::now()))
+    }
+}
+
 impl Inner {
     /// A poisoned lock holds only counts, each changed in one step.
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -202,6 +214,12 @@ pub(crate) struct UnitsWait {
 }
 
 impl UnitsWait {
+    /// Whether the task waits in the queue (its units were not free at
+    /// once).
+    pub(crate) fn queued(&self) -> bool {
+        self.id.is_some()
+    }
+
     /// Waits until the units are this task's.
     pub(crate) async fn granted(mut self) -> UnitsPermit {
         if let Some(rx) = self.grant.take() {
