@@ -34,12 +34,15 @@
 //! the choice is made as late as possible, when something can start.
 //!
 //! The units' overtaking (`crate::capacity`) still holds within the
-//! bands: a picked delivery too heavy for the free units, while the units
-//! queue's head is not reserved, keeps its place in the units queue (it is
-//! *parked*, counted as a start for the rule, and becomes reserved in time)
-//! and the dispatcher picks the next one, which may fit and start ahead of
-//! it. Once the head is reserved, nothing may overtake it: the candidate
-//! then waits for its units and a slot, and stays replaceable as above.
+//! bands: a picked delivery costing more than 1 that does not fit in the
+//! free units, while the units queue's head is not reserved, keeps its
+//! place in the units queue (it is *parked*, counted as a start for the
+//! rule, and becomes reserved in time) and the dispatcher picks the next
+//! one, which may fit and start ahead of it (a later higher-band delivery
+//! that fits too). A cost-1 delivery that does not fit (every unit busy)
+//! cannot be overtaken by a lighter one, and with a reserved head nothing
+//! may overtake: the candidate then waits for its units and a slot, and
+//! stays replaceable as above.
 //! So a banded queue has in the units and slots queues its parked
 //! deliveries and one candidate.
 
@@ -274,11 +277,14 @@ impl Gate {
                 self.lock().start(pick);
                 continue;
             };
-            if wait.queued() && !units.head_reserved() {
-                // Too heavy for the free units, while lighter tasks may
-                // still overtake: it keeps its place in the units queue
+            if wait.queued() && cost > 1 && units.overtaking_open() {
+                // Too heavy for the free units, while a lighter task may
+                // start ahead of it: it keeps its place in the units queue
                 // (where it becomes reserved in time) and the next pick
-                // goes on, as in the direct admission.
+                // goes on, as in the direct admission. A cost-1 delivery
+                // that does not fit (every unit busy, the usual case under
+                // a full pool) stays the candidate instead: nothing lighter
+                // could overtake it, and the band order holds.
                 if let Some(entry) = self.start(pick) {
                     let admitting = crate::consumer::start_admission(wait, slots.clone());
                     parked.push(park(entry.grant, admitting));

@@ -141,11 +141,13 @@ impl Units {
 }
 
 impl Units {
-    /// Whether the oldest waiting task is reserved: nothing else may start
-    /// before it (`crate::bands` stops letting lighter deliveries through).
-    pub(crate) fn head_reserved(&self) -> bool {
+    /// Whether a lighter task may start ahead of the waiting ones: the
+    /// oldest waiting task is not reserved. `crate::bands` lets a heavy
+    /// delivery that does not fit wait in the units queue (and picks the
+    /// next one) only then: with a reserved head nothing may overtake it.
+    pub(crate) fn overtaking_open(&self) -> bool {
         let state = self.inner.lock();
-        state
+        !state
             .waiting
             .front()
             .is_some_and(|head| self.inner.is_reserved(head, Instant::now()))
