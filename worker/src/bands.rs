@@ -44,7 +44,10 @@
 //! may overtake: the candidate then waits for its units and a slot, and
 //! stays replaceable as above.
 //! So a banded queue has in the units and slots queues its parked
-//! deliveries and one candidate.
+//! deliveries and one candidate. Each enters the units queue with its
+//! arrival in the gate as its start of waiting (`Units::request_since`):
+//! a heavy delivery that waited behind others in the gate is reserved as
+//! soon as it would have been in the direct admission.
 
 use crate::capacity::Units;
 use crate::consumer::Admitted;
@@ -179,6 +182,8 @@ impl<T> Chooser<T> {
 /// A waiting delivery: its cost, and where its permits go.
 struct Entry {
     cost: u32,
+    /// When it entered the gate: its wait for units counts from then.
+    since: tokio::time::Instant,
     grant: oneshot::Sender<Admitted>,
 }
 
@@ -236,7 +241,8 @@ impl Gate {
         let (grant, granted) = oneshot::channel();
         let seq = {
             let mut state = self.lock();
-            let seq = state.push(band, Entry { cost, grant });
+            let since = tokio::time::Instant::now();
+            let seq = state.push(band, Entry { cost, since, grant });
             self.publish_waiting(&state);
             seq
         };
@@ -265,7 +271,7 @@ impl Gate {
         let mut parked = FuturesUnordered::new();
         loop {
             let candidate = self.pick();
-            let Some((pick, cost)) = candidate else {
+            let Some((pick, cost, since)) = candidate else {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = self.changed.notified() => continue,
@@ -273,7 +279,7 @@ impl Gate {
                 }
             };
             // The cost was checked against the capacity on entry.
-            let Ok(wait) = units.request(cost) else {
+            let Ok(wait) = units.request_since(cost, since) else {
                 self.lock().start(pick);
                 continue;
             };
@@ -304,7 +310,7 @@ impl Gate {
                         // candidate handed back: choose again (dropping
                         // the wait leaves the units and slots queues, and
                         // gives back what it was granted).
-                        if self.pick().map(|(p, _)| p) != Some(pick) {
+                        if self.pick().map(|(p, ..)| p) != Some(pick) {
                             break None;
                         }
                     }
@@ -333,12 +339,13 @@ impl Gate {
         entry
     }
 
-    /// The rule's pick among the deliveries still waiting, with its cost.
-    fn pick(&self) -> Option<(Pick, u32)> {
+    /// The rule's pick among the deliveries still waiting, with its cost
+    /// and arrival.
+    fn pick(&self) -> Option<(Pick, u32, tokio::time::Instant)> {
         let state = self.lock();
         let pick = state.pick()?;
-        let cost = state.head(pick)?.cost;
-        Some((pick, cost))
+        let head = state.head(pick)?;
+        Some((pick, head.cost, head.since))
     }
 
     /// Deliveries waiting in the gate (all bands).
