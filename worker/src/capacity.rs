@@ -97,6 +97,17 @@ impl Units {
     /// the delivery order although each delivery waits in a task of its
     /// own. Fails at once when `cost` exceeds the capacity.
     pub(crate) fn request(&self, cost: u32) -> Result<UnitsWait, OverCapacity> {
+        self.request_since(cost, Instant::now())
+    }
+
+    /// [`request`](Self::request) for a task that has waited since
+    /// `since` already (in `crate::bands`' gate): its place in the queue
+    /// and its reserve bound count from then, as if it had asked then.
+    pub(crate) fn request_since(
+        &self,
+        cost: u32,
+        since: Instant,
+    ) -> Result<UnitsWait, OverCapacity> {
         let capacity = self.inner.capacity;
         if cost > capacity {
             return Err(OverCapacity { cost, capacity });
@@ -123,12 +134,18 @@ impl Units {
         let id = state.next_id;
         state.next_id += 1;
         let (tx, rx) = oneshot::channel();
-        state.waiting.push_back(Waiter {
-            id,
-            cost,
-            since: now,
-            grant: tx,
-        });
+        // Oldest first: a task asking now goes to the back; one that has
+        // waited since earlier goes before those that came after it.
+        let at = state.waiting.partition_point(|w| w.since <= since);
+        state.waiting.insert(
+            at,
+            Waiter {
+                id,
+                cost,
+                since,
+                grant: tx,
+            },
+        );
         drop(state);
         Ok(UnitsWait {
             inner,
@@ -137,6 +154,25 @@ impl Units {
             grant: Some(rx),
             taken: false,
         })
+    }
+}
+
+impl Units {
+    #[cfg(test)]
+    fn head_is_reserved_for_tests(&self) -> bool {
+        !self.overtaking_open()
+    }
+
+    /// Whether a lighter task may start ahead of the waiting ones: the
+    /// oldest waiting task is not reserved. `crate::bands` lets a heavy
+    /// delivery that does not fit wait in the units queue (and picks the
+    /// next one) only then: with a reserved head nothing may overtake it.
+    pub(crate) fn overtaking_open(&self) -> bool {
+        let state = self.inner.lock();
+        !state
+            .waiting
+            .front()
+            .is_some_and(|head| self.inner.is_reserved(head, Instant::now()))
     }
 }
 
@@ -202,6 +238,12 @@ pub(crate) struct UnitsWait {
 }
 
 impl UnitsWait {
+    /// Whether the task waits in the queue (its units were not free at
+    /// once).
+    pub(crate) fn queued(&self) -> bool {
+        self.id.is_some()
+    }
+
     /// Waits until the units are this task's.
     pub(crate) async fn granted(mut self) -> UnitsPermit {
         if let Some(rx) = self.grant.take() {
@@ -413,6 +455,24 @@ mod tests {
         let p2 = now_or_never(heavy2).expect("then the 2");
         let p1 = now_or_never(light).expect("and the light one beside it");
         drop((p2, p1));
+        assert_eq!(u.used(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_waited_elsewhere_counts_its_wait_from_then() {
+        let u = units(4);
+        let all = now_or_never(u.request(4).unwrap()).unwrap();
+        let since = Instant::now();
+        tokio::time::advance(RESERVE).await;
+        let light = u.request(1).unwrap();
+        // Waited the whole bound already (in the bands' gate): it goes
+        // before the younger light one and is reserved at once.
+        let heavy = u.request_since(3, since).unwrap();
+        assert!(u.head_is_reserved_for_tests());
+        drop(all);
+        let h = now_or_never(heavy).expect("the older one first");
+        let l = now_or_never(light).expect("and the light one beside it");
+        drop((h, l));
         assert_eq!(u.used(), 0);
     }
 

@@ -66,6 +66,13 @@ pub struct Config {
     #[arg(long, env = "KAIROS_CAPACITY_RESERVE_MS", value_name = "KAIROS_CAPACITY_RESERVE_MS", default_value_t = DEFAULT_CAPACITY_RESERVE_MS, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub capacity_reserve_ms: u64,
 
+    /// Quorum mode, queues with priority bands: a lower band that has had a
+    /// delivery waiting while this many starts went to higher bands gets
+    /// the next start. Under a full backlog the high band gets about N
+    /// starts in N + 2, the middle and low bands about one each.
+    #[arg(long, env = "KAIROS_BAND_STARVATION_LIMIT", value_name = "KAIROS_BAND_STARVATION_LIMIT", default_value_t = crate::bands::DEFAULT_STARVATION_LIMIT, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub band_starvation_limit: u32,
+
     /// Time running tasks get to finish after SIGTERM/SIGINT (ms); what is
     /// still running then is left unacked for RabbitMQ to redeliver.
     #[arg(
@@ -236,6 +243,7 @@ mod tests {
         let c = Config::try_parse_from(["w"]).unwrap();
         assert_eq!(c.capacity(), 64, "the maximum concurrency");
         assert_eq!(c.capacity_reserve_ms, 1_000);
+        assert_eq!(c.band_starvation_limit, 8);
         let c = Config::try_parse_from(["w", "--concurrency", "2..8", "--capacity", "3"]).unwrap();
         assert_eq!(c.capacity(), 3);
     }
@@ -255,6 +263,19 @@ mod tests {
             .to_string();
         assert!(err.contains("KAIROS_CAPACITY_RESERVE_MS"), "{err}");
     }
+    #[test]
+    fn a_bad_band_starvation_limit_names_the_setting() {
+        for bad in ["0", "-1", "many", "10001"] {
+            let err = Config::try_parse_from(["w", &format!("--band-starvation-limit={bad}")])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("KAIROS_BAND_STARVATION_LIMIT"), "{bad}: {err}");
+        }
+        let c = Config::try_parse_from(["w", "--band-starvation-limit", "1"]).unwrap();
+        assert_eq!(c.band_starvation_limit, 1);
+    }
+
     #[test]
     fn for_namespace_ignores_the_environment() {
         // No other unit test of this crate looks at shutdown_grace_ms.

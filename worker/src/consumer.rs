@@ -6,8 +6,13 @@
 //!
 //! If the process dies while a handler runs, the delivery is unacked and
 //! RabbitMQ redelivers it to another consumer.
+//!
+//! A queue with priority bands (quorum mode) is consumed band by band, each
+//! on a channel of its own, and its deliveries wait in a `crate::bands`
+//! gate before the units and slots ([`consume_bands`]).
 
 use crate::acks::Acks;
+use crate::bands::Gate;
 use crate::capacity::{OverCapacity, Units, UnitsPermit, UnitsWait};
 use crate::control::{abortable, Control};
 use crate::disposition::{Disposition, DispositionError};
@@ -21,6 +26,7 @@ use kairos_shared::amqp::now_ms;
 use kairos_shared::contract::{Names, Task};
 use kairos_shared::events::{EventKind, EventSink};
 use kairos_shared::metrics::seconds_between;
+use kairos_shared::queue_mode::Band;
 use kairos_shared::supervise::panic_text;
 use lapin::message::Delivery;
 use lapin::options::BasicNackOptions;
@@ -50,6 +56,8 @@ pub(crate) struct Shared {
     pub(crate) units: Arc<Units>,
     /// Time limit of an attempt without `x-timeout-ms`.
     pub(crate) default_timeout: Duration,
+    /// `KAIROS_BAND_STARVATION_LIMIT`, for queues with priority bands.
+    pub(crate) band_starvation_limit: u32,
     /// Fired when an ack or a replacement publish failed: the session must
     /// reconnect (its channel is gone, deliveries will come back).
     pub(crate) broken: CancellationToken,
@@ -79,23 +87,96 @@ pub(crate) enum ConsumeError {
     BadQueue(#[from] kairos_shared::contract::ProtocolError),
 }
 
-/// Consumes `NS.q.QUEUE` on `channel` until `stop` fires, spawning each
-/// delivery onto `tracker`, where it waits for its units and a slot. On
-/// stop it cancels the consumer and hands back the deliveries that had not
-/// been taken, but leaves the channel open: running tasks still ack on it,
-/// and the session closes it after they finished. The prefetch follows the
-/// pool unless `setup` fixes it (`crate::prefetch`).
-pub(crate) async fn consume(
-    channel: &Channel,
+/// One band's consumer channel and the acks of its deliveries.
+pub(crate) struct BandChannel {
+    pub(crate) band: Band,
+    pub(crate) channel: Channel,
+    pub(crate) acks: Arc<Acks>,
+}
+
+/// Consumes every band queue of `queue` (`NS.q.QUEUE`, `.p4`, `.p7`), each
+/// on its own channel, until `stop` fires or one of them ends; the others
+/// then stop too. Their deliveries wait in one gate, which starts them band
+/// first without starving the lower bands (`crate::bands`).
+///
+/// Each band consumer has the prefetch of a single queue (the pool's, or
+/// `KAIROS_PREFETCH`): so a high-band delivery can arrive while the low
+/// band's window is full of waiting deliveries, which is the point of the
+/// bands. The worker then holds at most three prefetch windows for this
+/// queue (running tasks included): each window is bounded by the pool
+/// (`crate::prefetch`), so what one worker hides from the others stays a
+/// small multiple of what it can run.
+pub(crate) async fn consume_bands(
+    bands: &[BandChannel],
     shared: Arc<Shared>,
-    acks: Arc<Acks>,
     queue: &str,
     setup: &ConsumerSetup,
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) -> Result<(), ConsumeError> {
-    let queue_name = shared.names.queue_name(queue)?;
-    let mut consumer = PooledConsumer::start(channel, queue_name, queue, setup).await?;
+    let gate = Gate::new(queue, shared.band_starvation_limit);
+    // Ends every band's consumer and the dispatcher when one of them ends
+    // (the session then starts again) or on `stop`.
+    let run = stop.child_token();
+    let dispatch = gate
+        .clone()
+        .dispatch(shared.units.clone(), shared.slots.clone(), run.clone());
+    let consumers = bands.iter().map(|b| {
+        let (shared, gate, run) = (shared.clone(), gate.clone(), run.clone());
+        async move {
+            let admit = Admit::Band(gate, b.band);
+            let r = consume(
+                &b.channel,
+                shared,
+                b.acks.clone(),
+                queue,
+                admit,
+                setup,
+                tracker,
+                run.clone(),
+            )
+            .await;
+            run.cancel();
+            r
+        }
+    });
+    let (results, ()) = tokio::join!(futures_util::future::join_all(consumers), dispatch);
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    Ok(())
+}
+
+/// How a consumer's deliveries reach the units and slots.
+pub(crate) enum Admit {
+    /// In delivery order, straight away: a queue without bands.
+    Direct,
+    /// Through the gate of the queue's bands, as deliveries of this band.
+    Band(Arc<Gate>, Band),
+}
+
+/// Consumes `NS.q.QUEUE` (or, with [`Admit::Band`], that band's queue) on
+/// `channel` until `stop` fires, spawning each delivery onto `tracker`,
+/// where it waits for its units and a slot. On stop it cancels the
+/// consumer and hands back the deliveries that had not been taken, but
+/// leaves the channel open: running tasks still ack on it, and the session
+/// closes it after they finished. The prefetch follows the pool unless
+/// `setup` fixes it (`crate::prefetch`).
+// The session's pieces, each needed here.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn consume(
+    channel: &Channel,
+    shared: Arc<Shared>,
+    acks: Arc<Acks>,
+    queue: &str,
+    how: Admit,
+    setup: &ConsumerSetup,
+    tracker: &TaskTracker,
+    stop: CancellationToken,
+) -> Result<(), ConsumeError> {
+    let queue_name = match &how {
+        Admit::Direct => shared.names.queue_name(queue)?,
+        Admit::Band(_, band) => shared.names.band_queue(queue, *band)?,
+    };
+    let mut consumer = PooledConsumer::start(channel, queue_name.clone(), queue, setup).await?;
     loop {
         let delivery = tokio::select! {
             _ = stop.cancelled() => break,
@@ -103,7 +184,13 @@ pub(crate) async fn consume(
         };
         let delivery = match delivery {
             Some(d) => d?,
-            None => return Err(ConsumeError::Cancelled(queue.to_string())),
+            None => {
+                let name = match how {
+                    Admit::Direct => queue.to_string(),
+                    Admit::Band(..) => queue_name.to_string(),
+                };
+                return Err(ConsumeError::Cancelled(name));
+            }
         };
         // Registered at once, in delivery order, though it may wait for
         // units and a slot: a `multiple` ack covers every unacked tag below
@@ -116,7 +203,7 @@ pub(crate) async fn consume(
         // task, so this loop takes further deliveries (up to the prefetch)
         // that may overtake a heavy one within the reserve bound
         // (`crate::capacity`).
-        let admission = admit(&shared, queue, &delivery);
+        let admission = admit(&shared, queue, &how, &delivery);
         let (shared, acks, stop) = (shared.clone(), acks.clone(), stop.clone());
         let queue = queue.to_string();
         tracker.spawn(async move {
@@ -166,10 +253,10 @@ enum Admission {
 }
 
 /// Units, then a slot: what a delivery holds while it runs.
-type Admitted = (UnitsPermit, OwnedSemaphorePermit);
+pub(crate) type Admitted = (UnitsPermit, OwnedSemaphorePermit);
 
 /// The wait for a delivery's units and slot.
-type Admitting = Pin<Box<dyn Future<Output = Admitted> + Send>>;
+pub(crate) type Admitting = Pin<Box<dyn Future<Output = Admitted> + Send>>;
 
 /// Starts the wait for units, then a slot, here in the consumer loop, up to
 /// where it must wait: its places in the units queue and in the slots'
@@ -183,7 +270,7 @@ type Admitting = Pin<Box<dyn Future<Output = Admitted> + Send>>;
 /// Units first: a delivery waiting for units holds no slot, so the slots'
 /// backlog (what grows the pool) counts only tasks that more concurrency
 /// would start.
-fn start_admission(units: UnitsWait, slots: Arc<Slots>) -> Admitting {
+pub(crate) fn start_admission(units: UnitsWait, slots: Arc<Slots>) -> Admitting {
     let mut wait = Box::pin(async move {
         let units = units.granted().await;
         (units, slots.acquire().await)
@@ -196,16 +283,34 @@ fn start_admission(units: UnitsWait, slots: Arc<Slots>) -> Admitting {
 
 /// `queue` is the logical queue this consumer serves. It names the task's
 /// queue rather than the routing key, which differs when a client published
-/// straight to `NS.q.QUEUE` through the default exchange.
-fn admit(shared: &Shared, queue: &str, delivery: &Delivery) -> Admission {
-    match Task::decode(queue, &delivery.properties, &delivery.data) {
-        Err(err) => Admission::Unusable(err.to_string()),
-        Ok(task) => match shared.units.request(task.cost) {
-            Ok(wait) => {
-                Admission::Wait(Box::new(task), start_admission(wait, shared.slots.clone()))
-            }
-            Err(over) => Admission::OverCapacity(Box::new(task), over),
-        },
+/// straight to `NS.q.QUEUE` through the default exchange (or to a band's
+/// queue).
+fn admit(shared: &Shared, queue: &str, how: &Admit, delivery: &Delivery) -> Admission {
+    let task = match Task::decode(queue, &delivery.properties, &delivery.data) {
+        Err(err) => return Admission::Unusable(err.to_string()),
+        Ok(task) => task,
+    };
+    let Admit::Band(gate, band) = how else {
+        return admit_direct(shared, task);
+    };
+    let capacity = shared.units.capacity();
+    if task.cost > capacity {
+        let over = OverCapacity {
+            cost: task.cost,
+            capacity,
+        };
+        return Admission::OverCapacity(Box::new(task), over);
+    }
+    // Its place in the gate is taken here, in delivery order.
+    let wait = gate.enter(*band, task.cost);
+    Admission::Wait(Box::new(task), Box::pin(wait))
+}
+
+/// Takes the task's places in the units and slots queues now.
+fn admit_direct(shared: &Shared, task: Task) -> Admission {
+    match shared.units.request(task.cost) {
+        Ok(wait) => Admission::Wait(Box::new(task), start_admission(wait, shared.slots.clone())),
+        Err(over) => Admission::OverCapacity(Box::new(task), over),
     }
 }
 

@@ -45,6 +45,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod acks;
+mod bands;
 pub mod builtin;
 mod capacity;
 mod config;

@@ -8,7 +8,7 @@
 
 use crate::acks::Acks;
 use crate::capacity::Units;
-use crate::consumer::{consume, ConsumeError, Shared};
+use crate::consumer::{consume, consume_bands, Admit, BandChannel, ConsumeError, Shared};
 use crate::control::Control;
 use crate::disposition::Disposition;
 use crate::prefetch::{ConsumerSetup, Consuming};
@@ -98,12 +98,13 @@ impl AmqpSession {
         }
     }
 
-    /// Declares the topology and opens the session's channels, one per
-    /// queue, and what every delivery shares.
+    /// Declares the topology and opens the session's consumer channels, one
+    /// per queue and band (one band unless quorum mode gives the queue
+    /// three), and what every delivery shares.
     async fn open(
         &self,
         s: &mut Connected,
-    ) -> Result<(Arc<Shared>, Vec<lapin::Channel>), SessionError> {
+    ) -> Result<(Arc<Shared>, Vec<Vec<BandChannel>>), SessionError> {
         let channel = s.conn.create_channel().await?;
         s.channels.push(channel.clone());
         topology::declare_base(&channel, &self.names).await?;
@@ -129,6 +130,7 @@ impl AmqpSession {
             slots: self.slots.clone(),
             units: self.units.clone(),
             default_timeout: Duration::from_millis(self.config.task_timeout_ms),
+            band_starvation_limit: self.config.band_starvation_limit,
             broken: s.broken.clone(),
             abandon: s.abandon.clone(),
             shutdown: self.work.cancel_token().clone(),
@@ -141,11 +143,23 @@ impl AmqpSession {
             },
         });
         let mut consumer_channels = Vec::with_capacity(self.config.queues.len());
-        for _ in &self.config.queues {
-            let channel = s.conn.create_channel().await?;
-            s.acks.push(Acks::start(channel.clone(), s.broken.clone()));
-            s.channels.push(channel.clone());
-            consumer_channels.push(channel);
+        for q in &self.config.queues {
+            // A channel (and acks) per band: delivery tags are per channel,
+            // and the acks' `multiple` prefix rule needs them registered in
+            // tag order, which one consumer loop per channel gives.
+            let mut bands = Vec::new();
+            for band in self.names.bands(q) {
+                let channel = s.conn.create_channel().await?;
+                let acks = Acks::start(channel.clone(), s.broken.clone());
+                s.acks.push(acks.clone());
+                s.channels.push(channel.clone());
+                bands.push(BandChannel {
+                    band: *band,
+                    channel,
+                    acks,
+                });
+            }
+            consumer_channels.push(bands);
         }
         Ok((shared, consumer_channels))
     }
@@ -211,35 +225,41 @@ impl Supervised for AmqpSession {
         };
         let setup = &setup;
         let tracker = &s.tracker;
-        let consumers = self
-            .config
-            .queues
-            .iter()
-            .zip(channels)
-            .zip(s.acks.clone())
-            .map(|((q, channel), acks)| {
-                let (stop, shared) = (stop.clone(), shared.clone());
-                let control = self.control.clone();
-                async move {
-                    // A paused queue's consumer is cancelled, and started
-                    // again on resume (`crate::control`).
-                    let r = control
-                        .serve_queue(q, &stop, |run| {
-                            consume(
-                                &channel,
-                                shared.clone(),
-                                acks.clone(),
-                                q,
-                                setup,
-                                tracker,
-                                run,
-                            )
-                        })
-                        .await;
-                    stop.cancel();
-                    r
-                }
-            });
+        let consumers = self.config.queues.iter().zip(channels).map(|(q, bands)| {
+            let (stop, shared) = (stop.clone(), shared.clone());
+            let control = self.control.clone();
+            async move {
+                // A paused queue's consumers (every band) are
+                // cancelled, and started again on resume
+                // (`crate::control`).
+                let r = control
+                    .serve_queue(q, &stop, |run| {
+                        let shared = shared.clone();
+                        let bands = &bands;
+                        async move {
+                            match bands.as_slice() {
+                                [one] => {
+                                    consume(
+                                        &one.channel,
+                                        shared,
+                                        one.acks.clone(),
+                                        q,
+                                        Admit::Direct,
+                                        setup,
+                                        tracker,
+                                        run,
+                                    )
+                                    .await
+                                }
+                                bands => consume_bands(bands, shared, q, setup, tracker, run).await,
+                            }
+                        }
+                    })
+                    .await;
+                stop.cancel();
+                r
+            }
+        });
         let all = futures_util::future::join_all(consumers);
         tokio::pin!(all);
         // Consumers end on their own (connection lost, consumer cancelled)
