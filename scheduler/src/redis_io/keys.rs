@@ -144,6 +144,7 @@ mod tests {
                 rec: "ns:dq{3}:rec".into(),
                 lease: "ns:dq{3}:lease".into(),
                 claim: "ns:dq{3}:claim:c1".into(),
+                proof: "ns:dq{3}:proof:".into(),
             }
         );
         assert_eq!(
