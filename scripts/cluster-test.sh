@@ -30,13 +30,7 @@ export KAIROS_CLUSTER_DIR="${KAIROS_CLUSTER_DIR:-/tmp/kairos-cluster-test}"
 # split test reads the claim keys, which live for its 2 s task lease, and
 # under the clusters' load reads them too late (fails 3 of 3 in a full run
 # here, passes alone).
-TESTS="${KAIROS_CLUSTER_TESTS:-delayed retries dead_letters poison schedules crash_worker crash_scheduler acks http_api failures task_status}"
-# priority.rs joins the list once the workers consume every band (the
-# "bands" work): before, its high-priority tasks wait in a band no worker
-# reads.
-# kairosctl's direct mode does not read KAIROS_QUEUE_MODE yet: it declares
-# classic queues where the namespace's are quorum.
-SKIP=(--skip kairosctl_works_without_a_scheduler)
+TESTS="${KAIROS_CLUSTER_TESTS:-delayed retries priority priority_bands dead_letters poison schedules crash_worker crash_scheduler acks http_api failures task_status}"
 
 log() { printf '[cluster-test] %s\n' "$*" >&2; }
 started=$(date +%s)
@@ -71,7 +65,7 @@ for t in $TESTS; do args+=(--test "$t"); done
 # Most of these tests wait on timers, not the CPU: more of them at once
 # keeps the step short (KAIROS_CLUSTER_TEST_THREADS).
 failed=0
-cargo test -p kairos-tests --no-fail-fast "${args[@]}" -- "${SKIP[@]}" \
+cargo test -p kairos-tests --no-fail-fast "${args[@]}" -- \
   --test-threads="${KAIROS_CLUSTER_TEST_THREADS:-4}" || failed=1
 log "core tests done after $(( $(date +%s) - started )) s"
 
