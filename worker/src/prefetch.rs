@@ -44,18 +44,30 @@ const HEADROOM_SHARE: usize = 4;
 /// for a round trip after every task).
 const MIN_HEADROOM: usize = 2;
 
+/// The least prefetch on a quorum queue (`KAIROS_QUEUE_MODE=quorum`), up to
+/// the maximum concurrency. A quorum queue settles each ack and hands out
+/// each delivery through its replicas' consensus, so a delivery takes
+/// milliseconds to replace: a prefetch of the pool plus a quarter (6 for a
+/// pool of 4) then caps a worker of quick tasks below what falls due (the
+/// W2b benchmark on the 3-node cluster: seconds late at 2,000 tasks/s with
+/// it, 4 to 5 ms at p50 with 300), and the pool, never short of slots,
+/// never grows to fix it. 32 in flight covers 2,000 tasks/s at up to 16 ms
+/// per delivery round trip.
+pub(crate) const QUORUM_MIN_PREFETCH: usize = 32;
+
 /// The fastest the prefetch grows: one change per autoscaler tick.
 pub(crate) const GROW_EVERY: Duration = Duration::from_millis(250);
 /// How long the pool must have been smaller before the prefetch shrinks.
 pub(crate) const SHRINK_AFTER: Duration = Duration::from_secs(2);
 
 /// The prefetch for a pool of `size` slots that may grow to `max`: the
-/// pool plus a quarter (at least [`MIN_HEADROOM`]), but never above `max`
-/// (the fixed prefetch of a worker without this), so a full pool prefetches
-/// what it always did.
-pub(crate) fn for_pool(size: usize, max: usize) -> u16 {
+/// pool plus a quarter (at least [`MIN_HEADROOM`]), and at least `floor`
+/// ([`QUORUM_MIN_PREFETCH`] on quorum queues, else 0), but never above
+/// `max` (the fixed prefetch of a worker without this), so a full pool
+/// prefetches what it always did.
+pub(crate) fn for_pool(size: usize, max: usize, floor: usize) -> u16 {
     let headroom = (size / HEADROOM_SHARE).max(MIN_HEADROOM);
-    let prefetch = (size + headroom).min(max.max(size)).max(1);
+    let prefetch = (size + headroom).max(floor).min(max.max(size)).max(1);
     u16::try_from(prefetch).unwrap_or(u16::MAX)
 }
 
@@ -65,6 +77,9 @@ pub(crate) fn for_pool(size: usize, max: usize) -> u16 {
 pub(crate) struct ConsumerSetup {
     /// `KAIROS_PREFETCH`, when set: a fixed prefetch.
     pub(crate) fixed: Option<u16>,
+    /// The least prefetch that follows the pool
+    /// ([`QUORUM_MIN_PREFETCH`] on quorum queues).
+    pub(crate) floor: usize,
     /// The pool the prefetch follows otherwise.
     pub(crate) slots: Arc<Slots>,
     /// The queues consumed right now.
@@ -115,6 +130,7 @@ impl Drop for ConsumingGuard {
 struct Follow {
     sizes: watch::Receiver<usize>,
     max: usize,
+    floor: usize,
     /// When the prefetch last changed.
     changed_at: Instant,
     /// A change put off by the rate limits: when to look again.
@@ -132,7 +148,7 @@ enum Decision {
 impl Follow {
     fn decide(&self, applied: u16, now: Instant) -> Decision {
         decide(
-            for_pool(*self.sizes.borrow(), self.max),
+            for_pool(*self.sizes.borrow(), self.max, self.floor),
             applied,
             self.changed_at,
             now,
@@ -192,12 +208,13 @@ impl PooledConsumer {
         let follow = setup.fixed.is_none().then(|| Follow {
             sizes: setup.slots.watch_size(),
             max: limits.max,
+            floor: setup.floor,
             changed_at: Instant::now(),
             recheck: None,
         });
         let applied = setup
             .fixed
-            .unwrap_or_else(|| for_pool(setup.slots.size(), limits.max));
+            .unwrap_or_else(|| for_pool(setup.slots.size(), limits.max, setup.floor));
         let current = open(channel.clone(), queue.clone(), applied).await?;
         record(logical, applied);
         Ok(PooledConsumer {
@@ -385,14 +402,20 @@ mod tests {
             (64, 64, 64),
         ];
         for (size, max, want) in cases {
-            assert_eq!(for_pool(size, max), want, "pool {size} of {max}");
+            assert_eq!(for_pool(size, max, 0), want, "pool {size} of {max}");
         }
         assert_eq!(
-            for_pool(8, 8),
+            for_pool(8, 8, 0),
             8,
             "a fixed concurrency prefetches as before"
         );
-        assert_eq!(for_pool(1, 1), 1);
+        assert_eq!(for_pool(1, 1, 0), 1);
+        // Quorum queues: at least the floor, still never above the maximum.
+        let q = QUORUM_MIN_PREFETCH;
+        assert_eq!(for_pool(4, 64, q), 32);
+        assert_eq!(for_pool(32, 64, q), 40);
+        assert_eq!(for_pool(4, 16, q), 16);
+        assert_eq!(for_pool(64, 64, q), 64);
     }
 
     #[test]

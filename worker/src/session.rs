@@ -20,6 +20,7 @@ use kairos_shared::amqp::{close_connection, connect_with_retry, Broker, CLOSE_WI
 use kairos_shared::client::Enqueuer;
 use kairos_shared::contract::Names;
 use kairos_shared::events::EventSink;
+use kairos_shared::queue_mode::QueueMode;
 use kairos_shared::supervise::{Restart, Supervised, Supervisor};
 use kairos_shared::topology;
 use std::sync::Arc;
@@ -220,6 +221,10 @@ impl Supervised for AmqpSession {
         let stop = CancellationToken::new();
         let setup = ConsumerSetup {
             fixed: self.config.prefetch(),
+            floor: match self.names.mode() {
+                QueueMode::Quorum => crate::prefetch::QUORUM_MIN_PREFETCH,
+                QueueMode::Classic => 0,
+            },
             slots: self.slots.clone(),
             consuming: self.consuming.clone(),
         };
