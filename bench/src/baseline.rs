@@ -157,14 +157,18 @@ fn queue_args(kind: QueueKind) -> FieldTable {
     let mut args = FieldTable::default();
     match kind {
         QueueKind::Classic => {}
-        QueueKind::Priority => args.insert(
-            "x-max-priority".into(),
-            AMQPValue::LongInt(i32::from(kairos_shared::contract::MAX_PRIORITY)),
-        ),
-        QueueKind::Quorum => args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        ),
+        QueueKind::Priority => {
+            args.insert(
+                "x-max-priority".into(),
+                AMQPValue::LongInt(i32::from(kairos_shared::contract::MAX_PRIORITY)),
+            );
+        }
+        QueueKind::Quorum => {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
     }
     args
 }
