@@ -3,8 +3,8 @@
 //! that removes all of it. Cleanup needs async I/O, so it is an explicit
 //! call that every workload makes on every path, pass or fail.
 
-use anyhow::{Context, Result};
 use crate::target::Target;
+use anyhow::{Context, Result};
 use kairos_shared::client::Client;
 use kairos_shared::contract::Names;
 use kairos_shared::queue_mode::QueueMode;
@@ -77,9 +77,12 @@ impl BenchEnv {
         let channel = conn.create_channel().await?;
         kairos_shared::topology::declare_base(&channel, &names).await?;
         kairos_shared::topology::declare_task_queue(&channel, &names, "default").await?;
-        let redis = redis_connection(redis_url)
-            .await
-            .with_context(|| format!("Redis at {} (scripts/services.sh starts it)", redact(redis_url)))?;
+        let redis = redis_connection(redis_url).await.with_context(|| {
+            format!(
+                "Redis at {} (scripts/services.sh starts it)",
+                redact(redis_url)
+            )
+        })?;
         Ok(BenchEnv {
             ns,
             names,

@@ -336,7 +336,8 @@ async fn measure_cluster_baseline(
         kairos_shared::queue_mode::QueueMode::Quorum => baseline::QueueKind::Quorum,
         kairos_shared::queue_mode::QueueMode::Classic => baseline::QueueKind::Priority,
     };
-    let rates = baseline::measure_kind(&mut env, kind, args.baseline_messages, args.body_bytes).await;
+    let rates =
+        baseline::measure_kind(&mut env, kind, args.baseline_messages, args.body_bytes).await;
     env.cleanup().await;
     let rates = rates.context("cluster baseline")?;
     for (metric, v) in [
@@ -354,7 +355,10 @@ async fn measure_cluster_baseline(
             .note("one queue, leader on the first node; client connected to it"),
         );
     }
-    Ok(ClusterCtx { target, base: rates })
+    Ok(ClusterCtx {
+        target,
+        base: rates,
+    })
 }
 
 /// Runs the workloads `--only` selects, in order; a workload that fails

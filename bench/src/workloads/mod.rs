@@ -1,6 +1,7 @@
 //! The workloads, one module each. Each runs in its own namespace, adds
 //! its rows and count checks to the report, and cleans up on every path.
 
+pub(crate) mod w10_split;
 pub(crate) mod w1_burst;
 pub(crate) mod w2_precision;
 pub(crate) mod w3_backlog;
@@ -10,7 +11,6 @@ pub(crate) mod w6_idle;
 pub(crate) mod w7_http;
 pub(crate) mod w8_big_bodies;
 pub(crate) mod w9_shards;
-pub(crate) mod w10_split;
 
 use crate::baseline::{Baseline, Rates};
 use crate::report::Report;

@@ -200,7 +200,10 @@ async fn once(
 /// A quorum queue led by the node the declaring connection is on.
 fn split_args() -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     args.insert(
         "x-queue-leader-locator".into(),
         AMQPValue::LongString("client-local".into()),

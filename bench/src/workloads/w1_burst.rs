@@ -7,13 +7,13 @@
 //! against the raw rates of a queue of the cluster's mode.
 
 use super::{body, enqueue_all, Ctx};
+use crate::baseline::Rates;
 use crate::env::BenchEnv;
 use crate::on_off;
 use crate::recorder::Recorder;
 use crate::report::Row;
 use crate::service::InProcess;
 use crate::target::Target;
-use crate::baseline::Rates;
 use anyhow::Result;
 use futures_util::StreamExt;
 use kairos_shared::client::NewTask;
@@ -126,9 +126,14 @@ async fn once(
     let base = on.base;
     let enqueue_rate = sent as f64 / enqueued.as_secs_f64();
     ctx.report.push(
-        Row::new(workload, &format!("enqueue ({label})"), enqueue_rate, "tasks/s")
-            .ratio(base.publish)
-            .note(format!("{n} tasks; x raw publish, {}", on.base_kind)),
+        Row::new(
+            workload,
+            &format!("enqueue ({label})"),
+            enqueue_rate,
+            "tasks/s",
+        )
+        .ratio(base.publish)
+        .note(format!("{n} tasks; x raw publish, {}", on.base_kind)),
     );
     let e2e = seen
         .last_done

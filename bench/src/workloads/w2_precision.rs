@@ -118,11 +118,7 @@ async fn once(
 
     let l = &seen.lateness;
     let lost = n.saturating_sub(seen.distinct);
-    let label = format!(
-        "{} (status {})",
-        target.name(shape.label),
-        on_off(status)
-    );
+    let label = format!("{} (status {})", target.name(shape.label), on_off(status));
     let w = label.as_str();
     let note = format!(
         "{n} tasks due {}-{} s ahead, accepted in {} ms",
