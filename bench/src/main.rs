@@ -102,6 +102,10 @@ pub(crate) struct Args {
     pub(crate) w2a_tasks: usize,
     #[arg(long, default_value_t = 20_000)]
     pub(crate) w2b_tasks: usize,
+    /// A fixed worker prefetch in W2 (default: the worker's own, which
+    /// follows its pool of task slots, 4 to 64).
+    #[arg(long)]
+    pub(crate) w2_prefetch: Option<u16>,
     /// Pending tasks in the W3 backlog (also W6's backlog).
     #[arg(long, default_value_t = 1_000_000)]
     pub(crate) w3_pending: usize,

@@ -84,6 +84,9 @@ async fn once(
     let rec = Recorder::with_capacity(n);
     let mut wc = env.worker_config();
     wc.status.status = status;
+    if ctx.args.w2_prefetch.is_some() {
+        wc.prefetch = ctx.args.w2_prefetch;
+    }
     let worker = InProcess::worker(
         Worker::new(wc)
             .with_builtins()
@@ -120,8 +123,13 @@ async fn once(
     let lost = n.saturating_sub(seen.distinct);
     let label = format!("{} (status {})", target.name(shape.label), on_off(status));
     let w = label.as_str();
+    let prefetch = ctx
+        .args
+        .w2_prefetch
+        .map(|p| format!("; worker prefetch {p}"))
+        .unwrap_or_default();
     let note = format!(
-        "{n} tasks due {}-{} s ahead, accepted in {} ms",
+        "{n} tasks due {}-{} s ahead, accepted in {} ms{prefetch}",
         shape.lead_ms / 1000,
         (shape.lead_ms + shape.window_ms) / 1000,
         accepted_in
