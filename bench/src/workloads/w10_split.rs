@@ -10,24 +10,32 @@
 //! baseline, for N = 1, 2, 3: end to end is M over first publish to last
 //! ack.
 //!
-//! Raw lapin on purpose: this measures the broker's scaling, not Kairos's
-//! (a Kairos worker could consume the split with `KAIROS_QUEUES=split.0,
-//! split.1,...`). As a control, the same N queues all led by node 1 tell
-//! "more queues" (one Erlang process each) from "more nodes".
+//! Raw lapin first: the broker's scaling. As a control, the same N queues
+//! all led by node 1 tell "more queues" (one Erlang process each) from
+//! "more nodes". Then the same split through Kairos: logical queues
+//! `split.0..N-1` (so `NS.q.split.i`, and its bands), worker i (in-process,
+//! `KAIROS_QUEUES=split.i`, connected to node i, which declares the queues
+//! and so leads them) and a Rust client per node enqueueing by the same
+//! hash; task status and events off, concurrency and prefetch as W1's.
 
-use super::Ctx;
+use super::{enqueue_all, Ctx};
 use crate::baseline::{confirm_ok, CONFIRM_WINDOW, PREFETCH};
 use crate::env::BenchEnv;
+use crate::recorder::Recorder;
 use crate::report::Row;
+use crate::service::InProcess;
 use anyhow::{bail, Context, Result};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
+use kairos_shared::client::NewTask;
+use kairos_worker::Worker;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Publishes handed to lapin together, as in the baseline.
@@ -93,7 +101,116 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
             );
         }
     }
+    let mut one_node = None;
+    for &n in &counts {
+        let leaders: Vec<&str> = nodes.iter().take(n).map(String::as_str).collect();
+        let mut env = BenchEnv::on("w10k", target).await?;
+        let result = kairos_once(ctx, &mut env, &leaders, m, body_bytes).await;
+        env.cleanup().await;
+        let (rate, distinct) = result?;
+        let first = *one_node.get_or_insert(rate);
+        let metric = format!("end to end, Kairos workers, {n} node(s)");
+        ctx.report.push(
+            Row::new(&workload, &metric, rate, "tasks/s")
+                .ratio(cluster.base.concurrent)
+                .note(format!(
+                    "{m} tasks, queue split.i led by node i, a worker (concurrency {}, prefetch {}, status and events off) and a client per node; x N=1 of this run: {:.2}; x raw publish+consume, one {} queue",
+                    ctx.args.w1_concurrency, ctx.args.w1_prefetch, rate / first, target.mode
+                )),
+        );
+        ctx.report.check(
+            distinct == m,
+            format!("{workload} ({metric}): {m} enqueued, {distinct} ran"),
+        );
+    }
     Ok(())
+}
+
+/// The split through Kairos: returns tasks/s from the first enqueue to the
+/// last run, and how many distinct tasks ran.
+async fn kairos_once(
+    ctx: &Ctx<'_>,
+    env: &mut BenchEnv,
+    leaders: &[&str],
+    m: usize,
+    body_bytes: usize,
+) -> Result<(f64, usize)> {
+    let n = leaders.len();
+    let ids: Vec<String> = (0..m)
+        .map(|_| uuid::Uuid::now_v7().simple().to_string())
+        .collect();
+    let mut parts: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (k, id) in ids.iter().enumerate() {
+        parts[kairos_shared::redis::shard_of(id, n)].push(k);
+    }
+    let rec = Recorder::with_capacity(m);
+    let mut workers = Vec::with_capacity(n);
+    let mut clients = Vec::with_capacity(n);
+    for (i, url) in leaders.iter().enumerate() {
+        let logical = format!("split.{i}");
+        for q in env.task_queues(&logical) {
+            env.forget_on_cleanup(&q);
+        }
+        let mut config = env.worker_config();
+        config.common.amqp_url = url.to_string();
+        config.common.events = false;
+        config.status.status = false;
+        config.queues = vec![logical];
+        config.concurrency = ctx.args.w1_concurrency;
+        config.prefetch = Some(ctx.args.w1_prefetch);
+        workers.push(InProcess::worker(
+            Worker::new(config)
+                .with_builtins()
+                .handler(kairos_worker::builtin::NOOP, rec.handler()),
+        ));
+        let broker = kairos_shared::amqp::Broker::plain(url);
+        clients.push(Arc::new(
+            kairos_shared::client::Client::connect_with(&broker, env.names.clone()).await?,
+        ));
+    }
+    // Let the workers connect, declare (and so lead) their queues and
+    // subscribe before the clock starts.
+    tokio::time::sleep(super::SERVICE_SETTLE).await;
+    let t0 = Instant::now();
+    let enqueues = clients
+        .iter()
+        .zip(&parts)
+        .enumerate()
+        .map(|(i, (client, part))| {
+            let (ids, logical) = (&ids, format!("split.{i}"));
+            async move {
+                enqueue_all(client, part.len(), |j| {
+                    NewTask::new(kairos_worker::builtin::NOOP)
+                        .queue(logical.clone())
+                        .id(ids[part[j]].clone())
+                        .body(super::body(body_bytes))
+                })
+                .await
+            }
+        });
+    let sent: usize = futures_util::future::try_join_all(enqueues)
+        .await?
+        .into_iter()
+        .sum();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60 + m as u64 / 500);
+    rec.wait_distinct(m, deadline).await;
+    let seen = rec.seen();
+    for w in workers {
+        w.stop().await;
+    }
+    for c in clients {
+        if let Ok(c) = Arc::try_unwrap(c) {
+            let _ = c.close().await;
+        }
+    }
+    if sent != m {
+        bail!("W10: {sent} of {m} tasks confirmed");
+    }
+    let rate = seen
+        .last_done
+        .map(|t| seen.distinct as f64 / (t - t0).as_secs_f64())
+        .unwrap_or(0.0);
+    Ok((rate, seen.distinct))
 }
 
 /// What the consumers took, over all queues.
