@@ -45,65 +45,87 @@ pub(crate) struct Baseline {
     pub(crate) body_bytes: usize,
 }
 
+/// The kind of queue a baseline measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum QueueKind {
+    Classic,
+    /// Declared like a classic Kairos task queue (`x-max-priority` 9).
+    Priority,
+    /// Declared like a quorum Kairos task queue band (`x-queue-type
+    /// quorum`, leader on the node the publisher is connected to).
+    Quorum,
+}
+
+impl QueueKind {
+    fn suffix(self) -> &'static str {
+        match self {
+            QueueKind::Classic => "classic",
+            QueueKind::Priority => "prio",
+            QueueKind::Quorum => "quorum",
+        }
+    }
+}
+
 pub(crate) async fn measure(env: &mut BenchEnv, n: usize, body_bytes: usize) -> Result<Baseline> {
-    let body = vec![b'x'; body_bytes];
-    let publisher = kairos_shared::amqp::connect(&env.amqp_url, "bench-base-pub").await?;
-    let consumer = kairos_shared::amqp::connect(&env.amqp_url, "bench-base-sub").await?;
     let mut out = Baseline {
         messages: n,
         body_bytes,
         ..Baseline::default()
     };
-    for priority in [false, true] {
-        let queue = format!(
-            "{}.base.{}",
-            env.ns,
-            if priority { "prio" } else { "classic" }
-        );
-        env.forget_on_cleanup(&queue);
-        let pch = publisher.create_channel().await?;
-        pch.queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::durable(),
-            queue_args(priority),
-        )
+    out.classic = measure_kind(env, QueueKind::Classic, n, body_bytes).await?;
+    out.priority = measure_kind(env, QueueKind::Priority, n, body_bytes).await?;
+    Ok(out)
+}
+
+/// Publish, consume, and both at once, on one queue of `kind` in `env`'s
+/// namespace (deleted with it).
+pub(crate) async fn measure_kind(
+    env: &mut BenchEnv,
+    kind: QueueKind,
+    n: usize,
+    body_bytes: usize,
+) -> Result<Rates> {
+    let body = vec![b'x'; body_bytes];
+    let publisher = kairos_shared::amqp::connect(&env.amqp_url, "bench-base-pub").await?;
+    let consumer = kairos_shared::amqp::connect(&env.amqp_url, "bench-base-sub").await?;
+    let queue = format!("{}.base.{}", env.ns, kind.suffix());
+    env.forget_on_cleanup(&queue);
+    let pch = publisher.create_channel().await?;
+    pch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::durable(),
+        queue_args(kind),
+    )
+    .await?;
+    pch.confirm_select(ConfirmSelectOptions::default()).await?;
+
+    let t = Instant::now();
+    publish(&pch, &queue, n, &body).await?;
+    let publish_rate = n as f64 / t.elapsed().as_secs_f64();
+
+    let consume_rate = n as f64 / consume(&consumer, &queue, n).await?;
+
+    pch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
         .await?;
-        pch.confirm_select(ConfirmSelectOptions::default()).await?;
-
-        let t = Instant::now();
-        publish(&pch, &queue, n, &body).await?;
-        let publish_rate = n as f64 / t.elapsed().as_secs_f64();
-
-        let consume_rate = n as f64 / consume(&consumer, &queue, n).await?;
-
-        pch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
-            .await?;
-        let t = Instant::now();
-        let sub = consume(&consumer, &queue, n);
-        let (secs, published) = tokio::join!(sub, publish(&pch, &queue, n, &body));
-        published?;
-        let _ = secs?;
-        let concurrent_rate = n as f64 / t.elapsed().as_secs_f64();
-        let rates = Rates {
-            publish: publish_rate,
-            consume: consume_rate,
-            concurrent: concurrent_rate,
-        };
-        if priority {
-            out.priority = rates;
-        } else {
-            out.classic = rates;
-        }
-        let _ = pch.close(200, "done".into()).await;
-    }
+    let t = Instant::now();
+    let sub = consume(&consumer, &queue, n);
+    let (secs, published) = tokio::join!(sub, publish(&pch, &queue, n, &body));
+    published?;
+    let _ = secs?;
+    let concurrent_rate = n as f64 / t.elapsed().as_secs_f64();
+    let _ = pch.close(200, "done".into()).await;
     let _ = publisher.close(200, "done".into()).await;
     let _ = consumer.close(200, "done".into()).await;
-    Ok(out)
+    Ok(Rates {
+        publish: publish_rate,
+        consume: consume_rate,
+        concurrent: concurrent_rate,
+    })
 }
 
 /// Publishes `n` persistent messages to `queue` through the default
 /// exchange with a window of confirms in flight; fails on any nack.
-async fn publish(ch: &Channel, queue: &str, n: usize, body: &[u8]) -> Result<()> {
+pub(crate) async fn publish(ch: &Channel, queue: &str, n: usize, body: &[u8]) -> Result<()> {
     // Publishes go out a slice at a time, all of a slice's `basic_publish`
     // futures polled together: lapin resolves each only once the I/O thread
     // wrote its frames, so awaiting them one by one costs a thread hand-off
@@ -130,15 +152,23 @@ async fn publish(ch: &Channel, queue: &str, n: usize, body: &[u8]) -> Result<()>
     Ok(())
 }
 
-/// The declare arguments of a baseline queue: with `priority`, those of a
-/// Kairos task queue.
-fn queue_args(priority: bool) -> FieldTable {
+/// The declare arguments of a baseline queue of `kind`.
+fn queue_args(kind: QueueKind) -> FieldTable {
     let mut args = FieldTable::default();
-    if priority {
-        args.insert(
-            "x-max-priority".into(),
-            AMQPValue::LongInt(i32::from(kairos_shared::contract::MAX_PRIORITY)),
-        );
+    match kind {
+        QueueKind::Classic => {}
+        QueueKind::Priority => {
+            args.insert(
+                "x-max-priority".into(),
+                AMQPValue::LongInt(i32::from(kairos_shared::contract::MAX_PRIORITY)),
+            );
+        }
+        QueueKind::Quorum => {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
     }
     args
 }
@@ -155,7 +185,7 @@ async fn send(ch: &Channel, queue: &str, body: &[u8]) -> lapin::Result<Publisher
     .await
 }
 
-fn confirm_ok(c: lapin::Result<lapin::Confirmation>) -> Result<()> {
+pub(crate) fn confirm_ok(c: lapin::Result<lapin::Confirmation>) -> Result<()> {
     if !c?.is_ack() {
         bail!("the broker nacked a baseline message");
     }
@@ -234,7 +264,7 @@ pub(crate) async fn paced(
     pch.queue_declare(
         queue.as_str().into(),
         QueueDeclareOptions::durable(),
-        queue_args(true),
+        queue_args(QueueKind::Priority),
     )
     .await?;
     pch.confirm_select(ConfirmSelectOptions::default()).await?;

@@ -3,8 +3,12 @@
 //! that removes all of it. Cleanup needs async I/O, so it is an explicit
 //! call that every workload makes on every path, pass or fail.
 
+use crate::target::Target;
 use anyhow::{Context, Result};
+use kairos_shared::client::Client;
 use kairos_shared::contract::Names;
+use kairos_shared::queue_mode::QueueMode;
+use kairos_shared::redis::RedisConnection;
 use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
@@ -22,6 +26,9 @@ const KEYS_PER_PIPELINE: usize = 1_000;
 const STATUS_SAMPLES_PER_SHARD: usize = 125;
 /// How long cleanup waits for a connection to close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connect and reply timeout of the bench's own Redis Cluster connection
+/// (a single server keeps the redis crate's defaults, as before).
+const CLUSTER_REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct BenchEnv {
     pub(crate) ns: String,
@@ -30,13 +37,27 @@ pub(crate) struct BenchEnv {
     pub(crate) redis_url: String,
     pub(crate) conn: Connection,
     pub(crate) channel: Channel,
-    pub(crate) redis: redis::aio::MultiplexedConnection,
+    /// To the one server, or to the Redis Cluster (commands routed by
+    /// key; `KEYS` goes to every master).
+    pub(crate) redis: RedisConnection,
     /// Extra queues to delete on cleanup (baseline queues, event taps).
     extra_queues: Vec<String>,
 }
 
 impl BenchEnv {
+    /// A namespace on the single node, with the queue mode of
+    /// `KAIROS_QUEUE_MODE` (classic unless set).
     pub(crate) async fn new(label: &str, amqp_url: &str, redis_url: &str) -> Result<Self> {
+        let mode = kairos_shared::queue_mode::from_env().map_err(anyhow::Error::msg)?;
+        Self::open(label, amqp_url, redis_url, mode).await
+    }
+
+    /// A namespace on `target`'s servers, with its queue mode.
+    pub(crate) async fn on(label: &str, target: &Target) -> Result<Self> {
+        Self::open(label, &target.amqp_url, &target.redis_url, target.mode).await
+    }
+
+    async fn open(label: &str, amqp_url: &str, redis_url: &str, mode: QueueMode) -> Result<Self> {
         let ns = format!(
             "kb-{label}-{}",
             &uuid::Uuid::now_v7().simple().to_string()[NS_SUFFIX_START..]
@@ -44,18 +65,24 @@ impl BenchEnv {
         // `KAIROS_QUEUE_ORDER=default:fifo` measures a fifo queue; the
         // Rust client reads the same variable.
         let orders = kairos_shared::order::QueueOrders::from_env().map_err(anyhow::Error::msg)?;
-        let mode = kairos_shared::queue_mode::from_env().map_err(anyhow::Error::msg)?;
         let names = Names::new(&ns).with_orders(orders).with_mode(mode);
         let conn = kairos_shared::amqp::connect(amqp_url, "kairos-bench")
             .await
-            .with_context(|| format!("RabbitMQ at {amqp_url} (scripts/services.sh starts it)"))?;
+            .with_context(|| {
+                format!(
+                    "RabbitMQ at {} (scripts/services.sh starts it; scripts/cluster.sh the cluster)",
+                    redact(amqp_url)
+                )
+            })?;
         let channel = conn.create_channel().await?;
         kairos_shared::topology::declare_base(&channel, &names).await?;
         kairos_shared::topology::declare_task_queue(&channel, &names, "default").await?;
-        let redis = redis::Client::open(redis_url)?
-            .get_multiplexed_async_connection()
-            .await
-            .with_context(|| format!("Redis at {redis_url} (scripts/services.sh starts it)"))?;
+        let redis = redis_connection(redis_url).await.with_context(|| {
+            format!(
+                "Redis at {} (scripts/services.sh starts it)",
+                redact(redis_url)
+            )
+        })?;
         Ok(BenchEnv {
             ns,
             names,
@@ -75,6 +102,7 @@ impl BenchEnv {
     pub(crate) fn scheduler_config(&self) -> kairos_scheduler::Config {
         let mut c = kairos_scheduler::Config::for_namespace(&self.ns);
         c.common.amqp_url = self.amqp_url.clone();
+        c.common.queue_mode = self.names.mode();
         c.redis_url = self.redis_url.clone();
         c
     }
@@ -83,7 +111,28 @@ impl BenchEnv {
         let mut c = kairos_worker::Config::for_namespace(&self.ns);
         c.common.amqp_url = self.amqp_url.clone();
         c.common.queue_order = self.names.orders().clone();
+        c.common.queue_mode = self.names.mode();
+        // Task status lives in the same Redis as the delay queue.
+        c.redis_url = self.redis_url.clone();
         c
+    }
+
+    /// A Rust client of this namespace with its queue mode and orders
+    /// (`Client::connect` would take the mode from `KAIROS_QUEUE_MODE`,
+    /// which is the single node's, not the cluster's).
+    pub(crate) async fn client(&self) -> Result<Client> {
+        let broker = kairos_shared::amqp::Broker::plain(&self.amqp_url);
+        Ok(Client::connect_with(&broker, self.names.clone()).await?)
+    }
+
+    /// The task queue `logical` is held in: every band in quorum mode.
+    pub(crate) fn task_queues(&self, logical: &str) -> Vec<String> {
+        self.names
+            .bands(logical)
+            .iter()
+            .filter_map(|b| self.names.band_queue(logical, *b).ok())
+            .map(|q| q.to_string())
+            .collect()
     }
 
     /// A consumer on `queue` that takes messages without acks, on its own
@@ -225,9 +274,13 @@ impl BenchEnv {
         Ok((entries, per_hash + per_entry))
     }
 
-    /// Redis's `used_memory`, bytes.
+    /// Redis's `used_memory`, bytes; 0 on a Redis Cluster (`INFO` there
+    /// answers per node, and the status memory row is single-server only).
     pub(crate) async fn redis_used_memory(&self) -> Result<u64> {
-        let mut con = self.redis.clone();
+        let mut con = match &self.redis {
+            RedisConnection::Node(con) => con.clone(),
+            RedisConnection::Cluster(_) => return Ok(0),
+        };
         let info: String = redis::cmd("INFO")
             .arg("memory")
             .query_async(&mut con)
@@ -258,11 +311,13 @@ impl BenchEnv {
             Err(_) => None,
         };
         let channel = channel.as_ref().unwrap_or(&self.channel);
-        let queues = [
-            self.names.queue("default"),
-            kairos_scheduler::schedules::outcomes::queue_name(&self.names),
-        ];
-        let queues = queues.into_iter().chain(self.extra_queues.iter().cloned());
+        let queues = self
+            .task_queues("default")
+            .into_iter()
+            .chain([kairos_scheduler::schedules::outcomes::queue_name(
+                &self.names,
+            )])
+            .chain(self.extra_queues.iter().cloned());
         let _ = kairos_shared::admin::delete_topology(channel, &self.names, queues).await;
         if let Ok(keys) = self.redis_keys().await {
             let mut con = self.redis.clone();
@@ -276,4 +331,26 @@ impl BenchEnv {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "bench done".into())).await;
         }
     }
+}
+
+/// The bench's own Redis connection: the multiplexed connection it always
+/// used for one server, the cluster client's for a `redis+cluster://` URL.
+async fn redis_connection(url: &str) -> Result<RedisConnection> {
+    if kairos_shared::redis::cluster_nodes(url).is_none() {
+        let con = redis::Client::open(url)?
+            .get_multiplexed_async_connection()
+            .await?;
+        return Ok(RedisConnection::Node(con));
+    }
+    let pool = kairos_shared::redis::redis_pool(
+        url,
+        &kairos_shared::tls::TlsSettings::default(),
+        CLUSTER_REDIS_TIMEOUT,
+    )?;
+    Ok(pool.get().await?)
+}
+
+/// A URL (or list) without its passwords, for error messages.
+fn redact(url: &str) -> String {
+    kairos_shared::secrets::redact_url(url)
 }

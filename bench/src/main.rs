@@ -6,7 +6,11 @@
 //!
 //! * `baseline`: raw lapin publish / consume / both, classic and priority.
 //! * `workloads`: W1 burst .. W6 idle cost, W7 HTTP enqueue, W8 big bodies,
-//!   W9 shard ownership (1, 2, 3 schedulers), one module each.
+//!   W9 shard ownership (1, 2, 3 schedulers), W10 split queue (1, 2, 3
+//!   nodes), one module each.
+//! * `target`: the single node, and with `--cluster` a RabbitMQ cluster and
+//!   Redis Cluster with quorum queues (W1, W2, W10 run there too, each
+//!   target against its own baseline).
 //! * `peers`: runs bench/peers/{celery,bullmq} and reads their JSON.
 //! * `report`: rows, the table, the JSON file; count checks fail the run.
 //! * `env`, `service`, `recorder`: namespaces, embedded services, the
@@ -18,6 +22,7 @@ mod peers;
 mod recorder;
 mod report;
 mod service;
+mod target;
 mod workloads;
 
 use anyhow::{Context, Result};
@@ -25,7 +30,12 @@ use clap::Parser;
 use kairos_shared::config::{Concurrency, DEFAULT_AMQP_URL, DEFAULT_REDIS_URL};
 use report::{Report, Row};
 use std::path::PathBuf;
-use workloads::Ctx;
+use target::Target;
+use workloads::{ClusterCtx, Ctx};
+
+/// The cluster `scripts/cluster.sh up` starts with its default ports.
+const CLUSTER_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5681/%2f,amqp://guest:guest@127.0.0.1:5682/%2f,amqp://guest:guest@127.0.0.1:5683/%2f";
+const CLUSTER_REDIS_URL: &str = "redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003";
 
 /// The allocator of the `kairos-scheduler` and `kairos-worker` binaries, so
 /// the services embedded here allocate as they do in production.
@@ -44,7 +54,8 @@ pub(crate) struct Args {
     /// Also run Celery and BullMQ (installs them under target/ on first use).
     #[arg(long)]
     pub(crate) peers: bool,
-    /// Workloads to run, comma-separated (w1,w2,w3,w4,w5,w6,w7,w8,w9); default all.
+    /// Workloads to run, comma-separated (w1,w2,w3,w4,w5,w6,w7,w8,w9,w10);
+    /// default all (w10 needs `--cluster`).
     #[arg(long, value_delimiter = ',')]
     pub(crate) only: Vec<String>,
     /// Where to write the JSON results.
@@ -54,6 +65,25 @@ pub(crate) struct Args {
     pub(crate) amqp_url: String,
     #[arg(long, env = "KAIROS_REDIS_URL", default_value = DEFAULT_REDIS_URL)]
     pub(crate) redis_url: String,
+    /// Also run W1 and W2 on a RabbitMQ cluster and a Redis Cluster
+    /// (`scripts/cluster.sh up`), beside the single node's rows and against
+    /// a baseline measured on the cluster, and W10 (split queue over 1, 2,
+    /// 3 nodes). Without it no cluster row runs.
+    #[arg(long)]
+    pub(crate) cluster: bool,
+    /// The cluster's RabbitMQ nodes, comma-separated (the
+    /// `KAIROS_AMQP_URL` that `scripts/cluster.sh env` prints).
+    #[arg(long, env = "KAIROS_BENCH_CLUSTER_AMQP_URL", default_value = CLUSTER_AMQP_URL, hide_env_values = true)]
+    pub(crate) cluster_amqp_url: String,
+    /// The cluster's Redis (`redis+cluster://host:port,...`).
+    #[arg(long, env = "KAIROS_BENCH_CLUSTER_REDIS_URL", default_value = CLUSTER_REDIS_URL, hide_env_values = true)]
+    pub(crate) cluster_redis_url: String,
+    /// The queue mode on the cluster.
+    #[arg(long, env = "KAIROS_BENCH_CLUSTER_QUEUE_MODE", default_value = "quorum", value_parser = kairos_shared::config::parse_queue_mode)]
+    pub(crate) cluster_queue_mode: kairos_shared::queue_mode::QueueMode,
+    /// Messages through W10's split queue at each node count.
+    #[arg(long, default_value_t = 60_000)]
+    pub(crate) w10_messages: usize,
     /// Body of every task and baseline message, bytes.
     #[arg(long, default_value_t = 100)]
     pub(crate) body_bytes: usize,
@@ -72,6 +102,10 @@ pub(crate) struct Args {
     pub(crate) w2a_tasks: usize,
     #[arg(long, default_value_t = 20_000)]
     pub(crate) w2b_tasks: usize,
+    /// A fixed worker prefetch in W2 (default: the worker's own, which
+    /// follows its pool of task slots, 4 to 64).
+    #[arg(long)]
+    pub(crate) w2_prefetch: Option<u16>,
     /// Pending tasks in the W3 backlog (also W6's backlog).
     #[arg(long, default_value_t = 1_000_000)]
     pub(crate) w3_pending: usize,
@@ -165,6 +199,30 @@ impl Args {
         self.w8_tasks = 20;
         self.peer_w1_tasks = 500;
         self.peer_w2_tasks = 100;
+        self.w10_messages = 1_500;
+    }
+
+    /// The single node every workload runs on.
+    fn single(&self) -> Result<Target> {
+        Ok(Target {
+            suffix: "",
+            amqp_url: self.amqp_url.clone(),
+            redis_url: self.redis_url.clone(),
+            mode: kairos_shared::queue_mode::from_env().map_err(anyhow::Error::msg)?,
+        })
+    }
+
+    /// The cluster, when `--cluster` is given.
+    fn cluster_target(&self) -> Option<Target> {
+        self.cluster.then(|| Target {
+            suffix: match self.cluster_queue_mode {
+                kairos_shared::queue_mode::QueueMode::Quorum => " (cluster, quorum)",
+                kairos_shared::queue_mode::QueueMode::Classic => " (cluster, classic)",
+            },
+            amqp_url: self.cluster_amqp_url.clone(),
+            redis_url: self.cluster_redis_url.clone(),
+            mode: self.cluster_queue_mode,
+        })
     }
 
     fn wants(&self, w: &str) -> bool {
@@ -186,10 +244,17 @@ async fn main() -> Result<()> {
         report.machine.cpus, report.machine.rabbitmq, report.machine.redis
     );
     let base = measure_baseline(&args, &mut report).await?;
+    let single = args.single()?;
+    let cluster = match args.cluster_target() {
+        Some(target) => Some(measure_cluster_baseline(&args, target, &mut report).await?),
+        None => None,
+    };
     let mut ctx = Ctx {
         args: &args,
         base,
         report: &mut report,
+        single,
+        cluster,
     };
     run_workloads(&args, &mut ctx).await;
     if args.peers {
@@ -258,10 +323,52 @@ async fn measure_baseline(args: &Args, report: &mut Report) -> Result<baseline::
     Ok(base)
 }
 
+/// Raw lapin on one quorum queue of the cluster (leader on the first
+/// node, where Kairos's own queues are declared too): the cluster rows'
+/// baseline. Its rows go into `report`.
+async fn measure_cluster_baseline(
+    args: &Args,
+    target: Target,
+    report: &mut Report,
+) -> Result<ClusterCtx> {
+    println!(
+        "baseline{}: raw lapin, {} messages on a {} queue",
+        target.suffix, args.baseline_messages, target.mode
+    );
+    let mut env = env::BenchEnv::on("cbase", &target).await?;
+    let kind = match target.mode {
+        kairos_shared::queue_mode::QueueMode::Quorum => baseline::QueueKind::Quorum,
+        kairos_shared::queue_mode::QueueMode::Classic => baseline::QueueKind::Priority,
+    };
+    let rates =
+        baseline::measure_kind(&mut env, kind, args.baseline_messages, args.body_bytes).await;
+    env.cleanup().await;
+    let rates = rates.context("cluster baseline")?;
+    for (metric, v) in [
+        ("publish", rates.publish),
+        ("consume", rates.consume),
+        ("publish+consume", rates.concurrent),
+    ] {
+        report.push(
+            Row::new(
+                &target.name("baseline"),
+                &format!("{metric} ({})", target.mode),
+                v,
+                "msg/s",
+            )
+            .note("one queue, leader on the first node; client connected to it"),
+        );
+    }
+    Ok(ClusterCtx {
+        target,
+        base: rates,
+    })
+}
+
 /// Runs the workloads `--only` selects, in order; a workload that fails
 /// is a failed check, and the next one runs.
 async fn run_workloads(args: &Args, ctx: &mut Ctx<'_>) {
-    let steps: [(&str, &str); 8] = [
+    let steps: [(&str, &str); 9] = [
         ("w1", "W1 burst"),
         ("w2", "W2 precision"),
         ("w3", "W3 backlog + W6 idle"),
@@ -270,10 +377,13 @@ async fn run_workloads(args: &Args, ctx: &mut Ctx<'_>) {
         ("w7", "W7 HTTP enqueue"),
         ("w8", "W8 big bodies"),
         ("w9", "W9 shard ownership"),
+        ("w10", "W10 split queue"),
     ];
     for (key, title) in steps {
         let run = match key {
             "w3" => args.wants("w3") || args.wants("w6"),
+            // The broker's scaling over nodes: only on a cluster.
+            "w10" => args.cluster && args.wants("w10"),
             k => args.wants(k),
         };
         if !run {
@@ -288,6 +398,7 @@ async fn run_workloads(args: &Args, ctx: &mut Ctx<'_>) {
             "w7" => workloads::w7_http::run(ctx).await,
             "w8" => workloads::w8_big_bodies::run(ctx).await,
             "w9" => workloads::w9_shards::run(ctx).await,
+            "w10" => workloads::w10_split::run(ctx).await,
             _ => workloads::w5_schedules::run(ctx).await,
         };
         if let Err(err) = result {

@@ -1,6 +1,7 @@
 //! The workloads, one module each. Each runs in its own namespace, adds
 //! its rows and count checks to the report, and cleans up on every path.
 
+pub(crate) mod w10_split;
 pub(crate) mod w1_burst;
 pub(crate) mod w2_precision;
 pub(crate) mod w3_backlog;
@@ -11,8 +12,9 @@ pub(crate) mod w7_http;
 pub(crate) mod w8_big_bodies;
 pub(crate) mod w9_shards;
 
-use crate::baseline::Baseline;
+use crate::baseline::{Baseline, Rates};
 use crate::report::Report;
+use crate::target::Target;
 use crate::Args;
 use anyhow::Result;
 use futures_util::{StreamExt, TryStreamExt};
@@ -25,6 +27,18 @@ pub(crate) struct Ctx<'a> {
     pub(crate) args: &'a Args,
     pub(crate) base: Baseline,
     pub(crate) report: &'a mut Report,
+    /// The single node (`--amqp-url`, `--redis-url`).
+    pub(crate) single: Target,
+    /// The cluster and its baseline, with `--cluster`.
+    pub(crate) cluster: Option<ClusterCtx>,
+}
+
+/// The cluster target and the raw rates measured on it in this run.
+#[derive(Clone)]
+pub(crate) struct ClusterCtx {
+    pub(crate) target: Target,
+    /// Raw lapin on one queue of the cluster's mode.
+    pub(crate) base: Rates,
 }
 
 /// Time for a newly started in-process scheduler or worker to start

@@ -2,16 +2,21 @@
 //! while a worker runs. The worker's `kairos.noop` is replaced by a noop that
 //! records each run, so the bench knows when the last one finished (its ack
 //! follows at once) and that none was lost or run twice.
+//!
+//! With `--cluster`, also on the cluster (events off, each status variant),
+//! against the raw rates of a queue of the cluster's mode.
 
 use super::{body, enqueue_all, Ctx};
+use crate::baseline::Rates;
 use crate::env::BenchEnv;
 use crate::on_off;
 use crate::recorder::Recorder;
 use crate::report::Row;
 use crate::service::InProcess;
+use crate::target::Target;
 use anyhow::Result;
 use futures_util::StreamExt;
-use kairos_shared::client::{Client, NewTask};
+use kairos_shared::client::NewTask;
 use kairos_worker::Worker;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,19 +30,61 @@ const EVENTS_TAIL: Duration = Duration::from_millis(500);
 /// then on, each in a namespace of its own.
 pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let variants = ctx.args.status.variants();
+    let single = Against {
+        target: ctx.single.clone(),
+        base: ctx.base.priority,
+        base_kind: "priority queue",
+    };
     for events in [false, true] {
         for &status in variants {
-            let mut env = BenchEnv::new("w1", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
-            let result = once(ctx, &mut env, events, status).await;
-            env.cleanup().await;
-            result?;
+            once_in_namespace(ctx, &single, events, status).await?;
+        }
+    }
+    if let Some(cluster) = ctx.cluster.clone() {
+        let on_cluster = Against {
+            base_kind: "quorum queue on the cluster",
+            target: cluster.target,
+            base: cluster.base,
+        };
+        // Events off only: events cost the same on both, and every
+        // variant on the cluster adds a run of minutes on two cores.
+        for &status in variants {
+            once_in_namespace(ctx, &on_cluster, false, status).await?;
         }
     }
     Ok(())
 }
 
-async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool, status: bool) -> Result<()> {
+/// Where a W1 variant runs and what its rates are divided by.
+struct Against {
+    target: Target,
+    base: Rates,
+    /// The baseline's queue, for the notes.
+    base_kind: &'static str,
+}
+
+async fn once_in_namespace(
+    ctx: &mut Ctx<'_>,
+    on: &Against,
+    events: bool,
+    status: bool,
+) -> Result<()> {
+    let mut env = BenchEnv::on("w1", &on.target).await?;
+    let result = once(ctx, &mut env, on, events, status).await;
+    env.cleanup().await;
+    result
+}
+
+async fn once(
+    ctx: &mut Ctx<'_>,
+    env: &mut BenchEnv,
+    on: &Against,
+    events: bool,
+    status: bool,
+) -> Result<()> {
     let n = ctx.args.w1_tasks;
+    let workload = on.target.name("W1 burst");
+    let workload = workload.as_str();
     let label = format!("events {}, status {}", on_off(events), on_off(status));
     let label = label.as_str();
     let tap = if events {
@@ -56,7 +103,7 @@ async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool, status: bool)
             .with_builtins()
             .handler(kairos_worker::builtin::NOOP, rec.handler()),
     );
-    let client = Arc::new(Client::connect(&env.amqp_url, &env.ns).await?);
+    let client = Arc::new(env.client().await?);
     // Let the worker connect and subscribe before the clock starts.
     tokio::time::sleep(super::SERVICE_SETTLE).await;
 
@@ -76,17 +123,17 @@ async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool, status: bool)
         let _ = c.close().await;
     }
 
-    let base = ctx.base.priority;
+    let base = on.base;
     let enqueue_rate = sent as f64 / enqueued.as_secs_f64();
     ctx.report.push(
         Row::new(
-            "W1 burst",
+            workload,
             &format!("enqueue ({label})"),
             enqueue_rate,
             "tasks/s",
         )
         .ratio(base.publish)
-        .note(format!("{n} tasks; x raw publish, priority queue")),
+        .note(format!("{n} tasks; x raw publish, {}", on.base_kind)),
     );
     let e2e = seen
         .last_done
@@ -94,27 +141,30 @@ async fn once(ctx: &mut Ctx<'_>, env: &mut BenchEnv, events: bool, status: bool)
         .unwrap_or(0.0);
     let target = if events { 0.6 } else { 0.8 };
     ctx.report.push(
-        Row::new("W1 burst", &format!("end to end ({label})"), e2e, "tasks/s")
+        Row::new(workload, &format!("end to end ({label})"), e2e, "tasks/s")
             .ratio(base.concurrent)
             .ratio_at_least(target)
             .note(format!(
-                "x raw publish+consume, priority queue; concurrency {}, prefetch {}",
-                ctx.args.w1_concurrency, ctx.args.w1_prefetch
+                "x raw publish+consume, {}; concurrency {}, prefetch {}",
+                on.base_kind, ctx.args.w1_concurrency, ctx.args.w1_prefetch
             )),
     );
     ctx.report.check(
         sent == n && seen.distinct == n,
         format!(
-            "W1 ({label}): {n} enqueued, {} confirmed, {} ran",
+            "{workload} ({label}): {n} enqueued, {} confirmed, {} ran",
             sent, seen.distinct
         ),
     );
-    if status && !events {
+    if status && !events && !on.target.is_cluster() {
         // The worker wrote its last statuses before it stopped.
         status_memory(ctx, env, n, memory_before).await?;
     }
     if seen.duplicated > 0 {
-        println!("  note: W1 ({label}): {} tasks ran twice", seen.duplicated);
+        println!(
+            "  note: {workload} ({label}): {} tasks ran twice",
+            seen.duplicated
+        );
     }
     if let Some(tap) = tap {
         // Events are best effort by design (dropped, never blocking, when

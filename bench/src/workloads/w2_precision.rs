@@ -7,6 +7,11 @@
 //! (b) 20,000 due over 10 s. Enqueuing 20,000 takes a few seconds on two
 //!     cores, so their window opens 5 s ahead (5 to 15 s), or no task would
 //!     be due before it was even accepted.
+//!
+//! With `--cluster`, both also on the cluster (delay queue in the Redis
+//! Cluster, quorum intake and task queues), rows "W2a precision (cluster,
+//! quorum)": lateness has no raw baseline, the single node's rows of the
+//! same run are the comparison.
 
 use super::{body, enqueue_all, Ctx};
 use crate::env::BenchEnv;
@@ -14,9 +19,10 @@ use crate::on_off;
 use crate::recorder::Recorder;
 use crate::report::{percentile, Row};
 use crate::service::InProcess;
+use crate::target::Target;
 use anyhow::Result;
 use kairos_shared::amqp::now_ms;
-use kairos_shared::client::{Client, NewTask};
+use kairos_shared::client::NewTask;
 use kairos_worker::Worker;
 use rand::Rng;
 use std::sync::Arc;
@@ -49,18 +55,28 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
             p99_target_ms: 20.0,
         },
     ];
-    for shape in shapes {
-        for &status in ctx.args.status.variants() {
-            let env = BenchEnv::new("w2", &ctx.args.amqp_url, &ctx.args.redis_url).await?;
-            let result = once(ctx, &env, &shape, status).await;
-            env.cleanup().await;
-            result?;
+    let mut targets = vec![ctx.single.clone()];
+    targets.extend(ctx.cluster.as_ref().map(|c| c.target.clone()));
+    for target in &targets {
+        for shape in &shapes {
+            for &status in ctx.args.status.variants() {
+                let env = BenchEnv::on("w2", target).await?;
+                let result = once(ctx, &env, target, shape, status).await;
+                env.cleanup().await;
+                result?;
+            }
         }
     }
     Ok(())
 }
 
-async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv, shape: &Shape, status: bool) -> Result<()> {
+async fn once(
+    ctx: &mut Ctx<'_>,
+    env: &BenchEnv,
+    target: &Target,
+    shape: &Shape,
+    status: bool,
+) -> Result<()> {
     let n = shape.tasks;
     let mut sc = env.scheduler_config();
     sc.status.status = status;
@@ -68,12 +84,15 @@ async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv, shape: &Shape, status: bool) ->
     let rec = Recorder::with_capacity(n);
     let mut wc = env.worker_config();
     wc.status.status = status;
+    if ctx.args.w2_prefetch.is_some() {
+        wc.prefetch = ctx.args.w2_prefetch;
+    }
     let worker = InProcess::worker(
         Worker::new(wc)
             .with_builtins()
             .handler(kairos_worker::builtin::NOOP, rec.handler()),
     );
-    let client = Arc::new(Client::connect(&env.amqp_url, &env.ns).await?);
+    let client = Arc::new(env.client().await?);
     tokio::time::sleep(super::SERVICE_SETTLE).await;
 
     let start = now_ms();
@@ -102,10 +121,15 @@ async fn once(ctx: &mut Ctx<'_>, env: &BenchEnv, shape: &Shape, status: bool) ->
 
     let l = &seen.lateness;
     let lost = n.saturating_sub(seen.distinct);
-    let label = format!("{} (status {})", shape.label, on_off(status));
+    let label = format!("{} (status {})", target.name(shape.label), on_off(status));
     let w = label.as_str();
+    let prefetch = ctx
+        .args
+        .w2_prefetch
+        .map(|p| format!("; worker prefetch {p}"))
+        .unwrap_or_default();
     let note = format!(
-        "{n} tasks due {}-{} s ahead, accepted in {} ms",
+        "{n} tasks due {}-{} s ahead, accepted in {} ms{prefetch}",
         shape.lead_ms / 1000,
         (shape.lead_ms + shape.window_ms) / 1000,
         accepted_in
