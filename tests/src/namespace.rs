@@ -116,6 +116,12 @@ impl TestEnv {
         env
     }
 
+    /// Deletes `queue` with the namespace (a queue the test declared some
+    /// other way).
+    pub fn delete_with_namespace(&self, queue: String) {
+        self.queues.lock().expect("lock").push(queue);
+    }
+
     /// Declares `NS.q.QUEUE` (every band of it in quorum mode) and
     /// remembers it for cleanup.
     pub async fn declare_queue(&self, logical: &str) {

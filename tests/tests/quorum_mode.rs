@@ -454,6 +454,11 @@ async fn a_namespace_of_the_other_mode_is_refused_naming_the_setting() {
     ] {
         let env = TestEnv::with_mode("qm-mismatch", first).await;
         let other = Names::new(&env.ns).with_mode(then);
+        // Declaring in quorum mode makes the higher bands before it meets
+        // the low one.
+        for band in kairos_shared::queue_mode::Band::HIGHEST_FIRST {
+            env.delete_with_namespace(format!("{}{}", env.names.queue("default"), band.suffix()));
+        }
         let ch = env.conn.create_channel().await.expect("channel");
         match topology::declare_base_checked(&ch, &other).await {
             Err(BaseDeclareError::Mismatch(m)) => {
