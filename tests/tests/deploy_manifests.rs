@@ -179,6 +179,36 @@ fn a_wrong_field_fails_validation_and_is_named() {
 }
 
 #[test]
+fn a_quorum_deployment_scaling_on_one_band_fails() {
+    // In quorum mode a queue is three band queues: a trigger on the first
+    // alone would miss the backlog of the higher bands.
+    if !has_kubectl() {
+        eprintln!("no kubectl: the render this needs cannot be made");
+        return;
+    }
+    let copy = Copy::new();
+    copy.edit(
+        "overlays/quorum/kustomization.yaml",
+        r"value: '^kairos\.q\.default(\.p4|\.p7)?$'",
+        "value: kairos.q.default",
+    );
+    copy.edit(
+        "overlays/quorum/kustomization.yaml",
+        "value: \"true\"",
+        "value: \"false\"",
+    );
+    let out = validate(Some(&copy.dir));
+    let all = text(&out);
+    assert!(!out.status.success(), "a one-band trigger passed:\n{all}");
+    assert!(
+        all.contains(
+            "ScaledObject/kairos-worker: KAIROS_QUEUE_MODE is quorum, so queue 'kairos.q.default' has priority bands"
+        ),
+        "{all}"
+    );
+}
+
+#[test]
 fn a_second_scaled_object_on_one_workload_fails() {
     // KEDA's webhook refuses it in a cluster; the validator says so first,
     // from the render.

@@ -19,6 +19,7 @@ Exits 1 with one line per problem.
 
 import glob
 import os
+import re
 import sys
 
 import jsonschema
@@ -150,6 +151,7 @@ def references(docs):
     for cm in by_kind.get("ConfigMap", {}).values():
         settings.update(cm.get("data") or {})
     namespace = settings.get("KAIROS_NAMESPACE", "kairos")
+    quorum = settings.get("KAIROS_QUEUE_MODE", "classic") == "quorum"
     problems, targets = [], {}
     for name, so in by_kind.get("ScaledObject", {}).items():
         spec = so.get("spec") or {}
@@ -176,10 +178,20 @@ def references(docs):
                         % name
                     )
                 queue = str(meta.get("queueName", ""))
-                if not queue.startswith(namespace + ".q."):
+                regex = str(meta.get("useRegex", "false")).lower() == "true"
+                prefix = ("^" + re.escape(namespace + ".q.")) if regex else namespace + ".q."
+                if not queue.startswith(prefix):
                     problems.append(
-                        "ScaledObject/%s: queueName %r is not a queue of namespace %r (%s.q.QUEUE)"
-                        % (name, queue, namespace, namespace)
+                        "ScaledObject/%s: queueName %r is not a queue of namespace %r (%s.q.QUEUE%s)"
+                        % (name, queue, namespace, namespace, ", as a regex starting with ^" if regex else "")
+                    )
+                elif quorum and not regex:
+                    # A quorum-mode queue of order priority is three queues;
+                    # the trigger must count them all.
+                    problems.append(
+                        "ScaledObject/%s: KAIROS_QUEUE_MODE is quorum, so queue %r has priority bands "
+                        "(%s.p4, %s.p7): set useRegex \"true\", operation sum and a queueName matching all three"
+                        % (name, queue, queue, queue)
                     )
     secrets = by_kind.get("Secret", {})
     for name, ta in by_kind.get("TriggerAuthentication", {}).items():
