@@ -210,13 +210,25 @@ async fn two_schedulers_split_the_shards_and_hand_them_over_on_stop() {
     let (seen, consumer) = Seen::start(&env).await;
     let first_due = now_ms() + (2 * ROUND_MS) as i64 + 1500;
     publish_delayed(&env, "t", N, first_due, 1000).await;
-    seen.wait(
-        Duration::from_secs(30),
-        "every delayed task published",
-        |s| s.distinct_with("t-") == N,
-    )
-    .await;
-    let claimers = claimers_by_shard(&env).await;
+    // The claim records live for a claim's lease (2 s): gather them while
+    // the tasks are published, not after (a loaded machine delivers the
+    // last `published` events late).
+    let mut claimers = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.distinct_with("t-") < N {
+        // From the first task published on: claims from before the split
+        // settled may still have records before that.
+        if seen.distinct_with("t-") > 0 {
+            claimers.extend(claimers_by_shard(&env).await);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "every delayed task published: {} of {N}",
+            seen.distinct_with("t-")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    claimers.extend(claimers_by_shard(&env).await);
     let owners = owner_ids(&env).await;
     for (shard, claimer) in &claimers {
         let owner = owners[*shard].as_deref().and_then(|o| o.rsplit(':').next());
