@@ -427,6 +427,39 @@ mod tests {
     const M: Band = Band::MIDDLE;
     const H: Band = Band::HIGH;
 
+    /// A gate (starvation limit `limit`) dispatching over `capacity` units
+    /// (reserve after `reserve`) and a fixed pool of `size` slots, until
+    /// `stop` is cancelled.
+    struct Dispatching {
+        units: Arc<Units>,
+        slots: Arc<Slots>,
+        gate: Arc<Gate>,
+        stop: CancellationToken,
+        dispatcher: tokio::task::JoinHandle<()>,
+    }
+
+    fn dispatching(capacity: u32, reserve: Duration, size: usize, limit: u32) -> Dispatching {
+        let units = Arc::new(Units::new(capacity, reserve));
+        let slots = Slots::new(Concurrency {
+            min: size,
+            max: size,
+        });
+        let gate = Gate::new("q", limit);
+        let stop = CancellationToken::new();
+        let dispatcher = tokio::spawn(gate.clone().dispatch(
+            units.clone(),
+            slots.clone(),
+            stop.clone(),
+        ));
+        Dispatching {
+            units,
+            slots,
+            gate,
+            stop,
+            dispatcher,
+        }
+    }
+
     /// Starts everything, returning the items in start order.
     fn drain<T: Copy>(c: &mut Chooser<T>) -> Vec<T> {
         let mut out = Vec::new();
@@ -581,15 +614,13 @@ mod tests {
     /// candidate waits for the slot replaces it.
     #[tokio::test]
     async fn the_gate_starts_by_band_and_prefers_a_late_high_delivery() {
-        let units = Arc::new(Units::new(1, Duration::from_secs(1)));
-        let slots = Slots::new(Concurrency { min: 1, max: 1 });
-        let gate = Gate::new("q", 2);
-        let stop = CancellationToken::new();
-        let dispatcher = tokio::spawn(gate.clone().dispatch(
-            units.clone(),
-            slots.clone(),
-            stop.clone(),
-        ));
+        let Dispatching {
+            units,
+            slots,
+            gate,
+            stop,
+            dispatcher,
+        } = dispatching(1, Duration::from_secs(1), 1, 2);
         // The only slot is taken: everything waits.
         let held = slots.acquire().await;
         let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
@@ -634,15 +665,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_heavy_delivery_lets_lighter_ones_overtake_until_it_is_reserved() {
         let reserve = Duration::from_millis(1000);
-        let units = Arc::new(Units::new(2, reserve));
-        let slots = Slots::new(Concurrency { min: 4, max: 4 });
-        let gate = Gate::new("q", 8);
-        let stop = CancellationToken::new();
-        let dispatcher = tokio::spawn(gate.clone().dispatch(
-            units.clone(),
-            slots.clone(),
-            stop.clone(),
-        ));
+        let Dispatching {
+            units,
+            slots,
+            gate,
+            stop,
+            dispatcher,
+        } = dispatching(2, reserve, 4, 8);
         let running = futures_util::FutureExt::now_or_never(units.request(1).unwrap().granted())
             .expect("one unit busy");
         let mut heavy = tokio::spawn(gate.enter(H, 2));
@@ -676,15 +705,13 @@ mod tests {
     async fn admission_throughput_gate_and_direct() {
         const N: usize = 50_000;
         for gated in [false, true] {
-            let units = Arc::new(Units::new(64, Duration::from_secs(1)));
-            let slots = Slots::new(Concurrency { min: 64, max: 64 });
-            let gate = Gate::new("q", 8);
-            let stop = CancellationToken::new();
-            let dispatcher = tokio::spawn(gate.clone().dispatch(
-                units.clone(),
-                slots.clone(),
-                stop.clone(),
-            ));
+            let Dispatching {
+                units,
+                slots,
+                gate,
+                stop,
+                dispatcher,
+            } = dispatching(64, Duration::from_secs(1), 64, 8);
             let began = std::time::Instant::now();
             let mut tasks = Vec::with_capacity(N);
             for i in 0..N {
@@ -713,15 +740,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_delivery_handed_back_leaves_the_gate_and_its_turn_passes() {
-        let units = Arc::new(Units::new(4, Duration::from_secs(1)));
-        let slots = Slots::new(Concurrency { min: 1, max: 1 });
-        let gate = Gate::new("q", 8);
-        let stop = CancellationToken::new();
-        let dispatcher = tokio::spawn(gate.clone().dispatch(
-            units.clone(),
-            slots.clone(),
-            stop.clone(),
-        ));
+        let Dispatching {
+            units,
+            slots,
+            gate,
+            stop,
+            dispatcher,
+        } = dispatching(4, Duration::from_secs(1), 1, 8);
         let held = slots.acquire().await;
         let high = gate.enter(H, 1);
         let low = gate.enter(L, 1);
