@@ -158,6 +158,22 @@ impl TestEnv {
             .expect("passive declare")
     }
 
+    /// Consumers of `queue` now (a passive declare).
+    pub async fn consumer_count(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("passive declare")
+            .consumer_count()
+    }
+
     /// Polls the depth of `queue` until `done(depth)` holds; panics,
     /// saying `what` did not happen, after `within`.
     pub async fn wait_depth(

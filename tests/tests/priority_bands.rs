@@ -413,23 +413,6 @@ async fn sigterm_hands_back_every_waiting_delivery_of_every_band() {
     assert!(tap.of(EventKind::Dead).is_empty());
 }
 
-/// Consumers of one band queue now.
-async fn consumers(env: &TestEnv, queue: &str) -> u32 {
-    let q = env
-        .channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("passive declare");
-    q.consumer_count()
-}
-
 /// Polls until every band queue of `default` has `n` consumers (the broker
 /// tells no event for it).
 async fn wait_band_consumers(env: &TestEnv, n: u32) {
@@ -437,7 +420,7 @@ async fn wait_band_consumers(env: &TestEnv, n: u32) {
     for band in env.names.bands("default") {
         let q = env.names.band_queue("default", *band).expect("band queue");
         loop {
-            let c = consumers(env, q.as_str()).await;
+            let c = env.consumer_count(q.as_str()).await;
             if c == n {
                 break;
             }
@@ -478,7 +461,7 @@ async fn pausing_a_queue_stops_every_band_and_resume_drains_them() {
         let q = env.names.band_queue("default", *band).expect("band queue");
         env.wait_depth(q.as_str(), WITHIN, "the task in its band", |d| d == 1)
             .await;
-        assert_eq!(consumers(&env, q.as_str()).await, 0, "{q} paused");
+        assert_eq!(env.consumer_count(q.as_str()).await, 0, "{q} paused");
     }
 
     let reply = api

@@ -474,19 +474,7 @@ fn far_tasks(prefix: &str, n: usize) -> Batch {
 async fn until_released(env: &TestEnv) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let q = env
-            .channel
-            .queue_declare(
-                env.names.delay().as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .expect("passive declare");
-        if q.consumer_count() == 0 {
+        if env.consumer_count(&env.names.delay()).await == 0 {
             return;
         }
         assert!(
@@ -505,23 +493,8 @@ async fn until_released(env: &TestEnv) {
 async fn redis_wait_acks_only_what_a_replica_has() {
     let env = TestEnv::new("rwait").await;
     let primary = OwnRedis::start_with(&["--appendonly", "no"]);
-    let replica = OwnRedis::start_with(&[
-        "--appendonly",
-        "no",
-        "--replicaof",
-        "127.0.0.1",
-        &primary.port.to_string(),
-    ]);
     let mut pcon = primary.connection().await;
-    let mut rcon = replica.connection().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !info(&mut rcon, "replication")
-        .await
-        .contains("master_link_status:up")
-    {
-        assert!(Instant::now() < deadline, "replica did not sync");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (replica, mut rcon) = synced_replica(&primary).await;
     let mut sc = env.scheduler_config();
     sc.redis_url = primary.url();
     sc.common.events = false;
@@ -788,23 +761,7 @@ async fn redis_wait_without_a_replica_runs_each_task_once() {
     // A replica attaches: the batch is acked (the delivery leaves the
     // broker's unacked count: seen as the scheduler stopping with nothing
     // to return).
-    let replica = OwnRedis::start_with(&[
-        "--appendonly",
-        "no",
-        "--replicaof",
-        "127.0.0.1",
-        &primary.port.to_string(),
-    ]);
-    let mut rcon = replica.connection().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while info_num(&mut pcon, "replication", "connected_slaves").await < 1
-        || !info(&mut rcon, "replication")
-            .await
-            .contains("master_link_status:up")
-    {
-        assert!(Instant::now() < deadline, "replica did not sync");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_replica, _) = synced_replica(&primary).await;
     // The intake takes a batch only after it acked the one before: the
     // other batches, and a task published now, run only once the first
     // batch was confirmed.
@@ -849,4 +806,26 @@ async fn calls(con: &mut redis::aio::MultiplexedConnection, cmd: &str) -> i64 {
         .and_then(|v| v.split(',').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// A replica of `primary` (no persistence), once its link is up; with a
+/// connection to it.
+async fn synced_replica(primary: &OwnRedis) -> (OwnRedis, redis::aio::MultiplexedConnection) {
+    let replica = OwnRedis::start_with(&[
+        "--appendonly",
+        "no",
+        "--replicaof",
+        "127.0.0.1",
+        &primary.port.to_string(),
+    ]);
+    let mut rcon = replica.connection().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !info(&mut rcon, "replication")
+        .await
+        .contains("master_link_status:up")
+    {
+        assert!(Instant::now() < deadline, "replica did not sync");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (replica, rcon)
 }
